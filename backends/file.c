@@ -1,0 +1,418 @@
+/* strata — local file / block device backend over io_uring.
+ *
+ * Reads, writes, fdatasync, fallocate and fadvise go through the loop's
+ * ring.  Two calls stay synchronous because io_uring has no opcode for them
+ * on the kernels we support: lseek(SEEK_DATA/SEEK_HOLE) for block status
+ * (metadata only, answered from the inode's extent map) and ftruncate when
+ * a format grows its file (rare, between allocations).
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <linux/fs.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "backend.h"
+#include "loop.h"
+
+#define FILE_MAX_IOV 64             /* iovecs per request (bounded copy) */
+#define FILE_ZERO_BUF (1u << 20)    /* fallback zeroing chunk */
+
+struct file_backend {
+    struct backend b;
+    int fd;
+    bool is_blockdev;
+    bool has_punch;                 /* PUNCH_HOLE worked (or untested) */
+    bool has_zero_range;            /* ZERO_RANGE worked (or untested) */
+    void *zero_buf;                 /* lazily allocated, aligned zeros */
+};
+
+static struct file_backend *fb(struct backend *b)
+{
+    return (struct file_backend *)b;
+}
+
+/* Submits one read or write for the remaining iovecs and retries until
+ * all bytes moved: short transfers are resubmitted, EINTR/EAGAIN retried. */
+static int file_rw_co(struct file_backend *f, struct coro *co, bool write,
+                      const struct iovec *iov_in, int iovcnt, uint64_t off,
+                      int rw_flags)
+{
+    struct iovec local[FILE_MAX_IOV];
+    struct iovec *iov = local;
+    if (iovcnt > FILE_MAX_IOV) {
+        iov = malloc(sizeof(*iov) * (size_t)iovcnt);
+        if (!iov)
+            return -ENOMEM;
+    }
+    memcpy(iov, iov_in, sizeof(*iov) * (size_t)iovcnt);
+    struct iovec *cur = iov;
+    int n = iovcnt;
+    int ret = 0;
+
+    while (n > 0) {
+        struct loop_wait w;
+        loop_wait_init(&w, co);
+        struct io_uring_sqe *sqe = loop_get_sqe(f->b.loop, &w.op);
+        if (write)
+            io_uring_prep_writev(sqe, f->fd, cur, (unsigned)n, off);
+        else
+            io_uring_prep_readv(sqe, f->fd, cur, (unsigned)n, off);
+        sqe->rw_flags = rw_flags;
+        int r = loop_wait_co(&w);
+        if (r == -EINTR || r == -EAGAIN)
+            continue;
+        if (r < 0) {
+            ret = r;
+            break;
+        }
+        if (r == 0) {
+            if (write) {
+                ret = -EIO; /* no progress: do not spin */
+                break;
+            }
+            /* end of file: the rest reads as zeros */
+            for (int i = 0; i < n; i++)
+                memset(cur[i].iov_base, 0, cur[i].iov_len);
+            break;
+        }
+        off += (uint64_t)r;
+        size_t done = (size_t)r;
+        while (n > 0 && done >= cur->iov_len) {
+            done -= cur->iov_len;
+            cur++;
+            n--;
+        }
+        if (n > 0 && done) {
+            cur->iov_base = (char *)cur->iov_base + done;
+            cur->iov_len -= done;
+        }
+    }
+    if (iov != local)
+        free(iov);
+    return ret;
+}
+
+static int file_preadv_co(struct backend *b, struct coro *co,
+                          const struct iovec *iov, int iovcnt, uint64_t off)
+{
+    return file_rw_co(fb(b), co, false, iov, iovcnt, off, 0);
+}
+
+static int file_pwritev_co(struct backend *b, struct coro *co,
+                           const struct iovec *iov, int iovcnt, uint64_t off,
+                           unsigned flags)
+{
+    struct file_backend *f = fb(b);
+    int r = file_rw_co(f, co, true, iov, iovcnt, off,
+                       (flags & BACKEND_FUA) ? RWF_DSYNC : 0);
+    if (r == 0) {
+        uint64_t end = off;
+        for (int i = 0; i < iovcnt; i++)
+            end += iov[i].iov_len;
+        if (end > b->size && !f->is_blockdev)
+            b->size = end;
+    }
+    return r;
+}
+
+static int file_flush_co(struct backend *b, struct coro *co)
+{
+    struct loop_wait w;
+    loop_wait_init(&w, co);
+    struct io_uring_sqe *sqe = loop_get_sqe(b->loop, &w.op);
+    io_uring_prep_fsync(sqe, fb(b)->fd, IORING_FSYNC_DATASYNC);
+    return loop_wait_co(&w);
+}
+
+static int file_fallocate_co(struct file_backend *f, struct coro *co, int mode,
+                             uint64_t off, uint64_t len)
+{
+    struct loop_wait w;
+    loop_wait_init(&w, co);
+    struct io_uring_sqe *sqe = loop_get_sqe(f->b.loop, &w.op);
+    io_uring_prep_fallocate(sqe, f->fd, mode, off, len);
+    return loop_wait_co(&w);
+}
+
+static bool unsupported(int r)
+{
+    return r == -EOPNOTSUPP || r == -ENOTSUP || r == -ENOSYS ||
+           r == -EINVAL;
+}
+
+/* Writes zeros the slow way, in FILE_ZERO_BUF chunks. */
+static int file_write_zeros_co(struct file_backend *f, struct coro *co,
+                               uint64_t off, uint64_t len, unsigned flags)
+{
+    if (!f->zero_buf) {
+        if (posix_memalign(&f->zero_buf, 4096, FILE_ZERO_BUF) != 0) {
+            f->zero_buf = NULL;
+            return -ENOMEM;
+        }
+        memset(f->zero_buf, 0, FILE_ZERO_BUF);
+    }
+    while (len > 0) {
+        uint64_t n = len < FILE_ZERO_BUF ? len : FILE_ZERO_BUF;
+        struct iovec iov = {.iov_base = f->zero_buf, .iov_len = n};
+        int r = file_pwritev_co(&f->b, co, &iov, 1, off, flags);
+        if (r < 0)
+            return r;
+        off += n;
+        len -= n;
+    }
+    return 0;
+}
+
+static int file_zero_co(struct backend *b, struct coro *co, uint64_t off,
+                        uint64_t len, unsigned flags)
+{
+    struct file_backend *f = fb(b);
+    int r = -EOPNOTSUPP;
+    /* Never change the size here: zeroing is within the image. */
+    uint64_t in_len = len;
+    if (!f->is_blockdev && off + len > b->size)
+        in_len = off < b->size ? b->size - off : 0;
+
+    if (in_len == 0) {
+        r = 0;
+    } else if ((flags & BACKEND_MAY_TRIM) && f->has_punch) {
+        r = file_fallocate_co(f, co, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                              off, in_len);
+        if (unsupported(r))
+            f->has_punch = false;
+    }
+    if (r != 0 && in_len && f->has_zero_range) {
+        r = file_fallocate_co(f, co, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE,
+                              off, in_len);
+        if (unsupported(r))
+            f->has_zero_range = false;
+    }
+    if (r != 0 && in_len && !f->is_blockdev && f->has_punch &&
+        !(flags & BACKEND_MAY_TRIM)) {
+        /* No ZERO_RANGE (e.g. tmpfs): punch, then allocate the range again
+         * so NO_HOLE still holds. */
+        r = file_fallocate_co(f, co, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                              off, in_len);
+        if (r == 0)
+            r = file_fallocate_co(f, co, FALLOC_FL_KEEP_SIZE, off, in_len);
+        else if (unsupported(r))
+            f->has_punch = false;
+    }
+    if (r != 0 && !unsupported(r))
+        return r;
+    if (r != 0) {
+        if (flags & BACKEND_FAST)
+            return -ENOTSUP;
+        r = file_write_zeros_co(f, co, off, in_len, flags & BACKEND_FUA);
+        if (r < 0)
+            return r;
+        flags &= ~BACKEND_FUA;
+    }
+    /* The part past the end of a regular file: extend by writing. */
+    if (in_len < len) {
+        r = file_write_zeros_co(f, co, off + in_len, len - in_len, 0);
+        if (r < 0)
+            return r;
+    }
+    if (flags & BACKEND_FUA)
+        return file_flush_co(b, co);
+    return 0;
+}
+
+static int file_discard_co(struct backend *b, struct coro *co, uint64_t off,
+                           uint64_t len, unsigned flags)
+{
+    struct file_backend *f = fb(b);
+    if (!f->has_punch)
+        return 0;
+    if (!f->is_blockdev) {
+        if (off >= b->size)
+            return 0;
+        if (off + len > b->size)
+            len = b->size - off;
+    }
+    int r = file_fallocate_co(f, co, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                              off, len);
+    if (unsupported(r)) {
+        f->has_punch = false;
+        return 0; /* discard is advisory */
+    }
+    if (r == 0 && (flags & BACKEND_FUA))
+        r = file_flush_co(b, co);
+    return r;
+}
+
+static int file_block_status_co(struct backend *b, struct coro *co,
+                                uint64_t off, uint64_t len, uint64_t *pnum,
+                                unsigned *status)
+{
+    struct file_backend *f = fb(b);
+    (void)co;
+    uint64_t end = off + len;
+    if (end > b->size)
+        end = b->size;
+    off_t data = lseek(f->fd, (off_t)off, SEEK_DATA);
+    if (data < 0) {
+        if (errno == ENXIO) {
+            /* only a hole up to the end of the file */
+            *pnum = len;
+            *status = BACKEND_STATUS_ZERO;
+            return 0;
+        }
+        /* not supported here: report data */
+        *pnum = len;
+        *status = BACKEND_STATUS_DATA;
+        return 0;
+    }
+    if ((uint64_t)data > off) {
+        uint64_t n = (uint64_t)data - off;
+        *pnum = n < len ? n : len;
+        *status = BACKEND_STATUS_ZERO;
+        return 0;
+    }
+    off_t hole = lseek(f->fd, (off_t)off, SEEK_HOLE);
+    uint64_t n;
+    if (hole < 0 || (uint64_t)hole <= off)
+        n = end - off; /* cannot tell: data */
+    else
+        n = (uint64_t)hole - off;
+    *pnum = n < len ? n : len;
+    if (*pnum == 0)
+        *pnum = len;
+    *status = BACKEND_STATUS_DATA;
+    return 0;
+}
+
+static int file_truncate_co(struct backend *b, struct coro *co, uint64_t size)
+{
+    (void)co;
+    if (ftruncate(fb(b)->fd, (off_t)size) < 0)
+        return -errno;
+    b->size = size;
+    return 0;
+}
+
+static int file_cache_co(struct backend *b, struct coro *co, uint64_t off,
+                         uint64_t len)
+{
+    struct loop_wait w;
+    loop_wait_init(&w, co);
+    struct io_uring_sqe *sqe = loop_get_sqe(b->loop, &w.op);
+    io_uring_prep_fadvise(sqe, fb(b)->fd, off,
+                          len > UINT32_MAX ? 0 : (off_t)len,
+                          POSIX_FADV_WILLNEED);
+    int r = loop_wait_co(&w);
+    return r == -EINVAL || r == -ESPIPE ? 0 : r;
+}
+
+static void file_close(struct backend *b)
+{
+    struct file_backend *f = fb(b);
+    close(f->fd);
+    free(f->zero_buf);
+    free(b->name);
+    free(f);
+}
+
+static const struct backend_ops file_ops = {
+    .name = "file",
+    .preadv_co = file_preadv_co,
+    .pwritev_co = file_pwritev_co,
+    .flush_co = file_flush_co,
+    .zero_co = file_zero_co,
+    .discard_co = file_discard_co,
+    .block_status_co = file_block_status_co,
+    .truncate_co = file_truncate_co,
+    .cache_co = file_cache_co,
+    .close = file_close,
+};
+
+struct backend *file_backend_open(struct loop *loop, const char *path,
+                                  const struct backend_open_opts *opts,
+                                  struct error **errp)
+{
+    int flags = O_CLOEXEC | (opts->read_only ? O_RDONLY : O_RDWR);
+    if (opts->direct)
+        flags |= O_DIRECT;
+    if (opts->create)
+        flags |= O_CREAT | O_EXCL;
+    int fd = open(path, flags, 0644);
+    if (fd < 0) {
+        int e = errno;
+        if (e == EINVAL && opts->direct)
+            error_setf(errp, e, "%s: the filesystem does not support "
+                       "cache=none (O_DIRECT)", path);
+        else
+            error_setf(errp, e, "%s: %s", path, strerror(e));
+        return NULL;
+    }
+    struct stat st;
+    if (fstat(fd, &st) < 0) {
+        int e = errno;
+        close(fd);
+        error_setf(errp, e, "%s: %s", path, strerror(e));
+        return NULL;
+    }
+    if (!S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode)) {
+        close(fd);
+        error_setf(errp, EINVAL, "%s: not a regular file or block device", path);
+        return NULL;
+    }
+    struct file_backend *f = calloc(1, sizeof(*f));
+    char *name = strdup(path);
+    if (!f || !name) {
+        free(f);
+        free(name);
+        close(fd);
+        error_setf(errp, ENOMEM, "out of memory");
+        return NULL;
+    }
+    f->fd = fd;
+    f->is_blockdev = S_ISBLK(st.st_mode);
+    f->has_punch = true;
+    f->has_zero_range = true;
+    f->b.ops = &file_ops;
+    f->b.loop = loop;
+    f->b.name = name;
+    f->b.read_only = opts->read_only;
+    f->b.align = 1;
+    f->b.caps = BACKEND_CAN_ZERO | BACKEND_CAN_TRIM | BACKEND_CAN_EXTENTS |
+                (f->is_blockdev ? 0 : BACKEND_CAN_RESIZE);
+    if (f->is_blockdev) {
+        uint64_t sz = 0;
+        if (ioctl(fd, BLKGETSIZE64, &sz) < 0) {
+            int e = errno;
+            error_setf(errp, e, "%s: BLKGETSIZE64: %s", path, strerror(e));
+            file_close(&f->b);
+            return NULL;
+        }
+        f->b.size = sz;
+        f->b.caps &= ~BACKEND_CAN_EXTENTS;
+    } else {
+        f->b.size = (uint64_t)st.st_size;
+    }
+    if (opts->direct) {
+        /* Direct I/O needs the logical block size; 4096 covers every
+         * device and filesystem in use today. */
+        int lbs = 0;
+        if (f->is_blockdev && ioctl(fd, BLKSSZGET, &lbs) == 0 && lbs > 0)
+            f->b.align = (uint32_t)lbs < 4096 ? 4096 : (uint32_t)lbs;
+        else
+            f->b.align = 4096;
+    }
+    if (opts->create && opts->create_size && !f->is_blockdev) {
+        if (ftruncate(fd, (off_t)opts->create_size) < 0) {
+            int e = errno;
+            error_setf(errp, e, "%s: %s", path, strerror(e));
+            file_close(&f->b);
+            return NULL;
+        }
+        f->b.size = opts->create_size;
+    }
+    return &f->b;
+}

@@ -1,0 +1,146 @@
+/* strata — one NBD client connection (internal to daemon/).
+ *
+ * The connection is an explicit state machine driven by socket completions;
+ * its states are declared once below (CONN_STATES).  Each transmission
+ * request runs in its own coroutine and ends by queueing its reply.
+ *
+ * Input: one receive buffer; request headers are parsed from it; a write
+ * payload that is not yet in it is received directly into the request's
+ * buffer.  Output: a queue of send items gathered into one sendmsg at a
+ * time (short sends resumed).  Bounds: at most cfg.max_inflight requests
+ * and about cfg.max_buffered payload bytes per connection — past either,
+ * the connection stops reading (back-pressure).
+ *
+ * Lifetime: the connection is freed only when no recv, no send and no
+ * request coroutine is outstanding (conn_maybe_free).
+ */
+#ifndef STRATA_CONN_H
+#define STRATA_CONN_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/uio.h>
+
+#include "loop.h"
+#include "nbd-codec.h"
+#include "server.h"
+
+#define CONN_STATES(X)                                                       \
+    X(HS_FLAGS)   /* greeting sent; waiting for the client's flags */        \
+    X(HS_OPTION)  /* option haggling */                                      \
+    X(TRANSMIT)   /* reading and serving requests */                         \
+    X(CLOSING)    /* no more input; finish in-flight, send, then close */    \
+    X(DEAD)       /* socket shut; waiting for outstanding work to return */
+
+enum conn_state {
+#define X(s) CONN_##s,
+    CONN_STATES(X)
+#undef X
+};
+
+const char *conn_state_name(enum conn_state s);
+
+/* One message (or several iovecs of one reply) waiting to be sent. */
+struct send_item {
+    struct send_item *next;
+    struct iovec *iov;
+    int niov;
+    size_t total;                        /* sum of iov lengths */
+    void (*done)(struct send_item *si);  /* sent or discarded: release */
+};
+
+#define REQ_INLINE_IOV 6
+#define REQ_HDR_BUF 192          /* reply headers, hole and error payloads */
+#define REQ_KEEP_BUF (256u << 10) /* a slot keeps buffers up to this size */
+
+/* Meta contexts: fixed ids. */
+#define META_BASE_ALLOCATION 1u
+#define META_ALLOCATION_DEPTH 2u
+
+/* One transmission request; preallocated per connection (a slot). */
+struct nbd_req {
+    struct conn *c;
+    struct nbd_request hdr;
+    struct send_item si;
+    struct iovec iov[REQ_INLINE_IOV];
+    uint8_t hbuf[REQ_HDR_BUF];
+    void *buf;                 /* payload buffer (slot-kept if small) */
+    size_t buf_cap;
+    bool buf_kept;             /* buf belongs to the slot, reused */
+    uint64_t accounted;        /* bytes counted in c->buffered */
+    uint32_t error;            /* NBD_E* to report, 0 = success */
+    const char *errmsg;        /* static text for error chunks */
+    void *extra;               /* block status payload (malloc) */
+    struct nbd_req *next_free;
+};
+
+struct conn {
+    struct server *srv;
+    struct loop *loop;
+    struct conn *next, *prev;  /* srv->conns */
+    uint64_t id;
+    int fd;
+    bool is_tcp;
+    enum conn_state state;
+    uint64_t deadline_ns;      /* handshake must end before this */
+
+    /* negotiation */
+    uint32_t client_flags;
+    bool structured;
+    bool extended;
+    unsigned meta;             /* bitmask of 1 << META_* selected */
+    struct export *meta_export;/* export SET_META_CONTEXT referred to */
+    struct export *exp;        /* chosen export (transmission) */
+    struct nbd_session session;
+    struct nbd_option_header opt;
+
+    /* input */
+    uint8_t *rbuf;
+    size_t rcap, rstart, rend;
+    struct loop_op recv_op;
+    bool recv_pending;
+    struct nbd_req *payload_req;   /* receiving a write payload into it */
+    uint64_t payload_got;
+    uint64_t discard_left;         /* payload bytes of a refused request */
+
+    /* output */
+    struct send_item *sq_head, *sq_tail;
+    size_t sq_off;                 /* bytes of sq_head already sent */
+    struct loop_op send_op;
+    bool send_pending;
+    struct msghdr msg;
+    struct iovec siov[64];
+
+    /* requests */
+    struct nbd_req *slots;
+    struct nbd_req *free_slots;
+    unsigned inflight;             /* slots in use */
+    unsigned running;              /* request coroutines not yet returned */
+    uint64_t buffered;             /* payload bytes held by requests */
+
+    struct loop_hook kick;         /* deferred: input, output, close */
+};
+
+/* conn.c */
+struct conn *conn_new(struct server *srv, int fd, bool is_tcp);
+void conn_kick(struct conn *c);                  /* schedule the hook */
+void conn_abort(struct conn *c, const char *why);/* hard disconnect */
+void conn_close_gracefully(struct conn *c);      /* CLOSING */
+void conn_send(struct conn *c, struct send_item *si);
+/* A send item with its own copy of len bytes; done frees it. */
+int conn_send_copy(struct conn *c, const void *buf, size_t len);
+
+/* nbd-handshake.c: consumes handshake input from rbuf; returns false when
+ * more bytes are needed. */
+bool nbd_handshake_input(struct conn *c);
+void nbd_handshake_start(struct conn *c);
+
+/* nbd-transmit.c */
+bool nbd_transmit_input(struct conn *c);
+void nbd_payload_complete(struct conn *c);
+void nbd_req_release(struct nbd_req *r);
+void nbd_slots_free(struct conn *c);
+int nbd_slots_init(struct conn *c);
+uint16_t nbd_export_eflags(const struct conn *c, const struct export *e);
+
+#endif

@@ -1,0 +1,324 @@
+/* strata — the io_uring event loop (see loop.h). */
+#include <assert.h>
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "loop.h"
+
+/* A completion reaped while the submission queue had to be flushed in
+ * loop_get_sqe(): kept here and delivered by loop_run(). */
+struct loop_backlog_entry {
+    struct loop_op *op;
+    int res;
+    uint32_t flags;
+};
+
+struct loop {
+    struct io_uring ring;
+    bool stopping;
+
+    struct coro_pool *pool;
+    struct coro *runq_head, *runq_tail; /* coroutines to enter */
+
+    struct loop_hook *hooks;         /* deferred to the end of the iteration */
+
+    struct loop_timer *timers;       /* ticked about once a second */
+    struct __kernel_timespec tick_ts;
+    struct loop_op tick_op;
+    bool tick_armed;
+
+    struct loop_backlog_entry *backlog;
+    size_t backlog_len, backlog_cap;
+};
+
+uint64_t loop_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static void loop_schedule(void *opaque, struct coro *co)
+{
+    struct loop *l = opaque;
+    *coro_link(co) = NULL;
+    if (l->runq_tail)
+        *coro_link(l->runq_tail) = co;
+    else
+        l->runq_head = co;
+    l->runq_tail = co;
+}
+
+static void tick_done(struct loop_op *op, int res, uint32_t flags);
+
+struct loop *loop_new(unsigned entries, size_t coro_stack, char **errmsg)
+{
+    struct loop *l = calloc(1, sizeof(*l));
+    if (!l) {
+        *errmsg = strdup("out of memory");
+        return NULL;
+    }
+    struct io_uring_params p;
+    memset(&p, 0, sizeof(p));
+    /* A large completion queue: requests of many connections complete
+     * between two reaps.  The kernel keeps overflowing CQEs anyway
+     * (IORING_FEAT_NODROP); this keeps that path cold. */
+    p.flags = IORING_SETUP_CQSIZE;
+    p.cq_entries = entries * 8;
+    int r = io_uring_queue_init_params(entries, &l->ring, &p);
+    if (r < 0) {
+        if (asprintf(errmsg, "io_uring_queue_init: %s", strerror(-r)) < 0)
+            *errmsg = NULL;
+        free(l);
+        return NULL;
+    }
+    if (!(p.features & IORING_FEAT_NODROP)) {
+        *errmsg = strdup("io_uring: kernel lacks IORING_FEAT_NODROP (need Linux >= 5.5)");
+        io_uring_queue_exit(&l->ring);
+        free(l);
+        return NULL;
+    }
+    l->pool = coro_pool_new(coro_stack, 256, loop_schedule, l);
+    if (!l->pool) {
+        *errmsg = strdup("out of memory");
+        io_uring_queue_exit(&l->ring);
+        free(l);
+        return NULL;
+    }
+    l->tick_op.done = tick_done;
+    return l;
+}
+
+void loop_free(struct loop *l)
+{
+    if (!l)
+        return;
+    io_uring_queue_exit(&l->ring);
+    coro_pool_free(l->pool);
+    free(l->backlog);
+    free(l);
+}
+
+struct coro_pool *loop_coro_pool(struct loop *l)
+{
+    return l->pool;
+}
+
+void loop_stop(struct loop *l)
+{
+    l->stopping = true;
+}
+
+bool loop_stopping(const struct loop *l)
+{
+    return l->stopping;
+}
+
+static int backlog_push(struct loop *l, struct io_uring_cqe *cqe)
+{
+    if (l->backlog_len == l->backlog_cap) {
+        size_t cap = l->backlog_cap ? l->backlog_cap * 2 : 256;
+        void *p = realloc(l->backlog, cap * sizeof(*l->backlog));
+        if (!p)
+            return -ENOMEM;
+        l->backlog = p;
+        l->backlog_cap = cap;
+    }
+    l->backlog[l->backlog_len++] = (struct loop_backlog_entry){
+        .op = io_uring_cqe_get_data(cqe), .res = cqe->res, .flags = cqe->flags};
+    return 0;
+}
+
+/* Moves every available CQE to the backlog (handlers cannot run here: we
+ * may be inside one). */
+static void reap_to_backlog(struct loop *l)
+{
+    struct io_uring_cqe *cqe;
+    while (io_uring_peek_cqe(&l->ring, &cqe) == 0) {
+        if (backlog_push(l, cqe) < 0)
+            return; /* leave it in the ring; delivered by loop_run later */
+        io_uring_cqe_seen(&l->ring, cqe);
+    }
+}
+
+struct io_uring_sqe *loop_get_sqe(struct loop *l, struct loop_op *op)
+{
+    struct io_uring_sqe *sqe;
+    while ((sqe = io_uring_get_sqe(&l->ring)) == NULL) {
+        int r = io_uring_submit(&l->ring);
+        if (r >= 0) {
+            continue;
+        }
+        /* -EBUSY / -EAGAIN: the completion side is full; make room. */
+        reap_to_backlog(l);
+    }
+    io_uring_sqe_set_data(sqe, op);
+    return sqe;
+}
+
+void loop_defer(struct loop *l, struct loop_hook *h)
+{
+    if (h->queued)
+        return;
+    h->queued = true;
+    h->next = l->hooks;
+    l->hooks = h;
+}
+
+void loop_undefer(struct loop *l, struct loop_hook *h)
+{
+    if (!h->queued)
+        return;
+    for (struct loop_hook **pp = &l->hooks; *pp; pp = &(*pp)->next) {
+        if (*pp == h) {
+            *pp = h->next;
+            break;
+        }
+    }
+    h->queued = false;
+}
+
+void loop_timer_add(struct loop *l, struct loop_timer *t)
+{
+    t->prev = NULL;
+    t->next = l->timers;
+    if (l->timers)
+        l->timers->prev = t;
+    l->timers = t;
+}
+
+void loop_timer_del(struct loop *l, struct loop_timer *t)
+{
+    if (t->prev)
+        t->prev->next = t->next;
+    else if (l->timers == t)
+        l->timers = t->next;
+    if (t->next)
+        t->next->prev = t->prev;
+    t->next = t->prev = NULL;
+}
+
+static void tick_arm(struct loop *l)
+{
+    if (l->tick_armed || l->stopping)
+        return;
+    l->tick_ts.tv_sec = 1;
+    l->tick_ts.tv_nsec = 0;
+    struct io_uring_sqe *sqe = loop_get_sqe(l, &l->tick_op);
+    io_uring_prep_timeout(sqe, &l->tick_ts, 0, 0);
+    l->tick_armed = true;
+}
+
+static void tick_done(struct loop_op *op, int res, uint32_t flags)
+{
+    struct loop *l = (struct loop *)((char *)op - offsetof(struct loop, tick_op));
+    (void)res;
+    (void)flags;
+    l->tick_armed = false;
+    uint64_t now = loop_now_ns();
+    struct loop_timer *t = l->timers;
+    while (t) {
+        struct loop_timer *next = t->next; /* fn may delete t */
+        t->fn(t, now);
+        t = next;
+    }
+    tick_arm(l);
+}
+
+static void run_coroutines(struct loop *l)
+{
+    while (l->runq_head) {
+        struct coro *co = l->runq_head;
+        l->runq_head = *coro_link(co);
+        if (!l->runq_head)
+            l->runq_tail = NULL;
+        *coro_link(co) = NULL;
+        coro_enter(co);
+    }
+}
+
+static void run_hooks(struct loop *l)
+{
+    /* One at a time from the list head: a hook may queue hooks (itself
+     * included) or cancel others (loop_undefer) while we run. */
+    struct loop_hook *h;
+    while ((h = l->hooks) != NULL) {
+        l->hooks = h->next;
+        h->queued = false;
+        h->fn(h);
+        run_coroutines(l);
+    }
+}
+
+static void deliver(struct loop_op *op, int res, uint32_t flags)
+{
+    assert(op && op->done);
+    op->done(op, res, flags);
+}
+
+int loop_run(struct loop *l)
+{
+    tick_arm(l);
+    while (!l->stopping) {
+        run_coroutines(l);
+        run_hooks(l);
+        if (l->stopping)
+            break;
+
+        int r = io_uring_submit_and_wait(&l->ring, 1);
+        if (r < 0 && r != -EINTR && r != -EAGAIN && r != -EBUSY && r != -ETIME)
+            return r;
+
+        /* Each CQE is consumed before its handler runs, so a handler that
+         * flushes a full SQ (and moves CQEs to the backlog) can never make
+         * us deliver one twice.  Backlogged completions go first. */
+        for (;;) {
+            if (l->backlog_len) {
+                for (size_t i = 0; i < l->backlog_len; i++) {
+                    struct loop_backlog_entry e = l->backlog[i];
+                    deliver(e.op, e.res, e.flags);
+                }
+                l->backlog_len = 0;
+                continue;
+            }
+            struct io_uring_cqe *cqe;
+            if (io_uring_peek_cqe(&l->ring, &cqe) != 0)
+                break;
+            struct loop_op *op = io_uring_cqe_get_data(cqe);
+            int res = cqe->res;
+            uint32_t flags = cqe->flags;
+            io_uring_cqe_seen(&l->ring, cqe);
+            deliver(op, res, flags);
+        }
+    }
+    return 0;
+}
+
+/* ---- coroutine helpers ---- */
+
+static void wait_done(struct loop_op *op, int res, uint32_t flags)
+{
+    struct loop_wait *w = (struct loop_wait *)op;
+    (void)flags;
+    w->res = res;
+    w->done = true;
+    coro_wake(w->co);
+}
+
+void loop_wait_init(struct loop_wait *w, struct coro *co)
+{
+    w->op.done = wait_done;
+    w->co = co;
+    w->res = 0;
+    w->done = false;
+}
+
+int loop_wait_co(struct loop_wait *w)
+{
+    while (!w->done)
+        coro_yield(w->co);
+    return w->res;
+}

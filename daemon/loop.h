@@ -1,0 +1,85 @@
+/* strata — the io_uring event loop.
+ *
+ * One loop per thread.  Sockets (accept, recv, send) and file I/O share one
+ * ring; submission is batched (SQEs are queued while handlers run and sent
+ * with one io_uring_enter per iteration); completions are reaped in exactly
+ * one place, loop_run(), which calls the handler of each one.
+ *
+ * Every SQE carries a pointer to a struct loop_op embedded in its owner
+ * (a connection, a request, a listener); the owner guarantees the op stays
+ * alive until its completion has been delivered.  Everything the loop needs
+ * hangs off struct loop: there is no global mutable state.
+ */
+#ifndef STRATA_LOOP_H
+#define STRATA_LOOP_H
+
+#include <liburing.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "coro.h"
+
+struct loop;
+struct loop_op;
+
+/* res is the CQE result (>= 0, or -errno); flags the CQE flags. */
+typedef void loop_op_fn(struct loop_op *op, int res, uint32_t flags);
+
+struct loop_op {
+    loop_op_fn *done;
+};
+
+/* Called once per loop iteration, after completions were handled and
+ * before submitting: used to batch work (kick sends, accept). */
+struct loop_hook {
+    void (*fn)(struct loop_hook *h);
+    struct loop_hook *next;
+    bool queued;
+};
+
+/* Called every tick (about once a second) with the monotonic time in ns. */
+struct loop_timer {
+    void (*fn)(struct loop_timer *t, uint64_t now_ns);
+    struct loop_timer *next, *prev;
+};
+
+struct loop *loop_new(unsigned entries, size_t coro_stack, char **errmsg);
+void loop_free(struct loop *l);
+
+/* Runs until loop_stop(); returns 0 or -errno for a fatal ring error. */
+int loop_run(struct loop *l);
+void loop_stop(struct loop *l);
+bool loop_stopping(const struct loop *l);
+
+/* An SQE whose user_data is op.  Never returns NULL: when the submission
+ * queue is full it is submitted first (and completions that cannot be
+ * delivered yet are kept in the loop's backlog). */
+struct io_uring_sqe *loop_get_sqe(struct loop *l, struct loop_op *op);
+
+/* Queues h to run at the end of this iteration (once, however often asked). */
+void loop_defer(struct loop *l, struct loop_hook *h);
+/* Removes h from the queue (before freeing its owner). */
+void loop_undefer(struct loop *l, struct loop_hook *h);
+
+void loop_timer_add(struct loop *l, struct loop_timer *t);
+void loop_timer_del(struct loop *l, struct loop_timer *t);
+uint64_t loop_now_ns(void);
+
+struct coro_pool *loop_coro_pool(struct loop *l);
+
+/* ---- coroutine-side helpers ---- */
+
+/* A completion that resumes a coroutine: embed on the coroutine's stack,
+ * prepare an SQE with loop_get_sqe(l, &w.op), then loop_wait_co(). */
+struct loop_wait {
+    struct loop_op op;
+    struct coro *co;
+    int res;
+    bool done;
+};
+
+void loop_wait_init(struct loop_wait *w, struct coro *co);
+/* Yields until the completion arrives; returns its result. */
+int loop_wait_co(struct loop_wait *w);
+
+#endif

@@ -1,0 +1,392 @@
+/* strata — NBD fixed-newstyle handshake: greeting and option haggling. */
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "conn.h"
+#include "log.h"
+
+#define MAX_META_QUERIES 64
+#define MAX_PAYLOAD (32u << 20)
+
+void nbd_handshake_start(struct conn *c)
+{
+    uint8_t g[NBD_GREETING_SIZE];
+    nbd_build_greeting(g, NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES);
+    if (conn_send_copy(c, g, sizeof(g)) < 0)
+        conn_abort(c, "out of memory");
+}
+
+/* Sends one option reply: header + payload. */
+static void reply(struct conn *c, uint32_t type, const void *payload,
+                  size_t len)
+{
+    uint8_t stackbuf[256];
+    uint8_t *buf = stackbuf;
+    if (NBD_OPTION_REPLY_SIZE + len > sizeof(stackbuf)) {
+        buf = malloc(NBD_OPTION_REPLY_SIZE + len);
+        if (!buf) {
+            conn_abort(c, "out of memory");
+            return;
+        }
+    }
+    nbd_build_option_reply(buf, c->opt.option, type, (uint32_t)len);
+    if (len)
+        memcpy(buf + NBD_OPTION_REPLY_SIZE, payload, len);
+    if (conn_send_copy(c, buf, NBD_OPTION_REPLY_SIZE + len) < 0)
+        conn_abort(c, "out of memory");
+    if (buf != stackbuf)
+        free(buf);
+}
+
+/* An error reply with a human-readable message (the spec allows one). */
+static void reply_err(struct conn *c, uint32_t type, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static void reply_err(struct conn *c, uint32_t type, const char *fmt, ...)
+{
+    char msg[512];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(msg, sizeof(msg), fmt, ap);
+    va_end(ap);
+    if (n < 0)
+        n = 0;
+    if ((size_t)n >= sizeof(msg))
+        n = sizeof(msg) - 1;
+    log_debug("conn %llu: %s: %s", (unsigned long long)c->id,
+              nbd_opt_name(c->opt.option), msg);
+    reply(c, type, msg, (size_t)n);
+}
+
+uint16_t nbd_export_eflags(const struct conn *c, const struct export *e)
+{
+    uint16_t f = NBD_FLAG_HAS_FLAGS | NBD_FLAG_SEND_FLUSH | NBD_FLAG_SEND_CACHE;
+    /* Every connection to an export shares one node and one backend, and
+     * FLUSH is fdatasync of the shared descriptor: it covers writes
+     * acknowledged on any connection. */
+    f |= NBD_FLAG_CAN_MULTI_CONN;
+    if (e->root->read_only)
+        f |= NBD_FLAG_READ_ONLY;
+    else
+        f |= NBD_FLAG_SEND_FUA | NBD_FLAG_SEND_TRIM |
+             NBD_FLAG_SEND_WRITE_ZEROES | NBD_FLAG_SEND_FAST_ZERO;
+    if (c->structured)
+        f |= NBD_FLAG_SEND_DF;
+    return f;
+}
+
+static void block_sizes(const struct export *e, uint32_t *min, uint32_t *pref,
+                        uint32_t *max)
+{
+    *min = e->root->align;
+    *pref = *min > 4096 ? *min : 4096;
+    *max = MAX_PAYLOAD;
+}
+
+static unsigned popcount(unsigned v)
+{
+    return (unsigned)__builtin_popcount(v);
+}
+
+static void enter_transmission(struct conn *c, struct export *e)
+{
+    if (nbd_slots_init(c) < 0) {
+        conn_abort(c, "out of memory");
+        return;
+    }
+    c->exp = e;
+    e->n_conns++;
+    if (c->meta_export != e)
+        c->meta = 0;
+    uint32_t min, pref, max;
+    block_sizes(e, &min, &pref, &max);
+    c->session = (struct nbd_session){
+        .export_size = e->root->size,
+        .eflags = nbd_export_eflags(c, e),
+        .min_block = min,
+        .max_payload = max,
+        .structured = c->structured,
+        .extended = c->extended,
+        .n_meta_contexts = popcount(c->meta),
+    };
+    c->state = CONN_TRANSMIT;
+    log_debug("conn %llu: transmission on export '%s'%s%s",
+              (unsigned long long)c->id, e->cfg.name,
+              c->structured ? ", structured replies" : "",
+              c->extended ? ", extended headers" : "");
+}
+
+static void opt_export_name(struct conn *c, const uint8_t *data, uint32_t len)
+{
+    if (c->extended) {
+        conn_abort(c, "NBD_OPT_EXPORT_NAME after extended headers");
+        return;
+    }
+    struct export *e = server_find_export(c->srv, (const char *)data, len);
+    if (!e) {
+        /* this option has no way to report an error: disconnect */
+        log_info("conn %llu: NBD_OPT_EXPORT_NAME: no export '%.*s'",
+                 (unsigned long long)c->id, (int)(len > 256 ? 256 : len),
+                 (const char *)data);
+        conn_abort(c, "unknown export");
+        return;
+    }
+    uint8_t buf[10 + 124];
+    nbd_put64(buf, e->root->size);
+    nbd_put16(buf + 8, nbd_export_eflags(c, e));
+    size_t n = 10;
+    if (!(c->client_flags & NBD_FLAG_C_NO_ZEROES)) {
+        memset(buf + 10, 0, 124);
+        n += 124;
+    }
+    if (conn_send_copy(c, buf, n) < 0) {
+        conn_abort(c, "out of memory");
+        return;
+    }
+    enter_transmission(c, e);
+}
+
+static void opt_list(struct conn *c, uint32_t len)
+{
+    if (len) {
+        reply_err(c, NBD_REP_ERR_INVALID, "NBD_OPT_LIST takes no data");
+        return;
+    }
+    for (size_t i = 0; i < c->srv->n_exports; i++) {
+        const struct export *e = c->srv->exports[i];
+        size_t nl = strlen(e->cfg.name);
+        size_t dl = e->cfg.description ? strlen(e->cfg.description) : 0;
+        uint8_t *p = malloc(4 + nl + dl);
+        if (!p) {
+            conn_abort(c, "out of memory");
+            return;
+        }
+        size_t n = nbd_build_rep_server(p, e->cfg.name, nl,
+                                        e->cfg.description, dl);
+        reply(c, NBD_REP_SERVER, p, n);
+        free(p);
+    }
+    reply(c, NBD_REP_ACK, NULL, 0);
+}
+
+static void opt_info_go(struct conn *c, const uint8_t *data, uint32_t len)
+{
+    struct nbd_opt_go go;
+    if (nbd_parse_opt_go(data, len, &go) < 0) {
+        reply_err(c, NBD_REP_ERR_INVALID, "malformed %s payload",
+                  nbd_opt_name(c->opt.option));
+        return;
+    }
+    struct export *e = server_find_export(c->srv, go.name, go.name_len);
+    if (!e) {
+        reply_err(c, NBD_REP_ERR_UNKNOWN, "no export named '%.*s'",
+                  (int)(go.name_len > 256 ? 256 : go.name_len), go.name);
+        return;
+    }
+    uint8_t buf[2 + 4096 + 16];
+    size_t n = nbd_build_info_export(buf, e->root->size, nbd_export_eflags(c, e));
+    reply(c, NBD_REP_INFO, buf, n);
+
+    for (uint16_t i = 0; i < go.n_info; i++) {
+        uint16_t t = nbd_get16(go.info + 2 * i);
+        if (t == NBD_INFO_NAME) {
+            size_t nl = strlen(e->cfg.name);
+            n = nbd_build_info_string(buf, NBD_INFO_NAME, e->cfg.name,
+                                      nl > 4096 ? 4096 : nl);
+            reply(c, NBD_REP_INFO, buf, n);
+        } else if (t == NBD_INFO_DESCRIPTION && e->cfg.description) {
+            size_t dl = strlen(e->cfg.description);
+            n = nbd_build_info_string(buf, NBD_INFO_DESCRIPTION,
+                                      e->cfg.description, dl > 4096 ? 4096 : dl);
+            reply(c, NBD_REP_INFO, buf, n);
+        }
+    }
+    /* BLOCK_SIZE always: the client learns our limits either way. */
+    uint32_t min, pref, max;
+    block_sizes(e, &min, &pref, &max);
+    n = nbd_build_info_block_size(buf, min, pref, max);
+    reply(c, NBD_REP_INFO, buf, n);
+    reply(c, NBD_REP_ACK, NULL, 0);
+    if (c->opt.option == NBD_OPT_GO)
+        enter_transmission(c, e);
+}
+
+static unsigned match_meta(const struct nbd_meta_query *q, bool listing)
+{
+    static const char base[] = "base:allocation";
+    static const char depth[] = "qemu:allocation-depth";
+    if (q->len == sizeof(base) - 1 && memcmp(q->str, base, q->len) == 0)
+        return 1u << META_BASE_ALLOCATION;
+    if (q->len == sizeof(depth) - 1 && memcmp(q->str, depth, q->len) == 0)
+        return 1u << META_ALLOCATION_DEPTH;
+    if (listing && q->len == 5 && memcmp(q->str, "base:", 5) == 0)
+        return 1u << META_BASE_ALLOCATION;
+    if (listing && q->len == 5 && memcmp(q->str, "qemu:", 5) == 0)
+        return 1u << META_ALLOCATION_DEPTH;
+    return 0; /* unknown namespaces and leaves are ignored (spec) */
+}
+
+static const char *meta_name(unsigned id)
+{
+    return id == META_BASE_ALLOCATION ? "base:allocation"
+                                      : "qemu:allocation-depth";
+}
+
+static void opt_meta(struct conn *c, const uint8_t *data, uint32_t len)
+{
+    bool listing = c->opt.option == NBD_OPT_LIST_META_CONTEXT;
+    if (!listing) {
+        /* SET replaces the selection even when it fails */
+        c->meta = 0;
+        c->meta_export = NULL;
+        if (!c->structured) {
+            reply_err(c, NBD_REP_ERR_INVALID,
+                      "negotiate structured replies first");
+            return;
+        }
+    }
+    struct nbd_opt_meta m;
+    struct nbd_meta_query q[MAX_META_QUERIES];
+    int r = nbd_parse_opt_meta(data, len, &m, q, MAX_META_QUERIES);
+    if (r == -E2BIG) {
+        reply_err(c, NBD_REP_ERR_TOO_BIG, "more than %d queries",
+                  MAX_META_QUERIES);
+        return;
+    }
+    if (r < 0) {
+        reply_err(c, NBD_REP_ERR_INVALID, "malformed %s payload",
+                  nbd_opt_name(c->opt.option));
+        return;
+    }
+    struct export *e = server_find_export(c->srv, m.name, m.name_len);
+    if (!e) {
+        reply_err(c, NBD_REP_ERR_UNKNOWN, "no export named '%.*s'",
+                  (int)(m.name_len > 256 ? 256 : m.name_len), m.name);
+        return;
+    }
+    unsigned mask = 0;
+    if (m.n_queries == 0)
+        mask = listing ? (1u << META_BASE_ALLOCATION) |
+                             (1u << META_ALLOCATION_DEPTH)
+                       : 0;
+    for (uint32_t i = 0; i < m.n_queries; i++)
+        mask |= match_meta(&q[i], listing);
+
+    uint8_t buf[64];
+    for (unsigned id = META_BASE_ALLOCATION; id <= META_ALLOCATION_DEPTH; id++) {
+        if (!(mask & (1u << id)))
+            continue;
+        const char *name = meta_name(id);
+        size_t n = nbd_build_rep_meta_context(buf, listing ? 0 : id, name,
+                                              strlen(name));
+        reply(c, NBD_REP_META_CONTEXT, buf, n);
+    }
+    reply(c, NBD_REP_ACK, NULL, 0);
+    if (!listing) {
+        c->meta = mask;
+        c->meta_export = e;
+    }
+}
+
+static void handle_option(struct conn *c, const uint8_t *data, uint32_t len)
+{
+    log_debug("conn %llu: option %s (%u bytes)", (unsigned long long)c->id,
+              nbd_opt_name(c->opt.option), len);
+    switch (c->opt.option) {
+    case NBD_OPT_EXPORT_NAME:
+        opt_export_name(c, data, len);
+        break;
+    case NBD_OPT_ABORT:
+        reply(c, NBD_REP_ACK, NULL, 0);
+        conn_close_gracefully(c);
+        break;
+    case NBD_OPT_LIST:
+        opt_list(c, len);
+        break;
+    case NBD_OPT_STARTTLS:
+        if (len)
+            reply_err(c, NBD_REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data");
+        else
+            reply_err(c, NBD_REP_ERR_UNSUP, "TLS is not supported");
+        break;
+    case NBD_OPT_INFO:
+    case NBD_OPT_GO:
+        opt_info_go(c, data, len);
+        break;
+    case NBD_OPT_STRUCTURED_REPLY:
+        if (len) {
+            reply_err(c, NBD_REP_ERR_INVALID,
+                      "NBD_OPT_STRUCTURED_REPLY takes no data");
+        } else if (c->extended) {
+            reply_err(c, NBD_REP_ERR_EXT_HEADER_REQD,
+                      "extended headers are already in use");
+        } else {
+            c->structured = true;
+            reply(c, NBD_REP_ACK, NULL, 0);
+        }
+        break;
+    case NBD_OPT_LIST_META_CONTEXT:
+    case NBD_OPT_SET_META_CONTEXT:
+        opt_meta(c, data, len);
+        break;
+    case NBD_OPT_EXTENDED_HEADERS:
+        if (len) {
+            reply_err(c, NBD_REP_ERR_INVALID,
+                      "NBD_OPT_EXTENDED_HEADERS takes no data");
+        } else {
+            c->extended = true;
+            c->structured = true; /* extended replies carry chunks */
+            reply(c, NBD_REP_ACK, NULL, 0);
+        }
+        break;
+    default:
+        reply_err(c, NBD_REP_ERR_UNSUP, "option %u is not supported",
+                  c->opt.option);
+        break;
+    }
+}
+
+bool nbd_handshake_input(struct conn *c)
+{
+    const uint8_t *p = c->rbuf + c->rstart;
+    size_t avail = c->rend - c->rstart;
+
+    if (c->state == CONN_HS_FLAGS) {
+        if (avail < 4)
+            return false;
+        uint32_t flags = nbd_get32(p);
+        c->rstart += 4;
+        if (nbd_check_client_flags(flags, NBD_FLAG_FIXED_NEWSTYLE |
+                                              NBD_FLAG_NO_ZEROES) < 0) {
+            log_info("conn %llu: bad client flags 0x%x",
+                     (unsigned long long)c->id, flags);
+            conn_abort(c, "bad client flags");
+            return false;
+        }
+        c->client_flags = flags;
+        c->state = CONN_HS_OPTION;
+        return true;
+    }
+
+    if (avail < NBD_OPTION_HEADER_SIZE)
+        return false;
+    if (nbd_parse_option_header(p, avail, &c->opt) < 0) {
+        log_info("conn %llu: bad option magic", (unsigned long long)c->id);
+        conn_abort(c, "bad option magic");
+        return false;
+    }
+    if (c->opt.length > NBD_MAX_OPTION_LEN) {
+        log_info("conn %llu: option %s of %u bytes is over the %u byte limit",
+                 (unsigned long long)c->id, nbd_opt_name(c->opt.option),
+                 c->opt.length, NBD_MAX_OPTION_LEN);
+        conn_abort(c, "option too large");
+        return false;
+    }
+    if (avail < NBD_OPTION_HEADER_SIZE + c->opt.length)
+        return false;
+    c->rstart += NBD_OPTION_HEADER_SIZE + c->opt.length;
+    handle_option(c, p + NBD_OPTION_HEADER_SIZE, c->opt.length);
+    return c->state == CONN_HS_OPTION || c->state == CONN_TRANSMIT;
+}

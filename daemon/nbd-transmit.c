@@ -1,0 +1,431 @@
+/* strata — NBD transmission phase: requests in, replies out.
+ *
+ * Each request is validated by nbd_validate_request() (the one validator),
+ * runs in its own coroutine against the export's format node, and ends by
+ * queueing its reply; replies go out in completion order.
+ */
+#include <assert.h>
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "conn.h"
+#include "log.h"
+
+/* Block status: extents gathered per request (REQ_ONE: 1). */
+#define BS_MAX_EXTENTS 2048
+
+int nbd_slots_init(struct conn *c)
+{
+    unsigned n = c->srv->cfg.max_inflight;
+    c->slots = calloc(n, sizeof(*c->slots));
+    if (!c->slots)
+        return -ENOMEM;
+    for (unsigned i = n; i-- > 0;) {
+        c->slots[i].c = c;
+        c->slots[i].next_free = c->free_slots;
+        c->free_slots = &c->slots[i];
+    }
+    return 0;
+}
+
+void nbd_slots_free(struct conn *c)
+{
+    if (!c->slots)
+        return;
+    for (unsigned i = 0; i < c->srv->cfg.max_inflight; i++)
+        free(c->slots[i].buf);
+    free(c->slots);
+    c->slots = NULL;
+    c->free_slots = NULL;
+}
+
+static struct nbd_req *req_alloc(struct conn *c, const struct nbd_request *hdr)
+{
+    struct nbd_req *r = c->free_slots;
+    assert(r); /* input stops at max_inflight */
+    c->free_slots = r->next_free;
+    c->inflight++;
+    r->hdr = *hdr;
+    r->error = 0;
+    r->errmsg = NULL;
+    r->extra = NULL;
+    r->accounted = 0;
+    return r;
+}
+
+/* Ensures r->buf holds len bytes (aligned for direct I/O). */
+static int req_buffer(struct nbd_req *r, uint64_t len)
+{
+    if (r->buf && r->buf_cap >= len)
+        return 0;
+    if (r->buf && r->buf_kept) {
+        free(r->buf);
+        r->buf = NULL;
+        r->buf_cap = 0;
+    }
+    void *p;
+    if (posix_memalign(&p, 4096, len ? (size_t)len : 1) != 0)
+        return -ENOMEM;
+    r->buf = p;
+    r->buf_cap = (size_t)len;
+    r->buf_kept = len <= REQ_KEEP_BUF;
+    return 0;
+}
+
+void nbd_req_release(struct nbd_req *r)
+{
+    struct conn *c = r->c;
+    free(r->extra);
+    r->extra = NULL;
+    if (r->buf && !r->buf_kept) {
+        free(r->buf);
+        r->buf = NULL;
+        r->buf_cap = 0;
+    }
+    c->buffered -= r->accounted;
+    r->accounted = 0;
+    r->next_free = c->free_slots;
+    c->free_slots = r;
+    c->inflight--;
+    conn_kick(c); /* input may have been held back */
+}
+
+static void req_sent(struct send_item *si)
+{
+    struct nbd_req *r = (struct nbd_req *)((char *)si - offsetof(struct nbd_req, si));
+    nbd_req_release(r);
+}
+
+/* ---- replies ---- */
+
+static void queue_reply(struct nbd_req *r, int niov)
+{
+    r->si.iov = r->iov;
+    r->si.niov = niov;
+    r->si.done = req_sent;
+    conn_send(r->c, &r->si);
+}
+
+/* An error: simple reply, or an ERROR chunk with a message. */
+static void reply_error(struct nbd_req *r)
+{
+    struct conn *c = r->c;
+    const struct nbd_request *h = &r->hdr;
+    if (!c->structured) {
+        size_t n = nbd_build_simple_reply(r->hbuf, h->cookie, r->error);
+        r->iov[0] = (struct iovec){r->hbuf, n};
+        queue_reply(r, 1);
+        return;
+    }
+    size_t hs = nbd_chunk_header_size(c->extended);
+    size_t pl = nbd_build_error_payload(r->hbuf + hs, REQ_HDR_BUF - hs,
+                                        r->error, r->errmsg ? r->errmsg : "");
+    nbd_build_chunk_header(r->hbuf, c->extended, NBD_REPLY_FLAG_DONE,
+                           NBD_REPLY_TYPE_ERROR, h->cookie, h->offset, pl);
+    r->iov[0] = (struct iovec){r->hbuf, hs + pl};
+    queue_reply(r, 1);
+}
+
+/* Success without payload. */
+static void reply_ok(struct nbd_req *r)
+{
+    struct conn *c = r->c;
+    const struct nbd_request *h = &r->hdr;
+    size_t n;
+    if (c->extended)
+        n = nbd_build_chunk_header(r->hbuf, true, NBD_REPLY_FLAG_DONE,
+                                   NBD_REPLY_TYPE_NONE, h->cookie, h->offset, 0);
+    else
+        n = nbd_build_simple_reply(r->hbuf, h->cookie, 0);
+    r->iov[0] = (struct iovec){r->hbuf, n};
+    queue_reply(r, 1);
+}
+
+static void reply_read(struct nbd_req *r)
+{
+    struct conn *c = r->c;
+    const struct nbd_request *h = &r->hdr;
+    if (!c->structured) {
+        size_t n = nbd_build_simple_reply(r->hbuf, h->cookie, 0);
+        r->iov[0] = (struct iovec){r->hbuf, n};
+        r->iov[1] = (struct iovec){r->buf, (size_t)h->length};
+        queue_reply(r, 2);
+        return;
+    }
+    size_t hs = nbd_chunk_header_size(c->extended);
+    nbd_build_chunk_header(r->hbuf, c->extended, NBD_REPLY_FLAG_DONE,
+                           NBD_REPLY_TYPE_OFFSET_DATA, h->cookie, h->offset,
+                           8 + h->length);
+    nbd_put64(r->hbuf + hs, h->offset);
+    r->iov[0] = (struct iovec){r->hbuf, hs + 8};
+    r->iov[1] = (struct iovec){r->buf, (size_t)h->length};
+    queue_reply(r, 2);
+}
+
+/* ---- commands ---- */
+
+static int do_block_status_co(struct nbd_req *r, struct coro *co)
+{
+    struct conn *c = r->c;
+    struct fmt_node *n = c->exp->root;
+    const struct nbd_request *h = &r->hdr;
+    bool one = h->flags & NBD_CMD_FLAG_REQ_ONE;
+    uint64_t off = h->offset;
+    uint64_t end = off + h->length;
+    if (end > n->size || end < off)
+        end = n->size;
+    unsigned max = one ? 1 : BS_MAX_EXTENTS;
+
+    struct fmt_extent *ext = malloc(sizeof(*ext) * max);
+    if (!ext)
+        return -ENOMEM;
+    unsigned cnt = 0;
+    uint64_t pos = off;
+    while (pos < end && cnt < max) {
+        int ret = fmt_block_status_co(n, co, pos, end - pos, &ext[cnt]);
+        if (ret < 0) {
+            free(ext);
+            return ret;
+        }
+        pos += ext[cnt].len;
+        cnt++;
+    }
+
+    /* Per context, merge neighbours with equal status. */
+    struct nbd_extent *out[2] = {NULL, NULL};
+    uint32_t nout[2] = {0, 0};
+    unsigned ids[2];
+    unsigned nctx = 0;
+    for (unsigned id = META_BASE_ALLOCATION; id <= META_ALLOCATION_DEPTH; id++)
+        if (c->meta & (1u << id))
+            ids[nctx++] = id;
+    size_t total = 0;
+    for (unsigned k = 0; k < nctx; k++) {
+        out[k] = malloc(sizeof(struct nbd_extent) * cnt);
+        if (!out[k]) {
+            free(out[0]);
+            free(ext);
+            return -ENOMEM;
+        }
+        for (unsigned i = 0; i < cnt; i++) {
+            uint64_t flags;
+            if (ids[k] == META_BASE_ALLOCATION)
+                flags = ((ext[i].flags & FMT_EXT_HOLE) ? NBD_STATE_HOLE : 0) |
+                        ((ext[i].flags & FMT_EXT_ZERO) ? NBD_STATE_ZERO : 0);
+            else
+                flags = ext[i].depth;
+            if (nout[k] && out[k][nout[k] - 1].flags == flags)
+                out[k][nout[k] - 1].length += ext[i].len;
+            else
+                out[k][nout[k]++] = (struct nbd_extent){ext[i].len, flags};
+        }
+        total += nbd_chunk_header_size(c->extended) +
+                 nbd_block_status_size(c->extended, nout[k]);
+    }
+    free(ext);
+
+    /* One buffer: [hdr payload][hdr payload] */
+    uint8_t *buf = malloc(total);
+    if (!buf) {
+        free(out[0]);
+        free(out[1]);
+        return -ENOMEM;
+    }
+    size_t pos_b = 0;
+    int niov = 0;
+    size_t hs = nbd_chunk_header_size(c->extended);
+    for (unsigned k = 0; k < nctx; k++) {
+        uint8_t *hdr = buf + pos_b;
+        size_t pl = nbd_build_block_status(hdr + hs, c->extended, ids[k],
+                                           out[k], nout[k], c->session.min_block);
+        nbd_build_chunk_header(hdr, c->extended,
+                               k + 1 == nctx ? NBD_REPLY_FLAG_DONE : 0,
+                               c->extended ? NBD_REPLY_TYPE_BLOCK_STATUS_EXT
+                                           : NBD_REPLY_TYPE_BLOCK_STATUS,
+                               h->cookie, h->offset, pl);
+        r->iov[niov++] = (struct iovec){hdr, hs + pl};
+        pos_b += hs + pl;
+        free(out[k]);
+    }
+    r->extra = buf;
+    queue_reply(r, niov);
+    return 1; /* reply queued */
+}
+
+/* Runs one request; returns 1 if it queued its own reply, 0 for a plain
+ * success, -errno on failure. */
+static int run_request_co(struct nbd_req *r, struct coro *co)
+{
+    struct fmt_node *n = r->c->exp->root;
+    const struct nbd_request *h = &r->hdr;
+    bool fua = h->flags & NBD_CMD_FLAG_FUA;
+    struct iovec iov = {r->buf, (size_t)h->length};
+
+    switch (h->type) {
+    case NBD_CMD_READ: {
+        int ret = fmt_preadv_co(n, co, &iov, 1, h->offset);
+        if (ret < 0)
+            return ret;
+        reply_read(r);
+        return 1;
+    }
+    case NBD_CMD_WRITE:
+        return fmt_pwritev_co(n, co, &iov, 1, h->offset, fua ? FMT_FUA : 0);
+    case NBD_CMD_FLUSH:
+        return fmt_flush_co(n, co);
+    case NBD_CMD_TRIM: {
+        int ret = fmt_discard_co(n, co, h->offset, h->length, 0);
+        if (ret == 0 && fua)
+            ret = fmt_flush_co(n, co);
+        return ret;
+    }
+    case NBD_CMD_WRITE_ZEROES: {
+        unsigned f = (fua ? FMT_FUA : 0) |
+                     ((h->flags & NBD_CMD_FLAG_NO_HOLE) ? 0 : FMT_MAY_TRIM) |
+                     ((h->flags & NBD_CMD_FLAG_FAST_ZERO) ? FMT_FAST : 0);
+        return fmt_zero_co(n, co, h->offset, h->length, f);
+    }
+    case NBD_CMD_CACHE: {
+        if (h->length == 0)
+            return 0;
+        uint64_t len = h->length;
+        if (h->offset + len > n->size)
+            len = n->size - h->offset;
+        return fmt_cache_co(n, co, h->offset, len);
+    }
+    case NBD_CMD_BLOCK_STATUS:
+        return do_block_status_co(r, co);
+    }
+    return -EINVAL; /* unreachable: validated */
+}
+
+static void request_co(struct coro *co, void *opaque)
+{
+    struct nbd_req *r = opaque;
+    struct conn *c = r->c;
+    int ret = run_request_co(r, co);
+    c->running--;
+    if (ret < 0) {
+        r->error = nbd_errno_to_nbd(-ret);
+        r->errmsg = strerror(-ret);
+        if (ret != -ENOTSUP || !(r->hdr.flags & NBD_CMD_FLAG_FAST_ZERO))
+            log_debug("conn %llu: %s at %llu+%llu failed: %s",
+                      (unsigned long long)c->id, nbd_cmd_name(r->hdr.type),
+                      (unsigned long long)r->hdr.offset,
+                      (unsigned long long)r->hdr.length, strerror(-ret));
+        reply_error(r);
+    } else if (ret == 0) {
+        reply_ok(r);
+    }
+    /* the reply owns the slot now; conn_send drops it if the conn is dead */
+    conn_kick(c);
+}
+
+static void dispatch(struct conn *c, struct nbd_req *r)
+{
+    struct coro *co = coro_create(loop_coro_pool(c->loop), request_co, r);
+    if (!co) {
+        r->error = NBD_ENOMEM;
+        r->errmsg = "out of memory";
+        reply_error(r);
+        return;
+    }
+    c->running++;
+    coro_enter(co);
+}
+
+void nbd_payload_complete(struct conn *c)
+{
+    struct nbd_req *r = c->payload_req;
+    c->payload_req = NULL;
+    c->payload_got = 0;
+    dispatch(c, r);
+}
+
+/* Parses and starts as many requests as the bounds allow.  Returns true if
+ * it made progress and may be called again. */
+bool nbd_transmit_input(struct conn *c)
+{
+    const struct server_config *cfg = &c->srv->cfg;
+
+    /* Payload of a refused request: read and drop. */
+    if (c->discard_left) {
+        size_t avail = c->rend - c->rstart;
+        size_t n = avail < c->discard_left ? avail : (size_t)c->discard_left;
+        c->rstart += n;
+        c->discard_left -= n;
+        return c->discard_left == 0 && n > 0;
+    }
+    if (c->payload_req)
+        return false;
+    if (c->inflight >= cfg->max_inflight || c->buffered >= cfg->max_buffered)
+        return false;
+
+    struct nbd_request h;
+    ssize_t n = nbd_parse_request(c->rbuf + c->rstart, c->rend - c->rstart,
+                                  c->extended, &h);
+    if (n == 0)
+        return false;
+    if (n < 0) {
+        log_info("conn %llu: bad request magic: disconnecting",
+                 (unsigned long long)c->id);
+        conn_abort(c, "bad request magic");
+        return false;
+    }
+    c->rstart += (size_t)n;
+
+    struct nbd_validation v = nbd_validate_request(&h, &c->session);
+    switch (v.verdict) {
+    case NBD_VERDICT_DISCONNECT:
+        log_info("conn %llu: %s: %s: disconnecting", (unsigned long long)c->id,
+                 nbd_cmd_name(h.type), v.reason);
+        conn_abort(c, v.reason);
+        return false;
+    case NBD_VERDICT_DISC:
+        log_debug("conn %llu: NBD_CMD_DISC", (unsigned long long)c->id);
+        conn_close_gracefully(c);
+        return false;
+    case NBD_VERDICT_ERROR: {
+        struct nbd_req *r = req_alloc(c, &h);
+        r->error = v.error;
+        r->errmsg = v.reason;
+        log_debug("conn %llu: %s refused: %s", (unsigned long long)c->id,
+                  nbd_cmd_name(h.type), v.reason);
+        c->discard_left = v.payload_len;
+        reply_error(r);
+        return true;
+    }
+    case NBD_VERDICT_OK:
+        break;
+    }
+
+    struct nbd_req *r = req_alloc(c, &h);
+    uint64_t need = 0;
+    if (h.type == NBD_CMD_READ || h.type == NBD_CMD_WRITE)
+        need = h.length;
+    if (need) {
+        if (req_buffer(r, need) < 0) {
+            r->error = NBD_ENOMEM;
+            r->errmsg = "out of memory";
+            c->discard_left = v.payload_len;
+            reply_error(r);
+            return true;
+        }
+        r->accounted = need;
+        c->buffered += need;
+    }
+    if (v.payload_len) {
+        size_t avail = c->rend - c->rstart;
+        size_t take = avail < v.payload_len ? avail : (size_t)v.payload_len;
+        memcpy(r->buf, c->rbuf + c->rstart, take);
+        c->rstart += take;
+        if (take < v.payload_len) {
+            c->payload_req = r;
+            c->payload_got = take;
+            return true; /* the rest is received into r->buf */
+        }
+    }
+    dispatch(c, r);
+    return true;
+}

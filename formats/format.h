@@ -1,0 +1,118 @@
+/* strata — format drivers: turn a virtual disk's byte range into backend
+ * operations.
+ *
+ * A chain is a stack of format nodes; each node sits on one backend and may
+ * point at a backing node (qcow2).  The layers above (connections, jobs)
+ * use only the fmt_*_co() contract wrappers below, which check range,
+ * alignment, capability and read-only before calling the ops table.
+ *
+ * Every _co operation runs in a coroutine on the node's loop, may yield,
+ * and returns 0 or -errno.  Buffers belong to the caller and stay valid
+ * until the call returns.
+ */
+#ifndef STRATA_FORMAT_H
+#define STRATA_FORMAT_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/uio.h>
+
+#include "backend.h"
+#include "coro.h"
+#include "error.h"
+
+struct fmt_node;
+struct loop;
+
+/* Flags for writes, zeroing and discard. */
+#define FMT_FUA      (1u << 0)  /* durable (data and metadata) on return */
+#define FMT_MAY_TRIM (1u << 1)  /* zero: deallocation allowed (no NO_HOLE) */
+#define FMT_FAST     (1u << 2)  /* zero: -ENOTSUP rather than slow zeroing */
+
+/* Extent flags from block status (base:allocation semantics). */
+#define FMT_EXT_HOLE (1u << 0)  /* not allocated anywhere in the chain */
+#define FMT_EXT_ZERO (1u << 1)  /* reads as zeros */
+
+/* Capabilities. */
+#define FMT_CAN_ZERO      (1u << 0) /* zeroing cheaper than writing zeros */
+#define FMT_CAN_TRIM      (1u << 1)
+#define FMT_CHEAP_STATUS  (1u << 2) /* block status costs no I/O: reads may
+                                       use it to send holes */
+
+/* One extent of block status. */
+struct fmt_extent {
+    uint64_t len;      /* > 0 */
+    unsigned flags;    /* FMT_EXT_* */
+    unsigned depth;    /* qemu:allocation-depth: 0 = unallocated in the
+                          whole chain, 1 = this node, 2 = its backing... */
+};
+
+struct fmt_ops {
+    const char *name;
+    /* Fills iov with the guest-visible bytes at off. */
+    int (*preadv_co)(struct fmt_node *n, struct coro *co,
+                     const struct iovec *iov, int iovcnt, uint64_t off);
+    int (*pwritev_co)(struct fmt_node *n, struct coro *co,
+                      const struct iovec *iov, int iovcnt, uint64_t off,
+                      unsigned flags);
+    int (*flush_co)(struct fmt_node *n, struct coro *co);
+    int (*zero_co)(struct fmt_node *n, struct coro *co, uint64_t off,
+                   uint64_t len, unsigned flags);
+    int (*discard_co)(struct fmt_node *n, struct coro *co, uint64_t off,
+                      uint64_t len, unsigned flags);
+    /* Describes the extent starting at off (ext->len <= len). */
+    int (*block_status_co)(struct fmt_node *n, struct coro *co, uint64_t off,
+                           uint64_t len, struct fmt_extent *ext);
+    int (*cache_co)(struct fmt_node *n, struct coro *co, uint64_t off,
+                    uint64_t len);
+    /* Releases the node (not its backing node, not its backend). */
+    void (*close)(struct fmt_node *n);
+};
+
+struct fmt_node {
+    const struct fmt_ops *ops;
+    struct loop *loop;
+    struct backend *file;      /* this node's storage (owned) */
+    struct fmt_node *backing;  /* next layer down (owned), or NULL */
+    char *filename;            /* as the user or the overlay named it */
+    uint64_t size;             /* virtual disk size */
+    uint32_t align;            /* request alignment (power of 2) */
+    unsigned caps;             /* FMT_CAN_* */
+    bool read_only;
+};
+
+struct fmt_open_opts {
+    const char *format;        /* "raw" (more formats later) */
+    bool read_only;
+    bool direct;               /* cache=none */
+};
+
+/* Opens a node (and, for formats with backing files, its whole chain).
+ * Control path. */
+struct fmt_node *fmt_open(struct loop *loop, const char *spec,
+                          const struct fmt_open_opts *opts,
+                          struct error **errp);
+/* Closes a node, its backing chain and their backends. */
+void fmt_close(struct fmt_node *n);
+
+/* Contract wrappers. */
+int fmt_preadv_co(struct fmt_node *n, struct coro *co, const struct iovec *iov,
+                  int iovcnt, uint64_t off);
+int fmt_pwritev_co(struct fmt_node *n, struct coro *co, const struct iovec *iov,
+                   int iovcnt, uint64_t off, unsigned flags);
+int fmt_flush_co(struct fmt_node *n, struct coro *co);
+int fmt_zero_co(struct fmt_node *n, struct coro *co, uint64_t off,
+                uint64_t len, unsigned flags);
+int fmt_discard_co(struct fmt_node *n, struct coro *co, uint64_t off,
+                   uint64_t len, unsigned flags);
+int fmt_block_status_co(struct fmt_node *n, struct coro *co, uint64_t off,
+                        uint64_t len, struct fmt_extent *ext);
+int fmt_cache_co(struct fmt_node *n, struct coro *co, uint64_t off,
+                 uint64_t len);
+
+/* Constructors of the concrete formats (used by fmt_open). */
+struct fmt_node *raw_open(struct loop *loop, struct backend *file,
+                          const struct fmt_open_opts *opts,
+                          struct error **errp);
+
+#endif
