@@ -94,6 +94,8 @@ class Daemon:
         args += list(extra)
         self.log = open(os.path.join(self.dir, "stratad.log"), "w+")
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
+        # atexit runs in reverse order: stop first, then read the log
+        atexit.register(self.check_sanitizers)
         atexit.register(self.stop)
         deadline = time.time() + timeout
         while not os.path.exists(self.pidfile):
@@ -112,6 +114,18 @@ class Daemon:
         self.log.flush()
         with open(self.log.name) as f:
             return f.read()
+
+    def check_sanitizers(self):
+        """Fails the test if the daemon's log holds an ASan/UBSan/LSan
+        report (the suite runs under sanitizers; a report is a bug even
+        when every client-side check passed)."""
+        text = self.logtext()
+        for marker in ("ERROR: AddressSanitizer", "ERROR: LeakSanitizer",
+                       "runtime error:"):
+            if marker in text:
+                print(text[-20000:])
+                print(f"FAIL: sanitizer report in the stratad log ({marker})")
+                os._exit(1)
 
     def alive(self):
         return self.proc.poll() is None

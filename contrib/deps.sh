@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Installs what strata needs on Debian 12, and nothing when all is present.
+# Usage: contrib/deps.sh [build|test|bench]   (each level includes the one before)
+set -euo pipefail
+
+level=${1:-build}
+pkgs=(gcc pkg-config meson ninja-build liburing-dev)
+if [[ $level == test || $level == bench ]]; then
+    # cmocka for unit tests; real clients for integration tests
+    pkgs+=(libcmocka-dev libnbd-bin python3-libnbd qemu-utils nbdkit fio
+           python3)
+fi
+
+missing=()
+for p in "${pkgs[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" ||
+        missing+=("$p")
+done
+((${#missing[@]} == 0)) && exit 0
+
+echo "strata: installing ${missing[*]}" >&2
+sudo=()
+if [[ $(id -u) != 0 ]]; then
+    command -v sudo >/dev/null || { echo "strata: need root or sudo to install ${missing[*]}" >&2; exit 1; }
+    sudo=(sudo)
+fi
+export DEBIAN_FRONTEND=noninteractive
+"${sudo[@]}" apt-get update -qq
+"${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# README command 2 (and .ci/run): from nothing to the whole test suite.
+# Installs missing packages; builds twice with -Werror — once optimised,
+# once with ASan+UBSan — and runs every test (unit and integration) under
+# the sanitizer build, then the benchmark in smoke mode on the optimised one.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+contrib/deps.sh test
+
+[[ -f build-ci/build.ninja ]] ||
+    meson setup build-ci -Dwerror=true --buildtype=debugoptimized >/dev/null
+[[ -f build-san/build.ninja ]] ||
+    meson setup build-san -Dwerror=true -Db_sanitize=address,undefined \
+        -Db_lundef=false --buildtype=debug >/dev/null
+ninja -C build-ci
+ninja -C build-san
+
+export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:detect_stack_use_after_return=0
+export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+meson test -C build-san --print-errorlogs --num-processes 2 "$@"
+
+# The benchmark must keep working: a short run on the optimised build.
+STRATAD=$PWD/build-ci/daemon/stratad BENCH_QUICK=1 tests/bench/bench-raw.sh

@@ -1,0 +1,398 @@
+#!/usr/bin/python3
+"""Differential test: stratad against qemu-nbd on the same seeded workload.
+
+A 64 MiB raw file with random contents and holes is copied twice; copy A is
+served by qemu-nbd, copy B by stratad.  The same seeded sequence of
+operations (writes of 1 B..1 MiB at random offsets, some with FUA; write
+zeroes with and without NO_HOLE; trims; flushes; reads) runs against both
+through python libnbd with up to DEPTH requests in flight.
+
+Determinism: operations are submitted strictly in sequence order, and an
+operation is not submitted while any in-flight operation overlaps its byte
+range (flushes have no range).  Every outcome is therefore the one of
+applying the operations one after another, which an in-memory model of the
+disk reproduces.  Each read is checked against the model, and the digests
+of the reads of both servers are compared with each other.
+
+Trims: the NBD spec leaves the content of a trimmed range unspecified
+(and qemu, for example, keeps data in unaligned heads and tails of a
+discard while a punch-hole may zero them).  So every trim is issued as a
+triple: TRIM range; READ range, where each byte must be either its old value
+or zero; WRITE_ZEROES range.  The model then knows the range is zero, the
+"either old or zero" rule is checked on both servers, and the final files
+stay comparable byte for byte.  (The trim-reads are not compared between the
+servers, since both answers may legitimately differ.)
+
+Phase 1: one connection, SEQ_OPS operations.  Both servers are stopped and
+the files compared with each other (cmp) and with the model.
+Phase 2: both servers restarted on the same files; 4 connections at once,
+each running its own seeded sequence on a disjoint quarter of the disk
+(multi-conn).  Stopped, compared again.
+
+Seed: STRATA_SEED (default 20240601) -- printed, so a failure can be
+replayed.  STRATA_OPS overrides the operation count (default 3000).
+
+Run:  STRATAD=build/daemon/stratad /usr/bin/python3 tests/integration/test-differential.py
+"""
+import hashlib
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+from harness import check, fail, need  # noqa: E402
+
+need("qemu-nbd", "cmp")
+harness.nbd_handle()   # skips when python3-libnbd is missing
+import nbd  # noqa: E402
+
+MiB = 1 << 20
+SIZE = 64 * MiB
+DEPTH = 16
+SEED = int(os.environ.get("STRATA_SEED", "20240601"))
+SEQ_OPS = int(os.environ.get("STRATA_OPS", "3000"))
+CONNS = 4
+DEADLINE = time.time() + 110          # whole test, leaves room for teardown
+
+
+def ok(msg):
+    print("ok:", msg, flush=True)
+
+
+def remaining():
+    return max(1.0, DEADLINE - time.time())
+
+
+# ---------------------------------------------------------------------------
+# servers
+
+class QemuNbd:
+    """qemu-nbd serving one raw file on a unix socket."""
+
+    def __init__(self, path, name, shared):
+        self.dir = harness.tmpdir()
+        self.sock = os.path.join(self.dir, "qemu-nbd.sock")
+        self.name = name
+        self.proc = None
+        for aio in ("io_uring", "threads"):
+            args = ["qemu-nbd", "-f", "raw", "--cache=writeback", f"--aio={aio}",
+                    "--discard=unmap", "-t", "-e", str(shared), "-x", name,
+                    "-k", self.sock, path]
+            self.log = open(os.path.join(self.dir, f"qemu-nbd-{aio}.log"), "w+")
+            self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
+            deadline = time.time() + 10
+            while not os.path.exists(self.sock) and self.proc.poll() is None \
+                    and time.time() < deadline:
+                time.sleep(0.02)
+            if os.path.exists(self.sock) and self.proc.poll() is None:
+                self.aio = aio
+                return
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.proc.wait()
+            self.log.seek(0)
+            print(f"note: qemu-nbd --aio={aio} did not start: {self.log.read().strip()}")
+        fail("qemu-nbd did not start with --aio=io_uring nor --aio=threads")
+
+    def uri(self):
+        return f"nbd+unix:///{self.name}?socket={self.sock}"
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                fail("qemu-nbd did not stop on SIGTERM within 30 s")
+        if os.path.exists(self.sock):
+            os.unlink(self.sock)
+        return self.proc.returncode
+
+
+# ---------------------------------------------------------------------------
+# workload
+
+def rand_len(rnd, maxlen):
+    """Length in [1, maxlen], log-uniform, often block-aligned."""
+    n = int(2 ** rnd.uniform(0, maxlen.bit_length() - 1))
+    if rnd.random() < 0.3 and n >= 4096:
+        n &= ~4095
+    return max(1, min(n, maxlen))
+
+
+def rand_off(rnd, base, span, length):
+    off = rnd.randrange(0, span - length + 1)
+    if rnd.random() < 0.3:
+        off &= ~4095
+    return base + off
+
+
+def gen_ops(seed, count, base, span):
+    """A list of ops: (kind, offset, length, flags, payload_seed)."""
+    rnd = random.Random(seed)
+    ops = []
+    while len(ops) < count:
+        r = rnd.random()
+        if r < 0.40:
+            n = rand_len(rnd, MiB)
+            flags = nbd.CMD_FLAG_FUA if rnd.random() < 0.2 else 0
+            ops.append(("write", rand_off(rnd, base, span, n), n, flags, rnd.getrandbits(64)))
+        elif r < 0.75:
+            n = rand_len(rnd, MiB)
+            ops.append(("read", rand_off(rnd, base, span, n), n, 0, 0))
+        elif r < 0.87:
+            n = rand_len(rnd, 4 * MiB)
+            flags = nbd.CMD_FLAG_NO_HOLE if rnd.random() < 0.5 else 0
+            if rnd.random() < 0.1:
+                flags |= nbd.CMD_FLAG_FUA
+            ops.append(("zero", rand_off(rnd, base, span, n), n, flags, 0))
+        elif r < 0.96:
+            n = rand_len(rnd, 4 * MiB)
+            off = rand_off(rnd, base, span, n)
+            ops.append(("trim", off, n, 0, 0))
+            ops.append(("trimread", off, n, 0, 0))
+            ops.append(("zero", off, n, 0, 0))
+        else:
+            ops.append(("flush", 0, 0, 0, 0))
+    return ops
+
+
+def payload(pseed, n):
+    return random.Random(pseed).randbytes(n)
+
+
+def first_diff(a, b):
+    for i in range(min(len(a), len(b))):
+        if a[i] != b[i]:
+            return i
+    return min(len(a), len(b))
+
+
+class Runner:
+    """Runs a list of ops on one libnbd handle, checking against `model`."""
+
+    def __init__(self, label, uri, model, ops):
+        self.label = label
+        self.uri = uri
+        self.model = model
+        self.ops = ops
+        self.digests = []      # (op index, sha256) of every plain read, completion order
+        self.error = None
+        self.counts = {}
+
+    def run(self):
+        try:
+            self._run()
+        except Exception as e:  # noqa: BLE001 - reported by the caller
+            if self.error is None:
+                self.error = f"{self.label}: {type(e).__name__}: {e}"
+
+    def _fail(self, msg):
+        if self.error is None:
+            self.error = f"{self.label}: {msg}"
+        raise RuntimeError(msg)
+
+    def _run(self):
+        h = nbd.NBD()
+        h.set_handle_name(self.label)
+        h.connect_uri(self.uri)
+        check_size = h.get_size()
+        if check_size != SIZE:
+            self._fail(f"export size: expected {SIZE}, got {check_size}")
+        inflight = {}          # cookie -> (index, op, buf, expected)
+        i = 0
+        ops = self.ops
+        model = self.model
+        while i < len(ops) or inflight:
+            if time.time() > DEADLINE:
+                self._fail(f"workload did not finish in time (at op {i}/{len(ops)}, "
+                           f"{len(inflight)} in flight)")
+            # submit in order while possible
+            while i < len(ops) and len(inflight) < DEPTH:
+                kind, off, n, flags, pseed = ops[i]
+                if kind != "flush" and any(
+                        o[1][0] != "flush" and o[1][1] < off + n and off < o[1][1] + o[1][2]
+                        for o in inflight.values()):
+                    break
+                self.counts[kind] = self.counts.get(kind, 0) + 1
+                buf = None
+                expected = None
+                if kind == "write":
+                    data = payload(pseed, n)
+                    buf = nbd.Buffer.from_bytearray(data)
+                    cookie = h.aio_pwrite(buf, off, flags=flags)
+                    model[off:off + n] = data
+                elif kind in ("read", "trimread"):
+                    buf = nbd.Buffer(n)
+                    expected = bytes(model[off:off + n])
+                    cookie = h.aio_pread(buf, off)
+                elif kind == "zero":
+                    cookie = h.aio_zero(n, off, flags=flags)
+                    model[off:off + n] = bytes(n)
+                elif kind == "trim":
+                    cookie = h.aio_trim(n, off)
+                    # model unchanged: "old or zero" until the zero that follows
+                else:
+                    cookie = h.aio_flush()
+                inflight[cookie] = (i, ops[i], buf, expected)
+                i += 1
+            if not inflight:
+                continue
+            h.poll(1000)
+            while inflight:
+                cookie = h.aio_peek_command_completed()
+                if cookie <= 0:
+                    break
+                idx, op, buf, expected = inflight.pop(cookie)
+                kind, off, n, flags, _ = op
+                try:
+                    h.aio_command_completed(cookie)
+                except nbd.Error as e:
+                    self._fail(f"op #{idx} {kind} off={off} len={n} flags={flags}: "
+                               f"server error {e}")
+                if kind == "read":
+                    got = bytes(buf.to_bytearray())
+                    if got != expected:
+                        k = first_diff(got, expected)
+                        self._fail(f"op #{idx} read off={off} len={n}: data differs from the "
+                                   f"model at byte {off + k}: expected {expected[k:k + 8].hex()}, "
+                                   f"got {got[k:k + 8].hex()}")
+                    self.digests.append((idx, hashlib.sha256(got).hexdigest()))
+                elif kind == "trimread":
+                    got = buf.to_bytearray()
+                    if got != expected and not buf.is_zero():
+                        for k in range(n):
+                            if got[k] != 0 and got[k] != expected[k]:
+                                self._fail(f"op #{idx} read after trim off={off} len={n}: byte "
+                                           f"{off + k} is {got[k]:#x}, neither old value "
+                                           f"{expected[k]:#x} nor zero")
+        h.flush()
+        h.shutdown()
+        del h
+
+
+def run_parallel(runners):
+    threads = [threading.Thread(target=r.run) for r in runners]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(remaining())
+        if t.is_alive():
+            fail("a workload thread did not finish in time")
+    for r in runners:
+        if r.error:
+            fail(r.error)
+
+
+# ---------------------------------------------------------------------------
+
+def make_initial(path, seed):
+    rnd = random.Random(seed)
+    with open(path, "wb") as f:
+        f.truncate(SIZE)
+        pos = 0
+        while pos < SIZE:
+            n = min(SIZE - pos, rnd.choice([64 << 10, 256 << 10, MiB, 3 * MiB]))
+            if rnd.random() < 0.7:
+                f.seek(pos)
+                f.write(rnd.randbytes(n))
+            pos += n
+    with open(path, "rb") as f:
+        return bytearray(f.read())
+
+
+def compare_files(a, b, model, what):
+    p = subprocess.run(["cmp", a, b], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                       text=True, timeout=60)
+    check(p.returncode == 0,
+          f"{what}: qemu-nbd's file and stratad's file differ: {p.stdout.strip()}")
+    for path, who in ((a, "qemu-nbd"), (b, "stratad")):
+        with open(path, "rb") as f:
+            data = f.read()
+        check(len(data) == SIZE, f"{what}: {who}'s file is {len(data)} bytes, expected {SIZE}")
+        if data != model:
+            k = first_diff(data, model)
+            fail(f"{what}: {who}'s file differs from the model at byte {k}: expected "
+                 f"{bytes(model[k:k + 8]).hex()}, got {data[k:k + 8].hex()}")
+    ok(f"{what}: files identical (cmp) and equal to the model")
+
+
+def start_servers(fa, fb):
+    q = QemuNbd(fa, "diff", shared=CONNS + 1)
+    s = harness.Daemon([f"name=diff,file={fb},format=raw,cache=writeback"])
+    return q, s
+
+
+def stop_servers(q, s, what):
+    rq = q.stop()
+    rs = s.stop()
+    check(rs == 0, f"{what}: stratad exit status after SIGTERM: expected 0, got {rs}\n"
+          + s.logtext()[-2000:])
+    if rq != 0:
+        print(f"note: qemu-nbd exited with {rq}")
+
+
+def main():
+    print(f"seed: {SEED} (STRATA_SEED={SEED} to replay), ops: {SEQ_OPS}, depth: {DEPTH}",
+          flush=True)
+    d = harness.tmpdir()
+    fa = os.path.join(d, "a.img")
+    fb = os.path.join(d, "b.img")
+    initial = make_initial(fa, SEED)
+    subprocess.run(["cp", "--sparse=always", fa, fb], check=True, timeout=60)
+
+    # ---- phase 1: one connection, many requests in flight -----------------
+    q, s = start_servers(fa, fb)
+    ops = gen_ops(SEED, SEQ_OPS, 0, SIZE)
+    ra = Runner("qemu-nbd", q.uri(), bytearray(initial), ops)
+    rb = Runner("stratad", s.uri("diff"), bytearray(initial), ops)
+    t0 = time.time()
+    run_parallel([ra])
+    t1 = time.time()
+    run_parallel([rb])
+    t2 = time.time()
+    print(f"op mix: {sorted(rb.counts.items())}; qemu-nbd (aio={q.aio}) {t1 - t0:.1f}s, "
+          f"stratad {t2 - t1:.1f}s")
+    check(len(ra.digests) == len(rb.digests),
+          f"phase 1: read counts differ: {len(ra.digests)} vs {len(rb.digests)}")
+    for (ia, da), (ib, db) in zip(sorted(ra.digests), sorted(rb.digests)):
+        check(ia == ib and da == db,
+              f"phase 1: op #{ia}: qemu-nbd and stratad returned different read data")
+    ok(f"phase 1: {len(ops)} ops, {len(rb.digests)} reads matched the model on both "
+       f"servers and each other")
+    check(ra.model == rb.model, "phase 1: models diverged (test bug)")
+    model = ra.model
+    stop_servers(q, s, "phase 1")
+    compare_files(fa, fb, model, "phase 1")
+
+    # ---- phase 2: 4 connections at once on disjoint regions ---------------
+    q, s = start_servers(fa, fb)
+    span = SIZE // CONNS
+    per = max(1, SEQ_OPS // CONNS)
+    allops = [gen_ops(SEED * 1000 + k + 1, per, k * span, span) for k in range(CONNS)]
+    ma = bytearray(model)
+    mb = bytearray(model)
+    runners_a = [Runner(f"qemu-nbd#{k}", q.uri(), ma, allops[k]) for k in range(CONNS)]
+    runners_b = [Runner(f"stratad#{k}", s.uri("diff"), mb, allops[k]) for k in range(CONNS)]
+    run_parallel(runners_a)
+    run_parallel(runners_b)
+    for k in range(CONNS):
+        check(sorted(runners_a[k].digests) == sorted(runners_b[k].digests),
+              f"phase 2: connection {k}: qemu-nbd and stratad returned different read data")
+    ok(f"phase 2: {CONNS} connections x {per} ops, reads matched the model on both servers "
+       f"and each other")
+    check(ma == mb, "phase 2: models diverged (test bug)")
+    stop_servers(q, s, "phase 2")
+    compare_files(fa, fb, ma, "phase 2")
+    print("PASS")
+
+
+if __name__ == "__main__":
+    main()
