@@ -337,6 +337,39 @@ listed = sorted(d_[4:].decode() for t, d_ in reps if t == w.REP_META_CONTEXT)
 check(listed == ["base:allocation", "qemu:allocation-depth"],
       f"LIST_META_CONTEXT: expected base:allocation and qemu:allocation-depth, got {listed}")
 ok("negotiation continued after every error; LIST_META_CONTEXT lists both contexts")
+
+
+def listed_contexts(queries, opt=w.OPT_LIST_META_CONTEXT):
+    reps = c.option(opt, Conn.meta_payload("disk", queries))
+    return reps[-1][0], sorted(d_[4:].decode() for t, d_ in reps if t == w.REP_META_CONTEXT)
+
+
+for queries, want_ctx, rule in (
+        (["base:"], ["base:allocation"], "MUST support 'base:' as a wildcard in LIST"),
+        (["qemu:"], ["qemu:allocation-depth"], "qemu's nbd.rst: 'qemu:' lists the whole namespace"),
+        (["base:allocation"], ["base:allocation"], "exact name"),
+        (["base:nonsense"], [], "MUST ignore an unknown base: leaf-name"),
+        (["foo:bar", "x-strata:thing"], [], "MUST ignore unknown namespaces"),
+        (["foo:bar", "qemu:allocation-depth"], ["qemu:allocation-depth"], "unknown namespace ignored, rest listed")):
+    last, got_ctx = listed_contexts(queries)
+    soft(last == w.REP_ACK and got_ctx == want_ctx,
+         f"LIST_META_CONTEXT {queries}: expected {want_ctx} then ACK ({rule}); got {got_ctx} then {w.rep_name(last)}")
+for queries, rule in ((["base:"], "MUST ignore 'base:' in SET"), (["base:nonsense", "foo:bar"], "MUST ignore unknown")):
+    last, got_ctx = listed_contexts(queries, w.OPT_SET_META_CONTEXT)
+    soft(last == w.REP_ACK and got_ctx == [],
+         f"SET_META_CONTEXT {queries}: expected no context then ACK ({rule}); got {got_ctx} then {w.rep_name(last)}")
+bad = struct.pack(">I", 4) + b"disk" + struct.pack(">I", 1) + struct.pack(">I", 200) + b"base:allocation"
+for opt, oname in ((w.OPT_LIST_META_CONTEXT, "LIST_META_CONTEXT"), (w.OPT_SET_META_CONTEXT, "SET_META_CONTEXT")):
+    reps = c.option(opt, bad)
+    soft(reps[-1][0] == w.REP_ERR_INVALID,
+         f"{oname} with query length 200 beyond the option: expected ERR_INVALID (MUST), got "
+         f"{[w.rep_name(t) for t, _ in reps]}")
+reps = c.option(w.OPT_INFO, Conn.info_payload("disk", (0x1234, w.INFO_NAME)))
+soft(reps[-1][0] == w.REP_ACK and w.INFO_EXPORT in Conn.parse_infos(reps),
+     f"INFO with an unknown information request 0x1234: expected it ignored and ACK, got "
+     f"{[w.rep_name(t) for t, _ in reps]}")
+ok("meta-context queries: wildcards, unknown names/namespaces ignored, malformed -> ERR_INVALID; "
+   "unknown info request ignored")
 reps, ctx = c.set_meta_context("disk", ["base:allocation"])
 expect_rep(reps, w.REP_ACK, "SET_META_CONTEXT base:allocation")
 check(list(ctx) == ["base:allocation"], f"SET_META_CONTEXT: contexts {ctx}")
@@ -530,6 +563,23 @@ got, err = c.read_data(reps, 2 * GiB, MiB)
 check(got == bytes(MiB), "extended READ of a hole: not zeros")
 ok(f"extended READ of a hole -> zeros (chunk types {[r.type for r in reps]})")
 
+cookie = 0xfeedface00000010
+c.request(w.CMD_READ, cookie, 512 * KiB, MiB, w.CMD_FLAG_DF)
+reps = c.reply_for(cookie)
+ext_ok(reps, cookie, 512 * KiB, "extended READ with DF over data + hole")
+content = [r for r in reps if r.type in (w.REPLY_TYPE_OFFSET_DATA, w.REPLY_TYPE_OFFSET_HOLE)]
+check(len(content) == 1, f"READ with DF over [512 KiB, 1.5 MiB) (data then hole): expected one content chunk, "
+      f"got {content}")
+check(c.read_data(reps, 512 * KiB, MiB)[0] == big_expected(512 * KiB, MiB), "READ with DF: wrong data")
+ok("extended READ with DF over data and hole -> exactly one content chunk")
+
+cookie = 0xfeedface00000011
+c.request(w.CMD_READ, cookie, 0, MAX_PAYLOAD)
+reps = c.reply_for(cookie)
+ext_ok(reps, cookie, 0, "extended READ of 32 MiB")
+check(c.read_data(reps, 0, MAX_PAYLOAD)[0] == big_expected(0, MAX_PAYLOAD), "extended READ of 32 MiB: wrong data")
+ok(f"extended READ of exactly 32 MiB -> {len(reps)} chunk(s), right data")
+
 # Block status with extended headers.
 layout = w.merge_extents(w.file_layout(BIG, 0, 16 * MiB))
 cookie = 0xfeedface00000004
@@ -639,7 +689,9 @@ errcases = [
     ("READ at end", w.CMD_READ, BIG_SIZE, 512, 0, w.EINVAL),
     ("READ longer than 32 MiB", w.CMD_READ, 0, MAX_PAYLOAD + 4096, 0, w.EINVAL),
     ("WRITE_ZEROES past end", w.CMD_WRITE_ZEROES, BIG_SIZE - 4096, 8192, 0, w.ENOSPC),
-    ("TRIM past end", w.CMD_TRIM, BIG_SIZE - 4096, 8192, 0, w.ENOSPC),
+    # Spec, "Error values": EINVAL for a read or *trim* beyond the end,
+    # ENOSPC for a write (WRITE_ZEROES counts as a write).
+    ("TRIM past end", w.CMD_TRIM, BIG_SIZE - 4096, 8192, 0, w.EINVAL),
     ("unknown command 42", 42, 0, 4096, 0, w.EINVAL),
     ("READ with unknown flag bit 9", w.CMD_READ, 0, 4096, 1 << 9, w.EINVAL),
     ("BLOCK_STATUS past end", w.CMD_BLOCK_STATUS, BIG_SIZE + 4096, 4096, 0, w.EINVAL),
@@ -647,11 +699,11 @@ errcases = [
     ("READ of 4 GiB + 4 KiB", w.CMD_READ, 0, (1 << 32) + 4096, 0, w.EINVAL),
     ("WRITE_ZEROES of 4 GiB + 4 KiB ending past the end", w.CMD_WRITE_ZEROES, 4 * GiB, (1 << 32) + 4096, 0,
      w.ENOSPC),
-    ("TRIM of 4 GiB + 4 KiB ending past the end", w.CMD_TRIM, 4 * GiB, (1 << 32) + 4096, 0, w.ENOSPC),
+    ("TRIM of 4 GiB + 4 KiB ending past the end", w.CMD_TRIM, 4 * GiB, (1 << 32) + 4096, 0, w.EINVAL),
     # offset + length wrapping around 2^64
     ("READ with offset+length wrapping 2^64", w.CMD_READ, (1 << 64) - 4096, 8192, 0, w.EINVAL),
     ("WRITE_ZEROES with offset+length wrapping 2^64", w.CMD_WRITE_ZEROES, (1 << 64) - 4096, 8192, 0, w.ENOSPC),
-    ("TRIM with offset+length wrapping 2^64", w.CMD_TRIM, (1 << 64) - 4096, 8192, 0, w.ENOSPC),
+    ("TRIM with offset+length wrapping 2^64", w.CMD_TRIM, (1 << 64) - 4096, 8192, 0, w.EINVAL),
     ("BLOCK_STATUS with offset+length wrapping 2^64", w.CMD_BLOCK_STATUS, (1 << 64) - 4096, 8192, 0, w.EINVAL),
 ]
 for i, (what, cmd, eoff, elen, eflags, eerr) in enumerate(errcases):
@@ -687,6 +739,13 @@ c.write(cookie, (1 << 64) - 100, bytes(200))
 if expect_error_chunk(c, c.reply_for(cookie), w.ENOSPC, cookie, (1 << 64) - 100,
                       "WRITE with offset+length wrapping 2^64 (extended)"):
     ok("WRITE with offset+length wrapping 2^64 -> ENOSPC")
+cookie = 0xee000000000000e2
+c.request(w.CMD_WRITE, cookie, 0, 4096, w.CMD_FLAG_PAYLOAD_LEN | (1 << 9), b"\x5a" * 4096)
+expect_error_chunk(c, c.reply_for(cookie), w.EINVAL, cookie, 0, "WRITE with unknown flag bit 9 (extended)")
+got, err = c.read(0xee000000000000e3, 0, 4096)
+check(err == 0 and got == big_expected(0, 4096),
+      "READ after a WRITE with an unknown flag: wrong data (payload not consumed, or written despite the error)")
+ok("WRITE with an unknown flag -> EINVAL, payload consumed and not written")
 cookie = 0xee000000000000e1
 c.request(w.CMD_READ, cookie, 0, 8, w.CMD_FLAG_PAYLOAD_LEN, b"\x5a" * 8)
 if expect_error_chunk(c, c.reply_for(cookie), w.EINVAL, cookie, 0, "READ with an 8-byte payload (extended)"):
@@ -754,6 +813,11 @@ err = c.simple_cmd(w.CMD_READ, 0x45, 0, 4096, 1 << 12)
 check(err == w.EINVAL, f"READ with unknown flag bit 12 (simple): expected EINVAL, got {err}")
 err = c.simple_cmd(w.CMD_WRITE, 0x46, DISK_SIZE - 10, 0, 0, bytes(20))
 check(err == w.ENOSPC, f"WRITE past end (simple): expected ENOSPC, got {err}")
+err = c.simple_cmd(w.CMD_WRITE, 0x4e, 0, 0, 1 << 9, b"\x5a" * 4096)
+soft(err == w.EINVAL, f"WRITE with unknown flag bit 9 (simple): expected EINVAL, got {err}")
+data, err = c.read(0x4f, 0, 4096)
+check(err == 0 and data == disk[0:4096],
+      "READ after a WRITE with an unknown flag (simple): wrong data (payload not consumed, or written anyway)")
 err = c.simple_cmd(w.CMD_READ, 0x4a, (1 << 64) - 4096, 8192)
 soft(err == w.EINVAL, f"READ with offset+length wrapping 2^64 (simple): expected EINVAL, got {err}")
 err = c.simple_cmd(w.CMD_WRITE, 0x4b, (1 << 64) - 100, 0, 0, bytes(200))
@@ -814,8 +878,8 @@ ok(f"option declaring a 4 GiB payload -> daemon fine ({'closed' if closed else '
 
 c = conn()
 c.start()
-c.send_option(0x7777, bytes(MiB))
 try:
+    c.send_option(0x7777, bytes(MiB))
     r = c.recv_option_reply()
     reps = c.option(w.OPT_INFO, Conn.info_payload("disk"))
     check(r[1] in (w.REP_ERR_UNSUP, w.REP_ERR_TOO_BIG, w.REP_ERR_INVALID) and reps[-1][0] == w.REP_ACK,
@@ -866,6 +930,67 @@ c.close()
 time.sleep(0.2)
 good_works("after clients vanished mid-option")
 ok("clients vanishing mid-option header / mid-option payload -> daemon fine")
+
+# Dribbled input: handshake, request header and write payload in tiny pieces.
+c = Conn(("127.0.0.1", dm.port))
+c.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+c.read_greeting()
+msg = (struct.pack(">I", w.FLAG_C_FIXED_NEWSTYLE | w.FLAG_C_NO_ZEROES)
+       + struct.pack(">QII", w.NBD_OPT_MAGIC, w.OPT_GO, len(Conn.info_payload("disk"))) + Conn.info_payload("disk"))
+for i in range(len(msg)):
+    c.send(msg[i:i + 1])
+    time.sleep(0.001)
+while True:
+    ropt, rtype, _ = c.recv_option_reply()
+    check(rtype in (w.REP_INFO, w.REP_ACK), f"GO sent byte by byte: reply {w.rep_name(rtype)}")
+    if rtype == w.REP_ACK:
+        break
+data = rng.randbytes(256 * KiB)
+msg = c.header(w.CMD_WRITE, 0x8000, 10 * MiB + 3, len(data)) + data
+for i in range(0, 28):
+    c.send(msg[i:i + 1])
+    time.sleep(0.001)
+for i in range(28, len(msg), 1000):
+    c.send(msg[i:i + 1000])
+r = c.recv_reply()
+check(r.kind == "simple" and r.cookie == 0x8000 and r.error == 0, f"WRITE sent in pieces: reply {r}")
+disk[10 * MiB + 3:10 * MiB + 3 + len(data)] = data
+c.request(w.CMD_READ, 0x8001, 10 * MiB + 3, len(data))
+got = c.recv_reply()
+check(got.error == 0 and got.payload == data, "READ after a WRITE sent in pieces: wrong data")
+c.disc()
+c.close()
+ok("handshake, header and payload dribbled in 1-byte / 1000-byte pieces -> handled")
+
+# A client that stops reading its replies must not stall the others.
+lazy = conn()
+lazy.handshake("disk")
+lazy.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+lazy.send(b"".join(lazy.header(w.CMD_READ, 0x9000 + i, (i % 8) * MiB, MiB) for i in range(64)))
+time.sleep(0.5)
+t = time.time()
+for i in range(20):
+    good_works("while another client does not read its 64 MiB of replies")
+secs = time.time() - t
+check(secs < 2.0, f"20 reads on one connection took {secs:.1f}s while another client was not reading its replies")
+lazy.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+lazy.close()
+ok(f"a client not reading 64 MiB of replies does not stall another ({secs * 1000:.0f} ms for 20 reads)")
+
+conns = []
+for i in range(64):
+    cc = conn()
+    cc.handshake("disk", structured=bool(i % 2))
+    conns.append(cc)
+for i, cc in enumerate(conns):
+    o = (i * 4096 * 3) % (8 * MiB)
+    data, err = cc.read(1, o, 4096)
+    check(err == 0 and data == disk[o:o + 4096], f"64 simultaneous connections: connection {i} read wrong data")
+for cc in conns:
+    cc.disc()
+    cc.close()
+good_works("after 64 simultaneous connections")
+ok("64 simultaneous connections each served")
 
 # Soft disconnect with requests in flight.
 c = conn()
