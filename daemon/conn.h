@@ -51,7 +51,11 @@ struct send_item {
 
 #define REQ_INLINE_IOV 6
 #define REQ_HDR_BUF 192          /* reply headers, hole and error payloads */
-#define REQ_KEEP_BUF (256u << 10) /* a slot keeps buffers up to this size */
+/* Request slots keep their payload buffer between requests (fresh large
+ * buffers cost page faults on every use) when it is at most REQ_KEEP_MAX
+ * bytes and the connection keeps at most CONN_KEEP_BUDGET bytes in all. */
+#define REQ_KEEP_MAX (2u << 20)
+#define CONN_KEEP_BUDGET (16u << 20)
 
 /* Meta contexts: fixed ids. */
 #define META_BASE_ALLOCATION 1u
@@ -117,6 +121,7 @@ struct conn {
     unsigned inflight;             /* slots in use */
     unsigned running;              /* request coroutines not yet returned */
     uint64_t buffered;             /* payload bytes held by requests */
+    uint64_t kept;                 /* bytes of slot-kept buffers */
 
     struct loop_hook kick;         /* deferred: input, output, close */
 };

@@ -57,9 +57,13 @@ static struct nbd_req *req_alloc(struct conn *c, const struct nbd_request *hdr)
 /* Ensures r->buf holds len bytes (aligned for direct I/O). */
 static int req_buffer(struct nbd_req *r, uint64_t len)
 {
+    struct conn *c = r->c;
     if (r->buf && r->buf_cap >= len)
         return 0;
-    if (r->buf && r->buf_kept) {
+    if (r->buf) {
+        /* too small: a kept buffer gives its budget back */
+        if (r->buf_kept)
+            c->kept -= r->buf_cap;
         free(r->buf);
         r->buf = NULL;
         r->buf_cap = 0;
@@ -69,7 +73,9 @@ static int req_buffer(struct nbd_req *r, uint64_t len)
         return -ENOMEM;
     r->buf = p;
     r->buf_cap = (size_t)len;
-    r->buf_kept = len <= REQ_KEEP_BUF;
+    r->buf_kept = len <= REQ_KEEP_MAX && c->kept + len <= CONN_KEEP_BUDGET;
+    if (r->buf_kept)
+        c->kept += len;
     return 0;
 }
 
