@@ -24,6 +24,7 @@ const char *conn_state_name(enum conn_state s)
 static void recv_done(struct loop_op *op, int res, uint32_t flags);
 static void send_done(struct loop_op *op, int res, uint32_t flags);
 static void kick_fn(struct loop_hook *h);
+static void drain_done(struct loop_op *op, int res, uint32_t flags);
 
 struct conn *conn_new(struct server *srv, int fd, bool is_tcp)
 {
@@ -44,6 +45,7 @@ struct conn *conn_new(struct server *srv, int fd, bool is_tcp)
     c->recv_op.done = recv_done;
     c->send_op.done = send_done;
     c->kick.fn = kick_fn;
+    c->drain_op.done = drain_done;
     c->state = CONN_HS_FLAGS;
     c->deadline_ns = loop_now_ns() +
                      (uint64_t)srv->cfg.handshake_timeout_s * 1000000000u;
@@ -184,6 +186,7 @@ static bool wants_input(const struct conn *c)
     case CONN_HS_OPTION:
         return true;
     case CONN_TRANSMIT:
+    case CONN_DRAINING:
         if (c->payload_req || c->discard_left)
             return true;
         return c->inflight < c->srv->cfg.max_inflight &&
@@ -269,6 +272,7 @@ static void process_input(struct conn *c)
             progress = nbd_handshake_input(c);
             break;
         case CONN_TRANSMIT:
+        case CONN_DRAINING:
             progress = nbd_transmit_input(c);
             break;
         default:
@@ -328,6 +332,53 @@ void conn_close_gracefully(struct conn *c)
     conn_kick(c);
 }
 
+void conn_drain(struct conn *c)
+{
+    if (c->state != CONN_TRANSMIT) {
+        /* nothing to finish in the handshake: option replies already
+         * queued still go out */
+        conn_close_gracefully(c);
+        return;
+    }
+    /* Keep reading: the spec asks to finish in-flight requests and to
+     * answer later ones with NBD_ESHUTDOWN.  Closing the read side would
+     * make the client's next send fail and lose the replies it waits for. */
+    c->state = CONN_DRAINING;
+    conn_kick(c);
+}
+
+static bool conn_idle(const struct conn *c)
+{
+    return c->running == 0 && !c->sq_head && !c->send_pending &&
+           !c->payload_req;
+}
+
+static void drain_done(struct loop_op *op, int res, uint32_t flags)
+{
+    struct conn *c = (struct conn *)((char *)op - offsetof(struct conn, drain_op));
+    (void)res;
+    (void)flags;
+    c->drain_timer_pending = false;
+    if (c->state == CONN_DRAINING && conn_idle(c) &&
+        c->requests_seen == c->drain_mark) {
+        c->state = CONN_DEAD; /* quiet for DRAIN_QUIET_MS: close */
+        shutdown(c->fd, SHUT_RDWR);
+    }
+    conn_kick(c);
+}
+
+static void arm_drain_timer(struct conn *c)
+{
+    if (c->drain_timer_pending)
+        return;
+    c->drain_ts.tv_sec = 0;
+    c->drain_ts.tv_nsec = DRAIN_QUIET_MS * 1000000LL;
+    c->drain_mark = c->requests_seen;
+    struct io_uring_sqe *sqe = loop_get_sqe(c->loop, &c->drain_op);
+    io_uring_prep_timeout(sqe, &c->drain_ts, 0, 0);
+    c->drain_timer_pending = true;
+}
+
 static void kick_fn(struct loop_hook *h)
 {
     struct conn *c = (struct conn *)((char *)h - offsetof(struct conn, kick));
@@ -336,12 +387,13 @@ static void kick_fn(struct loop_hook *h)
         start_recv(c);
         start_send(c);
     }
-    if (c->state == CONN_CLOSING && c->running == 0 && !c->sq_head &&
-        !c->send_pending) {
+    if (c->state == CONN_CLOSING && conn_idle(c)) {
         c->state = CONN_DEAD;
         shutdown(c->fd, SHUT_RDWR);
     }
+    if (c->state == CONN_DRAINING && conn_idle(c))
+        arm_drain_timer(c);
     if (c->state == CONN_DEAD && !c->recv_pending && !c->send_pending &&
-        c->running == 0)
+        !c->drain_timer_pending && c->running == 0)
         conn_free(c);
 }

@@ -29,6 +29,8 @@
     X(HS_FLAGS)   /* greeting sent; waiting for the client's flags */        \
     X(HS_OPTION)  /* option haggling */                                      \
     X(TRANSMIT)   /* reading and serving requests */                         \
+    X(DRAINING)   /* server stopping: in-flight requests finish and are  */  \
+                  /* answered, new ones get NBD_ESHUTDOWN; then close    */  \
     X(CLOSING)    /* no more input; finish in-flight, send, then close */    \
     X(DEAD)       /* socket shut; waiting for outstanding work to return */
 
@@ -49,6 +51,7 @@ struct send_item {
     void (*done)(struct send_item *si);  /* sent or discarded: release */
 };
 
+#define DRAIN_QUIET_MS 250
 #define REQ_INLINE_IOV 6
 #define REQ_HDR_BUF 192          /* reply headers, hole and error payloads */
 /* Request slots keep their payload buffer between requests (fresh large
@@ -124,13 +127,24 @@ struct conn {
     uint64_t kept;                 /* bytes of slot-kept buffers */
 
     struct loop_hook kick;         /* deferred: input, output, close */
+
+    /* DRAINING: closed after DRAIN_QUIET_MS without a new request, so a
+     * client that got NBD_ESHUTDOWN has time to read its replies and send
+     * NBD_CMD_DISC (closing at once would fail its next send and make it
+     * drop replies already in its receive buffer). */
+    struct loop_op drain_op;
+    struct __kernel_timespec drain_ts;
+    bool drain_timer_pending;
+    uint64_t requests_seen;        /* requests parsed; drain quiet check */
+    uint64_t drain_mark;           /* requests_seen when the timer was armed */
 };
 
 /* conn.c */
 struct conn *conn_new(struct server *srv, int fd, bool is_tcp);
 void conn_kick(struct conn *c);                  /* schedule the hook */
 void conn_abort(struct conn *c, const char *why);/* hard disconnect */
-void conn_close_gracefully(struct conn *c);      /* CLOSING */
+void conn_close_gracefully(struct conn *c);      /* CLOSING (after DISC) */
+void conn_drain(struct conn *c);                 /* DRAINING (server stop) */
 void conn_send(struct conn *c, struct send_item *si);
 /* A send item with its own copy of len bytes; done frees it. */
 int conn_send_copy(struct conn *c, const void *buf, size_t len);

@@ -31,6 +31,8 @@ static void usage(FILE *fp)
 "                             also the default export, for the empty name)\n"
 "      --fork                 go to the background once serving\n"
 "      --pid-file FILE        write the daemon's pid to FILE once serving\n"
+"      --log-file FILE        append log messages to FILE (with --fork the\n"
+"                             daemon otherwise detaches from all output)\n"
 "      --max-connections N    clients at once (default 256)\n"
 "      --handshake-timeout S  seconds a client may take to choose an export\n"
 "                             (default 10)\n"
@@ -57,6 +59,7 @@ static void usage(FILE *fp)
 enum {
     OPT_FORK = 256,
     OPT_PIDFILE,
+    OPT_LOGFILE,
     OPT_MAXCONN,
     OPT_HSTIMEOUT,
     OPT_MAXINFLIGHT,
@@ -125,7 +128,7 @@ static int fork_and_wait(int *ready_fd)
     return 0;
 }
 
-static void signal_ready(int *ready_fd, char status)
+static void signal_ready(int *ready_fd, char status, bool keep_stderr)
 {
     if (*ready_fd < 0)
         return;
@@ -137,9 +140,13 @@ static void signal_ready(int *ready_fd, char status)
     if (status == 0) {
         int fd = open("/dev/null", O_RDWR);
         if (fd >= 0) {
+            /* Detached from the caller's stdio, as `$(stratad --fork)` or a
+             * supervisor reading our output must not wait for us to exit;
+             * --log-file keeps the log. */
             dup2(fd, 0);
             dup2(fd, 1);
-            /* stderr stays: journald or the caller's log file */
+            if (!keep_stderr)
+                dup2(fd, 2);
             if (fd > 2)
                 close(fd);
         }
@@ -153,6 +160,7 @@ int main(int argc, char **argv)
         {"export", required_argument, NULL, 'e'},
         {"fork", no_argument, NULL, OPT_FORK},
         {"pid-file", required_argument, NULL, OPT_PIDFILE},
+        {"log-file", required_argument, NULL, OPT_LOGFILE},
         {"max-connections", required_argument, NULL, OPT_MAXCONN},
         {"handshake-timeout", required_argument, NULL, OPT_HSTIMEOUT},
         {"max-inflight", required_argument, NULL, OPT_MAXINFLIGHT},
@@ -171,6 +179,7 @@ int main(int argc, char **argv)
     size_t n_listens = 0, n_exports = 0;
     bool do_fork = false;
     const char *pid_file = NULL;
+    const char *log_file = NULL;
     struct server_config cfg;
     server_config_defaults(&cfg);
 
@@ -188,6 +197,9 @@ int main(int argc, char **argv)
             break;
         case OPT_PIDFILE:
             pid_file = optarg;
+            break;
+        case OPT_LOGFILE:
+            log_file = optarg;
             break;
         case OPT_MAXCONN:
             if (parse_uint("--max-connections", optarg, 1, 65536,
@@ -236,6 +248,18 @@ int main(int argc, char **argv)
     if (n_listens == 0)
         listens[n_listens++] = "127.0.0.1:10809";
 
+    if (log_file) {
+        int fd = open(log_file, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+        if (fd < 0) {
+            fprintf(stderr, "stratad: --log-file %s: %s\n", log_file,
+                    strerror(errno));
+            return 1;
+        }
+        dup2(fd, 2);
+        close(fd);
+        setvbuf(stderr, NULL, _IOLBF, 0);
+    }
+
     int ready_fd = -1;
     if (do_fork && fork_and_wait(&ready_fd) < 0)
         return 1;
@@ -250,7 +274,7 @@ int main(int argc, char **argv)
     int sig_fd = signalfd(-1, &mask, SFD_CLOEXEC);
     if (sig_fd < 0) {
         perror("stratad: signalfd");
-        signal_ready(&ready_fd, 1);
+        signal_ready(&ready_fd, 1, true);
         return 1;
     }
 
@@ -259,13 +283,13 @@ int main(int argc, char **argv)
     if (!loop) {
         fprintf(stderr, "stratad: %s\n", errmsg ? errmsg : "cannot create the loop");
         free(errmsg);
-        signal_ready(&ready_fd, 1);
+        signal_ready(&ready_fd, 1, true);
         return 1;
     }
     struct server *srv = server_new(loop, &cfg);
     if (!srv) {
         fprintf(stderr, "stratad: out of memory\n");
-        signal_ready(&ready_fd, 1);
+        signal_ready(&ready_fd, 1, true);
         return 1;
     }
     int rc = 0;
@@ -297,12 +321,12 @@ int main(int argc, char **argv)
         }
     }
     if (rc != 0) {
-        signal_ready(&ready_fd, 1);
+        signal_ready(&ready_fd, 1, true);
         server_free(srv);
         loop_free(loop);
         return rc;
     }
-    signal_ready(&ready_fd, 0);
+    signal_ready(&ready_fd, 0, log_file != NULL);
 
     int r = loop_run(loop);
     if (r < 0) {

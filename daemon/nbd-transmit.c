@@ -380,6 +380,7 @@ bool nbd_transmit_input(struct conn *c)
         return false;
     }
     c->rstart += (size_t)n;
+    c->requests_seen++;
 
     struct nbd_validation v = nbd_validate_request(&h, &c->session);
     switch (v.verdict) {
@@ -403,6 +404,14 @@ bool nbd_transmit_input(struct conn *c)
         return true;
     }
     case NBD_VERDICT_OK:
+        if (c->state == CONN_DRAINING) {
+            struct nbd_req *r = req_alloc(c, &h);
+            r->error = NBD_ESHUTDOWN;
+            r->errmsg = "the server is shutting down";
+            c->discard_left = v.payload_len;
+            reply_error(r);
+            return true;
+        }
         break;
     }
 

@@ -496,7 +496,7 @@ void server_shutdown(struct server *srv)
         l->closed = true;
     }
     for (struct conn *c = srv->conns; c; c = c->next)
-        conn_close_gracefully(c);
+        conn_drain(c);
     server_check_idle(srv);
 }
 

@@ -1,11 +1,15 @@
 #!/usr/bin/python3
 """Differential test: stratad against qemu-nbd on the same seeded workload.
 
-A 64 MiB raw file with random contents and holes is copied twice; copy A is
-served by qemu-nbd, copy B by stratad.  The same seeded sequence of
-operations (writes of 1 B..1 MiB at random offsets, some with FUA; write
-zeroes with and without NO_HOLE; trims; flushes; reads) runs against both
-through python libnbd with up to DEPTH requests in flight.
+A 64 MiB raw file with random contents and holes is copied; copy A is
+served by qemu-nbd, copy B by stratad (cache=writeback) and copy C by the
+same stratad as a second export with cache=none (O_DIRECT).  The cache=none
+export advertises a 4 KiB minimum block size, so it runs the same sequence
+with every range widened to whole 4 KiB blocks and is checked against its
+own model only.  The same seeded sequence of operations (writes of
+1 B..1 MiB at random offsets, some with FUA; write zeroes of up to 4 MiB with
+and without NO_HOLE; trims; flushes; reads) runs against each, through
+python libnbd with up to DEPTH requests in flight.
 
 Determinism: operations are submitted strictly in sequence order, and an
 operation is not submitted while any in-flight operation overlaps its byte
@@ -19,13 +23,13 @@ Trims: the NBD spec leaves the content of a trimmed range unspecified
 discard while a punch-hole may zero them).  So every trim is issued as a
 triple: TRIM range; READ range, where each byte must be either its old value
 or zero; WRITE_ZEROES range.  The model then knows the range is zero, the
-"either old or zero" rule is checked on both servers, and the final files
+"either old or zero" rule is checked on every server, and the final files
 stay comparable byte for byte.  (The trim-reads are not compared between the
 servers, since both answers may legitimately differ.)
 
-Phase 1: one connection, SEQ_OPS operations.  Both servers are stopped and
+Phase 1: one connection, SEQ_OPS operations.  The servers are stopped and
 the files compared with each other (cmp) and with the model.
-Phase 2: both servers restarted on the same files; 4 connections at once,
+Phase 2: the servers restarted on the same files; 4 connections at once,
 each running its own seeded sequence on a disjoint quarter of the disk
 (multi-conn).  Stopped, compared again.
 
@@ -34,6 +38,7 @@ replayed.  STRATA_OPS overrides the operation count (default 3000).
 
 Run:  STRATAD=build/daemon/stratad /usr/bin/python3 tests/integration/test-differential.py
 """
+import atexit
 import hashlib
 import os
 import random
@@ -91,6 +96,7 @@ class QemuNbd:
                 time.sleep(0.02)
             if os.path.exists(self.sock) and self.proc.poll() is None:
                 self.aio = aio
+                atexit.register(self.kill)
                 return
             if self.proc.poll() is None:
                 self.proc.kill()
@@ -101,6 +107,11 @@ class QemuNbd:
 
     def uri(self):
         return f"nbd+unix:///{self.name}?socket={self.sock}"
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
 
     def stop(self):
         if self.proc.poll() is None:
@@ -308,12 +319,15 @@ def make_initial(path, seed):
         return bytearray(f.read())
 
 
-def compare_files(a, b, model, what):
-    p = subprocess.run(["cmp", a, b], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                       text=True, timeout=60)
-    check(p.returncode == 0,
-          f"{what}: qemu-nbd's file and stratad's file differ: {p.stdout.strip()}")
-    for path, who in ((a, "qemu-nbd"), (b, "stratad")):
+def compare_files(files, model, what):
+    """files: [(path, who)], compared with each other and with the model."""
+    ref, refwho = files[0]
+    for path, who in files[1:]:
+        p = subprocess.run(["cmp", ref, path], stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True, timeout=60)
+        check(p.returncode == 0,
+              f"{what}: {refwho}'s file and {who}'s file differ: {p.stdout.strip()}")
+    for path, who in files:
         with open(path, "rb") as f:
             data = f.read()
         check(len(data) == SIZE, f"{what}: {who}'s file is {len(data)} bytes, expected {SIZE}")
@@ -321,12 +335,14 @@ def compare_files(a, b, model, what):
             k = first_diff(data, model)
             fail(f"{what}: {who}'s file differs from the model at byte {k}: expected "
                  f"{bytes(model[k:k + 8]).hex()}, got {data[k:k + 8].hex()}")
-    ok(f"{what}: files identical (cmp) and equal to the model")
+    ok(f"{what}: " + (f"{len(files)} files identical (cmp) and " if len(files) > 1 else "file ")
+       + "equal to the model")
 
 
-def start_servers(fa, fb):
+def start_servers(fa, fb, fc):
     q = QemuNbd(fa, "diff", shared=CONNS + 1)
-    s = harness.Daemon([f"name=diff,file={fb},format=raw,cache=writeback"])
+    s = harness.Daemon([f"name=diff,file={fb},format=raw,cache=writeback",
+                        f"name=direct,file={fc},format=raw,cache=none"])
     return q, s
 
 
@@ -339,58 +355,82 @@ def stop_servers(q, s, what):
         print(f"note: qemu-nbd exited with {rq}")
 
 
+def aligned(ops, block=4096):
+    """The same ops widened to whole blocks (for the cache=none export, which
+    advertises a 4 KiB minimum block size)."""
+    out = []
+    for kind, off, n, flags, pseed in ops:
+        if kind != "flush":
+            end = min(SIZE, (off + n + block - 1) // block * block)
+            off = off // block * block
+            n = end - off
+        out.append((kind, off, n, flags, pseed))
+    return out
+
+
+def check_same_reads(what, ref, r):
+    got = sorted(r.digests)
+    check(len(got) == len(ref), f"{what}: read counts differ: qemu-nbd {len(ref)}, "
+                                f"{r.label} {len(got)}")
+    for (ia, da), (ib, db) in zip(ref, got):
+        check(ia == ib and da == db,
+              f"{what}: op #{ia}: qemu-nbd and {r.label} returned different read data")
+
+
 def main():
     print(f"seed: {SEED} (STRATA_SEED={SEED} to replay), ops: {SEQ_OPS}, depth: {DEPTH}",
           flush=True)
     d = harness.tmpdir()
-    fa = os.path.join(d, "a.img")
-    fb = os.path.join(d, "b.img")
+    fa = os.path.join(d, "a.img")       # qemu-nbd
+    fb = os.path.join(d, "b.img")       # stratad, cache=writeback
+    fc = os.path.join(d, "c.img")       # stratad, cache=none (O_DIRECT), aligned ops
     initial = make_initial(fa, SEED)
-    subprocess.run(["cp", "--sparse=always", fa, fb], check=True, timeout=60)
+    for f in (fb, fc):
+        subprocess.run(["cp", "--sparse=always", fa, f], check=True, timeout=60)
 
     # ---- phase 1: one connection, many requests in flight -----------------
-    q, s = start_servers(fa, fb)
+    q, s = start_servers(fa, fb, fc)
     ops = gen_ops(SEED, SEQ_OPS, 0, SIZE)
     ra = Runner("qemu-nbd", q.uri(), bytearray(initial), ops)
     rb = Runner("stratad", s.uri("diff"), bytearray(initial), ops)
-    t0 = time.time()
-    run_parallel([ra])
-    t1 = time.time()
-    run_parallel([rb])
-    t2 = time.time()
-    print(f"op mix: {sorted(rb.counts.items())}; qemu-nbd (aio={q.aio}) {t1 - t0:.1f}s, "
-          f"stratad {t2 - t1:.1f}s")
-    check(len(ra.digests) == len(rb.digests),
-          f"phase 1: read counts differ: {len(ra.digests)} vs {len(rb.digests)}")
-    for (ia, da), (ib, db) in zip(sorted(ra.digests), sorted(rb.digests)):
-        check(ia == ib and da == db,
-              f"phase 1: op #{ia}: qemu-nbd and stratad returned different read data")
-    ok(f"phase 1: {len(ops)} ops, {len(rb.digests)} reads matched the model on both "
-       f"servers and each other")
+    rc = Runner("stratad cache=none", s.uri("direct"), bytearray(initial), aligned(ops))
+    times = []
+    for r in (ra, rb, rc):
+        t0 = time.time()
+        run_parallel([r])
+        times.append(f"{r.label} {time.time() - t0:.1f}s")
+    print(f"op mix: {sorted(rb.counts.items())}; qemu-nbd aio={q.aio}; " + ", ".join(times))
+    check_same_reads("phase 1", sorted(ra.digests), rb)
     check(ra.model == rb.model, "phase 1: models diverged (test bug)")
-    model = ra.model
+    ok(f"phase 1: {len(ops)} ops, {len(rb.digests)} reads matched the model on qemu-nbd and "
+       f"stratad, and each other")
+    ok(f"phase 1: cache=none export, same ops widened to 4 KiB blocks: "
+       f"{len(rc.digests)} reads matched its model")
     stop_servers(q, s, "phase 1")
-    compare_files(fa, fb, model, "phase 1")
+    compare_files([(fa, "qemu-nbd"), (fb, "stratad")], ra.model, "phase 1")
+    compare_files([(fc, "stratad cache=none")], rc.model, "phase 1 (cache=none)")
 
     # ---- phase 2: 4 connections at once on disjoint regions ---------------
-    q, s = start_servers(fa, fb)
+    q, s = start_servers(fa, fb, fc)
     span = SIZE // CONNS
     per = max(1, SEQ_OPS // CONNS)
     allops = [gen_ops(SEED * 1000 + k + 1, per, k * span, span) for k in range(CONNS)]
-    ma = bytearray(model)
-    mb = bytearray(model)
-    runners_a = [Runner(f"qemu-nbd#{k}", q.uri(), ma, allops[k]) for k in range(CONNS)]
-    runners_b = [Runner(f"stratad#{k}", s.uri("diff"), mb, allops[k]) for k in range(CONNS)]
-    run_parallel(runners_a)
-    run_parallel(runners_b)
+    groups = []
+    for label, uri, model, wide in (("qemu-nbd", q.uri(), ra.model, False),
+                                    ("stratad", s.uri("diff"), rb.model, False),
+                                    ("stratad cache=none", s.uri("direct"), rc.model, True)):
+        rs = [Runner(f"{label}#{k}", uri, model, aligned(allops[k]) if wide else allops[k])
+              for k in range(CONNS)]
+        run_parallel(rs)
+        groups.append(rs)
     for k in range(CONNS):
-        check(sorted(runners_a[k].digests) == sorted(runners_b[k].digests),
-              f"phase 2: connection {k}: qemu-nbd and stratad returned different read data")
-    ok(f"phase 2: {CONNS} connections x {per} ops, reads matched the model on both servers "
-       f"and each other")
-    check(ma == mb, "phase 2: models diverged (test bug)")
+        check_same_reads(f"phase 2, connection {k}", sorted(groups[0][k].digests), groups[1][k])
+    check(ra.model == rb.model, "phase 2: models diverged (test bug)")
+    ok(f"phase 2: {CONNS} connections x {per} ops, reads matched the model on qemu-nbd and "
+       f"stratad, and each other; cache=none export matched its model")
     stop_servers(q, s, "phase 2")
-    compare_files(fa, fb, ma, "phase 2")
+    compare_files([(fa, "qemu-nbd"), (fb, "stratad")], ra.model, "phase 2")
+    compare_files([(fc, "stratad cache=none")], rc.model, "phase 2 (cache=none)")
     print("PASS")
 
 

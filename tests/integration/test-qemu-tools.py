@@ -9,6 +9,7 @@ disturb another's expectations):
     ro       copy of the source, readonly=on  (refused writes, map, list)
     target   empty sparse file, read-write    (convert -n into, nbdcopy into)
     scratch  copy of the source, read-write   (qemu-io)
+    direct   copy of the source, cache=none   (O_DIRECT: convert from, nbdcopy into)
 
 Run:  STRATAD=build/daemon/stratad /usr/bin/python3 tests/integration/test-qemu-tools.py
 """
@@ -137,6 +138,7 @@ def main():
     ro = sparse_copy(src, os.path.join(d, "ro.img"))
     scratch = sparse_copy(src, os.path.join(d, "scratch.img"))
     target = harness.make_file(os.path.join(d, "target.img"), SIZE)
+    direct = sparse_copy(src, os.path.join(d, "direct.img"))
     ro_sum = sha(ro)
 
     daemon = harness.Daemon([
@@ -144,6 +146,7 @@ def main():
         f"name=ro,file={ro},format=raw,readonly=on,description=read only copy",
         f"name=target,file={target},format=raw,cache=writeback",
         f"name=scratch,file={scratch},format=raw",
+        f"name=direct,file={direct},format=raw,cache=none",
     ], tcp=True)
 
     # ---- qemu-img info over unix and TCP --------------------------------
@@ -277,6 +280,16 @@ def main():
     check(files_equal(local3, target), "nbdcopy --connections=4 file -> export: backing file differs")
     ok("nbdcopy --connections=4 file -> export: backing file identical")
 
+    # ---- a cache=none (O_DIRECT) export ------------------------------------------
+    out = os.path.join(d, "direct-out.img")
+    run(["qemu-img", "convert", "-f", "raw", "-O", "raw", daemon.uri("direct"), out])
+    check(files_equal(out, src), "qemu-img convert from the cache=none export: copy differs")
+    local4 = make_source(os.path.join(d, "local4.img"), 6)
+    run(["nbdcopy", "--connections=4", "--threads=4", local4, daemon.uri("direct")], timeout=90)
+    run(["qemu-img", "compare", "-f", "raw", "-F", "raw", local4, daemon.uri("direct")])
+    check(files_equal(local4, direct), "nbdcopy into the cache=none export: backing file differs")
+    ok("cache=none export: qemu-img convert from it, nbdcopy into it, qemu-img compare")
+
     # ---- nbdinfo --json -------------------------------------------------------
     p = run(["nbdinfo", "--json", daemon.uri("disk")])
     info = json.loads(p.stdout)
@@ -318,8 +331,8 @@ def main():
     # (a server may also list the default export under the empty name)
     names = sorted(e.get("export-name") for e in lst.get("exports", [])
                    if e.get("export-name") != "")
-    check(names == ["disk", "ro", "scratch", "target"],
-          f"nbdinfo --list: expected exports disk, ro, scratch, target; got {names}")
+    check(names == ["direct", "disk", "ro", "scratch", "target"],
+          f"nbdinfo --list: expected exports direct, disk, ro, scratch, target; got {names}")
     descs = {e.get("export-name"): e.get("description") for e in lst["exports"]}
     check(descs.get("ro") == "read only copy",
           f"nbdinfo --list: expected the description of 'ro', got {descs}")
