@@ -76,8 +76,7 @@ rss=$work/rss.txt               # server kB
 failed=0
 
 wait_socket() {                 # sock pid
-    local i
-    for i in $(seq 1 200); do
+    for _ in $(seq 1 200); do
         [ -S "$1" ] && return 0
         kill -0 "$2" 2>/dev/null || return 1
         sleep 0.05
@@ -120,12 +119,12 @@ start_server() {                # server sock -> sets server_pid, uri
 }
 
 stop_server() {                 # server
-    local s=$1 status=0 i
+    local s=$1 status=0
     # peak resident set size over the server's life
     hwm=$(awk '/^VmHWM:/ {print $2}' "/proc/$server_pid/status" 2>/dev/null || echo "?")
     echo "$s ${hwm:-?}" >> "$rss"
     kill -TERM "$server_pid" 2>/dev/null || true
-    for i in $(seq 1 100); do
+    for _ in $(seq 1 100); do
         kill -0 "$server_pid" 2>/dev/null || break
         sleep 0.1
     done

@@ -66,6 +66,14 @@ def make_file(path, size, pattern=None):
     return path
 
 
+def _die_with_parent():
+    """Runs in the child before exec: SIGKILL it if the test process dies,
+    so a killed test never leaves a daemon behind."""
+    import ctypes
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 def free_port():
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
@@ -93,7 +101,8 @@ class Daemon:
             args += ["--export", e]
         args += list(extra)
         self.log = open(os.path.join(self.dir, "stratad.log"), "w+")
-        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT,
+                                     preexec_fn=_die_with_parent)
         # atexit runs in reverse order: stop first, then read the log
         atexit.register(self.check_sanitizers)
         atexit.register(self.stop)

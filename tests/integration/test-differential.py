@@ -76,6 +76,16 @@ def remaining():
 # ---------------------------------------------------------------------------
 # servers
 
+def _die_with_parent():
+    """In the child before exec: SIGTERM when this test process dies, so that
+    no qemu-nbd outlives a test that exits early."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 class QemuNbd:
     """qemu-nbd serving one raw file on a unix socket."""
 
@@ -89,7 +99,8 @@ class QemuNbd:
                     "--discard=unmap", "-t", "-e", str(shared), "-x", name,
                     "-k", self.sock, path]
             self.log = open(os.path.join(self.dir, f"qemu-nbd-{aio}.log"), "w+")
-            self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT,
+                                         preexec_fn=_die_with_parent)
             deadline = time.time() + 10
             while not os.path.exists(self.sock) and self.proc.poll() is None \
                     and time.time() < deadline:
