@@ -21,6 +21,10 @@
 
 #define FILE_MAX_IOV 64             /* iovecs per request (bounded copy) */
 #define FILE_ZERO_BUF (1u << 20)    /* fallback zeroing chunk */
+/* Transfers at least this large are punted to io_uring's kernel workers
+ * (IOSQE_ASYNC): the page-cache copy then runs on another core instead of
+ * inline on the loop thread. */
+#define FILE_ASYNC_MIN (256u << 10)
 
 struct file_backend {
     struct backend b;
@@ -53,6 +57,9 @@ static int file_rw_co(struct file_backend *f, struct coro *co, bool write,
     struct iovec *cur = iov;
     int n = iovcnt;
     int ret = 0;
+    size_t total = 0;
+    for (int i = 0; i < iovcnt; i++)
+        total += iov[i].iov_len;
 
     while (n > 0) {
         struct loop_wait w;
@@ -63,6 +70,8 @@ static int file_rw_co(struct file_backend *f, struct coro *co, bool write,
         else
             io_uring_prep_readv(sqe, f->fd, cur, (unsigned)n, off);
         sqe->rw_flags = rw_flags;
+        if (total >= FILE_ASYNC_MIN)
+            sqe->flags |= IOSQE_ASYNC;
         int r = loop_wait_co(&w);
         if (r == -EINTR || r == -EAGAIN)
             continue;

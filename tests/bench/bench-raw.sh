@@ -161,6 +161,9 @@ for s in $servers; do
               --iodepth="$depth" --numjobs=1 --runtime="$runtime" --ramp_time="$ramp"
               --time_based --output-format=json --output="$json")
         echo "fio: ${fcmd[*]}"
+        # Earlier write jobs leave GiBs of dirty page cache; without this
+        # their writeback lands on whichever job runs next.
+        sync
         if ! timeout $((runtime + ramp + 60)) "${fcmd[@]}" >"$work/$s-$name.out" 2>&1; then
             echo "bench: fio failed for $s $name:" >&2
             cat "$work/$s-$name.out" >&2
