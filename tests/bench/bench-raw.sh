@@ -10,6 +10,12 @@
 #   BENCH_RAMP     fio ramp_time seconds, not measured (default 1)
 #   BENCH_QUICK=1  smoke test: 64 MiB image, 2 s per job, no ramp
 #   BENCH_SERVERS  servers to run, default "stratad qemu-nbd nbdkit"
+#   BENCH_ROUNDS   rounds (default 3; 1 with BENCH_QUICK): each round runs
+#                  every server, starting with a different one; the table
+#                  shows the median of the rounds (on a shared 2-core VM,
+#                  whichever server runs right after another's write jobs
+#                  loses, so one round measures the order as much as the
+#                  servers)
 # Exit status: 0 if every fio run succeeded, 1 otherwise.
 set -euo pipefail
 
@@ -28,10 +34,12 @@ if [ "${BENCH_QUICK:-0}" = 1 ]; then
     size_mib=64
     runtime=${BENCH_RUNTIME:-2}
     ramp=${BENCH_RAMP:-0}
+    rounds=${BENCH_ROUNDS:-1}
 else
     size_mib=1024
     runtime=${BENCH_RUNTIME:-10}
     ramp=${BENCH_RAMP:-1}
+    rounds=${BENCH_ROUNDS:-3}
 fi
 servers=${BENCH_SERVERS:-stratad qemu-nbd nbdkit}
 
@@ -141,7 +149,12 @@ stop_server() {                 # server
     server_pid=
 }
 
-for s in $servers; do
+read -r -a server_list <<<"$servers"
+n_servers=${#server_list[@]}
+for ((round = 0; round < rounds; round++)); do
+  echo "round $((round + 1)) of $rounds"
+  for ((k = 0; k < n_servers; k++)); do
+    s=${server_list[$(((k + round) % n_servers))]}
     case $s in
     qemu-nbd|nbdkit)
         if ! command -v "$s" >/dev/null; then
@@ -150,6 +163,7 @@ for s in $servers; do
         fi ;;
     esac
     sock=$work/$s.sock
+    rm -f "$sock"   # a round before left it; a stale path must not look ready
     if ! start_server "$s" "$sock"; then
         failed=1
         continue
@@ -191,10 +205,12 @@ EOF
         fi
     done
     stop_server "$s"
+  done
 done
 
 echo
 echo "image: $img (${size_mib} MiB), runtime ${runtime}s per job (+${ramp}s ramp), $(nproc) CPUs, $(uname -r)"
+echo "median of $rounds round(s), server order rotated each round"
 "$PY" - "$results" "$rss" "$servers" <<'EOF'
 import sys
 results, rss, servers = sys.argv[1], sys.argv[2], sys.argv[3].split()
@@ -204,7 +220,18 @@ for line in open(results):
     s, name, iops, bw = line.split()
     if name not in order:
         order.append(name)
-    res[(s, name)] = None if iops == "FAIL" else (float(iops), float(bw) / (1 << 20))
+    res.setdefault((s, name), []).append(
+        None if iops == "FAIL" else (float(iops), float(bw) / (1 << 20)))
+
+
+def median(vals):
+    if not vals or any(v is None for v in vals):
+        return None                    # a failed run fails the cell
+    vals = sorted(vals)
+    return vals[len(vals) // 2]
+
+
+res = {k: median(v) for k, v in res.items()}
 servers = [s for s in servers if any(k[0] == s for k in res)]
 hdr = f"{'workload':<14}"
 for s in servers:
@@ -223,7 +250,12 @@ for name in order:
         a, b = res.get(("stratad", name)), res.get((o, name))
         row += f" | {'-':>16}" if not a or not b or b[0] == 0 else f" | {a[0] / b[0]:>16.2f}"
     print(row)
-peak = dict(line.split() for line in open(rss))
+peak = {}
+for line in open(rss):
+    srv, hwm = line.split()
+    if hwm.isdigit() and (not peak.get(srv, "?").isdigit() or int(hwm) > int(peak[srv])):
+        peak[srv] = hwm
+    peak.setdefault(srv, hwm)
 print()
 print("peak RSS (VmHWM): " + ", ".join(
     f"{s} {int(peak[s]) / 1024:.1f} MiB" if peak.get(s, "?").isdigit() else f"{s} ?"
