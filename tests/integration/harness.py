@@ -44,6 +44,68 @@ def need(*programs):
             skip(f"{p} is not installed")
 
 
+# ---- checks shared by the tests ----
+
+T0 = time.time()
+_LAST = ["start"]
+FAILURES = []
+
+
+def require_built():
+    if not os.path.exists(STRATAD):
+        skip(f"{STRATAD} is not built")
+
+
+def ok(msg):
+    _LAST[0] = msg
+    print(f"ok   {time.time() - T0:5.1f}s  {msg}", flush=True)
+
+
+def _excepthook(typ, val, tb):
+    import traceback
+    traceback.print_exception(typ, val, tb)
+    print(f"FAIL: unexpected {typ.__name__}: {val} (in the check after: {_LAST[0]!r})")
+    sys.stdout.flush()
+    # returning lets Python exit with status 1 and run the atexit cleanups
+
+
+def report_unexpected_exceptions():
+    sys.excepthook = _excepthook
+
+
+def first_diff(a, b):
+    """Index of the first differing byte, or None if equal."""
+    n = min(len(a), len(b))
+    for i in range(0, n, 65536):
+        if a[i:i + 65536] != b[i:i + 65536]:
+            for j in range(i, min(i + 65536, n)):
+                if a[j] != b[j]:
+                    return j
+    return n if len(a) != len(b) else None
+
+
+def check_soft(cond, msg):
+    """A failed check that does not stop later ones: reported now, and
+    finish_soft_checks() fails the test with all of them."""
+    if not cond:
+        print("FAIL (continuing):", msg)
+        FAILURES.append(msg)
+    return cond
+
+
+def check_hard(cond, msg):
+    """A failed check that stops the test (with earlier soft failures)."""
+    if not cond:
+        if FAILURES:
+            msg += "\n  earlier failures:\n  " + "\n  ".join(FAILURES)
+        fail(msg)
+
+
+def finish_soft_checks():
+    if FAILURES:
+        fail(f"{len(FAILURES)} check(s) failed:\n  " + "\n  ".join(FAILURES))
+
+
 def tmpdir():
     d = tempfile.mkdtemp(prefix="strata-test-")
     atexit.register(shutil.rmtree, d, True)

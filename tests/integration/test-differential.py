@@ -190,11 +190,7 @@ def payload(pseed, n):
     return random.Random(pseed).randbytes(n)
 
 
-def first_diff(a, b):
-    for i in range(min(len(a), len(b))):
-        if a[i] != b[i]:
-            return i
-    return min(len(a), len(b))
+first_diff = harness.first_diff
 
 
 class Runner:

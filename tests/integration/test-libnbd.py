@@ -24,61 +24,19 @@ import nbdwire as w  # noqa: E402  (file_layout, merge_extents)
 harness.nbd_handle()      # skips when python3-libnbd is missing
 import nbd  # noqa: E402
 
-T0 = time.time()
+T0 = harness.T0
 KiB = 1 << 10
 MiB = 1 << 20
 MAX_PAYLOAD = 32 * MiB
 HOLE = nbd.STATE_HOLE | nbd.STATE_ZERO
 
-if not os.path.exists(harness.STRATAD):
-    harness.skip(f"{harness.STRATAD} is not built")
-
-LAST = ["start"]
-
-
-def ok(msg):
-    LAST[0] = msg
-    print(f"ok   {time.time() - T0:5.1f}s  {msg}")
-
-
-def excepthook(typ, val, tb):
-    import traceback
-    traceback.print_exception(typ, val, tb)
-    print(f"FAIL: unexpected {typ.__name__}: {val} (in the check after: {LAST[0]!r})")
-    sys.stdout.flush()
-    # returning lets Python exit with status 1 and run the atexit cleanups
-
-
-sys.excepthook = excepthook
-
-
-def first_diff(a, b):
-    n = min(len(a), len(b))
-    for i in range(0, n, 65536):
-        if a[i:i + 65536] != b[i:i + 65536]:
-            for j in range(i, min(i + 65536, n)):
-                if a[j] != b[j]:
-                    return j
-    return n if len(a) != len(b) else None
-
-
-FAILURES = []
-
-
-def check(cond, msg):
-    if not cond:
-        if FAILURES:
-            msg += "\n  earlier failures:\n  " + "\n  ".join(FAILURES)
-        fail(msg)
-
-
-def soft(cond, msg):
-    """A failed check that does not break later ones: reported, and the
-    test fails at the end with all of them."""
-    if not cond:
-        print("FAIL (continuing):", msg)
-        FAILURES.append(msg)
-    return cond
+harness.require_built()
+harness.report_unexpected_exceptions()
+ok = harness.ok
+first_diff = harness.first_diff
+check = harness.check_hard
+soft = harness.check_soft
+FAILURES = harness.FAILURES
 
 
 def expect_errno(fn, want, what):

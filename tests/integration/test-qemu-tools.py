@@ -21,7 +21,8 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import harness  # noqa: E402
+import harness
+import nbdwire  # noqa: E402
 from harness import check, fail, need  # noqa: E402
 
 need("qemu-img", "qemu-io", "nbdcopy", "nbdinfo")
@@ -90,15 +91,6 @@ def file_layout(path):
     return out
 
 
-def merge(extents):
-    """Merges adjacent (offset, length, type) extents of equal type."""
-    out = []
-    for off, length, typ in extents:
-        if out and out[-1][2] == typ and out[-1][0] + out[-1][1] == off:
-            out[-1] = (out[-1][0], out[-1][1] + length, typ)
-        else:
-            out.append((off, length, typ))
-    return out
 
 
 def sha(path):
@@ -341,10 +333,10 @@ def main():
     if not fs_has_holes:
         print("note: the filesystem under", d, "keeps no holes; skipping the map layout check")
     else:
-        expected = merge([(o, l, 0 if isdata else 3) for o, l, isdata in file_layout(ro)])
+        expected = nbdwire.merge_extents([(o, l, 0 if isdata else 3) for o, l, isdata in file_layout(ro)])
         for tcp in (False, True):
             p = run(["nbdinfo", "--map", "--json", daemon.uri("ro", tcp=tcp)])
-            got = merge([(e["offset"], e["length"], e["type"]) for e in json.loads(p.stdout)])
+            got = nbdwire.merge_extents([(e["offset"], e["length"], e["type"]) for e in json.loads(p.stdout)])
             check(got == expected,
                   f"nbdinfo --map on 'ro' ({'tcp' if tcp else 'unix'}): expected extents "
                   f"{expected}, got {got}")
@@ -366,7 +358,7 @@ def main():
                       f"--map=qemu:allocation-depth: data at [{doff},{doff + dlen}) "
                       f"reported unallocated (depth 0) by extent {off}+{length}")
     check(pos == SIZE, f"--map=qemu:allocation-depth: extents end at {pos}, expected {SIZE}")
-    ok(f"nbdinfo --map=qemu:allocation-depth tiles the disk: {merge(ext)}")
+    ok(f"nbdinfo --map=qemu:allocation-depth tiles the disk: {nbdwire.merge_extents(ext)}")
 
     # ---- the daemon is still healthy, stops cleanly ---------------------------
     check(daemon.alive(), "stratad died during the test:\n" + daemon.logtext())

@@ -22,62 +22,19 @@ from harness import Daemon, fail  # noqa: E402
 import nbdwire as w  # noqa: E402
 from nbdwire import Conn  # noqa: E402
 
-T0 = time.time()
+T0 = harness.T0
 KiB = 1 << 10
 MiB = 1 << 20
 GiB = 1 << 30
 MAX_PAYLOAD = 32 * MiB
 
-if not os.path.exists(harness.STRATAD):
-    harness.skip(f"{harness.STRATAD} is not built")
-
-
-LAST = ["start"]
-
-
-def ok(msg):
-    LAST[0] = msg
-    print(f"ok   {time.time() - T0:5.1f}s  {msg}")
-
-
-def excepthook(typ, val, tb):
-    import traceback
-    traceback.print_exception(typ, val, tb)
-    print(f"FAIL: unexpected {typ.__name__}: {val} (in the check after: {LAST[0]!r})")
-    sys.stdout.flush()
-    # returning lets Python exit with status 1 and run the atexit cleanups
-
-
-sys.excepthook = excepthook
-
-
-def first_diff(a, b):
-    n = min(len(a), len(b))
-    for i in range(0, n, 4096):
-        if a[i:i + 4096] != b[i:i + 4096]:
-            for j in range(i, min(i + 4096, n)):
-                if a[j] != b[j]:
-                    return j
-    return n if len(a) != len(b) else None
-
-
-FAILURES = []
-
-
-def check(cond, msg):
-    if not cond:
-        if FAILURES:
-            msg += "\n  earlier failures:\n  " + "\n  ".join(FAILURES)
-        fail(msg)
-
-
-def soft(cond, msg):
-    """A failed check that does not break later ones: reported, and the
-    test fails at the end with all of them."""
-    if not cond:
-        print("FAIL (continuing):", msg)
-        FAILURES.append(msg)
-    return cond
+harness.require_built()
+harness.report_unexpected_exceptions()
+ok = harness.ok
+first_diff = harness.first_diff
+check = harness.check_hard
+soft = harness.check_soft
+FAILURES = harness.FAILURES
 
 
 def expect_rep(reps, rtype, what):
