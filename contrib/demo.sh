@@ -14,7 +14,9 @@ img=demo/base.raw
 if [[ ! -f $img ]]; then
     # 64 MiB, sparse, with a recognisable first MiB
     truncate -s 64M "$img"
-    yes "strata demo disk" | head -c 1M | dd of="$img" conv=notrunc status=none
+    # (yes dies of SIGPIPE when head has enough: not an error here)
+    { yes "strata demo disk" || true; } | head -c 1M |
+        dd of="$img" conv=notrunc status=none
 fi
 sock=$PWD/demo/stratad.sock
 cat <<MSG
