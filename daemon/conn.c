@@ -71,6 +71,7 @@ void conn_send(struct conn *c, struct send_item *si)
     si->total = 0;
     for (int i = 0; i < si->niov; i++)
         si->total += si->iov[i].iov_len;
+    c->sq_bytes += si->total;
     if (c->sq_tail)
         c->sq_tail->next = si;
     else
@@ -148,6 +149,7 @@ static void send_done(struct loop_op *op, int res, uint32_t flags)
         return;
     }
     size_t n = (size_t)res;
+    c->sq_bytes -= n;
     while (n > 0 && c->sq_head) {
         struct send_item *si = c->sq_head;
         size_t left = si->total - c->sq_off;
@@ -175,6 +177,7 @@ static void drop_send_queue(struct conn *c)
     }
     c->sq_tail = NULL;
     c->sq_off = 0;
+    c->sq_bytes = 0;
 }
 
 /* ---- input ---- */
@@ -184,7 +187,8 @@ static bool wants_input(const struct conn *c)
     switch (c->state) {
     case CONN_HS_FLAGS:
     case CONN_HS_OPTION:
-        return true;
+        /* a client that sends options without reading the replies */
+        return c->sq_bytes <= CONN_SEND_BACKLOG_MAX;
     case CONN_TRANSMIT:
     case CONN_DRAINING:
         if (c->payload_req || c->discard_left)
@@ -269,6 +273,8 @@ static void process_input(struct conn *c)
         switch (c->state) {
         case CONN_HS_FLAGS:
         case CONN_HS_OPTION:
+            if (c->sq_bytes > CONN_SEND_BACKLOG_MAX)
+                return; /* resumed by send_done once replies drain */
             progress = nbd_handshake_input(c);
             break;
         case CONN_TRANSMIT:
@@ -335,9 +341,9 @@ void conn_close_gracefully(struct conn *c)
 void conn_drain(struct conn *c)
 {
     if (c->state != CONN_TRANSMIT) {
-        /* nothing to finish in the handshake: option replies already
-         * queued still go out */
-        conn_close_gracefully(c);
+        /* Nothing is at stake in the handshake: drop it now rather than
+         * wait for a client that may not be reading its option replies. */
+        conn_abort(c, "server shutting down");
         return;
     }
     /* Keep reading: the spec asks to finish in-flight requests and to

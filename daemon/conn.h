@@ -52,6 +52,11 @@ struct send_item {
 };
 
 #define DRAIN_QUIET_MS 250
+/* Handshake input is not read while more than this many reply bytes wait
+ * to be sent: a client that sends options without reading the replies
+ * cannot grow the send queue without bound.  (In transmission the request
+ * slots bound it.) */
+#define CONN_SEND_BACKLOG_MAX (1u << 20)
 #define REQ_INLINE_IOV 6
 #define REQ_HDR_BUF 192          /* reply headers, hole and error payloads */
 /* Request slots keep their payload buffer between requests (fresh large
@@ -113,6 +118,7 @@ struct conn {
     /* output */
     struct send_item *sq_head, *sq_tail;
     size_t sq_off;                 /* bytes of sq_head already sent */
+    size_t sq_bytes;               /* bytes queued and not yet sent */
     struct loop_op send_op;
     bool send_pending;
     struct msghdr msg;

@@ -36,8 +36,6 @@ struct loop;
 /* Capabilities. */
 #define FMT_CAN_ZERO      (1u << 0) /* zeroing cheaper than writing zeros */
 #define FMT_CAN_TRIM      (1u << 1)
-#define FMT_CHEAP_STATUS  (1u << 2) /* block status costs no I/O: reads may
-                                       use it to send holes */
 
 /* One extent of block status. */
 struct fmt_extent {

@@ -1037,6 +1037,48 @@ check(err == 0 and got == bytes(disk[12 * MiB:13 * MiB]), "fresh wire client (TC
 c.disc()
 c.close()
 ok("fresh wire client over TCP with extended headers works")
+# A client that sends options but never reads the replies: the daemon must
+# stop reading it (its sends block) instead of queueing replies without
+# bound, and keep serving others.
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+flood = w.Conn(dm.sock, timeout=2.0)
+flood.start()
+rss0 = rss_kib(dm.proc.pid)
+one = struct.pack(">QII", w.NBD_OPT_MAGIC, 3, 0)       # NBD_OPT_LIST
+batch = one * 4096
+sent = 0
+blocked = False
+t_end = time.time() + 20
+while time.time() < t_end and sent < (64 << 20):
+    try:
+        flood.sock.sendall(batch)
+        sent += len(batch)
+    except (socket.timeout, TimeoutError):
+        blocked = True
+        break
+grown = rss_kib(dm.proc.pid) - rss0
+# unbounded, every 16-byte LIST would queue several reply messages: ~4x more
+check(blocked, f"daemon kept reading {sent} bytes of options from a client "
+      "that reads no replies (no back-pressure)")
+check(grown < 32 * 1024, f"daemon RSS grew by {grown} KiB while a client "
+      f"flooded {sent} bytes of options without reading replies")
+probe = w.Conn(dm.sock)
+probe.handshake("disk", structured=True)
+data, err = probe.read(1, 0, 4096)
+check(err == 0 and bytes(data) == bytes(disk[:4096]),
+      f"another client is not served while one floods options (error {err})")
+probe.disc()
+flood.close()
+ok(f"option flood without reading replies: daemon stopped reading after {sent >> 10} KiB, "
+   f"RSS +{grown} KiB, others served")
+
 try:
     import nbd
 except ImportError:
