@@ -75,7 +75,8 @@ struct nbd_option_header {
 };
 
 /* Parses a 16-byte option header.  Returns 0, or -EPROTO on bad magic.
- * Requires len >= NBD_OPTION_HEADER_SIZE (asserted). */
+ * The caller must have NBD_OPTION_HEADER_SIZE bytes (asserted: the
+ * connection checks before calling). */
 int nbd_parse_option_header(const void *buf, size_t len,
                             struct nbd_option_header *out);
 
@@ -161,7 +162,8 @@ struct nbd_session {
     uint16_t eflags;            /* transmission flags sent to the client */
     uint32_t min_block;         /* advertised minimum block size (power of 2) */
     uint32_t max_payload;       /* advertised maximum payload */
-    bool structured;            /* structured replies negotiated */
+    bool structured;            /* structured replies negotiated (also set
+                                   when extended headers are) */
     bool extended;              /* extended headers negotiated */
     uint32_t n_meta_contexts;   /* contexts selected by SET_META_CONTEXT */
 };
@@ -184,9 +186,13 @@ struct nbd_validation {
  * command; flags valid for the command and negotiated (DF only with
  * structured replies and NBD_FLAG_SEND_DF, FAST_ZERO only with the
  * transmission flag, PAYLOAD_LEN only in extended mode and only on WRITE,
- * REQ_ONE only on BLOCK_STATUS, FUA/NO_HOLE only on writes); writes to a
- * read-only export -> EPERM; offset + length overflow or past the export
- * size -> EINVAL (ENOSPC for writes); alignment to min_block -> EINVAL;
+ * REQ_ONE only on BLOCK_STATUS, NO_HOLE only on WRITE_ZEROES, FUA on any
+ * command once SEND_FUA is advertised, as the spec requires); FLUSH, TRIM
+ * and WRITE_ZEROES only when advertised; writes to a read-only export ->
+ * EPERM; offset + length overflow or past the export size -> EINVAL for
+ * READ, TRIM, CACHE and BLOCK_STATUS (whose length may run past the end as
+ * a hint), ENOSPC for WRITE and WRITE_ZEROES; alignment to min_block ->
+ * EINVAL;
  * READ/WRITE length over max_payload -> EINVAL (a compact WRITE whose
  * payload exceeds max_payload, or any payload over 2^25, disconnects);
  * BLOCK_STATUS without a context -> EINVAL; zero length READ/WRITE/TRIM/
@@ -222,10 +228,12 @@ struct nbd_extent {
     uint64_t flags;
 };
 
-/* Block status payload for one context: BLOCK_STATUS (4 + 8n; extent
- * lengths must fit 32 bits: longer ones are clipped to the largest multiple
- * of min_block below 4 GiB) or BLOCK_STATUS_EXT (8 + 16n).  Returns bytes
- * written; cap must be at least nbd_block_status_size(). */
+/* Block status payload for one context: BLOCK_STATUS (4 + 8n; an extent
+ * longer than 32 bits is clipped to the largest multiple of
+ * max(min_block, 512) below 4 GiB, and the extents after it are dropped, as
+ * they would be reported at the wrong offset) or BLOCK_STATUS_EXT
+ * (8 + 16n).  Returns bytes written (possibly fewer extents than given);
+ * the buffer must hold nbd_block_status_size(extended, n). */
 size_t nbd_block_status_size(bool extended, uint32_t n);
 size_t nbd_build_block_status(void *buf, bool extended, uint32_t ctx_id,
                               const struct nbd_extent *e, uint32_t n,
