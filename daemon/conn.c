@@ -208,7 +208,8 @@ static void start_recv(struct conn *c)
         return;
     void *dst;
     size_t len;
-    if (c->payload_req && c->rstart == c->rend) {
+    c->recv_direct = c->payload_req && c->rstart == c->rend;
+    if (c->recv_direct) {
         /* straight into the request's buffer: no copy */
         struct nbd_req *r = c->payload_req;
         dst = (uint8_t *)r->buf + c->payload_got;
@@ -256,7 +257,8 @@ static void recv_done(struct loop_op *op, int res, uint32_t flags)
         conn_abort(c, res == 0 ? "end of stream" : strerror(-res));
         return;
     }
-    if (c->payload_req && c->rstart == c->rend) {
+    if (c->recv_direct) {
+        assert(c->payload_req);
         c->payload_got += (uint64_t)res;
         if (c->payload_got == c->payload_req->hdr.length)
             nbd_payload_complete(c);
@@ -328,12 +330,12 @@ void conn_close_gracefully(struct conn *c)
         return;
     /* From the handshake too: queued option replies (ABORT's ACK) still
      * go out before the socket closes. */
+    /* Only reached with no write payload half-received (DISC is parsed
+     * only between requests): a recv into a request's buffer must never
+     * lose its buffer under it.  conn_free() releases such a request after
+     * the recv returned. */
+    assert(!c->payload_req);
     c->state = CONN_CLOSING;
-    if (c->payload_req) {
-        /* a write whose payload never arrived is not acknowledged */
-        nbd_req_release(c->payload_req);
-        c->payload_req = NULL;
-    }
     shutdown(c->fd, SHUT_RD);
     conn_kick(c);
 }

@@ -111,6 +111,7 @@ struct conn {
     size_t rcap, rstart, rend;
     struct loop_op recv_op;
     bool recv_pending;
+    bool recv_direct;              /* the pending recv targets payload_req */
     struct nbd_req *payload_req;   /* receiving a write payload into it */
     uint64_t payload_got;
     uint64_t discard_left;         /* payload bytes of a refused request */
