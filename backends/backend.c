@@ -28,14 +28,6 @@ static inline bool aligned(const struct backend *b, uint64_t v)
     return (v & (b->align - 1)) == 0;
 }
 
-static uint64_t iov_size(const struct iovec *iov, int iovcnt)
-{
-    uint64_t n = 0;
-    for (int i = 0; i < iovcnt; i++)
-        n += iov[i].iov_len;
-    return n;
-}
-
 /* The callers (formats) are trusted code: a violated contract is a
  * programmer error, hence assertions.  Client input never reaches here
  * unchecked: nbd_validate_request() ran first. */

@@ -57,9 +57,7 @@ static int file_rw_co(struct file_backend *f, struct coro *co, bool write,
     struct iovec *cur = iov;
     int n = iovcnt;
     int ret = 0;
-    size_t total = 0;
-    for (int i = 0; i < iovcnt; i++)
-        total += iov[i].iov_len;
+    uint64_t total = iov_size(iov, iovcnt);
 
     while (n > 0) {
         struct loop_wait w;
@@ -120,9 +118,7 @@ static int file_pwritev_co(struct backend *b, struct coro *co,
     int r = file_rw_co(f, co, true, iov, iovcnt, off,
                        (flags & BACKEND_FUA) ? RWF_DSYNC : 0);
     if (r == 0) {
-        uint64_t end = off;
-        for (int i = 0; i < iovcnt; i++)
-            end += iov[i].iov_len;
+        uint64_t end = off + iov_size(iov, iovcnt);
         if (end > b->size && !f->is_blockdev)
             b->size = end;
     }

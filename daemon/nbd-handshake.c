@@ -134,8 +134,8 @@ static void opt_export_name(struct conn *c, const uint8_t *data, uint32_t len)
         return;
     }
     uint8_t buf[10 + 124];
-    nbd_put64(buf, e->root->size);
-    nbd_put16(buf + 8, nbd_export_eflags(c, e));
+    be_put64(buf, e->root->size);
+    be_put16(buf + 8, nbd_export_eflags(c, e));
     size_t n = 10;
     if (!(c->client_flags & NBD_FLAG_C_NO_ZEROES)) {
         memset(buf + 10, 0, 124);
@@ -190,7 +190,7 @@ static void opt_info_go(struct conn *c, const uint8_t *data, uint32_t len)
     reply(c, NBD_REP_INFO, buf, n);
 
     for (uint16_t i = 0; i < go.n_info; i++) {
-        uint16_t t = nbd_get16(go.info + 2 * i);
+        uint16_t t = be_get16(go.info + 2 * i);
         if (t == NBD_INFO_NAME) {
             size_t nl = strlen(e->cfg.name);
             n = nbd_build_info_string(buf, NBD_INFO_NAME, e->cfg.name,
@@ -356,7 +356,7 @@ bool nbd_handshake_input(struct conn *c)
     if (c->state == CONN_HS_FLAGS) {
         if (avail < 4)
             return false;
-        uint32_t flags = nbd_get32(p);
+        uint32_t flags = be_get32(p);
         c->rstart += 4;
         if (nbd_check_client_flags(flags, NBD_FLAG_FIXED_NEWSTYLE |
                                               NBD_FLAG_NO_ZEROES) < 0) {

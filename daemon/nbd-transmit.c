@@ -163,7 +163,7 @@ static void reply_read(struct nbd_req *r)
     nbd_build_chunk_header(r->hbuf, c->extended, NBD_REPLY_FLAG_DONE,
                            NBD_REPLY_TYPE_OFFSET_DATA, h->cookie, h->offset,
                            8 + h->length);
-    nbd_put64(r->hbuf + hs, h->offset);
+    be_put64(r->hbuf + hs, h->offset);
     r->iov[0] = (struct iovec){r->hbuf, hs + 8};
     r->iov[1] = (struct iovec){r->buf, (size_t)h->length};
     queue_reply(r, 2);

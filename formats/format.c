@@ -68,14 +68,6 @@ void fmt_close(struct fmt_node *n)
     }
 }
 
-static uint64_t iov_size(const struct iovec *iov, int iovcnt)
-{
-    uint64_t s = 0;
-    for (int i = 0; i < iovcnt; i++)
-        s += iov[i].iov_len;
-    return s;
-}
-
 /* Callers validated client input already (nbd_validate_request); a bad
  * range here is a programmer error. */
 static void check_range(const struct fmt_node *n, uint64_t off, uint64_t len)

@@ -14,6 +14,7 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "byteorder.h"
 #include "qcow2-header.h"
 
 /* Header field offsets (spec, "Header"). */
@@ -42,44 +43,6 @@
 #define SNAPSHOT_ENTRY_MIN          40   /* fixed part of a snapshot entry */
 #define BITMAP_DIR_ENTRY_MIN        32   /* 24 fixed + >= 1 name byte, padded */
 #define MAX_REFCOUNT_ORDER          6
-
-/* ---- byte order helpers (unaligned, big endian) ---- */
-
-static uint16_t get16(const uint8_t *b)
-{
-    return (uint16_t)((b[0] << 8) | b[1]);
-}
-
-static uint32_t get32(const uint8_t *b)
-{
-    return ((uint32_t)b[0] << 24) | ((uint32_t)b[1] << 16) |
-           ((uint32_t)b[2] << 8) | b[3];
-}
-
-static uint64_t get64(const uint8_t *b)
-{
-    return ((uint64_t)get32(b) << 32) | get32(b + 4);
-}
-
-static void put16(uint8_t *b, uint16_t v)
-{
-    b[0] = (uint8_t)(v >> 8);
-    b[1] = (uint8_t)v;
-}
-
-static void put32(uint8_t *b, uint32_t v)
-{
-    b[0] = (uint8_t)(v >> 24);
-    b[1] = (uint8_t)(v >> 16);
-    b[2] = (uint8_t)(v >> 8);
-    b[3] = (uint8_t)v;
-}
-
-static void put64(uint8_t *b, uint64_t v)
-{
-    put32(b, (uint32_t)(v >> 32));
-    put32(b + 4, (uint32_t)v);
-}
 
 /* Writes the message (if the caller wants one) and returns ret. */
 __attribute__((format(printf, 4, 5)))
@@ -135,19 +98,19 @@ static uint64_t round_up(uint64_t v, uint64_t align)
 /* Reads the fields of the fixed header.  len >= 72, and >= 104 for v3. */
 static void read_fields(const uint8_t *b, struct qcow2_header *h)
 {
-    h->magic = get32(b + OFF_MAGIC);
-    h->version = get32(b + OFF_VERSION);
-    h->backing_file_offset = get64(b + OFF_BACKING_FILE_OFFSET);
-    h->backing_file_size = get32(b + OFF_BACKING_FILE_SIZE);
-    h->cluster_bits = get32(b + OFF_CLUSTER_BITS);
-    h->size = get64(b + OFF_SIZE);
-    h->crypt_method = get32(b + OFF_CRYPT_METHOD);
-    h->l1_size = get32(b + OFF_L1_SIZE);
-    h->l1_table_offset = get64(b + OFF_L1_TABLE_OFFSET);
-    h->refcount_table_offset = get64(b + OFF_REFCOUNT_TABLE_OFFSET);
-    h->refcount_table_clusters = get32(b + OFF_REFCOUNT_TABLE_CLUSTERS);
-    h->nb_snapshots = get32(b + OFF_NB_SNAPSHOTS);
-    h->snapshots_offset = get64(b + OFF_SNAPSHOTS_OFFSET);
+    h->magic = be_get32(b + OFF_MAGIC);
+    h->version = be_get32(b + OFF_VERSION);
+    h->backing_file_offset = be_get64(b + OFF_BACKING_FILE_OFFSET);
+    h->backing_file_size = be_get32(b + OFF_BACKING_FILE_SIZE);
+    h->cluster_bits = be_get32(b + OFF_CLUSTER_BITS);
+    h->size = be_get64(b + OFF_SIZE);
+    h->crypt_method = be_get32(b + OFF_CRYPT_METHOD);
+    h->l1_size = be_get32(b + OFF_L1_SIZE);
+    h->l1_table_offset = be_get64(b + OFF_L1_TABLE_OFFSET);
+    h->refcount_table_offset = be_get64(b + OFF_REFCOUNT_TABLE_OFFSET);
+    h->refcount_table_clusters = be_get32(b + OFF_REFCOUNT_TABLE_CLUSTERS);
+    h->nb_snapshots = be_get32(b + OFF_NB_SNAPSHOTS);
+    h->snapshots_offset = be_get64(b + OFF_SNAPSHOTS_OFFSET);
 }
 
 /* Version-dependent fields: header_length, features, refcount_order,
@@ -169,11 +132,11 @@ static int parse_version_fields(const uint8_t *b, size_t len,
         return fail(err, errlen, -EINVAL,
                     "truncated header: %zu bytes, version 3 needs %u",
                     len, QCOW2_V3_HEADER_LENGTH);
-    h->incompatible_features = get64(b + OFF_INCOMPATIBLE_FEATURES);
-    h->compatible_features = get64(b + OFF_COMPATIBLE_FEATURES);
-    h->autoclear_features = get64(b + OFF_AUTOCLEAR_FEATURES);
-    h->refcount_order = get32(b + OFF_REFCOUNT_ORDER);
-    h->header_length = get32(b + OFF_HEADER_LENGTH);
+    h->incompatible_features = be_get64(b + OFF_INCOMPATIBLE_FEATURES);
+    h->compatible_features = be_get64(b + OFF_COMPATIBLE_FEATURES);
+    h->autoclear_features = be_get64(b + OFF_AUTOCLEAR_FEATURES);
+    h->refcount_order = be_get32(b + OFF_REFCOUNT_ORDER);
+    h->header_length = be_get32(b + OFF_HEADER_LENGTH);
 
     /* Spec: "For version 3 it's at least 104 bytes and must be a multiple
      * of 8"; it lives in the first cluster with the extensions. */
@@ -484,19 +447,19 @@ size_t qcow2_header_serialize(const struct qcow2_header *h, void *buf,
 
     if (cap < n)
         return 0;
-    put32(b + OFF_MAGIC, h->magic);
-    put32(b + OFF_VERSION, h->version);
-    put64(b + OFF_BACKING_FILE_OFFSET, h->backing_file_offset);
-    put32(b + OFF_BACKING_FILE_SIZE, h->backing_file_size);
-    put32(b + OFF_CLUSTER_BITS, h->cluster_bits);
-    put64(b + OFF_SIZE, h->size);
-    put32(b + OFF_CRYPT_METHOD, h->crypt_method);
-    put32(b + OFF_L1_SIZE, h->l1_size);
-    put64(b + OFF_L1_TABLE_OFFSET, h->l1_table_offset);
-    put64(b + OFF_REFCOUNT_TABLE_OFFSET, h->refcount_table_offset);
-    put32(b + OFF_REFCOUNT_TABLE_CLUSTERS, h->refcount_table_clusters);
-    put32(b + OFF_NB_SNAPSHOTS, h->nb_snapshots);
-    put64(b + OFF_SNAPSHOTS_OFFSET, h->snapshots_offset);
+    be_put32(b + OFF_MAGIC, h->magic);
+    be_put32(b + OFF_VERSION, h->version);
+    be_put64(b + OFF_BACKING_FILE_OFFSET, h->backing_file_offset);
+    be_put32(b + OFF_BACKING_FILE_SIZE, h->backing_file_size);
+    be_put32(b + OFF_CLUSTER_BITS, h->cluster_bits);
+    be_put64(b + OFF_SIZE, h->size);
+    be_put32(b + OFF_CRYPT_METHOD, h->crypt_method);
+    be_put32(b + OFF_L1_SIZE, h->l1_size);
+    be_put64(b + OFF_L1_TABLE_OFFSET, h->l1_table_offset);
+    be_put64(b + OFF_REFCOUNT_TABLE_OFFSET, h->refcount_table_offset);
+    be_put32(b + OFF_REFCOUNT_TABLE_CLUSTERS, h->refcount_table_clusters);
+    be_put32(b + OFF_NB_SNAPSHOTS, h->nb_snapshots);
+    be_put64(b + OFF_SNAPSHOTS_OFFSET, h->snapshots_offset);
     if (h->version == 2) {
         /* A version 2 header has no room for these (spec, "Header"). */
         assert(h->incompatible_features == 0);
@@ -506,11 +469,11 @@ size_t qcow2_header_serialize(const struct qcow2_header *h, void *buf,
         assert(h->compression_type == 0);
         return n;
     }
-    put64(b + OFF_INCOMPATIBLE_FEATURES, h->incompatible_features);
-    put64(b + OFF_COMPATIBLE_FEATURES, h->compatible_features);
-    put64(b + OFF_AUTOCLEAR_FEATURES, h->autoclear_features);
-    put32(b + OFF_REFCOUNT_ORDER, h->refcount_order);
-    put32(b + OFF_HEADER_LENGTH, h->header_length);
+    be_put64(b + OFF_INCOMPATIBLE_FEATURES, h->incompatible_features);
+    be_put64(b + OFF_COMPATIBLE_FEATURES, h->compatible_features);
+    be_put64(b + OFF_AUTOCLEAR_FEATURES, h->autoclear_features);
+    be_put32(b + OFF_REFCOUNT_ORDER, h->refcount_order);
+    be_put32(b + OFF_HEADER_LENGTH, h->header_length);
     if (n > QCOW2_COMPRESSION_TYPE_OFFSET)
         b[QCOW2_COMPRESSION_TYPE_OFFSET] = h->compression_type;
     else
@@ -579,10 +542,10 @@ static int ext_bitmaps(const uint8_t *d, uint32_t n,
                     "bitmaps extension of %u bytes, not %u", n,
                     BITMAPS_EXT_SIZE);
     ext->has_bitmaps = true;
-    ext->nb_bitmaps = get32(d);
-    reserved = get32(d + 4);
-    ext->bitmap_directory_size = get64(d + 8);
-    ext->bitmap_directory_offset = get64(d + 16);
+    ext->nb_bitmaps = be_get32(d);
+    reserved = be_get32(d + 4);
+    ext->bitmap_directory_size = be_get64(d + 8);
+    ext->bitmap_directory_offset = be_get64(d + 16);
 
     /* Spec, autoclear bit 0: without it "the bitmaps extension data must
      * be considered inconsistent" -- it is not used, so not checked. */
@@ -648,8 +611,8 @@ static int parse_one_ext(uint32_t type, const uint8_t *d, uint32_t n,
                         "encryption header pointer of %u bytes, not %u",
                         n, CRYPTO_EXT_SIZE);
         ext->has_crypto_header = true;
-        ext->crypto_header_offset = get64(d);
-        ext->crypto_header_length = get64(d + 8);
+        ext->crypto_header_offset = be_get64(d);
+        ext->crypto_header_length = be_get64(d + 8);
         return 0;
 
     case QCOW2_EXT_DATA_FILE:
@@ -725,8 +688,8 @@ int qcow2_header_parse_extensions(const void *cluster0, size_t len,
      * that is not 8-aligned: off can pass limit, so test both. */
     off = h->header_length;
     while (off < limit && limit - off >= EXT_HEADER_SIZE) {
-        uint32_t type = get32(b + off);
-        uint32_t n = get32(b + off + 4);
+        uint32_t type = be_get32(b + off);
+        uint32_t n = be_get32(b + off + 4);
         unsigned bit = seen_bit(type);
 
         if (type == QCOW2_EXT_END) {
@@ -981,11 +944,11 @@ uint64_t qcow2_refcount_get(const void *block, unsigned refcount_order,
     case 3:
         return b[index];
     case 4:
-        return get16(b + index * 2);
+        return be_get16(b + index * 2);
     case 5:
-        return get32(b + index * 4);
+        return be_get32(b + index * 4);
     case 6:
-        return get64(b + index * 8);
+        return be_get64(b + index * 8);
     default:
         assert(!"refcount_order over 6");
         return 0;
@@ -1015,13 +978,13 @@ void qcow2_refcount_set(void *block, unsigned refcount_order, uint64_t index,
         b[index] = (uint8_t)value;
         break;
     case 4:
-        put16(b + index * 2, (uint16_t)value);
+        be_put16(b + index * 2, (uint16_t)value);
         break;
     case 5:
-        put32(b + index * 4, (uint32_t)value);
+        be_put32(b + index * 4, (uint32_t)value);
         break;
     case 6:
-        put64(b + index * 8, value);
+        be_put64(b + index * 8, value);
         break;
     default:
         assert(!"refcount_order over 6");

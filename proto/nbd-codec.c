@@ -27,9 +27,9 @@ size_t nbd_build_greeting(void *buf, uint16_t handshake_flags)
 {
     uint8_t *b = buf;
 
-    nbd_put64(b, NBD_MAGIC);
-    nbd_put64(b + 8, NBD_OPT_MAGIC);
-    nbd_put16(b + 16, handshake_flags);
+    be_put64(b, NBD_MAGIC);
+    be_put64(b + 8, NBD_OPT_MAGIC);
+    be_put16(b + 16, handshake_flags);
     return NBD_GREETING_SIZE;
 }
 
@@ -59,10 +59,10 @@ int nbd_parse_option_header(const void *buf, size_t len,
 
     assert(len >= NBD_OPTION_HEADER_SIZE);
     (void)len;
-    if (nbd_get64(b) != NBD_OPT_MAGIC)
+    if (be_get64(b) != NBD_OPT_MAGIC)
         return -EPROTO;
-    out->option = nbd_get32(b + 8);
-    out->length = nbd_get32(b + 12);
+    out->option = be_get32(b + 8);
+    out->length = be_get32(b + 12);
     return 0;
 }
 
@@ -71,10 +71,10 @@ size_t nbd_build_option_reply(void *buf, uint32_t option, uint32_t reply_type,
 {
     uint8_t *b = buf;
 
-    nbd_put64(b, NBD_REP_MAGIC);
-    nbd_put32(b + 8, option);
-    nbd_put32(b + 12, reply_type);
-    nbd_put32(b + 16, payload_len);
+    be_put64(b, NBD_REP_MAGIC);
+    be_put32(b + 8, option);
+    be_put32(b + 12, reply_type);
+    be_put32(b + 16, payload_len);
     return NBD_OPTION_REPLY_SIZE;
 }
 
@@ -87,14 +87,14 @@ int nbd_parse_opt_go(const void *data, uint32_t len, struct nbd_opt_go *out)
     /* 32-bit name length, name, 16-bit info count, 16-bit info requests. */
     if (len < 6)
         return -EINVAL;
-    name_len = nbd_get32(p);
+    name_len = be_get32(p);
     if (name_len > NBD_MAX_STRING)
         return -EINVAL;
     /* Spec: the name length "MUST be no larger than the option data
      * length - 6".  len >= 6 here, so the subtraction cannot wrap. */
     if (name_len > len - 6)
         return -EINVAL;
-    n_info = nbd_get16(p + 4 + name_len);
+    n_info = be_get16(p + 4 + name_len);
     rest = len - 6 - name_len;
     if (rest != 2u * n_info)
         return -EINVAL;
@@ -118,11 +118,11 @@ int nbd_parse_opt_meta(const void *data, uint32_t len,
      * bytes that remain before it is used, so nothing is read past len. */
     if (len < 8)
         return -EINVAL;
-    name_len = nbd_get32(p);
+    name_len = be_get32(p);
     if (name_len > NBD_MAX_STRING || name_len > len - 8)
         return -EINVAL;
     pos = 4 + name_len;
-    n_queries = nbd_get32(p + pos);
+    n_queries = be_get32(p + pos);
     pos += 4;
 
     /* Each query takes at least 4 bytes: reject absurd counts up front so
@@ -135,7 +135,7 @@ int nbd_parse_opt_meta(const void *data, uint32_t len,
 
         if (len - pos < 4)
             return -EINVAL;
-        qlen = nbd_get32(p + pos);
+        qlen = be_get32(p + pos);
         pos += 4;
         if (qlen > NBD_MAX_STRING || qlen > len - pos)
             return -EINVAL;
@@ -164,9 +164,9 @@ size_t nbd_build_info_export(void *buf, uint64_t size, uint16_t eflags)
 {
     uint8_t *b = buf;
 
-    nbd_put16(b, NBD_INFO_EXPORT);
-    nbd_put64(b + 2, size);
-    nbd_put16(b + 10, eflags);
+    be_put16(b, NBD_INFO_EXPORT);
+    be_put64(b + 2, size);
+    be_put16(b + 10, eflags);
     return INFO_EXPORT_SIZE;
 }
 
@@ -175,10 +175,10 @@ size_t nbd_build_info_block_size(void *buf, uint32_t min, uint32_t pref,
 {
     uint8_t *b = buf;
 
-    nbd_put16(b, NBD_INFO_BLOCK_SIZE);
-    nbd_put32(b + 2, min);
-    nbd_put32(b + 6, pref);
-    nbd_put32(b + 10, max);
+    be_put16(b, NBD_INFO_BLOCK_SIZE);
+    be_put32(b + 2, min);
+    be_put32(b + 6, pref);
+    be_put32(b + 10, max);
     return INFO_BLOCK_SIZE_SIZE;
 }
 
@@ -187,7 +187,7 @@ size_t nbd_build_info_string(void *buf, uint16_t info_type, const char *s,
 {
     uint8_t *b = buf;
 
-    nbd_put16(b, info_type);
+    be_put16(b, info_type);
     if (len)
         memcpy(b + 2, s, len);
     return 2 + len;
@@ -199,7 +199,7 @@ size_t nbd_build_rep_server(void *buf, const char *name, size_t name_len,
     uint8_t *b = buf;
 
     assert(name_len <= UINT32_MAX);
-    nbd_put32(b, (uint32_t)name_len);
+    be_put32(b, (uint32_t)name_len);
     if (name_len)
         memcpy(b + 4, name, name_len);
     if (desc_len)
@@ -212,7 +212,7 @@ size_t nbd_build_rep_meta_context(void *buf, uint32_t ctx_id, const char *name,
 {
     uint8_t *b = buf;
 
-    nbd_put32(b, ctx_id);
+    be_put32(b, ctx_id);
     if (len)
         memcpy(b + 4, name, len);
     return 4 + len;
@@ -229,14 +229,14 @@ ssize_t nbd_parse_request(const void *buf, size_t len, bool extended,
 
     if (len < size)
         return 0;
-    magic = nbd_get32(b);
+    magic = be_get32(b);
     if (magic != (extended ? NBD_EXTENDED_REQUEST_MAGIC : NBD_REQUEST_MAGIC))
         return -EPROTO;
-    out->flags = nbd_get16(b + 4);
-    out->type = nbd_get16(b + 6);
-    out->cookie = nbd_get64(b + 8);
-    out->offset = nbd_get64(b + 16);
-    out->length = extended ? nbd_get64(b + 24) : nbd_get32(b + 24);
+    out->flags = be_get16(b + 4);
+    out->type = be_get16(b + 6);
+    out->cookie = be_get64(b + 8);
+    out->offset = be_get64(b + 16);
+    out->length = extended ? be_get64(b + 24) : be_get32(b + 24);
     return (ssize_t)size;
 }
 
@@ -486,9 +486,9 @@ size_t nbd_build_simple_reply(void *buf, uint64_t cookie, uint32_t error)
 {
     uint8_t *b = buf;
 
-    nbd_put32(b, NBD_SIMPLE_REPLY_MAGIC);
-    nbd_put32(b + 4, error);
-    nbd_put64(b + 8, cookie);
+    be_put32(b, NBD_SIMPLE_REPLY_MAGIC);
+    be_put32(b + 4, error);
+    be_put64(b + 8, cookie);
     return NBD_SIMPLE_REPLY_SIZE;
 }
 
@@ -498,20 +498,20 @@ size_t nbd_build_chunk_header(void *buf, bool extended, uint16_t flags,
 {
     uint8_t *b = buf;
 
-    nbd_put32(b + 0, extended ? NBD_EXTENDED_REPLY_MAGIC
+    be_put32(b + 0, extended ? NBD_EXTENDED_REPLY_MAGIC
                               : NBD_STRUCTURED_REPLY_MAGIC);
-    nbd_put16(b + 4, flags);
-    nbd_put16(b + 6, type);
-    nbd_put64(b + 8, cookie);
+    be_put16(b + 4, flags);
+    be_put16(b + 6, type);
+    be_put64(b + 8, cookie);
     if (extended) {
-        nbd_put64(b + 16, offset);
-        nbd_put64(b + 24, payload_len);
+        be_put64(b + 16, offset);
+        be_put64(b + 24, payload_len);
         return NBD_EXTENDED_REPLY_SIZE;
     }
     /* Structured replies have a 32-bit length; payloads never exceed the
      * maximum payload (< 4 GiB) plus a small fixed overhead. */
     assert(payload_len <= UINT32_MAX);
-    nbd_put32(b + 16, (uint32_t)payload_len);
+    be_put32(b + 16, (uint32_t)payload_len);
     return NBD_STRUCTURED_REPLY_SIZE;
 }
 
@@ -519,8 +519,8 @@ size_t nbd_build_offset_hole(void *buf, uint64_t offset, uint32_t len)
 {
     uint8_t *b = buf;
 
-    nbd_put64(b, offset);
-    nbd_put32(b + 8, len);
+    be_put64(b, offset);
+    be_put32(b + 8, len);
     return OFFSET_HOLE_SIZE;
 }
 
@@ -550,8 +550,8 @@ size_t nbd_build_error_payload(void *buf, size_t cap, uint32_t error,
                 n--;            /* the lead byte of the cut character */
         }
     }
-    nbd_put32(b, error);
-    nbd_put16(b + 4, (uint16_t)n);
+    be_put32(b, error);
+    be_put16(b + 4, (uint16_t)n);
     if (n)
         memcpy(b + ERROR_PAYLOAD_HEAD, msg, n);
     return ERROR_PAYLOAD_HEAD + n;
@@ -573,14 +573,14 @@ size_t nbd_build_block_status(void *buf, bool extended, uint32_t ctx_id,
      * descriptor length is nonzero. */
     assert(n > 0);
 
-    nbd_put32(b, ctx_id);
+    be_put32(b, ctx_id);
     if (extended) {
         /* BLOCK_STATUS_EXT: ctx id, descriptor count, 64/64 pairs. */
-        nbd_put32(b + 4, n);
+        be_put32(b + 4, n);
         for (i = 0; i < n; i++) {
             assert(e[i].length > 0);
-            nbd_put64(b + 8 + 16 * (size_t)i, e[i].length);
-            nbd_put64(b + 16 + 16 * (size_t)i, e[i].flags);
+            be_put64(b + 8 + 16 * (size_t)i, e[i].length);
+            be_put64(b + 16 + 16 * (size_t)i, e[i].flags);
         }
         return nbd_block_status_size(true, n);
     }
@@ -605,10 +605,10 @@ size_t nbd_build_block_status(void *buf, bool extended, uint32_t ctx_id,
             assert(len > 0);
             if (clipped)
                 len = clip;
-            nbd_put32(b + 4 + 8 * (size_t)i, (uint32_t)len);
+            be_put32(b + 4 + 8 * (size_t)i, (uint32_t)len);
             /* base: contexts have 32-bit flags; a 64-bit status context is
              * never selected without extended headers. */
-            nbd_put32(b + 8 + 8 * (size_t)i, (uint32_t)e[i].flags);
+            be_put32(b + 8 + 8 * (size_t)i, (uint32_t)e[i].flags);
             if (clipped)
                 return nbd_block_status_size(false, i + 1);
         }

@@ -19,45 +19,8 @@
 #include <stdint.h>
 #include <sys/types.h>
 
+#include "byteorder.h"
 #include "nbd-protocol.h"
-
-/* ---- byte order helpers (unaligned, big endian) ---- */
-static inline uint16_t nbd_get16(const void *p)
-{
-    const uint8_t *b = p;
-    return (uint16_t)((b[0] << 8) | b[1]);
-}
-static inline uint32_t nbd_get32(const void *p)
-{
-    const uint8_t *b = p;
-    return ((uint32_t)b[0] << 24) | ((uint32_t)b[1] << 16) |
-           ((uint32_t)b[2] << 8) | b[3];
-}
-static inline uint64_t nbd_get64(const void *p)
-{
-    const uint8_t *b = p;
-    return ((uint64_t)nbd_get32(b) << 32) | nbd_get32(b + 4);
-}
-static inline void nbd_put16(void *p, uint16_t v)
-{
-    uint8_t *b = p;
-    b[0] = (uint8_t)(v >> 8);
-    b[1] = (uint8_t)v;
-}
-static inline void nbd_put32(void *p, uint32_t v)
-{
-    uint8_t *b = p;
-    b[0] = (uint8_t)(v >> 24);
-    b[1] = (uint8_t)(v >> 16);
-    b[2] = (uint8_t)(v >> 8);
-    b[3] = (uint8_t)v;
-}
-static inline void nbd_put64(void *p, uint64_t v)
-{
-    uint8_t *b = p;
-    nbd_put32(b, (uint32_t)(v >> 32));
-    nbd_put32(b + 4, (uint32_t)v);
-}
 
 /* ======================= handshake ======================= */
 
@@ -86,7 +49,7 @@ size_t nbd_build_option_reply(void *buf, uint32_t option, uint32_t reply_type,
 
 /* Payload of NBD_OPT_INFO / NBD_OPT_GO.  Pointers point into the caller's
  * buffer.  The info requests are kept raw (big-endian 16-bit values):
- * use nbd_get16(info + 2 * i). */
+ * use be_get16(info + 2 * i). */
 struct nbd_opt_go {
     const char *name;        /* not NUL-terminated */
     uint32_t name_len;

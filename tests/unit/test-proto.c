@@ -114,9 +114,9 @@ static void test_option_header(void **state)
     {
         uint8_t rt[NBD_OPTION_HEADER_SIZE];
 
-        nbd_put64(rt, NBD_OPT_MAGIC);
-        nbd_put32(rt + 8, UINT32_MAX);
-        nbd_put32(rt + 12, UINT32_MAX - 1);
+        be_put64(rt, NBD_OPT_MAGIC);
+        be_put32(rt + 8, UINT32_MAX);
+        be_put32(rt + 12, UINT32_MAX - 1);
         assert_int_equal(nbd_parse_option_header(rt, sizeof(rt), &h), 0);
         assert_int_equal(h.option, UINT32_MAX);
         assert_int_equal(h.length, UINT32_MAX - 1);
@@ -131,7 +131,7 @@ static void test_option_header(void **state)
         h.option = 99;
         assert_int_equal(nbd_parse_option_header(bad, sizeof(bad), &h),
                          -EPROTO);
-        nbd_put64(bad, NBD_MAGIC);
+        be_put64(bad, NBD_MAGIC);
         assert_int_equal(nbd_parse_option_header(bad, sizeof(bad), &h),
                          -EPROTO);
         memset(bad, 0, sizeof(bad));
@@ -191,8 +191,8 @@ static void test_opt_go_parse(void **state)
     assert_memory_equal(go.name, "abc", 3);
     assert_int_equal(go.n_info, 2);
     assert_ptr_equal(go.info, b + 9);
-    assert_int_equal(nbd_get16(go.info), NBD_INFO_BLOCK_SIZE);
-    assert_int_equal(nbd_get16(go.info + 2), NBD_INFO_NAME);
+    assert_int_equal(be_get16(go.info), NBD_INFO_BLOCK_SIZE);
+    assert_int_equal(be_get16(go.info + 2), NBD_INFO_NAME);
     free(b);
 
     b = dup_exact(empty, sizeof(empty));
@@ -207,14 +207,14 @@ static void test_opt_go_parse(void **state)
         uint8_t *p = malloc(len);
 
         assert_non_null(p);
-        nbd_put32(p, NBD_MAX_STRING);
+        be_put32(p, NBD_MAX_STRING);
         memset(p + 4, 'x', NBD_MAX_STRING);
-        nbd_put16(p + 4 + NBD_MAX_STRING, 1);
-        nbd_put16(p + 6 + NBD_MAX_STRING, NBD_INFO_EXPORT);
+        be_put16(p + 4 + NBD_MAX_STRING, 1);
+        be_put16(p + 6 + NBD_MAX_STRING, NBD_INFO_EXPORT);
         assert_int_equal(nbd_parse_opt_go(p, len, &go), 0);
         assert_int_equal(go.name_len, NBD_MAX_STRING);
         assert_int_equal(go.n_info, 1);
-        assert_int_equal(nbd_get16(go.info), NBD_INFO_EXPORT);
+        assert_int_equal(be_get16(go.info), NBD_INFO_EXPORT);
         free(p);
     }
 }
@@ -285,9 +285,9 @@ static void test_opt_go_malformed(void **state)
         uint8_t *p = malloc(len);
 
         assert_non_null(p);
-        nbd_put32(p, n);
+        be_put32(p, n);
         memset(p + 4, 'x', n);
-        nbd_put16(p + 4 + n, 0);
+        be_put16(p + 4 + n, 0);
         assert_int_equal(nbd_parse_opt_go(p, len, &go), -EINVAL);
         free(p);
     }
@@ -435,18 +435,18 @@ static void test_opt_meta_malformed(void **state)
         uint8_t *p = calloc(1, len);
 
         assert_non_null(p);
-        nbd_put32(p, n);
+        be_put32(p, n);
         assert_int_equal(nbd_parse_opt_meta(p, len, &m, q, 4), -EINVAL);
         free(p);
 
         len = 4 + 4 + 4 + n;
         p = calloc(1, len);
         assert_non_null(p);
-        nbd_put32(p + 4, 1);
-        nbd_put32(p + 8, n);
+        be_put32(p + 4, 1);
+        be_put32(p + 8, n);
         assert_int_equal(nbd_parse_opt_meta(p, len, &m, q, 4), -EINVAL);
         /* ... while exactly NBD_MAX_STRING is accepted. */
-        nbd_put32(p + 8, NBD_MAX_STRING);
+        be_put32(p + 8, NBD_MAX_STRING);
         assert_int_equal(nbd_parse_opt_meta(p, len - 1, &m, q, 4), 0);
         assert_int_equal(q[0].len, NBD_MAX_STRING);
         free(p);
@@ -592,16 +592,16 @@ static void test_rep_builders(void **state)
 static size_t encode_request(uint8_t *b, bool extended,
                              const struct nbd_request *r)
 {
-    nbd_put32(b, extended ? NBD_EXTENDED_REQUEST_MAGIC : NBD_REQUEST_MAGIC);
-    nbd_put16(b + 4, r->flags);
-    nbd_put16(b + 6, r->type);
-    nbd_put64(b + 8, r->cookie);
-    nbd_put64(b + 16, r->offset);
+    be_put32(b, extended ? NBD_EXTENDED_REQUEST_MAGIC : NBD_REQUEST_MAGIC);
+    be_put16(b + 4, r->flags);
+    be_put16(b + 6, r->type);
+    be_put64(b + 8, r->cookie);
+    be_put64(b + 16, r->offset);
     if (extended) {
-        nbd_put64(b + 24, r->length);
+        be_put64(b + 24, r->length);
         return 32;
     }
-    nbd_put32(b + 24, (uint32_t)r->length);
+    be_put32(b + 24, (uint32_t)r->length);
     return 28;
 }
 
@@ -744,7 +744,7 @@ static void test_request_parse_bad_magic(void **state)
         for (size_t i = 0; i < ARRAY_SIZE(bad); i++) {
             for (int ext = 0; ext <= 1; ext++) {
                 encode_request(wire, ext, &in);
-                nbd_put32(wire, bad[i]);
+                be_put32(wire, bad[i]);
                 assert_int_equal(nbd_parse_request(wire, 32, ext, &r),
                                  -EPROTO);
             }
@@ -1239,15 +1239,15 @@ static void test_error_payload(void **state)
     memset(buf, 0xaa, sizeof(buf));
     assert_int_equal(nbd_build_error_payload(buf, 6 + 3, NBD_EINVAL,
                                              "bad range"), 9);
-    assert_int_equal(nbd_get16(buf + 4), 3);
+    assert_int_equal(be_get16(buf + 4), 3);
     assert_memory_equal(buf + 6, "bad", 3);
     assert_int_equal(buf[9], 0xaa);
 
     /* Room for the header only; less than that writes nothing. */
     memset(buf, 0xaa, sizeof(buf));
     assert_int_equal(nbd_build_error_payload(buf, 6, NBD_EPERM, "x"), 6);
-    assert_int_equal(nbd_get32(buf), NBD_EPERM);
-    assert_int_equal(nbd_get16(buf + 4), 0);
+    assert_int_equal(be_get32(buf), NBD_EPERM);
+    assert_int_equal(be_get16(buf + 4), 0);
     assert_int_equal(buf[6], 0xaa);
     memset(buf, 0xaa, sizeof(buf));
     assert_int_equal(nbd_build_error_payload(buf, 5, NBD_EPERM, "x"), 0);
@@ -1263,7 +1263,7 @@ static void test_error_payload(void **state)
         memset(buf, 0xaa, sizeof(buf));
         assert_int_equal(nbd_build_error_payload(buf, sizeof(buf), NBD_EIO,
                                                  big), 6 + NBD_MAX_STRING);
-        assert_int_equal(nbd_get16(buf + 4), NBD_MAX_STRING);
+        assert_int_equal(be_get16(buf + 4), NBD_MAX_STRING);
         assert_int_equal(buf[6 + NBD_MAX_STRING - 1], 'm');
         assert_int_equal(buf[6 + NBD_MAX_STRING], 0xaa);
         free(big);
@@ -1272,7 +1272,7 @@ static void test_error_payload(void **state)
     /* A cut never splits a UTF-8 sequence: "é" is c3 a9, "€" e2 82 ac. */
     assert_int_equal(nbd_build_error_payload(buf, 6 + 2, NBD_EIO, "a\xc3\xa9"),
                      7);
-    assert_int_equal(nbd_get16(buf + 4), 1);
+    assert_int_equal(be_get16(buf + 4), 1);
     assert_int_equal(buf[6], 'a');
     assert_int_equal(nbd_build_error_payload(buf, 6 + 3, NBD_EIO, "a\xc3\xa9"),
                      9);
@@ -1346,9 +1346,9 @@ static void test_block_status_clip(void **state)
          * otherwise describe the wrong offset. */
         assert_int_equal(nbd_build_block_status(buf, false, 7, e, 3,
                                                 t[i].min_block), 12);
-        assert_int_equal(nbd_get32(buf), 7);
-        assert_int_equal(nbd_get32(buf + 4), t[i].clipped);
-        assert_int_equal(nbd_get32(buf + 8), NBD_STATE_HOLE);
+        assert_int_equal(be_get32(buf), 7);
+        assert_int_equal(be_get32(buf + 4), t[i].clipped);
+        assert_int_equal(be_get32(buf + 8), NBD_STATE_HOLE);
         assert_int_equal(buf[12], 0xaa);
     }
 
@@ -1358,16 +1358,16 @@ static void test_block_status_clip(void **state)
     e[1].flags = NBD_STATE_ZERO;
     memset(buf, 0xaa, sizeof(buf));
     assert_int_equal(nbd_build_block_status(buf, false, 7, e, 3, 512), 20);
-    assert_int_equal(nbd_get32(buf + 4), 512);
-    assert_int_equal(nbd_get32(buf + 12), 0xfffffe00u);
-    assert_int_equal(nbd_get32(buf + 16), NBD_STATE_ZERO);
+    assert_int_equal(be_get32(buf + 4), 512);
+    assert_int_equal(be_get32(buf + 12), 0xfffffe00u);
+    assert_int_equal(be_get32(buf + 16), NBD_STATE_ZERO);
     assert_int_equal(buf[20], 0xaa);
 
     /* An extent of exactly 2^32 - 1 fits and is kept whole. */
     e[1].length = UINT32_MAX;
     assert_int_equal(nbd_build_block_status(buf, false, 7, e, 3, 1), 28);
-    assert_int_equal(nbd_get32(buf + 12), UINT32_MAX);
-    assert_int_equal(nbd_get32(buf + 20), 512);
+    assert_int_equal(be_get32(buf + 12), UINT32_MAX);
+    assert_int_equal(be_get32(buf + 20), 512);
 }
 
 static void test_block_status_extended(void **state)

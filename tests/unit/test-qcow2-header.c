@@ -24,6 +24,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "byteorder.h"
 #include "qcow2-header.h"
 
 #define KiB (UINT64_C(1) << 10)
@@ -33,20 +34,6 @@
 #define ARRAY_SIZE(a) (sizeof(a) / sizeof((a)[0]))
 
 /* ---- helpers ---- */
-
-static void put32(uint8_t *b, uint32_t v)
-{
-    b[0] = (uint8_t)(v >> 24);
-    b[1] = (uint8_t)(v >> 16);
-    b[2] = (uint8_t)(v >> 8);
-    b[3] = (uint8_t)v;
-}
-
-static void put64(uint8_t *b, uint64_t v)
-{
-    put32(b, (uint32_t)(v >> 32));
-    put32(b + 4, (uint32_t)v);
-}
 
 /* An exactly-sized heap copy: reading one byte past it trips ASan. */
 static uint8_t *dup_exact(const void *p, size_t n)
@@ -95,24 +82,24 @@ static uint8_t *make_header(void)
     uint8_t *b = calloc(1, SYN_CLUSTER);
 
     assert_non_null(b);
-    put32(b + 0, 0x514649fb);           /* "QFI\xfb" */
-    put32(b + 4, 3);                    /* version */
-    put64(b + 8, 0);                    /* backing_file_offset */
-    put32(b + 16, 0);                   /* backing_file_size */
-    put32(b + 20, 16);                  /* cluster_bits */
-    put64(b + 24, GiB);                 /* size */
-    put32(b + 32, 0);                   /* crypt_method */
-    put32(b + 36, 2);                   /* l1_size */
-    put64(b + 40, SYN_L1_OFFSET);
-    put64(b + 48, SYN_RT_OFFSET);
-    put32(b + 56, 1);                   /* refcount_table_clusters */
-    put32(b + 60, 0);                   /* nb_snapshots */
-    put64(b + 64, 0);                   /* snapshots_offset */
-    put64(b + 72, 0);                   /* incompatible */
-    put64(b + 80, 0);                   /* compatible */
-    put64(b + 88, 0);                   /* autoclear */
-    put32(b + 96, 4);                   /* refcount_order */
-    put32(b + 100, SYN_HDR_LEN);        /* header_length */
+    be_put32(b + 0, 0x514649fb);           /* "QFI\xfb" */
+    be_put32(b + 4, 3);                    /* version */
+    be_put64(b + 8, 0);                    /* backing_file_offset */
+    be_put32(b + 16, 0);                   /* backing_file_size */
+    be_put32(b + 20, 16);                  /* cluster_bits */
+    be_put64(b + 24, GiB);                 /* size */
+    be_put32(b + 32, 0);                   /* crypt_method */
+    be_put32(b + 36, 2);                   /* l1_size */
+    be_put64(b + 40, SYN_L1_OFFSET);
+    be_put64(b + 48, SYN_RT_OFFSET);
+    be_put32(b + 56, 1);                   /* refcount_table_clusters */
+    be_put32(b + 60, 0);                   /* nb_snapshots */
+    be_put64(b + 64, 0);                   /* snapshots_offset */
+    be_put64(b + 72, 0);                   /* incompatible */
+    be_put64(b + 80, 0);                   /* compatible */
+    be_put64(b + 88, 0);                   /* autoclear */
+    be_put32(b + 96, 4);                   /* refcount_order */
+    be_put32(b + 100, SYN_HDR_LEN);        /* header_length */
     b[104] = 0;                         /* compression_type: zlib */
     /* End of extensions at 112: already zero. */
     return b;
@@ -219,7 +206,7 @@ static void test_synthetic_v2(void **state)
     uint8_t out[128];
 
     (void)state;
-    put32(b + 4, 2);
+    be_put32(b + 4, 2);
     memset(b + 72, 0, 40);              /* end marker at 72 */
     assert_int_equal(open_image(b, SYN_CLUSTER, SYN_FILE_SIZE, false, &h,
                                 &ext, &st, &keep, err, sizeof(err)), 0);
@@ -437,8 +424,8 @@ static void apply(uint8_t *b, const struct patch *p)
 {
     switch (p->width) {
     case 1: b[p->off] = (uint8_t)p->value; break;
-    case 4: put32(b + p->off, (uint32_t)p->value); break;
-    case 8: put64(b + p->off, p->value); break;
+    case 4: be_put32(b + p->off, (uint32_t)p->value); break;
+    case 8: be_put64(b + p->off, p->value); break;
     default: break;
     }
 }
@@ -480,8 +467,8 @@ struct feature {
 static size_t put_feature_table(uint8_t *b, size_t off,
                                 const struct feature *f, size_t n)
 {
-    put32(b + off, 0x6803f857);
-    put32(b + off + 4, (uint32_t)(n * 48));
+    be_put32(b + off, 0x6803f857);
+    be_put32(b + off + 4, (uint32_t)(n * 48));
     for (size_t i = 0; i < n; i++) {
         uint8_t *e = b + off + 8 + i * 48;
 
@@ -513,7 +500,7 @@ static void test_unknown_feature_named(void **state)
 
     (void)state;
     put_feature_table(b, 112, table, ARRAY_SIZE(table));
-    put64(b + 72, (1u << 10) | (1u << 12));
+    be_put64(b + 72, (1u << 10) | (1u << 12));
     assert_int_equal(open_image(b, SYN_CLUSTER, SYN_FILE_SIZE, true, &h, &ext,
                                 &st, &keep, err, sizeof(err)), -ENOTSUP);
     assert_int_equal(st, FEATURES);
@@ -539,14 +526,14 @@ static void test_unknown_feature_named(void **state)
                         46);
 
     /* Only bit 12: its full-length name is reported. */
-    put64(b + 72, 1u << 12);
+    be_put64(b + 72, 1u << 12);
     assert_int_equal(open_image(b, SYN_CLUSTER, SYN_FILE_SIZE, true, &h, &ext,
                                 &st, &keep, err, sizeof(err)), -ENOTSUP);
     assert_non_null(strstr(err,
                     "'abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRST' (bit 12)"));
 
     /* Only bit 11, whose name is empty: reported by number. */
-    put64(b + 72, 1u << 11);
+    be_put64(b + 72, 1u << 11);
     assert_int_equal(open_image(b, SYN_CLUSTER, SYN_FILE_SIZE, true, &h, &ext,
                                 &st, &keep, err, sizeof(err)), -ENOTSUP);
     assert_string_equal(err, "unknown incompatible feature bit 11");
@@ -572,45 +559,45 @@ static void test_extensions_walk(void **state)
 
     (void)state;
     /* Backing format "qcow2" (5 bytes, padded to 8). */
-    put32(b + off, 0xe2792aca);
-    put32(b + off + 4, 5);
+    be_put32(b + off, 0xe2792aca);
+    be_put32(b + off + 4, 5);
     memcpy(b + off + 8, "qcow2", 5);
     off += 16;
     /* Unknown extension, 3 bytes of data. */
-    put32(b + off, 0x11111111);
-    put32(b + off + 4, 3);
+    be_put32(b + off, 0x11111111);
+    be_put32(b + off + 4, 3);
     memcpy(b + off + 8, "xyz", 3);
     off += 16;
     /* Bitmaps: 2 bitmaps, 64-byte directory at cluster 3... pick cluster 2
      * (the file has 4 clusters). */
-    put32(b + off, 0x23852875);
-    put32(b + off + 4, 24);
-    put32(b + off + 8, 2);
-    put32(b + off + 12, 0);
-    put64(b + off + 16, 64);
-    put64(b + off + 24, 2 * SYN_CLUSTER);
+    be_put32(b + off, 0x23852875);
+    be_put32(b + off + 4, 24);
+    be_put32(b + off + 8, 2);
+    be_put32(b + off + 12, 0);
+    be_put64(b + off + 16, 64);
+    be_put64(b + off + 24, 2 * SYN_CLUSTER);
     off += 32;
     /* Full disk encryption header pointer: recorded only. */
-    put32(b + off, 0x0537be77);
-    put32(b + off + 4, 16);
-    put64(b + off + 8, 0x50000);
-    put64(b + off + 16, 0x1234);
+    be_put32(b + off, 0x0537be77);
+    be_put32(b + off + 4, 16);
+    be_put64(b + off + 8, 0x50000);
+    be_put64(b + off + 16, 0x1234);
     off += 24;
     /* External data file name "data.raw" (8 bytes, no padding). */
-    put32(b + off, 0x44415441);
-    put32(b + off + 4, 8);
+    be_put32(b + off, 0x44415441);
+    be_put32(b + off + 4, 8);
     memcpy(b + off + 8, "data.raw", 8);
     off += 16;
     /* Unknown extension with no data. */
-    put32(b + off, 0x22222222);
-    put32(b + off + 4, 0);
+    be_put32(b + off, 0x22222222);
+    be_put32(b + off + 4, 0);
     off += 8;
     /* End marker (zero) at off, backing name right after it. */
     assert_int_equal(off, 112 + 16 + 16 + 32 + 24 + 16 + 8);
-    put64(b + 8, off + 8);
-    put32(b + 16, 11);
+    be_put64(b + 8, off + 8);
+    be_put32(b + 16, 11);
     memcpy(b + off + 8, "base.qcow2x", 11);
-    put64(b + 88, 1);               /* bitmaps autoclear bit */
+    be_put64(b + 88, 1);               /* bitmaps autoclear bit */
 
     assert_int_equal(open_image(b, SYN_CLUSTER, SYN_FILE_SIZE, false, &h,
                                 &ext, &st, &keep, err, sizeof(err)), 0);
@@ -642,34 +629,34 @@ static void test_extensions_walk(void **state)
 
     /* Bitmaps present but the autoclear bit clear: inconsistent, not
      * checked (even with a bad directory offset). */
-    put64(b + 88, 0);
-    put64(b + 152 + 16, 0x123);
+    be_put64(b + 88, 0);
+    be_put64(b + 152 + 16, 0x123);
     assert_int_equal(open_image(b, SYN_CLUSTER, SYN_FILE_SIZE, false, &h,
                                 &ext, &st, &keep, err, sizeof(err)), 0);
     assert_true(ext.has_bitmaps);
     assert_false(ext.bitmaps_consistent);
     /* ... but with the bit, the offset is checked. */
-    put64(b + 88, 1);
+    be_put64(b + 88, 1);
     assert_int_equal(open_image(b, SYN_CLUSTER, SYN_FILE_SIZE, false, &h,
                                 &ext, &st, &keep, err, sizeof(err)),
                      -EINVAL);
     assert_non_null(strstr(err, "bitmap directory offset 0x123 invalid"));
     /* Directory past the end of the file. */
-    put64(b + 152 + 16, 8 * SYN_CLUSTER);
+    be_put64(b + 152 + 16, 8 * SYN_CLUSTER);
     assert_int_equal(open_image(b, SYN_CLUSTER, SYN_FILE_SIZE, false, &h,
                                 &ext, &st, &keep, err, sizeof(err)),
                      -EINVAL);
     assert_non_null(strstr(err, "bitmap directory past the end of the file"));
-    put64(b + 152 + 16, 2 * SYN_CLUSTER);
+    be_put64(b + 152 + 16, 2 * SYN_CLUSTER);
 
     /* A second backing format extension replacing the unknown one. */
-    put32(b + 128, 0xe2792aca);
+    be_put32(b + 128, 0xe2792aca);
     memcpy(b + 136, "raw", 3);
     assert_int_equal(open_image(b, SYN_CLUSTER, SYN_FILE_SIZE, false, &h,
                                 &ext, &st, &keep, err, sizeof(err)),
                      -EINVAL);
     assert_string_equal(err, "header extension 0xe2792aca appears twice");
-    put32(b + 128, 0x11111111);
+    be_put32(b + 128, 0x11111111);
 
     /* A NUL in the backing file name. */
     b[off + 8 + 4] = '\0';
@@ -700,19 +687,19 @@ static void test_extensions_unaligned_backing(void **state)
         uint8_t *c;
 
         if (!big) {
-            put32(b + 20, 9);
-            put64(b + 24, 32 * MiB);            /* 32 MiB / 32 KiB: 1024 */
-            put32(b + 36, 1024);
-            put64(b + 40, 0x600);
-            put64(b + 48, 0x200);
+            be_put32(b + 20, 9);
+            be_put64(b + 24, 32 * MiB);            /* 32 MiB / 32 KiB: 1024 */
+            be_put32(b + 36, 1024);
+            be_put64(b + 40, 0x600);
+            be_put64(b + 48, 0x200);
         }
-        put64(b + 8, 509);                      /* name "abc" at 509..511 */
-        put32(b + 16, 3);
+        be_put64(b + 8, 509);                      /* name "abc" at 509..511 */
+        be_put32(b + 16, 3);
         memcpy(b + 509, "abc", 3);
-        put32(b + 112, 0x55555555);             /* data 120..508 */
-        put32(b + 116, 509 - 120);
-        put32(b + 512, 0x66666666);             /* never an extension */
-        put32(b + 516, UINT32_MAX);
+        be_put32(b + 112, 0x55555555);             /* data 120..508 */
+        be_put32(b + 116, 509 - 120);
+        be_put32(b + 512, 0x66666666);             /* never an extension */
+        be_put32(b + 516, UINT32_MAX);
         c = dup_exact(b, cs);
         assert_int_equal(qcow2_header_parse(c, cs, 64 * MiB, &h, err,
                                             sizeof(err)), 0);
@@ -741,9 +728,9 @@ static void test_extensions_many_unknown(void **state)
 
     (void)state;
     for (uint32_t i = 0; i < 40; i++, off += 16) {
-        put32(b + off, 0x70000000 + i);
-        put32(b + off + 4, 8);
-        put64(b + off + 8, i);
+        be_put32(b + off, 0x70000000 + i);
+        be_put32(b + off + 4, 8);
+        be_put64(b + off + 8, i);
     }
     assert_int_equal(open_image(b, SYN_CLUSTER, SYN_FILE_SIZE, false, &h,
                                 &ext, &st, &keep, err, sizeof(err)), 0);
@@ -756,8 +743,8 @@ static void test_extensions_many_unknown(void **state)
 
     /* An extension filling the cluster exactly, no end marker: fine. */
     memset(b + 112, 0, 40 * 16);
-    put32(b + 112, 0x12345678);
-    put32(b + 116, SYN_CLUSTER - 112 - 8);
+    be_put32(b + 112, 0x12345678);
+    be_put32(b + 116, SYN_CLUSTER - 112 - 8);
     assert_int_equal(open_image(b, SYN_CLUSTER, SYN_FILE_SIZE, false, &h,
                                 &ext, &st, &keep, err, sizeof(err)), 0);
     assert_int_equal(ext.end, SYN_CLUSTER);
@@ -790,9 +777,9 @@ static void test_synthetic_limits(void **state)
 
     (void)state;
     /* Virtual size 0: QEMU writes l1_size 0 and L1 offset 0. */
-    put64(b + 24, 0);
-    put32(b + 36, 0);
-    put64(b + 40, 0);
+    be_put64(b + 24, 0);
+    be_put32(b + 36, 0);
+    be_put64(b + 40, 0);
     assert_int_equal(open_image(b, SYN_CLUSTER, SYN_FILE_SIZE, false, &h,
                                 &ext, &st, &keep, err, sizeof(err)), 0);
     assert_int_equal(h.l1_size_min, 0);
@@ -801,11 +788,11 @@ static void test_synthetic_limits(void **state)
      * exactly the limit.  The file is made large enough for the table. */
     free(b);
     b = make_header();
-    put32(b + 20, 21);
-    put64(b + 24, UINT64_C(1) << 61);
-    put32(b + 36, 1u << 22);
-    put64(b + 40, 2 * MiB * 2);
-    put64(b + 48, 2 * MiB);
+    be_put32(b + 20, 21);
+    be_put64(b + 24, UINT64_C(1) << 61);
+    be_put32(b + 36, 1u << 22);
+    be_put64(b + 40, 2 * MiB * 2);
+    be_put64(b + 48, 2 * MiB);
     assert_int_equal(open_image(b, SYN_CLUSTER, 2 * MiB * 2 + 32 * MiB, false,
                                 &h, &ext, &st, &keep, err, sizeof(err)), -EINVAL);
     assert_non_null(strstr(err, "first cluster truncated")); /* 64 KiB buf */
@@ -829,7 +816,7 @@ static void test_synthetic_limits(void **state)
                          -EINVAL);
         assert_non_null(strstr(err, "L1 table at 0x400000 past the end"));
         /* One more byte of virtual size does not fit the L1 limit. */
-        put64(big + 24, (UINT64_C(1) << 61) + 1);
+        be_put64(big + 24, (UINT64_C(1) << 61) + 1);
         assert_int_equal(open_image(big, 2 * MiB, 2 * MiB * 2 + 32 * MiB,
                                     false, &h, &ext, &st, &keep, err, sizeof(err)),
                          -EFBIG);
@@ -840,11 +827,11 @@ static void test_synthetic_limits(void **state)
     /* 512-byte clusters: a 1 TiB virtual disk needs 2^25 L1 entries, over
      * the 32 MiB limit, whatever l1_size says. */
     b = make_header();
-    put32(b + 20, 9);
-    put32(b + 100, 104);
-    put64(b + 24, 1024 * GiB);
-    put64(b + 40, 0x600);
-    put64(b + 48, 0x200);
+    be_put32(b + 20, 9);
+    be_put32(b + 100, 104);
+    be_put64(b + 24, 1024 * GiB);
+    be_put64(b + 40, 0x600);
+    be_put64(b + 48, 0x200);
     {
         uint8_t *c = dup_exact(b, 512);
 
@@ -857,13 +844,13 @@ static void test_synthetic_limits(void **state)
     /* 128 refcount table clusters of 64 KiB = 8 MiB: the limit. */
     free(b);
     b = make_header();
-    put64(b + 48, 4 * SYN_CLUSTER);
-    put32(b + 56, 128);
+    be_put64(b + 48, 4 * SYN_CLUSTER);
+    be_put32(b + 56, 128);
     assert_int_equal(open_image(b, SYN_CLUSTER, 132 * SYN_CLUSTER, false, &h,
                                 &ext, &st, &keep, err, sizeof(err)), 0);
     /* 65536 snapshots is still fine. */
-    put32(b + 60, 65536);
-    put64(b + 64, 2 * SYN_CLUSTER);
+    be_put32(b + 60, 65536);
+    be_put64(b + 64, 2 * SYN_CLUSTER);
     assert_int_equal(open_image(b, SYN_CLUSTER, 160 * SYN_CLUSTER, false, &h,
                                 &ext, &st, &keep, err, sizeof(err)), 0);
     assert_int_equal(h.nb_snapshots, 65536);
@@ -871,7 +858,7 @@ static void test_synthetic_limits(void **state)
 
     /* A message buffer of 1 byte, and none at all. */
     b = make_header();
-    put32(b + 4, 7);
+    be_put32(b + 4, 7);
     err[0] = 'x';
     assert_int_equal(qcow2_header_parse(b, SYN_CLUSTER, SYN_FILE_SIZE, &h, err,
                                         1), -ENOTSUP);
@@ -893,17 +880,17 @@ static void test_serialize_roundtrip(void **state)
 
     (void)state;
     /* Make every field non-trivial. */
-    put64(b + 8, 0x1f0);                /* backing name at 0x1f0, 9 bytes */
-    put32(b + 16, 9);
+    be_put64(b + 8, 0x1f0);                /* backing name at 0x1f0, 9 bytes */
+    be_put32(b + 16, 9);
     memcpy(b + 0x1f0, "base.qcow", 9);
-    put32(b + 60, 3);                   /* 3 snapshots at cluster 2 */
-    put64(b + 64, 2 * SYN_CLUSTER);
-    put64(b + 72, QCOW2_INCOMPAT_COMPRESSION | QCOW2_INCOMPAT_EXTL2);
-    put64(b + 80, QCOW2_COMPAT_LAZY_REFCOUNTS | (UINT64_C(1) << 33));
-    put64(b + 88, UINT64_C(1) << 50);
-    put32(b + 96, 6);
+    be_put32(b + 60, 3);                   /* 3 snapshots at cluster 2 */
+    be_put64(b + 64, 2 * SYN_CLUSTER);
+    be_put64(b + 72, QCOW2_INCOMPAT_COMPRESSION | QCOW2_INCOMPAT_EXTL2);
+    be_put64(b + 80, QCOW2_COMPAT_LAZY_REFCOUNTS | (UINT64_C(1) << 33));
+    be_put64(b + 88, UINT64_C(1) << 50);
+    be_put32(b + 96, 6);
     b[104] = 1;
-    put32(b + 36, 4);                   /* ext. L2 halves L2 coverage */
+    be_put32(b + 36, 4);                   /* ext. L2 halves L2 coverage */
 
     assert_int_equal(qcow2_header_parse(b, SYN_CLUSTER, SYN_FILE_SIZE, &h, err,
                                         sizeof(err)), 0);
@@ -955,7 +942,7 @@ static void test_serialize_roundtrip(void **state)
     /* header_length 104: no compression_type byte is written. */
     free(b);
     b = make_header();
-    put32(b + 100, 104);
+    be_put32(b + 100, 104);
     assert_int_equal(qcow2_header_parse(b, 104, SYN_FILE_SIZE, &h, err,
                                         sizeof(err)), 0);
     assert_int_equal(qcow2_header_serialized_size(&h), 104);
@@ -1732,14 +1719,14 @@ static void test_errno_untouched(void **state)
 
     (void)state;
     errno = 4242;
-    put32(b + 4, 9);
+    be_put32(b + 4, 9);
     assert_int_equal(qcow2_header_parse(b, SYN_CLUSTER, SYN_FILE_SIZE, &h, err,
                                         sizeof(err)), -ENOTSUP);
-    put32(b + 4, 3);
+    be_put32(b + 4, 3);
     assert_int_equal(qcow2_header_parse(b, SYN_CLUSTER, SYN_FILE_SIZE, &h, err,
                                         sizeof(err)), 0);
-    put32(b + 112, 0x12345678);
-    put32(b + 116, UINT32_MAX);
+    be_put32(b + 112, 0x12345678);
+    be_put32(b + 116, UINT32_MAX);
     assert_int_equal(qcow2_header_parse_extensions(b, SYN_CLUSTER, &h, &ext,
                                                    err, sizeof(err)), -EINVAL);
     h.incompatible_features |= UINT64_C(1) << 20;
