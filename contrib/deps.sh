@@ -9,6 +9,9 @@ if [[ $level == test || $level == bench ]]; then
     # cmocka for unit tests; real clients for integration tests
     pkgs+=(libcmocka-dev libnbd-bin python3-libnbd qemu-utils nbdkit fio
            python3)
+    # VM tests (tests/vm): QEMU boots a stock Debian kernel, socat carries
+    # its guestfwd connections, e2fsprogs checks the guest's file system
+    pkgs+=(qemu-system-x86 socat e2fsprogs)
 fi
 
 missing=()

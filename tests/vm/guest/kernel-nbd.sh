@@ -1,0 +1,82 @@
+#!/bin/sh
+# /init of the kernel nbd client test (tests/vm/test-kernel-nbd.py).
+# Kernel command line: strata.mode=write|verify strata.conns=N strata.bs=N
+# strata.export=NAME strata.size=BYTES (strata.server / strata.port: where
+# the host's guestfwd rule forwards to stratad).
+#
+# write:  connect, mkfs.ext4, mount, copy /data, sync, fstrim, re-read after
+#         dropping caches, umount, e2fsck -fn, disconnect.
+# verify: connect to the export served read-only, check the device is
+#         read-only, mount -o ro, re-read every file, e2fsck -fn, disconnect.
+# Every file is checked against /SHA256SUMS, made on the host.
+. /lib/strata-vm/common.sh
+vm_setup
+
+mode=$(vm_arg strata.mode)
+conns=$(vm_arg strata.conns 1)
+bs=$(vm_arg strata.bs 1024)
+name=$(vm_arg strata.export)
+size=$(vm_arg strata.size)
+server=$(vm_arg strata.server 10.0.2.100)
+port=$(vm_arg strata.port 10809)
+dev=/dev/nbd0
+
+check_sums() {
+    (cd /mnt && sha256sum -c /SHA256SUMS) > /tmp/sums.out 2>&1
+    rc=$?
+    want=$(wc -l < /SHA256SUMS)
+    got=$(grep -c ': OK$' /tmp/sums.out)
+    if [ $rc != 0 ] || [ "$got" != "$want" ]; then
+        grep -v ': OK$' /tmp/sums.out | head -n 20
+        return 1
+    fi
+    vm_log "$got files match their checksums"
+}
+
+drop_caches() {
+    sync && echo 3 > /proc/sys/vm/drop_caches && blockdev --flushbufs $dev
+}
+
+vm_run "nbd-client: $conns connection(s), block size $bs, export '$name'" \
+    $NBD_CLIENT "$server" "$port" $dev -N "$name" -b "$bs" -C "$conns" -t 120
+vm_expect "device size" "$size" blockdev --getsize64 $dev
+vm_expect "logical block size" "$bs" blockdev --getss $dev
+
+case "$mode" in
+write)
+    vm_expect "device read-only flag" 0 blockdev --getro $dev
+    vm_run "mkfs.ext4 (with discard of the whole device)" \
+        $MKE2FS -t ext4 -F -q -b 4096 -L strata $dev
+    vm_run "mount" mount -t ext4 $dev /mnt
+    vm_run "copy the files" cp -a /data /mnt/
+    vm_run "copy a scratch file" cp /scratch /mnt/scratch
+    vm_run "sync" sync
+    vm_run "remove the scratch file" rm /mnt/scratch
+    vm_run "sync" sync
+    vm_run "fstrim" fstrim -v /mnt
+    vm_run "check the files (page cache)" check_sums
+    vm_run "drop caches" drop_caches
+    vm_run "check the files (read back through nbd)" check_sums
+    vm_run "umount" umount /mnt
+    ;;
+verify)
+    vm_expect "device read-only flag (server says READ_ONLY)" 1 \
+        blockdev --getro $dev
+    vm_run "mount read-only" mount -t ext4 -o ro $dev /mnt
+    vm_run "check the files" check_sums
+    vm_run "drop caches" drop_caches
+    vm_run "check the files again" check_sums
+    vm_run "umount" umount /mnt
+    vm_log "a write to the device must fail"
+    if dd if=/dev/zero of=$dev bs=4096 count=1 conv=fsync 2>/dev/null; then
+        vm_fail "a write to the read-only device succeeded"
+    fi
+    ;;
+*)
+    vm_fail "unknown strata.mode '$mode'"
+    ;;
+esac
+
+vm_run "e2fsck -fn" $E2FSCK -fn $dev
+vm_run "disconnect" $NBD_CLIENT -d $dev
+vm_pass
