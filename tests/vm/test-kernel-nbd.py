@@ -19,6 +19,10 @@ file.  Base and mid hold junk patterns that the guest's mkfs overwrites.
                    default 1 KiB block size; the device must be read-only;
                    mount -o ro, every checksum, e2fsck -fn, a write refused.
   host:            qemu-img check again; the image content unchanged.
+  boot 3 (rewrite): like boot 1 over the same export with one connection,
+                   1 KiB device blocks and mke2fs's own choice of 1 KiB file
+                   system blocks, so stratad gets 1 KiB requests; the host
+                   checks of boot 1 again.
 
 stratad listens on 127.0.0.1:<free port> only; the guest reaches it through
 QEMU user networking with restrict=on and one guestfwd rule (socat, run per
@@ -59,10 +63,14 @@ SIZE = 256 << 20
 GUEST_PORT = 10809
 SEED = 6
 
-# (boot name, nbd-client connections, nbd-client block size, read-only)
+# The boots, in order.  mode: write (mkfs and fill) or verify (read-only
+# export, every checksum); conns: nbd-client -C; bs: nbd-client -b (the
+# device's logical block size); fsbs: mkfs.ext4 -b, None for mke2fs's own
+# choice (1 KiB blocks on a device this small: 1 KiB requests to stratad).
 BOOTS = [
-    ("write", 2, 4096, False),
-    ("verify", 1, 1024, True),
+    dict(name="write", mode="write", conns=2, bs=4096, fsbs=4096),
+    dict(name="verify", mode="verify", conns=1, bs=1024),
+    dict(name="rewrite", mode="write", conns=1, bs=1024, fsbs=None),
 ]
 
 INIT = os.path.join(os.path.dirname(os.path.abspath(__file__)),
@@ -165,7 +173,7 @@ def qemu_img_check(images):
             H.ok(f"qemu-img check {os.path.basename(p)}: clean")
 
 
-def host_fs_check(export_file, d, files):
+def host_fs_check(export_file, d, files, fsbs):
     """The host's own e2fsck and debugfs on a flat copy of the image: the
     guest's data really is in the image, at the right place."""
     flat = os.path.join(d, "flat.raw")
@@ -179,6 +187,12 @@ def host_fs_check(export_file, d, files):
     H.check_soft(r.returncode == 0,
                  f"host e2fsck -fn: exit {r.returncode}:\n"
                  f"{r.stdout.decode(errors='replace')[-3000:]}")
+    want_bs = fsbs or 1024
+    m = re.search(rb"^Block size:\s*(\d+)",
+                  sh(debugfs, "-R", "stats", flat).stdout, re.M)
+    H.check_soft(m and int(m.group(1)) == want_bs,
+                 f"file system block size {m and int(m.group(1))}, "
+                 f"expected {want_bs}")
     out = os.path.join(d, "dump")
     os.mkdir(out)
     sh(debugfs, "-R", f"rdump /data {out}", flat)
@@ -195,8 +209,8 @@ def host_fs_check(export_file, d, files):
     H.check_soft(not bad, "files read back on the host with debugfs:\n  " +
                  "\n  ".join(bad[:20]))
     if r.returncode == 0 and not bad:
-        H.ok(f"host: e2fsck -fn clean, {len(files)} files read back with "
-             "debugfs match")
+        H.ok(f"host: e2fsck -fn clean, {want_bs}-byte blocks, {len(files)} "
+             "files read back with debugfs match")
     shutil.rmtree(out)
     s = file_sha(flat)
     os.unlink(flat)
@@ -222,13 +236,15 @@ def probe(daemon, readonly):
     return mc
 
 
-def boot(image, d, daemon, name, conns, bs, files, sums):
+def boot(image, d, daemon, b, files, sums):
+    name, conns, bs = b["name"], b["conns"], b["bs"]
     init = open(INIT).read()
     guest_files = {"SHA256SUMS": sums.encode()}
-    if name == "write":
+    if b["mode"] == "write":
         guest_files.update(files)
         guest_files["scratch"] = random.Random(SEED + 1).randbytes(8 << 20)
-    cmdline = (f"strata.mode={name} strata.conns={conns} strata.bs={bs} "
+    cmdline = (f"strata.mode={b['mode']} strata.conns={conns} strata.bs={bs} "
+               f"strata.fsbs={b.get('fsbs') or 'default'} "
                f"strata.export={EXPORT} strata.size={SIZE} "
                f"strata.server={vmlib.guestfwd_addr(0)} "
                f"strata.port={GUEST_PORT}")
@@ -285,37 +301,32 @@ def main():
                         flat_sha(p, "qcow2", d)) for p in lower}
     H.ok(f"images: {', '.join(os.path.basename(p) for p in images or [export_file])}")
 
-    # ---- boot 1: write, two connections, 4 KiB blocks
-    name, conns, bs, ro = BOOTS[0]
-    daemon = start_daemon(export_file, ro)
-    mc = probe(daemon, ro)
-    H.check_hard(mc, "the export does not advertise CAN_MULTI_CONN; "
-                 "nbd-client -C 2 needs it")
-    H.ok("export advertises CAN_MULTI_CONN")
-    boot(image, d, daemon, name, conns, bs, files, sums)
-    stop_daemon(daemon, d, name)
-    H.ok("stratad stopped cleanly, no sanitizer report")
-
-    qemu_img_check(images)
-    for p in lower:
-        now = (file_sha(p) if p.endswith(".raw") else flat_sha(p, "qcow2", d))
-        H.check_soft(now == lower_before[p],
-                     f"{os.path.basename(p)} changed: writes must go to the top")
-    if lower:
-        H.ok("backing images unchanged")
-    written = host_fs_check(export_file, d, files)
-
-    # ---- boot 2: verify, read-only export, one connection, 1 KiB blocks
-    name, conns, bs, ro = BOOTS[1]
-    daemon = start_daemon(export_file, ro)
-    probe(daemon, ro)
-    boot(image, d, daemon, name, conns, bs, files, sums)
-    stop_daemon(daemon, d, name)
-    H.ok("stratad stopped cleanly, no sanitizer report")
-    qemu_img_check(images)
-    H.check_soft(flat_sha(export_file, FORMAT, d) == written,
-                 "the image changed during the read-only boot")
-    H.ok("image content unchanged by the read-only boot")
+    written = None
+    for b in BOOTS:
+        ro = b["mode"] == "verify"
+        daemon = start_daemon(export_file, ro)
+        mc = probe(daemon, ro)
+        if b["conns"] > 1:
+            H.check_hard(mc, "the export does not advertise CAN_MULTI_CONN; "
+                         f"nbd-client -C {b['conns']} needs it")
+            H.ok("export advertises CAN_MULTI_CONN")
+        boot(image, d, daemon, b, files, sums)
+        stop_daemon(daemon, d, b["name"])
+        H.ok("stratad stopped cleanly, no sanitizer report")
+        qemu_img_check(images)
+        for p in lower:
+            now = (file_sha(p) if p.endswith(".raw") else
+                   flat_sha(p, "qcow2", d))
+            H.check_soft(now == lower_before[p], f"{os.path.basename(p)} "
+                         "changed: writes must go to the top image")
+        if lower:
+            H.ok("backing images unchanged")
+        if ro:
+            H.check_soft(flat_sha(export_file, FORMAT, d) == written,
+                         "the image changed during the read-only boot")
+            H.ok("image content unchanged by the read-only boot")
+        else:
+            written = host_fs_check(export_file, d, files, b.get("fsbs"))
 
     H.finish_soft_checks()
     print(f"PASS: kernel nbd client on a {FORMAT} export "

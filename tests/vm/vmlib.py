@@ -38,6 +38,7 @@ passes e.g. qemu_args=["-drive", "driver=nbd,server.type=inet,"
 VM.start() / VM.wait_line() / VM.wait() let the host act while the guest
 runs (e.g. start a job when the guest prints a marker).
 """
+import atexit
 import fcntl
 import hashlib
 import json
@@ -571,6 +572,7 @@ class VM:
         self.proc = subprocess.Popen(self.args, stdin=subprocess.DEVNULL,
                                      stdout=self.qlog, stderr=subprocess.STDOUT,
                                      preexec_fn=_die_with_parent)
+        atexit.register(self.kill)
         log(f"{self.name}: booting (serial log {self.serial})")
         return self
 

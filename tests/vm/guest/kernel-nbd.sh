@@ -1,8 +1,9 @@
 #!/bin/sh
 # /init of the kernel nbd client test (tests/vm/test-kernel-nbd.py).
 # Kernel command line: strata.mode=write|verify strata.conns=N strata.bs=N
-# strata.export=NAME strata.size=BYTES (strata.server / strata.port: where
-# the host's guestfwd rule forwards to stratad).
+# strata.fsbs=N|default (mkfs block size) strata.export=NAME
+# strata.size=BYTES (strata.server / strata.port: where the host's guestfwd
+# rule forwards to stratad).
 #
 # write:  connect, mkfs.ext4, mount, copy /data, sync, fstrim, re-read after
 #         dropping caches, umount, e2fsck -fn, disconnect.
@@ -15,6 +16,7 @@ vm_setup
 mode=$(vm_arg strata.mode)
 conns=$(vm_arg strata.conns 1)
 bs=$(vm_arg strata.bs 1024)
+fsbs=$(vm_arg strata.fsbs default)
 name=$(vm_arg strata.export)
 size=$(vm_arg strata.size)
 server=$(vm_arg strata.server 10.0.2.100)
@@ -45,8 +47,13 @@ vm_expect "logical block size" "$bs" blockdev --getss $dev
 case "$mode" in
 write)
     vm_expect "device read-only flag" 0 blockdev --getro $dev
-    vm_run "mkfs.ext4 (with discard of the whole device)" \
-        $MKE2FS -t ext4 -F -q -b 4096 -L strata $dev
+    # mke2fs picks 1 KiB blocks on a device this small unless told
+    mkfs_bs=
+    [ "$fsbs" != default ] && mkfs_bs="-b $fsbs"
+    vm_run "mkfs.ext4 ${mkfs_bs:-(default block size)}, discarding the device" \
+        $MKE2FS -t ext4 -F -q $mkfs_bs -L strata $dev
+    vm_log "file system block size: $($DEBUGFS -R stats $dev 2>/dev/null |
+        sed -n 's/^Block size: *//p')"
     vm_run "mount" mount -t ext4 $dev /mnt
     vm_run "copy the files" cp -a /data /mnt/
     vm_run "copy a scratch file" cp /scratch /mnt/scratch
