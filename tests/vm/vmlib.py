@@ -32,11 +32,11 @@ Typical use (see test-kernel-nbd.py):
     if not result.passed: ...
 
 A test that wants the guest to see a disk through QEMU's own NBD client
-passes e.g. qemu_args=["-drive", "driver=nbd,server.type=inet,"
-"server.host=127.0.0.1,server.port=N,export=vm,if=none,id=d0",
-"-device", "virtio-blk-pci,drive=d0"]; virtio_blk is in the image.
-VM.start() / VM.wait_line() / VM.wait() let the host act while the guest
-runs (e.g. start a job when the guest prints a marker).
+passes qemu_args=nbd_drive_args(port, export) (the guest sees /dev/vda;
+virtio_blk is in the image).  VM.start() / VM.wait_line() / VM.wait() let
+the host act while the guest runs (e.g. start a job when the guest prints a
+marker), and a Mailbox behind a second guestfwd rule tells the guest when
+the host is done.  tests/vm/selftest-vmlib.py shows both.
 """
 import atexit
 import fcntl
@@ -46,9 +46,11 @@ import os
 import re
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import tempfile
+import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -647,6 +649,60 @@ class VM:
                 q = f.read().strip()
         return ("\n".join(lines) +
                 (f"\n--- qemu output ---\n{q}" if q else ""))
+
+
+def nbd_drive_args(port, export, drive_id="d0", host="127.0.0.1"):
+    """QEMU arguments for a virtio-blk disk (/dev/vda in the guest) that
+    QEMU's own NBD client serves from host:port/export."""
+    return ["-drive", f"driver=nbd,server.type=inet,server.host={host},"
+            f"server.port={int(port)},export={export},if=none,id={drive_id},"
+            "cache=none,aio=threads",
+            "-device", f"virtio-blk-pci,drive={drive_id}"]
+
+
+class Mailbox:
+    """A host-to-guest signal: each connection that reaches it gets the
+    current value as one line and is closed.  Make it reachable with a
+    guestfwd rule, [(guest port, mailbox.port)], and read it in the guest
+    with `vm_mailbox ADDR PORT` (guest/common.sh)."""
+
+    def __init__(self, value=""):
+        self.value = value
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.port = self.sock.getsockname()[1]
+        self.reads = 0
+        self.closed = False
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+        atexit.register(self.close)
+
+    def set(self, value):
+        self.value = value
+
+    def _serve(self):
+        while not self.closed:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            with c:
+                c.settimeout(5)
+                try:
+                    c.sendall(self.value.encode() + b"\n")
+                    self.reads += 1
+                except OSError:
+                    pass
+
+    def close(self):
+        if not self.closed:
+            self.closed = True
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self.sock.close()
 
 
 def guestfwd_needs_socat(args):

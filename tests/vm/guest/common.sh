@@ -80,6 +80,22 @@ vm_arg() {
     echo "$2"
 }
 
+# vm_mailbox ADDR PORT: the current value of a host vmlib.Mailbox reached
+# through a guestfwd rule (empty if it cannot be read).
+vm_mailbox() {
+    nc "$1" "$2" < /dev/null 2>/dev/null | head -n 1
+}
+
+# vm_wait_mailbox ADDR PORT VALUE TIMEOUT: polls until the mailbox says VALUE.
+vm_wait_mailbox() {
+    vm_i=0
+    while [ "$(vm_mailbox "$1" "$2")" != "$3" ]; do
+        vm_i=$((vm_i + 1))
+        [ $vm_i -gt $(($4 * 2)) ] && return 1
+        sleep 0.5
+    done
+}
+
 # Mounts, modules (in dependency order, from the image builder), network.
 vm_setup() {
     mount -t proc proc /proc || vm_fail "mount /proc"
