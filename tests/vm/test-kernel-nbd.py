@@ -254,7 +254,8 @@ def boot(image, d, daemon, b, files, sums):
     r = vm.run(BOOT_TIMEOUT)
     if not r.passed:
         print(vm.tail(120))
-        H.fail(f"boot '{name}': {r.reason} (serial log: {r.log})")
+        H.fail(f"boot '{name}': {r.reason} (serial log: {r.log}; "
+               "STRATA_VM_KEEP=1 keeps it)")
     H.ok(f"boot '{name}' ({conns} connection(s), block size {bs}): guest "
          f"says PASS in {r.seconds:.1f}s")
     seen = count_transmissions(daemon) - before

@@ -187,12 +187,7 @@ def download(pkgs, debdir):
         if os.geteuid() == 0:   # else apt warns it cannot drop to _apt
             args += ["-o", "APT::Sandbox::User=root"]
         args += [f"{p}={v}" for p, v in missing]
-        try:
-            _run(args, cwd=debdir)
-        except VMError:
-            if not _apt_update():
-                raise
-            _run(args, cwd=debdir)
+        _run(args, cwd=debdir)
         for (pkg, ver) in missing:
             for f in os.listdir(debdir):
                 if (f.startswith(pkg + "_") and f.endswith(".deb") and
@@ -359,35 +354,47 @@ class GuestImage:
             self.manifest = json.load(f)
 
 
-def guest_image():
-    """The cached kernel + base initramfs, built first if needed."""
-    root = cache_root()
-    pkgs = resolve_packages()
+def _image_key(pkgs):
     h = hashlib.sha256()
     h.update(json.dumps(pkgs).encode())
     with open(os.path.abspath(__file__), "rb") as f:
         h.update(f.read())
-    key = h.hexdigest()[:16]
-    dest = os.path.join(root, "image-" + key)
+    return h.hexdigest()[:16]
+
+
+def guest_image():
+    """The cached kernel + base initramfs, built first if needed."""
+    root = cache_root()
     with open(os.path.join(root, "lock"), "w") as lockf:
         fcntl.flock(lockf, fcntl.LOCK_EX)   # one builder at a time
-        if not os.path.exists(os.path.join(dest, "manifest.json")):
+        for attempt in (1, 2):
+            pkgs = resolve_packages()
+            key = _image_key(pkgs)
+            dest = os.path.join(root, "image-" + key)
+            if os.path.exists(os.path.join(dest, "manifest.json")):
+                log(f"using cached {dest}")
+                return GuestImage(dest)
             t0 = time.time()
-            debs = download(pkgs, os.path.join(root, "debs"))
-            tmp = tempfile.mkdtemp(prefix="build-", dir=root)
-            os.chmod(tmp, 0o755)
             try:
-                _build(debs, pkgs, tmp)
-                shutil.rmtree(dest, ignore_errors=True)
-                os.rename(tmp, dest)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-            for f in os.listdir(root):   # older images: not needed again
-                if f.startswith("image-") and f != "image-" + key:
-                    shutil.rmtree(os.path.join(root, f), ignore_errors=True)
-            log(f"built {dest} in {time.time() - t0:.1f}s")
-        else:
-            log(f"using cached {dest}")
+                debs = download(pkgs, os.path.join(root, "debs"))
+                break
+            except VMError:
+                # stale lists name versions the mirror no longer has:
+                # update them and resolve the packages again
+                if attempt == 2 or not _apt_update():
+                    raise
+        tmp = tempfile.mkdtemp(prefix="build-", dir=root)
+        os.chmod(tmp, 0o755)
+        try:
+            _build(debs, pkgs, tmp)
+            shutil.rmtree(dest, ignore_errors=True)
+            os.rename(tmp, dest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        for f in os.listdir(root):   # older images: not needed again
+            if f.startswith("image-") and f != "image-" + key:
+                shutil.rmtree(os.path.join(root, f), ignore_errors=True)
+        log(f"built {dest} in {time.time() - t0:.1f}s")
     return GuestImage(dest)
 
 

@@ -14,10 +14,8 @@ umask 022
 # Busybox's shell runs its own applets before searching PATH (Debian builds
 # it with FEATURE_PREFER_APPLETS), and it has a mke2fs of its own: call the
 # real tools by these absolute paths.
-NBD_CLIENT=/sbin/nbd-client
-MKE2FS=/sbin/mke2fs
-E2FSCK=/sbin/e2fsck
-DEBUGFS=/sbin/debugfs
+export NBD_CLIENT=/sbin/nbd-client MKE2FS=/sbin/mke2fs E2FSCK=/sbin/e2fsck \
+    DEBUGFS=/sbin/debugfs
 
 vm_log() {
     echo "strata-vm: $*"
@@ -72,6 +70,7 @@ vm_expect() {
 
 # vm_arg NAME [DEFAULT]: the value of NAME=VALUE on the kernel command line.
 vm_arg() {
+    # shellcheck disable=SC2013  # words, not lines
     for vm_w in $(cat /proc/cmdline); do
         case "$vm_w" in
             "$1="*) echo "${vm_w#*=}"; return 0 ;;

@@ -10,6 +10,9 @@
 # verify: connect to the export served read-only, check the device is
 #         read-only, mount -o ro, re-read every file, e2fsck -fn, disconnect.
 # Every file is checked against /SHA256SUMS, made on the host.
+# (functions run through vm_run look unreachable to shellcheck)
+# shellcheck disable=SC2317
+# shellcheck source=common.sh
 . /lib/strata-vm/common.sh
 vm_setup
 
@@ -28,7 +31,7 @@ check_sums() {
     rc=$?
     want=$(wc -l < /SHA256SUMS)
     got=$(grep -c ': OK$' /tmp/sums.out)
-    if [ $rc != 0 ] || [ "$got" != "$want" ]; then
+    if [ "$rc" != 0 ] || [ "$got" != "$want" ]; then
         grep -v ': OK$' /tmp/sums.out | head -n 20
         return 1
     fi
@@ -36,11 +39,11 @@ check_sums() {
 }
 
 drop_caches() {
-    sync && echo 3 > /proc/sys/vm/drop_caches && blockdev --flushbufs $dev
+    sync && echo 3 > /proc/sys/vm/drop_caches && blockdev --flushbufs "$dev"
 }
 
 vm_run "nbd-client: $conns connection(s), block size $bs, export '$name'" \
-    $NBD_CLIENT "$server" "$port" $dev -N "$name" -b "$bs" -C "$conns" -t 120
+    "$NBD_CLIENT" "$server" "$port" $dev -N "$name" -b "$bs" -C "$conns" -t 120
 vm_expect "device size" "$size" blockdev --getsize64 $dev
 vm_expect "logical block size" "$bs" blockdev --getss $dev
 
@@ -48,11 +51,11 @@ case "$mode" in
 write)
     vm_expect "device read-only flag" 0 blockdev --getro $dev
     # mke2fs picks 1 KiB blocks on a device this small unless told
-    mkfs_bs=
-    [ "$fsbs" != default ] && mkfs_bs="-b $fsbs"
-    vm_run "mkfs.ext4 ${mkfs_bs:-(default block size)}, discarding the device" \
-        $MKE2FS -t ext4 -F -q $mkfs_bs -L strata $dev
-    vm_log "file system block size: $($DEBUGFS -R stats $dev 2>/dev/null |
+    set --
+    [ "$fsbs" != default ] && set -- -b "$fsbs"
+    vm_run "mkfs.ext4 ${*:-(default block size)}, discarding the device" \
+        "$MKE2FS" -t ext4 -F -q "$@" -L strata $dev
+    vm_log "file system block size: $("$DEBUGFS" -R stats $dev 2>/dev/null |
         sed -n 's/^Block size: *//p')"
     vm_run "mount" mount -t ext4 $dev /mnt
     vm_run "copy the files" cp -a /data /mnt/
@@ -84,6 +87,6 @@ verify)
     ;;
 esac
 
-vm_run "e2fsck -fn" $E2FSCK -fn $dev
-vm_run "disconnect" $NBD_CLIENT -d $dev
+vm_run "e2fsck -fn" "$E2FSCK" -fn $dev
+vm_run "disconnect" "$NBD_CLIENT" -d $dev
 vm_pass
