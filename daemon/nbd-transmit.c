@@ -390,7 +390,11 @@ bool nbd_transmit_input(struct conn *c)
         conn_abort(c, v.reason);
         return false;
     case NBD_VERDICT_DISC:
-        log_debug("conn %llu: NBD_CMD_DISC", (unsigned long long)c->id);
+        /* the count lets tests see how clients spread requests over
+         * their connections (e.g. the kernel's nbd-client -C N) */
+        log_debug("conn %llu: NBD_CMD_DISC after %llu requests",
+                  (unsigned long long)c->id,
+                  (unsigned long long)(c->requests_seen - 1));
         conn_close_gracefully(c);
         return false;
     case NBD_VERDICT_ERROR: {
