@@ -62,6 +62,9 @@ EXPORT = "vm"
 SIZE = 256 << 20
 GUEST_PORT = 10809
 SEED = 6
+# Each connection of a boot must carry at least this many requests (with
+# nbd-client -C 2 the guest has two CPUs, and both connections get work).
+MIN_REQUESTS = 20
 
 # The boots, in order.  mode: write (mkfs and fill) or verify (read-only
 # export, every checksum); conns: nbd-client -C; bs: nbd-client -b (the
@@ -217,9 +220,16 @@ def host_fs_check(export_file, d, files, fsbs):
     return s
 
 
-def count_transmissions(daemon):
-    return len(re.findall(rf"transmission on export '{EXPORT}'",
-                          daemon.logtext()))
+def connections(logtext):
+    """{conn id: requests before its NBD_CMD_DISC, or None} for the
+    connections that chose the export (stratad --verbose log)."""
+    conns = {int(m.group(1)): None for m in re.finditer(
+        rf"conn (\d+): transmission on export '{EXPORT}'", logtext)}
+    for m in re.finditer(r"conn (\d+): NBD_CMD_DISC after (\d+) requests",
+                         logtext):
+        if int(m.group(1)) in conns:
+            conns[int(m.group(1))] = int(m.group(2))
+    return conns
 
 
 def probe(daemon, readonly):
@@ -248,9 +258,10 @@ def boot(image, d, daemon, b, files, sums):
                f"strata.export={EXPORT} strata.size={SIZE} "
                f"strata.server={vmlib.guestfwd_addr(0)} "
                f"strata.port={GUEST_PORT}")
-    before = count_transmissions(daemon)
+    before = len(daemon.logtext())
     vm = vmlib.VM(image, d, name, init, files=guest_files,
-                  guestfwd=[(GUEST_PORT, daemon.port)], cmdline=cmdline)
+                  guestfwd=[(GUEST_PORT, daemon.port)], cmdline=cmdline,
+                  smp=conns)
     r = vm.run(BOOT_TIMEOUT)
     if not r.passed:
         print(vm.tail(120))
@@ -258,9 +269,24 @@ def boot(image, d, daemon, b, files, sums):
                "STRATA_VM_KEEP=1 keeps it)")
     H.ok(f"boot '{name}' ({conns} connection(s), block size {bs}): guest "
          f"says PASS in {r.seconds:.1f}s")
-    seen = count_transmissions(daemon) - before
-    H.check_soft(seen == conns, f"boot '{name}': stratad saw {seen} "
-                 f"connection(s) on '{EXPORT}', expected {conns}")
+    return before
+
+
+def check_connections(daemon, b, before):
+    """After stratad stopped: the boot's connections, each with its share
+    of the requests and a clean NBD_CMD_DISC."""
+    seen = connections(daemon.logtext()[before:])
+    H.check_soft(len(seen) == b["conns"], f"boot '{b['name']}': stratad saw "
+                 f"{len(seen)} connection(s) on '{EXPORT}', expected "
+                 f"{b['conns']}")
+    for cid, n in seen.items():
+        H.check_soft(n is not None, f"boot '{b['name']}': connection {cid} "
+                     "ended without NBD_CMD_DISC")
+        H.check_soft(n is None or n >= MIN_REQUESTS,
+                     f"boot '{b['name']}': connection {cid} carried {n} "
+                     f"requests, fewer than {MIN_REQUESTS}")
+    H.ok(f"boot '{b['name']}': requests per connection: "
+         f"{', '.join(str(n) for n in seen.values())}")
 
 
 def start_daemon(export_file, readonly):
@@ -311,8 +337,9 @@ def main():
             H.check_hard(mc, "the export does not advertise CAN_MULTI_CONN; "
                          f"nbd-client -C {b['conns']} needs it")
             H.ok("export advertises CAN_MULTI_CONN")
-        boot(image, d, daemon, b, files, sums)
+        before = boot(image, d, daemon, b, files, sums)
         stop_daemon(daemon, d, b["name"])
+        check_connections(daemon, b, before)
         H.ok("stratad stopped cleanly, no sanitizer report")
         qemu_img_check(images)
         for p in lower:

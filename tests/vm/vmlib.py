@@ -519,20 +519,24 @@ class VM:
                guest port reach 127.0.0.1:host port, dialled per connection;
     cmdline:   extra kernel command-line words (the init reads /proc/cmdline);
     qemu_args: extra QEMU arguments (e.g. an NBD drive);
-    memory:    guest RAM in MiB.
+    memory:    guest RAM in MiB;
+    smp:       virtual CPUs (the kernel's nbd driver sends a CPU's requests
+               on one connection per CPU: with one CPU, nbd-client -C 2
+               would use only one of its connections).
     """
 
     def __init__(self, image, workdir, name, init, files=None, guestfwd=(),
-                 cmdline="", qemu_args=(), memory=512):
+                 cmdline="", qemu_args=(), memory=512, smp=1):
         self.image = image
         self.name = name
         self.dir = os.path.join(workdir, "vm-" + name)
         os.makedirs(self.dir, exist_ok=True)
         self.serial = os.path.join(self.dir, "serial.log")
         self.qemu_log = os.path.join(self.dir, "qemu.log")
+        self.socat_log = os.path.join(self.dir, "socat.log")
         self.initrd = os.path.join(self.dir, "initrd.cpio")
         self._make_initrd(init, files or {})
-        self.args = self._qemu_args(guestfwd, cmdline, qemu_args, memory)
+        self.args = self._qemu_args(guestfwd, cmdline, qemu_args, memory, smp)
         self.proc = None
         self.t0 = None
 
@@ -552,17 +556,22 @@ class VM:
                     shutil.copyfileobj(f, out, 1 << 20)
         os.unlink(extra)
 
-    def _qemu_args(self, guestfwd, cmdline, qemu_args, memory):
+    def _qemu_args(self, guestfwd, cmdline, qemu_args, memory, smp):
         net = "user,id=n0,restrict=on"
         for i, (gport, hport) in enumerate(guestfwd):
             # QEMU runs the command each time the guest connects; so the
-            # server sees a connection only when the guest makes one.
+            # server sees a connection only when the guest makes one.  The
+            # command's stderr is the guest's stream too: socat must log to
+            # a file, or a message of it would reach the guest as data.
+            if "," in self.socat_log or " " in self.socat_log:
+                raise VMError(f"no ',' or ' ' in a VM dir: {self.dir}")
             net += (f",guestfwd=tcp:{guestfwd_addr(i)}:{int(gport)}"
-                    f"-cmd:socat - TCP:127.0.0.1:{int(hport)}")
+                    f"-cmd:socat -d -d -lu -lp socat-{i} -lf {self.socat_log}"
+                    f" - TCP:127.0.0.1:{int(hport)}")
         append = ("console=ttyS0 panic=-1 edd=off mitigations=off "
                   "loglevel=4 random.trust_cpu=on " + cmdline).strip()
         return [QEMU, "-accel", "tcg", "-machine", "pc", "-cpu", "max",
-                "-smp", "1", "-m", str(memory),
+                "-smp", str(int(smp)), "-m", str(memory),
                 "-nodefaults", "-no-user-config", "-display", "none",
                 "-no-reboot", "-monitor", "none",
                 "-serial", "file:" + self.serial,
@@ -649,13 +658,16 @@ class VM:
         return self.wait(timeout)
 
     def tail(self, n=60):
-        lines = self.serial_text().splitlines()[-n:]
-        q = ""
-        if os.path.exists(self.qemu_log):
-            with open(self.qemu_log) as f:
-                q = f.read().strip()
-        return ("\n".join(lines) +
-                (f"\n--- qemu output ---\n{q}" if q else ""))
+        """The end of the serial log, QEMU's output and socat's log."""
+        out = "\n".join(self.serial_text().splitlines()[-n:])
+        for what, path in (("qemu output", self.qemu_log),
+                           ("socat log (guestfwd)", self.socat_log)):
+            if os.path.exists(path):
+                with open(path, errors="replace") as f:
+                    text = f.read().strip()
+                if text:
+                    out += f"\n--- {what} ---\n" + text[-6000:]
+        return out
 
 
 def nbd_drive_args(port, export, drive_id="d0", host="127.0.0.1"):
