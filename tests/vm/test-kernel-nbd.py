@@ -220,15 +220,22 @@ def host_fs_check(export_file, d, files, fsbs):
     return s
 
 
+DISC_LINE = re.compile(
+    r"conn (\d+): NBD_CMD_DISC after (\d+) requests: read (\d+), "
+    r"write (\d+) \(fua (\d+)\), flush (\d+), trim (\d+), other (\d+)")
+COUNTS = ("requests", "read", "write", "fua", "flush", "trim", "other")
+
+
 def connections(logtext):
-    """{conn id: requests before its NBD_CMD_DISC, or None} for the
-    connections that chose the export (stratad --verbose log)."""
+    """{conn id: {requests, read, write, fua, flush, trim, other} counted
+    up to its NBD_CMD_DISC, or None without one} for the connections that
+    chose the export (stratad --verbose log)."""
     conns = {int(m.group(1)): None for m in re.finditer(
         rf"conn (\d+): transmission on export '{EXPORT}'", logtext)}
-    for m in re.finditer(r"conn (\d+): NBD_CMD_DISC after (\d+) requests",
-                         logtext):
+    for m in DISC_LINE.finditer(logtext):
         if int(m.group(1)) in conns:
-            conns[int(m.group(1))] = int(m.group(2))
+            conns[int(m.group(1))] = dict(zip(COUNTS,
+                                              map(int, m.groups()[1:])))
     return conns
 
 
@@ -274,19 +281,33 @@ def boot(image, d, daemon, b, files, sums):
 
 def check_connections(daemon, b, before):
     """After stratad stopped: the boot's connections, each with its share
-    of the requests and a clean NBD_CMD_DISC."""
+    of the requests and a clean NBD_CMD_DISC; what the kernel sent."""
     seen = connections(daemon.logtext()[before:])
-    H.check_soft(len(seen) == b["conns"], f"boot '{b['name']}': stratad saw "
+    name = b["name"]
+    H.check_soft(len(seen) == b["conns"], f"boot '{name}': stratad saw "
                  f"{len(seen)} connection(s) on '{EXPORT}', expected "
                  f"{b['conns']}")
+    total = dict.fromkeys(COUNTS, 0)
     for cid, n in seen.items():
-        H.check_soft(n is not None, f"boot '{b['name']}': connection {cid} "
-                     "ended without NBD_CMD_DISC")
-        H.check_soft(n is None or n >= MIN_REQUESTS,
-                     f"boot '{b['name']}': connection {cid} carried {n} "
-                     f"requests, fewer than {MIN_REQUESTS}")
-    H.ok(f"boot '{b['name']}': requests per connection: "
-         f"{', '.join(str(n) for n in seen.values())}")
+        if not H.check_soft(n is not None, f"boot '{name}': connection "
+                            f"{cid} ended without NBD_CMD_DISC"):
+            continue
+        H.check_soft(n["requests"] >= MIN_REQUESTS,
+                     f"boot '{name}': connection {cid} carried "
+                     f"{n['requests']} requests, fewer than {MIN_REQUESTS}")
+        for k in COUNTS:
+            total[k] += n[k]
+    if b["mode"] == "write":
+        for k in ("write", "fua", "flush", "trim"):
+            H.check_soft(total[k] > 0, f"boot '{name}': the kernel sent no "
+                         f"{k.upper()} request")
+    else:
+        H.check_soft(total["write"] == 0 and total["trim"] == 0,
+                     f"boot '{name}': write or trim requests on a read-only "
+                     f"export: {total}")
+    H.ok(f"boot '{name}': requests per connection: " + ", ".join(
+        str(n and n["requests"]) for n in seen.values()) + "; in all: " +
+        ", ".join(f"{k} {total[k]}" for k in COUNTS[1:]))
 
 
 def start_daemon(export_file, readonly):
