@@ -413,15 +413,24 @@ def _ldd(binary, libpath):
     return libs
 
 
+def _in_pkgs(root, rel):
+    """The path of rel (e.g. sbin/mke2fs) in the unpacked packages, which
+    may have it under usr/ (merged /usr)."""
+    for p in (rel, "usr/" + rel):
+        if os.path.lexists(os.path.join(root, p)):
+            return os.path.join(root, p)
+    raise VMError(f"{rel} is in none of the packages")
+
+
 def _build(debs, pkgs, out):
     root = os.path.join(out, "root")
     for d in debs:
         _run(["dpkg-deb", "-x", d, root])
-    kver = os.listdir(os.path.join(root, "lib", "modules"))
+    kver = os.listdir(_in_pkgs(root, "lib/modules"))
     if len(kver) != 1:
         raise VMError(f"expected one kernel in the package, found {kver}")
     kver = kver[0]
-    moddir = os.path.join(root, "lib", "modules", kver)
+    moddir = os.path.join(_in_pkgs(root, "lib/modules"), kver)
     shutil.copy(os.path.join(root, "boot", "vmlinuz-" + kver),
                 os.path.join(out, "vmlinuz"))
 
@@ -432,7 +441,7 @@ def _build(debs, pkgs, out):
     cpio.chardev("dev/console", 5, 1)
     cpio.chardev("dev/null", 1, 3, 0o666)
     cpio.symlink("etc/mtab", "/proc/mounts")
-    cpio.copy("etc/mke2fs.conf", os.path.join(root, "etc", "mke2fs.conf"))
+    cpio.copy("etc/mke2fs.conf", _in_pkgs(root, "etc/mke2fs.conf"))
 
     shipped = set()
     libpath = [os.path.join(root, "lib", "x86_64-linux-gnu"),
@@ -440,7 +449,7 @@ def _build(debs, pkgs, out):
     libs = {}
     guest_libs = []
     for b in BINARIES:
-        src = os.path.join(root, b)
+        src = _in_pkgs(root, b)
         cpio.copy(b, src)
         shipped.add(os.path.basename(b))
         for lib in _ldd(src, libpath):
@@ -457,7 +466,7 @@ def _build(debs, pkgs, out):
         cpio.file(name, open(os.path.realpath(lib), "rb").read(), 0o755)
         guest_libs.append(name)
 
-    bb = os.path.join(root, "bin", "busybox")
+    bb = _in_pkgs(root, "bin/busybox")
     cpio.copy("bin/busybox", bb)
     applets = _run([bb, "--list-full"]).split()
     nlinks = 0
@@ -465,12 +474,9 @@ def _build(debs, pkgs, out):
         base = os.path.basename(a)
         # --list includes busybox itself: never link over the binary; and
         # the real nbd-client / e2fsprogs tools win over busybox's.
-        if base == "busybox" or base in shipped:
+        if base == "busybox" or base in shipped or a.strip("/") in cpio.names:
             continue
-        target = "/bin/busybox"
-        if a.strip("/") in cpio.names:
-            continue
-        cpio.symlink(a, target)
+        cpio.symlink(a, "/bin/busybox")
         nlinks += 1
 
     order = module_order(moddir, MODULES)
