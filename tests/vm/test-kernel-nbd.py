@@ -6,19 +6,24 @@ The export is a qcow2 chain base.raw <- mid.qcow2 <- top.qcow2 served as
 file=top.qcow2,format=qcow2, or with STRATA_VM_FORMAT=raw a single raw
 file.  Base and mid hold junk patterns that the guest's mkfs overwrites.
 
-  boot 1 (write):  nbd-client -C 2 -b 4096 (the export must advertise
-                   CAN_MULTI_CONN, checked first), mkfs.ext4 -b 4096, mount,
+  boot 1 (write):  two vCPUs; the host's stratad port must be unreachable
+                   at 10.0.2.2 (restrict=on); nbd-client -C 2 -b 4096 (the
+                   export must advertise CAN_MULTI_CONN, checked first),
+                   mkfs.ext4 -b 4096, mount,
                    copy files with known SHA-256, sync, delete a scratch
                    file, fstrim, re-read after dropping caches, umount,
                    e2fsck -fn, disconnect.
-  host:            stratad stopped (exit 0); qemu-img check on every qcow2
+  host:            stratad stopped (exit 0); from its --verbose log: each
+                   connection carried >= 20 requests, and the kernel sent
+                   WRITE, FUA, FLUSH and TRIM; qemu-img check on every qcow2
                    image; base and mid unchanged; the image flattened and
                    checked with the host's e2fsck -fn and every file read
                    back with debugfs against its checksum.
   boot 2 (verify): stratad restarted with readonly=on; one connection, the
                    default 1 KiB block size; the device must be read-only;
                    mount -o ro, every checksum, e2fsck -fn, a write refused.
-  host:            qemu-img check again; the image content unchanged.
+  host:            no WRITE or TRIM reached stratad; qemu-img check again;
+                   the image content unchanged.
   boot 3 (rewrite): like boot 1 over the same export with one connection,
                    1 KiB device blocks and mke2fs's own choice of 1 KiB file
                    system blocks, so stratad gets 1 KiB requests; the host
@@ -265,7 +270,9 @@ def boot(image, d, daemon, b, files, sums):
                f"strata.fsbs={b.get('fsbs') or 'default'} "
                f"strata.export={EXPORT} strata.size={SIZE} "
                f"strata.server={vmlib.guestfwd_addr(0)} "
-               f"strata.port={GUEST_PORT}")
+               f"strata.port={GUEST_PORT}"
+               + (f" strata.hostport={daemon.port}" if b["mode"] == "write"
+                  and b["conns"] > 1 else ""))
     before = len(daemon.logtext())
     vm = vmlib.VM(image, d, name, init, files=guest_files,
                   guestfwd=[(GUEST_PORT, daemon.port)], cmdline=cmdline,

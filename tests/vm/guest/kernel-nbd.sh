@@ -3,7 +3,8 @@
 # Kernel command line: strata.mode=write|verify strata.conns=N strata.bs=N
 # strata.fsbs=N|default (mkfs block size) strata.export=NAME
 # strata.size=BYTES (strata.server / strata.port: where the host's guestfwd
-# rule forwards to stratad).
+# rule forwards to stratad; strata.hostport: stratad's port on the host,
+# which the guest must not reach any other way).
 #
 # write:  connect, mkfs.ext4, mount, copy /data, sync, fstrim, re-read after
 #         dropping caches, umount, e2fsck -fn, disconnect.
@@ -24,6 +25,7 @@ name=$(vm_arg strata.export)
 size=$(vm_arg strata.size)
 server=$(vm_arg strata.server 10.0.2.100)
 port=$(vm_arg strata.port 10809)
+hostport=$(vm_arg strata.hostport)
 dev=/dev/nbd0
 
 check_sums() {
@@ -41,6 +43,16 @@ check_sums() {
 drop_caches() {
     sync && echo 3 > /proc/sys/vm/drop_caches && blockdev --flushbufs "$dev"
 }
+
+# restrict=on: the host (10.0.2.2 in QEMU user networking) is unreachable,
+# stratad included; only the guestfwd rule leads to it.
+if [ -n "$hostport" ]; then
+    vm_log "the host's stratad port must be unreachable at 10.0.2.2:$hostport"
+    timeout 10 nc -w 3 10.0.2.2 "$hostport" < /dev/null > /tmp/nc.out 2>&1
+    grep -q "can't connect" /tmp/nc.out ||
+        vm_fail "the guest reached 10.0.2.2:$hostport: not restricted"
+    vm_log "$(cat /tmp/nc.out)"
+fi
 
 vm_run "nbd-client: $conns connection(s), block size $bs, export '$name'" \
     "$NBD_CLIENT" "$server" "$port" $dev -N "$name" -b "$bs" -C "$conns" -t 120
