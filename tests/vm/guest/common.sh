@@ -95,6 +95,13 @@ vm_wait_mailbox() {
     done
 }
 
+# vm_pin_cpu N: this shell and what it starts from now on run on CPU N
+# (the kernel's nbd driver sends a CPU's requests on that CPU's connection).
+vm_pin_cpu() {
+    taskset -p "$((1 << $1))" $$ > /dev/null || vm_fail "taskset CPU $1"
+    vm_log "running on CPU $1"
+}
+
 # Mounts, modules (in dependency order, from the image builder), network.
 vm_setup() {
     mount -t proc proc /proc || vm_fail "mount /proc"

@@ -63,6 +63,7 @@ case "$mode" in
 write)
     vm_expect "device read-only flag" 0 blockdev --getro $dev
     # mke2fs picks 1 KiB blocks on a device this small unless told
+    [ "$conns" -gt 1 ] && vm_pin_cpu 0
     set --
     [ "$fsbs" != default ] && set -- -b "$fsbs"
     vm_run "mkfs.ext4 ${*:-(default block size)}, discarding the device" \
@@ -78,7 +79,11 @@ write)
     vm_run "fstrim" fstrim -v /mnt
     vm_run "check the files (page cache)" check_sums
     vm_run "drop caches" drop_caches
+    # with -C 2: read back from the other CPU, so that both connections
+    # carry requests whatever CPU the writes happened to be issued on
+    [ "$conns" -gt 1 ] && vm_pin_cpu 1
     vm_run "check the files (read back through nbd)" check_sums
+    [ "$conns" -gt 1 ] && vm_pin_cpu 0
     vm_run "umount" umount /mnt
     ;;
 verify)
