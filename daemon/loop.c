@@ -29,6 +29,7 @@ struct loop {
     struct __kernel_timespec tick_ts;
     struct loop_op tick_op;
     bool tick_armed;
+    bool running;                    /* inside loop_run() or loop_run_sync() */
 
     struct loop_backlog_entry *backlog;
     size_t backlog_len, backlog_cap;
@@ -259,42 +260,83 @@ static void deliver(struct loop_op *op, int res, uint32_t flags)
     op->done(op, res, flags);
 }
 
-int loop_run(struct loop *l)
+/* One iteration: run what is ready, submit, wait for and deliver
+ * completions.  Returns 0 or -errno for a fatal ring error. */
+static int loop_iterate(struct loop *l, const bool *until)
 {
-    tick_arm(l);
-    while (!l->stopping) {
-        run_coroutines(l);
-        run_hooks(l);
-        if (l->stopping)
-            break;
+    run_coroutines(l);
+    run_hooks(l);
+    if (l->stopping || (until && *until))
+        return 0;
 
-        int r = io_uring_submit_and_wait(&l->ring, 1);
-        if (r < 0 && r != -EINTR && r != -EAGAIN && r != -EBUSY && r != -ETIME)
-            return r;
+    int r = io_uring_submit_and_wait(&l->ring, 1);
+    if (r < 0 && r != -EINTR && r != -EAGAIN && r != -EBUSY && r != -ETIME)
+        return r;
 
-        /* Each CQE is consumed before its handler runs, so a handler that
-         * flushes a full SQ (and moves CQEs to the backlog) can never make
-         * us deliver one twice.  Backlogged completions go first. */
-        for (;;) {
-            if (l->backlog_len) {
-                for (size_t i = 0; i < l->backlog_len; i++) {
-                    struct loop_backlog_entry e = l->backlog[i];
-                    deliver(e.op, e.res, e.flags);
-                }
-                l->backlog_len = 0;
-                continue;
+    /* Each CQE is consumed before its handler runs, so a handler that
+     * flushes a full SQ (and moves CQEs to the backlog) can never make
+     * us deliver one twice.  Backlogged completions go first. */
+    for (;;) {
+        if (l->backlog_len) {
+            for (size_t i = 0; i < l->backlog_len; i++) {
+                struct loop_backlog_entry e = l->backlog[i];
+                deliver(e.op, e.res, e.flags);
             }
-            struct io_uring_cqe *cqe;
-            if (io_uring_peek_cqe(&l->ring, &cqe) != 0)
-                break;
-            struct loop_op *op = io_uring_cqe_get_data(cqe);
-            int res = cqe->res;
-            uint32_t flags = cqe->flags;
-            io_uring_cqe_seen(&l->ring, cqe);
-            deliver(op, res, flags);
+            l->backlog_len = 0;
+            continue;
         }
+        struct io_uring_cqe *cqe;
+        if (io_uring_peek_cqe(&l->ring, &cqe) != 0)
+            break;
+        struct loop_op *op = io_uring_cqe_get_data(cqe);
+        int res = cqe->res;
+        uint32_t flags = cqe->flags;
+        io_uring_cqe_seen(&l->ring, cqe);
+        deliver(op, res, flags);
     }
     return 0;
+}
+
+int loop_run(struct loop *l)
+{
+    assert(!l->running);
+    l->running = true;
+    tick_arm(l);
+    int r = 0;
+    while (!l->stopping && r == 0)
+        r = loop_iterate(l, NULL);
+    l->running = false;
+    return r;
+}
+
+/* Runs fn(co, arg) in a coroutine and iterates the loop until it returns. */
+struct sync_call {
+    coro_fn *fn;
+    void *arg;
+    bool done;
+};
+
+static void sync_call_entry(struct coro *co, void *opaque)
+{
+    struct sync_call *sc = opaque;
+    sc->fn(co, sc->arg);
+    sc->done = true;
+}
+
+int loop_run_sync(struct loop *l, coro_fn *fn, void *arg)
+{
+    assert(!l->running);
+    struct sync_call sc = {.fn = fn, .arg = arg};
+    struct coro *co = coro_create(l->pool, sync_call_entry, &sc);
+    if (!co)
+        return -ENOMEM;
+    l->running = true;
+    coro_enter(co);
+    int r = 0;
+    while (!sc.done && r == 0)
+        r = loop_iterate(l, &sc.done);
+    l->running = false;
+    return r;
 }
 
 /* ---- coroutine helpers ---- */

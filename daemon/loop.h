@@ -49,6 +49,12 @@ void loop_free(struct loop *l);
 /* Runs until loop_stop(); returns 0 or -errno for a fatal ring error. */
 int loop_run(struct loop *l);
 void loop_stop(struct loop *l);
+
+/* Control path outside loop_run() (start-up): runs fn(co, arg) in a
+ * coroutine on l and iterates the loop until it returns.  Returns 0, or
+ * -errno if the coroutine could not be created or the ring failed.  Never
+ * call it from inside the loop (a handler or a coroutine). */
+int loop_run_sync(struct loop *l, coro_fn *fn, void *arg);
 bool loop_stopping(const struct loop *l);
 
 /* An SQE whose user_data is op.  Never returns NULL: when the submission

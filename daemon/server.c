@@ -50,6 +50,7 @@ void export_config_clear(struct export_config *cfg)
     free(cfg->file);
     free(cfg->format);
     free(cfg->description);
+    free(cfg->backing_root);
     memset(cfg, 0, sizeof(*cfg));
 }
 
@@ -67,6 +68,28 @@ static int parse_bool(const char *key, const char *v, bool *out,
         return 0;
     }
     return error_setf(errp, EINVAL, "%s=%s: expected on or off", key, v);
+}
+
+/* A byte count with an optional K, M or G suffix (binary units). */
+static int parse_size(const char *key, const char *v, uint64_t *out,
+                      struct error **errp)
+{
+    char *end;
+    errno = 0;
+    unsigned long long n = strtoull(v, &end, 10);
+    unsigned shift = 0;
+    if (*end == 'K' || *end == 'k')
+        shift = 10, end++;
+    else if (*end == 'M' || *end == 'm')
+        shift = 20, end++;
+    else if (*end == 'G' || *end == 'g')
+        shift = 30, end++;
+    if (errno || end == v || *end || v[0] == '-' || n == 0 ||
+        n > (UINT64_C(1) << 40) >> shift)
+        return error_setf(errp, EINVAL, "%s=%s: expected a size in bytes "
+                          "(with an optional K, M or G suffix)", key, v);
+    *out = (uint64_t)n << shift;
+    return 0;
 }
 
 /* Splits "k=v,k=v" with ",," standing for a literal comma. */
@@ -112,6 +135,8 @@ int export_config_parse(const char *spec, struct export_config *cfg,
             str = &cfg->format;
         else if (!strcmp(key, "description"))
             str = &cfg->description;
+        else if (!strcmp(key, "backing-root"))
+            str = &cfg->backing_root;
         if (str) {
             free(*str);
             *str = strdup(val);
@@ -127,10 +152,15 @@ int export_config_parse(const char *spec, struct export_config *cfg,
             else
                 ret = error_setf(errp, EINVAL,
                                  "cache=%s: expected none or writeback", val);
+        } else if (!strcmp(key, "l2-cache-size")) {
+            ret = parse_size(key, val, &cfg->l2_cache_bytes, errp);
+        } else if (!strcmp(key, "refcount-cache-size")) {
+            ret = parse_size(key, val, &cfg->refcount_cache_bytes, errp);
         } else {
             ret = error_setf(errp, EINVAL, "unknown export key '%s' (known: "
-                             "name, file, format, readonly, cache, description)",
-                             key);
+                             "name, file, format, readonly, cache, description, "
+                             "backing-root, l2-cache-size, "
+                             "refcount-cache-size)", key);
         }
     }
     free(item);
@@ -172,6 +202,9 @@ int server_add_export(struct server *srv, struct export_config *cfg,
         .format = cfg->format,
         .read_only = cfg->read_only,
         .direct = cfg->direct,
+        .l2_cache_bytes = cfg->l2_cache_bytes,
+        .refcount_cache_bytes = cfg->refcount_cache_bytes,
+        .backing_root = cfg->backing_root,
     };
     struct fmt_node *root = fmt_open(srv->loop, cfg->file, &fo, errp);
     if (!root) {

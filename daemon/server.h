@@ -24,6 +24,9 @@ struct export_config {
     char *description;         /* NULL: none */
     bool read_only;
     bool direct;               /* cache=none */
+    char *backing_root;        /* NULL: the top image's directory */
+    uint64_t l2_cache_bytes;   /* 0: default */
+    uint64_t refcount_cache_bytes;
 };
 
 struct export {

@@ -79,14 +79,35 @@ struct fmt_node {
     bool read_only;
 };
 
+/* Metadata cache sizes per qcow2 node (bytes) when not configured. */
+#define FMT_DEFAULT_L2_CACHE       (UINT64_C(4) << 20)
+#define FMT_DEFAULT_REFCOUNT_CACHE (UINT64_C(1) << 20)
+/* Longest backing chain opened (layers, the top included). */
+#define FMT_MAX_CHAIN_DEPTH        64
+
 struct fmt_open_opts {
-    const char *format;        /* "raw" (more formats later) */
-    bool read_only;
+    const char *format;        /* "raw" or "qcow2"; NULL: raw, refused if
+                                  the file looks like qcow2 */
+    bool read_only;            /* the top; backing layers always are */
     bool direct;               /* cache=none */
+    uint64_t l2_cache_bytes;   /* qcow2: L2 table cache per node; 0 =
+                                  FMT_DEFAULT_L2_CACHE */
+    uint64_t refcount_cache_bytes; /* 0 = FMT_DEFAULT_REFCOUNT_CACHE */
+    const char *backing_root;  /* backing files must resolve inside this
+                                  directory; NULL: the top image's own
+                                  directory */
 };
 
-/* Opens a node (and, for formats with backing files, its whole chain).
- * Control path. */
+/* Opens a node and, for qcow2, its whole backing chain: backing names
+ * relative to the overlay's directory or absolute, the backing format from
+ * the header (probed only when absent), every backing layer read-only, at
+ * most FMT_MAX_CHAIN_DEPTH layers, no loops, every file inside the
+ * backing root.  Runs in a coroutine on loop. */
+struct fmt_node *fmt_open_co(struct loop *loop, struct coro *co,
+                             const char *spec,
+                             const struct fmt_open_opts *opts,
+                             struct error **errp);
+/* The same from outside the loop (start-up): drives the loop until done. */
 struct fmt_node *fmt_open(struct loop *loop, const char *spec,
                           const struct fmt_open_opts *opts,
                           struct error **errp);
@@ -112,5 +133,13 @@ int fmt_cache_co(struct fmt_node *n, struct coro *co, uint64_t off,
 struct fmt_node *raw_open(struct loop *loop, struct backend *file,
                           const struct fmt_open_opts *opts,
                           struct error **errp);
+struct fmt_node *qcow2_open_co(struct loop *loop, struct coro *co,
+                               struct backend *file,
+                               const struct fmt_open_opts *opts,
+                               struct error **errp);
+/* The backing file name and format recorded in a qcow2 node (NULL when
+ * there is none). */
+const char *qcow2_backing_name(struct fmt_node *n);
+const char *qcow2_backing_format(struct fmt_node *n);
 
 #endif
