@@ -4,7 +4,7 @@
 set -euo pipefail
 
 level=${1:-build}
-pkgs=(gcc pkg-config meson ninja-build liburing-dev)
+pkgs=(gcc pkg-config meson ninja-build liburing-dev libjson-c-dev)
 if [[ $level == test || $level == bench ]]; then
     # cmocka for unit tests; real clients for integration tests
     pkgs+=(libcmocka-dev libnbd-bin python3-libnbd qemu-utils nbdkit fio
