@@ -9,6 +9,9 @@ if [[ $level == test || $level == bench ]]; then
     # cmocka for unit tests; real clients for integration tests
     pkgs+=(libcmocka-dev libnbd-bin python3-libnbd qemu-utils nbdkit fio
            python3)
+    # a third-party QMP client (Go) and qemu-storage-daemon to compare the
+    # control socket with (test-qmp-tools.py)
+    pkgs+=(golang-go golang-github-digitalocean-go-qemu-dev qemu-system-common)
 fi
 
 missing=()

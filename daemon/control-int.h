@@ -70,6 +70,17 @@ struct control {
     struct loop_timer timer;
     struct server_shutdown_hook shutdown_hook;
     struct server_change_hook change_hook;
+    /* Events that must follow the reply of the command that caused them
+     * (BLOCK_EXPORT_DELETED, as QEMU emits it from a bottom half): sent
+     * at the end of the loop iteration. */
+    struct ctl_event *deferred_head, *deferred_tail;
+    struct loop_hook deferred_hook;
+};
+
+struct ctl_event {
+    struct ctl_event *next;
+    char *name;
+    struct json_object *data;
 };
 
 /* The context of one command run. */

@@ -566,12 +566,37 @@ static int hook_sync_co(struct server_change_hook *h, struct coro *co)
     return ctl->state ? state_sync_co(ctl->state, co) : 0;
 }
 
+static void deferred_fn(struct loop_hook *h)
+{
+    struct control *ctl = (struct control *)((char *)h - offsetof(struct control, deferred_hook));
+    while (ctl->deferred_head) {
+        struct ctl_event *ev = ctl->deferred_head;
+        ctl->deferred_head = ev->next;
+        if (!ctl->deferred_head)
+            ctl->deferred_tail = NULL;
+        ctl_emit(ctl, ev->name, ev->data);
+        free(ev->name);
+        free(ev);
+    }
+}
+
 static void hook_export_deleted(struct server_change_hook *h, const char *id)
 {
     struct control *ctl = (struct control *)((char *)h - offsetof(struct control, change_hook));
-    struct json_object *d = json_object_new_object();
-    json_object_object_add(d, "id", json_object_new_string(id));
-    ctl_emit(ctl, "BLOCK_EXPORT_DELETED", d);
+    struct ctl_event *ev = calloc(1, sizeof(*ev));
+    if (!ev || !(ev->name = strdup("BLOCK_EXPORT_DELETED"))) {
+        free(ev);
+        log_error("out of memory for a BLOCK_EXPORT_DELETED event");
+        return;
+    }
+    ev->data = json_object_new_object();
+    json_object_object_add(ev->data, "id", json_object_new_string(id));
+    if (ctl->deferred_tail)
+        ctl->deferred_tail->next = ev;
+    else
+        ctl->deferred_head = ev;
+    ctl->deferred_tail = ev;
+    loop_defer(ctl->loop, &ctl->deferred_hook);
 }
 
 static void jobs_emit(void *opaque, const char *event, struct json_object *data)
@@ -669,6 +694,7 @@ struct control *control_new(struct server *srv, const char *path,
     ctl->change_hook.changed = hook_changed;
     ctl->change_hook.sync_co = hook_sync_co;
     ctl->change_hook.export_deleted = hook_export_deleted;
+    ctl->deferred_hook.fn = deferred_fn;
     srv->change_hook = &ctl->change_hook;
     arm_accept(ctl);
     log_info("control socket on %s (mode %04o)", path, mode);
@@ -689,6 +715,14 @@ void control_free(struct control *ctl)
     assert(!ctl->clients);
     if (ctl->srv->change_hook == &ctl->change_hook)
         ctl->srv->change_hook = NULL;
+    loop_undefer(ctl->loop, &ctl->deferred_hook);
+    while (ctl->deferred_head) {
+        struct ctl_event *ev = ctl->deferred_head;
+        ctl->deferred_head = ev->next;
+        json_object_put(ev->data);
+        free(ev->name);
+        free(ev);
+    }
     job_engine_free(ctl->jobs);
     loop_timer_del(ctl->loop, &ctl->timer);
     close(ctl->fd);
