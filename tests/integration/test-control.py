@@ -340,7 +340,11 @@ while time.time() - t0 < 60:
         check(q.cmd("query-version")["package"].startswith("strata"), "q still answered")
 check(dropped, "a control client that never reads was not dropped within 60 s")
 rss1 = rss_kib(dmn.proc.pid)
-check(rss1 - rss0 < 64 * 1024, f"daemon RSS grew from {rss0} to {rss1} KiB")
+# (under AddressSanitizer freed memory sits in its quarantine, so RSS says
+# nothing there; the drop itself is checked above and below)
+with open(harness.STRATAD, "rb") as f:
+    asan = b"__asan_init" in f.read()
+check(asan or rss1 - rss0 < 64 * 1024, f"daemon RSS grew from {rss0} to {rss1} KiB")
 deaf.close()
 check("more than" in dmn.logtext() and "unread: dropping it" in dmn.logtext(), "drop logged")
 h.pwrite(b"\x5b" * 4096, 0)
