@@ -266,7 +266,7 @@ static void blockdev_free(struct blockdev *b)
 
 struct blockdev *server_blockdev_add(struct server *srv,
                                      const struct blockdev_config *cfg,
-                                     struct error **errp)
+                                     struct coro *co, struct error **errp)
 {
     if (!id_wellformed(cfg->node_name)) {
         error_setf(errp, EINVAL, "Invalid node-name: '%s'", cfg->node_name);
@@ -285,7 +285,9 @@ struct blockdev *server_blockdev_add(struct server *srv,
         .refcount_cache_bytes = cfg->refcount_cache_bytes,
         .backing_root = cfg->backing_root,
     };
-    struct fmt_node *root = fmt_open(srv->loop, cfg->filename, &fo, errp);
+    struct fmt_node *root =
+        co ? fmt_open_co(srv->loop, co, cfg->filename, &fo, errp)
+           : fmt_open(srv->loop, cfg->filename, &fo, errp);
     if (!root)
         return NULL;
     struct blockdev *b = calloc(1, sizeof(*b));
@@ -521,7 +523,7 @@ int server_add_export(struct server *srv, struct export_config *cfg,
     int ret = 0;
     if (server_find_export_id(srv, id))
         ret = error_setf(errp, EEXIST, "export id '%s' is defined twice", id);
-    struct blockdev *b = ret ? NULL : server_blockdev_add(srv, &bc, errp);
+    struct blockdev *b = ret ? NULL : server_blockdev_add(srv, &bc, NULL, errp);
     if (!b) {
         error_prefix(errp, "export '%s': ", cfg->name);
         free(id);

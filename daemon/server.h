@@ -214,9 +214,11 @@ struct blockdev_config {
     uint64_t l2_cache_bytes;   /* qcow2: 0 = default */
     uint64_t refcount_cache_bytes;
 };
+/* Opens the node's chain: in the coroutine co when running (QMP), or with
+ * co NULL before the loop runs (start-up). */
 struct blockdev *server_blockdev_add(struct server *srv,
                                      const struct blockdev_config *cfg,
-                                     struct error **errp);
+                                     struct coro *co, struct error **errp);
 int server_blockdev_del(struct server *srv, const char *node_name,
                         struct error **errp);
 struct blockdev *server_find_blockdev(struct server *srv,
