@@ -131,27 +131,30 @@ def rand_off(rnd, base, span, length):
     return base + off
 
 
-def gen_ops(seed, count, base, span):
-    """A list of ops: (kind, offset, length, flags, payload_seed)."""
+def gen_ops(seed, count, base, span, max_write=MiB, max_zero=4 * MiB):
+    """A list of ops: (kind, offset, length, flags, payload_seed).  Writes
+    and reads are at most max_write bytes, zeroes and trims max_zero."""
+    max_write = min(max_write, span)
+    max_zero = min(max_zero, span)
     rnd = random.Random(seed)
     ops = []
     while len(ops) < count:
         r = rnd.random()
         if r < 0.40:
-            n = rand_len(rnd, MiB)
+            n = rand_len(rnd, max_write)
             flags = nbd.CMD_FLAG_FUA if rnd.random() < 0.2 else 0
             ops.append(("write", rand_off(rnd, base, span, n), n, flags, rnd.getrandbits(64)))
         elif r < 0.75:
-            n = rand_len(rnd, MiB)
+            n = rand_len(rnd, max_write)
             ops.append(("read", rand_off(rnd, base, span, n), n, 0, 0))
         elif r < 0.87:
-            n = rand_len(rnd, 4 * MiB)
+            n = rand_len(rnd, max_zero)
             flags = nbd.CMD_FLAG_NO_HOLE if rnd.random() < 0.5 else 0
             if rnd.random() < 0.1:
                 flags |= nbd.CMD_FLAG_FUA
             ops.append(("zero", rand_off(rnd, base, span, n), n, flags, 0))
         elif r < 0.96:
-            n = rand_len(rnd, 4 * MiB)
+            n = rand_len(rnd, max_zero)
             off = rand_off(rnd, base, span, n)
             ops.append(("trim", off, n, 0, 0))
             ops.append(("trimread", off, n, 0, 0))
