@@ -10,6 +10,7 @@ import hashlib
 import os
 import random
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -77,10 +78,10 @@ class QemuNbd:
             self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT,
                                          preexec_fn=_die_with_parent)
             deadline = time.time() + 10
-            while not os.path.exists(self.sock) and self.proc.poll() is None \
+            while not self._listening() and self.proc.poll() is None \
                     and time.time() < deadline:
                 time.sleep(0.02)
-            if os.path.exists(self.sock) and self.proc.poll() is None:
+            if self._listening() and self.proc.poll() is None:
                 self.aio = aio
                 atexit.register(self.kill)
                 return
@@ -90,6 +91,20 @@ class QemuNbd:
             self.log.seek(0)
             print(f"note: qemu-nbd --aio={aio} did not start: {self.log.read().strip()}")
         fail("qemu-nbd did not start with --aio=io_uring nor --aio=threads")
+
+    def _listening(self):
+        """The socket accepts connections (it exists a moment before
+        qemu-nbd listens on it, and a connection then is refused)."""
+        if not os.path.exists(self.sock):
+            return False
+        s = socket.socket(socket.AF_UNIX)
+        try:
+            s.connect(self.sock)
+            return True
+        except OSError:
+            return False
+        finally:
+            s.close()
 
     def uri(self):
         return f"nbd+unix:///{self.name}?socket={self.sock}"
