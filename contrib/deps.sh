@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
 # Installs what strata needs on Debian 12, and nothing when all is present.
-# Usage: contrib/deps.sh [build|test|bench]   (each level includes the one before)
+# Usage: contrib/deps.sh [build|demo|test|bench]
+#   build: compile; demo: + qemu-img to make the demo chain; test, bench:
+#   + everything the test suite and the benchmarks run
 set -euo pipefail
 
 level=${1:-build}
 pkgs=(gcc pkg-config meson ninja-build liburing-dev zlib1g-dev libzstd-dev)
+if [[ $level == demo ]]; then
+    pkgs+=(qemu-utils)
+fi
 if [[ $level == test || $level == bench ]]; then
     # cmocka for unit tests; real clients for integration tests
     pkgs+=(libcmocka-dev libnbd-bin python3-libnbd qemu-utils nbdkit fio
-           python3)
+           python3 qemu-system-common)
 fi
 
 missing=()

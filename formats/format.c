@@ -226,6 +226,35 @@ struct fmt_node *fmt_open_co(struct loop *loop, struct coro *co,
     return n;
 }
 
+struct fmt_node *fmt_open_overlay_co(struct loop *loop, struct coro *co,
+                                     const char *path,
+                                     struct fmt_node *backing,
+                                     const struct fmt_open_opts *opts,
+                                     struct error **errp)
+{
+    struct backend_open_opts bo = {
+        .read_only = opts->read_only,
+        .direct = opts->direct,
+    };
+    struct backend *file = backend_open(loop, path, &bo, errp);
+    if (!file)
+        return NULL;
+    struct fmt_node *n = qcow2_open_co(loop, co, file, opts, errp);
+    if (!n) {
+        backend_close(file);
+        return NULL;
+    }
+    free(n->filename);
+    n->filename = strdup(path);
+    if (!n->filename) {
+        fmt_close(n);
+        error_setf(errp, ENOMEM, "out of memory");
+        return NULL;
+    }
+    n->backing = backing;
+    return n;
+}
+
 struct sync_open {
     struct loop *loop;
     const char *spec;

@@ -111,6 +111,14 @@ struct fmt_node *fmt_open_co(struct loop *loop, struct coro *co,
 struct fmt_node *fmt_open(struct loop *loop, const char *spec,
                           const struct fmt_open_opts *opts,
                           struct error **errp);
+/* Opens path as a qcow2 image on top of an already open chain (its
+ * recorded backing name is not followed): the new top of an external
+ * snapshot.  backing must stay open as long as the new node. */
+struct fmt_node *fmt_open_overlay_co(struct loop *loop, struct coro *co,
+                                     const char *path,
+                                     struct fmt_node *backing,
+                                     const struct fmt_open_opts *opts,
+                                     struct error **errp);
 /* Closes a node, its backing chain and their backends. */
 void fmt_close(struct fmt_node *n);
 
@@ -141,5 +149,18 @@ struct fmt_node *qcow2_open_co(struct loop *loop, struct coro *co,
  * there is none). */
 const char *qcow2_backing_name(struct fmt_node *n);
 const char *qcow2_backing_format(struct fmt_node *n);
+/* Creates a new qcow2 image (fails if path exists): 64 KiB clusters,
+ * version 3, backing_name/backing_fmt recorded when not NULL.  The file and
+ * its directory are synced before this returns; on failure nothing is
+ * left behind. */
+int qcow2_create_co(struct loop *loop, struct coro *co, const char *path,
+                    uint64_t size, const char *backing_name,
+                    const char *backing_fmt, struct error **errp);
+/* Rewrites the backing link recorded in a qcow2 node's header (one write
+ * of the header cluster, synced before and after).  Other extensions are
+ * kept.  The node's backing pointer is the caller's business. */
+int qcow2_set_backing_co(struct fmt_node *n, struct coro *co,
+                         const char *backing_name, const char *backing_fmt,
+                         struct error **errp);
 
 #endif

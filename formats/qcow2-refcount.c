@@ -396,11 +396,297 @@ int qcow2_free_entry_co(struct qcow2 *s, struct coro *co,
     }
 }
 
+/* ---- rebuilding refcounts (dirty image) ---- */
+
+/* Reference counts gathered by walking all metadata. */
+struct recount {
+    struct qcow2 *s;
+    struct coro *co;
+    struct error **errp;
+    uint32_t *counts;
+    uint64_t nclusters;
+    uint8_t *l2buf;
+};
+
+static int recount_range(struct recount *rc, uint64_t off, uint64_t len,
+                         const char *what)
+{
+    if (len == 0)
+        return 0;
+    const unsigned cb = rc->s->h.cluster_bits;
+    uint64_t first = off >> cb, last = (off + len - 1) >> cb;
+    if (last >= rc->nclusters)
+        return error_setf(rc->errp, EINVAL, "%s: %s at %#llx reaches past "
+                          "the end of the file", rc->s->node.filename, what,
+                          (unsigned long long)off);
+    for (uint64_t c = first; c <= last; c++) {
+        if (rc->counts[c] == UINT32_MAX)
+            return error_setf(rc->errp, EINVAL, "%s: cluster %#llx has too "
+                              "many references", rc->s->node.filename,
+                              (unsigned long long)(c << cb));
+        rc->counts[c]++;
+    }
+    return 0;
+}
+
+/* Counts one L1 table (active or a snapshot's): its L2 tables and every
+ * cluster they reference. */
+static int recount_l1(struct recount *rc, uint64_t l1_off, uint32_t l1_size)
+{
+    struct qcow2 *s = rc->s;
+    const uint64_t cs = qcow2_cs(s);
+    if (l1_size == 0)
+        return 0;
+    if ((uint64_t)l1_size * 8 > QCOW2_MAX_L1_BYTES || (l1_off & (cs - 1)))
+        return error_setf(rc->errp, EINVAL, "%s: invalid L1 table at %#llx",
+                          s->node.filename, (unsigned long long)l1_off);
+    int r = recount_range(rc, l1_off, (uint64_t)l1_size * 8, "an L1 table");
+    if (r < 0)
+        return r;
+    uint64_t a = s->io_align;
+    uint64_t l1len = ((uint64_t)l1_size * 8 + a - 1) & ~(a - 1);
+    uint8_t *l1 = qcow2_buf_alloc(s, l1len);
+    if (!l1)
+        return error_setf(rc->errp, ENOMEM, "out of memory");
+    r = backend_pread_co(s->node.file, rc->co, l1, l1len, l1_off);
+    for (uint32_t i = 0; r == 0 && i < l1_size; i++) {
+        struct qcow2_l1_entry l1e;
+        if (qcow2_l1_entry_decode(&s->h, be_get64(l1 + (uint64_t)i * 8),
+                                  &l1e) < 0) {
+            r = error_setf(rc->errp, EINVAL, "%s: unaligned L2 table offset "
+                           "in L1 entry %u", s->node.filename, i);
+            break;
+        }
+        if (!l1e.l2_offset)
+            continue;
+        r = recount_range(rc, l1e.l2_offset, cs, "an L2 table");
+        if (r == 0)
+            r = backend_pread_co(s->node.file, rc->co, rc->l2buf, cs,
+                                 l1e.l2_offset);
+        for (uint32_t j = 0; r == 0 && j < s->h.l2_entries; j++) {
+            uint64_t raw, bitmap;
+            struct qcow2_l2_entry e;
+            qcow2_l2_read(s, rc->l2buf, j, &raw, &bitmap);
+            if (qcow2_l2_entry_decode(&s->h, raw, bitmap, &e) < 0) {
+                r = error_setf(rc->errp, EINVAL, "%s: invalid L2 entry %#llx",
+                               s->node.filename, (unsigned long long)raw);
+                break;
+            }
+            if (e.type == QCOW2_CLUSTER_COMPRESSED)
+                r = recount_range(rc, e.host_offset & ~UINT64_C(511),
+                                  (uint64_t)e.nb_sectors * 512,
+                                  "a compressed cluster");
+            else if (e.host_offset)
+                r = recount_range(rc, e.host_offset, cs, "a data cluster");
+        }
+    }
+    free(l1);
+    if (r < 0 && !*rc->errp)
+        error_setf(rc->errp, -r, "%s: reading metadata: %s", s->node.filename,
+                   strerror(-r));
+    return r;
+}
+
+/* Reads len bytes at off into a new buffer (rounded to the alignment). */
+static uint8_t *read_meta(struct recount *rc, uint64_t off, uint64_t len)
+{
+    uint64_t a = rc->s->io_align;
+    uint64_t rl = (len + a - 1) & ~(a - 1);
+    uint8_t *buf = qcow2_buf_alloc(rc->s, rl ? rl : a);
+    if (!buf) {
+        error_setf(rc->errp, ENOMEM, "out of memory");
+        return NULL;
+    }
+    int r = backend_pread_co(rc->s->node.file, rc->co, buf, rl, off);
+    if (r < 0) {
+        error_setf(rc->errp, -r, "%s: reading metadata: %s",
+                   rc->s->node.filename, strerror(-r));
+        free(buf);
+        return NULL;
+    }
+    return buf;
+}
+
+static int recount_snapshots(struct recount *rc)
+{
+    struct qcow2 *s = rc->s;
+    uint32_t n = s->h.nb_snapshots;
+    if (n == 0)
+        return 0;
+    /* The table's size is only known by walking it; headers are small. */
+    uint64_t cap = (uint64_t)n * 1024 + 4096;
+    uint64_t avail = s->node.file->size - s->h.snapshots_offset;
+    if (cap > avail)
+        cap = avail;
+    uint8_t *t = read_meta(rc, s->h.snapshots_offset, cap);
+    if (!t)
+        return -EIO;
+    uint64_t pos = 0;
+    int r = 0;
+    for (uint32_t i = 0; i < n && r == 0; i++) {
+        if (pos + 40 > cap) {
+            r = error_setf(rc->errp, EINVAL, "%s: snapshot table truncated",
+                           s->node.filename);
+            break;
+        }
+        uint64_t l1_off = be_get64(t + pos);
+        uint32_t l1_size = be_get32(t + pos + 8);
+        uint16_t id_len = be_get16(t + pos + 12);
+        uint16_t name_len = be_get16(t + pos + 14);
+        uint32_t extra = be_get32(t + pos + 36);
+        uint64_t len = 40 + (uint64_t)extra + id_len + name_len;
+        len = (len + 7) & ~UINT64_C(7);
+        if (extra > 1024 || pos + len > cap) {
+            r = error_setf(rc->errp, EINVAL, "%s: malformed snapshot table",
+                           s->node.filename);
+            break;
+        }
+        r = recount_l1(rc, l1_off, l1_size);
+        pos += len;
+    }
+    if (r == 0)
+        r = recount_range(rc, s->h.snapshots_offset, pos, "the snapshot table");
+    free(t);
+    return r;
+}
+
+static int recount_bitmaps(struct recount *rc,
+                           const struct qcow2_extensions *ext)
+{
+    struct qcow2 *s = rc->s;
+    if (!ext->has_bitmaps || !ext->bitmaps_consistent)
+        return 0;
+    uint64_t size = ext->bitmap_directory_size;
+    uint8_t *dir = read_meta(rc, ext->bitmap_directory_offset, size);
+    if (!dir)
+        return -EIO;
+    int r = recount_range(rc, ext->bitmap_directory_offset, size,
+                          "the bitmap directory");
+    uint64_t pos = 0;
+    for (uint32_t i = 0; r == 0 && i < ext->nb_bitmaps; i++) {
+        if (pos + 24 > size) {
+            r = error_setf(rc->errp, EINVAL, "%s: malformed bitmap directory",
+                           s->node.filename);
+            break;
+        }
+        uint64_t toff = be_get64(dir + pos);
+        uint32_t tsize = be_get32(dir + pos + 8);
+        uint16_t name_size = be_get16(dir + pos + 18);
+        uint32_t extra = be_get32(dir + pos + 20);
+        uint64_t esize = (24 + (uint64_t)extra + name_size + 7) &
+                         ~UINT64_C(7);
+        if (pos + esize > size || (uint64_t)tsize * 8 > (UINT64_C(64) << 20)) {
+            r = error_setf(rc->errp, EINVAL, "%s: malformed bitmap directory",
+                           s->node.filename);
+            break;
+        }
+        r = recount_range(rc, toff, (uint64_t)tsize * 8, "a bitmap table");
+        uint8_t *tbl = r == 0 && tsize ? read_meta(rc, toff,
+                                                   (uint64_t)tsize * 8)
+                                       : NULL;
+        if (r == 0 && tsize && !tbl)
+            r = -EIO;
+        for (uint32_t j = 0; r == 0 && j < tsize; j++) {
+            uint64_t e = be_get64(tbl + (uint64_t)j * 8) &
+                         UINT64_C(0x00fffffffffffe00);
+            if (e)
+                r = recount_range(rc, e, qcow2_cs(s), "a bitmap cluster");
+        }
+        free(tbl);
+        pos += esize;
+    }
+    free(dir);
+    return r;
+}
+
 int qcow2_rebuild_refcounts_co(struct qcow2 *s, struct coro *co,
+                               const struct qcow2_extensions *ext,
                                struct error **errp)
 {
-    (void)co;
-    return error_setf(errp, ENOTSUP, "%s: the image is marked dirty; repair "
-                      "it with 'qemu-img check -r all' first",
-                      s->node.filename);
+    const uint64_t cs = qcow2_cs(s);
+    struct recount rc = {.s = s, .co = co, .errp = errp};
+    rc.nclusters = (s->node.file->size + cs - 1) / cs;
+    if (rc.nclusters > (UINT64_C(1) << 28))
+        return error_setf(errp, EFBIG, "%s: the image is marked dirty and "
+                          "too large to rebuild its refcounts here; repair "
+                          "it with 'qemu-img check -r all'", s->node.filename);
+    log_warn("%s: the image is marked dirty (not closed cleanly with lazy "
+             "refcounts): rebuilding its refcounts", s->node.filename);
+    rc.counts = calloc(rc.nclusters ? rc.nclusters : 1, sizeof(uint32_t));
+    rc.l2buf = qcow2_buf_alloc(s, cs);
+    int r = 0;
+    if (!rc.counts || !rc.l2buf)
+        r = error_setf(errp, ENOMEM, "out of memory");
+    if (r == 0)
+        r = recount_range(&rc, 0, cs, "the header");
+    if (r == 0)
+        r = recount_l1(&rc, s->h.l1_table_offset, s->h.l1_size);
+    if (r == 0)
+        r = recount_range(&rc, s->h.refcount_table_offset,
+                          (uint64_t)s->h.refcount_table_clusters * cs,
+                          "the refcount table");
+    for (uint64_t i = 0; r == 0 && i < s->reftable_entries; i++) {
+        uint64_t off = reftable_get(s, i);
+        if (off)
+            r = recount_range(&rc, off, cs, "a refcount block");
+    }
+    if (r == 0)
+        r = recount_snapshots(&rc);
+    if (r == 0)
+        r = recount_bitmaps(&rc, ext);
+
+    /* Every counted cluster must have a refcount block; then fix the
+     * values that differ. */
+    const uint64_t per = per_block(s);
+    const uint64_t max = qcow2_refcount_max(s->h.refcount_order);
+    uint64_t fixed = 0;
+    for (uint64_t c = 0; r == 0 && c < rc.nclusters; c++) {
+        uint64_t idx = c / per;
+        if (rc.counts[c] && (idx >= s->reftable_entries ||
+                             reftable_get(s, idx) == 0))
+            r = error_setf(errp, EINVAL, "%s: cluster %#llx is in use but "
+                           "has no refcount block; repair the image with "
+                           "'qemu-img check -r all'", s->node.filename,
+                           (unsigned long long)(c * cs));
+        if (rc.counts[c] > max)
+            r = error_setf(errp, EINVAL, "%s: cluster %#llx has more "
+                           "references than its refcount can hold",
+                           s->node.filename, (unsigned long long)(c * cs));
+    }
+    for (uint64_t idx = 0; r == 0 && idx < s->reftable_entries; idx++) {
+        if (!reftable_get(s, idx))
+            continue;
+        struct qcow2_cache_entry *e;
+        r = block_get_co(s, co, idx, &e);
+        if (r < 0) {
+            error_setf(errp, -r, "%s: reading a refcount block: %s",
+                       s->node.filename, strerror(-r));
+            break;
+        }
+        for (uint64_t j = 0; j < per; j++) {
+            uint64_t c = idx * per + j;
+            uint64_t want = c < rc.nclusters ? rc.counts[c] : 0;
+            if (qcow2_refcount_get(e->table, s->h.refcount_order, j) != want) {
+                qcow2_refcount_set(e->table, s->h.refcount_order, j, want);
+                qcow2_cache_mark_dirty(&s->rb_cache, e);
+                fixed++;
+            }
+        }
+        qcow2_cache_put(&s->rb_cache, e);
+    }
+    if (r == 0) {
+        r = qcow2_cache_flush_co(&s->rb_cache, co);
+        if (r == 0)
+            r = backend_flush_co(s->node.file, co);
+        if (r < 0)
+            error_setf(errp, -r, "%s: writing refcounts: %s",
+                       s->node.filename, strerror(-r));
+    }
+    if (r == 0)
+        log_warn("%s: refcounts rebuilt (%llu corrected)", s->node.filename,
+                 (unsigned long long)fixed);
+    free(rc.counts);
+    free(rc.l2buf);
+    s->free_cluster_index = 0;
+    return r < 0 ? r : 0;
 }

@@ -1279,7 +1279,7 @@ struct fmt_node *qcow2_open_co(struct loop *loop, struct coro *co,
     if (!n->read_only) {
         bool hdr_changed = false;
         if (s->h.dirty) {
-            r = qcow2_rebuild_refcounts_co(s, co, errp);
+            r = qcow2_rebuild_refcounts_co(s, co, ext, errp);
             if (r < 0)
                 goto fail;
             s->h.incompatible_features &= ~QCOW2_INCOMPAT_DIRTY;

@@ -188,6 +188,7 @@ int qcow2_free_entry_co(struct qcow2 *s, struct coro *co,
 /* Rebuilds every refcount from the metadata (dirty image, lazy
  * refcounts).  Leaves the image consistent on disk. */
 int qcow2_rebuild_refcounts_co(struct qcow2 *s, struct coro *co,
+                               const struct qcow2_extensions *ext,
                                struct error **errp);
 
 /* ---------------- cluster map (s->lock held) ---------------- */
