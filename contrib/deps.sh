@@ -6,14 +6,19 @@
 set -euo pipefail
 
 level=${1:-build}
-pkgs=(gcc pkg-config meson ninja-build liburing-dev zlib1g-dev libzstd-dev)
+pkgs=(gcc pkg-config meson ninja-build liburing-dev zlib1g-dev libzstd-dev
+      libjson-c-dev)
 if [[ $level == demo ]]; then
     pkgs+=(qemu-utils)
 fi
 if [[ $level == test || $level == bench ]]; then
-    # cmocka for unit tests; real clients for integration tests
+    # cmocka for unit tests; real clients for integration tests;
+    # qemu-storage-daemon (qemu-system-common) for the chain benchmark
+    # and to compare the control socket with
     pkgs+=(libcmocka-dev libnbd-bin python3-libnbd qemu-utils nbdkit fio
            python3 qemu-system-common)
+    # a third-party QMP client (Go) for test-qmp-tools.py
+    pkgs+=(golang-go golang-github-digitalocean-go-qemu-dev)
 fi
 
 missing=()

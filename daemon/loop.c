@@ -364,3 +364,64 @@ int loop_wait_co(struct loop_wait *w)
         coro_yield(w->co);
     return w->res;
 }
+
+/* ---- interruptible sleep ---- */
+
+static void sleep_done(struct loop_op *op, int res, uint32_t flags)
+{
+    struct loop_sleep *s = (struct loop_sleep *)op;
+    (void)res;
+    (void)flags;
+    s->sleeping = false;
+    if (!s->cancel_pending)
+        coro_wake(s->co);
+}
+
+static void sleep_cancel_done(struct loop_op *op, int res, uint32_t flags)
+{
+    struct loop_sleep *s =
+        (struct loop_sleep *)((char *)op - offsetof(struct loop_sleep, cancel_op));
+    (void)res;
+    (void)flags;
+    s->cancel_pending = false;
+    if (!s->sleeping)
+        coro_wake(s->co);
+}
+
+void loop_sleep_init(struct loop_sleep *s)
+{
+    memset(s, 0, sizeof(*s));
+    s->op.done = sleep_done;
+    s->cancel_op.done = sleep_cancel_done;
+}
+
+int loop_sleep_co(struct loop *l, struct loop_sleep *s, struct coro *co,
+                  uint64_t ns)
+{
+    assert(!s->sleeping && !s->cancel_pending);
+    if (ns == 0)
+        return 0;
+    s->co = co;
+    s->ts.tv_sec = (long long)(ns / 1000000000u);
+    s->ts.tv_nsec = (long long)(ns % 1000000000u);
+    struct io_uring_sqe *sqe = loop_get_sqe(l, &s->op);
+    io_uring_prep_timeout(sqe, &s->ts, 0, 0);
+    s->sleeping = true;
+    s->woken_early = false;
+    /* Both completions (the timeout's, and the removal's if any) must be
+     * in before the struct can go away; the later one wakes us. */
+    while (s->sleeping || s->cancel_pending)
+        coro_yield(co);
+    s->co = NULL;
+    return s->woken_early ? -ECANCELED : 0;
+}
+
+void loop_sleep_wake(struct loop *l, struct loop_sleep *s)
+{
+    if (!s->sleeping || s->cancel_pending)
+        return;
+    s->woken_early = true;
+    struct io_uring_sqe *sqe = loop_get_sqe(l, &s->cancel_op);
+    io_uring_prep_timeout_remove(sqe, (uint64_t)(uintptr_t)&s->op, 0);
+    s->cancel_pending = true;
+}

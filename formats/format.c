@@ -282,6 +282,30 @@ struct fmt_node *fmt_open(struct loop *loop, const char *spec,
     return so.result;
 }
 
+int fmt_reopen_co(struct fmt_node *n, struct coro *co, bool read_only,
+                  struct error **errp)
+{
+    if (n->read_only == read_only)
+        return 0;
+    if (!n->ops->reopen_co)
+        return error_setf(errp, ENOTSUP, "%s: %s cannot be reopened",
+                          n->filename, n->ops->name);
+    return n->ops->reopen_co(n, co, read_only, errp);
+}
+
+int fmt_grow_co(struct fmt_node *n, struct coro *co, uint64_t size,
+                struct error **errp)
+{
+    if (size <= n->size)
+        return 0;
+    if (n->read_only)
+        return error_setf(errp, EROFS, "%s: read-only", n->filename);
+    if (!n->ops->grow_co)
+        return error_setf(errp, ENOTSUP, "%s: %s cannot grow", n->filename,
+                          n->ops->name);
+    return n->ops->grow_co(n, co, size, errp);
+}
+
 void fmt_close(struct fmt_node *n)
 {
     while (n) {

@@ -63,6 +63,13 @@ struct fmt_ops {
                            uint64_t len, struct fmt_extent *ext);
     int (*cache_co)(struct fmt_node *n, struct coro *co, uint64_t off,
                     uint64_t len);
+    /* Control path, no request in flight on the node (both optional). */
+    /* Switches between read-only and read-write. */
+    int (*reopen_co)(struct fmt_node *n, struct coro *co, bool read_only,
+                     struct error **errp);
+    /* Grows the virtual size to size (> n->size). */
+    int (*grow_co)(struct fmt_node *n, struct coro *co, uint64_t size,
+                   struct error **errp);
     /* Releases the node (not its backing node, not its backend). */
     void (*close)(struct fmt_node *n);
 };
@@ -121,6 +128,16 @@ struct fmt_node *fmt_open_overlay_co(struct loop *loop, struct coro *co,
                                      struct error **errp);
 /* Closes a node, its backing chain and their backends. */
 void fmt_close(struct fmt_node *n);
+
+/* Read-only <-> read-write for one node (not its chain): block-commit
+ * writes into a backing layer and puts it back afterwards.  Going
+ * read-only flushes first.  No request may be in flight on the node. */
+int fmt_reopen_co(struct fmt_node *n, struct coro *co, bool read_only,
+                  struct error **errp);
+/* Grows a node's virtual size (never shrinks; a no-op when already that
+ * large).  The node must be writable. */
+int fmt_grow_co(struct fmt_node *n, struct coro *co, uint64_t size,
+                struct error **errp);
 
 /* Contract wrappers. */
 int fmt_preadv_co(struct fmt_node *n, struct coro *co, const struct iovec *iov,

@@ -1055,6 +1055,11 @@ static void qcow2_close(struct fmt_node *n)
     free(s);
 }
 
+static int qcow2_reopen_co(struct fmt_node *n, struct coro *co, bool read_only,
+                           struct error **errp);
+static int qcow2_grow_co(struct fmt_node *n, struct coro *co, uint64_t size,
+                         struct error **errp);
+
 static const struct fmt_ops qcow2_ops = {
     .name = "qcow2",
     .preadv_co = qcow2_preadv_co,
@@ -1063,6 +1068,8 @@ static const struct fmt_ops qcow2_ops = {
     .zero_co = qcow2_zero_co,
     .discard_co = qcow2_discard_co,
     .block_status_co = qcow2_block_status_co,
+    .reopen_co = qcow2_reopen_co,
+    .grow_co = qcow2_grow_co,
     .close = qcow2_close,
 };
 
@@ -1125,6 +1132,183 @@ static int mark_bitmaps_in_use_co(struct qcow2 *s, struct coro *co,
 out:
     free(dir);
     return r;
+}
+
+/* What opening for writing requires: refcounts of a dirty image rebuilt,
+ * autoclear bits we do not maintain cleared (spec: before the first
+ * write), persistent bitmaps marked in use. */
+static int prepare_write_co(struct qcow2 *s, struct coro *co,
+                            const struct qcow2_extensions *ext,
+                            struct error **errp)
+{
+    const uint64_t cs = qcow2_cs(s);
+    struct backend *file = s->node.file;
+    int r;
+    bool hdr_changed = false;
+    if (s->h.dirty) {
+        r = qcow2_rebuild_refcounts_co(s, co, ext, errp);
+        if (r < 0)
+            return r;
+        s->h.incompatible_features &= ~QCOW2_INCOMPAT_DIRTY;
+        s->h.dirty = false;
+        hdr_changed = true;
+    }
+    uint64_t keep = qcow2_autoclear_known_mask();
+    if (s->h.autoclear_features & ~keep) {
+        s->h.autoclear_features &= keep;
+        hdr_changed = true;
+    }
+    if (ext->has_bitmaps && ext->bitmaps_consistent) {
+        r = mark_bitmaps_in_use_co(s, co, ext, errp);
+        if (r < 0)
+            return r;
+    }
+    if (hdr_changed) {
+        qcow2_header_serialize(&s->h, s->hdr, cs);
+        r = qcow2_write_meta_co(s, co, s->hdr, 0, cs, 0,
+                                qcow2_header_serialized_size(&s->h));
+        if (r == 0)
+            r = backend_flush_co(file, co);
+        if (r < 0)
+            return error_setf(errp, -r, "%s: updating the header: %s",
+                              file->name, strerror(-r));
+    }
+    return 0;
+}
+
+/* Switches the node between read-only and read-write (block-commit writes
+ * into a backing layer).  Control path, no request in flight on it. */
+static int qcow2_reopen_co(struct fmt_node *n, struct coro *co, bool read_only,
+                           struct error **errp)
+{
+    struct qcow2 *s = qcow2_of(n);
+    char err[256];
+    if (read_only) {
+        int r = qcow2_flush_co(n, co);
+        if (r < 0)
+            return error_setf(errp, -r, "%s: flush: %s", n->filename,
+                              strerror(-r));
+        r = backend_reopen(n->file, true, errp);
+        if (r < 0)
+            return r;
+        n->read_only = true;
+        n->caps = 0;
+        return 0;
+    }
+    struct qcow2_extensions *ext = calloc(1, sizeof(*ext));
+    if (!ext)
+        return error_setf(errp, ENOMEM, "out of memory");
+    int r = qcow2_header_parse_extensions(s->hdr, qcow2_cs(s), &s->h, ext, err,
+                                          sizeof(err));
+    if (r == 0)
+        r = qcow2_header_check_features(&s->h, ext, false, err, sizeof(err));
+    if (r < 0) {
+        free(ext);
+        return error_setf(errp, -r, "%s: %s", n->filename, err);
+    }
+    r = backend_reopen(n->file, false, errp);
+    if (r == 0) {
+        r = prepare_write_co(s, co, ext, errp);
+        if (r < 0)
+            backend_reopen(n->file, true, NULL);
+    }
+    free(ext);
+    if (r < 0)
+        return r;
+    n->read_only = false;
+    n->caps = FMT_CAN_TRIM | (s->has_zero_flag ? FMT_CAN_ZERO : 0);
+    return 0;
+}
+
+/* Grows the virtual size (block-commit into a smaller base): the L1 table
+ * is extended in place when its clusters have room (the new entries
+ * zeroed on disk first), else moved to new clusters; then the header,
+ * synced. */
+static int qcow2_grow_co(struct fmt_node *n, struct coro *co, uint64_t size,
+                         struct error **errp)
+{
+    struct qcow2 *s = qcow2_of(n);
+    const uint64_t cs = qcow2_cs(s);
+    if (size <= n->size)
+        return 0;
+    if (size > QCOW2_MAX_SIZE)
+        return error_setf(errp, EFBIG, "%s: %llu bytes is over the qcow2 "
+                          "limit", n->filename, (unsigned long long)size);
+    uint64_t span = cs << s->h.l2_bits;
+    uint64_t new_l1 = (size + span - 1) / span;
+    if (new_l1 * 8 > QCOW2_MAX_L1_BYTES)
+        return error_setf(errp, EFBIG, "%s: the L1 table would be too large",
+                          n->filename);
+    co_mutex_lock_co(&s->lock, co);
+    int r = 0;
+    struct qcow2_header h = s->h;
+    uint64_t old_off = 0, old_bytes = 0;
+    uint8_t *nl1 = NULL;
+    if (new_l1 > s->h.l1_size) {
+        uint64_t need = (new_l1 * 8 + cs - 1) / cs * cs;
+        if (s->h.l1_size && need <= s->l1_bytes) {
+            /* Room in the current clusters: zero the new entries on disk. */
+            r = qcow2_write_meta_co(s, co, s->l1, s->h.l1_table_offset,
+                                    s->l1_bytes, (uint64_t)s->h.l1_size * 8,
+                                    (new_l1 - s->h.l1_size) * 8);
+        } else {
+            uint64_t host;
+            nl1 = qcow2_buf_alloc(s, need);
+            r = nl1 ? qcow2_alloc_exact_co(s, co, need / cs, &host) : -ENOMEM;
+            if (r == 0) {
+                memset(nl1, 0, need);
+                memcpy(nl1, s->l1, (uint64_t)s->h.l1_size * 8);
+                r = backend_pwrite_co(n->file, co, nl1, need, host, 0);
+                if (r < 0)
+                    qcow2_refcount_update_co(s, co, host, need, -1);
+                old_off = s->h.l1_table_offset;
+                old_bytes = s->h.l1_size ? s->l1_bytes : 0;
+                h.l1_table_offset = host;
+            }
+        }
+        if (r == 0) {
+            /* New refcounts and the table durable before the header. */
+            r = metadata_flush_co(s, co);
+            if (r == 0)
+                r = backend_flush_co(n->file, co);
+        }
+        h.l1_size = (uint32_t)new_l1;
+    }
+    if (r == 0) {
+        h.size = size;
+        uint8_t *hdr = qcow2_buf_alloc(s, cs);
+        if (!hdr) {
+            r = -ENOMEM;
+        } else {
+            memcpy(hdr, s->hdr, cs);
+            qcow2_header_serialize(&h, hdr, cs);
+            r = qcow2_write_meta_co(s, co, hdr, 0, cs, 0,
+                                    qcow2_header_serialized_size(&h));
+            if (r == 0)
+                r = backend_flush_co(n->file, co);
+            if (r == 0)
+                memcpy(s->hdr, hdr, cs);
+            free(hdr);
+        }
+    }
+    if (r == 0) {
+        s->h = h;
+        n->size = size;
+        if (nl1) {
+            free(s->l1);
+            s->l1 = nl1;
+            s->l1_bytes = (new_l1 * 8 + cs - 1) / cs * cs;
+            nl1 = NULL;
+            if (old_bytes)
+                r = qcow2_refcount_update_co(s, co, old_off, old_bytes, -1);
+        }
+    }
+    free(nl1);
+    co_mutex_unlock(&s->lock, co);
+    if (r < 0)
+        return error_setf(errp, -r, "%s: growing to %llu bytes: %s",
+                          n->filename, (unsigned long long)size, strerror(-r));
+    return 0;
 }
 
 struct fmt_node *qcow2_open_co(struct loop *loop, struct coro *co,
@@ -1276,41 +1460,8 @@ struct fmt_node *qcow2_open_co(struct loop *loop, struct coro *co,
     if (!n->read_only)
         n->caps = FMT_CAN_TRIM | (s->has_zero_flag ? FMT_CAN_ZERO : 0);
 
-    if (!n->read_only) {
-        bool hdr_changed = false;
-        if (s->h.dirty) {
-            r = qcow2_rebuild_refcounts_co(s, co, ext, errp);
-            if (r < 0)
-                goto fail;
-            s->h.incompatible_features &= ~QCOW2_INCOMPAT_DIRTY;
-            s->h.dirty = false;
-            hdr_changed = true;
-        }
-        /* Spec: clear the autoclear bits we do not maintain before the
-         * first write.  Bitmaps are kept (marked in use) below. */
-        uint64_t keep = qcow2_autoclear_known_mask();
-        if (s->h.autoclear_features & ~keep) {
-            s->h.autoclear_features &= keep;
-            hdr_changed = true;
-        }
-        if (ext->has_bitmaps && ext->bitmaps_consistent) {
-            r = mark_bitmaps_in_use_co(s, co, ext, errp);
-            if (r < 0)
-                goto fail;
-        }
-        if (hdr_changed) {
-            qcow2_header_serialize(&s->h, s->hdr, cs);
-            r = qcow2_write_meta_co(s, co, s->hdr, 0, cs, 0,
-                                    qcow2_header_serialized_size(&s->h));
-            if (r == 0)
-                r = backend_flush_co(file, co);
-            if (r < 0) {
-                error_setf(errp, -r, "%s: updating the header: %s",
-                           file->name, strerror(-r));
-                goto fail;
-            }
-        }
-    }
+    if (!n->read_only && prepare_write_co(s, co, ext, errp) < 0)
+        goto fail;
     free(ext);
     return n;
 

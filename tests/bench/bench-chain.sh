@@ -19,34 +19,16 @@
 # BENCH_SERVERS, BENCH_ROUNDS (default 1) as for bench-raw.sh.
 set -euo pipefail
 
-echo "command: $(printf '%q ' "$0" "$@")"
-echo "env: STRATAD=${STRATAD-} BENCH_DIR=${BENCH_DIR-} BENCH_RUNTIME=${BENCH_RUNTIME-}" \
-     "BENCH_RAMP=${BENCH_RAMP-} BENCH_QUICK=${BENCH_QUICK-} BENCH_SERVERS=${BENCH_SERVERS-}"
-
 here=$(cd "$(dirname "$0")" && pwd)
-top=$(cd "$here/../.." && pwd)
-STRATAD=${STRATAD:-$top/build/daemon/stratad}
-BENCH_DIR=${BENCH_DIR:-/var/tmp/strata-bench}
-PY=/usr/bin/python3
-[ -x "$PY" ] || PY=python3
-
-if [ "${BENCH_QUICK:-0}" = 1 ]; then
-    size_mib=64
-    runtime=${BENCH_RUNTIME:-2}
-    ramp=${BENCH_RAMP:-0}
-else
-    size_mib=1024
-    runtime=${BENCH_RUNTIME:-10}
-    ramp=${BENCH_RAMP:-1}
-fi
-rounds=${BENCH_ROUNDS:-1}
+default_rounds=1
+# shellcheck source=tests/bench/lib.sh
+. "$here/lib.sh"
 servers=${BENCH_SERVERS:-stratad qsd qemu-nbd nbdkit-memory}
 
 for tool in fio timeout dd qemu-img qemu-io; do
     command -v "$tool" >/dev/null || { echo "bench: $tool is not installed" >&2; exit 1; }
 done
 
-mkdir -p "$BENCH_DIR"
 base=$BENCH_DIR/chain-base-${size_mib}M.raw
 mid=$BENCH_DIR/chain-mid-${size_mib}M.qcow2
 if [ ! -f "$base" ] || [ "$(stat -c %s "$base")" != $((size_mib << 20)) ]; then
@@ -67,9 +49,7 @@ if [ ! -f "$mid" ]; then
     mv "$mid.tmp" "$mid"
 fi
 
-work=$(mktemp -d "$BENCH_DIR/run.XXXXXX")
-# shellcheck source=tests/bench/lib.sh
-. "$here/lib.sh"
+bench_workdir
 
 workloads=(
     "4k-randread   randread  4k 32"

@@ -19,35 +19,16 @@
 # Exit status: 0 if every fio run succeeded, 1 otherwise.
 set -euo pipefail
 
-echo "command: $(printf '%q ' "$0" "$@")"
-echo "env: STRATAD=${STRATAD-} BENCH_DIR=${BENCH_DIR-} BENCH_RUNTIME=${BENCH_RUNTIME-}" \
-     "BENCH_RAMP=${BENCH_RAMP-} BENCH_QUICK=${BENCH_QUICK-} BENCH_SERVERS=${BENCH_SERVERS-}"
-
 here=$(cd "$(dirname "$0")" && pwd)
-top=$(cd "$here/../.." && pwd)
-STRATAD=${STRATAD:-$top/build/daemon/stratad}
-BENCH_DIR=${BENCH_DIR:-/var/tmp/strata-bench}
-PY=/usr/bin/python3
-[ -x "$PY" ] || PY=python3
-
-if [ "${BENCH_QUICK:-0}" = 1 ]; then
-    size_mib=64
-    runtime=${BENCH_RUNTIME:-2}
-    ramp=${BENCH_RAMP:-0}
-    rounds=${BENCH_ROUNDS:-1}
-else
-    size_mib=1024
-    runtime=${BENCH_RUNTIME:-10}
-    ramp=${BENCH_RAMP:-1}
-    rounds=${BENCH_ROUNDS:-3}
-fi
+default_rounds=3
+# shellcheck source=tests/bench/lib.sh
+. "$here/lib.sh"
 servers=${BENCH_SERVERS:-stratad qemu-nbd nbdkit}
 
 for tool in fio timeout dd; do
     command -v "$tool" >/dev/null || { echo "bench: $tool is not installed" >&2; exit 1; }
 done
 
-mkdir -p "$BENCH_DIR"
 img=$BENCH_DIR/bench-${size_mib}M.img
 if [ ! -f "$img" ] || [ "$(stat -c %s "$img")" != $((size_mib << 20)) ]; then
     echo "creating $img ($size_mib MiB of random data, once)"
@@ -56,9 +37,7 @@ if [ ! -f "$img" ] || [ "$(stat -c %s "$img")" != $((size_mib << 20)) ]; then
     mv "$img.tmp" "$img"
 fi
 
-work=$(mktemp -d "$BENCH_DIR/run.XXXXXX")
-# shellcheck source=tests/bench/lib.sh
-. "$here/lib.sh"
+bench_workdir
 
 # name rw bs iodepth
 workloads=(

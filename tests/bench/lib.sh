@@ -1,24 +1,51 @@
 # strata benchmarks: what bench-raw.sh and bench-chain.sh share.
-# Sourced after $work is made; expects $runtime, $ramp, $PY set, and the
-# start_server to set $server_pid and $uri.
+# Sourced first (needs $here and $default_rounds); the caller's
+# start_server sets $server_pid and $uri.
 
-server_pid=
-cleanup() {
-    if [ -n "$server_pid" ] && kill -0 "$server_pid" 2>/dev/null; then
-        kill -TERM "$server_pid" 2>/dev/null || true
-        sleep 1
-        kill -KILL "$server_pid" 2>/dev/null || true
-    fi
-    rm -rf "$work"
+# The settings both benchmarks take from the environment (see
+# bench-raw.sh's header).  $default_rounds is the caller's.
+echo "command: $(printf '%q ' "$0" "$@")"
+echo "env: STRATAD=${STRATAD-} BENCH_DIR=${BENCH_DIR-} BENCH_RUNTIME=${BENCH_RUNTIME-}" \
+     "BENCH_RAMP=${BENCH_RAMP-} BENCH_QUICK=${BENCH_QUICK-} BENCH_SERVERS=${BENCH_SERVERS-}"
+top=$(cd "$here/../.." && pwd)
+STRATAD=${STRATAD:-$top/build/daemon/stratad}
+BENCH_DIR=${BENCH_DIR:-/var/tmp/strata-bench}
+PY=/usr/bin/python3
+[ -x "$PY" ] || PY=python3
+if [ "${BENCH_QUICK:-0}" = 1 ]; then
+    size_mib=64
+    runtime=${BENCH_RUNTIME:-2}
+    ramp=${BENCH_RAMP:-0}
+    rounds=${BENCH_ROUNDS:-1}
+else
+    size_mib=1024
+    runtime=${BENCH_RUNTIME:-10}
+    ramp=${BENCH_RAMP:-1}
+    rounds=${BENCH_ROUNDS:-$default_rounds}
+fi
+mkdir -p "$BENCH_DIR"
+
+# Makes the run's work directory (removed at exit, with the server).
+bench_workdir() {
+    work=$(mktemp -d "$BENCH_DIR/run.XXXXXX")
+    server_pid=
+    cleanup() {
+        if [ -n "$server_pid" ] && kill -0 "$server_pid" 2>/dev/null; then
+            kill -TERM "$server_pid" 2>/dev/null || true
+            sleep 1
+            kill -KILL "$server_pid" 2>/dev/null || true
+        fi
+        rm -rf "$work"
+    }
+    trap cleanup EXIT
+    trap 'exit 130' INT TERM
+
+    results=$work/results.txt       # server workload iops bw_bytes
+    : > "$results"
+    rss=$work/rss.txt               # server kB
+    : > "$rss"
+    failed=0
 }
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-results=$work/results.txt       # server workload iops bw_bytes
-: > "$results"
-rss=$work/rss.txt               # server kB
-: > "$rss"
-failed=0
 
 wait_socket() {                 # sock pid
     for _ in $(seq 1 200); do

@@ -123,6 +123,42 @@ static void rebase_co(struct coro *co, void *arg)
     fmt_close(top);
 }
 
+/* Step 3: block-commit's needs: a backing layer reopened read-write,
+ * written, put back read-only; the top grown in place and with its L1
+ * table moved (5 TiB needs two L1 clusters at 64 KiB clusters). */
+static void reopen_grow_co(struct coro *co, void *arg)
+{
+    struct ctx *c = arg;
+    struct error *e = NULL;
+    struct fmt_open_opts rw = {.format = "qcow2"};
+    struct fmt_node *top = fmt_open_co(c->loop, co, path("top.qcow2"), &rw, &e);
+    if (!top) {
+        set_fail(c, e, "open chain");
+        return;
+    }
+    struct fmt_node *base = top->backing;
+    static uint8_t buf[4096];
+    memset(buf, 0xcd, sizeof(buf));
+    struct iovec v = {buf, sizeof(buf)};
+    int r = 0;
+    if (!base->read_only || fmt_reopen_co(base, co, false, &e) < 0) {
+        set_fail(c, e, "reopen base read-write");
+    } else if ((r = fmt_pwritev_co(base, co, &v, 1, 2 << 20, 0)) < 0 ||
+               fmt_reopen_co(base, co, true, &e) < 0 || !base->read_only) {
+        set_fail(c, e, "write base, reopen read-only");
+    } else if (fmt_grow_co(top, co, UINT64_C(3) << 29, &e) < 0 ||
+               top->size != UINT64_C(3) << 29) {
+        set_fail(c, e, "grow in place");
+    } else if (fmt_grow_co(top, co, UINT64_C(5) << 40, &e) < 0 ||
+               top->size != UINT64_C(5) << 40) {
+        set_fail(c, e, "grow with a new L1 table");
+    } else if ((r = fmt_pwritev_co(top, co, &v, 1, UINT64_C(4) << 40, 0)) < 0 ||
+               (r = fmt_flush_co(top, co)) < 0) {
+        set_fail(c, NULL, "write past the old end");
+    }
+    fmt_close(top);
+}
+
 static void run(struct ctx *c, coro_fn *fn)
 {
     c->ret = 0;
@@ -168,6 +204,15 @@ static void test_snapshot_steps(void **state)
                         "status=none", path("base.raw")), 0);
     assert_int_equal(sh("qemu-img compare -q %s %s", path("top.qcow2"),
                         path("want.raw")), 0);
+
+    run(&c, reopen_grow_co);
+    assert_int_equal(sh("qemu-img check -q %s", path("top.qcow2")), 0);
+    assert_int_equal(sh("qemu-img info %s | grep -q 'virtual size: 5 TiB'",
+                        path("top.qcow2")), 0);
+    /* qemu-io says "Pattern verification failed" on a mismatch */
+    assert_int_equal(sh("qemu-io -f qcow2 -c 'read -P 0xcd 4T 4k' -c "
+                        "'read -P 0xcd 2M 4k' -c 'read -P 0 5M 64k' %s | "
+                        "grep -q -e Pattern -e error", path("top.qcow2")), 1);
     loop_free(c.loop);
 }
 
