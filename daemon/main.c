@@ -399,6 +399,7 @@ int main(int argc, char **argv)
         state_free(state);
         server_free(srv);
         loop_free(loop);
+        close(sig_fd);
         free(listens);
         free(exports);
         return rc;

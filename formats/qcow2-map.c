@@ -65,6 +65,17 @@ static int decode_checked(struct qcow2 *s, uint64_t raw, uint64_t bitmap,
         e->host_offset < qcow2_cs(s))
         return qcow2_corrupt(s, "guest offset %#llx maps into the header "
                              "cluster", (unsigned long long)guest);
+    /* A host cluster that starts past the end of the file has refcount 0
+     * (the refcount structures only cover the file), so reading it would
+     * invent zeros and writing it would let the allocator hand the same
+     * cluster out again.  Our own allocating writes link a cluster only
+     * after its data is written, so the file always covers its start. */
+    if (e->type != QCOW2_CLUSTER_COMPRESSED && e->host_offset &&
+        e->host_offset >= s->node.file->size)
+        return qcow2_corrupt(s, "guest offset %#llx maps to host offset "
+                             "%#llx, past the end of the file",
+                             (unsigned long long)guest,
+                             (unsigned long long)e->host_offset);
     return 0;
 }
 

@@ -845,10 +845,14 @@ static int zero_clusters_co(struct qcow2 *s, struct coro *co, uint64_t off,
         r = -EIO;
         goto out;
     }
+    /* Version 2 with a backing file: a deallocated cluster would show the
+     * backing file's (older) data, and there is no zero flag to hide it.
+     * Discard is advisory, so keep the data, as QEMU does. */
+    if (mode == Z_DISCARD && backing && !s->has_zero_flag)
+        goto out;
     /* Nothing to do where no L2 table exists and nothing shows through. */
     uint64_t l1i = qcow2_l1_index(&s->h, off);
-    if (be_get64(s->l1 + l1i * 8) == 0 &&
-        (!backing || (mode == Z_DISCARD && !s->has_zero_flag)))
+    if (be_get64(s->l1 + l1i * 8) == 0 && !backing)
         goto out;
     if (mode == Z_ZERO && !s->has_zero_flag &&
         (backing || !(flags & FMT_MAY_TRIM))) {

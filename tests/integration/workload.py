@@ -10,6 +10,7 @@ import hashlib
 import os
 import random
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -77,10 +78,10 @@ class QemuNbd:
             self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT,
                                          preexec_fn=_die_with_parent)
             deadline = time.time() + 10
-            while not os.path.exists(self.sock) and self.proc.poll() is None \
+            while not self._listening() and self.proc.poll() is None \
                     and time.time() < deadline:
                 time.sleep(0.02)
-            if os.path.exists(self.sock) and self.proc.poll() is None:
+            if self._listening() and self.proc.poll() is None:
                 self.aio = aio
                 atexit.register(self.kill)
                 return
@@ -90,6 +91,20 @@ class QemuNbd:
             self.log.seek(0)
             print(f"note: qemu-nbd --aio={aio} did not start: {self.log.read().strip()}")
         fail("qemu-nbd did not start with --aio=io_uring nor --aio=threads")
+
+    def _listening(self):
+        """The socket accepts connections (it exists a moment before
+        qemu-nbd listens on it, and a connection then is refused)."""
+        if not os.path.exists(self.sock):
+            return False
+        s = socket.socket(socket.AF_UNIX)
+        try:
+            s.connect(self.sock)
+            return True
+        except OSError:
+            return False
+        finally:
+            s.close()
 
     def uri(self):
         return f"nbd+unix:///{self.name}?socket={self.sock}"
@@ -131,27 +146,30 @@ def rand_off(rnd, base, span, length):
     return base + off
 
 
-def gen_ops(seed, count, base, span):
-    """A list of ops: (kind, offset, length, flags, payload_seed)."""
+def gen_ops(seed, count, base, span, max_write=MiB, max_zero=4 * MiB):
+    """A list of ops: (kind, offset, length, flags, payload_seed).  Writes
+    and reads are at most max_write bytes, zeroes and trims max_zero."""
+    max_write = min(max_write, span)
+    max_zero = min(max_zero, span)
     rnd = random.Random(seed)
     ops = []
     while len(ops) < count:
         r = rnd.random()
         if r < 0.40:
-            n = rand_len(rnd, MiB)
+            n = rand_len(rnd, max_write)
             flags = nbd.CMD_FLAG_FUA if rnd.random() < 0.2 else 0
             ops.append(("write", rand_off(rnd, base, span, n), n, flags, rnd.getrandbits(64)))
         elif r < 0.75:
-            n = rand_len(rnd, MiB)
+            n = rand_len(rnd, max_write)
             ops.append(("read", rand_off(rnd, base, span, n), n, 0, 0))
         elif r < 0.87:
-            n = rand_len(rnd, 4 * MiB)
+            n = rand_len(rnd, max_zero)
             flags = nbd.CMD_FLAG_NO_HOLE if rnd.random() < 0.5 else 0
             if rnd.random() < 0.1:
                 flags |= nbd.CMD_FLAG_FUA
             ops.append(("zero", rand_off(rnd, base, span, n), n, flags, 0))
         elif r < 0.96:
-            n = rand_len(rnd, 4 * MiB)
+            n = rand_len(rnd, max_zero)
             off = rand_off(rnd, base, span, n)
             ops.append(("trim", off, n, 0, 0))
             ops.append(("trimread", off, n, 0, 0))
