@@ -1019,9 +1019,16 @@ static int qcow2_block_status_co(struct fmt_node *n, struct coro *co,
         break;
     }
     struct fmt_node *b = n->backing;
-    if (!b || off >= b->size) {
+    if (!b) {
         ext->flags = FMT_EXT_ZERO | FMT_EXT_HOLE;
         ext->depth = 0;
+        return 0;
+    }
+    if (off >= b->size) {
+        /* Past the end of a shorter backing file: zeros that the backing
+         * layer supplies (QEMU reports them at its depth, too). */
+        ext->flags = FMT_EXT_ZERO | FMT_EXT_HOLE;
+        ext->depth = 2;
         return 0;
     }
     uint64_t blen = m.len < b->size - off ? m.len : b->size - off;
