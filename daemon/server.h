@@ -47,6 +47,9 @@ struct blockdev {
                                   it only with export_set_root() while the
                                   export is quiesced. */
     struct export *export;     /* serving it (at most one), or NULL */
+    bool chain_busy;           /* a snapshot or commit is changing the
+                                  chain (chain.h): no other may start, and
+                                  the node and its export stay */
 };
 
 /* What a write notifier sees: a guest write, write-zeroes or trim. */
