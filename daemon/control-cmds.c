@@ -359,7 +359,7 @@ static struct json_object *cmd_blockdev_add(struct ctl_cmd_ctx *cx,
         .read_only = arg_bool(args, "read-only", false),
         .direct = direct,
     };
-    if (!server_blockdev_add(cx->ctl->srv, &bc, errp))
+    if (!server_blockdev_add_co(cx->ctl->srv, &bc, cx->co, errp))
         return NULL;
     return synced(cx, ret_empty(), errp);
 }

@@ -264,9 +264,27 @@ static void blockdev_free(struct blockdev *b)
     free(b);
 }
 
+static struct blockdev *blockdev_add(struct server *srv,
+                                     const struct blockdev_config *cfg,
+                                     struct coro *co, struct error **errp);
+
 struct blockdev *server_blockdev_add(struct server *srv,
                                      const struct blockdev_config *cfg,
                                      struct error **errp)
+{
+    return blockdev_add(srv, cfg, NULL, errp);
+}
+
+struct blockdev *server_blockdev_add_co(struct server *srv,
+                                        const struct blockdev_config *cfg,
+                                        struct coro *co, struct error **errp)
+{
+    return blockdev_add(srv, cfg, co, errp);
+}
+
+static struct blockdev *blockdev_add(struct server *srv,
+                                     const struct blockdev_config *cfg,
+                                     struct coro *co, struct error **errp)
 {
     if (!id_wellformed(cfg->node_name)) {
         error_setf(errp, EINVAL, "Invalid node-name: '%s'", cfg->node_name);
@@ -285,7 +303,9 @@ struct blockdev *server_blockdev_add(struct server *srv,
         .refcount_cache_bytes = cfg->refcount_cache_bytes,
         .backing_root = cfg->backing_root,
     };
-    struct fmt_node *root = fmt_open(srv->loop, cfg->filename, &fo, errp);
+    /* fmt_open() drives the loop itself: only before it runs */
+    struct fmt_node *root = co ? fmt_open_co(srv->loop, co, cfg->filename, &fo, errp)
+                               : fmt_open(srv->loop, cfg->filename, &fo, errp);
     if (!root)
         return NULL;
     struct blockdev *b = calloc(1, sizeof(*b));

@@ -217,9 +217,14 @@ struct blockdev_config {
     uint64_t l2_cache_bytes;   /* qcow2: 0 = default */
     uint64_t refcount_cache_bytes;
 };
+/* Before the loop runs (start-up, state file). */
 struct blockdev *server_blockdev_add(struct server *srv,
                                      const struct blockdev_config *cfg,
                                      struct error **errp);
+/* From a coroutine on the running loop (QMP blockdev-add). */
+struct blockdev *server_blockdev_add_co(struct server *srv,
+                                        const struct blockdev_config *cfg,
+                                        struct coro *co, struct error **errp);
 int server_blockdev_del(struct server *srv, const char *node_name,
                         struct error **errp);
 struct blockdev *server_find_blockdev(struct server *srv,
