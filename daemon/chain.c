@@ -249,12 +249,18 @@ int snapshot_sync_co(struct server *srv, struct export *e,
     }
 
     b->chain_busy = true;
-    /* The bulk of the old top's dirty data goes out before the quiesce;
-     * what guests write meanwhile is flushed again inside it. */
-    r = fmt_flush_co(old, co);
-    if (r < 0) {
-        error_setf(errp, -r, "%s: flush: %s", old->filename, strerror(-r));
-        goto out;
+    /* The bulk of the old top's dirty data goes out before the quiesce
+     * (again while a flush still takes long, as under load); what guests
+     * write meanwhile is flushed again inside it. */
+    for (int i = 0; i < 3; i++) {
+        uint64_t f0 = loop_now_ns();
+        r = fmt_flush_co(old, co);
+        if (r < 0) {
+            error_setf(errp, -r, "%s: flush: %s", old->filename, strerror(-r));
+            goto out;
+        }
+        if (loop_now_ns() - f0 < 2000000)
+            break;
     }
     r = qcow2_create_co(srv->loop, co, path, old->size, bname, old->ops->name,
                         errp);
@@ -278,62 +284,60 @@ int snapshot_sync_co(struct server *srv, struct export *e,
     old_driver = b->driver;
     b->filename = path;
     b->driver = strdup("qcow2");
-    if (!b->driver) {
-        b->filename = old_filename;
-        b->driver = old_driver;
-        old_filename = old_driver = NULL;
-        r = error_setf(errp, ENOMEM, "out of memory");
-        goto out;
-    }
     path = NULL; /* b->filename now */
+    if (!b->driver) {
+        r = error_setf(errp, ENOMEM, "out of memory");
+        goto undo;
+    }
 
-    /* The switch.  Inside the quiesce: the old top goes read-only (which
-     * flushes what was acknowledged on it since the flush above: a guest
-     * FLUSH after this reaches the new top only), the root moves, and the
-     * state file names the overlay before any write can land in it. */
-    bool was_rw = !old->read_only;
-    export_quiesce_co(e, co);
-    r = fmt_reopen_co(old, co, true, errp);
-    if (r == 0) {
-        export_set_root(e, n);
-        r = server_sync_co(srv, co);
-        if (r < 0) {
-            error_setf(errp, -r, "the state file could not be saved: %s",
-                       strerror(-r));
-            export_set_root(e, old);
-            if (was_rw) {
-                struct error *e2 = NULL;
-                if (fmt_reopen_co(old, co, false, &e2) < 0) {
-                    /* Cannot go back: keep the snapshot (it is complete on
-                     * disk) and say so. */
-                    log_error("snapshot of '%s': %s; keeping the new top",
-                              b->node_name, e2->msg);
-                    error_free(e2);
-                    export_set_root(e, n);
-                    n = NULL;
-                    created = false;
-                }
-            }
-        }
-    }
-    res->stall_ns = export_resume(e);
+    /* The state file names the overlay before the switch: from now on a
+     * restart opens overlay <- old top, whose content is the old top's
+     * as long as nothing was written to the overlay; so every instant of
+     * what follows is covered, and the quiesce need not wait for it. */
+    r = server_sync_co(srv, co);
     if (r < 0) {
-        if (n) {
-            path = b->filename;
-            b->filename = old_filename;
-            free(b->driver);
-            b->driver = old_driver;
-            old_filename = old_driver = NULL;
-            server_changed(srv);
-        }
-        goto out;
+        error_setf(errp, -r, "the state file could not be saved: %s",
+                   strerror(-r));
+        goto undo;
     }
+
+    /* The switch.  Inside the quiesce only the old top goes read-only
+     * (which flushes what was acknowledged on it since the flush above: a
+     * guest FLUSH from now on reaches the new top only) and the root
+     * moves. */
+    uint64_t qs = loop_now_ns();
+    export_quiesce_co(e, co);
+    uint64_t q0 = loop_now_ns();
+    r = fmt_reopen_co(old, co, true, errp);
+    uint64_t q1 = loop_now_ns();
+    if (r == 0)
+        export_set_root(e, n);
+    res->stall_ns = export_resume(e);
+    if (r < 0)
+        goto undo;
     n = NULL; /* the chain owns it */
     created = false;
     res->total_ns = loop_now_ns() - t0;
     log_info("node '%s': snapshot: %s is the new top (backing %s), export "
-             "'%s' stalled %.3f ms", b->node_name, b->filename, bname,
-             e->cfg.id, res->stall_ns / 1e6);
+             "'%s' stalled %.3f ms (drain %.3f ms, old top flush %.3f ms)",
+             b->node_name, b->filename, bname, e->cfg.id, res->stall_ns / 1e6,
+             (q0 - qs) / 1e6, (q1 - q0) / 1e6);
+    goto out;
+
+undo:
+    /* Nothing was written to the overlay: the old top stays the top. */
+    path = b->filename;
+    b->filename = old_filename;
+    free(b->driver);
+    b->driver = old_driver;
+    old_filename = old_driver = NULL;
+    if (server_sync_co(srv, co) < 0) {
+        /* The state file may still name the overlay: keep the file (empty,
+         * backed by the old top, so a restart shows the same data). */
+        log_warn("node '%s': the state file may still name %s: keeping it",
+                 b->node_name, path);
+        created = false;
+    }
 
 out:
     if (n) {
