@@ -583,7 +583,7 @@ static int cmd_del_export(struct qmp *q, const char *id, bool hard, bool keep_no
 }
 
 static int cmd_snapshot(struct qmp *q, const char *exp, const char *file,
-                        const char *node)
+                        const char *node, bool relative)
 {
     struct json_object *e = find_export(q, exp);
     char *path = abs_path(file);
@@ -593,12 +593,15 @@ static int cmd_snapshot(struct qmp *q, const char *exp, const char *file,
     json_object_object_add(a, "format", json_object_new_string("qcow2"));
     if (node)
         json_object_object_add(a, "snapshot-node-name", json_object_new_string(node));
+    if (relative) /* strata extension */
+        json_object_object_add(a, "relative-backing", json_object_new_boolean(true));
     json_object_put(e);
     struct json_object *r = qmp_run(q, "blockdev-snapshot-sync", a);
     if (opt_json)
         print_json(r);
     else
-        printf("snapshot taken: %s is the new top of %s\n", path, exp);
+        printf("snapshot taken: %s is the new top of %s (export stalled %.3f ms)\n",
+               path, exp, jint(r, "stall-ns") / 1e6);
     json_object_put(r);
     free(path);
     return 0;
@@ -729,7 +732,9 @@ static void usage(FILE *fp)
 "             [--description TEXT] [--id ID] [--node-name NODE]\n"
 "  del-export ID [--hard] [--keep-node]\n"
 "                                --hard disconnects the export's clients\n"
-"  snapshot EXPORT NEW.qcow2 [--node-name NODE]\n"
+"  snapshot EXPORT NEW.qcow2 [--node-name NODE] [--relative]\n"
+"                                --relative records the backing file's name\n"
+"                                relative to NEW.qcow2's directory\n"
 "  commit EXPORT [--top FILE] [--base FILE] [--speed BYTES/S] [--job-id ID]\n"
 "         [--wait]               --wait shows progress until the job ends\n"
 "                                (an active commit is completed when ready)\n"
@@ -764,11 +769,13 @@ int main(int argc, char **argv)
         {"speed", required_argument, NULL, 'S'},
         {"job-id", required_argument, NULL, 'J'},
         {"wait", no_argument, NULL, 'w'},
+        {"relative", no_argument, NULL, 'R'},
         {NULL, 0, NULL, 0},
     };
     const char *format = "raw", *desc = NULL, *id = NULL, *node = NULL;
     const char *top = NULL, *base = NULL, *job_id = NULL;
     bool readonly = false, direct = false, hard = false, keep_node = false, wait = false;
+    bool relative = false;
     long long speed = 0;
     signal(SIGPIPE, SIG_IGN); /* a closed socket is reported by write() */
     sock_path = getenv("STRATA_SOCKET");
@@ -806,6 +813,7 @@ int main(int argc, char **argv)
         }
         case 'J': job_id = optarg; break;
         case 'w': wait = true; break;
+        case 'R': relative = true; break;
         default: usage(stderr); return 2;
         }
     }
@@ -852,7 +860,7 @@ int main(int argc, char **argv)
     else if (!strcmp(cmd, "del-export"))
         rc = cmd_del_export(&q, args[1], hard, keep_node);
     else if (!strcmp(cmd, "snapshot"))
-        rc = cmd_snapshot(&q, args[1], args[2], node);
+        rc = cmd_snapshot(&q, args[1], args[2], node, relative);
     else if (!strcmp(cmd, "commit"))
         rc = cmd_commit(&q, args[1], top, base, speed, job_id, wait);
     else {

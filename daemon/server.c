@@ -264,7 +264,25 @@ static void blockdev_free(struct blockdev *b)
     free(b);
 }
 
+static struct blockdev *blockdev_add(struct server *srv,
+                                     const struct blockdev_config *cfg,
+                                     struct coro *co, struct error **errp);
+
 struct blockdev *server_blockdev_add(struct server *srv,
+                                     const struct blockdev_config *cfg,
+                                     struct error **errp)
+{
+    return blockdev_add(srv, cfg, NULL, errp);
+}
+
+struct blockdev *server_blockdev_add_co(struct server *srv,
+                                        const struct blockdev_config *cfg,
+                                        struct coro *co, struct error **errp)
+{
+    return blockdev_add(srv, cfg, co, errp);
+}
+
+static struct blockdev *blockdev_add(struct server *srv,
                                      const struct blockdev_config *cfg,
                                      struct coro *co, struct error **errp)
 {
@@ -285,9 +303,9 @@ struct blockdev *server_blockdev_add(struct server *srv,
         .refcount_cache_bytes = cfg->refcount_cache_bytes,
         .backing_root = cfg->backing_root,
     };
-    struct fmt_node *root =
-        co ? fmt_open_co(srv->loop, co, cfg->filename, &fo, errp)
-           : fmt_open(srv->loop, cfg->filename, &fo, errp);
+    /* fmt_open() drives the loop itself: only before it runs */
+    struct fmt_node *root = co ? fmt_open_co(srv->loop, co, cfg->filename, &fo, errp)
+                               : fmt_open(srv->loop, cfg->filename, &fo, errp);
     if (!root)
         return NULL;
     struct blockdev *b = calloc(1, sizeof(*b));
@@ -523,7 +541,7 @@ int server_add_export(struct server *srv, struct export_config *cfg,
     int ret = 0;
     if (server_find_export_id(srv, id))
         ret = error_setf(errp, EEXIST, "export id '%s' is defined twice", id);
-    struct blockdev *b = ret ? NULL : server_blockdev_add(srv, &bc, NULL, errp);
+    struct blockdev *b = ret ? NULL : server_blockdev_add(srv, &bc, errp);
     if (!b) {
         error_prefix(errp, "export '%s': ", cfg->name);
         free(id);

@@ -47,6 +47,9 @@ struct blockdev {
                                   it only with export_set_root() while the
                                   export is quiesced. */
     struct export *export;     /* serving it (at most one), or NULL */
+    bool chain_busy;           /* a snapshot or commit is changing the
+                                  chain (chain.h): no other may start, and
+                                  the node and its export stay */
 };
 
 /* What a write notifier sees: a guest write, write-zeroes or trim. */
@@ -214,11 +217,14 @@ struct blockdev_config {
     uint64_t l2_cache_bytes;   /* qcow2: 0 = default */
     uint64_t refcount_cache_bytes;
 };
-/* Opens the node's chain: in the coroutine co when running (QMP), or with
- * co NULL before the loop runs (start-up). */
+/* Before the loop runs (start-up, state file). */
 struct blockdev *server_blockdev_add(struct server *srv,
                                      const struct blockdev_config *cfg,
-                                     struct coro *co, struct error **errp);
+                                     struct error **errp);
+/* From a coroutine on the running loop (QMP blockdev-add). */
+struct blockdev *server_blockdev_add_co(struct server *srv,
+                                        const struct blockdev_config *cfg,
+                                        struct coro *co, struct error **errp);
 int server_blockdev_del(struct server *srv, const char *node_name,
                         struct error **errp);
 struct blockdev *server_find_blockdev(struct server *srv,

@@ -196,7 +196,7 @@ int state_load(struct state *st, bool *loaded, struct error **errp)
                              "missing or of the wrong type", st->path, i);
             break;
         }
-        if (!server_blockdev_add(st->srv, &bc, NULL, errp)) {
+        if (!server_blockdev_add(st->srv, &bc, errp)) {
             error_prefix(errp, "state file %s: node '%s': ", st->path, bc.node_name);
             ret = -EINVAL;
         }

@@ -33,7 +33,7 @@ static bool is_protocol(const char *spec)
 
 /* Resolves a backing name against the overlay's name: absolute names and
  * protocol specs as they are, others relative to the overlay's directory. */
-static char *resolve_backing(const char *overlay, const char *name)
+char *fmt_resolve_backing(const char *overlay, const char *name)
 {
     if (name[0] == '/' || is_protocol(name))
         return strdup(name);
@@ -166,7 +166,7 @@ static struct fmt_node *open_layer(struct chain_ctx *cx, const char *spec,
 
     const char *bname = n->ops->name[0] == 'q' ? qcow2_backing_name(n) : NULL;
     if (bname) {
-        char *bspec = resolve_backing(spec, bname);
+        char *bspec = fmt_resolve_backing(spec, bname);
         if (!bspec) {
             fmt_close(n);
             error_setf(errp, ENOMEM, "out of memory");

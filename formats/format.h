@@ -126,6 +126,10 @@ struct fmt_node *fmt_open_overlay_co(struct loop *loop, struct coro *co,
                                      struct fmt_node *backing,
                                      const struct fmt_open_opts *opts,
                                      struct error **errp);
+/* Resolves a backing name recorded in an overlay named overlay, as the
+ * chain opener does: absolute names and protocol specs as they are,
+ * others relative to the overlay's directory.  malloc'ed (NULL: ENOMEM). */
+char *fmt_resolve_backing(const char *overlay, const char *name);
 /* Closes a node, its backing chain and their backends. */
 void fmt_close(struct fmt_node *n);
 

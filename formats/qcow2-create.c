@@ -153,12 +153,18 @@ int qcow2_set_backing_co(struct fmt_node *n, struct coro *co,
         free(nh);
         return error_setf(errp, ENOMEM, "out of memory");
     }
+    /* The header is built from s->hdr / s->h under s->lock: a write
+     * that grows the refcount table rewrites them (under the lock) while
+     * guest I/O goes on, and a copy taken before waiting for the lock
+     * would put the old refcount table offset back on disk. */
+    co_mutex_lock_co(&s->lock, co);
     char err[256];
     int r = qcow2_header_parse_extensions(s->hdr, cs, &s->h, ext, err,
                                           sizeof(err));
     if (r == 0 && ext->n_unknown > QCOW2_MAX_UNKNOWN_EXT)
         r = -ENOTSUP;
     if (r < 0) {
+        co_mutex_unlock(&s->lock, co);
         free(ext);
         free(nh);
         return error_setf(errp, -r, "%s: cannot rewrite the header "
@@ -197,6 +203,7 @@ int qcow2_set_backing_co(struct fmt_node *n, struct coro *co,
     if (r == 0 && pos + 8 + name_len > cs)
         r = -ENOSPC;
     if (r < 0) {
+        co_mutex_unlock(&s->lock, co);
         free(ext);
         free(nh);
         return error_setf(errp, ENOSPC, "%s: the new backing name does not "
@@ -213,7 +220,6 @@ int qcow2_set_backing_co(struct fmt_node *n, struct coro *co,
     free(ext);
 
     /* Metadata first: nothing written before this may refer to it. */
-    co_mutex_lock_co(&s->lock, co);
     r = backend_flush_co(n->file, co);
     if (r == 0)
         r = backend_pwrite_co(n->file, co, nh, cs, 0, 0);

@@ -3,8 +3,8 @@
 
 version, exports, add-export (+ libnbd reads what it serves), chain,
 --json output parsed, jobs, job verbs on a missing job (exit 1 with the
-daemon's message), snapshot and commit (exit 1 with "not implemented yet"
-for now), del-export (refused with a client unless --hard), usage errors
+daemon's message), snapshot and commit refused
+(exit 1 with the daemon's message; test-jobs-live.py runs them for real), del-export (refused with a client unless --hard), usage errors
 and a missing socket (exit 2 with a hint), quit.
 
 Run:  STRATAD=build/daemon/stratad STRATA_CLI=build/contrib/strata \
@@ -96,10 +96,10 @@ for verb in ("pause", "resume", "cancel", "complete", "dismiss"):
     check("Job not found" in p.stderr, p.stderr)
 p = strata("job", "explode", "nojob", rc=2)
 p = strata("commit", "disk", "--speed", "1000000", "--wait", rc=1)
-check("block-commit: block-commit is not implemented yet" in p.stderr, p.stderr)
-p = strata("snapshot", "disk", os.path.join(d, "s1.qcow2"), rc=1)
-check("not implemented yet" in p.stderr, p.stderr)
-check(not os.path.exists(os.path.join(d, "s1.qcow2")), "no file left behind")
+check("block-commit: cannot commit an image into itself" in p.stderr, p.stderr)
+p = strata("snapshot", "disk", os.path.join(d, "nodir", "s1.qcow2"), rc=1)
+check("No such file or directory" in p.stderr, p.stderr)
+check(not os.path.exists(os.path.join(d, "nodir")), "no file left behind")
 ok("jobs, job verbs, commit and snapshot: exit 1 with the daemon's message")
 
 p = strata("del-export", "more", rc=1)

@@ -13,7 +13,8 @@
     client; every refusal; block-export-del safe (refused with a client)
     and hard (client dropped, BLOCK_EXPORT_DELETED to every negotiated
     client, none to a client still negotiating); blockdev-del.
- 6. Job commands without jobs; snapshot and commit refuse clearly.
+ 6. Job commands without jobs; snapshot and commit refuse bad requests
+    clearly (test-jobs-*.py run them for real).
  7. 64 clients at once work; the 65th is refused; a client that never
     reads its replies is dropped while NBD I/O and other control clients
     carry on; the daemon's memory stays bounded.
@@ -260,18 +261,23 @@ for c in ("job-pause", "job-resume", "job-cancel", "job-complete", "job-dismiss"
     cls, desc = q.error(c, id="nojob")
     check(cls == "GenericError" and desc == "Job not found", (c, cls, desc))
 cls, desc = q.error("block-commit", device="one")
-check(cls == "GenericError" and "not implemented yet" in desc, desc)
+check(cls == "GenericError" and "cannot commit an image into itself" in desc, desc)
 cls, desc = q.error("block-commit", device="one", on_error="explode")
 check("'on-error' does not accept value 'explode'" in desc, desc)
 cls, desc = q.error("block-commit", device="nodev")
 check(cls == "DeviceNotFound", cls)
 cls, desc = q.error("blockdev-snapshot-sync", device="one",
-                    snapshot_file=os.path.join(d, "s.qcow2"))
-check("not implemented yet" in desc, desc)
+                    snapshot_file=os.path.join(d, "nodir", "s.qcow2"))
+check("nodir" in desc and "No such file or directory" in desc, desc)
+cls, desc = q.error("blockdev-snapshot-sync", device="one", snapshot_file=img1)
+check("already exists" in desc, desc)
+cls, desc = q.error("blockdev-snapshot-sync", device="one",
+                    snapshot_file=os.path.join(d, "s.qcow2"), mode="existing")
+check("'existing' is not supported" in desc, desc)
 check(not os.path.exists(os.path.join(d, "s.qcow2")), "a refused snapshot created no file")
 cls, desc = q.error("blockdev-snapshot-sync", snapshot_file="x")
 check("'device' or 'node-name'" in desc, desc)
-ok("job commands without jobs; snapshot and commit refuse clearly (for now)")
+ok("job commands without jobs; snapshot and commit refuse bad requests clearly")
 
 # ---- 7. many clients, and a client that never reads ----
 clients = [QMP(ctl) for _ in range(62)]   # + q and q2 = 64
