@@ -145,6 +145,7 @@ class Guest:
 
     def __init__(self, vm):
         self.vm = vm
+        self.phases = []    # (what, first file, last file)
 
     def files(self):
         m = self.vm.last_line(PROGRESS)
@@ -162,6 +163,7 @@ class Guest:
             H.fail(f"{what}: the guest did not write file {n} in "
                    f"{timeout}s (last: {self.files()})")
         n1 = self.files()
+        self.phases.append((what, n0 + 1, n1))
         H.ok(f"{what}: the guest wrote files {n0 + 1}..{n1} in "
              f"{time.time() - t0:.1f}s")
         return n1 - n0
@@ -326,6 +328,18 @@ def main():
     daemon.check_sanitizers()
     H.check_soft(rc == 0, f"stratad exited with {rc}")
     H.ok("stratad stopped cleanly (exit 0), no sanitizer report")
+    disc = re.findall(r"conn \d+: NBD_CMD_DISC after (\d+) requests: "
+                      r"read (\d+), write (\d+) \(fua \d+\), flush (\d+), "
+                      r"trim (\d+)", daemon.logtext())
+    H.check_soft(len(disc) == 1, f"{len(disc)} NBD_CMD_DISC lines: QEMU's "
+                 "one connection should have ended with NBD_CMD_DISC")
+    if disc:
+        n = dict(zip(("requests", "read", "write", "flush", "trim"),
+                     map(int, disc[0])))
+        H.check_soft(all(n[k] > 0 for k in ("write", "flush", "trim")),
+                     f"QEMU sent no write, flush or trim: {n}")
+        H.ok("QEMU's NBD connection: " +
+             ", ".join(f"{k} {v}" for k, v in n.items()))
 
     # the chain and the images
     H.check_soft(chain_files(base) == [base, bottom],
@@ -377,6 +391,14 @@ def main():
                  f"the guest checked {nfiles}")
     H.check_soft(not bad, "files read on the host with debugfs:\n  " +
                  "\n  ".join(bad[:20]))
+    nums = [int(x[1:]) for x in listed]
+    per_phase = []
+    for what, first, last in g.phases:
+        k = sum(first <= x <= last for x in nums)
+        H.check_soft(k > 0, f"no file written in phase '{what}' (files "
+                     f"{first}..{last}) is left to check")
+        per_phase.append(str(k))
+    H.ok("files checked per phase: " + ", ".join(per_phase))
     if r.returncode == 0 and not bad:
         H.ok(f"host: e2fsck -fn clean on the flattened disk; the {nfiles} "
              "files debugfs dumps match the guest's SUMS")

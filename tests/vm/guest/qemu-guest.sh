@@ -7,6 +7,8 @@
 # (random data, its SHA-256 computed before the file reaches the disk),
 # overwrites some in place, deletes the oldest ones when the live data
 # passes a budget (discards reach stratad as trims), and syncs now and then.
+# Every 8th file is kept to the end (it may still be overwritten), so the
+# final check covers files from every phase of the host's test.
 # The list of live files and sums is kept in RAM (/tmp/sums) and copied to
 # the disk (/SUMS) after every file.  Every file prints
 #     strata-vm: wrote file N
@@ -40,7 +42,8 @@ vm_run "mkfs.ext4 -b 4096 (discards the disk first)" \
 vm_run "mount -o discard" mount -t ext4 -o discard $dev /mnt
 mkdir -p /mnt/w || vm_fail "mkdir /mnt/w"
 : > /tmp/sums     # "SHA256  w/NAME" of every live file: the truth
-: > /tmp/live     # "NAME BYTES", oldest first
+: > /tmp/live     # "NAME BYTES", oldest first: deleted past the budget
+: > /tmp/kept     # "NAME BYTES": never deleted
 
 # w_fail REASON: the writer stops and the main loop fails the boot.
 w_fail() {
@@ -69,8 +72,9 @@ writer() {
         if [ $kind = 7 ] && [ -s /tmp/live ]; then
             # overwrite a live file in place with new data of its size:
             # the same blocks, which may sit in any layer of the chain
-            lines=$(wc -l < /tmp/live)
-            line=$(sed -n "$((r / 8 % lines + 1))p" /tmp/live)
+            cat /tmp/live /tmp/kept > /tmp/all
+            lines=$(wc -l < /tmp/all)
+            line=$(sed -n "$((r / 8 % lines + 1))p" /tmp/all)
             name=${line% *} bytes=${line#* }
             head -c "$bytes" /dev/urandom > /tmp/new || w_fail "urandom"
             sum=$(w_sum /tmp/new)
@@ -91,8 +95,12 @@ writer() {
             cp /tmp/new "/mnt/w/$name" 2>/tmp/cp.err ||
                 w_fail "cp $name: $(cat /tmp/cp.err)"
             echo "$sum  w/$name" >> /tmp/sums
-            echo "$name $bytes" >> /tmp/live
-            live=$((live + (bytes + 1023) / 1024))
+            if [ $((n % 8)) = 0 ]; then
+                echo "$name $bytes" >> /tmp/kept
+            else
+                echo "$name $bytes" >> /tmp/live
+                live=$((live + (bytes + 1023) / 1024))
+            fi
         fi
         # keep the live data under the budget: delete the oldest files
         while [ $live -gt "$budget" ]; do
