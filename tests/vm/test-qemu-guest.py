@@ -12,32 +12,36 @@ served by stratad with --control and --state-file.  bottom.raw and
 base.qcow2 hold junk the guest's mkfs overwrites or discards.  The guest
 (tests/vm/guest/qemu-guest.sh) makes an ext4 file system, mounts it with
 -o discard and writes files without pause: varied sizes, some overwritten
-in place, the oldest deleted, a sync every 4 files, each file's SHA-256
-taken before it reaches the disk.  One boot; meanwhile, through the
-control socket, the host
+in place, the oldest deleted (but every 8th kept to the end), a sync every
+4 files, each file's SHA-256 taken before it reaches the disk.  One boot;
+meanwhile, through the control socket, the host lets the guest write for a
+phase (PHASE_S seconds and at least STEP files) between the steps:
 
-  1. waits until the guest has written WARMUP files;
+  1. writes into top.qcow2 (two phases);
   2. blockdev-snapshot-sync to snap.qcow2 (the stall it returns and logs
-     is checked): chain bottom.raw <- base.qcow2 <- top.qcow2 <- snap.qcow2;
-  3. lets the guest write STEP more files, into snap.qcow2;
-  4. block-commit, active (top = snap.qcow2, the live top) down to
-     base.qcow2: waits for BLOCK_JOB_READY while the guest writes, lets it
-     write STEP more files with the job ready (mirrored to base),
-     block-job-complete, BLOCK_JOB_COMPLETED: base.qcow2 is the top;
-     query-block-exports and the state file say so at once;
-  5. lets the guest write STEP more files into base.qcow2, then tells it
+     is checked): chain bottom.raw <- base.qcow2 <- top.qcow2 <- snap.qcow2,
+     named by the export and the state file; a phase of writes into it;
+  3. block-commit, active (top = snap.qcow2, the live top) down to
+     base.qcow2, at FIRST_PASS_SPEED for a phase (the guest writes ahead of
+     and behind the copy), then unthrottled until BLOCK_JOB_READY; a phase
+     with the job ready (writes mirrored to base); block-job-complete,
+     BLOCK_JOB_COMPLETED: base.qcow2 is the top, query-block-exports and
+     the state file say so at once;
+  4. a phase of writes into base.qcow2, then the host tells the guest
      through a Mailbox (guestfwd) to stop: it syncs, drops its caches,
      checks every file read back through stratad, umounts, e2fsck -fn,
      PASS, powers off.
 
-Then, on the host: stratad exits 0 without a sanitizer report; the chain of
-the export's file (qemu-img info --backing-chain) is base.qcow2 <-
-bottom.raw; bottom.raw is unchanged; top.qcow2 and snap.qcow2 held guest
-data (what the commit moved) and are left as they were, detached;
-qemu-img check is clean on base, top and snap; the flattened disk passes the
-host's e2fsck -fn, and every file debugfs dumps matches the guest's SUMS,
-whose checksum the guest printed; stratad restarted from the state file
-alone serves the same bytes as the offline flattened image.
+Then, on the host: stratad exits 0 without a sanitizer report, and QEMU's
+connection sent writes, flushes and trims and ended with NBD_CMD_DISC; the
+chain of the export's file (qemu-img info --backing-chain) is base.qcow2 <-
+bottom.raw; bottom.raw is unchanged; top.qcow2 and snap.qcow2 hold guest
+data (what the commit moved) and keep their backing links, detached;
+qemu-img check is clean on base, top and snap; the flattened disk passes
+the host's e2fsck -fn, every file debugfs dumps matches the guest's SUMS
+(whose checksum the guest printed), and files from every phase are among
+them; stratad restarted from the state file alone serves the same bytes as
+the offline flattened image.
 
 Environment:
   STRATAD                 the daemon (meson sets it)
@@ -67,8 +71,9 @@ BOOT_TIMEOUT = int(os.environ.get("STRATA_VM_BOOT_TIMEOUT", "480"))
 KEEP = os.environ.get("STRATA_VM_KEEP", "") not in ("", "0")
 
 EXPORT = "vm"
-SIZE = 128 << 20
-BUDGET_KIB = 40 << 10      # live data the guest keeps on the disk
+SIZE = 256 << 20
+BUDGET_KIB = 40 << 10      # the guest deletes its oldest files past this
+KEEP_KIB = 64 << 10        # and keeps every 8th file, up to this much
 MAILBOX_PORT = 7000
 # Each phase lasts at least PHASE_S seconds and STEP files of the guest's
 # (a file is ~250 KiB on average, ~1 MiB/s of guest writes under TCG).
@@ -210,6 +215,7 @@ def main():
                            f"strata.mailbox={vmlib.guestfwd_addr(0)} "
                            f"strata.mailport={MAILBOX_PORT} "
                            f"strata.budget={BUDGET_KIB} "
+                           f"strata.keep={KEEP_KIB} "
                            f"strata.timeout={BOOT_TIMEOUT}"),
                   qemu_args=vmlib.nbd_drive_args(socket=daemon.sock,
                                                  export=EXPORT,

@@ -7,8 +7,9 @@
 # (random data, its SHA-256 computed before the file reaches the disk),
 # overwrites some in place, deletes the oldest ones when the live data
 # passes a budget (discards reach stratad as trims), and syncs now and then.
-# Every 8th file is kept to the end (it may still be overwritten), so the
-# final check covers files from every phase of the host's test.
+# Every 8th file is kept to the end (it may still be overwritten), up to
+# a second budget, so the final check covers files from every phase of the
+# host's test.
 # The list of live files and sums is kept in RAM (/tmp/sums) and copied to
 # the disk (/SUMS) after every file.  Every file prints
 #     strata-vm: wrote file N
@@ -21,8 +22,9 @@
 #
 # Kernel command line: strata.size=BYTES (the disk's size)
 # strata.mailbox=ADDR strata.mailport=PORT (the host's Mailbox)
-# strata.budget=KIB (live data kept) strata.timeout=S (how long to wait for
-# the host's "stop" before failing).
+# strata.budget=KIB (live data past which the oldest files are deleted)
+# strata.keep=KIB (data in files kept to the end, at most)
+# strata.timeout=S (how long to wait for the host's "stop" before failing).
 # (functions run through vm_run look unreachable to shellcheck)
 # shellcheck disable=SC2317
 # shellcheck source=common.sh
@@ -32,7 +34,8 @@ vm_setup
 size=$(vm_arg strata.size)
 mbox=$(vm_arg strata.mailbox 10.0.2.100)
 mport=$(vm_arg strata.mailport 7000)
-budget=$(vm_arg strata.budget 49152)
+budget=$(vm_arg strata.budget 40960)
+keep=$(vm_arg strata.keep 65536)
 limit=$(vm_arg strata.timeout 600)
 dev=/dev/vda
 
@@ -62,7 +65,7 @@ w_forget() {
 }
 
 writer() {
-    n=0 live=0 overwrites=0 deletes=0 r=1
+    n=0 live=0 kept=0 overwrites=0 deletes=0 r=1 total=0
     while [ ! -e /tmp/stop ]; do
         n=$((n + 1))
         # a pseudo-random number from the last checksum (busybox ash may
@@ -83,6 +86,7 @@ writer() {
             w_forget "$name"
             echo "$sum  w/$name" >> /tmp/sums
             overwrites=$((overwrites + 1))
+            total=$((total + (bytes + 1023) / 1024))
         else
             case $kind in
             0|1|2) bytes=$(( (r / 8 % 16384) + 1 )) ;;            # < 16 KiB
@@ -95,8 +99,10 @@ writer() {
             cp /tmp/new "/mnt/w/$name" 2>/tmp/cp.err ||
                 w_fail "cp $name: $(cat /tmp/cp.err)"
             echo "$sum  w/$name" >> /tmp/sums
-            if [ $((n % 8)) = 0 ]; then
+            total=$((total + (bytes + 1023) / 1024))
+            if [ $((n % 8)) = 0 ] && [ $kept -lt "$keep" ]; then
                 echo "$name $bytes" >> /tmp/kept
+                kept=$((kept + (bytes + 1023) / 1024))
             else
                 echo "$name $bytes" >> /tmp/live
                 live=$((live + (bytes + 1023) / 1024))
@@ -115,7 +121,7 @@ writer() {
         { cp /tmp/sums /mnt/SUMS.new && mv /mnt/SUMS.new /mnt/SUMS; } ||
             w_fail "SUMS"
         [ $((n % 4)) = 0 ] && { sync || w_fail "sync"; }
-        echo "strata-vm: wrote file $n ($live KiB live," \
+        echo "strata-vm: wrote file $n ($total KiB written, $live KiB live," \
              "$overwrites overwrites, $deletes deletes)"
     done
     echo "$n" > /tmp/writer.done
