@@ -24,7 +24,8 @@ phase (PHASE_S seconds and at least STEP files) between the steps:
   3. block-commit, active (top = snap.qcow2, the live top) down to
      base.qcow2, at FIRST_PASS_SPEED for a phase (the guest writes ahead of
      and behind the copy), then unthrottled until BLOCK_JOB_READY; a phase
-     with the job ready (writes mirrored to base); block-job-complete,
+     with the job ready (writes mirrored to base), half a phase paused
+     (standby), half a phase resumed; block-job-complete,
      BLOCK_JOB_COMPLETED: base.qcow2 is the top, query-block-exports and
      the state file say so at once;
   4. a phase of writes into base.qcow2, then the host tells the guest
@@ -286,6 +287,17 @@ def main():
     j = job()
     H.check_hard(j["ready"] and j["status"] == "ready",
                  f"the job should still be ready: {j}")
+    # paused when ready (standby), the job must still see every write
+    q.cmd("block-job-pause", device="commit")
+    q.wait_event("JOB_STATUS_CHANGE", timeout=30, match=lambda x:
+                 x["id"] == "commit" and x["status"] == "standby")
+    g.phase("job paused in standby", secs=PHASE_S / 2, files=STEP // 2)
+    j = job()
+    H.check_hard(j["paused"] and j["status"] == "standby", f"standby: {j}")
+    q.cmd("block-job-resume", device="commit")
+    q.wait_event("JOB_STATUS_CHANGE", timeout=30, match=lambda x:
+                 x["id"] == "commit" and x["status"] == "ready")
+    g.phase("job resumed, ready again", secs=PHASE_S / 2, files=STEP // 2)
     n4 = g.files()
     q.cmd("block-job-complete", device="commit")
     ev = q.wait_event("BLOCK_JOB_COMPLETED", timeout=120,
