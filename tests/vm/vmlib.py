@@ -618,6 +618,17 @@ class VM:
                 return None
             time.sleep(0.2)
 
+    def last_line(self, pattern):
+        """The last serial line so far that matches the regex (its match),
+        or None: e.g. the latest of a guest's progress counters."""
+        rx = re.compile(pattern)
+        last = None
+        for line in self.serial_text().splitlines():
+            m = rx.search(line)
+            if m:
+                last = m
+        return last
+
     def kill(self):
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
@@ -676,12 +687,22 @@ class VM:
         return out
 
 
-def nbd_drive_args(port, export, drive_id="d0", host="127.0.0.1"):
+def nbd_drive_args(port=None, export="", drive_id="d0", host="127.0.0.1",
+                   socket=None, discard=False):
     """QEMU arguments for a virtio-blk disk (/dev/vda in the guest) that
-    QEMU's own NBD client serves from host:port/export."""
-    return ["-drive", f"driver=nbd,server.type=inet,server.host={host},"
-            f"server.port={int(port)},export={export},if=none,id={drive_id},"
-            "cache=none,aio=threads",
+    QEMU's own NBD client serves from host:port/export, or with socket=PATH
+    from stratad's unix socket PATH (no guest networking involved).  With
+    discard=True the guest's discards (fstrim, mount -o discard, mkfs)
+    reach the server as NBD_CMD_TRIM."""
+    if socket is not None:
+        # a comma in a -drive value is written twice
+        server = f"server.type=unix,server.path={socket.replace(',', ',,')}"
+    else:
+        server = (f"server.type=inet,server.host={host},"
+                  f"server.port={int(port)}")
+    return ["-drive", f"driver=nbd,{server},export={export},if=none,"
+            f"id={drive_id},cache=none,aio=threads"
+            + (",discard=unmap" if discard else ""),
             "-device", f"virtio-blk-pci,drive={drive_id}"]
 
 
