@@ -99,6 +99,9 @@ mon cluster log file = $dir/log/cluster.log
 osd data = $dir/osd
 keyring = $dir/osd/keyring
 osd objectstore = memstore
+# a clean stop (SIGTERM) unmounts memstore, which saves its objects in
+# osd data: the cluster can then be restarted with its images
+osd fast shutdown = false
 memstore device bytes = $((2 << 30))
 osd max object name len = 256
 osd max object namespace len = 64
