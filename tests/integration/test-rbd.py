@@ -1,0 +1,604 @@
+#!/usr/bin/python3
+"""The rbd backend against a real, throw-away Ceph cluster.
+
+contrib/ceph-cluster.sh starts one ceph-mon and one ceph-osd (memstore) on
+127.0.0.1 in a temporary directory; it is stopped at the end whatever
+happens (atexit, also on SIGTERM from meson's timeout).  Images are small:
+memstore keeps every byte in RAM.
+
+ 1. Bad specs fail at start-up, quickly and clearly: missing pool, image
+    or snapshot, unknown user, wrong key, a monitor address where nothing
+    listens (conf= file and mon_host=, bounded by connect_timeout).
+ 2. A raw RBD export through libnbd: size and flags, reads against the
+    imported bytes, writes (also FUA), write zeroes (with and without
+    NO_HOLE and FAST_ZERO), trim (content old-or-zero), flush, cache, block
+    status against `rbd diff`, 64 requests in flight, the range errors; the
+    image then equals the model by `qemu-img compare` through qemu's own
+    rbd driver.  An @SNAP export is read-only with the snapshot's bytes; a
+    namespace image and a less privileged user (id=, keyring=) work.
+ 3. Backend growth and truncate (what qcow2 on RBD needs): the built tool
+    rbd-backend-check writes past the end of an image and truncates it.
+ 4. Differential: the same seeded workload (writes, FUA, zeroes, trims,
+    flushes, reads) on stratad over one image and qemu-nbd's rbd driver
+    over an `rbd cp` copy; every read compared; the images end identical.
+ 5. Faults: the OSD is stopped (SIGSTOP) during I/O.  RBD requests fail
+    within the export's timeout= (or complete), a file export of the same
+    daemon keeps serving meanwhile, the daemon stays up; after SIGCONT the
+    RBD export works again.
+
+Run:  STRATAD=build/daemon/stratad /usr/bin/python3 tests/integration/test-rbd.py
+"""
+import atexit
+import errno
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+from harness import Daemon, check, fail, need  # noqa: E402
+
+KiB = 1 << 10
+MiB = 1 << 20
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+CLUSTER_SH = os.path.join(ROOT, "contrib", "ceph-cluster.sh")
+SEED = int(os.environ.get("STRATA_SEED", "20261122"))
+DIFF_OPS = int(os.environ.get("STRATA_OPS", "1500"))
+DEADLINE = time.time() + 170        # the whole test; meson's timeout is 240
+
+need("ceph-mon", "ceph-osd", "ceph", "rbd", "ceph-authtool", "monmaptool")
+need("qemu-nbd", "qemu-img")
+harness.require_built()
+harness.nbd_handle()
+import nbd  # noqa: E402
+
+harness.report_unexpected_exceptions()
+ok = harness.ok
+soft = harness.check_soft
+first_diff = harness.first_diff
+
+# meson stops a test that overruns with SIGTERM: exit through atexit so
+# that the cluster is stopped all the same.
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
+
+
+def remaining():
+    left = DEADLINE - time.time()
+    check(left > 0, "the test ran out of its time budget")
+    return left
+
+
+def run(args, timeout=30, ok_codes=(0,), input=None):
+    try:
+        p = subprocess.run(args, capture_output=True, timeout=timeout,
+                           input=input)
+    except subprocess.TimeoutExpired:
+        fail(f"{' '.join(args)}: no answer within {timeout} s")
+    if p.returncode not in ok_codes:
+        fail(f"{' '.join(args)} exited with {p.returncode}:\n"
+             f"{p.stderr.decode(errors='replace')}")
+    return p
+
+
+# ---------------------------------------------------------------------------
+# The cluster.
+
+d = harness.tmpdir()
+cdir = os.path.join(d, "ceph")
+CONF = os.path.join(cdir, "ceph.conf")
+os.environ["CEPH_CONF"] = CONF          # every client: rbd, qemu, stratad
+
+
+def stop_cluster():
+    subprocess.run([CLUSTER_SH, "stop", cdir], timeout=60)
+
+
+atexit.register(stop_cluster)          # registered first: runs last
+t = time.time()
+p = subprocess.run([CLUSTER_SH, "start", cdir], capture_output=True, timeout=90)
+if p.returncode != 0:
+    logs = ""
+    for f in ("mon.a.log", "osd.0.log", "mkfs.out"):
+        path = os.path.join(cdir, "log", f)
+        if os.path.exists(path):
+            with open(path, errors="replace") as fh:
+                logs += f"--- {f} (tail)\n" + "".join(fh.readlines()[-20:])
+    fail(f"the Ceph cluster did not start:\n{p.stderr.decode()}\n{logs}")
+ok(f"ceph cluster up in {time.time() - t:.1f} s ({cdir})")
+OSD_PID = int(open(os.path.join(cdir, "run", "osd.pid")).read())
+STRATA_KEYRING = os.path.join(cdir, "client.strata.keyring")
+
+
+def rbd(*args, timeout=30):
+    return run(["rbd", *args], timeout=timeout).stdout.decode()
+
+
+def rbd_import(data, name):
+    path = os.path.join(d, name + ".src")
+    with open(path, "wb") as f:
+        f.write(data)
+    rbd("import", "--no-progress", path, "rbd/" + name)
+    os.unlink(path)
+
+
+def rbd_bytes(spec):
+    """The image's bytes, read by qemu's rbd driver (qemu-img convert)."""
+    out = os.path.join(d, "export.raw")
+    run(["qemu-img", "convert", "-f", "raw", "-O", "raw", "rbd:" + spec, out],
+        timeout=60)
+    with open(out, "rb") as f:
+        data = f.read()
+    os.unlink(out)
+    return data
+
+
+# Built without librbd?  Then rbd: exports cannot work here: say so.
+p = subprocess.run([harness.STRATAD, "--listen", "unix:" + os.path.join(d, "probe.sock"),
+                    "--export", "file=rbd:rbd/no-such-image"],
+                   capture_output=True, timeout=30)
+if b"built without librbd" in p.stderr:
+    harness.skip("stratad was built without librbd (meson setup -Drbd=enabled)")
+
+
+# ---------------------------------------------------------------------------
+# 1. Bad specs: clear errors, quickly.
+
+rng = random.Random(SEED)
+rbd("create", "--size", "4M", "rbd/small")
+
+
+def start_fails(spec, phrase, max_s):
+    t0 = time.time()
+    try:
+        p = subprocess.run([harness.STRATAD, "--listen",
+                            "unix:" + os.path.join(d, "bad.sock"),
+                            "--export", f"name=x,file={spec}"],
+                           capture_output=True, timeout=max_s + 20)
+    except subprocess.TimeoutExpired:
+        fail(f"{spec}: stratad still starting after {max_s + 20} s (a hang)")
+    dt = time.time() - t0
+    err = p.stderr.decode(errors="replace").strip()
+    check(p.returncode != 0, f"{spec}: stratad started (exit {p.returncode}):\n{err}")
+    soft(phrase in err, f"{spec}: message lacks {phrase!r}:\n{err}")
+    soft(dt <= max_s, f"{spec}: took {dt:.1f} s, more than {max_s} s")
+    ok(f"refused in {dt:.2f} s: {err.splitlines()[-1] if err else '?'}")
+
+
+dead_port = harness.free_port()
+dead_conf = os.path.join(d, "dead.conf")
+with open(CONF) as f:
+    text = f.read()
+with open(dead_conf, "w") as f:
+    f.write("\n".join(f"mon host = v2:127.0.0.1:{dead_port}"
+                      if line.startswith("mon host") else line
+                      for line in text.splitlines()) + "\n")
+
+start_fails("rbd:nopool/small", "pool 'nopool' does not exist", 10)
+start_fails("rbd:rbd/nosuch", "image 'nosuch' does not exist", 10)
+start_fails("rbd:rbd/small@nosnap", "snapshot 'nosnap'", 10)
+start_fails(f"rbd:rbd/small:id=nobody:keyring={STRATA_KEYRING}",
+            "refused client.nobody", 10)
+start_fails("rbd:rbd/small:id=strata", "refused client.strata", 10)  # admin's key
+start_fails(f"rbd:rbd/small:keyring={d}/missing.keyring", "keyring", 10)
+start_fails(f"rbd:rbd/small:conf={dead_conf}:connect_timeout=2",
+            "no answer from the Ceph monitors within 2 s", 6)
+start_fails(f"rbd:rbd/small:mon_host=127.0.0.1\\:{dead_port}:connect_timeout=2",
+            "no answer from the Ceph monitors", 6)
+start_fails(f"rbd:rbd/small:conf={d}/no-such.conf", "cannot read the Ceph configuration", 10)
+start_fails("rbd:rbd/small:no_such_ceph_option=1", "is not a Ceph option", 10)
+start_fails("rbd:rbd", "expected rbd:POOL/[NAMESPACE/]IMAGE", 5)
+start_fails("rbd:rbd/small:timeout=abc", "expected whole seconds", 5)
+harness.finish_soft_checks()
+
+# ---------------------------------------------------------------------------
+# 2. Every NBD command on a raw RBD export.
+
+SIZE = 24 * MiB + 12 * KiB            # not a multiple of the object size
+OBJ = 4 * MiB
+model = bytearray(rng.randbytes(SIZE))
+rbd_import(bytes(model), "disk")
+rbd("snap", "create", "rbd/disk@s1")
+snap_data = bytes(model)
+run(["rbd", "namespace", "create", "rbd/ns1"])
+rbd("create", "--size", "1M", "rbd/ns1/nsimg")
+rbd("create", "--size", "20M", "rbd/sparse")
+
+dm = Daemon([f"name=disk,file=rbd:rbd/disk:timeout=20,format=raw",
+             "name=snap,file=rbd:rbd/disk@s1",
+             "name=ns,file=rbd:rbd/ns1/nsimg",
+             f"name=user,file=rbd:rbd/small:id=strata:keyring={STRATA_KEYRING}",
+             "name=sparse,file=rbd:rbd/sparse:timeout=20"])
+ok("stratad serves five RBD exports")
+
+
+def handle(name, meta=False):
+    h = nbd.NBD()
+    if meta:
+        h.add_meta_context("base:allocation")
+    h.connect_uri(dm.uri(name))
+    return h
+
+
+def expect_errno(fn, want, what):
+    try:
+        fn()
+    except nbd.Error as e:
+        return soft(e.errnum == want, f"{what}: expected {errno.errorcode[want]}, "
+                    f"got {e.errnum}: {e.string}")
+    return soft(False, f"{what}: expected {errno.errorcode[want]}, but it succeeded")
+
+
+h = handle("disk", meta=True)
+check(h.get_size() == SIZE, f"size {h.get_size()}, expected {SIZE}")
+flags = dict(ro=h.is_read_only(), flush=h.can_flush(), fua=h.can_fua(),
+             trim=h.can_trim(), zero=h.can_zero(), fast_zero=h.can_fast_zero(),
+             cache=h.can_cache(), df=h.can_df(), meta=h.can_meta_context("base:allocation"))
+check(not flags["ro"] and flags["flush"] and flags["fua"] and flags["trim"]
+      and flags["zero"] and flags["meta"], f"export flags: {flags}")
+ok(f"size {SIZE}, flags {flags}")
+
+# reads against the imported bytes, aligned and not, across objects
+for off, n in [(0, 4096), (1, 1), (OBJ - 100, 200), (OBJ - 1, 2 * OBJ + 2),
+               (SIZE - 4096, 4096), (SIZE - 1, 1), (12345, 1 * MiB + 7)]:
+    got = h.pread(n, off)
+    check(got == model[off:off + n], f"read {n} at {off}: differs at "
+          f"+{first_diff(got, model[off:off + n])}")
+ok("reads equal the imported bytes (unaligned, across objects, up to the end)")
+
+# writes, FUA, overwrites
+for i in range(40):
+    n = rng.choice([1, 511, 4096, 65536, 300 * KiB, MiB + 3])
+    off = rng.randrange(0, SIZE - n)
+    data = rng.randbytes(n)
+    h.pwrite(data, off, nbd.CMD_FLAG_FUA if i % 3 == 0 else 0)
+    model[off:off + n] = data
+    got = h.pread(n, off)
+    check(got == data, f"write {n} at {off}: read back differs at +{first_diff(got, data)}")
+h.pwrite(b"\xee" * 4096, SIZE - 4096, nbd.CMD_FLAG_FUA)
+model[SIZE - 4096:] = b"\xee" * 4096
+ok("40 writes (1 B to 1 MiB, a third with FUA) read back; last block written")
+
+# write zeroes: plain, NO_HOLE, FAST_ZERO (may be refused with ENOTSUP)
+for off, n, fl in [(100, 5000, 0), (OBJ - 4096, 8192, nbd.CMD_FLAG_NO_HOLE),
+                   (2 * OBJ, OBJ, 0), (3 * OBJ + 7, 70000, nbd.CMD_FLAG_FUA),
+                   (5 * OBJ, 65536, nbd.CMD_FLAG_FAST_ZERO)]:
+    try:
+        h.zero(n, off, fl)
+    except nbd.Error as e:
+        check(fl & nbd.CMD_FLAG_FAST_ZERO and e.errnum == errno.ENOTSUP,
+              f"zero {n} at {off} flags {fl}: {e.string}")
+        ok(f"fast zero of {n} at {off} refused with ENOTSUP")
+        continue
+    model[off:off + n] = bytes(n)
+    check(h.pread(n, off) == bytes(n), f"zero {n} at {off} flags {fl}: not zero")
+expect_errno(lambda: h.zero(65536, 6 * OBJ, nbd.CMD_FLAG_FAST_ZERO | nbd.CMD_FLAG_NO_HOLE),
+             errno.ENOTSUP, "fast zero with NO_HOLE (thick zeroes are slow)")
+ok("write zeroes (plain, NO_HOLE, FUA, FAST) read as zeros")
+
+# trim: content afterwards is either the old bytes or zeros
+for off, n in [(0, 8192), (OBJ, OBJ), (4 * OBJ + 100, 70000), (SIZE - 65536, 65536)]:
+    old = bytes(model[off:off + n])
+    h.trim(n, off)
+    got = h.pread(n, off)
+    bad = [i for i in range(0, n, 512) if got[i:i + 512] not in (old[i:i + 512], bytes(len(got[i:i + 512])))]
+    check(not bad, f"trim {n} at {off}: 512-byte block {bad[:3]} neither old nor zero")
+    model[off:off + n] = got
+ok("trims leave each block old or zero (small ones are skipped by librbd)")
+
+h.flush()
+h.cache(MiB, 0)
+ok("flush and cache")
+
+# range errors
+expect_errno(lambda: h.pread(4096, SIZE - 2048), errno.EINVAL, "read past the end")
+expect_errno(lambda: h.pwrite(b"x" * 4096, SIZE - 2048), errno.ENOSPC, "write past the end")
+expect_errno(lambda: h.zero(4096, SIZE), errno.ENOSPC, "zero past the end")
+
+# 64 requests in flight, then read all back
+slots = []
+for i in range(64):
+    n = rng.choice([4096, 65536, 200 * KiB])
+    off = (i * (SIZE // 64)) + rng.randrange(0, SIZE // 64 - n)
+    slots.append((off, rng.randbytes(n)))
+cookies = [h.aio_pwrite(b, off) for off, b in slots]
+t0 = time.time()
+while h.aio_in_flight() > 0:
+    h.poll(1)
+    check(time.time() - t0 < 30, "64 writes still in flight after 30 s")
+for c in cookies:
+    h.aio_command_completed(c)
+for off, b in slots:
+    model[off:off + len(b)] = b
+bufs = [nbd.Buffer(len(b)) for _, b in slots]
+cookies = [h.aio_pread(buf, off) for buf, (off, _) in zip(bufs, slots)]
+while h.aio_in_flight() > 0:
+    h.poll(1)
+    check(time.time() - t0 < 30, "64 reads still in flight after 30 s")
+for buf, (off, b) in zip(bufs, slots):
+    check(buf.to_bytearray() == b, f"in-flight write of {len(b)} at {off} read back wrong")
+ok("64 writes then 64 reads in flight at once")
+
+whole = h.pread(SIZE, 0) if SIZE <= 32 * MiB else None
+check(whole == model, f"whole image differs from the model at +{first_diff(whole, model)}")
+h.shutdown()
+ok("whole image equals the model through stratad")
+
+# block status against rbd diff, on a sparse image
+hs = handle("sparse", meta=True)
+writes = [(0, 4096), (4 * MiB + 100, 10), (13 * MiB, 3 * MiB), (20 * MiB - 1, 1)]
+for off, n in writes:
+    hs.pwrite(b"\x5a" * n, off)
+hs.flush()
+ext = []
+pos = 0
+while pos < 20 * MiB:
+    def cb(meta, off, entries, err, ext=ext):
+        for i in range(0, len(entries), 2):
+            ext.append((entries[i], entries[i + 1]))
+        return 0
+    before = sum(e[0] for e in ext)
+    hs.block_status(20 * MiB - pos, pos, cb)
+    pos = sum(e[0] for e in ext)
+    check(pos > before, "block status made no progress")
+got_alloc = []
+o = 0
+for n, fl in ext:
+    if not fl & nbd.STATE_HOLE:
+        got_alloc.append((o, n))
+    o += n
+check(all(fl in (0, nbd.STATE_HOLE | nbd.STATE_ZERO) for _, fl in ext),
+      f"block status flags other than data / hole+zero: {ext}")
+diff = json.loads(rbd("diff", "--whole-object", "--format", "json", "rbd/sparse"))
+want_alloc = []
+for e in diff:
+    if want_alloc and want_alloc[-1][0] + want_alloc[-1][1] == e["offset"]:
+        want_alloc[-1] = (want_alloc[-1][0], want_alloc[-1][1] + e["length"])
+    else:
+        want_alloc.append((e["offset"], e["length"]))
+merged = []
+for a in got_alloc:
+    if merged and merged[-1][0] + merged[-1][1] == a[0]:
+        merged[-1] = (merged[-1][0], merged[-1][1] + a[1])
+    else:
+        merged.append(a)
+check(merged == want_alloc, f"block status data extents {merged}, rbd diff says {want_alloc}")
+for off, n in writes:
+    check(any(a <= off and off + n <= a + ln for a, ln in merged),
+          f"written range {off}+{n} not reported as data: {merged}")
+ok(f"block status data extents = rbd diff --whole-object: {merged}")
+hs.zero(4 * MiB, 12 * MiB)       # whole object 3 (12-16 MiB): deallocated
+ext2 = []
+hs.block_status(4 * MiB, 12 * MiB, lambda m, o, e, err: ext2.extend(e) or 0)
+check(ext2[1] & nbd.STATE_ZERO, f"block status after zeroing a whole object: {ext2}")
+hs.shutdown()
+ok("block status sees a zeroed object as a hole (the window was refreshed)")
+
+# the snapshot: read-only, its bytes
+hn = handle("snap")
+check(hn.is_read_only(), "the @s1 export is not read-only")
+check(hn.pread(SIZE, 0) == snap_data, "the @s1 export does not read the snapshot's bytes")
+expect_errno(lambda: hn.pwrite(b"x", 0), errno.EPERM, "write to the @s1 export")
+hn.shutdown()
+ok("@SNAP export: read-only, the snapshot's bytes")
+
+for name, size in (("ns", MiB), ("user", 4 * MiB)):
+    hh = handle(name)
+    check(hh.get_size() == size, f"{name}: size {hh.get_size()}")
+    data = rng.randbytes(size)
+    hh.pwrite(data, 0, nbd.CMD_FLAG_FUA)
+    check(hh.pread(size, 0) == data, f"{name}: read back differs")
+    hh.shutdown()
+ok("a namespace image and client.strata with its own keyring work")
+
+check(dm.stop() == 0, f"stratad exit status {dm.proc.returncode}")
+harness.finish_soft_checks()
+p = run(["qemu-img", "compare", "-q", "-f", "raw", "-F", "raw",
+         "rbd:rbd/disk", "rbd:rbd/disk@s1"], ok_codes=(0, 1))
+check(p.returncode == 1, "qemu-img compare: the image still equals its snapshot")
+with open(os.path.join(d, "model.raw"), "wb") as f:
+    f.write(model)
+run(["qemu-img", "compare", "-f", "raw", "-F", "raw", os.path.join(d, "model.raw"),
+     "rbd:rbd/disk"], timeout=60)
+ok("after stop: qemu-img compare (qemu's rbd driver): image == model")
+
+# ---------------------------------------------------------------------------
+# 3. Growth and truncate through the backend API (what qcow2 on RBD needs).
+
+tool = os.environ.get("RBD_BACKEND_CHECK")
+if tool and os.path.exists(tool):
+    rbd("create", "--size", "3M", "rbd/grow")
+    p = run([tool, "rbd:rbd/grow"], timeout=60)
+    out = p.stdout.decode()
+    final = int(out.split("final size ")[1].split()[0])
+    info = json.loads(rbd("info", "--format", "json", "rbd/grow"))
+    check(info["size"] == final, f"after close the image is {info['size']} bytes, "
+          f"the backend's logical end was {final} (slack not cut)")
+    ok(f"rbd-backend-check: {out.strip().splitlines()[-1]}; rbd info size {info['size']}")
+else:
+    fail("RBD_BACKEND_CHECK (tests/integration/rbd-backend-check) is not built")
+
+# ---------------------------------------------------------------------------
+# 4. Differential against qemu-nbd's rbd driver on a copy.
+
+DSIZE = 16 * MiB
+dmodel = bytearray(rng.randbytes(DSIZE))
+rbd_import(bytes(dmodel), "da")
+rbd("cp", "--no-progress", "rbd/da", "rbd/db")
+
+qdir = harness.tmpdir()
+qsock = os.path.join(qdir, "q.sock")
+qlog = open(os.path.join(qdir, "qemu-nbd.log"), "w+")
+qproc = subprocess.Popen(["qemu-nbd", "-f", "raw", "--cache=writeback", "--discard=unmap",
+                          "-t", "-x", "db", "-k", qsock, "rbd:rbd/db"],
+                         stdout=qlog, stderr=subprocess.STDOUT,
+                         preexec_fn=harness._die_with_parent)
+atexit.register(lambda: qproc.poll() is None and (qproc.kill(), qproc.wait()))
+t0 = time.time()
+while not os.path.exists(qsock):
+    check(qproc.poll() is None, f"qemu-nbd exited: {open(qlog.name).read()}")
+    check(time.time() - t0 < 20, "qemu-nbd did not start in 20 s")
+    time.sleep(0.05)
+ds = Daemon(["name=da,file=rbd:rbd/da"])
+ha = nbd.NBD()
+ha.connect_uri(ds.uri("da"))
+hb = nbd.NBD()
+hb.connect_uri(f"nbd+unix:///db?socket={qsock}")
+check(ha.get_size() == hb.get_size() == DSIZE, "differential: sizes differ")
+
+drng = random.Random(SEED + 1)
+counts = {}
+digest_a, digest_b = hashlib.sha256(), hashlib.sha256()
+for i in range(DIFF_OPS):
+    if i % 100 == 0:
+        remaining()
+    op = drng.choices(["write", "zero", "trim", "flush", "read"], [45, 12, 8, 5, 30])[0]
+    n = drng.choice([1, 512, 4096, 4096, 65536, 100 * KiB, 1 * MiB])
+    off = drng.randrange(0, DSIZE - n)
+    counts[op] = counts.get(op, 0) + 1
+    if op == "write":
+        data = drng.randbytes(n)
+        fl = nbd.CMD_FLAG_FUA if drng.random() < 0.2 else 0
+        ha.pwrite(data, off, fl)
+        hb.pwrite(data, off, fl)
+        dmodel[off:off + n] = data
+    elif op == "zero":
+        fl = nbd.CMD_FLAG_NO_HOLE if drng.random() < 0.5 else 0
+        ha.zero(n, off, fl)
+        hb.zero(n, off, fl)
+        dmodel[off:off + n] = bytes(n)
+    elif op == "trim":
+        # content after a trim is unspecified: check old-or-zero, then
+        # zero the range on both so that the images stay comparable
+        old = bytes(dmodel[off:off + n])
+        for hh, who in ((ha, "stratad"), (hb, "qemu-nbd")):
+            hh.trim(n, off)
+            got = hh.pread(n, off)
+            for j in range(0, n, 512):
+                blk = got[j:j + 512]
+                check(blk in (old[j:j + 512], bytes(len(blk))),
+                      f"op {i}: {who}: trim {n} at {off}: block +{j} neither old nor zero")
+            hh.zero(n, off)
+        dmodel[off:off + n] = bytes(n)
+    elif op == "flush":
+        ha.flush()
+        hb.flush()
+    else:
+        a = ha.pread(n, off)
+        b = hb.pread(n, off)
+        digest_a.update(a)
+        digest_b.update(b)
+        check(a == dmodel[off:off + n], f"op {i}: stratad read {n} at {off} differs "
+              f"from the model at +{first_diff(a, dmodel[off:off + n])} (seed {SEED})")
+        check(b == a, f"op {i}: qemu-nbd and stratad read {n} at {off} differently")
+check(digest_a.digest() == digest_b.digest(), "read digests differ")
+ha.shutdown()
+hb.shutdown()
+check(ds.stop() == 0, "stratad did not stop cleanly after the differential run")
+qproc.send_signal(signal.SIGTERM)
+qproc.wait(30)
+run(["qemu-img", "compare", "-f", "raw", "-F", "raw", "rbd:rbd/da", "rbd:rbd/db"], timeout=60)
+with open(os.path.join(d, "dmodel.raw"), "wb") as f:
+    f.write(dmodel)
+run(["qemu-img", "compare", "-f", "raw", "-F", "raw", os.path.join(d, "dmodel.raw"),
+     "rbd:rbd/da"], timeout=60)
+ok(f"differential: {DIFF_OPS} ops {counts} (seed {SEED}); qemu-img compare: "
+   "stratad's image == qemu-nbd's image == model")
+
+# ---------------------------------------------------------------------------
+# 5. Faults: the OSD stops in the middle of I/O.
+
+TIMEOUT = 4
+rbd("create", "--size", "8M", "rbd/fault")
+fpath = harness.make_file(os.path.join(d, "local.img"), 8 * MiB, b"local!")
+df = Daemon([f"name=rbd,file=rbd:rbd/fault:timeout={TIMEOUT}",
+             f"name=local,file={fpath}"])
+hr = nbd.NBD()
+hr.connect_uri(df.uri("rbd"))
+hl = nbd.NBD()
+hl.connect_uri(df.uri("local"))
+hr.pwrite(b"\x11" * MiB, 0, nbd.CMD_FLAG_FUA)
+
+stop_io = threading.Event()
+io_log = []   # (time, ok, errno) of each rbd request
+
+
+def rbd_io():
+    h2 = nbd.NBD()
+    h2.connect_uri(df.uri("rbd"))
+    r = random.Random(7)
+    while not stop_io.is_set():
+        off = r.randrange(0, 8 * MiB - 65536)
+        t0 = time.time()
+        try:
+            if r.random() < 0.5:
+                h2.pwrite(r.randbytes(65536), off)
+            else:
+                h2.pread(65536, off)
+            io_log.append((t0, time.time(), True, 0))
+        except nbd.Error as e:
+            io_log.append((t0, time.time(), False, e.errnum))
+    h2.shutdown()
+
+
+worker = threading.Thread(target=rbd_io, daemon=True)
+worker.start()
+time.sleep(0.5)
+check(io_log and all(x[2] for x in io_log), f"rbd I/O before the fault: {io_log[:5]}")
+n_before = len(io_log)
+os.kill(OSD_PID, signal.SIGSTOP)
+atexit.register(lambda: os.kill(OSD_PID, signal.SIGCONT))
+t_stop = time.time()
+ok(f"OSD stopped (SIGSTOP) after {n_before} rbd requests")
+
+# the local export keeps serving while the RBD one is stuck
+lat = []
+while time.time() - t_stop < TIMEOUT + 3:
+    t0 = time.time()
+    hl.pwrite(b"L" * 4096, 4096)
+    check(hl.pread(4096, 4096) == b"L" * 4096, "local export: wrong data during the fault")
+    lat.append(time.time() - t0)
+    time.sleep(0.05)
+check(df.alive(), "stratad died while the OSD was stopped")
+check(max(lat) < 1.0, f"local export stalled during the RBD fault: max latency {max(lat):.2f} s")
+ok(f"local export served {len(lat)} write+read pairs meanwhile, max latency {max(lat) * 1000:.0f} ms")
+
+# the RBD requests issued during the fault end (error) within the timeout
+during = [x for x in io_log[n_before:] if x[0] >= t_stop]
+failed = [x for x in io_log[n_before:] if not x[2]]
+check(failed, f"no RBD request failed within {TIMEOUT + 3} s of the OSD stop "
+      f"(timeout={TIMEOUT}): {io_log[n_before:][:5]}")
+longest = max(x[1] - x[0] for x in io_log[n_before:])
+check(longest < TIMEOUT + 3, f"an RBD request took {longest:.1f} s (timeout={TIMEOUT})")
+ok(f"during the fault: {len(failed)} RBD requests failed with "
+   f"{sorted(set(errno.errorcode.get(x[3], x[3]) for x in failed))}, "
+   f"longest {longest:.1f} s; {len(during)} started after the stop")
+expect_errno(lambda: hr.pread(4096, 0), errno.EIO, "read from the stopped OSD")
+
+os.kill(OSD_PID, signal.SIGCONT)
+t_cont = time.time()
+recovered = None
+while time.time() - t_cont < 40:
+    try:
+        hr.pwrite(b"\x22" * 65536, 65536, nbd.CMD_FLAG_FUA)
+        if hr.pread(65536, 65536) == b"\x22" * 65536:
+            recovered = time.time() - t_cont
+            break
+    except nbd.Error:
+        time.sleep(0.5)
+check(recovered is not None, "the RBD export did not work again within 40 s of SIGCONT")
+stop_io.set()
+worker.join(30)
+n_after = [x for x in io_log if x[0] > t_cont + recovered and x[2]]
+ok(f"OSD resumed: the RBD export works again after {recovered:.1f} s; "
+   f"background I/O succeeded {len(n_after)} times since")
+hr.shutdown()
+hl.shutdown()
+check(df.stop() == 0, f"stratad did not stop cleanly after the fault (exit {df.proc.returncode})")
+harness.finish_soft_checks()
+ok("done")
