@@ -324,6 +324,9 @@ int main(int argc, char **argv)
         signal_ready(&ready_fd, 1, true);
         server_free(srv);
         loop_free(loop);
+        close(sig_fd);
+        free(listens);
+        free(exports);
         return rc;
     }
     signal_ready(&ready_fd, 0, log_file != NULL);
