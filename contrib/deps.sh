@@ -9,6 +9,10 @@ if [[ $level == test || $level == bench ]]; then
     # cmocka for unit tests; real clients for integration tests
     pkgs+=(libcmocka-dev libnbd-bin python3-libnbd qemu-utils nbdkit fio
            python3)
+    # the rbd backend, and a throw-away Ceph cluster to test it against
+    # (contrib/ceph-cluster.sh); qemu's rbd driver for the comparisons
+    pkgs+=(librbd-dev librados-dev ceph-mon ceph-osd ceph-common
+           qemu-block-extra)
 fi
 
 missing=()

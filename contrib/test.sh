@@ -9,10 +9,10 @@ cd "$(dirname "$0")/.."
 contrib/deps.sh test
 
 [[ -f build-ci/build.ninja ]] ||
-    meson setup build-ci -Dwerror=true --buildtype=debugoptimized >/dev/null
+    meson setup build-ci -Dwerror=true -Drbd=enabled --buildtype=debugoptimized >/dev/null
 [[ -f build-san/build.ninja ]] ||
-    meson setup build-san -Dwerror=true -Db_sanitize=address,undefined \
-        -Db_lundef=false --buildtype=debug >/dev/null
+    meson setup build-san -Dwerror=true -Drbd=enabled \
+        -Db_sanitize=address,undefined -Db_lundef=false --buildtype=debug >/dev/null
 ninja -C build-ci
 ninja -C build-san
 
