@@ -77,6 +77,7 @@ workloads=(
 
 results=$work/results.txt       # server workload iops bw_bytes
 : > "$results"
+: > "$work/cpu.txt"             # server ticks ticks_per_second
 failed=0
 
 wait_socket() {                 # sock pid
@@ -110,6 +111,11 @@ start_server() {                # server sock -> sets server_pid, uri
 
 stop_server() {                 # server
     local s=$1 status=0
+    # CPU time (user + system, all threads) over the server's life: on a
+    # 2-core machine shared with the OSD, what a server burns the OSD lacks
+    local ticks
+    ticks=$(awk '{print $14 + $15}' "/proc/$server_pid/stat" 2>/dev/null || echo "?")
+    echo "$s $ticks $(getconf CLK_TCK)" >> "$work/cpu.txt"
     kill -TERM "$server_pid" 2>/dev/null || true
     for _ in $(seq 1 200); do
         kill -0 "$server_pid" 2>/dev/null || break
@@ -209,7 +215,7 @@ done
 
 echo
 echo "image: $image (${size_mib} MiB, memstore OSD), runtime ${runtime}s per fio job (+${ramp}s ramp), $(nproc) CPUs, $(uname -r)"
-"$PY" - "$results" <<'EOF'
+"$PY" - "$results" "$work/cpu.txt" <<'EOF'
 import sys
 servers = ["stratad", "qemu-nbd", "rbd-bench"]
 res, order = {}, []
@@ -233,6 +239,13 @@ for name in order:
         a, b = res.get(("stratad", name)), res.get((o, name))
         row += f" | {'-':>{wdt}}" if not a or not b or b[0] == 0 else f" | {a[0] / b[0]:>{wdt}.2f}"
     print(row)
+cpu = []
+for line in open(sys.argv[2]):
+    s, ticks, hz = line.split()
+    if ticks.replace(".", "").isdigit():
+        cpu.append(f"{s} {float(ticks) / float(hz):.1f} s")
+print()
+print("server CPU time over all four jobs (user+system): " + ", ".join(cpu))
 EOF
 
 if [ "$failed" != 0 ]; then
