@@ -149,7 +149,9 @@ for s in stratad qemu-nbd; do
         echo "fio: ${fcmd[*]}"
         if ! timeout $((runtime + ramp + 60)) "${fcmd[@]}" >"$work/$s-$name.out" 2>&1; then
             echo "bench: fio failed for $s $name:" >&2
-            cat "$work/$s-$name.out" >&2
+            tail -5 "$work/$s-$name.out" >&2
+            echo "bench: $s's log (tail):" >&2
+            tail -30 "$work/$s.log" >&2
             failed=1
             echo "$s $name FAIL FAIL" >> "$results"
             continue
