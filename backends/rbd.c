@@ -119,6 +119,7 @@ struct rbd_backend {
     uint64_t efd_count;         /* the read's buffer */
     bool efd_armed;             /* a read of efd is in the ring */
     unsigned inflight;          /* aio requests and jobs not yet harvested */
+    bool said_blocklisted;      /* logged once */
 
     /* Held (by a coroutine of this loop) while resizing and updating
      * image_size; never across anything but the resize job. */
@@ -210,6 +211,23 @@ static void rbd_efd_done(struct loop_op *op, int res, uint32_t flags)
         rbd_efd_arm(r);
 }
 
+/* librbd's errors as the layers above should see them. */
+static ssize_t rbd_result(struct rbd_backend *r, ssize_t res)
+{
+    if (res == -ESHUTDOWN) {
+        /* EBLOCKLISTED: another client broke our exclusive lock; this
+         * handle stays fenced off.  Not NBD_ESHUTDOWN: the server is not
+         * shutting down, the I/O failed. */
+        if (!r->said_blocklisted)
+            log_error("%s: the cluster has blocklisted this client (another "
+                      "client broke its exclusive lock): I/O fails until the "
+                      "export is opened again", r->where);
+        r->said_blocklisted = true;
+        return -EIO;
+    }
+    return res;
+}
+
 static int rbd_req_start(struct rbd_req *q, struct coro *co,
                          rbd_completion_t *c)
 {
@@ -232,7 +250,7 @@ static ssize_t rbd_req_wait_co(struct rbd_backend *r, struct rbd_req *q,
     rbd_efd_arm(r);
     while (!q->done)
         coro_yield(q->co);
-    return q->res;
+    return rbd_result(r, q->res);
 }
 
 /* ---- the helper thread ---- */
@@ -347,7 +365,7 @@ static int rbd_job_run_co(struct rbd_backend *r, struct coro *co,
     rbd_efd_arm(r);
     while (!j->done)
         coro_yield(co);
-    return j->res;
+    return (int)rbd_result(r, j->res);
 }
 
 static int rbd_resize_co(struct rbd_backend *r, struct coro *co,

@@ -88,8 +88,12 @@ osd crush chooseleaf type = 0
 paxos propose interval = 0.1
 # no ceph-mgr, and health stays OK without one
 mon mgr mkfs grace = 31536000
-# a killed client's exclusive lock is released after 5 s, not 30 s
+# a killed client's exclusive lock is released after 5 s, not 30 s ...
 osd client watch timeout = 5
+# ... so clients must ping their watches more often than every 5 s (the
+# default tick): else every watch times out now and then, and librbd
+# re-watches and re-acquires its exclusive lock in the middle of the I/O
+objecter tick interval = 1
 
 [mon]
 mon data = $dir/mon
