@@ -86,6 +86,13 @@ def run(args, timeout=30, ok_codes=(0,), input=None):
     return p
 
 
+# Built without librbd?  Then rbd: exports cannot work here: say so.
+_probe = subprocess.run([harness.STRATAD, "--listen", "unix:/nonexistent/probe.sock",
+                         "--export", "file=rbd:p/i:conf=/nonexistent/ceph.conf"],
+                        capture_output=True, timeout=30)
+if b"built without librbd" in _probe.stderr:
+    harness.skip("stratad was built without librbd (meson setup -Drbd=enabled)")
+
 # ---------------------------------------------------------------------------
 # The cluster.
 
@@ -136,14 +143,6 @@ def rbd_bytes(spec):
         data = f.read()
     os.unlink(out)
     return data
-
-
-# Built without librbd?  Then rbd: exports cannot work here: say so.
-p = subprocess.run([harness.STRATAD, "--listen", "unix:" + os.path.join(d, "probe.sock"),
-                    "--export", "file=rbd:rbd/no-such-image"],
-                   capture_output=True, timeout=30)
-if b"built without librbd" in p.stderr:
-    harness.skip("stratad was built without librbd (meson setup -Drbd=enabled)")
 
 
 # ---------------------------------------------------------------------------
@@ -595,6 +594,21 @@ ok(f"during the fault: {len(failed)} RBD requests failed with "
    f"{sorted(set(errno.errorcode.get(x[3], x[3]) for x in failed))}, "
    f"longest {longest:.1f} s; {len(during)} started after the stop")
 expect_errno(lambda: hr.pread(4096, 0), errno.EIO, "read from the stopped OSD")
+# librbd's writeback cache may take a write while the OSD is away; a
+# flush must then not claim it is durable
+try:
+    hr.pwrite(b"\x33" * 4096, 2 * MiB)
+    wrote = True
+except nbd.Error as e:
+    check(e.errnum == errno.EIO, f"write during the fault: {e.string}")
+    wrote = False
+if wrote:
+    t0 = time.time()
+    expect_errno(hr.flush, errno.EIO, "flush of a cached write while the OSD is stopped")
+    ok(f"a write taken by librbd's cache during the fault, then its flush failed "
+       f"in {time.time() - t0:.1f} s")
+else:
+    ok("a write during the fault failed with EIO")
 
 os.kill(OSD_PID, signal.SIGCONT)
 t_cont = time.time()
