@@ -21,10 +21,14 @@ memstore keeps every byte in RAM.
  4. Differential: the same seeded workload (writes, FUA, zeroes, trims,
     flushes, reads) on stratad over one image and qemu-nbd's rbd driver
     over an `rbd cp` copy; every read compared; the images end identical.
- 5. Faults: the OSD is stopped (SIGSTOP) during I/O.  RBD requests fail
-    within the export's timeout= (or complete), a file export of the same
-    daemon keeps serving meanwhile, the daemon stays up; after SIGCONT the
-    RBD export works again.
+ 5. Faults: the OSD is stopped (SIGSTOP) during I/O.  RBD requests end
+    within a bound set by the export's timeout= (librbd's cache may take
+    some), a read of data on the OSD only and a flush fail with EIO, a
+    file export of the same daemon keeps serving meanwhile, the daemon
+    stays up; after SIGCONT the RBD export works again, and every
+    acknowledged write is in the image.
+ 6. SIGTERM while the OSD is stopped: the daemon exits within a bound,
+    with status 1 and the failed final flush in its log.
 
 Run:  STRATAD=build/daemon/stratad /usr/bin/python3 tests/integration/test-rbd.py
 """
@@ -692,5 +696,26 @@ if wrote.startswith("taken"):
 ok(f"after stop: every acknowledged write is in the image "
    f"({sum(1 for w in io_writes if w[2])} background writes, "
    f"{sum(1 for w in io_writes if not w[2])} failed)")
+
+# ---------------------------------------------------------------------------
+# 6. SIGTERM while the OSD is stopped: the shutdown is bounded by the
+# timeout, and the exit status and log say that the final flush failed.
+
+dq = Daemon([f"name=rbd,file=rbd:rbd/fault:timeout={TIMEOUT}"])
+hq = nbd.NBD()
+hq.connect_uri(dq.uri("rbd"))
+hq.pwrite(b"\x44" * 65536, 0, nbd.CMD_FLAG_FUA)    # the cache goes writeback
+os.kill(OSD_PID, signal.SIGSTOP)
+hq.pwrite(b"\x55" * 65536, 65536)      # taken by librbd's cache (or EIO)
+hq.shutdown()
+t0 = time.time()
+status = dq.stop(timeout=6 * TIMEOUT + 10)
+dt = time.time() - t0
+os.kill(OSD_PID, signal.SIGCONT)
+check(status == 1, f"stratad exit status {status} after SIGTERM with the OSD stopped "
+      "(the final flush cannot succeed: expected 1)")
+check("final flush failed" in dq.logtext(), f"no word of the failed final flush:\n{dq.logtext()}")
+ok(f"SIGTERM with the OSD stopped: exit status 1 after {dt:.1f} s, "
+   "'final flush failed' in the log")
 harness.finish_soft_checks()
 ok("done")
