@@ -69,7 +69,6 @@ auth service required = cephx
 auth client required = cephx
 keyring = $dir/ceph.client.admin.keyring
 run dir = $dir/run
-admin socket = $dir/run/\$name.asok
 log file = $dir/log/\$name.log
 # clients (ceph, rbd, rados) give up on an unreachable cluster
 client mount timeout = 15
@@ -95,11 +94,17 @@ osd client watch timeout = 5
 # re-watches and re-acquires its exclusive lock in the middle of the I/O
 objecter tick interval = 1
 
+[client]
+# many clients at once (tests, servers, rbd): no admin sockets to collide
+admin socket =
+
 [mon]
+admin socket = $dir/run/\$name.asok
 mon data = $dir/mon
 mon cluster log file = $dir/log/cluster.log
 
 [osd]
+admin socket = $dir/run/\$name.asok
 osd data = $dir/osd
 keyring = $dir/osd/keyring
 osd objectstore = memstore

@@ -213,13 +213,15 @@ snap_data = bytes(model)
 run(["rbd", "namespace", "create", "rbd/ns1"])
 rbd("create", "--size", "1M", "rbd/ns1/nsimg")
 rbd("create", "--size", "20M", "rbd/sparse")
+rbd("create", "--size", "2M", "rbd/nocache")
 
 dm = Daemon([f"name=disk,file=rbd:rbd/disk:timeout=20,format=raw",
              "name=snap,file=rbd:rbd/disk@s1",
              "name=ns,file=rbd:rbd/ns1/nsimg",
              f"name=user,file=rbd:rbd/small:id=strata:keyring={STRATA_KEYRING}",
-             "name=sparse,file=rbd:rbd/sparse:timeout=20"])
-ok("stratad serves five RBD exports")
+             "name=sparse,file=rbd:rbd/sparse:timeout=20",
+             "name=nocache,file=rbd:rbd/nocache,cache=none"])
+ok("stratad serves six RBD exports")
 
 
 def handle(name, meta=False):
@@ -407,14 +409,14 @@ expect_errno(lambda: hn.pwrite(b"x", 0), errno.EPERM, "write to the @s1 export")
 hn.shutdown()
 ok("@SNAP export: read-only, the snapshot's bytes")
 
-for name, size in (("ns", MiB), ("user", 4 * MiB)):
+for name, size in (("ns", MiB), ("user", 4 * MiB), ("nocache", 2 * MiB)):
     hh = handle(name)
     check(hh.get_size() == size, f"{name}: size {hh.get_size()}")
     data = rng.randbytes(size)
     hh.pwrite(data, 0, nbd.CMD_FLAG_FUA)
     check(hh.pread(size, 0) == data, f"{name}: read back differs")
     hh.shutdown()
-ok("a namespace image and client.strata with its own keyring work")
+ok("a namespace image, client.strata with its own keyring, and cache=none work")
 
 check(dm.stop() == 0, f"stratad exit status {dm.proc.returncode}")
 harness.finish_soft_checks()
