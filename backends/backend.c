@@ -119,6 +119,16 @@ int backend_block_status_co(struct backend *b, struct coro *co, uint64_t off,
     return r;
 }
 
+int backend_reopen(struct backend *b, bool read_only, struct error **errp)
+{
+    if (b->read_only == read_only)
+        return 0;
+    if (!b->ops->reopen)
+        return error_setf(errp, ENOTSUP, "%s: cannot switch to %s access",
+                          b->name, read_only ? "read-only" : "read-write");
+    return b->ops->reopen(b, read_only, errp);
+}
+
 int backend_truncate_co(struct backend *b, struct coro *co, uint64_t size)
 {
     assert(!b->read_only);

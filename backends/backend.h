@@ -83,6 +83,9 @@ struct backend_ops {
     /* Prefetch hint. May yield. */
     int (*cache_co)(struct backend *b, struct coro *co, uint64_t off,
                     uint64_t len);
+    /* Switches between read-only and read-write access to the same
+     * storage (control path; no operation in flight).  Optional. */
+    int (*reopen)(struct backend *b, bool read_only, struct error **errp);
     /* Releases everything; no operation may be in flight. */
     void (*close)(struct backend *b);
 };
@@ -114,6 +117,9 @@ struct backend *backend_open(struct loop *loop, const char *spec,
                              const struct backend_open_opts *opts,
                              struct error **errp);
 void backend_close(struct backend *b);
+/* Read-only <-> read-write on the same storage (block-commit opens its base
+ * for writing).  No I/O may be in flight.  -ENOTSUP if the backend cannot. */
+int backend_reopen(struct backend *b, bool read_only, struct error **errp);
 
 /* Contract wrappers: the only way the layers above call a backend. */
 int backend_preadv_co(struct backend *b, struct coro *co,

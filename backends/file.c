@@ -30,6 +30,7 @@ struct file_backend {
     struct backend b;
     int fd;
     bool is_blockdev;
+    bool direct;                    /* opened with O_DIRECT */
     bool has_punch;                 /* PUNCH_HOLE worked (or untested) */
     bool has_zero_range;            /* ZERO_RANGE worked (or untested) */
     void *zero_buf;                 /* lazily allocated, aligned zeros */
@@ -324,6 +325,35 @@ static void file_close(struct backend *b)
     free(f);
 }
 
+/* Reopens the same inode with the other access mode, on the same
+ * descriptor number (dup3), so nothing that holds the number changes. */
+static int file_reopen(struct backend *b, bool read_only, struct error **errp)
+{
+    struct file_backend *f = fb(b);
+    int flags = O_CLOEXEC | (read_only ? O_RDONLY : O_RDWR) |
+                (f->direct ? O_DIRECT : 0);
+    int fd = open(b->name, flags);
+    if (fd < 0)
+        return error_setf(errp, errno, "%s: reopening %s: %s", b->name,
+                          read_only ? "read-only" : "read-write",
+                          strerror(errno));
+    struct stat a, n;
+    if (fstat(f->fd, &a) < 0 || fstat(fd, &n) < 0 || a.st_dev != n.st_dev ||
+        a.st_ino != n.st_ino) {
+        close(fd);
+        return error_setf(errp, ESTALE, "%s: the file was replaced since it "
+                          "was opened", b->name);
+    }
+    if (dup3(fd, f->fd, O_CLOEXEC) < 0) {
+        int e = errno;
+        close(fd);
+        return error_setf(errp, e, "%s: dup3: %s", b->name, strerror(e));
+    }
+    close(fd);
+    b->read_only = read_only;
+    return 0;
+}
+
 static const struct backend_ops file_ops = {
     .name = "file",
     .preadv_co = file_preadv_co,
@@ -334,6 +364,7 @@ static const struct backend_ops file_ops = {
     .block_status_co = file_block_status_co,
     .truncate_co = file_truncate_co,
     .cache_co = file_cache_co,
+    .reopen = file_reopen,
     .close = file_close,
 };
 
@@ -378,6 +409,7 @@ struct backend *file_backend_open(struct loop *loop, const char *path,
         return NULL;
     }
     f->fd = fd;
+    f->direct = opts->direct;
     f->is_blockdev = S_ISBLK(st.st_mode);
     f->has_punch = true;
     f->has_zero_range = true;

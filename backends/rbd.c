@@ -643,6 +643,67 @@ static int rbd_truncate_co(struct backend *b, struct coro *co, uint64_t size)
 
 /* ---- open and close ---- */
 
+static unsigned rbd_caps(bool read_only)
+{
+    return read_only ? BACKEND_CAN_EXTENTS
+                     : BACKEND_CAN_ZERO | BACKEND_CAN_TRIM |
+                       BACKEND_CAN_EXTENTS | BACKEND_CAN_RESIZE;
+}
+
+/* Read-only <-> read-write (block-commit writes into its base): a new
+ * image handle on the same io context, then the old one is closed.  The
+ * old handle's cache is flushed first, and a failure leaves everything as
+ * it was.  Control path: synchronous, bounded by the operation timeout. */
+static int rbd_backend_reopen(struct backend *b, bool read_only,
+                              struct error **errp)
+{
+    struct rbd_backend *r = rb(b);
+    assert(r->inflight == 0 && !r->efd_armed);
+    if (!read_only && r->spec.snap)
+        return error_setf(errp, EROFS, "%s: a snapshot is read-only",
+                          r->where);
+    if (b->read_only == read_only)
+        return 0;
+    int e;
+    if (!b->read_only) {
+        if (r->image_size > b->size && rbd_resize(r->image, b->size) == 0)
+            r->image_size = b->size; /* the growth slack, as at close */
+        e = rbd_flush(r->image);
+        if (e < 0)
+            return error_setf(errp, -e, "%s: flush before reopening: %s",
+                              r->where, strerror(-e));
+    }
+    rbd_image_t img;
+    e = read_only ? rbd_open_read_only(r->ioctx, r->spec.image, &img, NULL)
+                  : rbd_open(r->ioctx, r->spec.image, &img, NULL);
+    if (e < 0)
+        return error_setf(errp, -e, "%s: reopening %s: %s", r->where,
+                          read_only ? "read-only" : "read-write",
+                          strerror(-e));
+    uint64_t size;
+    e = rbd_get_size(img, &size);
+    if (e == 0)
+        e = rbd_set_image_notification(img, r->efd, EVENT_TYPE_EVENTFD);
+    if (e < 0) {
+        rbd_close(img);
+        return error_setf(errp, -e, "%s: reopening: %s", r->where,
+                          strerror(-e));
+    }
+    rbd_image_t old = r->image;
+    r->image = img; /* the helper thread is idle: nothing in flight */
+    e = rbd_close(old);
+    if (e < 0)
+        log_warn("%s: closing the previous handle: %s", r->where,
+                 strerror(-e));
+    r->image_size = size;
+    b->size = size;
+    b->read_only = read_only;
+    b->caps = rbd_caps(read_only);
+    r->bs_valid = false;
+    return 0;
+}
+
+
 static void rbd_backend_close(struct backend *b)
 {
     struct rbd_backend *r = rb(b);
@@ -816,6 +877,7 @@ static const struct backend_ops rbd_ops = {
     .truncate_co = rbd_truncate_co,
     .cache_co = NULL, /* librbd has no prefetch call; its own readahead
                          follows sequential reads */
+    .reopen = rbd_backend_reopen,
     .close = rbd_backend_close,
 };
 
@@ -883,9 +945,7 @@ struct backend *rbd_backend_open(struct loop *loop, const char *spec,
 
     r->b.ops = &rbd_ops;
     r->b.size = r->image_size;
-    r->b.caps = r->b.read_only ? BACKEND_CAN_EXTENTS
-                               : BACKEND_CAN_ZERO | BACKEND_CAN_TRIM |
-                                 BACKEND_CAN_EXTENTS | BACKEND_CAN_RESIZE;
+    r->b.caps = rbd_caps(r->b.read_only);
     return &r->b;
 
 fail:

@@ -1,14 +1,24 @@
 #!/usr/bin/env bash
 # Installs what strata needs on Debian 12, and nothing when all is present.
-# Usage: contrib/deps.sh [build|test|bench]   (each level includes the one before)
+# Usage: contrib/deps.sh [build|demo|test|bench]
+#   build: compile; demo: + qemu-img to make the demo chain; test, bench:
+#   + everything the test suite and the benchmarks run
 set -euo pipefail
 
 level=${1:-build}
-pkgs=(gcc pkg-config meson ninja-build liburing-dev)
+pkgs=(gcc pkg-config meson ninja-build liburing-dev zlib1g-dev libzstd-dev
+      libjson-c-dev)
+if [[ $level == demo ]]; then
+    pkgs+=(qemu-utils)
+fi
 if [[ $level == test || $level == bench ]]; then
-    # cmocka for unit tests; real clients for integration tests
+    # cmocka for unit tests; real clients for integration tests;
+    # qemu-storage-daemon (qemu-system-common) for the chain benchmark
+    # and to compare the control socket with
     pkgs+=(libcmocka-dev libnbd-bin python3-libnbd qemu-utils nbdkit fio
-           python3)
+           python3 qemu-system-common)
+    # a third-party QMP client (Go) for test-qmp-tools.py
+    pkgs+=(golang-go golang-github-digitalocean-go-qemu-dev)
     # the rbd backend, and a throw-away Ceph cluster to test it against
     # (contrib/ceph-cluster.sh); qemu's rbd driver for the comparisons
     pkgs+=(librbd-dev librados-dev ceph-mon ceph-osd ceph-common

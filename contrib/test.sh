@@ -24,6 +24,7 @@ meson test -C build-san --print-errorlogs --num-processes 2 "$@" || rc=$?
 # The benchmark must keep working: a short run on the optimised build.
 if [[ $rc == 0 ]]; then
     STRATAD=$PWD/build-ci/daemon/stratad BENCH_QUICK=1 tests/bench/bench-raw.sh || rc=$?
+    STRATAD=$PWD/build-ci/daemon/stratad BENCH_QUICK=1 tests/bench/bench-chain.sh || rc=$?
     STRATAD=$PWD/build-ci/daemon/stratad BENCH_QUICK=1 tests/bench/bench-rbd.sh || rc=$?
 fi
 

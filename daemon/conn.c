@@ -306,7 +306,7 @@ static void conn_free(struct conn *c)
     nbd_slots_free(c);
     close(c->fd);
     if (c->exp)
-        c->exp->n_conns--;
+        server_export_conn_gone(c->srv, c->exp);
     loop_undefer(c->loop, &c->kick);
     server_conn_gone(c->srv, c);
     free(c->rbuf);

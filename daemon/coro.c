@@ -297,7 +297,9 @@ void coro_yield(struct coro *self)
 
 void coro_wake(struct coro *co)
 {
-    assert(co->state == CORO_YIELDED);
+    /* a just-created coroutine (fn set, never entered) may be scheduled
+     * too: that is how a coroutine starts another one */
+    assert(co->state == CORO_YIELDED || (co->state == CORO_FREE && co->fn));
     co->state = CORO_SCHEDULED;
     co->pool->schedule(co->pool->opaque, co);
 }

@@ -43,7 +43,9 @@ void coro_enter(struct coro *co);
 void coro_yield(struct coro *self);
 
 /* Asks the loop to enter co soon (from a completion handler or from another
- * coroutine).  co must be yielded and not already scheduled. */
+ * coroutine).  co must be yielded and not already scheduled, or freshly
+ * created by coro_create() and never entered (a coroutine starting another
+ * one: it may not coro_enter() it). */
 void coro_wake(struct coro *co);
 
 /* Next-pointer for the loop's run queue and for wait queues. */

@@ -29,6 +29,7 @@ struct loop {
     struct __kernel_timespec tick_ts;
     struct loop_op tick_op;
     bool tick_armed;
+    bool running;                    /* inside loop_run() or loop_run_sync() */
 
     struct loop_backlog_entry *backlog;
     size_t backlog_len, backlog_cap;
@@ -259,42 +260,83 @@ static void deliver(struct loop_op *op, int res, uint32_t flags)
     op->done(op, res, flags);
 }
 
-int loop_run(struct loop *l)
+/* One iteration: run what is ready, submit, wait for and deliver
+ * completions.  Returns 0 or -errno for a fatal ring error. */
+static int loop_iterate(struct loop *l, const bool *until)
 {
-    tick_arm(l);
-    while (!l->stopping) {
-        run_coroutines(l);
-        run_hooks(l);
-        if (l->stopping)
-            break;
+    run_coroutines(l);
+    run_hooks(l);
+    if (l->stopping || (until && *until))
+        return 0;
 
-        int r = io_uring_submit_and_wait(&l->ring, 1);
-        if (r < 0 && r != -EINTR && r != -EAGAIN && r != -EBUSY && r != -ETIME)
-            return r;
+    int r = io_uring_submit_and_wait(&l->ring, 1);
+    if (r < 0 && r != -EINTR && r != -EAGAIN && r != -EBUSY && r != -ETIME)
+        return r;
 
-        /* Each CQE is consumed before its handler runs, so a handler that
-         * flushes a full SQ (and moves CQEs to the backlog) can never make
-         * us deliver one twice.  Backlogged completions go first. */
-        for (;;) {
-            if (l->backlog_len) {
-                for (size_t i = 0; i < l->backlog_len; i++) {
-                    struct loop_backlog_entry e = l->backlog[i];
-                    deliver(e.op, e.res, e.flags);
-                }
-                l->backlog_len = 0;
-                continue;
+    /* Each CQE is consumed before its handler runs, so a handler that
+     * flushes a full SQ (and moves CQEs to the backlog) can never make
+     * us deliver one twice.  Backlogged completions go first. */
+    for (;;) {
+        if (l->backlog_len) {
+            for (size_t i = 0; i < l->backlog_len; i++) {
+                struct loop_backlog_entry e = l->backlog[i];
+                deliver(e.op, e.res, e.flags);
             }
-            struct io_uring_cqe *cqe;
-            if (io_uring_peek_cqe(&l->ring, &cqe) != 0)
-                break;
-            struct loop_op *op = io_uring_cqe_get_data(cqe);
-            int res = cqe->res;
-            uint32_t flags = cqe->flags;
-            io_uring_cqe_seen(&l->ring, cqe);
-            deliver(op, res, flags);
+            l->backlog_len = 0;
+            continue;
         }
+        struct io_uring_cqe *cqe;
+        if (io_uring_peek_cqe(&l->ring, &cqe) != 0)
+            break;
+        struct loop_op *op = io_uring_cqe_get_data(cqe);
+        int res = cqe->res;
+        uint32_t flags = cqe->flags;
+        io_uring_cqe_seen(&l->ring, cqe);
+        deliver(op, res, flags);
     }
     return 0;
+}
+
+int loop_run(struct loop *l)
+{
+    assert(!l->running);
+    l->running = true;
+    tick_arm(l);
+    int r = 0;
+    while (!l->stopping && r == 0)
+        r = loop_iterate(l, NULL);
+    l->running = false;
+    return r;
+}
+
+/* Runs fn(co, arg) in a coroutine and iterates the loop until it returns. */
+struct sync_call {
+    coro_fn *fn;
+    void *arg;
+    bool done;
+};
+
+static void sync_call_entry(struct coro *co, void *opaque)
+{
+    struct sync_call *sc = opaque;
+    sc->fn(co, sc->arg);
+    sc->done = true;
+}
+
+int loop_run_sync(struct loop *l, coro_fn *fn, void *arg)
+{
+    assert(!l->running);
+    struct sync_call sc = {.fn = fn, .arg = arg};
+    struct coro *co = coro_create(l->pool, sync_call_entry, &sc);
+    if (!co)
+        return -ENOMEM;
+    l->running = true;
+    coro_enter(co);
+    int r = 0;
+    while (!sc.done && r == 0)
+        r = loop_iterate(l, &sc.done);
+    l->running = false;
+    return r;
 }
 
 /* ---- coroutine helpers ---- */
@@ -321,4 +363,65 @@ int loop_wait_co(struct loop_wait *w)
     while (!w->done)
         coro_yield(w->co);
     return w->res;
+}
+
+/* ---- interruptible sleep ---- */
+
+static void sleep_done(struct loop_op *op, int res, uint32_t flags)
+{
+    struct loop_sleep *s = (struct loop_sleep *)op;
+    (void)res;
+    (void)flags;
+    s->sleeping = false;
+    if (!s->cancel_pending)
+        coro_wake(s->co);
+}
+
+static void sleep_cancel_done(struct loop_op *op, int res, uint32_t flags)
+{
+    struct loop_sleep *s =
+        (struct loop_sleep *)((char *)op - offsetof(struct loop_sleep, cancel_op));
+    (void)res;
+    (void)flags;
+    s->cancel_pending = false;
+    if (!s->sleeping)
+        coro_wake(s->co);
+}
+
+void loop_sleep_init(struct loop_sleep *s)
+{
+    memset(s, 0, sizeof(*s));
+    s->op.done = sleep_done;
+    s->cancel_op.done = sleep_cancel_done;
+}
+
+int loop_sleep_co(struct loop *l, struct loop_sleep *s, struct coro *co,
+                  uint64_t ns)
+{
+    assert(!s->sleeping && !s->cancel_pending);
+    if (ns == 0)
+        return 0;
+    s->co = co;
+    s->ts.tv_sec = (long long)(ns / 1000000000u);
+    s->ts.tv_nsec = (long long)(ns % 1000000000u);
+    struct io_uring_sqe *sqe = loop_get_sqe(l, &s->op);
+    io_uring_prep_timeout(sqe, &s->ts, 0, 0);
+    s->sleeping = true;
+    s->woken_early = false;
+    /* Both completions (the timeout's, and the removal's if any) must be
+     * in before the struct can go away; the later one wakes us. */
+    while (s->sleeping || s->cancel_pending)
+        coro_yield(co);
+    s->co = NULL;
+    return s->woken_early ? -ECANCELED : 0;
+}
+
+void loop_sleep_wake(struct loop *l, struct loop_sleep *s)
+{
+    if (!s->sleeping || s->cancel_pending)
+        return;
+    s->woken_early = true;
+    struct io_uring_sqe *sqe = loop_get_sqe(l, &s->cancel_op);
+    io_uring_prep_timeout_remove(sqe, (uint64_t)(uintptr_t)&s->op, 0);
+    s->cancel_pending = true;
 }

@@ -49,6 +49,12 @@ void loop_free(struct loop *l);
 /* Runs until loop_stop(); returns 0 or -errno for a fatal ring error. */
 int loop_run(struct loop *l);
 void loop_stop(struct loop *l);
+
+/* Control path outside loop_run() (start-up): runs fn(co, arg) in a
+ * coroutine on l and iterates the loop until it returns.  Returns 0, or
+ * -errno if the coroutine could not be created or the ring failed.  Never
+ * call it from inside the loop (a handler or a coroutine). */
+int loop_run_sync(struct loop *l, coro_fn *fn, void *arg);
 bool loop_stopping(const struct loop *l);
 
 /* An SQE whose user_data is op.  Never returns NULL: when the submission
@@ -81,5 +87,28 @@ struct loop_wait {
 void loop_wait_init(struct loop_wait *w, struct coro *co);
 /* Yields until the completion arrives; returns its result. */
 int loop_wait_co(struct loop_wait *w);
+
+/* A fine-grained sleep (an io_uring timeout, not the 1 s tick) that another
+ * party can cut short.  Embed it where both the sleeper and the waker can
+ * reach it (a job), loop_sleep_init() once, then:
+ *   sleeper:  loop_sleep_co(l, s, co, ns)  returns 0 after ns, or -ECANCELED
+ *             when woken early by loop_sleep_wake();
+ *   waker:    loop_sleep_wake(l, s)        no-op when nobody sleeps.
+ * loop_sleep_co() returns only once every SQE it caused has completed, so
+ * the struct may be freed right after it returns. */
+struct loop_sleep {
+    struct loop_op op;         /* the timeout */
+    struct loop_op cancel_op;  /* its removal (loop_sleep_wake) */
+    struct __kernel_timespec ts;
+    struct coro *co;
+    bool sleeping;             /* timeout armed, completion not yet seen */
+    bool cancel_pending;       /* removal submitted, completion not seen */
+    bool woken_early;          /* loop_sleep_wake() cut this sleep short */
+};
+
+void loop_sleep_init(struct loop_sleep *s);
+int loop_sleep_co(struct loop *l, struct loop_sleep *s, struct coro *co,
+                  uint64_t ns);
+void loop_sleep_wake(struct loop *l, struct loop_sleep *s);
 
 #endif

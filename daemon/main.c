@@ -12,8 +12,10 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "control.h"
 #include "log.h"
 #include "server.h"
+#include "state.h"
 #include "strata-config.h"
 
 #define LOOP_ENTRIES 1024
@@ -38,6 +40,10 @@ static void usage(FILE *fp)
 "                             (default 10)\n"
 "      --max-inflight N       requests in flight per client (default 128)\n"
 "      --shutdown-timeout S   seconds to drain clients on SIGTERM (default 30)\n"
+"      --control PATH         serve the QMP control socket on unix socket PATH\n"
+"      --control-mode OCTAL   permissions of the control socket (default 0600)\n"
+"      --state-file PATH      record exports and chains in PATH and restore\n"
+"                             them at start (see the README)\n"
 "  -v, --verbose              log every connection and refused request\n"
 "  -h, --help                 show this help\n"
 "  -V, --version              show the version\n"
@@ -50,6 +56,8 @@ static void usage(FILE *fp)
 "  readonly=on|off     refuse writes (default off)\n"
 "  cache=writeback|none  none: O_DIRECT, no host page cache\n"
 "  description=TEXT    shown by NBD_OPT_LIST and NBD_INFO_DESCRIPTION\n"
+"  id=ID               QMP export id (default: the name, or \"default\")\n"
+"  node-name=NAME      QMP node name of its chain (default: the id)\n"
 "\n"
 "Example:\n"
 "  stratad --listen unix:/run/strata.sock --export name=disk,file=disk.img\n"
@@ -64,6 +72,9 @@ enum {
     OPT_HSTIMEOUT,
     OPT_MAXINFLIGHT,
     OPT_SHUTDOWN_TIMEOUT,
+    OPT_CONTROL,
+    OPT_CONTROL_MODE,
+    OPT_STATE_FILE,
 };
 
 static int parse_uint(const char *opt, const char *s, unsigned min,
@@ -165,6 +176,9 @@ int main(int argc, char **argv)
         {"handshake-timeout", required_argument, NULL, OPT_HSTIMEOUT},
         {"max-inflight", required_argument, NULL, OPT_MAXINFLIGHT},
         {"shutdown-timeout", required_argument, NULL, OPT_SHUTDOWN_TIMEOUT},
+        {"control", required_argument, NULL, OPT_CONTROL},
+        {"control-mode", required_argument, NULL, OPT_CONTROL_MODE},
+        {"state-file", required_argument, NULL, OPT_STATE_FILE},
         {"verbose", no_argument, NULL, 'v'},
         {"help", no_argument, NULL, 'h'},
         {"version", no_argument, NULL, 'V'},
@@ -180,6 +194,9 @@ int main(int argc, char **argv)
     bool do_fork = false;
     const char *pid_file = NULL;
     const char *log_file = NULL;
+    const char *control_path = NULL;
+    const char *state_path = NULL;
+    unsigned control_mode = 0600;
     struct server_config cfg;
     server_config_defaults(&cfg);
 
@@ -221,6 +238,24 @@ int main(int argc, char **argv)
                            &cfg.shutdown_timeout_s) < 0)
                 return 2;
             break;
+        case OPT_CONTROL:
+            control_path = optarg;
+            break;
+        case OPT_CONTROL_MODE: {
+            char *end;
+            errno = 0;
+            unsigned long m = strtoul(optarg, &end, 8);
+            if (errno || *end || end == optarg || m > 0777) {
+                fprintf(stderr, "stratad: --control-mode %s: expected an octal "
+                        "mode such as 0600\n", optarg);
+                return 2;
+            }
+            control_mode = (unsigned)m;
+            break;
+        }
+        case OPT_STATE_FILE:
+            state_path = optarg;
+            break;
         case 'v':
             log_set_level(LOG_DEBUG);
             break;
@@ -240,8 +275,9 @@ int main(int argc, char **argv)
         usage(stderr);
         return 2;
     }
-    if (n_exports == 0) {
-        fprintf(stderr, "stratad: no export given (--export file=PATH)\n");
+    if (n_exports == 0 && !control_path && !state_path) {
+        fprintf(stderr, "stratad: no export given (--export file=PATH, or "
+                "--control to add exports later)\n");
         usage(stderr);
         return 2;
     }
@@ -292,12 +328,39 @@ int main(int argc, char **argv)
         signal_ready(&ready_fd, 1, true);
         return 1;
     }
+    srv->allow_no_exports = control_path || state_path;
     int rc = 0;
     CLEANUP_ERROR struct error *err = NULL;
+    struct state *state = NULL;
+    bool state_loaded = false;
+    if (state_path) {
+        state = state_new(srv, state_path);
+        if (!state) {
+            fprintf(stderr, "stratad: out of memory\n");
+            rc = 1;
+        } else if (state_load(state, &state_loaded, &err) < 0) {
+            fprintf(stderr, "stratad: %s\n", err->msg);
+            rc = 1;
+        }
+    }
     for (size_t i = 0; i < n_exports && rc == 0; i++) {
         struct export_config ec;
-        if (export_config_parse(exports[i], &ec, &err) < 0 ||
-            server_add_export(srv, &ec, &err) < 0) {
+        if (export_config_parse(exports[i], &ec, &err) < 0) {
+            fprintf(stderr, "stratad: --export %s: %s\n", exports[i], err->msg);
+            rc = 1;
+            break;
+        }
+        char *id = export_config_id(&ec);
+        if (id && state_loaded && server_find_export_id(srv, id)) {
+            /* the state file knows the chain as it is now */
+            log_info("--export %s: export '%s' is restored from the state file",
+                     exports[i], id);
+            free(id);
+            export_config_clear(&ec);
+            continue;
+        }
+        free(id);
+        if (server_add_export(srv, &ec, &err) < 0) {
             fprintf(stderr, "stratad: --export %s: %s\n", exports[i], err->msg);
             export_config_clear(&ec);
             rc = 1;
@@ -308,6 +371,16 @@ int main(int argc, char **argv)
             fprintf(stderr, "stratad: --listen %s: %s\n", listens[i], err->msg);
             rc = 1;
         }
+    }
+    struct control *control = NULL;
+    if (rc == 0 && control_path) {
+        control = control_new(srv, control_path, control_mode, state, &err);
+        if (!control) {
+            fprintf(stderr, "stratad: %s\n", err->msg);
+            rc = 1;
+        }
+    } else if (rc == 0 && state) {
+        state_attach(state);
     }
     if (rc == 0 && server_start(srv, sig_fd, &err) < 0) {
         fprintf(stderr, "stratad: %s\n", err->msg);
@@ -322,6 +395,8 @@ int main(int argc, char **argv)
     }
     if (rc != 0) {
         signal_ready(&ready_fd, 1, true);
+        control_free(control);
+        state_free(state);
         server_free(srv);
         loop_free(loop);
         close(sig_fd);
@@ -329,6 +404,8 @@ int main(int argc, char **argv)
         free(exports);
         return rc;
     }
+    if (state)
+        server_changed(srv); /* record the exports of the command line */
     signal_ready(&ready_fd, 0, log_file != NULL);
 
     int r = loop_run(loop);
@@ -338,10 +415,12 @@ int main(int argc, char **argv)
     } else {
         rc = srv->exit_code;
     }
-    if (srv->conns) {
+    if (srv->conns || srv->holds) {
         /* only after a fatal loop error: sockets close with the process */
-        log_warn("exiting with clients still connected");
+        log_warn("exiting with clients or jobs still active");
     } else {
+        control_free(control);
+        state_free(state);
         server_free(srv);
     }
     loop_free(loop);

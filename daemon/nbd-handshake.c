@@ -67,7 +67,7 @@ uint16_t nbd_export_eflags(const struct conn *c, const struct export *e)
      * FLUSH is fdatasync of the shared descriptor: it covers writes
      * acknowledged on any connection. */
     f |= NBD_FLAG_CAN_MULTI_CONN;
-    if (e->root->read_only)
+    if (!e->writable || export_root(e)->read_only)
         f |= NBD_FLAG_READ_ONLY;
     else
         f |= NBD_FLAG_SEND_FUA | NBD_FLAG_SEND_TRIM |
@@ -80,7 +80,7 @@ uint16_t nbd_export_eflags(const struct conn *c, const struct export *e)
 static void block_sizes(const struct export *e, uint32_t *min, uint32_t *pref,
                         uint32_t *max)
 {
-    *min = e->root->align;
+    *min = export_root(e)->align;
     *pref = *min > 4096 ? *min : 4096;
     *max = MAX_PAYLOAD;
 }
@@ -103,7 +103,7 @@ static void enter_transmission(struct conn *c, struct export *e)
     uint32_t min, pref, max;
     block_sizes(e, &min, &pref, &max);
     c->session = (struct nbd_session){
-        .export_size = e->root->size,
+        .export_size = export_root(e)->size,
         .eflags = nbd_export_eflags(c, e),
         .min_block = min,
         .max_payload = max,
@@ -134,7 +134,7 @@ static void opt_export_name(struct conn *c, const uint8_t *data, uint32_t len)
         return;
     }
     uint8_t buf[10 + 124];
-    be_put64(buf, e->root->size);
+    be_put64(buf, export_root(e)->size);
     be_put16(buf + 8, nbd_export_eflags(c, e));
     size_t n = 10;
     if (!(c->client_flags & NBD_FLAG_C_NO_ZEROES)) {
@@ -186,7 +186,7 @@ static void opt_info_go(struct conn *c, const uint8_t *data, uint32_t len)
         return;
     }
     uint8_t buf[2 + 4096 + 16];
-    size_t n = nbd_build_info_export(buf, e->root->size, nbd_export_eflags(c, e));
+    size_t n = nbd_build_info_export(buf, export_root(e)->size, nbd_export_eflags(c, e));
     reply(c, NBD_REP_INFO, buf, n);
 
     for (uint16_t i = 0; i < go.n_info; i++) {

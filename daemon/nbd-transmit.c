@@ -174,7 +174,7 @@ static void reply_read(struct nbd_req *r)
 static int do_block_status_co(struct nbd_req *r, struct coro *co)
 {
     struct conn *c = r->c;
-    struct fmt_node *n = c->exp->root;
+    struct fmt_node *n = export_root(c->exp);
     const struct nbd_request *h = &r->hdr;
     bool one = h->flags & NBD_CMD_FLAG_REQ_ONE;
     uint64_t off = h->offset;
@@ -259,11 +259,40 @@ static int do_block_status_co(struct nbd_req *r, struct coro *co)
     return 1; /* reply queued */
 }
 
+/* A guest write, write-zeroes or trim, with the export's write notifiers
+ * (jobs) told before and after. */
+static int guest_write_co(struct nbd_req *r, struct coro *co,
+                          const struct export_write_req *wr)
+{
+    struct export *e = r->c->exp;
+    struct fmt_node *n = export_root(e);
+    int ret = e->write_notifiers ? export_notify_before_co(e, co, wr) : 0;
+    if (ret == 0) {
+        switch (wr->kind) {
+        case EXPORT_WRITE:
+            ret = fmt_pwritev_co(n, co, wr->iov, wr->iovcnt, wr->offset,
+                                 wr->flags);
+            break;
+        case EXPORT_WRITE_ZEROES:
+            ret = fmt_zero_co(n, co, wr->offset, wr->length, wr->flags);
+            break;
+        case EXPORT_TRIM:
+            ret = fmt_discard_co(n, co, wr->offset, wr->length, 0);
+            if (ret == 0 && (wr->flags & FMT_FUA))
+                ret = fmt_flush_co(n, co);
+            break;
+        }
+    }
+    if (e->write_notifiers)
+        ret = export_notify_after_co(e, co, wr, ret);
+    return ret;
+}
+
 /* Runs one request; returns 1 if it queued its own reply, 0 for a plain
  * success, -errno on failure. */
 static int run_request_co(struct nbd_req *r, struct coro *co)
 {
-    struct fmt_node *n = r->c->exp->root;
+    struct fmt_node *n = export_root(r->c->exp);
     const struct nbd_request *h = &r->hdr;
     bool fua = h->flags & NBD_CMD_FLAG_FUA;
     struct iovec iov = {r->buf, (size_t)h->length};
@@ -276,21 +305,31 @@ static int run_request_co(struct nbd_req *r, struct coro *co)
         reply_read(r);
         return 1;
     }
-    case NBD_CMD_WRITE:
-        return fmt_pwritev_co(n, co, &iov, 1, h->offset, fua ? FMT_FUA : 0);
+    case NBD_CMD_WRITE: {
+        struct export_write_req wr = {
+            .kind = EXPORT_WRITE, .offset = h->offset, .length = h->length,
+            .iov = &iov, .iovcnt = 1, .flags = fua ? FMT_FUA : 0,
+        };
+        return guest_write_co(r, co, &wr);
+    }
     case NBD_CMD_FLUSH:
         return fmt_flush_co(n, co);
     case NBD_CMD_TRIM: {
-        int ret = fmt_discard_co(n, co, h->offset, h->length, 0);
-        if (ret == 0 && fua)
-            ret = fmt_flush_co(n, co);
-        return ret;
+        struct export_write_req wr = {
+            .kind = EXPORT_TRIM, .offset = h->offset, .length = h->length,
+            .flags = fua ? FMT_FUA : 0,
+        };
+        return guest_write_co(r, co, &wr);
     }
     case NBD_CMD_WRITE_ZEROES: {
-        unsigned f = (fua ? FMT_FUA : 0) |
+        struct export_write_req wr = {
+            .kind = EXPORT_WRITE_ZEROES, .offset = h->offset,
+            .length = h->length,
+            .flags = (fua ? FMT_FUA : 0) |
                      ((h->flags & NBD_CMD_FLAG_NO_HOLE) ? 0 : FMT_MAY_TRIM) |
-                     ((h->flags & NBD_CMD_FLAG_FAST_ZERO) ? FMT_FAST : 0);
-        return fmt_zero_co(n, co, h->offset, h->length, f);
+                     ((h->flags & NBD_CMD_FLAG_FAST_ZERO) ? FMT_FAST : 0),
+        };
+        return guest_write_co(r, co, &wr);
     }
     case NBD_CMD_CACHE: {
         if (h->length == 0)
@@ -310,7 +349,11 @@ static void request_co(struct coro *co, void *opaque)
 {
     struct nbd_req *r = opaque;
     struct conn *c = r->c;
+    /* Waits here while the export is quiesced (snapshot, pivot): the
+     * request then runs on the chain top of that moment. */
+    export_enter_co(c->exp, co);
     int ret = run_request_co(r, co);
+    export_leave(c->exp);
     c->running--;
     if (ret < 0) {
         r->error = nbd_errno_to_nbd(-ret);

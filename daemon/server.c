@@ -50,6 +50,9 @@ void export_config_clear(struct export_config *cfg)
     free(cfg->file);
     free(cfg->format);
     free(cfg->description);
+    free(cfg->backing_root);
+    free(cfg->id);
+    free(cfg->node_name);
     memset(cfg, 0, sizeof(*cfg));
 }
 
@@ -67,6 +70,28 @@ static int parse_bool(const char *key, const char *v, bool *out,
         return 0;
     }
     return error_setf(errp, EINVAL, "%s=%s: expected on or off", key, v);
+}
+
+/* A byte count with an optional K, M or G suffix (binary units). */
+static int parse_size(const char *key, const char *v, uint64_t *out,
+                      struct error **errp)
+{
+    char *end;
+    errno = 0;
+    unsigned long long n = strtoull(v, &end, 10);
+    unsigned shift = 0;
+    if (*end == 'K' || *end == 'k')
+        shift = 10, end++;
+    else if (*end == 'M' || *end == 'm')
+        shift = 20, end++;
+    else if (*end == 'G' || *end == 'g')
+        shift = 30, end++;
+    if (errno || end == v || *end || v[0] == '-' || n == 0 ||
+        n > (UINT64_C(1) << 40) >> shift)
+        return error_setf(errp, EINVAL, "%s=%s: expected a size in bytes "
+                          "(with an optional K, M or G suffix)", key, v);
+    *out = (uint64_t)n << shift;
+    return 0;
 }
 
 /* Splits "k=v,k=v" with ",," standing for a literal comma. */
@@ -112,6 +137,12 @@ int export_config_parse(const char *spec, struct export_config *cfg,
             str = &cfg->format;
         else if (!strcmp(key, "description"))
             str = &cfg->description;
+        else if (!strcmp(key, "backing-root"))
+            str = &cfg->backing_root;
+        else if (!strcmp(key, "id"))
+            str = &cfg->id;
+        else if (!strcmp(key, "node-name"))
+            str = &cfg->node_name;
         if (str) {
             free(*str);
             *str = strdup(val);
@@ -127,10 +158,15 @@ int export_config_parse(const char *spec, struct export_config *cfg,
             else
                 ret = error_setf(errp, EINVAL,
                                  "cache=%s: expected none or writeback", val);
+        } else if (!strcmp(key, "l2-cache-size")) {
+            ret = parse_size(key, val, &cfg->l2_cache_bytes, errp);
+        } else if (!strcmp(key, "refcount-cache-size")) {
+            ret = parse_size(key, val, &cfg->refcount_cache_bytes, errp);
         } else {
             ret = error_setf(errp, EINVAL, "unknown export key '%s' (known: "
-                             "name, file, format, readonly, cache, description)",
-                             key);
+                             "name, file, format, readonly, cache, description, "
+                             "id, node-name, backing-root, l2-cache-size, "
+                             "refcount-cache-size)", key);
         }
     }
     free(item);
@@ -162,41 +198,487 @@ struct export *server_find_export(struct server *srv, const char *name,
     return NULL;
 }
 
-int server_add_export(struct server *srv, struct export_config *cfg,
-                      struct error **errp)
+struct export *server_find_export_id(struct server *srv, const char *id)
 {
-    if (cfg->name[0] && server_find_export(srv, cfg->name, strlen(cfg->name)))
-        return error_setf(errp, EEXIST, "export '%s' is defined twice",
-                          cfg->name);
+    for (size_t i = 0; i < srv->n_exports; i++)
+        if (!strcmp(srv->exports[i]->cfg.id, id))
+            return srv->exports[i];
+    return NULL;
+}
+
+struct blockdev *server_find_blockdev(struct server *srv, const char *node_name)
+{
+    for (size_t i = 0; i < srv->n_bdevs; i++)
+        if (!strcmp(srv->bdevs[i]->node_name, node_name))
+            return srv->bdevs[i];
+    return NULL;
+}
+
+/* QEMU's rule for ids and node names: a letter, then letters, digits,
+ * '-', '.', '_'. */
+static bool id_wellformed(const char *id)
+{
+    if (!((id[0] >= 'a' && id[0] <= 'z') || (id[0] >= 'A' && id[0] <= 'Z')))
+        return false;
+    for (const char *p = id; *p; p++)
+        if (!((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') ||
+              (*p >= '0' && *p <= '9') || *p == '-' || *p == '.' || *p == '_'))
+            return false;
+    return strlen(id) <= 128;
+}
+
+void server_changed(struct server *srv)
+{
+    if (srv->change_hook && srv->change_hook->changed)
+        srv->change_hook->changed(srv->change_hook);
+}
+
+int server_sync_co(struct server *srv, struct coro *co)
+{
+    server_changed(srv);
+    if (srv->change_hook && srv->change_hook->sync_co)
+        return srv->change_hook->sync_co(srv->change_hook, co);
+    return 0;
+}
+
+/* The state file must not depend on the daemon's working directory. */
+static char *absolute_path(const char *path)
+{
+    if (path[0] == '/')
+        return strdup(path);
+    char *cwd = getcwd(NULL, 0);
+    char *abs = NULL;
+    if (cwd && asprintf(&abs, "%s/%s", cwd, path) < 0)
+        abs = NULL;
+    free(cwd);
+    return abs;
+}
+
+static void blockdev_free(struct blockdev *b)
+{
+    fmt_close(b->root);
+    free(b->node_name);
+    free(b->driver);
+    free(b->filename);
+    free(b->backing_root);
+    free(b);
+}
+
+static struct blockdev *blockdev_add(struct server *srv,
+                                     const struct blockdev_config *cfg,
+                                     struct coro *co, struct error **errp);
+
+struct blockdev *server_blockdev_add(struct server *srv,
+                                     const struct blockdev_config *cfg,
+                                     struct error **errp)
+{
+    return blockdev_add(srv, cfg, NULL, errp);
+}
+
+struct blockdev *server_blockdev_add_co(struct server *srv,
+                                        const struct blockdev_config *cfg,
+                                        struct coro *co, struct error **errp)
+{
+    return blockdev_add(srv, cfg, co, errp);
+}
+
+static struct blockdev *blockdev_add(struct server *srv,
+                                     const struct blockdev_config *cfg,
+                                     struct coro *co, struct error **errp)
+{
+    if (!id_wellformed(cfg->node_name)) {
+        error_setf(errp, EINVAL, "Invalid node-name: '%s'", cfg->node_name);
+        return NULL;
+    }
+    if (server_find_blockdev(srv, cfg->node_name)) {
+        error_setf(errp, EEXIST, "Duplicate nodes with node-name='%s'",
+                   cfg->node_name);
+        return NULL;
+    }
     struct fmt_open_opts fo = {
-        .format = cfg->format,
+        .format = cfg->driver,
         .read_only = cfg->read_only,
         .direct = cfg->direct,
+        .l2_cache_bytes = cfg->l2_cache_bytes,
+        .refcount_cache_bytes = cfg->refcount_cache_bytes,
+        .backing_root = cfg->backing_root,
     };
-    struct fmt_node *root = fmt_open(srv->loop, cfg->file, &fo, errp);
-    if (!root) {
-        error_prefix(errp, "export '%s': ", cfg->name);
-        return -EINVAL;
+    /* fmt_open() drives the loop itself: only before it runs */
+    struct fmt_node *root = co ? fmt_open_co(srv->loop, co, cfg->filename, &fo, errp)
+                               : fmt_open(srv->loop, cfg->filename, &fo, errp);
+    if (!root)
+        return NULL;
+    struct blockdev *b = calloc(1, sizeof(*b));
+    void *arr = realloc(srv->bdevs, sizeof(*srv->bdevs) * (srv->n_bdevs + 1));
+    if (arr)
+        srv->bdevs = arr;
+    if (b) {
+        b->node_name = strdup(cfg->node_name);
+        b->driver = strdup(root->ops->name);
+        b->filename = absolute_path(cfg->filename);
+    }
+    if (!b || !arr || !b->node_name || !b->driver || !b->filename) {
+        if (b) {
+            b->root = root;
+            blockdev_free(b);
+        } else {
+            fmt_close(root);
+        }
+        error_setf(errp, ENOMEM, "out of memory");
+        return NULL;
+    }
+    b->root = root;
+    b->read_only = root->read_only;
+    b->direct = cfg->direct;
+    b->l2_cache_bytes = cfg->l2_cache_bytes;
+    b->refcount_cache_bytes = cfg->refcount_cache_bytes;
+    if (cfg->backing_root && !(b->backing_root = strdup(cfg->backing_root)))
+        log_warn("node '%s': out of memory recording backing-root",
+                 b->node_name);
+    srv->bdevs[srv->n_bdevs++] = b;
+    log_info("node '%s': %s (%s, %llu bytes%s%s)", b->node_name, b->filename,
+             b->driver, (unsigned long long)root->size,
+             b->read_only ? ", read-only" : "", b->direct ? ", cache=none" : "");
+    server_changed(srv);
+    return b;
+}
+
+int server_blockdev_del(struct server *srv, const char *node_name,
+                        struct error **errp)
+{
+    size_t i;
+    for (i = 0; i < srv->n_bdevs; i++)
+        if (!strcmp(srv->bdevs[i]->node_name, node_name))
+            break;
+    if (i == srv->n_bdevs)
+        return error_setf(errp, ENOENT, "Failed to find node with node-name='%s'",
+                          node_name);
+    struct blockdev *b = srv->bdevs[i];
+    if (b->export)
+        return error_setf(errp, EBUSY, "Node '%s' is in use by export '%s'%s",
+                          node_name, b->export->cfg.id,
+                          b->export->deleted ? " (being deleted: its clients "
+                                               "are still disconnecting)" : "");
+    memmove(&srv->bdevs[i], &srv->bdevs[i + 1],
+            sizeof(*srv->bdevs) * (srv->n_bdevs - i - 1));
+    srv->n_bdevs--;
+    log_info("node '%s' deleted", node_name);
+    blockdev_free(b);
+    server_changed(srv);
+    return 0;
+}
+
+static int set_str(char **dst, const char *src)
+{
+    if (!src)
+        return 0;
+    *dst = strdup(src);
+    return *dst ? 0 : -ENOMEM;
+}
+
+struct export *server_export_add(struct server *srv,
+                                 const struct export_add_config *cfg,
+                                 struct error **errp)
+{
+    if (!id_wellformed(cfg->id)) {
+        error_setf(errp, EINVAL, "Invalid export id: '%s'", cfg->id);
+        return NULL;
+    }
+    if (server_find_export_id(srv, cfg->id)) {
+        error_setf(errp, EEXIST, "Block export id '%s' is already in use",
+                   cfg->id);
+        return NULL;
+    }
+    struct blockdev *b = server_find_blockdev(srv, cfg->node_name);
+    if (!b) {
+        error_setf(errp, ENOENT, "Cannot find device=%s nor node-name=%s",
+                   cfg->node_name, cfg->node_name);
+        return NULL;
+    }
+    if (b->export) {
+        error_setf(errp, EBUSY, "Node '%s' is already exported as '%s' "
+                   "(strata exports a node at most once)", b->node_name,
+                   b->export->cfg.id);
+        return NULL;
+    }
+    if (cfg->writable && b->read_only) {
+        error_setf(errp, EINVAL, "Cannot export read-only node as writable");
+        return NULL;
+    }
+    const char *name = cfg->name ? cfg->name : b->node_name;
+    if (strlen(name) > NBD_MAX_STRING ||
+        (cfg->description && strlen(cfg->description) > NBD_MAX_STRING)) {
+        error_setf(errp, EINVAL, "export name or description longer than %u bytes",
+                   NBD_MAX_STRING);
+        return NULL;
+    }
+    /* the empty name is the default export: it may be taken only once */
+    for (size_t i = 0; i < srv->n_exports; i++) {
+        if (!strcmp(srv->exports[i]->cfg.name, name)) {
+            error_setf(errp, EEXIST, "NBD server already has export named '%s'",
+                       name);
+            return NULL;
+        }
     }
     struct export *e = calloc(1, sizeof(*e));
     void *arr = realloc(srv->exports, sizeof(*srv->exports) * (srv->n_exports + 1));
-    if (!e || !arr) {
+    if (arr)
+        srv->exports = arr;
+    if (!e || !arr || set_str(&e->cfg.name, name) < 0 ||
+        set_str(&e->cfg.id, cfg->id) < 0 ||
+        set_str(&e->cfg.node_name, b->node_name) < 0 ||
+        set_str(&e->cfg.description, cfg->description) < 0 ||
+        set_str(&e->cfg.file, b->filename) < 0 ||
+        set_str(&e->cfg.format, b->driver) < 0) {
+        if (e)
+            export_config_clear(&e->cfg);
         free(e);
-        if (arr)
-            srv->exports = arr;
-        fmt_close(root);
-        return error_setf(errp, ENOMEM, "out of memory");
+        error_setf(errp, ENOMEM, "out of memory");
+        return NULL;
     }
-    srv->exports = arr;
-    e->cfg = *cfg;
-    memset(cfg, 0, sizeof(*cfg)); /* consumed */
-    e->root = root;
+    e->cfg.read_only = !cfg->writable;
+    e->cfg.direct = b->direct;
+    e->srv = srv;
+    e->bdev = b;
+    e->writable = cfg->writable;
+    b->export = e;
     srv->exports[srv->n_exports++] = e;
-    log_info("export '%s': %s (%s, %llu bytes%s%s)", e->cfg.name,
-             e->cfg.file, root->ops->name, (unsigned long long)root->size,
-             root->read_only ? ", read-only" : "",
-             e->cfg.direct ? ", cache=none" : "");
+    log_info("export '%s' (id %s): node '%s'%s", e->cfg.name, e->cfg.id,
+             b->node_name, e->writable ? "" : ", read-only");
+    server_changed(srv);
+    return e;
+}
+
+static void export_free(struct server *srv, struct export *e)
+{
+    assert(e->n_conns == 0 && e->inflight == 0 && e->quiesce_count == 0);
+    if (e->bdev && e->bdev->export == e)
+        e->bdev->export = NULL;
+    char *id = e->cfg.id;
+    e->cfg.id = NULL;
+    export_config_clear(&e->cfg);
+    free(e);
+    if (id && srv->change_hook && srv->change_hook->export_deleted)
+        srv->change_hook->export_deleted(srv->change_hook, id);
+    free(id);
+}
+
+int server_export_del(struct server *srv, const char *id,
+                      enum export_del_mode mode, struct error **errp)
+{
+    size_t i;
+    for (i = 0; i < srv->n_exports; i++)
+        if (!strcmp(srv->exports[i]->cfg.id, id))
+            break;
+    if (i == srv->n_exports)
+        return error_setf(errp, ENOENT, "Export '%s' is not found", id);
+    struct export *e = srv->exports[i];
+    if (mode == EXPORT_DEL_SAFE && e->n_conns > 0)
+        return error_setf(errp, EBUSY, "export '%s' still in use (%u client%s "
+                          "connected; mode=hard disconnects them)", id,
+                          e->n_conns, e->n_conns == 1 ? "" : "s");
+    memmove(&srv->exports[i], &srv->exports[i + 1],
+            sizeof(*srv->exports) * (srv->n_exports - i - 1));
+    srv->n_exports--;
+    e->deleted = true;
+    for (struct conn *c = srv->conns; c; c = c->next) {
+        if (c->meta_export == e)
+            c->meta_export = NULL;
+        if (c->exp == e)
+            conn_abort(c, "export deleted");
+    }
+    log_info("export '%s' (id %s) deleted%s", e->cfg.name, id,
+             e->n_conns ? ": disconnecting its clients" : "");
+    server_changed(srv);
+    if (e->n_conns == 0)
+        export_free(srv, e);
     return 0;
+}
+
+void server_export_conn_gone(struct server *srv, struct export *e)
+{
+    assert(e->n_conns > 0);
+    if (--e->n_conns == 0 && e->deleted)
+        export_free(srv, e);
+}
+
+char *export_config_id(const struct export_config *cfg)
+{
+    if (cfg->id)
+        return strdup(cfg->id);
+    if (!cfg->name[0])
+        return strdup("default");
+    if (id_wellformed(cfg->name))
+        return strdup(cfg->name);
+    /* a name QMP ids cannot spell: a stable id derived from it (FNV-1a),
+     * so that the same --export gets the same id on every start */
+    uint32_t h = 2166136261u;
+    for (const unsigned char *p = (const unsigned char *)cfg->name; *p; p++)
+        h = (h ^ *p) * 16777619u;
+    char *id = NULL;
+    if (asprintf(&id, "export-%08x", h) < 0)
+        return NULL;
+    return id;
+}
+
+int server_add_export(struct server *srv, struct export_config *cfg,
+                      struct error **errp)
+{
+    char *id = export_config_id(cfg);
+    if (!id)
+        return error_setf(errp, ENOMEM, "out of memory");
+    const char *node_name = cfg->node_name ? cfg->node_name : id;
+    struct blockdev_config bc = {
+        .node_name = node_name,
+        .driver = cfg->format,
+        .filename = cfg->file,
+        .read_only = cfg->read_only,
+        .direct = cfg->direct,
+        .backing_root = cfg->backing_root,
+        .l2_cache_bytes = cfg->l2_cache_bytes,
+        .refcount_cache_bytes = cfg->refcount_cache_bytes,
+    };
+    int ret = 0;
+    if (server_find_export_id(srv, id))
+        ret = error_setf(errp, EEXIST, "export id '%s' is defined twice", id);
+    struct blockdev *b = ret ? NULL : server_blockdev_add(srv, &bc, errp);
+    if (!b) {
+        error_prefix(errp, "export '%s': ", cfg->name);
+        free(id);
+        return ret ? ret : -EINVAL;
+    }
+    struct export_add_config ac = {
+        .id = id,
+        .node_name = node_name,
+        .name = cfg->name,
+        .description = cfg->description,
+        .writable = !cfg->read_only,
+    };
+    struct export *e = server_export_add(srv, &ac, errp);
+    if (!e) {
+        error_prefix(errp, "export '%s': ", cfg->name);
+        server_blockdev_del(srv, node_name, NULL);
+        free(id);
+        return -EINVAL;
+    }
+    free(id);
+    export_config_clear(cfg); /* consumed */
+    return 0;
+}
+
+/* ---- quiesce ---- */
+
+void export_enter_co(struct export *e, struct coro *co)
+{
+    while (e->quiesce_count > 0)
+        co_queue_wait_co(&e->resume_q, co);
+    e->inflight++;
+}
+
+void export_leave(struct export *e)
+{
+    assert(e->inflight > 0);
+    if (--e->inflight == 0 && e->quiesce_count > 0)
+        co_queue_wake_all(&e->drained_q);
+}
+
+void export_quiesce_co(struct export *e, struct coro *co)
+{
+    if (e->quiesce_count++ == 0)
+        e->quiesce_start_ns = loop_now_ns();
+    while (e->inflight > 0)
+        co_queue_wait_co(&e->drained_q, co);
+}
+
+uint64_t export_resume(struct export *e)
+{
+    assert(e->quiesce_count > 0);
+    if (--e->quiesce_count > 0)
+        return 0;
+    uint64_t stall = loop_now_ns() - e->quiesce_start_ns;
+    e->last_stall_ns = stall;
+    if (stall > e->max_stall_ns)
+        e->max_stall_ns = stall;
+    e->n_quiesces++;
+    log_debug("export '%s': quiesced for %.3f ms", e->cfg.name, stall / 1e6);
+    co_queue_wake_all(&e->resume_q);
+    return stall;
+}
+
+void export_set_root(struct export *e, struct fmt_node *root)
+{
+    assert(e->quiesce_count > 0 && e->inflight == 0);
+    e->bdev->root = root;
+}
+
+void export_add_write_notifier(struct export *e, struct export_write_notifier *n)
+{
+    assert(e->quiesce_count > 0 && e->inflight == 0);
+    n->next = e->write_notifiers;
+    e->write_notifiers = n;
+}
+
+void export_remove_write_notifier(struct export *e,
+                                  struct export_write_notifier *n)
+{
+    assert(e->quiesce_count > 0 && e->inflight == 0);
+    for (struct export_write_notifier **pp = &e->write_notifiers; *pp;
+         pp = &(*pp)->next) {
+        if (*pp == n) {
+            *pp = n->next;
+            n->next = NULL;
+            return;
+        }
+    }
+}
+
+int export_notify_before_co(struct export *e, struct coro *co,
+                            const struct export_write_req *req)
+{
+    for (struct export_write_notifier *n = e->write_notifiers; n; n = n->next) {
+        if (n->before_co) {
+            int r = n->before_co(n, co, req);
+            if (r < 0)
+                return r;
+        }
+    }
+    return 0;
+}
+
+int export_notify_after_co(struct export *e, struct coro *co,
+                           const struct export_write_req *req, int ret)
+{
+    for (struct export_write_notifier *n = e->write_notifiers; n; n = n->next) {
+        if (n->after_co) {
+            int r = n->after_co(n, co, req, ret);
+            if (r < 0 && ret >= 0)
+                ret = r;
+        }
+    }
+    return ret;
+}
+
+/* ---- holds and hooks ---- */
+
+void server_hold(struct server *srv)
+{
+    srv->holds++;
+}
+
+void server_release(struct server *srv)
+{
+    assert(srv->holds > 0);
+    srv->holds--;
+    server_check_idle(srv);
+}
+
+void server_add_shutdown_hook(struct server *srv, struct server_shutdown_hook *h)
+{
+    struct server_shutdown_hook **pp = &srv->shutdown_hooks;
+    while (*pp)
+        pp = &(*pp)->next;
+    h->next = NULL;
+    *pp = h;
 }
 
 /* ---- listeners ---- */
@@ -413,7 +895,7 @@ static void sig_done(struct loop_op *op, int res, uint32_t flags)
 
 int server_start(struct server *srv, int sig_fd, struct error **errp)
 {
-    if (srv->n_exports == 0)
+    if (srv->n_exports == 0 && !srv->allow_no_exports)
         return error_setf(errp, EINVAL, "no export given (--export file=...)");
     if (srv->n_listeners == 0)
         return error_setf(errp, EINVAL, "no listening address");
@@ -455,11 +937,13 @@ static void timer_fn(struct loop_timer *t, uint64_t now)
 static void final_flush_co(struct coro *co, void *opaque)
 {
     struct server *srv = opaque;
-    for (size_t i = 0; i < srv->n_exports; i++) {
-        struct export *e = srv->exports[i];
-        int r = fmt_flush_co(e->root, co);
+    for (size_t i = 0; i < srv->n_bdevs; i++) {
+        struct blockdev *b = srv->bdevs[i];
+        if (b->read_only)
+            continue;
+        int r = fmt_flush_co(b->root, co);
         if (r < 0) {
-            log_error("export '%s': final flush failed: %s", e->cfg.name,
+            log_error("node '%s': final flush failed: %s", b->node_name,
                       strerror(-r));
             srv->exit_code = 1;
         }
@@ -469,7 +953,7 @@ static void final_flush_co(struct coro *co, void *opaque)
 
 void server_check_idle(struct server *srv)
 {
-    if (!srv->shutting_down || srv->conns || srv->flushing)
+    if (!srv->shutting_down || srv->conns || srv->flushing || srv->holds)
         return;
     srv->flushing = true;
     struct coro *co = coro_create(loop_coro_pool(srv->loop), final_flush_co, srv);
@@ -497,6 +981,8 @@ void server_shutdown(struct server *srv)
     }
     for (struct conn *c = srv->conns; c; c = c->next)
         conn_drain(c);
+    for (struct server_shutdown_hook *h = srv->shutdown_hooks; h; h = h->next)
+        h->fn(h);
     server_check_idle(srv);
 }
 
@@ -527,11 +1013,13 @@ void server_free(struct server *srv)
     }
     free(srv->listeners);
     for (size_t i = 0; i < srv->n_exports; i++) {
-        fmt_close(srv->exports[i]->root);
         export_config_clear(&srv->exports[i]->cfg);
         free(srv->exports[i]);
     }
     free(srv->exports);
+    for (size_t i = 0; i < srv->n_bdevs; i++)
+        blockdev_free(srv->bdevs[i]);
+    free(srv->bdevs);
     loop_timer_del(srv->loop, &srv->timer);
     free(srv);
 }

@@ -1,60 +1,309 @@
 /* strata — format node dispatch and contract wrappers (see format.h). */
 #include <assert.h>
 #include <errno.h>
+#include <limits.h>
+#include <sys/stat.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
 #include "format.h"
+#include "loop.h"
 
 static const uint8_t qcow2_magic[4] = {'Q', 'F', 'I', 0xfb};
 
-/* Reads the first bytes of a local file without the loop (control path,
- * before the node exists).  Returns the bytes read (0 if unreadable). */
-static int peek_magic(const char *path, uint8_t *buf, size_t len)
+/* What the chain opener remembers of the layers opened so far. */
+struct chain_ctx {
+    struct loop *loop;
+    struct coro *co;
+    const struct fmt_open_opts *opts;
+    char root[PATH_MAX];          /* backing root (real path) */
+    struct {
+        dev_t dev;
+        ino_t ino;
+    } seen[FMT_MAX_CHAIN_DEPTH];
+    unsigned depth;
+};
+
+static bool is_protocol(const char *spec)
 {
-    FILE *fp = fopen(path, "rb");
-    if (!fp)
-        return 0; /* backend_open reports the real error */
-    size_t n = fread(buf, 1, len, fp);
-    fclose(fp);
-    return (int)n;
+    return strncmp(spec, "rbd:", 4) == 0;
+}
+
+/* Resolves a backing name against the overlay's name: absolute names and
+ * protocol specs as they are, others relative to the overlay's directory. */
+char *fmt_resolve_backing(const char *overlay, const char *name)
+{
+    if (name[0] == '/' || is_protocol(name))
+        return strdup(name);
+    const char *slash = strrchr(overlay, '/');
+    if (!slash || is_protocol(overlay))
+        return strdup(name);
+    size_t dirlen = (size_t)(slash - overlay) + 1;
+    char *p = malloc(dirlen + strlen(name) + 1);
+    if (!p)
+        return NULL;
+    memcpy(p, overlay, dirlen);
+    strcpy(p + dirlen, name);
+    return p;
+}
+
+static bool path_inside(const char *path, const char *root)
+{
+    size_t n = strlen(root);
+    if (n == 1 && root[0] == '/')
+        return true;
+    return strncmp(path, root, n) == 0 && (path[n] == '/' || path[n] == 0);
+}
+
+/* Checks a local layer: inside the backing root (for backing layers), and
+ * not a file already in the chain. */
+static int check_layer(struct chain_ctx *cx, const char *spec, bool backing,
+                       struct error **errp)
+{
+    if (is_protocol(spec))
+        return 0;
+    char real[PATH_MAX];
+    if (!realpath(spec, real)) {
+        error_setf(errp, errno, "%s: %s", spec, strerror(errno));
+        return -1;
+    }
+    if (backing && !path_inside(real, cx->root)) {
+        error_setf(errp, EACCES, "backing file %s (%s) is outside the "
+                   "export's backing root %s (set backing-root= on the "
+                   "export to allow it)", spec, real, cx->root);
+        return -1;
+    }
+    struct stat st;
+    if (stat(real, &st) < 0) {
+        error_setf(errp, errno, "%s: %s", spec, strerror(errno));
+        return -1;
+    }
+    for (unsigned i = 0; i < cx->depth; i++)
+        if (cx->seen[i].dev == st.st_dev && cx->seen[i].ino == st.st_ino) {
+            error_setf(errp, ELOOP, "%s: the backing chain loops (this file "
+                       "is already in it)", spec);
+            return -1;
+        }
+    cx->seen[cx->depth].dev = st.st_dev;
+    cx->seen[cx->depth].ino = st.st_ino;
+    return 0;
+}
+
+static struct fmt_node *open_layer(struct chain_ctx *cx, const char *spec,
+                                   const char *format, bool read_only,
+                                   bool backing, struct error **errp)
+{
+    if (cx->depth >= FMT_MAX_CHAIN_DEPTH) {
+        error_setf(errp, ELOOP, "%s: backing chain deeper than %d layers",
+                   spec, FMT_MAX_CHAIN_DEPTH);
+        return NULL;
+    }
+    if (check_layer(cx, spec, backing, errp) < 0)
+        return NULL;
+    cx->depth++;
+
+    struct backend_open_opts bo = {
+        .read_only = read_only,
+        .direct = cx->opts->direct,
+    };
+    struct backend *file = backend_open(cx->loop, spec, &bo, errp);
+    if (!file)
+        return NULL;
+
+    if (!format) {
+        uint8_t *magic = NULL;
+        size_t len = file->align > 4 ? file->align : 4;
+        if (posix_memalign((void **)&magic, len > 64 ? len : 64, len) != 0) {
+            backend_close(file);
+            error_setf(errp, ENOMEM, "out of memory");
+            return NULL;
+        }
+        int r = backend_pread_co(file, cx->co, magic, len, 0);
+        bool is_qcow2 = r == 0 && file->size >= 4 &&
+                        memcmp(magic, qcow2_magic, 4) == 0;
+        free(magic);
+        if (r < 0) {
+            error_setf(errp, -r, "%s: %s", spec, strerror(-r));
+            backend_close(file);
+            return NULL;
+        }
+        if (!backing && is_qcow2) {
+            /* No probing into a guest-writable raw image: a qcow2 header
+             * written by a guest must never change how it is read. */
+            error_setf(errp, EINVAL, "%s: looks like a qcow2 image: say "
+                       "format=qcow2 or format=raw explicitly", spec);
+            backend_close(file);
+            return NULL;
+        }
+        format = is_qcow2 ? "qcow2" : "raw";
+    }
+
+    struct fmt_open_opts lo = *cx->opts;
+    lo.read_only = read_only;
+    struct fmt_node *n;
+    if (strcmp(format, "raw") == 0) {
+        n = raw_open(cx->loop, file, &lo, errp);
+    } else if (strcmp(format, "qcow2") == 0) {
+        n = qcow2_open_co(cx->loop, cx->co, file, &lo, errp);
+    } else {
+        error_setf(errp, EINVAL, "%s: unknown format '%s' (supported: raw, "
+                   "qcow2)", spec, format);
+        n = NULL;
+    }
+    if (!n) {
+        backend_close(file);
+        return NULL;
+    }
+    free(n->filename);
+    n->filename = strdup(spec);
+    if (!n->filename) {
+        fmt_close(n);
+        error_setf(errp, ENOMEM, "out of memory");
+        return NULL;
+    }
+
+    const char *bname = n->ops->name[0] == 'q' ? qcow2_backing_name(n) : NULL;
+    if (bname) {
+        char *bspec = fmt_resolve_backing(spec, bname);
+        if (!bspec) {
+            fmt_close(n);
+            error_setf(errp, ENOMEM, "out of memory");
+            return NULL;
+        }
+        n->backing = open_layer(cx, bspec, qcow2_backing_format(n), true, true,
+                                errp);
+        if (!n->backing) {
+            error_prefix(errp, "%s: backing file: ", spec);
+            free(bspec);
+            fmt_close(n);
+            return NULL;
+        }
+        free(bspec);
+    }
+    return n;
+}
+
+struct fmt_node *fmt_open_co(struct loop *loop, struct coro *co,
+                             const char *spec,
+                             const struct fmt_open_opts *opts,
+                             struct error **errp)
+{
+    struct chain_ctx *cx = calloc(1, sizeof(*cx));
+    if (!cx) {
+        error_setf(errp, ENOMEM, "out of memory");
+        return NULL;
+    }
+    cx->loop = loop;
+    cx->co = co;
+    cx->opts = opts;
+    const char *root = opts->backing_root;
+    char dir[PATH_MAX];
+    if (!root && !is_protocol(spec)) {
+        /* Default: the top image's own directory. */
+        char real[PATH_MAX];
+        if (realpath(spec, real)) {
+            char *slash = strrchr(real, '/');
+            if (slash == real)
+                slash[1] = 0;
+            else
+                *slash = 0;
+            snprintf(dir, sizeof(dir), "%s", real);
+            root = dir;
+        }
+    }
+    if (root && !is_protocol(root) && !realpath(root, cx->root)) {
+        error_setf(errp, errno, "backing root %s: %s", root, strerror(errno));
+        free(cx);
+        return NULL;
+    }
+    if (!root)
+        snprintf(cx->root, sizeof(cx->root), "/");
+    struct fmt_node *n = open_layer(cx, spec, opts->format, opts->read_only,
+                                    false, errp);
+    free(cx);
+    return n;
+}
+
+struct fmt_node *fmt_open_overlay_co(struct loop *loop, struct coro *co,
+                                     const char *path,
+                                     struct fmt_node *backing,
+                                     const struct fmt_open_opts *opts,
+                                     struct error **errp)
+{
+    struct backend_open_opts bo = {
+        .read_only = opts->read_only,
+        .direct = opts->direct,
+    };
+    struct backend *file = backend_open(loop, path, &bo, errp);
+    if (!file)
+        return NULL;
+    struct fmt_node *n = qcow2_open_co(loop, co, file, opts, errp);
+    if (!n) {
+        backend_close(file);
+        return NULL;
+    }
+    free(n->filename);
+    n->filename = strdup(path);
+    if (!n->filename) {
+        fmt_close(n);
+        error_setf(errp, ENOMEM, "out of memory");
+        return NULL;
+    }
+    n->backing = backing;
+    return n;
+}
+
+struct sync_open {
+    struct loop *loop;
+    const char *spec;
+    const struct fmt_open_opts *opts;
+    struct error **errp;
+    struct fmt_node *result;
+};
+
+static void sync_open_co(struct coro *co, void *arg)
+{
+    struct sync_open *so = arg;
+    so->result = fmt_open_co(so->loop, co, so->spec, so->opts, so->errp);
 }
 
 struct fmt_node *fmt_open(struct loop *loop, const char *spec,
                           const struct fmt_open_opts *opts,
                           struct error **errp)
 {
-    const char *format = opts->format;
-    if (!format) {
-        /* No probing into a guest-writable raw image: a qcow2 header
-         * written by a guest must never change how the image is read. */
-        uint8_t magic[4];
-        if (peek_magic(spec, magic, sizeof(magic)) == 4 &&
-            memcmp(magic, qcow2_magic, 4) == 0) {
-            error_setf(errp, EINVAL, "%s: looks like a qcow2 image: say "
-                       "format=qcow2 or format=raw explicitly", spec);
-            return NULL;
-        }
-        format = "raw";
-    }
-    if (strcmp(format, "raw") != 0) {
-        error_setf(errp, EINVAL, "%s: unknown format '%s' (supported: raw)",
-                   spec, format);
+    struct sync_open so = {loop, spec, opts, errp, NULL};
+    int r = loop_run_sync(loop, sync_open_co, &so);
+    if (r < 0) {
+        error_setf(errp, -r, "%s: %s", spec, strerror(-r));
         return NULL;
     }
-    struct backend_open_opts bo = {
-        .read_only = opts->read_only,
-        .direct = opts->direct,
-    };
-    struct backend *file = backend_open(loop, spec, &bo, errp);
-    if (!file)
-        return NULL;
-    struct fmt_node *n = raw_open(loop, file, opts, errp);
-    if (!n)
-        backend_close(file);
-    return n;
+    return so.result;
+}
+
+int fmt_reopen_co(struct fmt_node *n, struct coro *co, bool read_only,
+                  struct error **errp)
+{
+    if (n->read_only == read_only)
+        return 0;
+    if (!n->ops->reopen_co)
+        return error_setf(errp, ENOTSUP, "%s: %s cannot be reopened",
+                          n->filename, n->ops->name);
+    return n->ops->reopen_co(n, co, read_only, errp);
+}
+
+int fmt_grow_co(struct fmt_node *n, struct coro *co, uint64_t size,
+                struct error **errp)
+{
+    if (size <= n->size)
+        return 0;
+    if (n->read_only)
+        return error_setf(errp, EROFS, "%s: read-only", n->filename);
+    if (!n->ops->grow_co)
+        return error_setf(errp, ENOTSUP, "%s: %s cannot grow", n->filename,
+                          n->ops->name);
+    return n->ops->grow_co(n, co, size, errp);
 }
 
 void fmt_close(struct fmt_node *n)

@@ -63,6 +63,13 @@ struct fmt_ops {
                            uint64_t len, struct fmt_extent *ext);
     int (*cache_co)(struct fmt_node *n, struct coro *co, uint64_t off,
                     uint64_t len);
+    /* Control path, no request in flight on the node (both optional). */
+    /* Switches between read-only and read-write. */
+    int (*reopen_co)(struct fmt_node *n, struct coro *co, bool read_only,
+                     struct error **errp);
+    /* Grows the virtual size to size (> n->size). */
+    int (*grow_co)(struct fmt_node *n, struct coro *co, uint64_t size,
+                   struct error **errp);
     /* Releases the node (not its backing node, not its backend). */
     void (*close)(struct fmt_node *n);
 };
@@ -79,19 +86,62 @@ struct fmt_node {
     bool read_only;
 };
 
+/* Metadata cache sizes per qcow2 node (bytes) when not configured. */
+#define FMT_DEFAULT_L2_CACHE       (UINT64_C(4) << 20)
+#define FMT_DEFAULT_REFCOUNT_CACHE (UINT64_C(1) << 20)
+/* Longest backing chain opened (layers, the top included). */
+#define FMT_MAX_CHAIN_DEPTH        64
+
 struct fmt_open_opts {
-    const char *format;        /* "raw" (more formats later) */
-    bool read_only;
+    const char *format;        /* "raw" or "qcow2"; NULL: raw, refused if
+                                  the file looks like qcow2 */
+    bool read_only;            /* the top; backing layers always are */
     bool direct;               /* cache=none */
+    uint64_t l2_cache_bytes;   /* qcow2: L2 table cache per node; 0 =
+                                  FMT_DEFAULT_L2_CACHE */
+    uint64_t refcount_cache_bytes; /* 0 = FMT_DEFAULT_REFCOUNT_CACHE */
+    const char *backing_root;  /* backing files must resolve inside this
+                                  directory; NULL: the top image's own
+                                  directory */
 };
 
-/* Opens a node (and, for formats with backing files, its whole chain).
- * Control path. */
+/* Opens a node and, for qcow2, its whole backing chain: backing names
+ * relative to the overlay's directory or absolute, the backing format from
+ * the header (probed only when absent), every backing layer read-only, at
+ * most FMT_MAX_CHAIN_DEPTH layers, no loops, every file inside the
+ * backing root.  Runs in a coroutine on loop. */
+struct fmt_node *fmt_open_co(struct loop *loop, struct coro *co,
+                             const char *spec,
+                             const struct fmt_open_opts *opts,
+                             struct error **errp);
+/* The same from outside the loop (start-up): drives the loop until done. */
 struct fmt_node *fmt_open(struct loop *loop, const char *spec,
                           const struct fmt_open_opts *opts,
                           struct error **errp);
+/* Opens path as a qcow2 image on top of an already open chain (its
+ * recorded backing name is not followed): the new top of an external
+ * snapshot.  backing must stay open as long as the new node. */
+struct fmt_node *fmt_open_overlay_co(struct loop *loop, struct coro *co,
+                                     const char *path,
+                                     struct fmt_node *backing,
+                                     const struct fmt_open_opts *opts,
+                                     struct error **errp);
+/* Resolves a backing name recorded in an overlay named overlay, as the
+ * chain opener does: absolute names and protocol specs as they are,
+ * others relative to the overlay's directory.  malloc'ed (NULL: ENOMEM). */
+char *fmt_resolve_backing(const char *overlay, const char *name);
 /* Closes a node, its backing chain and their backends. */
 void fmt_close(struct fmt_node *n);
+
+/* Read-only <-> read-write for one node (not its chain): block-commit
+ * writes into a backing layer and puts it back afterwards.  Going
+ * read-only flushes first.  No request may be in flight on the node. */
+int fmt_reopen_co(struct fmt_node *n, struct coro *co, bool read_only,
+                  struct error **errp);
+/* Grows a node's virtual size (never shrinks; a no-op when already that
+ * large).  The node must be writable. */
+int fmt_grow_co(struct fmt_node *n, struct coro *co, uint64_t size,
+                struct error **errp);
 
 /* Contract wrappers. */
 int fmt_preadv_co(struct fmt_node *n, struct coro *co, const struct iovec *iov,
@@ -112,5 +162,26 @@ int fmt_cache_co(struct fmt_node *n, struct coro *co, uint64_t off,
 struct fmt_node *raw_open(struct loop *loop, struct backend *file,
                           const struct fmt_open_opts *opts,
                           struct error **errp);
+struct fmt_node *qcow2_open_co(struct loop *loop, struct coro *co,
+                               struct backend *file,
+                               const struct fmt_open_opts *opts,
+                               struct error **errp);
+/* The backing file name and format recorded in a qcow2 node (NULL when
+ * there is none). */
+const char *qcow2_backing_name(struct fmt_node *n);
+const char *qcow2_backing_format(struct fmt_node *n);
+/* Creates a new qcow2 image (fails if path exists): 64 KiB clusters,
+ * version 3, backing_name/backing_fmt recorded when not NULL.  The file and
+ * its directory are synced before this returns; on failure nothing is
+ * left behind. */
+int qcow2_create_co(struct loop *loop, struct coro *co, const char *path,
+                    uint64_t size, const char *backing_name,
+                    const char *backing_fmt, struct error **errp);
+/* Rewrites the backing link recorded in a qcow2 node's header (one write
+ * of the header cluster, synced before and after).  Other extensions are
+ * kept.  The node's backing pointer is the caller's business. */
+int qcow2_set_backing_co(struct fmt_node *n, struct coro *co,
+                         const char *backing_name, const char *backing_fmt,
+                         struct error **errp);
 
 #endif

@@ -70,6 +70,35 @@ static int raw_cache_co(struct fmt_node *n, struct coro *co, uint64_t off,
     return backend_cache_co(n->file, co, off, len);
 }
 
+static int raw_reopen_co(struct fmt_node *n, struct coro *co, bool read_only,
+                         struct error **errp)
+{
+    if (read_only) {
+        int r = backend_flush_co(n->file, co);
+        if (r < 0)
+            return error_setf(errp, -r, "%s: flush: %s", n->filename,
+                              strerror(-r));
+    }
+    int r = backend_reopen(n->file, read_only, errp);
+    if (r < 0)
+        return r;
+    n->read_only = read_only;
+    return 0;
+}
+
+static int raw_grow_co(struct fmt_node *n, struct coro *co, uint64_t size,
+                       struct error **errp)
+{
+    int r = 0;
+    if (n->file->size < size)
+        r = backend_truncate_co(n->file, co, size);
+    if (r < 0)
+        return error_setf(errp, -r, "%s: growing to %llu bytes: %s",
+                          n->filename, (unsigned long long)size, strerror(-r));
+    n->size = size;
+    return 0;
+}
+
 static void raw_close(struct fmt_node *n)
 {
     free(n->filename);
@@ -85,6 +114,8 @@ static const struct fmt_ops raw_ops = {
     .discard_co = raw_discard_co,
     .block_status_co = raw_block_status_co,
     .cache_co = raw_cache_co,
+    .reopen_co = raw_reopen_co,
+    .grow_co = raw_grow_co,
     .close = raw_close,
 };
 

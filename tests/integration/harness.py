@@ -222,3 +222,97 @@ def nbd_handle():
         skip("python3-libnbd is not installed (run with /usr/bin/python3)")
     import nbd
     return nbd.NBD()
+
+
+# ---- QMP (the control socket) ----
+
+class QMPError(Exception):
+    def __init__(self, err):
+        super().__init__(f"{err.get('class')}: {err.get('desc')}")
+        self.cls = err.get("class")
+        self.desc = err.get("desc")
+
+
+class QMP:
+    """A minimal QMP client speaking the protocol as QEMU's qtest/iotests
+    do: read the greeting, negotiate, then one command at a time, keeping
+    the events that arrive meanwhile in self.events."""
+
+    def __init__(self, path, negotiate=True, timeout=30):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(path)
+        self.buf = b""
+        self.events = []
+        self.greeting = self.recv()
+        if negotiate:
+            self.cmd("qmp_capabilities")
+
+    def send_raw(self, data):
+        self.sock.sendall(data)
+
+    def recv(self):
+        """The next message (dict); raises EOFError when the daemon closed."""
+        import json
+        while b"\n" not in self.buf:
+            d = self.sock.recv(65536)
+            if not d:
+                raise EOFError("control connection closed")
+            self.buf += d
+        line, self.buf = self.buf.split(b"\n", 1)
+        return json.loads(line)
+
+    def execute(self, name, args=None, id=None):
+        """Sends a command; returns the whole reply message."""
+        import json
+        m = {"execute": name}
+        if args is not None:
+            m["arguments"] = args
+        if id is not None:
+            m["id"] = id
+        self.send_raw(json.dumps(m).encode() + b"\n")
+        while True:
+            r = self.recv()
+            if "event" in r:
+                self.events.append(r)
+                continue
+            return r
+
+    def cmd(self, name, /, **args):
+        """Runs a command (keyword arguments with '_' for '-'); returns its
+        'return' or raises QMPError."""
+        a = {k.replace("_", "-"): v for k, v in args.items()}
+        r = self.execute(name, a if a else None)
+        if "error" in r:
+            raise QMPError(r["error"])
+        return r["return"]
+
+    def error(self, name, /, **args):
+        """Runs a command that must fail; returns (class, desc)."""
+        try:
+            self.cmd(name, **args)
+        except QMPError as e:
+            return e.cls, e.desc
+        fail(f"{name} {args} succeeded but should have failed")
+
+    def wait_event(self, name, timeout=10, match=None):
+        deadline = time.time() + timeout
+        while True:
+            for i, ev in enumerate(self.events):
+                if ev["event"] == name and (match is None or match(ev.get("data", {}))):
+                    return self.events.pop(i)
+            left = deadline - time.time()
+            if left <= 0:
+                fail(f"no {name} event within {timeout}s (have {[e['event'] for e in self.events]})")
+            self.sock.settimeout(left)
+            try:
+                r = self.recv()
+            except socket.timeout:
+                continue
+            finally:
+                self.sock.settimeout(30)
+            if "event" in r:
+                self.events.append(r)
+
+    def close(self):
+        self.sock.close()

@@ -38,23 +38,18 @@ replayed.  STRATA_OPS overrides the operation count (default 3000).
 
 Run:  STRATAD=build/daemon/stratad /usr/bin/python3 tests/integration/test-differential.py
 """
-import atexit
-import hashlib
 import os
-import random
-import signal
 import subprocess
 import sys
-import threading
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
-from harness import check, fail, need  # noqa: E402
+from harness import check, need  # noqa: E402
 
 need("qemu-nbd", "cmp")
-harness.nbd_handle()   # skips when python3-libnbd is missing
-import nbd  # noqa: E402
+import workload  # noqa: E402  (skips when python3-libnbd is missing)
+from workload import (QemuNbd, compare_files, make_initial,  # noqa: E402
+                      phase_many_connections, phase_one_connection)
 
 MiB = 1 << 20
 SIZE = 64 * MiB
@@ -62,288 +57,7 @@ DEPTH = 16
 SEED = int(os.environ.get("STRATA_SEED", "20240601"))
 SEQ_OPS = int(os.environ.get("STRATA_OPS", "3000"))
 CONNS = 4
-DEADLINE = time.time() + 110          # whole test, leaves room for teardown
-
-
-def ok(msg):
-    print("ok:", msg, flush=True)
-
-
-def remaining():
-    return max(1.0, DEADLINE - time.time())
-
-
-# ---------------------------------------------------------------------------
-# servers
-
-def _die_with_parent():
-    """In the child before exec: SIGTERM when this test process dies, so that
-    no qemu-nbd outlives a test that exits early."""
-    try:
-        import ctypes
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-class QemuNbd:
-    """qemu-nbd serving one raw file on a unix socket."""
-
-    def __init__(self, path, name, shared):
-        self.dir = harness.tmpdir()
-        self.sock = os.path.join(self.dir, "qemu-nbd.sock")
-        self.name = name
-        self.proc = None
-        for aio in ("io_uring", "threads"):
-            args = ["qemu-nbd", "-f", "raw", "--cache=writeback", f"--aio={aio}",
-                    "--discard=unmap", "-t", "-e", str(shared), "-x", name,
-                    "-k", self.sock, path]
-            self.log = open(os.path.join(self.dir, f"qemu-nbd-{aio}.log"), "w+")
-            self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT,
-                                         preexec_fn=_die_with_parent)
-            deadline = time.time() + 10
-            while not os.path.exists(self.sock) and self.proc.poll() is None \
-                    and time.time() < deadline:
-                time.sleep(0.02)
-            if os.path.exists(self.sock) and self.proc.poll() is None:
-                self.aio = aio
-                atexit.register(self.kill)
-                return
-            if self.proc.poll() is None:
-                self.proc.kill()
-            self.proc.wait()
-            self.log.seek(0)
-            print(f"note: qemu-nbd --aio={aio} did not start: {self.log.read().strip()}")
-        fail("qemu-nbd did not start with --aio=io_uring nor --aio=threads")
-
-    def uri(self):
-        return f"nbd+unix:///{self.name}?socket={self.sock}"
-
-    def kill(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-                fail("qemu-nbd did not stop on SIGTERM within 30 s")
-        if os.path.exists(self.sock):
-            os.unlink(self.sock)
-        return self.proc.returncode
-
-
-# ---------------------------------------------------------------------------
-# workload
-
-def rand_len(rnd, maxlen):
-    """Length in [1, maxlen], log-uniform, often block-aligned."""
-    n = int(2 ** rnd.uniform(0, maxlen.bit_length() - 1))
-    if rnd.random() < 0.3 and n >= 4096:
-        n &= ~4095
-    return max(1, min(n, maxlen))
-
-
-def rand_off(rnd, base, span, length):
-    off = rnd.randrange(0, span - length + 1)
-    if rnd.random() < 0.3:
-        off &= ~4095
-    return base + off
-
-
-def gen_ops(seed, count, base, span):
-    """A list of ops: (kind, offset, length, flags, payload_seed)."""
-    rnd = random.Random(seed)
-    ops = []
-    while len(ops) < count:
-        r = rnd.random()
-        if r < 0.40:
-            n = rand_len(rnd, MiB)
-            flags = nbd.CMD_FLAG_FUA if rnd.random() < 0.2 else 0
-            ops.append(("write", rand_off(rnd, base, span, n), n, flags, rnd.getrandbits(64)))
-        elif r < 0.75:
-            n = rand_len(rnd, MiB)
-            ops.append(("read", rand_off(rnd, base, span, n), n, 0, 0))
-        elif r < 0.87:
-            n = rand_len(rnd, 4 * MiB)
-            flags = nbd.CMD_FLAG_NO_HOLE if rnd.random() < 0.5 else 0
-            if rnd.random() < 0.1:
-                flags |= nbd.CMD_FLAG_FUA
-            ops.append(("zero", rand_off(rnd, base, span, n), n, flags, 0))
-        elif r < 0.96:
-            n = rand_len(rnd, 4 * MiB)
-            off = rand_off(rnd, base, span, n)
-            ops.append(("trim", off, n, 0, 0))
-            ops.append(("trimread", off, n, 0, 0))
-            ops.append(("zero", off, n, 0, 0))
-        else:
-            ops.append(("flush", 0, 0, 0, 0))
-    return ops
-
-
-def payload(pseed, n):
-    return random.Random(pseed).randbytes(n)
-
-
-first_diff = harness.first_diff
-
-
-class Runner:
-    """Runs a list of ops on one libnbd handle, checking against `model`."""
-
-    def __init__(self, label, uri, model, ops):
-        self.label = label
-        self.uri = uri
-        self.model = model
-        self.ops = ops
-        self.digests = []      # (op index, sha256) of every plain read, completion order
-        self.error = None
-        self.counts = {}
-
-    def run(self):
-        try:
-            self._run()
-        except Exception as e:  # noqa: BLE001 - reported by the caller
-            if self.error is None:
-                self.error = f"{self.label}: {type(e).__name__}: {e}"
-
-    def _fail(self, msg):
-        if self.error is None:
-            self.error = f"{self.label}: {msg}"
-        raise RuntimeError(msg)
-
-    def _run(self):
-        h = nbd.NBD()
-        h.set_handle_name(self.label)
-        h.connect_uri(self.uri)
-        check_size = h.get_size()
-        if check_size != SIZE:
-            self._fail(f"export size: expected {SIZE}, got {check_size}")
-        inflight = {}          # cookie -> (index, op, buf, expected)
-        i = 0
-        ops = self.ops
-        model = self.model
-        while i < len(ops) or inflight:
-            if time.time() > DEADLINE:
-                self._fail(f"workload did not finish in time (at op {i}/{len(ops)}, "
-                           f"{len(inflight)} in flight)")
-            # submit in order while possible
-            while i < len(ops) and len(inflight) < DEPTH:
-                kind, off, n, flags, pseed = ops[i]
-                if kind != "flush" and any(
-                        o[1][0] != "flush" and o[1][1] < off + n and off < o[1][1] + o[1][2]
-                        for o in inflight.values()):
-                    break
-                self.counts[kind] = self.counts.get(kind, 0) + 1
-                buf = None
-                expected = None
-                if kind == "write":
-                    data = payload(pseed, n)
-                    buf = nbd.Buffer.from_bytearray(data)
-                    cookie = h.aio_pwrite(buf, off, flags=flags)
-                    model[off:off + n] = data
-                elif kind in ("read", "trimread"):
-                    buf = nbd.Buffer(n)
-                    expected = bytes(model[off:off + n])
-                    cookie = h.aio_pread(buf, off)
-                elif kind == "zero":
-                    cookie = h.aio_zero(n, off, flags=flags)
-                    model[off:off + n] = bytes(n)
-                elif kind == "trim":
-                    cookie = h.aio_trim(n, off)
-                    # model unchanged: "old or zero" until the zero that follows
-                else:
-                    cookie = h.aio_flush()
-                inflight[cookie] = (i, ops[i], buf, expected)
-                i += 1
-            if not inflight:
-                continue
-            h.poll(1000)
-            while inflight:
-                cookie = h.aio_peek_command_completed()
-                if cookie <= 0:
-                    break
-                idx, op, buf, expected = inflight.pop(cookie)
-                kind, off, n, flags, _ = op
-                try:
-                    h.aio_command_completed(cookie)
-                except nbd.Error as e:
-                    self._fail(f"op #{idx} {kind} off={off} len={n} flags={flags}: "
-                               f"server error {e}")
-                if kind == "read":
-                    got = bytes(buf.to_bytearray())
-                    if got != expected:
-                        k = first_diff(got, expected)
-                        self._fail(f"op #{idx} read off={off} len={n}: data differs from the "
-                                   f"model at byte {off + k}: expected {expected[k:k + 8].hex()}, "
-                                   f"got {got[k:k + 8].hex()}")
-                    self.digests.append((idx, hashlib.sha256(got).hexdigest()))
-                elif kind == "trimread":
-                    got = buf.to_bytearray()
-                    if got != expected and not buf.is_zero():
-                        for k in range(n):
-                            if got[k] != 0 and got[k] != expected[k]:
-                                self._fail(f"op #{idx} read after trim off={off} len={n}: byte "
-                                           f"{off + k} is {got[k]:#x}, neither old value "
-                                           f"{expected[k]:#x} nor zero")
-        h.flush()
-        h.shutdown()
-        del h
-
-
-def run_parallel(runners):
-    threads = [threading.Thread(target=r.run) for r in runners]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(remaining())
-        if t.is_alive():
-            fail("a workload thread did not finish in time")
-    for r in runners:
-        if r.error:
-            fail(r.error)
-
-
-# ---------------------------------------------------------------------------
-
-def make_initial(path, seed):
-    rnd = random.Random(seed)
-    with open(path, "wb") as f:
-        f.truncate(SIZE)
-        pos = 0
-        while pos < SIZE:
-            n = min(SIZE - pos, rnd.choice([64 << 10, 256 << 10, MiB, 3 * MiB]))
-            if rnd.random() < 0.7:
-                f.seek(pos)
-                f.write(rnd.randbytes(n))
-            pos += n
-    with open(path, "rb") as f:
-        return bytearray(f.read())
-
-
-def compare_files(files, model, what):
-    """files: [(path, who)], compared with each other and with the model."""
-    ref, refwho = files[0]
-    for path, who in files[1:]:
-        p = subprocess.run(["cmp", ref, path], stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True, timeout=60)
-        check(p.returncode == 0,
-              f"{what}: {refwho}'s file and {who}'s file differ: {p.stdout.strip()}")
-    for path, who in files:
-        with open(path, "rb") as f:
-            data = f.read()
-        check(len(data) == SIZE, f"{what}: {who}'s file is {len(data)} bytes, expected {SIZE}")
-        if data != model:
-            k = first_diff(data, model)
-            fail(f"{what}: {who}'s file differs from the model at byte {k}: expected "
-                 f"{bytes(model[k:k + 8]).hex()}, got {data[k:k + 8].hex()}")
-    ok(f"{what}: " + (f"{len(files)} files identical (cmp) and " if len(files) > 1 else "file ")
-       + "equal to the model")
+workload.configure(SIZE, DEPTH, 110)   # whole test, leaves room for teardown
 
 
 def start_servers(fa, fb, fc):
@@ -362,28 +76,6 @@ def stop_servers(q, s, what):
         print(f"note: qemu-nbd exited with {rq}")
 
 
-def aligned(ops, block=4096):
-    """The same ops widened to whole blocks (for the cache=none export, which
-    advertises a 4 KiB minimum block size)."""
-    out = []
-    for kind, off, n, flags, pseed in ops:
-        if kind != "flush":
-            end = min(SIZE, (off + n + block - 1) // block * block)
-            off = off // block * block
-            n = end - off
-        out.append((kind, off, n, flags, pseed))
-    return out
-
-
-def check_same_reads(what, ref, r):
-    got = sorted(r.digests)
-    check(len(got) == len(ref), f"{what}: read counts differ: qemu-nbd {len(ref)}, "
-                                f"{r.label} {len(got)}")
-    for (ia, da), (ib, db) in zip(ref, got):
-        check(ia == ib and da == db,
-              f"{what}: op #{ia}: qemu-nbd and {r.label} returned different read data")
-
-
 def main():
     print(f"seed: {SEED} (STRATA_SEED={SEED} to replay), ops: {SEQ_OPS}, depth: {DEPTH}",
           flush=True)
@@ -397,44 +89,17 @@ def main():
 
     # ---- phase 1: one connection, many requests in flight -----------------
     q, s = start_servers(fa, fb, fc)
-    ops = gen_ops(SEED, SEQ_OPS, 0, SIZE)
-    ra = Runner("qemu-nbd", q.uri(), bytearray(initial), ops)
-    rb = Runner("stratad", s.uri("diff"), bytearray(initial), ops)
-    rc = Runner("stratad cache=none", s.uri("direct"), bytearray(initial), aligned(ops))
-    times = []
-    for r in (ra, rb, rc):
-        t0 = time.time()
-        run_parallel([r])
-        times.append(f"{r.label} {time.time() - t0:.1f}s")
-    print(f"op mix: {sorted(rb.counts.items())}; qemu-nbd aio={q.aio}; " + ", ".join(times))
-    check_same_reads("phase 1", sorted(ra.digests), rb)
-    check(ra.model == rb.model, "phase 1: models diverged (test bug)")
-    ok(f"phase 1: {len(ops)} ops, {len(rb.digests)} reads matched the model on qemu-nbd and "
-       f"stratad, and each other")
-    ok(f"phase 1: cache=none export, same ops widened to 4 KiB blocks: "
-       f"{len(rc.digests)} reads matched its model")
+    print(f"qemu-nbd aio={q.aio}")
+    ra, rb, rc = phase_one_connection(SEED, SEQ_OPS, (q.uri(), s.uri("diff"), s.uri("direct")),
+                                      initial)
     stop_servers(q, s, "phase 1")
     compare_files([(fa, "qemu-nbd"), (fb, "stratad")], ra.model, "phase 1")
     compare_files([(fc, "stratad cache=none")], rc.model, "phase 1 (cache=none)")
 
     # ---- phase 2: 4 connections at once on disjoint regions ---------------
     q, s = start_servers(fa, fb, fc)
-    span = SIZE // CONNS
-    per = max(1, SEQ_OPS // CONNS)
-    allops = [gen_ops(SEED * 1000 + k + 1, per, k * span, span) for k in range(CONNS)]
-    groups = []
-    for label, uri, model, wide in (("qemu-nbd", q.uri(), ra.model, False),
-                                    ("stratad", s.uri("diff"), rb.model, False),
-                                    ("stratad cache=none", s.uri("direct"), rc.model, True)):
-        rs = [Runner(f"{label}#{k}", uri, model, aligned(allops[k]) if wide else allops[k])
-              for k in range(CONNS)]
-        run_parallel(rs)
-        groups.append(rs)
-    for k in range(CONNS):
-        check_same_reads(f"phase 2, connection {k}", sorted(groups[0][k].digests), groups[1][k])
-    check(ra.model == rb.model, "phase 2: models diverged (test bug)")
-    ok(f"phase 2: {CONNS} connections x {per} ops, reads matched the model on qemu-nbd and "
-       f"stratad, and each other; cache=none export matched its model")
+    phase_many_connections(SEED, SEQ_OPS, CONNS, (q.uri(), s.uri("diff"), s.uri("direct")),
+                           (ra, rb, rc))
     stop_servers(q, s, "phase 2")
     compare_files([(fa, "qemu-nbd"), (fb, "stratad")], ra.model, "phase 2")
     compare_files([(fc, "stratad cache=none")], rc.model, "phase 2 (cache=none)")

@@ -1,0 +1,880 @@
+/* strata — the command-line client of stratad's control socket (QMP).
+ *
+ * A plain blocking client: connect, read the greeting, negotiate, run one
+ * or a few commands, print the result for humans (or raw JSON with
+ * --json), exit 0 on success and 1 with the daemon's message on failure
+ * (2 for usage errors and an unreachable socket).
+ */
+#include <errno.h>
+#include <getopt.h>
+#include <limits.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <json-c/json.h>
+
+#include "strata-config.h"
+
+#define DEFAULT_SOCKET "/run/strata/control.sock"
+
+static bool opt_json;
+static const char *sock_path;
+
+struct qmp {
+    int fd;
+    char *buf;
+    size_t len, cap;
+    struct json_object **events;   /* received while waiting for a reply */
+    size_t n_events, cap_events;
+};
+
+static void die(int code, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3), noreturn));
+static void die(int code, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    fputs("strata: ", stderr);
+    vfprintf(stderr, fmt, ap);
+    fputc('\n', stderr);
+    va_end(ap);
+    exit(code);
+}
+
+static uint64_t now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+/* Reads one message (a CRLF-terminated line); NULL on timeout (ms >= 0). */
+static struct json_object *qmp_read(struct qmp *q, int timeout_ms)
+{
+    uint64_t deadline = timeout_ms >= 0 ? now_ms() + (uint64_t)timeout_ms : 0;
+    for (;;) {
+        char *nl = q->len ? memchr(q->buf, '\n', q->len) : NULL;
+        if (nl) {
+            size_t n = (size_t)(nl - q->buf) + 1;
+            *nl = '\0';
+            struct json_object *o = json_tokener_parse(q->buf);
+            memmove(q->buf, q->buf + n, q->len - n);
+            q->len -= n;
+            if (!o)
+                die(1, "the daemon sent something that is not JSON");
+            return o;
+        }
+        if (timeout_ms >= 0) {
+            uint64_t t = now_ms();
+            if (t >= deadline)
+                return NULL;
+            struct pollfd p = {.fd = q->fd, .events = POLLIN};
+            int r = poll(&p, 1, (int)(deadline - t));
+            if (r == 0)
+                return NULL;
+            if (r < 0 && errno != EINTR)
+                die(1, "poll: %s", strerror(errno));
+            if (r < 0)
+                continue;
+        }
+        if (q->cap - q->len < 65536) {
+            q->cap = q->cap ? q->cap * 2 : 131072;
+            q->buf = realloc(q->buf, q->cap);
+            if (!q->buf)
+                die(1, "out of memory");
+        }
+        ssize_t r = read(q->fd, q->buf + q->len, q->cap - q->len - 1);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0)
+            die(1, "the daemon closed the control connection%s%s",
+                r < 0 ? ": " : "", r < 0 ? strerror(errno) : "");
+        q->len += (size_t)r;
+    }
+}
+
+static void qmp_write(struct qmp *q, struct json_object *msg)
+{
+    const char *text = json_object_to_json_string_ext(msg, JSON_C_TO_STRING_PLAIN);
+    char *line = NULL;
+    if (asprintf(&line, "%s\n", text) < 0)
+        die(1, "out of memory");
+    const char *s = line;
+    size_t len = strlen(s);
+    while (len) {
+        ssize_t w = write(q->fd, s, len);
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w <= 0)
+            die(1, "sending to the daemon: %s", strerror(errno));
+        s += w;
+        len -= (size_t)w;
+    }
+    free(line);
+}
+
+static void queue_event(struct qmp *q, struct json_object *ev)
+{
+    if (q->n_events == q->cap_events) {
+        q->cap_events = q->cap_events ? q->cap_events * 2 : 16;
+        q->events = realloc(q->events, q->cap_events * sizeof(*q->events));
+        if (!q->events)
+            die(1, "out of memory");
+    }
+    q->events[q->n_events++] = ev;
+}
+
+/* Runs a command; returns its "return" (owned by the caller), or NULL with
+ * *err set to the error object (owned by the caller). */
+static struct json_object *qmp_try(struct qmp *q, const char *cmd,
+                                   struct json_object *args,
+                                   struct json_object **err)
+{
+    static int64_t next_id = 1;
+    int64_t id = next_id++;
+    struct json_object *m = json_object_new_object();
+    json_object_object_add(m, "execute", json_object_new_string(cmd));
+    if (args)
+        json_object_object_add(m, "arguments", args);
+    json_object_object_add(m, "id", json_object_new_int64(id));
+    qmp_write(q, m);
+    json_object_put(m);
+    for (;;) {
+        struct json_object *r = qmp_read(q, -1), *v;
+        if (json_object_object_get_ex(r, "event", NULL)) {
+            queue_event(q, r);
+            continue;
+        }
+        if (!json_object_object_get_ex(r, "id", &v) || json_object_get_int64(v) != id) {
+            json_object_put(r);
+            continue;
+        }
+        if (json_object_object_get_ex(r, "return", &v)) {
+            json_object_get(v);
+            json_object_put(r);
+            *err = NULL;
+            return v;
+        }
+        if (json_object_object_get_ex(r, "error", &v))
+            json_object_get(v);
+        else
+            v = json_object_new_object();
+        json_object_put(r);
+        *err = v;
+        return NULL;
+    }
+}
+
+static const char *error_desc(struct json_object *err)
+{
+    struct json_object *d;
+    if (json_object_object_get_ex(err, "desc", &d))
+        return json_object_get_string(d);
+    return "unknown error";
+}
+
+/* Runs a command; on failure prints the daemon's message and exits 1. */
+static struct json_object *qmp_run(struct qmp *q, const char *cmd,
+                                   struct json_object *args)
+{
+    struct json_object *err;
+    struct json_object *r = qmp_try(q, cmd, args, &err);
+    if (!r) {
+        if (opt_json)
+            printf("%s\n", json_object_to_json_string_ext(err, JSON_C_TO_STRING_PRETTY));
+        die(1, "%s: %s", cmd, error_desc(err));
+    }
+    return r;
+}
+
+static void qmp_connect(struct qmp *q)
+{
+    struct sockaddr_un sun;
+    memset(q, 0, sizeof(*q));
+    if (strlen(sock_path) >= sizeof(sun.sun_path))
+        die(2, "%s: socket path too long", sock_path);
+    memset(&sun, 0, sizeof(sun));
+    sun.sun_family = AF_UNIX;
+    strcpy(sun.sun_path, sock_path);
+    q->fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (q->fd < 0)
+        die(2, "socket: %s", strerror(errno));
+    if (connect(q->fd, (struct sockaddr *)&sun, sizeof(sun)) < 0) {
+        int e = errno;
+        die(2, "cannot connect to %s: %s%s", sock_path, strerror(e),
+            (e == ENOENT || e == ECONNREFUSED)
+                ? " (is stratad running with --control? use --socket PATH or "
+                  "$STRATA_SOCKET)" : "");
+    }
+    struct json_object *g = qmp_read(q, 10000);
+    if (!g || !json_object_object_get_ex(g, "QMP", NULL))
+        die(1, "%s: no QMP greeting: is this a stratad control socket?", sock_path);
+    json_object_put(g);
+    json_object_put(qmp_run(q, "qmp_capabilities", NULL));
+}
+
+/* ---- helpers for output ---- */
+
+static const char *jstr(struct json_object *o, const char *key)
+{
+    struct json_object *v;
+    if (!json_object_object_get_ex(o, key, &v))
+        return NULL;
+    return json_object_get_string(v);
+}
+
+static int64_t jint(struct json_object *o, const char *key)
+{
+    struct json_object *v;
+    return json_object_object_get_ex(o, key, &v) ? json_object_get_int64(v) : 0;
+}
+
+static bool jbool(struct json_object *o, const char *key)
+{
+    struct json_object *v;
+    return json_object_object_get_ex(o, key, &v) && json_object_get_boolean(v);
+}
+
+static const char *human_size(uint64_t n, char *buf, size_t len)
+{
+    static const char *const units[] = {"B", "KiB", "MiB", "GiB", "TiB", "PiB"};
+    double v = (double)n;
+    unsigned u = 0;
+    while (v >= 1024 && u < 5) {
+        v /= 1024;
+        u++;
+    }
+    if (u == 0)
+        snprintf(buf, len, "%llu B", (unsigned long long)n);
+    else
+        snprintf(buf, len, "%.1f %s", v, units[u]);
+    return buf;
+}
+
+static void print_json(struct json_object *o)
+{
+    printf("%s\n", json_object_to_json_string_ext(o, JSON_C_TO_STRING_PRETTY |
+                                                  JSON_C_TO_STRING_NOSLASHESCAPE));
+}
+
+static char *abs_path(const char *p)
+{
+    char *r = NULL;
+    if (p[0] == '/')
+        return strdup(p);
+    char cwd[PATH_MAX];
+    if (!getcwd(cwd, sizeof(cwd)))
+        die(1, "getcwd: %s", strerror(errno));
+    if (asprintf(&r, "%s/%s", cwd, p) < 0)
+        die(1, "out of memory");
+    return r;
+}
+
+/* Finds an export by id or NBD name; returns a new reference. */
+static struct json_object *find_export(struct qmp *q, const char *key)
+{
+    struct json_object *list = qmp_run(q, "query-block-exports", NULL);
+    struct json_object *found = NULL;
+    for (size_t i = 0; i < json_object_array_length(list); i++) {
+        struct json_object *e = json_object_array_get_idx(list, i);
+        const char *id = jstr(e, "id"), *name = jstr(e, "name");
+        if ((id && !strcmp(id, key)) || (!found && name && !strcmp(name, key)))
+            found = e;
+    }
+    if (!found)
+        die(1, "no export with id or name '%s'", key);
+    json_object_get(found);
+    json_object_put(list);
+    return found;
+}
+
+/* ---- commands ---- */
+
+static int cmd_version(struct qmp *q)
+{
+    struct json_object *r = qmp_run(q, "query-version", NULL);
+    if (opt_json) {
+        print_json(r);
+    } else {
+        printf("strata CLI %s\n", STRATA_VERSION);
+        printf("daemon: %s\n", jstr(r, "package"));
+    }
+    json_object_put(r);
+    return 0;
+}
+
+static int cmd_exports(struct qmp *q)
+{
+    struct json_object *r = qmp_run(q, "query-block-exports", NULL);
+    if (opt_json) {
+        print_json(r);
+        json_object_put(r);
+        return 0;
+    }
+    size_t n = json_object_array_length(r);
+    if (n == 0) {
+        printf("no exports\n");
+        json_object_put(r);
+        return 0;
+    }
+    printf("%-16s %-16s %-16s %-6s %10s %-3s %7s  %s\n", "ID", "NAME", "NODE",
+           "FORMAT", "SIZE", "RW", "CLIENTS", "TOP FILE");
+    for (size_t i = 0; i < n; i++) {
+        struct json_object *e = json_object_array_get_idx(r, i);
+        char sz[32];
+        const char *name = jstr(e, "name");
+        printf("%-16s %-16s %-16s %-6s %10s %-3s %7lld  %s\n", jstr(e, "id"),
+               name && *name ? name : "(default)", jstr(e, "node-name"),
+               jstr(e, "format"), human_size((uint64_t)jint(e, "virtual-size"), sz, sizeof(sz)),
+               jbool(e, "writable") ? "rw" : "ro", (long long)jint(e, "clients"),
+               jstr(e, "file"));
+    }
+    json_object_put(r);
+    return 0;
+}
+
+static int cmd_chain(struct qmp *q, const char *key)
+{
+    struct json_object *e = find_export(q, key);
+    const char *node = jstr(e, "node-name");
+    struct json_object *nodes = qmp_run(q, "query-named-block-nodes", NULL);
+    struct json_object *chain = json_object_new_array();
+    /* the export's node, then its backing nodes by backing-node-name */
+    char *want = strdup(node);
+    while (want) {
+        struct json_object *hit = NULL;
+        for (size_t i = 0; i < json_object_array_length(nodes); i++) {
+            struct json_object *n = json_object_array_get_idx(nodes, i);
+            if (!strcmp(jstr(n, "node-name"), want))
+                hit = n;
+        }
+        free(want);
+        want = NULL;
+        if (!hit)
+            break;
+        json_object_array_add(chain, json_object_get(hit));
+        const char *b = jstr(hit, "backing-node-name");
+        if (b)
+            want = strdup(b);
+    }
+    if (opt_json) {
+        print_json(chain);
+    } else {
+        printf("export %s (%s)\n", jstr(e, "id"), jstr(e, "name"));
+        size_t n = json_object_array_length(chain);
+        for (size_t i = 0; i < n; i++) {
+            struct json_object *x = json_object_array_get_idx(chain, i), *img;
+            char sz[32];
+            uint64_t size = 0;
+            if (json_object_object_get_ex(x, "image", &img))
+                size = (uint64_t)jint(img, "virtual-size");
+            printf("%*s%s%s  %s, %s, %s%s  %s\n", (int)(i * 3), "",
+                   i ? "\u2514\u2500 " : "", jstr(x, "node-name"), jstr(x, "drv"),
+                   human_size(size, sz, sizeof(sz)),
+                   jbool(x, "ro") ? "read-only" : "read-write",
+                   i == 0 ? " (top)" : i + 1 == n ? " (base)" : "",
+                   jstr(x, "file"));
+        }
+    }
+    json_object_put(chain);
+    json_object_put(nodes);
+    json_object_put(e);
+    return 0;
+}
+
+static void print_job_line(struct json_object *j)
+{
+    char cur[32], tot[32], spd[32];
+    int64_t len = jint(j, "len"), off = jint(j, "offset");
+    int pct = len > 0 ? (int)(off * 100 / len) : 0;
+    int64_t speed = jint(j, "speed");
+    if (speed)
+        snprintf(spd, sizeof(spd), "%s/s", human_size((uint64_t)speed, cur, sizeof(cur)));
+    else
+        snprintf(spd, sizeof(spd), "unlimited");
+    printf("%-16s %-8s %-10s %3d%%  %10s / %-10s %-12s %s%s\n", jstr(j, "device"),
+           jstr(j, "type"), jstr(j, "status"), pct,
+           human_size((uint64_t)off, cur, sizeof(cur)),
+           human_size((uint64_t)len, tot, sizeof(tot)), spd,
+           jstr(j, "export") ? jstr(j, "export") : "-",
+           jstr(j, "error") ? "  error: " : "");
+    if (jstr(j, "error"))
+        printf("    %s\n", jstr(j, "error"));
+}
+
+static int cmd_jobs(struct qmp *q)
+{
+    struct json_object *r = qmp_run(q, "query-block-jobs", NULL);
+    if (opt_json) {
+        print_json(r);
+    } else if (json_object_array_length(r) == 0) {
+        printf("no jobs\n");
+    } else {
+        printf("%-16s %-8s %-10s %4s  %23s %-12s %s\n", "ID", "TYPE", "STATUS",
+               "DONE", "PROGRESS", "SPEED", "EXPORT");
+        for (size_t i = 0; i < json_object_array_length(r); i++)
+            print_job_line(json_object_array_get_idx(r, i));
+    }
+    json_object_put(r);
+    return 0;
+}
+
+static int cmd_job(struct qmp *q, const char *verb, const char *id)
+{
+    static const char *const verbs[][2] = {
+        {"pause", "job-pause"},       {"resume", "job-resume"},
+        {"cancel", "job-cancel"},     {"complete", "job-complete"},
+        {"dismiss", "job-dismiss"},   {"finalize", "job-finalize"},
+    };
+    for (size_t i = 0; i < sizeof(verbs) / sizeof(verbs[0]); i++) {
+        if (!strcmp(verb, verbs[i][0])) {
+            struct json_object *a = json_object_new_object();
+            json_object_object_add(a, "id", json_object_new_string(id));
+            struct json_object *r = qmp_run(q, verbs[i][1], a);
+            if (opt_json)
+                print_json(r);
+            else
+                printf("job %s: %s requested\n", id, verb);
+            json_object_put(r);
+            return 0;
+        }
+    }
+    die(2, "job: unknown action '%s' (pause, resume, cancel, complete, "
+        "dismiss, finalize)", verb);
+}
+
+static bool id_ok(const char *s)
+{
+    if (!((*s >= 'a' && *s <= 'z') || (*s >= 'A' && *s <= 'Z')))
+        return false;
+    for (; *s; s++)
+        if (!((*s >= 'a' && *s <= 'z') || (*s >= 'A' && *s <= 'Z') ||
+              (*s >= '0' && *s <= '9') || *s == '-' || *s == '.' || *s == '_'))
+            return false;
+    return true;
+}
+
+static int cmd_add_export(struct qmp *q, const char *name, const char *file,
+                          const char *format, bool readonly, bool direct,
+                          const char *desc, const char *id, const char *node)
+{
+    if (!id) {
+        if (!id_ok(name))
+            die(2, "add-export: '%s' cannot be an export id: give --id ID", name);
+        id = name;
+    }
+    if (!node)
+        node = id;
+    char *path = abs_path(file);
+    struct json_object *f = json_object_new_object();
+    json_object_object_add(f, "driver", json_object_new_string("file"));
+    json_object_object_add(f, "filename", json_object_new_string(path));
+    struct json_object *a = json_object_new_object();
+    json_object_object_add(a, "driver", json_object_new_string(format));
+    json_object_object_add(a, "node-name", json_object_new_string(node));
+    json_object_object_add(a, "file", f);
+    json_object_object_add(a, "read-only", json_object_new_boolean(readonly));
+    if (direct) {
+        struct json_object *c = json_object_new_object();
+        json_object_object_add(c, "direct", json_object_new_boolean(true));
+        json_object_object_add(a, "cache", c);
+    }
+    json_object_put(qmp_run(q, "blockdev-add", a));
+    a = json_object_new_object();
+    json_object_object_add(a, "type", json_object_new_string("nbd"));
+    json_object_object_add(a, "id", json_object_new_string(id));
+    json_object_object_add(a, "node-name", json_object_new_string(node));
+    json_object_object_add(a, "name", json_object_new_string(name));
+    json_object_object_add(a, "writable", json_object_new_boolean(!readonly));
+    if (desc)
+        json_object_object_add(a, "description", json_object_new_string(desc));
+    struct json_object *err;
+    struct json_object *r = qmp_try(q, "block-export-add", a, &err);
+    if (!r) {
+        /* roll the node back: all or nothing */
+        struct json_object *d = json_object_new_object();
+        json_object_object_add(d, "node-name", json_object_new_string(node));
+        struct json_object *e2;
+        json_object_put(qmp_try(q, "blockdev-del", d, &e2));
+        json_object_put(e2);
+        die(1, "block-export-add: %s", error_desc(err));
+    }
+    json_object_put(r);
+    if (opt_json) {
+        struct json_object *e = find_export(q, id);
+        print_json(e);
+        json_object_put(e);
+    } else {
+        printf("export %s: '%s' serves %s (%s, %s)\n", id, name, path, format,
+               readonly ? "read-only" : "read-write");
+    }
+    free(path);
+    return 0;
+}
+
+/* Waits for an event matching name (and data.key == val); NULL on timeout. */
+static struct json_object *wait_event(struct qmp *q, const char *name,
+                                      const char *key, const char *val,
+                                      int timeout_ms)
+{
+    uint64_t deadline = now_ms() + (uint64_t)timeout_ms;
+    for (;;) {
+        for (size_t i = 0; i < q->n_events; i++) {
+            struct json_object *ev = q->events[i], *d;
+            if (!strcmp(jstr(ev, "event"), name) &&
+                (!key || (json_object_object_get_ex(ev, "data", &d) && jstr(d, key) &&
+                          !strcmp(jstr(d, key), val)))) {
+                memmove(&q->events[i], &q->events[i + 1],
+                        (q->n_events - i - 1) * sizeof(*q->events));
+                q->n_events--;
+                return ev;
+            }
+        }
+        uint64_t t = now_ms();
+        if (t >= deadline)
+            return NULL;
+        struct json_object *m = qmp_read(q, (int)(deadline - t));
+        if (!m)
+            return NULL;
+        if (json_object_object_get_ex(m, "event", NULL))
+            queue_event(q, m);
+        else
+            json_object_put(m);
+    }
+}
+
+static int cmd_del_export(struct qmp *q, const char *id, bool hard, bool keep_node)
+{
+    struct json_object *e = find_export(q, id);
+    char *real_id = strdup(jstr(e, "id"));
+    char *node = strdup(jstr(e, "node-name"));
+    json_object_put(e);
+    struct json_object *a = json_object_new_object();
+    json_object_object_add(a, "id", json_object_new_string(real_id));
+    json_object_object_add(a, "mode", json_object_new_string(hard ? "hard" : "safe"));
+    json_object_put(qmp_run(q, "block-export-del", a));
+    if (!keep_node) {
+        /* the node is free once the export is really gone */
+        struct json_object *ev = wait_event(q, "BLOCK_EXPORT_DELETED", "id", real_id, 30000);
+        if (!ev)
+            die(1, "export %s was deleted but did not go away within 30 s; "
+                "node %s is kept", real_id, node);
+        json_object_put(ev);
+        a = json_object_new_object();
+        json_object_object_add(a, "node-name", json_object_new_string(node));
+        json_object_put(qmp_run(q, "blockdev-del", a));
+    }
+    if (opt_json)
+        printf("{}\n");
+    else
+        printf("export %s deleted%s\n", real_id, keep_node ? "" : " (and its node)");
+    free(real_id);
+    free(node);
+    return 0;
+}
+
+static int cmd_snapshot(struct qmp *q, const char *exp, const char *file,
+                        const char *node, bool relative)
+{
+    struct json_object *e = find_export(q, exp);
+    char *path = abs_path(file);
+    struct json_object *a = json_object_new_object();
+    json_object_object_add(a, "device", json_object_new_string(jstr(e, "id")));
+    json_object_object_add(a, "snapshot-file", json_object_new_string(path));
+    json_object_object_add(a, "format", json_object_new_string("qcow2"));
+    if (node)
+        json_object_object_add(a, "snapshot-node-name", json_object_new_string(node));
+    if (relative) /* strata extension */
+        json_object_object_add(a, "relative-backing", json_object_new_boolean(true));
+    json_object_put(e);
+    struct json_object *r = qmp_run(q, "blockdev-snapshot-sync", a);
+    if (opt_json)
+        print_json(r);
+    else
+        printf("snapshot taken: %s is the new top of %s (export stalled %.3f ms)\n",
+               path, exp, jint(r, "stall-ns") / 1e6);
+    json_object_put(r);
+    free(path);
+    return 0;
+}
+
+static void draw_bar(const char *id, const char *status, int64_t off, int64_t len)
+{
+    if (!isatty(2))
+        return;
+    char a[32], b[32];
+    int width = 30;
+    int fill = len > 0 ? (int)(off * width / len) : 0;
+    char bar[64];
+    for (int i = 0; i < width; i++)
+        bar[i] = i < fill ? '#' : '-';
+    bar[width] = '\0';
+    fprintf(stderr, "\r%s [%s] %3d%%  %s / %s  %-10s", id, bar,
+            len > 0 ? (int)(off * 100 / len) : 0,
+            human_size((uint64_t)off, a, sizeof(a)),
+            human_size((uint64_t)len, b, sizeof(b)), status);
+    fflush(stderr);
+}
+
+/* Follows a job until it ends: progress bar from query-block-jobs,
+ * completion on BLOCK_JOB_READY, result from the final event. */
+static int wait_job(struct qmp *q, const char *id)
+{
+    bool completed = false;
+    for (;;) {
+        struct json_object *ev;
+        while ((ev = wait_event(q, "BLOCK_JOB_READY", "device", id, 0))) {
+            json_object_put(ev);
+            if (!completed) {
+                struct json_object *a = json_object_new_object();
+                json_object_object_add(a, "id", json_object_new_string(id));
+                json_object_put(qmp_run(q, "job-complete", a));
+                completed = true;
+            }
+        }
+        if ((ev = wait_event(q, "BLOCK_JOB_CANCELLED", "device", id, 0))) {
+            if (isatty(2))
+                fputc('\n', stderr);
+            if (opt_json)
+                print_json(ev);
+            die(1, "job %s was cancelled", id);
+        }
+        if ((ev = wait_event(q, "BLOCK_JOB_COMPLETED", "device", id, 0))) {
+            struct json_object *d;
+            if (isatty(2))
+                fputc('\n', stderr);
+            if (opt_json)
+                print_json(ev);
+            if (json_object_object_get_ex(ev, "data", &d) && jstr(d, "error"))
+                die(1, "job %s failed: %s", id, jstr(d, "error"));
+            if (!opt_json)
+                printf("job %s completed\n", id);
+            json_object_put(ev);
+            return 0;
+        }
+        struct json_object *jobs = qmp_run(q, "query-block-jobs", NULL);
+        for (size_t i = 0; i < json_object_array_length(jobs); i++) {
+            struct json_object *j = json_object_array_get_idx(jobs, i);
+            if (!strcmp(jstr(j, "device"), id))
+                draw_bar(id, jstr(j, "status"), jint(j, "offset"), jint(j, "len"));
+        }
+        json_object_put(jobs);
+        /* sleep up to 200 ms, but wake for events */
+        struct json_object *m = qmp_read(q, 200);
+        if (m) {
+            if (json_object_object_get_ex(m, "event", NULL))
+                queue_event(q, m);
+            else
+                json_object_put(m);
+        }
+    }
+}
+
+static int cmd_commit(struct qmp *q, const char *exp, const char *top,
+                      const char *base, long long speed, const char *job_id,
+                      bool wait)
+{
+    struct json_object *e = find_export(q, exp);
+    char id[160];
+    if (job_id)
+        snprintf(id, sizeof(id), "%s", job_id);
+    else
+        snprintf(id, sizeof(id), "commit-%s", jstr(e, "id"));
+    struct json_object *a = json_object_new_object();
+    json_object_object_add(a, "job-id", json_object_new_string(id));
+    json_object_object_add(a, "device", json_object_new_string(jstr(e, "id")));
+    json_object_put(e);
+    if (top) {
+        char *p = abs_path(top);
+        json_object_object_add(a, "top", json_object_new_string(p));
+        free(p);
+    }
+    if (base) {
+        char *p = abs_path(base);
+        json_object_object_add(a, "base", json_object_new_string(p));
+        free(p);
+    }
+    if (speed > 0)
+        json_object_object_add(a, "speed", json_object_new_int64(speed));
+    json_object_put(qmp_run(q, "block-commit", a));
+    if (!wait) {
+        if (opt_json)
+            printf("{\"job-id\": \"%s\"}\n", id);
+        else
+            printf("job %s started (follow it with: strata jobs)\n", id);
+        return 0;
+    }
+    return wait_job(q, id);
+}
+
+static void usage(FILE *fp)
+{
+    fprintf(fp,
+"Usage: strata [--socket PATH] [--json] COMMAND [ARGS]\n"
+"Manage a running stratad through its control socket.\n"
+"\n"
+"Commands:\n"
+"  version                       the daemon's version\n"
+"  exports                       list the exports\n"
+"  chain EXPORT                  show an export's backing chain, top first\n"
+"  jobs                          list the jobs and their progress\n"
+"  job pause|resume|cancel|complete|dismiss|finalize ID\n"
+"  add-export NAME FILE [--format raw|qcow2] [--readonly] [--cache none]\n"
+"             [--description TEXT] [--id ID] [--node-name NODE]\n"
+"  del-export ID [--hard] [--keep-node]\n"
+"                                --hard disconnects the export's clients\n"
+"  snapshot EXPORT NEW.qcow2 [--node-name NODE] [--relative]\n"
+"                                --relative records the backing file's name\n"
+"                                relative to NEW.qcow2's directory\n"
+"  commit EXPORT [--top FILE] [--base FILE] [--speed BYTES/S] [--job-id ID]\n"
+"         [--wait]               --wait shows progress until the job ends\n"
+"                                (an active commit is completed when ready)\n"
+"  quit                          stop the daemon gracefully\n"
+"\n"
+"Options:\n"
+"  -s, --socket PATH   control socket (default $STRATA_SOCKET, else\n"
+"                      " DEFAULT_SOCKET ")\n"
+"  -j, --json          print the daemon's JSON answers instead of tables\n"
+"  -h, --help          this help\n"
+"\n"
+"EXPORT is an export id or NBD name.  Exit status: 0 success, 1 the daemon\n"
+"refused or failed (its message is printed), 2 usage or connection error.\n");
+}
+
+int main(int argc, char **argv)
+{
+    static const struct option opts[] = {
+        {"socket", required_argument, NULL, 's'},
+        {"json", no_argument, NULL, 'j'},
+        {"help", no_argument, NULL, 'h'},
+        {"format", required_argument, NULL, 'f'},
+        {"readonly", no_argument, NULL, 'r'},
+        {"cache", required_argument, NULL, 'c'},
+        {"description", required_argument, NULL, 'd'},
+        {"id", required_argument, NULL, 'i'},
+        {"node-name", required_argument, NULL, 'n'},
+        {"hard", no_argument, NULL, 'H'},
+        {"keep-node", no_argument, NULL, 'k'},
+        {"top", required_argument, NULL, 't'},
+        {"base", required_argument, NULL, 'b'},
+        {"speed", required_argument, NULL, 'S'},
+        {"job-id", required_argument, NULL, 'J'},
+        {"wait", no_argument, NULL, 'w'},
+        {"relative", no_argument, NULL, 'R'},
+        {NULL, 0, NULL, 0},
+    };
+    const char *format = "raw", *desc = NULL, *id = NULL, *node = NULL;
+    const char *top = NULL, *base = NULL, *job_id = NULL;
+    bool readonly = false, direct = false, hard = false, keep_node = false, wait = false;
+    bool relative = false;
+    long long speed = 0;
+    signal(SIGPIPE, SIG_IGN); /* a closed socket is reported by write() */
+    sock_path = getenv("STRATA_SOCKET");
+    if (!sock_path || !*sock_path)
+        sock_path = DEFAULT_SOCKET;
+    int ch;
+    /* options may come anywhere (GNU getopt permutes) */
+    while ((ch = getopt_long(argc, argv, "s:jh", opts, NULL)) != -1) {
+        switch (ch) {
+        case 's': sock_path = optarg; break;
+        case 'j': opt_json = true; break;
+        case 'h': usage(stdout); return 0;
+        case 'f': format = optarg; break;
+        case 'r': readonly = true; break;
+        case 'c':
+            if (!strcmp(optarg, "none"))
+                direct = true;
+            else if (strcmp(optarg, "writeback"))
+                die(2, "--cache %s: expected none or writeback", optarg);
+            break;
+        case 'd': desc = optarg; break;
+        case 'i': id = optarg; break;
+        case 'n': node = optarg; break;
+        case 'H': hard = true; break;
+        case 'k': keep_node = true; break;
+        case 't': top = optarg; break;
+        case 'b': base = optarg; break;
+        case 'S': {
+            char *end;
+            errno = 0;
+            speed = strtoll(optarg, &end, 10);
+            if (errno || *end || speed < 0)
+                die(2, "--speed %s: expected bytes per second", optarg);
+            break;
+        }
+        case 'J': job_id = optarg; break;
+        case 'w': wait = true; break;
+        case 'R': relative = true; break;
+        default: usage(stderr); return 2;
+        }
+    }
+    int nargs = argc - optind;
+    char **args = argv + optind;
+    if (nargs < 1) {
+        usage(stderr);
+        return 2;
+    }
+    const char *cmd = args[0];
+    struct {
+        const char *name;
+        int nargs;
+    } const table[] = {
+        {"version", 1}, {"exports", 1}, {"chain", 2}, {"jobs", 1}, {"job", 3},
+        {"add-export", 3}, {"del-export", 2}, {"snapshot", 3}, {"commit", 2},
+        {"quit", 1},
+    };
+    size_t k;
+    for (k = 0; k < sizeof(table) / sizeof(table[0]); k++)
+        if (!strcmp(table[k].name, cmd))
+            break;
+    if (k == sizeof(table) / sizeof(table[0]))
+        die(2, "unknown command '%s' (try strata --help)", cmd);
+    if (nargs != table[k].nargs)
+        die(2, "%s: expected %d argument%s (try strata --help)", cmd,
+            table[k].nargs - 1, table[k].nargs == 2 ? "" : "s");
+
+    struct qmp q;
+    qmp_connect(&q);
+    int rc;
+    if (!strcmp(cmd, "version"))
+        rc = cmd_version(&q);
+    else if (!strcmp(cmd, "exports"))
+        rc = cmd_exports(&q);
+    else if (!strcmp(cmd, "chain"))
+        rc = cmd_chain(&q, args[1]);
+    else if (!strcmp(cmd, "jobs"))
+        rc = cmd_jobs(&q);
+    else if (!strcmp(cmd, "job"))
+        rc = cmd_job(&q, args[1], args[2]);
+    else if (!strcmp(cmd, "add-export"))
+        rc = cmd_add_export(&q, args[1], args[2], format, readonly, direct, desc, id, node);
+    else if (!strcmp(cmd, "del-export"))
+        rc = cmd_del_export(&q, args[1], hard, keep_node);
+    else if (!strcmp(cmd, "snapshot"))
+        rc = cmd_snapshot(&q, args[1], args[2], node, relative);
+    else if (!strcmp(cmd, "commit"))
+        rc = cmd_commit(&q, args[1], top, base, speed, job_id, wait);
+    else {
+        json_object_put(qmp_run(&q, "quit", NULL));
+        if (opt_json)
+            printf("{}\n");
+        else
+            printf("stratad is shutting down\n");
+        rc = 0;
+    }
+    for (size_t i = 0; i < q.n_events; i++)
+        json_object_put(q.events[i]);
+    free(q.events);
+    free(q.buf);
+    close(q.fd);
+    return rc;
+}

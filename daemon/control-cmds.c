@@ -1,0 +1,788 @@
+/* strata — the QMP commands of the control socket.
+ *
+ * Names and arguments follow qemu-storage-daemon's QAPI schema
+ * (qapi/block-core.json, block-export.json, job.json) where it has the
+ * command; strata-only debugging commands carry QEMU's "x-" prefix.
+ */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <json-c/json.h>
+
+#include "chain.h"
+#include "control-int.h"
+#include "jobs.h"
+#include "log.h"
+#include "state.h"
+
+/* ---- argument checking ---- */
+
+static const char *type_name(enum ctl_arg_type t)
+{
+    switch (t) {
+    case CTL_ARG_STR: return "string";
+    case CTL_ARG_BOOL: return "boolean";
+    case CTL_ARG_INT: return "integer";
+    case CTL_ARG_OBJ: return "object";
+    case CTL_ARG_ARRAY: return "array";
+    case CTL_ARG_ANY: return "any";
+    }
+    return "?";
+}
+
+static bool type_ok(struct json_object *v, enum ctl_arg_type t)
+{
+    switch (t) {
+    case CTL_ARG_STR: return json_object_is_type(v, json_type_string);
+    case CTL_ARG_BOOL: return json_object_is_type(v, json_type_boolean);
+    case CTL_ARG_INT: return json_object_is_type(v, json_type_int);
+    case CTL_ARG_OBJ: return json_object_is_type(v, json_type_object);
+    case CTL_ARG_ARRAY: return json_object_is_type(v, json_type_array);
+    case CTL_ARG_ANY: return true;
+    }
+    return false;
+}
+
+int ctl_args_check(struct json_object *args, const struct ctl_arg *spec,
+                   const char *prefix, struct error **errp)
+{
+    if (args) {
+        json_object_object_foreach(args, key, val) {
+            const struct ctl_arg *a = spec;
+            while (a && a->name && strcmp(a->name, key))
+                a++;
+            if (!a || !a->name)
+                return error_setf(errp, EINVAL, "Parameter '%s%.64s' is unexpected",
+                                  prefix, key);
+            if (!type_ok(val, a->type))
+                return error_setf(errp, EINVAL, "Invalid parameter type for '%s%s', "
+                                  "expected: %s", prefix, a->name, type_name(a->type));
+        }
+    }
+    for (const struct ctl_arg *a = spec; a && a->name; a++) {
+        if (a->required && !(args && json_object_object_get_ex(args, a->name, NULL)))
+            return error_setf(errp, EINVAL, "Parameter '%s%s' is missing", prefix,
+                              a->name);
+    }
+    return 0;
+}
+
+static const char *arg_str(struct json_object *args, const char *name)
+{
+    struct json_object *v;
+    return json_object_object_get_ex(args, name, &v) ? json_object_get_string(v) : NULL;
+}
+
+static bool arg_bool(struct json_object *args, const char *name, bool dflt)
+{
+    struct json_object *v;
+    return json_object_object_get_ex(args, name, &v) ? json_object_get_boolean(v) : dflt;
+}
+
+static bool arg_has(struct json_object *args, const char *name)
+{
+    return json_object_object_get_ex(args, name, NULL);
+}
+
+static int64_t arg_int(struct json_object *args, const char *name, int64_t dflt)
+{
+    struct json_object *v;
+    return json_object_object_get_ex(args, name, &v) ? json_object_get_int64(v) : dflt;
+}
+
+static struct json_object *ret_empty(void)
+{
+    return json_object_new_object();
+}
+
+/* ---- negotiation and introspection ---- */
+
+static struct json_object *cmd_qmp_capabilities(struct ctl_cmd_ctx *cx,
+                                                struct json_object *args,
+                                                struct error **errp)
+{
+    struct json_object *en;
+    if (json_object_object_get_ex(args, "enable", &en)) {
+        for (size_t i = 0; i < json_object_array_length(en); i++) {
+            struct json_object *c = json_object_array_get_idx(en, i);
+            error_setf(errp, EINVAL, "Capability '%s' not available",
+                       json_object_get_string(c));
+            return NULL;
+        }
+    }
+    cx->client->negotiated = true;
+    return ret_empty();
+}
+
+static struct json_object *cmd_query_version(struct ctl_cmd_ctx *cx,
+                                             struct json_object *args,
+                                             struct error **errp)
+{
+    unsigned major = 0, minor = 0, micro = 0;
+    sscanf(STRATA_VERSION, "%u.%u.%u", &major, &minor, &micro);
+    struct json_object *q = json_object_new_object();
+    json_object_object_add(q, "major", json_object_new_int((int)major));
+    json_object_object_add(q, "minor", json_object_new_int((int)minor));
+    json_object_object_add(q, "micro", json_object_new_int((int)micro));
+    struct json_object *r = json_object_new_object();
+    json_object_object_add(r, "qemu", q);
+    json_object_object_add(r, "package", json_object_new_string("strata " STRATA_VERSION));
+    return r;
+}
+
+static struct json_object *cmd_query_commands(struct ctl_cmd_ctx *cx,
+                                              struct json_object *args,
+                                              struct error **errp)
+{
+    size_t n;
+    const struct ctl_cmd *t = ctl_cmd_table(&n);
+    struct json_object *r = json_object_new_array();
+    for (size_t i = 0; i < n; i++) {
+        struct json_object *o = json_object_new_object();
+        json_object_object_add(o, "name", json_object_new_string(t[i].name));
+        json_object_array_add(r, o);
+    }
+    return r;
+}
+
+/* ---- nodes and exports ---- */
+
+static struct json_object *image_info(struct fmt_node *n)
+{
+    struct json_object *o = json_object_new_object();
+    json_object_object_add(o, "filename", json_object_new_string(n->filename ? n->filename : ""));
+    json_object_object_add(o, "format", json_object_new_string(n->ops->name));
+    json_object_object_add(o, "virtual-size", json_object_new_int64((int64_t)n->size));
+    json_object_object_add(o, "dirty-flag", json_object_new_boolean(false));
+    if (n->backing) {
+        json_object_object_add(o, "backing-filename",
+                               json_object_new_string(n->backing->filename ? n->backing->filename : ""));
+        json_object_object_add(o, "backing-filename-format",
+                               json_object_new_string(n->backing->ops->name));
+        json_object_object_add(o, "backing-image", image_info(n->backing));
+    }
+    return o;
+}
+
+/* The name of a chain member: the node's own for the top, then
+ * "NODE.backing", "NODE.backing.backing"... (strata names backing nodes
+ * itself; they cannot be addressed by blockdev-add names yet). */
+static char *member_name(const char *top, unsigned depth)
+{
+    size_t len = strlen(top) + depth * 8 + 1;
+    char *s = malloc(len);
+    if (!s)
+        return NULL;
+    strcpy(s, top);
+    for (unsigned i = 0; i < depth; i++)
+        strcat(s, ".backing");
+    return s;
+}
+
+/* BlockDeviceInfo for one chain member. */
+static struct json_object *node_info(const struct blockdev *b, struct fmt_node *n,
+                                     unsigned depth, bool flat)
+{
+    unsigned below = 0;
+    for (struct fmt_node *x = n->backing; x; x = x->backing)
+        below++;
+    char *name = member_name(b->node_name, depth);
+    struct json_object *o = json_object_new_object();
+    json_object_object_add(o, "node-name", json_object_new_string(name ? name : ""));
+    json_object_object_add(o, "file", json_object_new_string(n->filename ? n->filename : ""));
+    json_object_object_add(o, "drv", json_object_new_string(n->ops->name));
+    json_object_object_add(o, "ro", json_object_new_boolean(n->read_only));
+    json_object_object_add(o, "encrypted", json_object_new_boolean(false));
+    json_object_object_add(o, "detect_zeroes", json_object_new_string("off"));
+    json_object_object_add(o, "backing_file_depth", json_object_new_int((int)below));
+    if (n->backing) {
+        json_object_object_add(o, "backing_file",
+                               json_object_new_string(n->backing->filename ? n->backing->filename : ""));
+        char *bn = member_name(b->node_name, depth + 1);
+        /* strata extension: the node name of the backing node */
+        json_object_object_add(o, "backing-node-name", json_object_new_string(bn ? bn : ""));
+        free(bn);
+    }
+    struct json_object *cache = json_object_new_object();
+    json_object_object_add(cache, "writeback", json_object_new_boolean(true));
+    json_object_object_add(cache, "direct", json_object_new_boolean(b->direct));
+    json_object_object_add(cache, "no-flush", json_object_new_boolean(false));
+    json_object_object_add(o, "cache", cache);
+    json_object_object_add(o, "write_threshold", json_object_new_int(0));
+    for (const char *k = "bps\0bps_rd\0bps_wr\0iops\0iops_rd\0iops_wr\0"; *k; k += strlen(k) + 1)
+        json_object_object_add(o, k, json_object_new_int(0));
+    struct json_object *img = flat ? NULL : image_info(n);
+    if (flat) {
+        img = json_object_new_object();
+        json_object_object_add(img, "filename", json_object_new_string(n->filename ? n->filename : ""));
+        json_object_object_add(img, "format", json_object_new_string(n->ops->name));
+        json_object_object_add(img, "virtual-size", json_object_new_int64((int64_t)n->size));
+        json_object_object_add(img, "dirty-flag", json_object_new_boolean(false));
+        if (n->backing)
+            json_object_object_add(img, "backing-filename",
+                                   json_object_new_string(n->backing->filename ? n->backing->filename : ""));
+    }
+    json_object_object_add(o, "image", img);
+    if (depth == 0 && b->export) /* strata extension */
+        json_object_object_add(o, "export", json_object_new_string(b->export->cfg.id));
+    free(name);
+    return o;
+}
+
+static struct json_object *cmd_query_named_block_nodes(struct ctl_cmd_ctx *cx,
+                                                       struct json_object *args,
+                                                       struct error **errp)
+{
+    struct server *srv = cx->ctl->srv;
+    bool flat = arg_bool(args, "flat", false);
+    struct json_object *r = json_object_new_array();
+    for (size_t i = 0; i < srv->n_bdevs; i++) {
+        const struct blockdev *b = srv->bdevs[i];
+        unsigned depth = 0;
+        for (struct fmt_node *n = b->root; n; n = n->backing, depth++)
+            json_object_array_add(r, node_info(b, n, depth, flat));
+    }
+    return r;
+}
+
+static struct json_object *cmd_query_block_exports(struct ctl_cmd_ctx *cx,
+                                                   struct json_object *args,
+                                                   struct error **errp)
+{
+    struct server *srv = cx->ctl->srv;
+    struct json_object *r = json_object_new_array();
+    for (size_t i = 0; i < srv->n_exports; i++) {
+        const struct export *e = srv->exports[i];
+        struct json_object *o = json_object_new_object();
+        json_object_object_add(o, "id", json_object_new_string(e->cfg.id));
+        json_object_object_add(o, "type", json_object_new_string("nbd"));
+        json_object_object_add(o, "node-name", json_object_new_string(e->bdev->node_name));
+        json_object_object_add(o, "shutting-down", json_object_new_boolean(srv->shutting_down));
+        /* strata extensions */
+        json_object_object_add(o, "name", json_object_new_string(e->cfg.name));
+        if (e->cfg.description)
+            json_object_object_add(o, "description", json_object_new_string(e->cfg.description));
+        json_object_object_add(o, "writable", json_object_new_boolean(e->writable));
+        json_object_object_add(o, "clients", json_object_new_int((int)e->n_conns));
+        json_object_object_add(o, "virtual-size", json_object_new_int64((int64_t)export_root(e)->size));
+        json_object_object_add(o, "file", json_object_new_string(e->bdev->filename));
+        json_object_object_add(o, "format", json_object_new_string(e->bdev->driver));
+        json_object_object_add(o, "quiesce-count", json_object_new_int64((int64_t)e->n_quiesces));
+        json_object_object_add(o, "last-quiesce-stall-ns", json_object_new_int64((int64_t)e->last_stall_ns));
+        json_object_object_add(o, "max-quiesce-stall-ns", json_object_new_int64((int64_t)e->max_stall_ns));
+        json_object_array_add(r, o);
+    }
+    return r;
+}
+
+/* After a change the user is told about only once it is durable. */
+static struct json_object *synced(struct ctl_cmd_ctx *cx, struct json_object *ret,
+                                  struct error **errp)
+{
+    int r = server_sync_co(cx->ctl->srv, cx->co);
+    if (r < 0) {
+        json_object_put(ret);
+        error_setf(errp, -r, "done, but the state file could not be saved: %s "
+                   "(the change may not survive a restart)", strerror(-r));
+        return NULL;
+    }
+    return ret;
+}
+
+static const struct ctl_arg file_args[] = {
+    {"driver", CTL_ARG_STR, true},
+    {"filename", CTL_ARG_STR, true},
+    {"aio", CTL_ARG_STR, false},
+    {"locking", CTL_ARG_STR, false},
+    {NULL, 0, false},
+};
+
+static const struct ctl_arg cache_args[] = {
+    {"direct", CTL_ARG_BOOL, false},
+    {"no-flush", CTL_ARG_BOOL, false},
+    {NULL, 0, false},
+};
+
+static struct json_object *cmd_blockdev_add(struct ctl_cmd_ctx *cx,
+                                            struct json_object *args,
+                                            struct error **errp)
+{
+    const char *driver = arg_str(args, "driver");
+    if (strcmp(driver, "raw") && strcmp(driver, "qcow2")) {
+        error_setf(errp, EINVAL, "Parameter 'driver' does not accept value '%s' "
+                   "(strata supports raw and qcow2 nodes over a file)", driver);
+        return NULL;
+    }
+    struct json_object *file;
+    json_object_object_get_ex(args, "file", &file);
+    if (json_object_is_type(file, json_type_string)) {
+        error_setf(errp, EINVAL, "Parameter 'file': references to other nodes are "
+                   "not supported; give {\"driver\": \"file\", \"filename\": PATH}");
+        return NULL;
+    }
+    if (!json_object_is_type(file, json_type_object)) {
+        error_setf(errp, EINVAL, "Invalid parameter type for 'file', expected: object");
+        return NULL;
+    }
+    if (ctl_args_check(file, file_args, "file.", errp) < 0)
+        return NULL;
+    if (strcmp(arg_str(file, "driver"), "file")) {
+        error_setf(errp, EINVAL, "Parameter 'file.driver' does not accept value '%s' "
+                   "(strata supports 'file')", arg_str(file, "driver"));
+        return NULL;
+    }
+    bool direct = false;
+    struct json_object *cache;
+    if (json_object_object_get_ex(args, "cache", &cache)) {
+        if (ctl_args_check(cache, cache_args, "cache.", errp) < 0)
+            return NULL;
+        direct = arg_bool(cache, "direct", false);
+        if (arg_bool(cache, "no-flush", false)) {
+            error_setf(errp, EINVAL, "Parameter 'cache.no-flush' must be false: "
+                       "strata never ignores flushes");
+            return NULL;
+        }
+    }
+    if (arg_has(args, "backing") || arg_has(args, "discard") ||
+        arg_has(args, "detect-zeroes") || arg_has(args, "auto-read-only")) {
+        /* accepted by the schema below only to say this clearly */
+        error_setf(errp, EINVAL, "Parameters 'backing', 'discard', 'detect-zeroes' and "
+                   "'auto-read-only' are not supported by strata");
+        return NULL;
+    }
+    struct blockdev_config bc = {
+        .node_name = arg_str(args, "node-name"),
+        .driver = driver,
+        .filename = arg_str(file, "filename"),
+        .read_only = arg_bool(args, "read-only", false),
+        .direct = direct,
+    };
+    if (!server_blockdev_add_co(cx->ctl->srv, &bc, cx->co, errp))
+        return NULL;
+    return synced(cx, ret_empty(), errp);
+}
+
+static struct json_object *cmd_blockdev_del(struct ctl_cmd_ctx *cx,
+                                            struct json_object *args,
+                                            struct error **errp)
+{
+    const char *name = arg_str(args, "node-name");
+    struct blockdev *b = server_find_blockdev(cx->ctl->srv, name);
+    if (b && (b->chain_busy ||
+              (b->export && job_find_by_device(cx->ctl->jobs, b->export->cfg.id)))) {
+        error_setf(errp, EBUSY, "Node '%s' is busy: a job works on it", name);
+        return NULL;
+    }
+    if (server_blockdev_del(cx->ctl->srv, name, errp) < 0)
+        return NULL;
+    return synced(cx, ret_empty(), errp);
+}
+
+static struct json_object *cmd_block_export_add(struct ctl_cmd_ctx *cx,
+                                                struct json_object *args,
+                                                struct error **errp)
+{
+    const char *type = arg_str(args, "type");
+    if (strcmp(type, "nbd")) {
+        error_setf(errp, EINVAL, "Parameter 'type' does not accept value '%s' "
+                   "(strata serves 'nbd')", type);
+        return NULL;
+    }
+    if (arg_bool(args, "writethrough", false)) {
+        error_setf(errp, EINVAL, "Parameter 'writethrough' must be false: clients "
+                   "ask for durability with FUA and FLUSH");
+        return NULL;
+    }
+    struct export_add_config ac = {
+        .id = arg_str(args, "id"),
+        .node_name = arg_str(args, "node-name"),
+        .name = arg_str(args, "name"),
+        .description = arg_str(args, "description"),
+        .writable = arg_bool(args, "writable", false),
+    };
+    if (!server_export_add(cx->ctl->srv, &ac, errp))
+        return NULL;
+    return synced(cx, ret_empty(), errp);
+}
+
+static struct json_object *cmd_block_export_del(struct ctl_cmd_ctx *cx,
+                                                struct json_object *args,
+                                                struct error **errp)
+{
+    const char *id = arg_str(args, "id");
+    const char *mode = arg_str(args, "mode");
+    enum export_del_mode m = EXPORT_DEL_SAFE;
+    if (mode && !strcmp(mode, "hard")) {
+        m = EXPORT_DEL_HARD;
+    } else if (mode && strcmp(mode, "safe")) {
+        error_setf(errp, EINVAL, "Parameter 'mode' does not accept value '%s' "
+                   "(safe or hard)", mode);
+        return NULL;
+    }
+    struct export *de = server_find_export_id(cx->ctl->srv, id);
+    if (job_find_by_device(cx->ctl->jobs, id) || (de && de->bdev->chain_busy)) {
+        error_setf(errp, EBUSY, "export '%s' is busy: a job works on it", id);
+        return NULL;
+    }
+    if (server_export_del(cx->ctl->srv, id, m, errp) < 0)
+        return NULL;
+    return synced(cx, ret_empty(), errp);
+}
+
+/* x-debug-quiesce: quiesces an export for duration-ms and resumes it;
+ * returns the measured stall.  A debugging aid (tests), like QEMU's x-
+ * commands: not a stable interface. */
+static struct json_object *cmd_x_debug_quiesce(struct ctl_cmd_ctx *cx,
+                                               struct json_object *args,
+                                               struct error **errp)
+{
+    const char *id = arg_str(args, "id");
+    int64_t ms = arg_int(args, "duration-ms", 0);
+    if (ms < 0 || ms > 10000) {
+        error_setf(errp, EINVAL, "Parameter 'duration-ms' must be from 0 to 10000");
+        return NULL;
+    }
+    struct export *e = server_find_export_id(cx->ctl->srv, id);
+    if (!e) {
+        error_setf(errp, ENOENT, "Export '%s' is not found", id);
+        return NULL;
+    }
+    uint64_t t0 = loop_now_ns();
+    export_quiesce_co(e, cx->co);
+    uint64_t drained = loop_now_ns() - t0;
+    unsigned inflight = e->inflight;
+    if (ms > 0) {
+        struct loop_sleep s;
+        loop_sleep_init(&s);
+        loop_sleep_co(cx->ctl->loop, &s, cx->co, (uint64_t)ms * 1000000u);
+    }
+    uint64_t stall = export_resume(e);
+    struct json_object *r = json_object_new_object();
+    json_object_object_add(r, "drain-ns", json_object_new_int64((int64_t)drained));
+    json_object_object_add(r, "stall-ns", json_object_new_int64((int64_t)stall));
+    json_object_object_add(r, "inflight-at-drain", json_object_new_int((int)inflight));
+    return r;
+}
+
+/* ---- jobs ---- */
+
+static struct job *find_job(struct ctl_cmd_ctx *cx, const char *id, bool block_cmd,
+                            struct error **errp)
+{
+    struct job *j = job_find(cx->ctl->jobs, id);
+    if (!j) {
+        if (block_cmd) {
+            cx->err_class = "DeviceNotActive";
+            error_setf(errp, ENOENT, "Block job '%s' not found", id);
+        } else {
+            error_setf(errp, ENOENT, "Job not found");
+        }
+    }
+    return j;
+}
+
+static struct json_object *cmd_query_jobs(struct ctl_cmd_ctx *cx,
+                                          struct json_object *args,
+                                          struct error **errp)
+{
+    struct json_object *r = json_object_new_array();
+    for (struct job *j = job_first(cx->ctl->jobs); j; j = job_next(j))
+        json_object_array_add(r, job_info_json(j));
+    return r;
+}
+
+static struct json_object *cmd_query_block_jobs(struct ctl_cmd_ctx *cx,
+                                                struct json_object *args,
+                                                struct error **errp)
+{
+    struct json_object *r = json_object_new_array();
+    for (struct job *j = job_first(cx->ctl->jobs); j; j = job_next(j))
+        json_object_array_add(r, block_job_info_json(j));
+    return r;
+}
+
+#define JOB_CMD(fname, key, block, call)                                     \
+    static struct json_object *fname(struct ctl_cmd_ctx *cx,                 \
+                                     struct json_object *args,               \
+                                     struct error **errp)                    \
+    {                                                                        \
+        struct job *job = find_job(cx, arg_str(args, key), block, errp);     \
+        if (!job || (call) < 0)                                              \
+            return NULL;                                                     \
+        return ret_empty();                                                  \
+    }
+
+JOB_CMD(cmd_block_job_set_speed, "device", true,
+        job_set_speed(job, arg_int(args, "speed", 0), errp))
+JOB_CMD(cmd_block_job_pause, "device", true, job_user_pause(job, errp))
+JOB_CMD(cmd_block_job_resume, "device", true, job_user_resume(job, errp))
+JOB_CMD(cmd_block_job_cancel, "device", true,
+        job_user_cancel(job, arg_bool(args, "force", false), errp))
+JOB_CMD(cmd_block_job_complete, "device", true, job_user_complete(job, errp))
+JOB_CMD(cmd_block_job_finalize, "id", true, job_user_finalize(job, errp))
+JOB_CMD(cmd_block_job_dismiss, "id", true, job_dismiss(job, errp))
+JOB_CMD(cmd_job_pause, "id", false, job_user_pause(job, errp))
+JOB_CMD(cmd_job_resume, "id", false, job_user_resume(job, errp))
+JOB_CMD(cmd_job_cancel, "id", false, job_user_cancel(job, true, errp))
+JOB_CMD(cmd_job_complete, "id", false, job_user_complete(job, errp))
+JOB_CMD(cmd_job_finalize, "id", false, job_user_finalize(job, errp))
+JOB_CMD(cmd_job_dismiss, "id", false, job_dismiss(job, errp))
+
+/* ---- the chain jobs (chain.h) ---- */
+
+/* The export a chain command acts on: by export id or by node name. */
+static struct export *job_target(struct ctl_cmd_ctx *cx, const char *device,
+                                 struct error **errp)
+{
+    struct export *e = server_find_export_id(cx->ctl->srv, device);
+    if (!e) {
+        struct blockdev *b = server_find_blockdev(cx->ctl->srv, device);
+        e = b ? b->export : NULL;
+    }
+    if (!e) {
+        cx->err_class = "DeviceNotFound";
+        error_setf(errp, ENOENT, "Cannot find device=%s nor node-name=%s", device, device);
+        return NULL;
+    }
+    if (job_find_by_device(cx->ctl->jobs, e->cfg.id) || e->bdev->chain_busy) {
+        error_setf(errp, EBUSY, "Node '%s' is busy: block device is in use by block job",
+                   e->bdev->node_name);
+        return NULL;
+    }
+    return e;
+}
+
+static struct json_object *cmd_blockdev_snapshot_sync(struct ctl_cmd_ctx *cx,
+                                                      struct json_object *args,
+                                                      struct error **errp)
+{
+    const char *dev = arg_str(args, "device");
+    const char *node = arg_str(args, "node-name");
+    if (!dev && !node) {
+        error_setf(errp, EINVAL, "Parameter 'device' or 'node-name' is required");
+        return NULL;
+    }
+    const char *mode = arg_str(args, "mode");
+    if (mode && strcmp(mode, "absolute-paths") && strcmp(mode, "existing")) {
+        error_setf(errp, EINVAL, "Parameter 'mode' does not accept value '%s'", mode);
+        return NULL;
+    }
+    if (mode && !strcmp(mode, "existing")) {
+        error_setf(errp, ENOTSUP, "mode 'existing' is not supported: strata "
+                   "creates the overlay itself (mode 'absolute-paths')");
+        return NULL;
+    }
+    const char *fmt = arg_str(args, "format");
+    if (fmt && strcmp(fmt, "qcow2")) {
+        error_setf(errp, EINVAL, "Parameter 'format' does not accept value '%s' "
+                   "(overlays are qcow2)", fmt);
+        return NULL;
+    }
+    const char *snode = arg_str(args, "snapshot-node-name");
+    if (snode && server_find_blockdev(cx->ctl->srv, snode)) {
+        error_setf(errp, EEXIST, "Duplicate nodes with node-name='%s'", snode);
+        return NULL;
+    }
+    struct export *e = job_target(cx, dev ? dev : node, errp);
+    if (!e)
+        return NULL;
+    struct snapshot_args sa = {
+        .file = arg_str(args, "snapshot-file"),
+        .relative_backing = arg_bool(args, "relative-backing", false),
+    };
+    struct snapshot_result res;
+    if (snapshot_sync_co(cx->ctl->srv, e, &sa, cx->co, &res, errp) < 0)
+        return NULL;
+    /* QEMU returns {}; the measured stall is a strata extension */
+    struct json_object *r = json_object_new_object();
+    json_object_object_add(r, "stall-ns", json_object_new_int64((int64_t)res.stall_ns));
+    json_object_object_add(r, "duration-ns", json_object_new_int64((int64_t)res.total_ns));
+    return r;
+}
+
+static struct json_object *cmd_block_commit(struct ctl_cmd_ctx *cx,
+                                            struct json_object *args,
+                                            struct error **errp)
+{
+    enum job_on_error oe = JOB_ON_ERROR_REPORT;
+    const char *s = arg_str(args, "on-error");
+    if (s && !job_on_error_parse(s, &oe)) {
+        error_setf(errp, EINVAL, "Parameter 'on-error' does not accept value '%s' "
+                   "(report, ignore, enospc, stop, auto)", s);
+        return NULL;
+    }
+    if (oe == JOB_ON_ERROR_AUTO)
+        oe = JOB_ON_ERROR_REPORT;
+    if (arg_int(args, "speed", 0) < 0) {
+        error_setf(errp, EINVAL, "Parameter 'speed' expects a non-negative value");
+        return NULL;
+    }
+    if ((arg_has(args, "base") && arg_has(args, "base-node")) ||
+        (arg_has(args, "top") && arg_has(args, "top-node"))) {
+        error_setf(errp, EINVAL, "'base' and 'base-node' (or 'top' and 'top-node') "
+                   "are mutually exclusive");
+        return NULL;
+    }
+    const char *jid = arg_str(args, "job-id");
+    if (jid && job_find(cx->ctl->jobs, jid)) {
+        error_setf(errp, EEXIST, "Job ID '%s' already in use", jid);
+        return NULL;
+    }
+    if (arg_has(args, "filter-node-name")) {
+        error_setf(errp, ENOTSUP, "Parameter 'filter-node-name' is not supported: "
+                   "strata inserts no filter node");
+        return NULL;
+    }
+    struct export *e = job_target(cx, arg_str(args, "device"), errp);
+    if (!e)
+        return NULL;
+    struct commit_args ca = {
+        .job_id = jid ? jid : arg_str(args, "device"),
+        .top = arg_str(args, "top"),
+        .top_node = arg_str(args, "top-node"),
+        .base = arg_str(args, "base"),
+        .base_node = arg_str(args, "base-node"),
+        .backing_file = arg_str(args, "backing-file"),
+        .opts = {
+            .speed = (uint64_t)arg_int(args, "speed", 0),
+            .on_error = oe,
+            .manual_finalize = !arg_bool(args, "auto-finalize", true),
+            .manual_dismiss = !arg_bool(args, "auto-dismiss", true),
+        },
+    };
+    if (!commit_start(cx->ctl->jobs, cx->ctl->srv, e, &ca, errp))
+        return NULL;
+    return ret_empty();
+}
+
+static void do_quit(struct ctl_cmd_ctx *cx)
+{
+    log_info("quit requested on the control socket");
+    server_shutdown(cx->ctl->srv);
+}
+
+static struct json_object *cmd_quit(struct ctl_cmd_ctx *cx, struct json_object *args,
+                                    struct error **errp)
+{
+    cx->after_reply = do_quit;
+    return ret_empty();
+}
+
+/* ---- the table ---- */
+
+static const struct ctl_arg no_args[] = {{NULL, 0, false}};
+
+static const struct ctl_cmd commands[] = {
+    {"qmp_capabilities", cmd_qmp_capabilities,
+     (const struct ctl_arg[]){{"enable", CTL_ARG_ARRAY, false}, {NULL, 0, false}}},
+    {"query-version", cmd_query_version, no_args},
+    {"query-commands", cmd_query_commands, no_args},
+    {"query-block-exports", cmd_query_block_exports, no_args},
+    {"query-named-block-nodes", cmd_query_named_block_nodes,
+     (const struct ctl_arg[]){{"flat", CTL_ARG_BOOL, false}, {NULL, 0, false}}},
+    {"blockdev-add", cmd_blockdev_add,
+     (const struct ctl_arg[]){{"driver", CTL_ARG_STR, true},
+                              {"node-name", CTL_ARG_STR, true},
+                              {"file", CTL_ARG_ANY, true},
+                              {"read-only", CTL_ARG_BOOL, false},
+                              {"cache", CTL_ARG_OBJ, false},
+                              {"backing", CTL_ARG_ANY, false},
+                              {"discard", CTL_ARG_STR, false},
+                              {"detect-zeroes", CTL_ARG_STR, false},
+                              {"auto-read-only", CTL_ARG_BOOL, false},
+                              {NULL, 0, false}}},
+    {"blockdev-del", cmd_blockdev_del,
+     (const struct ctl_arg[]){{"node-name", CTL_ARG_STR, true}, {NULL, 0, false}}},
+    {"block-export-add", cmd_block_export_add,
+     (const struct ctl_arg[]){{"type", CTL_ARG_STR, true},
+                              {"id", CTL_ARG_STR, true},
+                              {"node-name", CTL_ARG_STR, true},
+                              {"writable", CTL_ARG_BOOL, false},
+                              {"writethrough", CTL_ARG_BOOL, false},
+                              {"name", CTL_ARG_STR, false},
+                              {"description", CTL_ARG_STR, false},
+                              {"allocation-depth", CTL_ARG_BOOL, false},
+                              {NULL, 0, false}}},
+    {"block-export-del", cmd_block_export_del,
+     (const struct ctl_arg[]){{"id", CTL_ARG_STR, true},
+                              {"mode", CTL_ARG_STR, false},
+                              {NULL, 0, false}}},
+    {"blockdev-snapshot-sync", cmd_blockdev_snapshot_sync,
+     (const struct ctl_arg[]){{"device", CTL_ARG_STR, false},
+                              {"node-name", CTL_ARG_STR, false},
+                              {"snapshot-file", CTL_ARG_STR, true},
+                              {"snapshot-node-name", CTL_ARG_STR, false},
+                              {"format", CTL_ARG_STR, false},
+                              {"mode", CTL_ARG_STR, false},
+                              /* strata extension */
+                              {"relative-backing", CTL_ARG_BOOL, false},
+                              {NULL, 0, false}}},
+    {"block-commit", cmd_block_commit,
+     (const struct ctl_arg[]){{"job-id", CTL_ARG_STR, false},
+                              {"device", CTL_ARG_STR, true},
+                              {"base-node", CTL_ARG_STR, false},
+                              {"base", CTL_ARG_STR, false},
+                              {"top-node", CTL_ARG_STR, false},
+                              {"top", CTL_ARG_STR, false},
+                              {"backing-file", CTL_ARG_STR, false},
+                              {"backing-mask-protocol", CTL_ARG_BOOL, false},
+                              {"filter-node-name", CTL_ARG_STR, false},
+                              {"speed", CTL_ARG_INT, false},
+                              {"on-error", CTL_ARG_STR, false},
+                              {"auto-finalize", CTL_ARG_BOOL, false},
+                              {"auto-dismiss", CTL_ARG_BOOL, false},
+                              {NULL, 0, false}}},
+    {"query-jobs", cmd_query_jobs, no_args},
+    {"query-block-jobs", cmd_query_block_jobs, no_args},
+    {"block-job-set-speed", cmd_block_job_set_speed,
+     (const struct ctl_arg[]){{"device", CTL_ARG_STR, true},
+                              {"speed", CTL_ARG_INT, true},
+                              {NULL, 0, false}}},
+    {"block-job-pause", cmd_block_job_pause,
+     (const struct ctl_arg[]){{"device", CTL_ARG_STR, true}, {NULL, 0, false}}},
+    {"block-job-resume", cmd_block_job_resume,
+     (const struct ctl_arg[]){{"device", CTL_ARG_STR, true}, {NULL, 0, false}}},
+    {"block-job-cancel", cmd_block_job_cancel,
+     (const struct ctl_arg[]){{"device", CTL_ARG_STR, true},
+                              {"force", CTL_ARG_BOOL, false},
+                              {NULL, 0, false}}},
+    {"block-job-complete", cmd_block_job_complete,
+     (const struct ctl_arg[]){{"device", CTL_ARG_STR, true}, {NULL, 0, false}}},
+    {"block-job-finalize", cmd_block_job_finalize,
+     (const struct ctl_arg[]){{"id", CTL_ARG_STR, true}, {NULL, 0, false}}},
+    {"block-job-dismiss", cmd_block_job_dismiss,
+     (const struct ctl_arg[]){{"id", CTL_ARG_STR, true}, {NULL, 0, false}}},
+    {"job-pause", cmd_job_pause,
+     (const struct ctl_arg[]){{"id", CTL_ARG_STR, true}, {NULL, 0, false}}},
+    {"job-resume", cmd_job_resume,
+     (const struct ctl_arg[]){{"id", CTL_ARG_STR, true}, {NULL, 0, false}}},
+    {"job-cancel", cmd_job_cancel,
+     (const struct ctl_arg[]){{"id", CTL_ARG_STR, true}, {NULL, 0, false}}},
+    {"job-complete", cmd_job_complete,
+     (const struct ctl_arg[]){{"id", CTL_ARG_STR, true}, {NULL, 0, false}}},
+    {"job-finalize", cmd_job_finalize,
+     (const struct ctl_arg[]){{"id", CTL_ARG_STR, true}, {NULL, 0, false}}},
+    {"job-dismiss", cmd_job_dismiss,
+     (const struct ctl_arg[]){{"id", CTL_ARG_STR, true}, {NULL, 0, false}}},
+    {"x-debug-quiesce", cmd_x_debug_quiesce,
+     (const struct ctl_arg[]){{"id", CTL_ARG_STR, true},
+                              {"duration-ms", CTL_ARG_INT, false},
+                              {NULL, 0, false}}},
+    {"quit", cmd_quit, no_args},
+};
+
+const struct ctl_cmd *ctl_cmd_table(size_t *n)
+{
+    *n = sizeof(commands) / sizeof(commands[0]);
+    return commands;
+}
+
+const struct ctl_cmd *ctl_cmd_find(const char *name)
+{
+    for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++)
+        if (!strcmp(commands[i].name, name))
+            return &commands[i];
+    return NULL;
+}

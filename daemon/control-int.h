@@ -1,0 +1,142 @@
+/* strata — control socket internals shared by control.c (clients,
+ * framing, dispatch) and control-cmds.c (the command table). */
+#ifndef STRATA_CONTROL_INT_H
+#define STRATA_CONTROL_INT_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+
+#include "control.h"
+#include "loop.h"
+#include "strata-config.h"
+
+struct json_object;
+struct json_tokener;
+
+#define CTL_SEND_IOV 16
+#define CTL_RBUF_SIZE (64u << 10)
+
+struct ctl_out {
+    struct ctl_out *next;
+    size_t len;
+    char data[];
+};
+
+struct ctl_client {
+    struct control *ctl;
+    struct ctl_client *next, *prev;
+    uint64_t id;
+    int fd;
+    bool negotiated;           /* qmp_capabilities done: commands, events */
+    bool closing;              /* no more input; send what is queued, close */
+    bool dead;                 /* socket shut; freed once nothing pending */
+    bool cmd_running;          /* a command coroutine works for it */
+
+    struct json_tokener *tok;  /* incremental parser, one message at a time */
+    size_t msg_bytes;          /* bytes of the message being parsed */
+    char rbuf[CTL_RBUF_SIZE];
+    size_t rstart, rend;
+    struct loop_op recv_op;
+    bool recv_pending;
+
+    struct ctl_out *oq_head, *oq_tail;
+    size_t oq_off;             /* bytes of oq_head already sent */
+    size_t out_bytes;          /* queued, unsent (bounded: CONTROL_MAX_OUT) */
+    struct loop_op send_op;
+    bool send_pending;
+    struct msghdr msg;
+    struct iovec siov[CTL_SEND_IOV];
+
+    struct loop_hook kick;
+};
+
+struct control {
+    struct server *srv;
+    struct loop *loop;
+    struct state *state;           /* may be NULL */
+    struct job_engine *jobs;
+    char *path;
+    int fd;
+    struct loop_op accept_op;
+    bool accept_pending;
+    bool closed;                   /* shutting down */
+    uint64_t close_deadline_ns;
+    struct ctl_client *clients;
+    unsigned n_clients;
+    uint64_t next_client_id;
+    struct loop_timer timer;
+    struct server_shutdown_hook shutdown_hook;
+    struct server_change_hook change_hook;
+    /* Events that must follow the reply of the command that caused them
+     * (BLOCK_EXPORT_DELETED, as QEMU emits it from a bottom half): sent
+     * at the end of the loop iteration. */
+    struct ctl_event *deferred_head, *deferred_tail;
+    struct loop_hook deferred_hook;
+};
+
+struct ctl_event {
+    struct ctl_event *next;
+    char *name;
+    struct json_object *data;
+};
+
+/* The context of one command run. */
+struct ctl_cmd_ctx {
+    struct control *ctl;
+    struct ctl_client *client;
+    struct coro *co;               /* the command's coroutine */
+    const char *err_class;         /* QMP error class when failing */
+    /* runs after the reply was queued (quit: then shut down) */
+    void (*after_reply)(struct ctl_cmd_ctx *cx);
+};
+
+/* Argument types, checked before the handler runs. */
+enum ctl_arg_type {
+    CTL_ARG_STR,
+    CTL_ARG_BOOL,
+    CTL_ARG_INT,
+    CTL_ARG_OBJ,
+    CTL_ARG_ARRAY,
+    CTL_ARG_ANY,
+};
+
+struct ctl_arg {
+    const char *name;
+    enum ctl_arg_type type;
+    bool required;
+};
+
+/* Returns the "return" value (a new object; {} for none), or NULL with
+ * *errp set (and cx->err_class if not GenericError).  Runs in its own
+ * coroutine (cx->co) and may yield. */
+typedef struct json_object *ctl_cmd_fn(struct ctl_cmd_ctx *cx,
+                                       struct json_object *args,
+                                       struct error **errp);
+
+struct ctl_cmd {
+    const char *name;
+    ctl_cmd_fn *fn;
+    const struct ctl_arg *args;    /* terminated by a NULL name */
+};
+
+const struct ctl_cmd *ctl_cmd_find(const char *name);
+const struct ctl_cmd *ctl_cmd_table(size_t *n);
+
+/* Checks args (an object, or NULL = {}) against spec: every required
+ * member present, no unknown member, each of its type.  prefix is put
+ * before member names in messages ("file." for nested objects). */
+int ctl_args_check(struct json_object *args, const struct ctl_arg *spec,
+                   const char *prefix, struct error **errp);
+
+void ctl_client_send(struct ctl_client *cl, struct json_object *msg);
+void ctl_reply_return(struct ctl_client *cl, struct json_object *id,
+                      struct json_object *ret);
+void ctl_reply_error(struct ctl_client *cl, struct json_object *id,
+                     const char *cls, const char *desc);
+/* Broadcasts an event to every negotiated client; takes data. */
+void ctl_emit(struct control *ctl, const char *event, struct json_object *data);
+
+#endif

@@ -1,0 +1,244 @@
+/* strata — creating qcow2 images (overlays for external snapshots) and
+ * rewriting an image's backing link (after block-commit).
+ *
+ * A new image is version 3, 64 KiB clusters, 16-bit refcounts, laid out
+ * like qemu-img's: header (with the backing format extension and the
+ * backing name) in cluster 0, the refcount table in cluster 1, one
+ * refcount block in cluster 2, the L1 table from cluster 3.  It is written
+ * in one go and synced (with its directory) before anyone points at it.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "byteorder.h"
+#include "log.h"
+#include "qcow2.h"
+
+#define NEW_CLUSTER_BITS 16
+#define NEW_HEADER_LENGTH 112   /* v3 fields + compression type, padded */
+
+/* Header extension area after the fixed header: the backing format
+ * extension, then the end marker.  Returns the bytes written. */
+static size_t put_extensions(uint8_t *p, const char *backing_fmt)
+{
+    size_t n = 0;
+    if (backing_fmt) {
+        size_t len = strlen(backing_fmt);
+        be_put32(p, QCOW2_EXT_BACKING_FORMAT);
+        be_put32(p + 4, (uint32_t)len);
+        memcpy(p + 8, backing_fmt, len);
+        n = 8 + ((len + 7) & ~(size_t)7);
+    }
+    be_put32(p + n, QCOW2_EXT_END);
+    be_put32(p + n + 4, 0);
+    return n + 8;
+}
+
+static int fsync_dir_of(const char *path)
+{
+    const char *slash = strrchr(path, '/');
+    char *dir = slash ? strndup(path, (size_t)(slash - path) + 1) : strdup(".");
+    if (!dir)
+        return -ENOMEM;
+    int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    free(dir);
+    if (fd < 0)
+        return -errno;
+    int r = fsync(fd) < 0 ? -errno : 0;
+    close(fd);
+    return r;
+}
+
+int qcow2_create_co(struct loop *loop, struct coro *co, const char *path,
+                    uint64_t size, const char *backing_name,
+                    const char *backing_fmt, struct error **errp)
+{
+    const uint64_t cs = UINT64_C(1) << NEW_CLUSTER_BITS;
+    const uint64_t l2_entries = cs / 8;
+    if (size == 0 || size > QCOW2_MAX_SIZE)
+        return error_setf(errp, EINVAL, "%s: invalid virtual size %llu", path,
+                          (unsigned long long)size);
+    if (backing_name && strlen(backing_name) > QCOW2_MAX_BACKING_NAME)
+        return error_setf(errp, ENAMETOOLONG, "%s: backing file name longer "
+                          "than %u bytes", path, QCOW2_MAX_BACKING_NAME);
+    if (backing_fmt && (strlen(backing_fmt) == 0 ||
+                        strlen(backing_fmt) > QCOW2_MAX_FORMAT_NAME))
+        return error_setf(errp, EINVAL, "%s: invalid backing format '%s'",
+                          path, backing_fmt);
+    uint64_t l1_size = (size + cs * l2_entries - 1) / (cs * l2_entries);
+    uint64_t l1_clusters = (l1_size * 8 + cs - 1) / cs;
+    if (l1_size * 8 > QCOW2_MAX_L1_BYTES)
+        return error_setf(errp, EFBIG, "%s: virtual size too large", path);
+    uint64_t nclusters = 3 + l1_clusters;
+    uint64_t total = nclusters * cs;
+
+    uint8_t *img = NULL;
+    if (posix_memalign((void **)&img, 4096, total) != 0)
+        return error_setf(errp, ENOMEM, "out of memory");
+    memset(img, 0, total);
+
+    struct qcow2_header h;
+    memset(&h, 0, sizeof(h));
+    h.magic = QCOW2_MAGIC;
+    h.version = 3;
+    h.cluster_bits = NEW_CLUSTER_BITS;
+    h.size = size;
+    h.l1_size = (uint32_t)l1_size;
+    h.l1_table_offset = 3 * cs;
+    h.refcount_table_offset = cs;
+    h.refcount_table_clusters = 1;
+    h.refcount_order = 4;
+    h.header_length = NEW_HEADER_LENGTH;
+    h.compression_type = QCOW2_COMPRESSION_ZLIB;
+    size_t ext_len = put_extensions(img + NEW_HEADER_LENGTH, backing_fmt);
+    if (backing_name) {
+        h.backing_file_offset = NEW_HEADER_LENGTH + ext_len;
+        h.backing_file_size = (uint32_t)strlen(backing_name);
+        memcpy(img + h.backing_file_offset, backing_name,
+               h.backing_file_size);
+    }
+    qcow2_header_serialize(&h, img, cs);
+    be_put64(img + cs, 2 * cs);                  /* reftable[0] */
+    for (uint64_t c = 0; c < nclusters; c++)     /* refcount block */
+        qcow2_refcount_set(img + 2 * cs, 4, c, 1);
+
+    struct backend_open_opts bo = {.create = true};
+    struct backend *file = backend_open(loop, path, &bo, errp);
+    if (!file) {
+        free(img);
+        return -EEXIST;
+    }
+    int r = backend_pwrite_co(file, co, img, total, 0, 0);
+    if (r == 0)
+        r = backend_flush_co(file, co);
+    backend_close(file);
+    free(img);
+    if (r == 0)
+        r = fsync_dir_of(path);
+    if (r < 0) {
+        unlink(path);
+        return error_setf(errp, -r, "%s: writing the new image: %s", path,
+                          strerror(-r));
+    }
+    log_info("%s: created (qcow2, %llu bytes%s%s)", path,
+             (unsigned long long)size, backing_name ? ", backing " : "",
+             backing_name ? backing_name : "");
+    return 0;
+}
+
+int qcow2_set_backing_co(struct fmt_node *n, struct coro *co,
+                         const char *backing_name, const char *backing_fmt,
+                         struct error **errp)
+{
+    struct qcow2 *s = qcow2_of(n);
+    const uint64_t cs = qcow2_cs(s);
+    if (n->read_only)
+        return error_setf(errp, EROFS, "%s: read-only", n->filename);
+    if (strlen(backing_name) > QCOW2_MAX_BACKING_NAME ||
+        (backing_fmt && strlen(backing_fmt) > QCOW2_MAX_FORMAT_NAME))
+        return error_setf(errp, ENAMETOOLONG, "%s: backing name or format "
+                          "too long", n->filename);
+
+    /* Rebuild the area after the fixed header: the backing format
+     * extension, every other extension as it was, the end marker, the
+     * name.  It all lives in cluster 0, rewritten with one write. */
+    struct qcow2_extensions *ext = calloc(1, sizeof(*ext));
+    uint8_t *nh = qcow2_buf_alloc(s, cs);
+    if (!ext || !nh) {
+        free(ext);
+        free(nh);
+        return error_setf(errp, ENOMEM, "out of memory");
+    }
+    /* The header is built from s->hdr / s->h under s->lock: a write
+     * that grows the refcount table rewrites them (under the lock) while
+     * guest I/O goes on, and a copy taken before waiting for the lock
+     * would put the old refcount table offset back on disk. */
+    co_mutex_lock_co(&s->lock, co);
+    char err[256];
+    int r = qcow2_header_parse_extensions(s->hdr, cs, &s->h, ext, err,
+                                          sizeof(err));
+    if (r == 0 && ext->n_unknown > QCOW2_MAX_UNKNOWN_EXT)
+        r = -ENOTSUP;
+    if (r < 0) {
+        co_mutex_unlock(&s->lock, co);
+        free(ext);
+        free(nh);
+        return error_setf(errp, -r, "%s: cannot rewrite the header "
+                          "extensions: %s", n->filename,
+                          r == -ENOTSUP ? "too many unknown extensions" : err);
+    }
+    memset(nh, 0, cs);
+    memcpy(nh, s->hdr, s->h.header_length);
+    size_t pos = s->h.header_length;
+    if (backing_fmt) {
+        size_t len = strlen(backing_fmt);
+        be_put32(nh + pos, QCOW2_EXT_BACKING_FORMAT);
+        be_put32(nh + pos + 4, (uint32_t)len);
+        memcpy(nh + pos + 8, backing_fmt, len);
+        pos += 8 + ((len + 7) & ~(size_t)7);
+    }
+    /* Known extensions other than the backing format, copied verbatim. */
+    size_t p = ext->start;
+    while (p + 8 <= ext->end) {
+        uint32_t type = be_get32(s->hdr + p);
+        uint32_t len = be_get32(s->hdr + p + 4);
+        size_t total = 8 + (((size_t)len + 7) & ~(size_t)7);
+        if (type == QCOW2_EXT_END)
+            break;
+        if (type != QCOW2_EXT_BACKING_FORMAT) {
+            if (pos + total + 8 + strlen(backing_name) > cs) {
+                r = -ENOSPC;
+                break;
+            }
+            memcpy(nh + pos, s->hdr + p, total);
+            pos += total;
+        }
+        p += total;
+    }
+    size_t name_len = strlen(backing_name);
+    if (r == 0 && pos + 8 + name_len > cs)
+        r = -ENOSPC;
+    if (r < 0) {
+        co_mutex_unlock(&s->lock, co);
+        free(ext);
+        free(nh);
+        return error_setf(errp, ENOSPC, "%s: the new backing name does not "
+                          "fit in the header cluster", n->filename);
+    }
+    be_put32(nh + pos, QCOW2_EXT_END);
+    be_put32(nh + pos + 4, 0);
+    pos += 8;
+    struct qcow2_header h = s->h;
+    h.backing_file_offset = name_len ? pos : 0;
+    h.backing_file_size = (uint32_t)name_len;
+    memcpy(nh + pos, backing_name, name_len);
+    qcow2_header_serialize(&h, nh, cs);
+    free(ext);
+
+    /* Metadata first: nothing written before this may refer to it. */
+    r = backend_flush_co(n->file, co);
+    if (r == 0)
+        r = backend_pwrite_co(n->file, co, nh, cs, 0, 0);
+    if (r == 0)
+        r = backend_flush_co(n->file, co);
+    if (r == 0) {
+        memcpy(s->hdr, nh, cs);
+        s->h = h;
+        snprintf(s->backing_name, sizeof(s->backing_name), "%s",
+                 backing_name);
+        s->has_backing_name = name_len > 0;
+        snprintf(s->backing_format, sizeof(s->backing_format), "%s",
+                 backing_fmt ? backing_fmt : "");
+        s->has_backing_format = backing_fmt != NULL;
+    }
+    co_mutex_unlock(&s->lock, co);
+    free(nh);
+    if (r < 0)
+        return error_setf(errp, -r, "%s: writing the header: %s", n->filename,
+                          strerror(-r));
+    return 0;
+}

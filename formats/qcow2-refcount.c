@@ -1,0 +1,692 @@
+/* strata — qcow2 refcounts: lookups and updates through the refcount block
+ * cache, cluster allocation, and growth of the refcount structures.
+ *
+ * Everything here runs with the image lock held.
+ *
+ * A missing refcount block for a range of clusters means they are all
+ * free.  When one of them is needed, a new block is placed at the first
+ * cluster of its own range, so that it describes itself.  When the
+ * refcount table is full it is replaced by a larger one, placed together
+ * with the blocks that describe it right after the area the old table
+ * covers (all free by definition); the new structures are written and
+ * synced before the header points at them, and only then is the old table
+ * freed.  A crash at any point leaves the old or the new table in force,
+ * at worst with leaked clusters.
+ */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "byteorder.h"
+#include "log.h"
+#include "qcow2.h"
+
+#define REFTABLE_OFFSET_MASK UINT64_C(0xfffffffffffffe00)
+
+static uint64_t per_block(const struct qcow2 *s)
+{
+    return UINT64_C(1) << s->h.refcount_block_bits;
+}
+
+static uint64_t reftable_get(const struct qcow2 *s, uint64_t idx)
+{
+    return be_get64(s->reftable + idx * 8) & REFTABLE_OFFSET_MASK;
+}
+
+/* The refcount block of table index idx, pinned, or NULL (*ep) when the
+ * block does not exist. */
+static int block_get_co(struct qcow2 *s, struct coro *co, uint64_t idx,
+                        struct qcow2_cache_entry **ep)
+{
+    *ep = NULL;
+    if (idx >= s->reftable_entries)
+        return 0;
+    uint64_t off = reftable_get(s, idx);
+    if (off == 0)
+        return 0;
+    if (off & (qcow2_cs(s) - 1))
+        return qcow2_corrupt(s, "refcount block %llu at unaligned offset "
+                             "%#llx", (unsigned long long)idx,
+                             (unsigned long long)off);
+    if (off < qcow2_cs(s) || off >= s->node.file->size)
+        return qcow2_corrupt(s, "refcount block %llu at %#llx is outside "
+                             "the image file", (unsigned long long)idx,
+                             (unsigned long long)off);
+    return qcow2_cache_get_co(&s->rb_cache, co, off, false, ep);
+}
+
+int qcow2_refcount_get_co(struct qcow2 *s, struct coro *co, uint64_t cluster,
+                          uint64_t *rc)
+{
+    struct qcow2_cache_entry *e;
+    int r = block_get_co(s, co, cluster >> s->h.refcount_block_bits, &e);
+    if (r < 0)
+        return r;
+    if (!e) {
+        *rc = 0;
+        return 0;
+    }
+    *rc = qcow2_refcount_get(e->table, s->h.refcount_order,
+                             cluster & (per_block(s) - 1));
+    qcow2_cache_put(&s->rb_cache, e);
+    return 0;
+}
+
+/* Writes the bytes of the in-memory refcount table for entries
+ * [first, first + n). */
+static int reftable_write_co(struct qcow2 *s, struct coro *co, uint64_t first,
+                             uint64_t n)
+{
+    int r = qcow2_write_meta_co(s, co, s->reftable,
+                                s->h.refcount_table_offset,
+                                (uint64_t)s->h.refcount_table_clusters *
+                                    qcow2_cs(s),
+                                first * 8, n * 8);
+    /* Whatever L2 entry comes next must find this on disk first. */
+    s->rb_cache.write_gen++;
+    return r;
+}
+
+/* Replaces the refcount table by one with at least min_entries entries
+ * that also covers the clusters it and its new blocks occupy. */
+static int grow_reftable_co(struct qcow2 *s, struct coro *co,
+                            uint64_t min_entries)
+{
+    const uint64_t cs = qcow2_cs(s);
+    const uint64_t per = per_block(s);
+    const uint64_t epc = cs / 8;
+    const uint64_t old = s->reftable_entries;
+    const uint64_t area = old * per; /* first cluster nothing describes */
+    uint64_t tclusters = 0, blocks = 0, entries = 0;
+
+    for (int round = 0;; round++) {
+        uint64_t end = area + tclusters + blocks;
+        uint64_t need = (end + per - 1) / per;
+        if (need < min_entries)
+            need = min_entries;
+        if (need < old + 1)
+            need = old + 1;
+        /* Room to grow: half as much again, in whole clusters. */
+        uint64_t want = need + need / 2;
+        want = (want + epc - 1) / epc * epc;
+        if (want < entries)
+            want = entries;
+        uint64_t nb = end > area ? (end + per - 1) / per - old : 0;
+        if (want == entries && want / epc == tclusters && nb == blocks)
+            break;
+        entries = want;
+        tclusters = want / epc;
+        if (nb > blocks)
+            blocks = nb;
+        if (round > 64)
+            return qcow2_corrupt(s, "refcount table growth does not "
+                                 "converge");
+    }
+    if (entries * 8 > QCOW2_MAX_REFTABLE_BYTES) {
+        log_error("%s: the refcount table would exceed %llu bytes",
+                  s->node.filename,
+                  (unsigned long long)QCOW2_MAX_REFTABLE_BYTES);
+        return -EFBIG;
+    }
+    if ((area + tclusters + blocks) * cs >> 56) /* L2 offsets end at bit 55 */
+        return -EFBIG;
+
+    uint8_t *table = qcow2_buf_alloc(s, tclusters * cs);
+    uint8_t *bl = qcow2_buf_alloc(s, blocks * cs);
+    if (!table || !bl) {
+        free(table);
+        free(bl);
+        return -ENOMEM;
+    }
+    memset(table, 0, tclusters * cs);
+    memset(bl, 0, blocks * cs);
+    memcpy(table, s->reftable, old * 8);
+    for (uint64_t j = 0; j < blocks; j++)
+        be_put64(table + (old + j) * 8, (area + tclusters + j) * cs);
+    for (uint64_t x = area; x < area + tclusters + blocks; x++) {
+        uint64_t j = x / per - old;
+        qcow2_refcount_set(bl + j * cs, s->h.refcount_order, x % per, 1);
+    }
+
+    int r = backend_pwrite_co(s->node.file, co, bl, blocks * cs,
+                              (area + tclusters) * cs, 0);
+    if (r == 0)
+        r = backend_pwrite_co(s->node.file, co, table, tclusters * cs,
+                              area * cs, 0);
+    if (r == 0)
+        r = backend_flush_co(s->node.file, co);
+    free(bl);
+    if (r < 0) {
+        free(table);
+        return r;
+    }
+
+    /* Switch the header over (one aligned write), make it durable. */
+    uint64_t old_off = s->h.refcount_table_offset;
+    uint64_t old_clusters = s->h.refcount_table_clusters;
+    s->h.refcount_table_offset = area * cs;
+    s->h.refcount_table_clusters = (uint32_t)tclusters;
+    qcow2_header_serialize(&s->h, s->hdr, cs);
+    r = qcow2_write_meta_co(s, co, s->hdr, 0, cs, 0,
+                            qcow2_header_serialized_size(&s->h));
+    if (r == 0)
+        r = backend_flush_co(s->node.file, co);
+    if (r < 0) {
+        /* Unknown whether the header reached the disk: keep using the new
+         * table in memory (it is valid either way) but stop writing. */
+        s->broken = true;
+        s->h.refcount_table_offset = old_off;
+        s->h.refcount_table_clusters = (uint32_t)old_clusters;
+        free(table);
+        return r;
+    }
+    free(s->reftable);
+    s->reftable = table;
+    s->reftable_entries = entries;
+    s->rb_cache.synced_gen = s->rb_cache.write_gen;
+    log_debug("%s: refcount table grown to %llu entries at %#llx",
+              s->node.filename, (unsigned long long)entries,
+              (unsigned long long)(area * cs));
+    return qcow2_refcount_update_co(s, co, old_off, old_clusters * cs, -1);
+}
+
+/* Makes sure refcount block idx exists.  Returns 1 if it had to be created
+ * (clusters were used for it), 0 if it was there, or -errno. */
+static int ensure_block_co(struct qcow2 *s, struct coro *co, uint64_t idx)
+{
+    bool changed = false;
+    if (idx >= s->reftable_entries) {
+        int r = grow_reftable_co(s, co, idx + 1);
+        if (r < 0)
+            return r;
+        changed = true;
+    }
+    if (reftable_get(s, idx) != 0)
+        return changed;
+
+    const uint64_t cs = qcow2_cs(s);
+    uint64_t x0 = idx * per_block(s);
+    if (x0 == 0)
+        return qcow2_corrupt(s, "no refcount block for the header cluster");
+    struct qcow2_cache_entry *e;
+    int r = qcow2_cache_get_co(&s->rb_cache, co, x0 * cs, true, &e);
+    if (r < 0)
+        return r;
+    qcow2_refcount_set(e->table, s->h.refcount_order, 0, 1);
+    qcow2_cache_mark_dirty(&s->rb_cache, e);
+    r = qcow2_cache_write_now_co(&s->rb_cache, co, e);
+    qcow2_cache_put(&s->rb_cache, e);
+    if (r == 0)
+        r = backend_flush_co(s->node.file, co);
+    if (r < 0)
+        return r;
+    be_put64(s->reftable + idx * 8, x0 * cs);
+    r = reftable_write_co(s, co, idx, 1);
+    if (r < 0) {
+        be_put64(s->reftable + idx * 8, 0);
+        return r;
+    }
+    if (s->free_cluster_index == x0)
+        s->free_cluster_index = x0 + 1;
+    return 1;
+}
+
+int qcow2_refcount_update_co(struct qcow2 *s, struct coro *co, uint64_t off,
+                             uint64_t len, int addend)
+{
+    if (len == 0)
+        return 0;
+    const unsigned cb = s->h.cluster_bits;
+    const uint64_t max = qcow2_refcount_max(s->h.refcount_order);
+    uint64_t first = off >> cb, last = (off + len - 1) >> cb;
+    struct qcow2_cache_entry *e = NULL;
+    uint64_t e_idx = UINT64_MAX;
+    int r = 0;
+
+    for (uint64_t c = first; c <= last; c++) {
+        uint64_t idx = c >> s->h.refcount_block_bits;
+        if (idx != e_idx) {
+            if (e)
+                qcow2_cache_put(&s->rb_cache, e);
+            e = NULL;
+            e_idx = UINT64_MAX;
+            if (addend > 0) {
+                r = ensure_block_co(s, co, idx);
+                if (r < 0)
+                    break;
+            }
+            r = block_get_co(s, co, idx, &e);
+            if (r < 0)
+                break;
+            if (!e) {
+                r = qcow2_corrupt(s, "freeing cluster %#llx that has no "
+                                  "refcount block",
+                                  (unsigned long long)(c << cb));
+                break;
+            }
+            e_idx = idx;
+        }
+        uint64_t i = c & (per_block(s) - 1);
+        uint64_t v = qcow2_refcount_get(e->table, s->h.refcount_order, i);
+        if ((addend < 0 && v == 0) || (addend > 0 && v == max)) {
+            r = qcow2_corrupt(s, "refcount of cluster %#llx would %s",
+                              (unsigned long long)(c << cb),
+                              addend < 0 ? "drop below zero" : "overflow");
+            break;
+        }
+        v = addend < 0 ? v - 1 : v + 1;
+        qcow2_refcount_set(e->table, s->h.refcount_order, i, v);
+        qcow2_cache_mark_dirty(&s->rb_cache, e);
+        if (v == 0 && c < s->free_cluster_index)
+            s->free_cluster_index = c;
+    }
+    if (e)
+        qcow2_cache_put(&s->rb_cache, e);
+    return r < 0 ? r : 0;
+}
+
+/* Finds a run of free, not busy clusters from the hint: at most want of
+ * them, exactly want with exact. */
+static int find_free_co(struct qcow2 *s, struct coro *co, uint64_t want,
+                        bool exact, uint64_t *start, uint64_t *got)
+{
+    const uint64_t cs = qcow2_cs(s);
+    uint64_t c = s->free_cluster_index;
+    uint64_t first_busy = UINT64_MAX;
+    for (;;) {
+        uint64_t rc;
+        int r = qcow2_refcount_get_co(s, co, c, &rc);
+        if (r < 0)
+            return r;
+        if (rc != 0 || qcow2_busy_overlaps(s, c * cs, cs)) {
+            if (rc == 0 && first_busy == UINT64_MAX)
+                first_busy = c;
+            c++;
+            continue;
+        }
+        uint64_t n = 1;
+        while (n < want) {
+            r = qcow2_refcount_get_co(s, co, c + n, &rc);
+            if (r < 0)
+                return r;
+            if (rc != 0 || qcow2_busy_overlaps(s, (c + n) * cs, cs))
+                break;
+            n++;
+        }
+        if (exact && n < want) {
+            if (first_busy == UINT64_MAX)
+                first_busy = c; /* free, only too short a run */
+            c += n;
+            continue;
+        }
+        if (((c + n) * cs) >> 56)
+            return -ENOSPC;
+        *start = c;
+        *got = n;
+        /* Below the run, only used clusters and those skipped. */
+        s->free_cluster_index = first_busy != UINT64_MAX ? first_busy : c;
+        return 0;
+    }
+}
+
+static int alloc_co(struct qcow2 *s, struct coro *co, uint64_t want,
+                    bool exact, uint64_t *host, uint64_t *got)
+{
+    const uint64_t cs = qcow2_cs(s);
+    for (int tries = 0; tries < 64; tries++) {
+        uint64_t start, n;
+        int r = find_free_co(s, co, want, exact, &start, &n);
+        if (r < 0)
+            return r;
+        /* The blocks that will count the run must exist; creating one
+         * takes a cluster, so search again if anything changed. */
+        bool changed = false;
+        uint64_t b0 = start >> s->h.refcount_block_bits;
+        uint64_t b1 = (start + n - 1) >> s->h.refcount_block_bits;
+        for (uint64_t b = b0; b <= b1; b++) {
+            r = ensure_block_co(s, co, b);
+            if (r < 0)
+                return r;
+            if (r > 0)
+                changed = true;
+        }
+        if (changed)
+            continue;
+        r = qcow2_refcount_update_co(s, co, start * cs, n * cs, +1);
+        if (r < 0)
+            return r;
+        if (s->free_cluster_index == start)
+            s->free_cluster_index = start + n;
+        *host = start * cs;
+        *got = n;
+        return 0;
+    }
+    return qcow2_corrupt(s, "cluster allocation does not converge");
+}
+
+int qcow2_alloc_clusters_co(struct qcow2 *s, struct coro *co, uint64_t want,
+                            uint64_t *host, uint64_t *got)
+{
+    return alloc_co(s, co, want, false, host, got);
+}
+
+int qcow2_alloc_exact_co(struct qcow2 *s, struct coro *co, uint64_t n,
+                         uint64_t *host)
+{
+    uint64_t got;
+    return alloc_co(s, co, n, true, host, &got);
+}
+
+int qcow2_free_entry_co(struct qcow2 *s, struct coro *co,
+                        const struct qcow2_l2_entry *e)
+{
+    switch (e->type) {
+    case QCOW2_CLUSTER_COMPRESSED:
+        return qcow2_refcount_update_co(s, co, e->host_offset & ~UINT64_C(511),
+                                        (uint64_t)e->nb_sectors * 512, -1);
+    case QCOW2_CLUSTER_NORMAL:
+    case QCOW2_CLUSTER_ZERO_ALLOC:
+    case QCOW2_CLUSTER_UNALLOCATED_ALLOC:
+        if (e->host_offset)
+            return qcow2_refcount_update_co(s, co, e->host_offset,
+                                            qcow2_cs(s), -1);
+        return 0;
+    default:
+        return 0;
+    }
+}
+
+/* ---- rebuilding refcounts (dirty image) ---- */
+
+/* Reference counts gathered by walking all metadata. */
+struct recount {
+    struct qcow2 *s;
+    struct coro *co;
+    struct error **errp;
+    uint32_t *counts;
+    uint64_t nclusters;
+    uint8_t *l2buf;
+};
+
+static int recount_range(struct recount *rc, uint64_t off, uint64_t len,
+                         const char *what)
+{
+    if (len == 0)
+        return 0;
+    const unsigned cb = rc->s->h.cluster_bits;
+    uint64_t first = off >> cb, last = (off + len - 1) >> cb;
+    if (last >= rc->nclusters)
+        return error_setf(rc->errp, EINVAL, "%s: %s at %#llx reaches past "
+                          "the end of the file", rc->s->node.filename, what,
+                          (unsigned long long)off);
+    for (uint64_t c = first; c <= last; c++) {
+        if (rc->counts[c] == UINT32_MAX)
+            return error_setf(rc->errp, EINVAL, "%s: cluster %#llx has too "
+                              "many references", rc->s->node.filename,
+                              (unsigned long long)(c << cb));
+        rc->counts[c]++;
+    }
+    return 0;
+}
+
+/* Counts one L1 table (active or a snapshot's): its L2 tables and every
+ * cluster they reference. */
+static int recount_l1(struct recount *rc, uint64_t l1_off, uint32_t l1_size)
+{
+    struct qcow2 *s = rc->s;
+    const uint64_t cs = qcow2_cs(s);
+    if (l1_size == 0)
+        return 0;
+    if ((uint64_t)l1_size * 8 > QCOW2_MAX_L1_BYTES || (l1_off & (cs - 1)))
+        return error_setf(rc->errp, EINVAL, "%s: invalid L1 table at %#llx",
+                          s->node.filename, (unsigned long long)l1_off);
+    int r = recount_range(rc, l1_off, (uint64_t)l1_size * 8, "an L1 table");
+    if (r < 0)
+        return r;
+    uint64_t a = s->io_align;
+    uint64_t l1len = ((uint64_t)l1_size * 8 + a - 1) & ~(a - 1);
+    uint8_t *l1 = qcow2_buf_alloc(s, l1len);
+    if (!l1)
+        return error_setf(rc->errp, ENOMEM, "out of memory");
+    r = backend_pread_co(s->node.file, rc->co, l1, l1len, l1_off);
+    for (uint32_t i = 0; r == 0 && i < l1_size; i++) {
+        struct qcow2_l1_entry l1e;
+        if (qcow2_l1_entry_decode(&s->h, be_get64(l1 + (uint64_t)i * 8),
+                                  &l1e) < 0) {
+            r = error_setf(rc->errp, EINVAL, "%s: unaligned L2 table offset "
+                           "in L1 entry %u", s->node.filename, i);
+            break;
+        }
+        if (!l1e.l2_offset)
+            continue;
+        r = recount_range(rc, l1e.l2_offset, cs, "an L2 table");
+        if (r == 0)
+            r = backend_pread_co(s->node.file, rc->co, rc->l2buf, cs,
+                                 l1e.l2_offset);
+        for (uint32_t j = 0; r == 0 && j < s->h.l2_entries; j++) {
+            uint64_t raw, bitmap;
+            struct qcow2_l2_entry e;
+            qcow2_l2_read(s, rc->l2buf, j, &raw, &bitmap);
+            if (qcow2_l2_entry_decode(&s->h, raw, bitmap, &e) < 0) {
+                r = error_setf(rc->errp, EINVAL, "%s: invalid L2 entry %#llx",
+                               s->node.filename, (unsigned long long)raw);
+                break;
+            }
+            if (e.type == QCOW2_CLUSTER_COMPRESSED)
+                r = recount_range(rc, e.host_offset & ~UINT64_C(511),
+                                  (uint64_t)e.nb_sectors * 512,
+                                  "a compressed cluster");
+            else if (e.host_offset)
+                r = recount_range(rc, e.host_offset, cs, "a data cluster");
+        }
+    }
+    free(l1);
+    if (r < 0 && !*rc->errp)
+        error_setf(rc->errp, -r, "%s: reading metadata: %s", s->node.filename,
+                   strerror(-r));
+    return r;
+}
+
+/* Reads len bytes at off into a new buffer (rounded to the alignment). */
+static uint8_t *read_meta(struct recount *rc, uint64_t off, uint64_t len)
+{
+    uint64_t a = rc->s->io_align;
+    uint64_t rl = (len + a - 1) & ~(a - 1);
+    uint8_t *buf = qcow2_buf_alloc(rc->s, rl ? rl : a);
+    if (!buf) {
+        error_setf(rc->errp, ENOMEM, "out of memory");
+        return NULL;
+    }
+    int r = backend_pread_co(rc->s->node.file, rc->co, buf, rl, off);
+    if (r < 0) {
+        error_setf(rc->errp, -r, "%s: reading metadata: %s",
+                   rc->s->node.filename, strerror(-r));
+        free(buf);
+        return NULL;
+    }
+    return buf;
+}
+
+static int recount_snapshots(struct recount *rc)
+{
+    struct qcow2 *s = rc->s;
+    uint32_t n = s->h.nb_snapshots;
+    if (n == 0)
+        return 0;
+    /* The table's size is only known by walking it; headers are small. */
+    uint64_t cap = (uint64_t)n * 1024 + 4096;
+    uint64_t avail = s->node.file->size - s->h.snapshots_offset;
+    if (cap > avail)
+        cap = avail;
+    uint8_t *t = read_meta(rc, s->h.snapshots_offset, cap);
+    if (!t)
+        return -EIO;
+    uint64_t pos = 0;
+    int r = 0;
+    for (uint32_t i = 0; i < n && r == 0; i++) {
+        if (pos + 40 > cap) {
+            r = error_setf(rc->errp, EINVAL, "%s: snapshot table truncated",
+                           s->node.filename);
+            break;
+        }
+        uint64_t l1_off = be_get64(t + pos);
+        uint32_t l1_size = be_get32(t + pos + 8);
+        uint16_t id_len = be_get16(t + pos + 12);
+        uint16_t name_len = be_get16(t + pos + 14);
+        uint32_t extra = be_get32(t + pos + 36);
+        uint64_t len = 40 + (uint64_t)extra + id_len + name_len;
+        len = (len + 7) & ~UINT64_C(7);
+        if (extra > 1024 || pos + len > cap) {
+            r = error_setf(rc->errp, EINVAL, "%s: malformed snapshot table",
+                           s->node.filename);
+            break;
+        }
+        r = recount_l1(rc, l1_off, l1_size);
+        pos += len;
+    }
+    if (r == 0)
+        r = recount_range(rc, s->h.snapshots_offset, pos, "the snapshot table");
+    free(t);
+    return r;
+}
+
+static int recount_bitmaps(struct recount *rc,
+                           const struct qcow2_extensions *ext)
+{
+    struct qcow2 *s = rc->s;
+    if (!ext->has_bitmaps || !ext->bitmaps_consistent)
+        return 0;
+    uint64_t size = ext->bitmap_directory_size;
+    uint8_t *dir = read_meta(rc, ext->bitmap_directory_offset, size);
+    if (!dir)
+        return -EIO;
+    int r = recount_range(rc, ext->bitmap_directory_offset, size,
+                          "the bitmap directory");
+    uint64_t pos = 0;
+    for (uint32_t i = 0; r == 0 && i < ext->nb_bitmaps; i++) {
+        if (pos + 24 > size) {
+            r = error_setf(rc->errp, EINVAL, "%s: malformed bitmap directory",
+                           s->node.filename);
+            break;
+        }
+        uint64_t toff = be_get64(dir + pos);
+        uint32_t tsize = be_get32(dir + pos + 8);
+        uint16_t name_size = be_get16(dir + pos + 18);
+        uint32_t extra = be_get32(dir + pos + 20);
+        uint64_t esize = (24 + (uint64_t)extra + name_size + 7) &
+                         ~UINT64_C(7);
+        if (pos + esize > size || (uint64_t)tsize * 8 > (UINT64_C(64) << 20)) {
+            r = error_setf(rc->errp, EINVAL, "%s: malformed bitmap directory",
+                           s->node.filename);
+            break;
+        }
+        r = recount_range(rc, toff, (uint64_t)tsize * 8, "a bitmap table");
+        uint8_t *tbl = r == 0 && tsize ? read_meta(rc, toff,
+                                                   (uint64_t)tsize * 8)
+                                       : NULL;
+        if (r == 0 && tsize && !tbl)
+            r = -EIO;
+        for (uint32_t j = 0; r == 0 && j < tsize; j++) {
+            uint64_t e = be_get64(tbl + (uint64_t)j * 8) &
+                         UINT64_C(0x00fffffffffffe00);
+            if (e)
+                r = recount_range(rc, e, qcow2_cs(s), "a bitmap cluster");
+        }
+        free(tbl);
+        pos += esize;
+    }
+    free(dir);
+    return r;
+}
+
+int qcow2_rebuild_refcounts_co(struct qcow2 *s, struct coro *co,
+                               const struct qcow2_extensions *ext,
+                               struct error **errp)
+{
+    const uint64_t cs = qcow2_cs(s);
+    struct recount rc = {.s = s, .co = co, .errp = errp};
+    rc.nclusters = (s->node.file->size + cs - 1) / cs;
+    if (rc.nclusters > (UINT64_C(1) << 28))
+        return error_setf(errp, EFBIG, "%s: the image is marked dirty and "
+                          "too large to rebuild its refcounts here; repair "
+                          "it with 'qemu-img check -r all'", s->node.filename);
+    log_warn("%s: the image is marked dirty (not closed cleanly with lazy "
+             "refcounts): rebuilding its refcounts", s->node.filename);
+    rc.counts = calloc(rc.nclusters ? rc.nclusters : 1, sizeof(uint32_t));
+    rc.l2buf = qcow2_buf_alloc(s, cs);
+    int r = 0;
+    if (!rc.counts || !rc.l2buf)
+        r = error_setf(errp, ENOMEM, "out of memory");
+    if (r == 0)
+        r = recount_range(&rc, 0, cs, "the header");
+    if (r == 0)
+        r = recount_l1(&rc, s->h.l1_table_offset, s->h.l1_size);
+    if (r == 0)
+        r = recount_range(&rc, s->h.refcount_table_offset,
+                          (uint64_t)s->h.refcount_table_clusters * cs,
+                          "the refcount table");
+    for (uint64_t i = 0; r == 0 && i < s->reftable_entries; i++) {
+        uint64_t off = reftable_get(s, i);
+        if (off)
+            r = recount_range(&rc, off, cs, "a refcount block");
+    }
+    if (r == 0)
+        r = recount_snapshots(&rc);
+    if (r == 0)
+        r = recount_bitmaps(&rc, ext);
+
+    /* Every counted cluster must have a refcount block; then fix the
+     * values that differ. */
+    const uint64_t per = per_block(s);
+    const uint64_t max = qcow2_refcount_max(s->h.refcount_order);
+    uint64_t fixed = 0;
+    for (uint64_t c = 0; r == 0 && c < rc.nclusters; c++) {
+        uint64_t idx = c / per;
+        if (rc.counts[c] && (idx >= s->reftable_entries ||
+                             reftable_get(s, idx) == 0))
+            r = error_setf(errp, EINVAL, "%s: cluster %#llx is in use but "
+                           "has no refcount block; repair the image with "
+                           "'qemu-img check -r all'", s->node.filename,
+                           (unsigned long long)(c * cs));
+        if (rc.counts[c] > max)
+            r = error_setf(errp, EINVAL, "%s: cluster %#llx has more "
+                           "references than its refcount can hold",
+                           s->node.filename, (unsigned long long)(c * cs));
+    }
+    for (uint64_t idx = 0; r == 0 && idx < s->reftable_entries; idx++) {
+        if (!reftable_get(s, idx))
+            continue;
+        struct qcow2_cache_entry *e;
+        r = block_get_co(s, co, idx, &e);
+        if (r < 0) {
+            error_setf(errp, -r, "%s: reading a refcount block: %s",
+                       s->node.filename, strerror(-r));
+            break;
+        }
+        for (uint64_t j = 0; j < per; j++) {
+            uint64_t c = idx * per + j;
+            uint64_t want = c < rc.nclusters ? rc.counts[c] : 0;
+            if (qcow2_refcount_get(e->table, s->h.refcount_order, j) != want) {
+                qcow2_refcount_set(e->table, s->h.refcount_order, j, want);
+                qcow2_cache_mark_dirty(&s->rb_cache, e);
+                fixed++;
+            }
+        }
+        qcow2_cache_put(&s->rb_cache, e);
+    }
+    if (r == 0) {
+        r = qcow2_cache_flush_co(&s->rb_cache, co);
+        if (r == 0)
+            r = backend_flush_co(s->node.file, co);
+        if (r < 0)
+            error_setf(errp, -r, "%s: writing refcounts: %s",
+                       s->node.filename, strerror(-r));
+    }
+    if (r == 0)
+        log_warn("%s: refcounts rebuilt (%llu corrected)", s->node.filename,
+                 (unsigned long long)fixed);
+    free(rc.counts);
+    free(rc.l2buf);
+    s->free_cluster_index = 0;
+    return r < 0 ? r : 0;
+}

@@ -1,0 +1,229 @@
+/* strata — the qcow2 format driver: internal interfaces shared by its parts.
+ *
+ * The driver is split by concern:
+ *   qcow2-header.c    pure parsing/serialising of the header and entries
+ *   qcow2-cache.c     bounded LRU cache of metadata tables (L2, refcount)
+ *   qcow2-refcount.c  refcounts, cluster allocation, refcount table growth,
+ *                     refcount rebuild of a dirty image
+ *   qcow2-map.c       cluster map: L1/L2 lookup, L2 allocation and update
+ *   qcow2-compress.c  zlib and zstd decompression of compressed clusters
+ *   qcow2.c           open/close, read, write (allocation and COW), zero,
+ *                     discard, flush, block status
+ *
+ * Locking (one loop thread, cooperative coroutines): s->lock is held while
+ * metadata is looked up or changed — the caches, the L1 table, the
+ * refcount table, the in-flight lists.  It is never held across guest data
+ * I/O.  An allocating write registers its guest clusters in s->allocs
+ * before dropping the lock; any request that would change the mapping of
+ * those clusters waits for it and retries.  Host ranges with data I/O in
+ * flight are registered in s->busy, and the allocator never hands out a
+ * busy cluster, so a cluster freed by a concurrent discard cannot be
+ * reused while a stale read or write still targets it.
+ *
+ * Durability order (crash safety):
+ *   refcount block (+fsync)  before  the L2 entry that points at the cluster
+ *   new L2 table (+fsync)    before  the L1 entry that points at it
+ *   new refcount block/table (+fsync) before the table/header pointing at it
+ * enforced by the cache dependency (L2 cache -> refcount cache) and by
+ * write-through of the L1 table, the refcount table and the header.
+ */
+#ifndef STRATA_QCOW2_H
+#define STRATA_QCOW2_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "coro.h"
+#include "format.h"
+#include "qcow2-header.h"
+
+struct qcow2;
+
+/* ---------------- metadata cache ---------------- */
+
+struct qcow2_cache_entry {
+    uint64_t offset;              /* host offset of the table; 0 = unused */
+    uint8_t *table;               /* cluster_size bytes, on-disk format */
+    unsigned pins;
+    bool dirty;
+    int hash_next;                /* chain in the hash buckets, -1 = end */
+    struct qcow2_cache_entry *lru_prev, *lru_next;
+};
+
+struct qcow2_cache {
+    struct qcow2 *s;
+    const char *what;             /* "L2 table", "refcount block" */
+    unsigned n;                   /* entries */
+    struct qcow2_cache_entry *e;
+    int *buckets;                 /* hash of offset -> entry index */
+    unsigned nbuckets;            /* power of two */
+    struct qcow2_cache_entry *lru_head, *lru_tail; /* head = most recent */
+    struct qcow2_cache *depends;  /* flushed (+fsync) before any write here */
+    uint64_t write_gen;           /* bumped for each table written */
+    uint64_t synced_gen;          /* write_gen covered by the last fsync */
+    uint64_t hits, misses;
+};
+
+int qcow2_cache_init(struct qcow2_cache *c, struct qcow2 *s, const char *what,
+                     unsigned entries);
+void qcow2_cache_destroy(struct qcow2_cache *c);
+/* Pins the table at host offset off and returns it.  With fresh, the
+ * table is not read but zero-filled (a newly allocated cluster). */
+int qcow2_cache_get_co(struct qcow2_cache *c, struct coro *co, uint64_t off,
+                       bool fresh, struct qcow2_cache_entry **ep);
+void qcow2_cache_put(struct qcow2_cache *c, struct qcow2_cache_entry *e);
+void qcow2_cache_mark_dirty(struct qcow2_cache *c, struct qcow2_cache_entry *e);
+/* Writes back every dirty table (after the dependency). */
+int qcow2_cache_flush_co(struct qcow2_cache *c, struct coro *co);
+/* Writes back one pinned table now (after the dependency). */
+int qcow2_cache_write_now_co(struct qcow2_cache *c, struct coro *co,
+                             struct qcow2_cache_entry *e);
+bool qcow2_cache_has_dirty(const struct qcow2_cache *c);
+/* Forgets a pinned table (pinned once) without writing it: the cluster is
+ * being freed after a failed allocation. */
+void qcow2_cache_drop(struct qcow2_cache *c, struct qcow2_cache_entry *e);
+
+/* ---------------- in-flight lists ---------------- */
+
+struct qcow2_alloc {               /* an allocating write in progress */
+    uint64_t gstart, gend;         /* guest bytes, cluster-aligned */
+    struct co_queue waiters;
+    struct qcow2_alloc *next, *prev;
+};
+
+struct qcow2_busy {                /* data I/O in flight on host bytes */
+    uint64_t hstart, hend;
+    struct qcow2_busy *next, *prev;
+};
+
+/* ---------------- the image ---------------- */
+
+struct qcow2 {
+    struct fmt_node node;          /* first member: node <-> image */
+    struct qcow2_header h;
+    uint8_t *hdr;                  /* first cluster as on disk */
+
+    uint8_t *l1;                   /* active L1, on-disk format, rounded up
+                                      to whole clusters */
+    uint64_t l1_bytes;             /* allocated bytes of s->l1 */
+    uint8_t *reftable;             /* refcount table, on-disk format */
+    uint64_t reftable_entries;
+
+    struct qcow2_cache l2_cache;
+    struct qcow2_cache rb_cache;
+    struct co_mutex lock;
+
+    struct qcow2_alloc *allocs;
+    struct qcow2_busy *busy;
+    struct co_queue busy_waiters;  /* woken when a busy range ends */
+
+    uint64_t free_cluster_index;   /* no free cluster below this one */
+    uint32_t io_align;             /* backend alignment for metadata I/O */
+    bool has_zero_flag;            /* version 3 */
+    bool broken;                   /* corruption seen: no more writes */
+
+    char backing_name[QCOW2_MAX_BACKING_NAME + 1];
+    char backing_format[QCOW2_MAX_FORMAT_NAME + 1];
+    bool has_backing_name, has_backing_format;
+};
+
+static inline struct qcow2 *qcow2_of(struct fmt_node *n)
+{
+    return (struct qcow2 *)n;
+}
+
+static inline uint64_t qcow2_cs(const struct qcow2 *s)
+{
+    return s->h.cluster_size;
+}
+
+static inline uint64_t qcow2_start_of_cluster(const struct qcow2 *s,
+                                              uint64_t off)
+{
+    return off & ~(qcow2_cs(s) - 1);
+}
+
+/* Reports metadata corruption: logs it, marks the image broken (no more
+ * writes) and returns -EIO. */
+int qcow2_corrupt(struct qcow2 *s, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+
+/* Allocates an aligned metadata/data buffer (free with free()). */
+void *qcow2_buf_alloc(const struct qcow2 *s, size_t len);
+
+/* Writes bytes [off, off+len) of an in-memory copy of host range
+ * [base, base + buflen) (the header, L1 or refcount table), rounded out to
+ * the backend's alignment. */
+int qcow2_write_meta_co(struct qcow2 *s, struct coro *co, const uint8_t *buf,
+                        uint64_t base, uint64_t buflen, uint64_t off,
+                        uint64_t len);
+
+/* ---------------- busy host ranges ---------------- */
+
+void qcow2_busy_add(struct qcow2 *s, struct qcow2_busy *b, uint64_t hstart,
+                    uint64_t len);
+void qcow2_busy_del(struct qcow2 *s, struct qcow2_busy *b);
+bool qcow2_busy_overlaps(const struct qcow2 *s, uint64_t hstart,
+                         uint64_t len);
+
+/* ---------------- refcounts (s->lock held) ---------------- */
+
+int qcow2_refcount_get_co(struct qcow2 *s, struct coro *co, uint64_t cluster,
+                          uint64_t *rc);
+/* Adds addend (+1 or -1) to the refcount of every cluster touching host
+ * bytes [off, off+len). */
+int qcow2_refcount_update_co(struct qcow2 *s, struct coro *co, uint64_t off,
+                             uint64_t len, int addend);
+/* Allocates between 1 and want contiguous free clusters (refcount 1).
+ * Returns their host offset in *host and their number in *got. */
+int qcow2_alloc_clusters_co(struct qcow2 *s, struct coro *co, uint64_t want,
+                            uint64_t *host, uint64_t *got);
+/* Allocates exactly n contiguous clusters. */
+int qcow2_alloc_exact_co(struct qcow2 *s, struct coro *co, uint64_t n,
+                         uint64_t *host);
+/* Releases the host clusters an L2 entry references (normal, zero with
+ * preallocation, or compressed). */
+int qcow2_free_entry_co(struct qcow2 *s, struct coro *co,
+                        const struct qcow2_l2_entry *e);
+/* Rebuilds every refcount from the metadata (dirty image, lazy
+ * refcounts).  Leaves the image consistent on disk. */
+int qcow2_rebuild_refcounts_co(struct qcow2 *s, struct coro *co,
+                               const struct qcow2_extensions *ext,
+                               struct error **errp);
+
+/* ---------------- cluster map (s->lock held) ---------------- */
+
+/* Guest-visible state of a run of bytes starting at a guest offset. */
+struct qcow2_map {
+    enum qcow2_cluster_type type;  /* of the first (sub)cluster */
+    uint64_t len;                  /* bytes of the run with this type (and,
+                                      for NORMAL, contiguous host bytes) */
+    uint64_t host;                 /* NORMAL: host offset of the first byte;
+                                      COMPRESSED: the entry's data offset */
+    struct qcow2_l2_entry e;       /* the entry of the first cluster */
+    uint64_t raw, bitmap;          /* the entry as on disk (host order) */
+    bool copied;                   /* NORMAL run: every cluster copied */
+};
+
+/* Looks up the run starting at guest offset off, at most len bytes, never
+ * crossing an L2 table. */
+int qcow2_map_get_co(struct qcow2 *s, struct coro *co, uint64_t off,
+                     uint64_t len, struct qcow2_map *m);
+/* Pins the L2 table covering guest offset off for modification, allocating
+ * it (or copying a shared one) first.  *idx is the entry index. */
+int qcow2_l2_for_write_co(struct qcow2 *s, struct coro *co, uint64_t off,
+                          struct qcow2_cache_entry **l2, unsigned *idx);
+/* Entry i of an L2 table (host order); bitmap is 0 without extended L2. */
+void qcow2_l2_read(const struct qcow2 *s, const uint8_t *l2, unsigned i,
+                   uint64_t *entry, uint64_t *bitmap);
+void qcow2_l2_write(const struct qcow2 *s, uint8_t *l2, unsigned i,
+                    uint64_t entry, uint64_t bitmap);
+
+/* ---------------- compression ---------------- */
+
+/* Decompresses one cluster (out: cluster_size bytes) from in/inlen.
+ * Returns 0, or -EIO if the data is not a valid compressed cluster. */
+int qcow2_decompress(unsigned compression_type, const uint8_t *in,
+                     size_t inlen, uint8_t *out, size_t outlen);
+
+#endif

@@ -1,0 +1,175 @@
+# strata benchmarks: what bench-raw.sh and bench-chain.sh share.
+# Sourced first (needs $here and $default_rounds); the caller's
+# start_server sets $server_pid and $uri.
+
+# The settings both benchmarks take from the environment (see
+# bench-raw.sh's header).  $default_rounds is the caller's.
+echo "command: $(printf '%q ' "$0" "$@")"
+echo "env: STRATAD=${STRATAD-} BENCH_DIR=${BENCH_DIR-} BENCH_RUNTIME=${BENCH_RUNTIME-}" \
+     "BENCH_RAMP=${BENCH_RAMP-} BENCH_QUICK=${BENCH_QUICK-} BENCH_SERVERS=${BENCH_SERVERS-}"
+top=$(cd "$here/../.." && pwd)
+STRATAD=${STRATAD:-$top/build/daemon/stratad}
+BENCH_DIR=${BENCH_DIR:-/var/tmp/strata-bench}
+PY=/usr/bin/python3
+[ -x "$PY" ] || PY=python3
+if [ "${BENCH_QUICK:-0}" = 1 ]; then
+    size_mib=64
+    runtime=${BENCH_RUNTIME:-2}
+    ramp=${BENCH_RAMP:-0}
+    rounds=${BENCH_ROUNDS:-1}
+else
+    size_mib=1024
+    runtime=${BENCH_RUNTIME:-10}
+    ramp=${BENCH_RAMP:-1}
+    rounds=${BENCH_ROUNDS:-$default_rounds}
+fi
+mkdir -p "$BENCH_DIR"
+
+# Makes the run's work directory (removed at exit, with the server).
+bench_workdir() {
+    work=$(mktemp -d "$BENCH_DIR/run.XXXXXX")
+    server_pid=
+    cleanup() {
+        if [ -n "$server_pid" ] && kill -0 "$server_pid" 2>/dev/null; then
+            kill -TERM "$server_pid" 2>/dev/null || true
+            sleep 1
+            kill -KILL "$server_pid" 2>/dev/null || true
+        fi
+        rm -rf "$work"
+    }
+    trap cleanup EXIT
+    trap 'exit 130' INT TERM
+
+    results=$work/results.txt       # server workload iops bw_bytes
+    : > "$results"
+    rss=$work/rss.txt               # server kB
+    : > "$rss"
+    failed=0
+}
+
+wait_socket() {                 # sock pid
+    for _ in $(seq 1 200); do
+        [ -S "$1" ] && return 0
+        kill -0 "$2" 2>/dev/null || return 1
+        sleep 0.05
+    done
+    return 1
+}
+
+stop_server() {                 # server
+    local s=$1 status=0
+    # peak resident set size over the server's life
+    hwm=$(awk '/^VmHWM:/ {print $2}' "/proc/$server_pid/status" 2>/dev/null || echo "?")
+    echo "$s ${hwm:-?}" >> "$rss"
+    kill -TERM "$server_pid" 2>/dev/null || true
+    for _ in $(seq 1 100); do
+        kill -0 "$server_pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    if kill -0 "$server_pid" 2>/dev/null; then
+        echo "bench: $s did not stop within 10 s of SIGTERM; killing it" >&2
+        kill -KILL "$server_pid" 2>/dev/null || true
+        [ "$s" = stratad ] && failed=1
+    fi
+    wait "$server_pid" || status=$?
+    if [ "$status" != 0 ]; then
+        echo "note: $s exited with status $status after SIGTERM"
+        [ "$s" = stratad ] && failed=1
+    fi
+    server_pid=
+}
+
+# Runs one fio job against $uri and appends "server workload iops bw" to
+# $results (FAIL on failure).
+run_fio() {                     # server name rw bs depth
+    local s=$1 name=$2 rw=$3 bs=$4 depth=$5
+    local json=$work/$s-$name.json
+    fcmd=(fio --name="$name" --ioengine=nbd --uri="$uri" --rw="$rw" --bs="$bs"
+          --iodepth="$depth" --numjobs=1 --runtime="$runtime" --ramp_time="$ramp"
+          --time_based --output-format=json --output="$json")
+    echo "fio: ${fcmd[*]}"
+    # Earlier write jobs leave GiBs of dirty page cache; without this
+    # their writeback lands on whichever job runs next.
+    sync
+    if ! timeout $((runtime + ramp + 60)) "${fcmd[@]}" >"$work/$s-$name.out" 2>&1; then
+        echo "bench: fio failed for $s $name:" >&2
+        cat "$work/$s-$name.out" >&2
+        failed=1
+        echo "$s $name FAIL FAIL" >> "$results"
+        return 0
+    fi
+    if ! "$PY" - "$json" "$s" "$name" "$rw" >> "$results" <<'PYEOF'
+import json, sys
+path, server, name, rw = sys.argv[1:5]
+text = open(path).read()
+j = json.loads(text[text.index("{"):])
+job = j["jobs"][0]
+if job.get("error", 0) != 0:
+    sys.exit(f"fio job error {job['error']}")
+d = job["write" if "write" in rw else "read"]
+if d["io_bytes"] == 0:
+    sys.exit("fio moved no data")
+print(server, name, round(d["iops"], 1), d["bw_bytes"])
+PYEOF
+    then
+        echo "bench: cannot use fio's output for $s $name" >&2
+        failed=1
+        echo "$s $name FAIL FAIL" >> "$results"
+    fi
+}
+
+# Prints the table: medians per server and workload, the ratios of stratad
+# to each server named in $ratio_to, and the peak RSS of each server.
+summary() {
+"$PY" - "$results" "$rss" "$servers" "$ratio_to" <<'PYEOF'
+import sys
+results, rss, servers = sys.argv[1], sys.argv[2], sys.argv[3].split()
+ratio_to = sys.argv[4].split()
+res = {}
+order = []
+for line in open(results):
+    s, name, iops, bw = line.split()
+    if name not in order:
+        order.append(name)
+    res.setdefault((s, name), []).append(
+        None if iops == "FAIL" else (float(iops), float(bw) / (1 << 20)))
+
+
+def median(vals):
+    if not vals or any(v is None for v in vals):
+        return None                    # a failed run fails the cell
+    vals = sorted(vals)
+    return vals[len(vals) // 2]
+
+
+res = {k: median(v) for k, v in res.items()}
+servers = [s for s in servers if any(k[0] == s for k in res)]
+hdr = f"{'workload':<14}"
+for s in servers:
+    hdr += f" | {s + ' IOPS':>15} {s + ' MiB/s':>15}"
+ratios = [o for o in ratio_to if o in servers and "stratad" in servers]
+for o in ratios:
+    hdr += f" | {'stratad/' + o:>16}"
+print(hdr)
+print("-" * len(hdr))
+for name in order:
+    row = f"{name:<14}"
+    for s in servers:
+        v = res.get((s, name))
+        row += f" | {'FAIL':>15} {'FAIL':>15}" if v is None else f" | {v[0]:>15.0f} {v[1]:>15.1f}"
+    for o in ratios:
+        a, b = res.get(("stratad", name)), res.get((o, name))
+        row += f" | {'-':>16}" if not a or not b or b[0] == 0 else f" | {a[0] / b[0]:>16.2f}"
+    print(row)
+peak = {}
+for line in open(rss):
+    srv, hwm = line.split()
+    if hwm.isdigit() and (not peak.get(srv, "?").isdigit() or int(hwm) > int(peak[srv])):
+        peak[srv] = hwm
+    peak.setdefault(srv, hwm)
+print()
+print("peak RSS (VmHWM): " + ", ".join(
+    f"{s} {int(peak[s]) / 1024:.1f} MiB" if peak.get(s, "?").isdigit() else f"{s} ?"
+    for s in servers))
+PYEOF
+}
