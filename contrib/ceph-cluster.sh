@@ -87,6 +87,11 @@ osd crush chooseleaf type = 0
 paxos propose interval = 0.1
 # no ceph-mgr, and health stays OK without one
 mon mgr mkfs grace = 31536000
+# A lone OSD that is paused (SIGSTOP in a fault test) for longer than its
+# PGs' read lease (osd heartbeat grace x read lease ratio 0.8: 16 s by
+# default) never serves again: every op stays "waiting for readable".
+# A 60 s grace gives a 48 s lease; nothing else uses it with one OSD.
+osd heartbeat grace = 60
 # a killed client's exclusive lock is released after 5 s, not 30 s ...
 osd client watch timeout = 5
 # ... so clients must ping their watches more often than every 5 s (the

@@ -11,6 +11,7 @@
  *    zeros there);
  *  - iovec arrays longer than one librbd request (RBD_MAX_IOV) and
  *    unaligned ranges move the right bytes;
+ *  - reopen read-only and back to read-write keeps size and data;
  *  - at close the slack is cut: the test compares `rbd info` with the
  *    "final size" printed here.
  * Exit 0 when every check passed, 1 otherwise.
@@ -151,6 +152,26 @@ static void check_co(struct coro *co, void *arg)
     CHECK(e == 0 && memcmp(r, w, total) == 0, "preadv of %d iovecs", NV);
     printf("ok %d iovecs (%llu bytes) at an odd offset\n", NV,
            (unsigned long long)total);
+
+    /* 6. reopen read-only and read-write again (block-commit's base) */
+    uint64_t size_rw = b->size;
+    struct error *err = NULL;
+    e = backend_reopen(b, true, &err);
+    CHECK(e == 0 && b->read_only, "reopen read-only: %s", err ? err->msg : "?");
+    CHECK(b->size == size_rw, "size after reopen read-only: %llu, was %llu",
+          (unsigned long long)b->size, (unsigned long long)size_rw);
+    memset(r, 0, total);
+    e = backend_preadv_co(b, co, iov, NV, voff);
+    CHECK(e == 0 && memcmp(r, w, total) == 0, "read after reopen read-only");
+    e = backend_reopen(b, false, &err);
+    CHECK(e == 0 && !b->read_only, "reopen read-write: %s",
+          err ? err->msg : "?");
+    e = backend_pwrite_co(b, co, "y", 1, b->size, BACKEND_FUA);
+    CHECK(e == 0 && b->size == size_rw + 1, "write past the end after "
+          "reopen: %d", e);
+    printf("ok reopened read-only and read-write; size %llu\n",
+           (unsigned long long)b->size);
+    error_free(err);
     x->final_size = b->size;
 out:
     free(w);
