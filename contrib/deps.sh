@@ -19,6 +19,9 @@ if [[ $level == test || $level == bench ]]; then
            python3 qemu-system-common)
     # a third-party QMP client (Go) for test-qmp-tools.py
     pkgs+=(golang-go golang-github-digitalocean-go-qemu-dev)
+    # VM tests (tests/vm): QEMU boots a stock Debian kernel, socat carries
+    # its guestfwd connections, e2fsprogs checks the guest's file system
+    pkgs+=(qemu-system-x86 socat e2fsprogs)
     # the rbd backend, and a throw-away Ceph cluster to test it against
     # (contrib/ceph-cluster.sh); qemu's rbd driver for the comparisons
     pkgs+=(librbd-dev librados-dev ceph-mon ceph-osd ceph-common

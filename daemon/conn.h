@@ -144,6 +144,12 @@ struct conn {
     bool drain_timer_pending;
     uint64_t requests_seen;        /* requests parsed; drain quiet check */
     uint64_t drain_mark;           /* requests_seen when the timer was armed */
+
+    /* requests parsed, by command (unknown types in the last slot), and
+     * writes with FUA: logged with --verbose when the client sends
+     * NBD_CMD_DISC, so tests can see what a client really sent */
+    uint64_t cmd_count[NBD_CMD_BLOCK_STATUS + 2];
+    uint64_t fua_writes;
 };
 
 /* conn.c */

@@ -424,6 +424,10 @@ bool nbd_transmit_input(struct conn *c)
     }
     c->rstart += (size_t)n;
     c->requests_seen++;
+    c->cmd_count[h.type <= NBD_CMD_BLOCK_STATUS ? h.type
+                                                : NBD_CMD_BLOCK_STATUS + 1]++;
+    if (h.type == NBD_CMD_WRITE && (h.flags & NBD_CMD_FLAG_FUA))
+        c->fua_writes++;
 
     struct nbd_validation v = nbd_validate_request(&h, &c->session);
     switch (v.verdict) {
@@ -433,7 +437,22 @@ bool nbd_transmit_input(struct conn *c)
         conn_abort(c, v.reason);
         return false;
     case NBD_VERDICT_DISC:
-        log_debug("conn %llu: NBD_CMD_DISC", (unsigned long long)c->id);
+        /* the counts let tests see what a client sent, and how it spread
+         * its requests over connections (the kernel's nbd-client -C N) */
+        log_debug("conn %llu: NBD_CMD_DISC after %llu requests: read %llu, "
+                  "write %llu (fua %llu), flush %llu, trim %llu, other %llu",
+                  (unsigned long long)c->id,
+                  (unsigned long long)(c->requests_seen - 1),
+                  (unsigned long long)c->cmd_count[NBD_CMD_READ],
+                  (unsigned long long)c->cmd_count[NBD_CMD_WRITE],
+                  (unsigned long long)c->fua_writes,
+                  (unsigned long long)c->cmd_count[NBD_CMD_FLUSH],
+                  (unsigned long long)c->cmd_count[NBD_CMD_TRIM],
+                  (unsigned long long)(c->requests_seen - 1 -
+                      c->cmd_count[NBD_CMD_READ] -
+                      c->cmd_count[NBD_CMD_WRITE] -
+                      c->cmd_count[NBD_CMD_FLUSH] -
+                      c->cmd_count[NBD_CMD_TRIM]));
         conn_close_gracefully(c);
         return false;
     case NBD_VERDICT_ERROR: {

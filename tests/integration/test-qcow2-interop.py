@@ -284,8 +284,12 @@ def phase_write(cases, paths, d):
                                max_write=c.size // 4, max_zero=c.size // 2)
         q = workload.QemuNbd(b, c.name, 1, fmt="qcow2")
         runners = []
-        for who, uri in (("qemu-nbd", q.uri()), ("stratad", srv.uri(c.name))):
-            workload.configure(size=c.size, depth=8, seconds=60)
+        # qemu-nbd is only the reference here, and runs one request at a
+        # time: under load, QEMU 7.2 once returned data differing from the
+        # model with 8 in flight on the 2 MiB-cluster image (not
+        # reproduced alone).  stratad gets 8 in flight.
+        for who, uri, depth in (("qemu-nbd", q.uri(), 1), ("stratad", srv.uri(c.name), 8)):
+            workload.configure(size=c.size, depth=depth, seconds=60)
             r = workload.Runner(f"{c.name} on {who}", uri, bytearray(initial), ops)
             r.run()
             check_soft(r.error is None, str(r.error))
