@@ -121,6 +121,14 @@ struct rbd_backend {
     unsigned inflight;          /* aio requests and jobs not yet harvested */
     bool said_blocklisted;      /* logged once */
 
+    /* librbd's cache may hold acknowledged writes (rbd_cache on and
+     * rbd_cache_max_dirty > 0).  After a failed flush librbd forgets the
+     * data it could not write back, and the next flush succeeds at once
+     * though that data may never reach the OSDs: so then every later flush
+     * fails (flush_failed) until the export is opened again. */
+    bool writeback;
+    bool flush_failed;
+
     /* Held (by a coroutine of this loop) while resizing and updating
      * image_size; never across anything but the resize job. */
     struct co_mutex resize_lock;
@@ -486,12 +494,21 @@ static int rbd_preadv_co(struct backend *b, struct coro *co,
 static int rbd_flush_co(struct backend *b, struct coro *co)
 {
     struct rbd_backend *r = rb(b);
+    if (r->flush_failed)
+        return -EIO;
     struct rbd_req q;
     rbd_completion_t c;
     int e = rbd_req_start(&q, co, &c);
     if (e < 0)
         return e;
     ssize_t res = rbd_req_wait_co(r, &q, c, rbd_aio_flush(r->image, c));
+    if (res < 0 && r->writeback && !r->flush_failed) {
+        r->flush_failed = true;
+        log_error("%s: a flush failed (%s) with librbd's writeback cache on: "
+                  "acknowledged writes may not be on the cluster, so every "
+                  "later flush fails too, until the export is opened again",
+                  r->where, strerror((int)-res));
+    }
     return res < 0 ? (int)res : 0;
 }
 
@@ -805,9 +822,23 @@ static int rbd_connect(struct rbd_backend *r, const struct backend_open_opts *op
     /* cache=none: no librbd cache, as QEMU does */
     if (opts->direct && rbd_conf_set(r, "rbd_cache", "false", errp) < 0)
         return -EINVAL;
+    /* With operation timeouts, librbd's writeback cache can drop writes it
+     * acknowledged when their writeback times out.  So the cache only
+     * writes through (it still serves reads): a write completes once the
+     * OSDs have it, or fails.  (A Ceph option in the spec, applied next,
+     * can say otherwise.) */
+    if (s->timeout && rbd_conf_set(r, "rbd_cache_max_dirty", "0", errp) < 0)
+        return -EINVAL;
     for (size_t i = 0; i < s->n_opts; i++)
         if (rbd_conf_set(r, s->opts[i].key, s->opts[i].val, errp) < 0)
             return -EINVAL;
+    char cache[16] = "", dirty[32] = "";
+    if (rados_conf_get(r->cluster, "rbd_cache", cache, sizeof(cache)) == 0 &&
+        rados_conf_get(r->cluster, "rbd_cache_max_dirty", dirty,
+                       sizeof(dirty)) == 0)
+        r->writeback = strcmp(cache, "true") == 0 && strcmp(dirty, "0") != 0;
+    else
+        r->writeback = true; /* cannot tell: assume the worst */
 
     e = rados_connect(r->cluster);
     if (e == -ETIMEDOUT)

@@ -29,8 +29,9 @@ memstore keeps every byte in RAM.
     file export of the same daemon keeps serving meanwhile, the daemon
     stays up; after SIGCONT the RBD export works again, and every
     acknowledged write is in the image.
- 6. SIGTERM while the OSD is stopped: the daemon exits within a bound,
-    with status 1 and the failed final flush in its log.
+ 6. librbd's writeback cache asked for together with a timeout: after a
+    failed flush, every later flush (and FUA write) fails, even with the
+    OSD back, and the daemon exits with status 1.
 
 Run:  STRATAD=build/daemon/stratad /usr/bin/python3 tests/integration/test-rbd.py
 """
@@ -581,11 +582,11 @@ ok(f"differential: {DIFF_OPS} ops {counts} (seed {SEED}); qemu-img compare: "
 # ---------------------------------------------------------------------------
 # 5. Faults: the OSD stops in the middle of I/O.
 #
-# librbd's writeback cache may still take writes (and serve cached reads)
-# while the OSD is away, after a wait for writeback space: so requests may
-# succeed or fail, but each must end within a bound.  What must fail: a
-# read of data that is on the OSD only, and a flush (nothing written since
-# the OSD stopped may be called durable).
+# With a timeout, librbd's cache writes through: a write ends when the OSD
+# has it or fails with EIO; reads of cached data may still succeed.  So
+# requests may succeed or fail, but each must end within a bound.  What
+# must fail: a read of data that is on the OSD only, and a flush if any
+# write was acknowledged while the OSD was stopped.
 
 TIMEOUT = 4
 # every object exists (else the object map answers reads of holes without
@@ -602,7 +603,7 @@ hr.pwrite(b"\x11" * MiB, 9 * MiB, nbd.CMD_FLAG_FUA)
 
 stop_io = threading.Event()
 io_log = []   # (start, end, ok, errno) of each background rbd request
-io_writes = []  # (off, data, ok) of its writes, in order
+io_writes = []  # (off, data, ok, start, end) of its writes, in order
 
 
 def rbd_io():
@@ -617,9 +618,9 @@ def rbd_io():
                 data = r.randbytes(65536)
                 try:
                     h2.pwrite(data, off)
-                    io_writes.append((off, data, True))
+                    io_writes.append((off, data, True, t0, time.time()))
                 except nbd.Error:
-                    io_writes.append((off, data, False))
+                    io_writes.append((off, data, False, t0, time.time()))
                     raise
             else:
                 h2.pread(65536, off)
@@ -662,6 +663,7 @@ def rbd_checks():
     except nbd.Error as e:
         fault["write"] = f"failed with {errno.errorcode.get(e.errnum, e.errnum)}"
     t0 = time.time()
+    fault["flush_start"] = t0
     try:
         h3.flush()
         fault["flush"] = ("ok", time.time() - t0)
@@ -685,13 +687,24 @@ check(not checker.is_alive(), f"RBD requests still unanswered {time.time() - t_s
 check(df.alive(), "stratad died while the OSD was stopped")
 check(max(lat) < 1.0, f"local export stalled during the RBD fault: max latency {max(lat):.2f} s")
 ok(f"local export served {len(lat)} write+read pairs meanwhile, max latency {max(lat) * 1000:.0f} ms")
+# The flush must fail if any write was acknowledged while the OSD was
+# stopped (it can only be in librbd's cache); with none, there is nothing
+# to make durable and success is right.
+acked = [w for w in io_writes if w[2] and t_stop + 0.1 < w[3] and w[4] < fault["flush_start"]]
+must_fail = fault["write"].startswith("taken") or bool(acked)
 for what in ("read", "flush"):
     res, dt = fault[what]
-    check(res == errno.EIO, f"{what} while the OSD is stopped: expected EIO, got {res}")
+    if what == "read" or must_fail:
+        check(res == errno.EIO, f"{what} while the OSD is stopped: expected EIO, got {res} "
+              f"(write: {fault['write']}; {len(acked)} background writes acknowledged)")
+    else:
+        check(res in ("ok", errno.EIO), f"flush while the OSD is stopped: {res}")
     check(dt < TIMEOUT + 2, f"the {what} took {dt:.1f} s (timeout={TIMEOUT})")
+flush_res = "failed with EIO" if fault["flush"][0] == errno.EIO else "succeeded"
 ok(f"while the OSD was stopped: a read of data held by the OSD only failed with EIO "
-   f"after {fault['read'][1]:.1f} s; a write {fault['write']}; a flush failed with EIO "
-   f"after {fault['flush'][1]:.1f} s")
+   f"after {fault['read'][1]:.1f} s; a write {fault['write']}; "
+   f"{len(acked)} background writes acknowledged; a flush {flush_res} after "
+   f"{fault['flush'][1]:.1f} s" + ("" if must_fail else " (nothing to make durable)"))
 wrote = fault["write"]
 harness.finish_soft_checks()
 
@@ -728,7 +741,7 @@ failed = sorted(set(errno.errorcode.get(x[3], x[3]) for x in during if not x[2])
 check(longest < 2 * TIMEOUT + 2, f"a background RBD request took {longest:.1f} s "
       f"(timeout={TIMEOUT})")
 ok(f"background client: {len(during)} requests since the stop, longest {longest:.1f} s, "
-   f"errors {failed or 'none'} (librbd's cache took the rest)")
+   f"errors {failed or 'none'} (the others: reads from librbd's cache)")
 n_after = [x for x in io_log if x[0] > t_cont]
 ok(f"OSD resumed: the RBD export works again after {recovered:.1f} s; the background "
    f"client had 50 successes in a row {streak_at:.1f} s after the resume "
@@ -744,7 +757,7 @@ check(df.stop() == 0, f"stratad did not stop cleanly after the fault (exit {df.p
 img = rbd_bytes("rbd/fault")
 exp = bytearray(8 * MiB)
 known = bytearray(8 * MiB)
-for off, data, good in io_writes:
+for off, data, good, _, _ in io_writes:
     exp[off:off + len(data)] = data
     known[off:off + len(data)] = (b"\x01" if good else b"\x00") * len(data)
 ALL, NONE = b"\x01" * 4096, bytes(4096)
@@ -772,24 +785,44 @@ ok(f"after stop: every acknowledged write is in the image "
    f"{sum(1 for w in io_writes if not w[2])} failed)")
 
 # ---------------------------------------------------------------------------
-# 6. SIGTERM while the OSD is stopped: the shutdown is bounded by the
-# timeout, and the exit status and log say that the final flush failed.
+# 6. librbd's writeback cache asked for explicitly (rbd_cache_max_dirty)
+# together with a timeout: a write taken by the cache while the OSD is
+# stopped, then a flush fails.  librbd forgets what it could not write
+# back, so every later flush must keep failing (even once the OSD is back),
+# and the daemon's final flush too: exit status 1.
 
-dq = Daemon([f"name=rbd,file=rbd:rbd/fault:timeout={TIMEOUT}"])
+dq = Daemon([f"name=rbd,file=rbd:rbd/fault:timeout={TIMEOUT}"
+             ":rbd_cache_max_dirty=8388608"])
 hq = nbd.NBD()
 hq.connect_uri(dq.uri("rbd"))
 hq.pwrite(b"\x44" * 65536, 0, nbd.CMD_FLAG_FUA)    # the cache goes writeback
 os.kill(OSD_PID, signal.SIGSTOP)
-hq.pwrite(b"\x55" * 65536, 65536)      # taken by librbd's cache (or EIO)
+atexit.register(lambda: os.kill(OSD_PID, signal.SIGCONT))   # before dq.stop
+try:
+    hq.pwrite(b"\x55" * 65536, 65536)
+    cached = True
+except nbd.Error as e:
+    check(e.errnum == errno.EIO, f"write with the OSD stopped: {e.string}")
+    cached = False
+t0 = time.time()
+expect_errno(hq.flush, errno.EIO, "flush of a write held by the writeback cache, OSD stopped")
+dt = time.time() - t0
+os.kill(OSD_PID, signal.SIGCONT)
+check(dt < TIMEOUT + 2, f"the flush took {dt:.1f} s (timeout={TIMEOUT})")
+time.sleep(1)
+expect_errno(hq.flush, errno.EIO, "flush after a failed one, OSD back (must stay failed)")
+expect_errno(lambda: hq.pwrite(b"\x66" * 4096, 0, nbd.CMD_FLAG_FUA), errno.EIO,
+             "FUA write after a failed flush")
 hq.shutdown()
 t0 = time.time()
 status = dq.stop(timeout=6 * TIMEOUT + 10)
 dt = time.time() - t0
-os.kill(OSD_PID, signal.SIGCONT)
-check(status == 1, f"stratad exit status {status} after SIGTERM with the OSD stopped "
-      "(the final flush cannot succeed: expected 1)")
-check("final flush failed" in dq.logtext(), f"no word of the failed final flush:\n{dq.logtext()}")
-ok(f"SIGTERM with the OSD stopped: exit status 1 after {dt:.1f} s, "
-   "'final flush failed' in the log")
+check(status == 1, f"stratad exit status {status} after a failed flush (expected 1)")
+text = dq.logtext()
+check("every later flush fails too" in text and "final flush failed" in text,
+      f"the log does not say why flushes fail:\n{text}")
+ok(f"writeback cache: a write {'taken by the cache' if cached else 'failed'}, its flush "
+   f"failed with EIO, and so did every later flush and FUA write with the OSD back; "
+   f"exit status 1 after {dt:.1f} s")
 harness.finish_soft_checks()
 ok("done")
