@@ -42,6 +42,12 @@
  * Known librbd 16 behaviour: discards smaller than
  * rbd_discard_granularity_bytes (64 KiB) are skipped, so discard is
  * advisory (content afterwards unspecified); zeroing uses write_zeroes.
+ *
+ * Durability.  When the writeback of an acknowledged write fails (an
+ * operation timeout), librbd's cache forgets the data and reports the next
+ * flush as done.  So with a timeout the cache writes through
+ * (rbd_cache_max_dirty=0), and with a writeback cache a failed flush makes
+ * every later flush fail (flush_failed) until the export is reopened.
  */
 #include <assert.h>
 #include <errno.h>
