@@ -689,6 +689,9 @@ static int rbd_backend_reopen(struct backend *b, bool read_only,
         return 0;
     int e;
     if (!b->read_only) {
+        if (r->flush_failed)
+            return error_setf(errp, EIO, "%s: a flush failed earlier: writes "
+                              "may be lost", r->where);
         if (r->image_size > b->size && rbd_resize(r->image, b->size) == 0)
             r->image_size = b->size; /* the growth slack, as at close */
         e = rbd_flush(r->image);
