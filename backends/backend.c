@@ -4,15 +4,21 @@
 #include <string.h>
 
 #include "backend.h"
+#include "strata-config.h"
 
 struct backend *backend_open(struct loop *loop, const char *spec,
                              const struct backend_open_opts *opts,
                              struct error **errp)
 {
     if (strncmp(spec, "rbd:", 4) == 0) {
-        error_setf(errp, ENOTSUP,
-                   "%s: rbd: exports are not available in this build", spec);
+#if STRATA_HAVE_RBD
+        return rbd_backend_open(loop, spec, opts, errp);
+#else
+        error_setf(errp, ENOTSUP, "%s: rbd: exports are unavailable: stratad "
+                   "was built without librbd (install librbd-dev and "
+                   "librados-dev, then meson setup -Drbd=enabled)", spec);
         return NULL;
+#endif
     }
     return file_backend_open(loop, spec, opts, errp);
 }

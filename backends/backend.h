@@ -108,8 +108,11 @@ struct backend_open_opts {
     uint64_t create_size;
 };
 
-/* Opens a backend from a user spec: a path for local files (rbd: specs
- * later).  Control path: may block briefly (open, fstat). */
+/* Opens a backend from a user spec: a path for local files, or
+ * rbd:POOL/[NAMESPACE/]IMAGE[@SNAP][:KEY=VALUE]... for a Ceph RBD image
+ * (syntax in rbd-spec.h).  Control path: may block briefly (open, fstat);
+ * an rbd: open connects to the cluster and may block up to its
+ * connect_timeout (default 10 s) plus one operation timeout. */
 struct backend *backend_open(struct loop *loop, const char *spec,
                              const struct backend_open_opts *opts,
                              struct error **errp);
@@ -143,5 +146,11 @@ int backend_cache_co(struct backend *b, struct coro *co, uint64_t off,
 struct backend *file_backend_open(struct loop *loop, const char *path,
                                   const struct backend_open_opts *opts,
                                   struct error **errp);
+/* Only when built with librbd (STRATA_HAVE_RBD in strata-config.h).
+ * opts->direct turns librbd's cache off (rbd_cache=false); create is not
+ * supported (make images with 'rbd create'). */
+struct backend *rbd_backend_open(struct loop *loop, const char *spec,
+                                 const struct backend_open_opts *opts,
+                                 struct error **errp);
 
 #endif

@@ -22,6 +22,10 @@ if [[ $level == test || $level == bench ]]; then
     # VM tests (tests/vm): QEMU boots a stock Debian kernel, socat carries
     # its guestfwd connections, e2fsprogs checks the guest's file system
     pkgs+=(qemu-system-x86 socat e2fsprogs)
+    # the rbd backend, and a throw-away Ceph cluster to test it against
+    # (contrib/ceph-cluster.sh); qemu's rbd driver for the comparisons
+    pkgs+=(librbd-dev librados-dev ceph-mon ceph-osd ceph-common
+           qemu-block-extra)
 fi
 
 missing=()

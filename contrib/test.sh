@@ -9,10 +9,10 @@ cd "$(dirname "$0")/.."
 contrib/deps.sh test
 
 [[ -f build-ci/build.ninja ]] ||
-    meson setup build-ci -Dwerror=true --buildtype=debugoptimized >/dev/null
+    meson setup build-ci -Dwerror=true -Drbd=enabled --buildtype=debugoptimized >/dev/null
 [[ -f build-san/build.ninja ]] ||
-    meson setup build-san -Dwerror=true -Db_sanitize=address,undefined \
-        -Db_lundef=false --buildtype=debug >/dev/null
+    meson setup build-san -Dwerror=true -Drbd=enabled \
+        -Db_sanitize=address,undefined -Db_lundef=false --buildtype=debug >/dev/null
 ninja -C build-ci
 ninja -C build-san
 
@@ -25,6 +25,7 @@ meson test -C build-san --print-errorlogs --num-processes 2 "$@" || rc=$?
 if [[ $rc == 0 ]]; then
     STRATAD=$PWD/build-ci/daemon/stratad BENCH_QUICK=1 tests/bench/bench-raw.sh || rc=$?
     STRATAD=$PWD/build-ci/daemon/stratad BENCH_QUICK=1 tests/bench/bench-chain.sh || rc=$?
+    STRATAD=$PWD/build-ci/daemon/stratad BENCH_QUICK=1 tests/bench/bench-rbd.sh || rc=$?
 fi
 
 # One plain closing line with the counts (from meson's test log).

@@ -241,10 +241,11 @@ int server_sync_co(struct server *srv, struct coro *co)
     return 0;
 }
 
-/* The state file must not depend on the daemon's working directory. */
+/* The state file must not depend on the daemon's working directory.
+ * Protocol specs (rbd:...) are no paths: kept as they are. */
 static char *absolute_path(const char *path)
 {
-    if (path[0] == '/')
+    if (path[0] == '/' || strncmp(path, "rbd:", 4) == 0)
         return strdup(path);
     char *cwd = getcwd(NULL, 0);
     char *abs = NULL;
