@@ -218,7 +218,7 @@ def main():
                            f"strata.budget={BUDGET_KIB} "
                            f"strata.keep={KEEP_KIB} "
                            f"strata.timeout={BOOT_TIMEOUT}"),
-                  qemu_args=vmlib.nbd_drive_args(socket=daemon.sock,
+                  qemu_args=vmlib.nbd_drive_args(unix_socket=daemon.sock,
                                                  export=EXPORT,
                                                  discard=True))
     g = Guest(vm)

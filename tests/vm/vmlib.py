@@ -688,15 +688,16 @@ class VM:
 
 
 def nbd_drive_args(port=None, export="", drive_id="d0", host="127.0.0.1",
-                   socket=None, discard=False):
+                   unix_socket=None, discard=False):
     """QEMU arguments for a virtio-blk disk (/dev/vda in the guest) that
-    QEMU's own NBD client serves from host:port/export, or with socket=PATH
-    from stratad's unix socket PATH (no guest networking involved).  With
-    discard=True the guest's discards (fstrim, mount -o discard, mkfs)
-    reach the server as NBD_CMD_TRIM."""
-    if socket is not None:
+    QEMU's own NBD client serves from host:port/export, or with
+    unix_socket=PATH from stratad's unix socket PATH (no guest networking
+    involved).  With discard=True the guest's discards (fstrim, mount -o
+    discard, mkfs) reach the server as NBD_CMD_TRIM."""
+    if unix_socket is not None:
         # a comma in a -drive value is written twice
-        server = f"server.type=unix,server.path={socket.replace(',', ',,')}"
+        server = ("server.type=unix,"
+                  f"server.path={unix_socket.replace(',', ',,')}")
     else:
         server = (f"server.type=inet,server.host={host},"
                   f"server.port={int(port)}")
