@@ -118,11 +118,15 @@ def stop(q, s, what):
 
 def verify(what, ta, tb, tc, ma, mc, backing):
     tmp = harness.tmpdir()
+    # Each side against the model first, so that a difference says who
+    # is wrong; then the two chains against each other.
+    compare_files([(guest_bytes(tb, tmp), "stratad")], ma, what)
+    os.unlink(os.path.join(tmp, "guest.raw"))
+    compare_files([(guest_bytes(ta, tmp), "qemu-nbd")], ma, what + " (reference)")
+    os.unlink(os.path.join(tmp, "guest.raw"))
     rc, out = run("qemu-img", "compare", ta, tb)
     check(rc == 0, f"{what}: qemu-img compare qemu-nbd's and stratad's chains: {out.strip()}")
     ok(f"{what}: qemu-img compare: qemu-nbd's and stratad's chains are identical")
-    compare_files([(guest_bytes(tb, tmp), "stratad")], ma, what)
-    os.unlink(os.path.join(tmp, "guest.raw"))
     compare_files([(guest_bytes(tc, tmp), "stratad cache=none")], mc, what + " (cache=none)")
     check_images(what, tb, backing)
     check_images(what + " (cache=none)", tc, backing)
