@@ -141,18 +141,6 @@ int chain_check_backing_root(const struct blockdev *b, struct fmt_node *n,
 
 /* ---- blockdev-snapshot-sync ---- */
 
-static char *absolute_path(const char *path)
-{
-    if (path[0] == '/')
-        return strdup(path);
-    char *cwd = getcwd(NULL, 0);
-    char *abs = NULL;
-    if (cwd && asprintf(&abs, "%s/%s", cwd, path) < 0)
-        abs = NULL;
-    free(cwd);
-    return abs;
-}
-
 /* The path of to (absolute, resolved) as seen from directory from
  * (absolute, resolved): "../x/y.qcow2". */
 static char *relative_path(const char *from, const char *to)
@@ -208,7 +196,7 @@ int snapshot_sync_co(struct server *srv, struct export *e,
         return error_setf(errp, ELOOP, "the chain of '%s' already has %u layers "
                           "(at most %d)", b->node_name, layers, FMT_MAX_CHAIN_DEPTH);
 
-    char *path = absolute_path(a->file);
+    char *path = server_absolute_path(a->file);
     char *bname = NULL, *old_filename = NULL, *old_driver = NULL;
     struct fmt_node *n = NULL;
     bool created = false;

@@ -243,7 +243,7 @@ int server_sync_co(struct server *srv, struct coro *co)
 
 /* The state file must not depend on the daemon's working directory.
  * Protocol specs (rbd:...) are no paths: kept as they are. */
-static char *absolute_path(const char *path)
+char *server_absolute_path(const char *path)
 {
     if (path[0] == '/' || strncmp(path, "rbd:", 4) == 0)
         return strdup(path);
@@ -316,7 +316,7 @@ static struct blockdev *blockdev_add(struct server *srv,
     if (b) {
         b->node_name = strdup(cfg->node_name);
         b->driver = strdup(root->ops->name);
-        b->filename = absolute_path(cfg->filename);
+        b->filename = server_absolute_path(cfg->filename);
     }
     if (!b || !arr || !b->node_name || !b->driver || !b->filename) {
         if (b) {

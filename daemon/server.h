@@ -227,6 +227,9 @@ struct blockdev *server_blockdev_add_co(struct server *srv,
                                         struct coro *co, struct error **errp);
 int server_blockdev_del(struct server *srv, const char *node_name,
                         struct error **errp);
+/* path made absolute against the working directory (malloc'ed); rbd:
+ * specs and absolute paths as they are.  NULL when out of memory. */
+char *server_absolute_path(const char *path);
 struct blockdev *server_find_blockdev(struct server *srv,
                                       const char *node_name);
 
