@@ -990,3 +990,22 @@ void qcow2_refcount_set(void *block, unsigned refcount_order, uint64_t index,
         assert(!"refcount_order over 6");
     }
 }
+
+int qcow2_bitmap_entry_parse(const uint8_t *dir, uint64_t size, uint64_t pos,
+                             struct qcow2_bitmap_entry *e)
+{
+    if (pos > size || size - pos < QCOW2_BITMAP_ENTRY_MIN)
+        return -EINVAL;
+    const uint8_t *p = dir + pos;
+    e->table_offset = be_get64(p);
+    e->table_size = be_get32(p + 8);
+    e->flags = be_get32(p + QCOW2_BITMAP_FLAGS_OFFSET);
+    uint16_t name_size = be_get16(p + 18);
+    uint32_t extra = be_get32(p + 20);
+    e->size = (QCOW2_BITMAP_ENTRY_MIN + (uint64_t)extra + name_size + 7) &
+              ~UINT64_C(7);
+    if (e->size > size - pos ||
+        (uint64_t)e->table_size * 8 > QCOW2_MAX_BITMAP_TABLE_BYTES)
+        return -EINVAL;
+    return 0;
+}

@@ -257,6 +257,27 @@ int qcow2_header_check_features(const struct qcow2_header *h,
                                 const struct qcow2_extensions *ext,
                                 bool read_only, char *err, size_t errlen);
 
+/* ======================= bitmap directory ======================= */
+
+#define QCOW2_BITMAP_ENTRY_MIN    24u   /* fixed part of a directory entry */
+#define QCOW2_BITMAP_FLAGS_OFFSET 12u   /* of the flags field in an entry */
+#define QCOW2_BITMAP_IN_USE       1u    /* flags bit 0 */
+#define QCOW2_MAX_BITMAP_TABLE_BYTES (UINT64_C(64) << 20)
+
+/* One entry of the bitmap directory (spec, "Bitmap directory"). */
+struct qcow2_bitmap_entry {
+    uint64_t table_offset;    /* the bitmap table */
+    uint32_t table_size;      /* its entries (8 bytes each) */
+    uint32_t flags;
+    uint64_t size;            /* bytes of the entry, padding included */
+};
+
+/* Parses the entry at pos of a directory of size bytes: it must fit, and
+ * its table must stay under QCOW2_MAX_BITMAP_TABLE_BYTES.  Returns 0, or
+ * -EINVAL for a malformed directory. */
+int qcow2_bitmap_entry_parse(const uint8_t *dir, uint64_t size, uint64_t pos,
+                             struct qcow2_bitmap_entry *e);
+
 /* ======================= L1 / L2 entries ======================= */
 
 #define QCOW2_OFLAG_COPIED      (UINT64_C(1) << 63)

@@ -377,25 +377,6 @@ int qcow2_alloc_exact_co(struct qcow2 *s, struct coro *co, uint64_t n,
     return alloc_co(s, co, n, true, host, &got);
 }
 
-int qcow2_free_entry_co(struct qcow2 *s, struct coro *co,
-                        const struct qcow2_l2_entry *e)
-{
-    switch (e->type) {
-    case QCOW2_CLUSTER_COMPRESSED:
-        return qcow2_refcount_update_co(s, co, e->host_offset & ~UINT64_C(511),
-                                        (uint64_t)e->nb_sectors * 512, -1);
-    case QCOW2_CLUSTER_NORMAL:
-    case QCOW2_CLUSTER_ZERO_ALLOC:
-    case QCOW2_CLUSTER_UNALLOCATED_ALLOC:
-        if (e->host_offset)
-            return qcow2_refcount_update_co(s, co, e->host_offset,
-                                            qcow2_cs(s), -1);
-        return 0;
-    default:
-        return 0;
-    }
-}
-
 /* ---- rebuilding refcounts (dirty image) ---- */
 
 /* Reference counts gathered by walking all metadata. */
@@ -564,22 +545,14 @@ static int recount_bitmaps(struct recount *rc,
                           "the bitmap directory");
     uint64_t pos = 0;
     for (uint32_t i = 0; r == 0 && i < ext->nb_bitmaps; i++) {
-        if (pos + 24 > size) {
+        struct qcow2_bitmap_entry be;
+        if (qcow2_bitmap_entry_parse(dir, size, pos, &be) < 0) {
             r = error_setf(rc->errp, EINVAL, "%s: malformed bitmap directory",
                            s->node.filename);
             break;
         }
-        uint64_t toff = be_get64(dir + pos);
-        uint32_t tsize = be_get32(dir + pos + 8);
-        uint16_t name_size = be_get16(dir + pos + 18);
-        uint32_t extra = be_get32(dir + pos + 20);
-        uint64_t esize = (24 + (uint64_t)extra + name_size + 7) &
-                         ~UINT64_C(7);
-        if (pos + esize > size || (uint64_t)tsize * 8 > (UINT64_C(64) << 20)) {
-            r = error_setf(rc->errp, EINVAL, "%s: malformed bitmap directory",
-                           s->node.filename);
-            break;
-        }
+        uint64_t toff = be.table_offset;
+        uint32_t tsize = be.table_size;
         r = recount_range(rc, toff, (uint64_t)tsize * 8, "a bitmap table");
         uint8_t *tbl = r == 0 && tsize ? read_meta(rc, toff,
                                                    (uint64_t)tsize * 8)
@@ -593,7 +566,7 @@ static int recount_bitmaps(struct recount *rc,
                 r = recount_range(rc, e, qcow2_cs(s), "a bitmap cluster");
         }
         free(tbl);
-        pos += esize;
+        pos += be.size;
     }
     free(dir);
     return r;

@@ -222,6 +222,7 @@ struct qcow2_priv {
     struct pending_free *frees;
     size_t n_frees, cap_frees;
     uint8_t *zbuf;           /* last decompressed cluster */
+    uint8_t *zeros;          /* one cluster of zeros, for write_zeros_co */
     uint64_t zkey;           /* its raw L2 entry; 0 = none */
     uint64_t l2_cache_bytes, rb_cache_bytes;
 };
@@ -333,7 +334,11 @@ static int read_backing_co(struct qcow2 *s, struct coro *co,
 }
 
 /* Decompresses the compressed cluster of entry e into the private buffer
- * (kept: the next read of the same cluster is free). */
+ * (kept: the next read of the same cluster is free).  The buffer is shared
+ * by all requests without a lock: the only yield is the read of the
+ * compressed bytes into a buffer of its own, and between that and the
+ * caller's copy out of p->zbuf nothing yields, so no other request can
+ * rewrite p->zbuf in between. */
 static int load_compressed_co(struct qcow2 *s, struct coro *co,
                               const struct qcow2_l2_entry *e, uint64_t raw)
 {
@@ -468,23 +473,20 @@ static int qcow2_preadv_co(struct fmt_node *n, struct coro *co,
             case QCOW2_CLUSTER_UNALLOCATED_ALLOC:
                 r = read_backing_co(s, co, sl.v, sl.cnt, off + pos);
                 break;
-            case QCOW2_CLUSTER_COMPRESSED: {
-                uint64_t cs = qcow2_cs(s);
-                co_mutex_lock_co(&s->lock, co); /* shares the buffer */
+            case QCOW2_CLUSTER_COMPRESSED:
+                /* No yield between the load and the copy (see
+                 * load_compressed_co), so the shared buffer needs no
+                 * lock. */
                 r = load_compressed_co(s, co, &m.e, m.raw);
                 if (r == 0)
                     iov_from_buf(sl.v, sl.cnt,
-                                 priv(s)->zbuf + ((off + pos) & (cs - 1)));
-                co_mutex_unlock(&s->lock, co);
+                                 priv(s)->zbuf + ((off + pos) & (qcow2_cs(s) - 1)));
                 break;
-            }
             }
             iov_slice_free(&sl);
         }
-        if (is_busy) {
+        if (is_busy)
             qcow2_busy_del(s, &busy);
-            co_queue_wake_all(&s->busy_waiters);
-        }
         if (r < 0)
             return r;
         pos += m.len;
@@ -556,41 +558,38 @@ again:
         co_mutex_unlock(&s->lock, co);
         return -EIO;
     }
-    uint64_t c0 = qcow2_start_of_cluster(s, off);
-    struct wclass w0;
-    r = classify_co(s, co, c0, off - c0,
-                    (off + len < c0 + cs ? off + len : c0 + cs) - c0, &w0);
+    /* Overwrite of the image's own data: no metadata change, and the
+     * data I/O runs without the lock. */
+    struct qcow2_map m;
+    r = qcow2_map_get_co(s, co, off, len, &m);
     if (r < 0)
         goto out_unlock;
-
-    if (w0.in_place) {
-        /* Overwrite: no metadata change, no lock needed for the I/O. */
-        struct qcow2_map m;
-        r = qcow2_map_get_co(s, co, off, len, &m);
-        if (r < 0)
-            goto out_unlock;
-        if (m.type != QCOW2_CLUSTER_NORMAL) /* extended L2: partial run */
-            m.len = ((off | (s->h.subcluster_size - 1)) + 1) - off;
-        if (m.len > len)
-            m.len = len;
-        r = check_data_overlap(s, m.host, m.len);
+    if (m.type == QCOW2_CLUSTER_NORMAL && m.copied) {
+        uint64_t n = m.len < len ? m.len : len;
+        r = check_data_overlap(s, m.host, n);
         if (r < 0)
             goto out_unlock;
         struct qcow2_busy busy;
-        qcow2_busy_add(s, &busy, m.host, m.len);
+        qcow2_busy_add(s, &busy, m.host, n);
         co_mutex_unlock(&s->lock, co);
         struct iov_slice sl;
-        r = iov_slice_init(&sl, iov, iovcnt, skip, m.len);
+        r = iov_slice_init(&sl, iov, iovcnt, skip, n);
         if (r == 0) {
             r = backend_pwritev_co(s->node.file, co, sl.v, sl.cnt, m.host,
                                    (flags & FMT_FUA) ? BACKEND_FUA : 0);
             iov_slice_free(&sl);
         }
         qcow2_busy_del(s, &busy);
-        co_queue_wake_all(&s->busy_waiters);
-        *done = m.len;
+        *done = n;
         return r;
     }
+
+    uint64_t c0 = qcow2_start_of_cluster(s, off);
+    struct wclass w0;
+    r = classify_co(s, co, c0, off - c0,
+                    (off + len < c0 + cs ? off + len : c0 + cs) - c0, &w0);
+    if (r < 0)
+        goto out_unlock;
 
     if (wait_allocs_co(s, co, c0, c0 + cs))
         goto again;
@@ -790,21 +789,17 @@ static int qcow2_pwritev_co(struct fmt_node *n, struct coro *co,
 
 /* ====================== zero and discard ====================== */
 
+/* A cluster of zeros, allocated on first use, owned by the image (it is
+ * only ever read, by several requests at once). */
 static const uint8_t *zero_buffer(struct qcow2 *s)
 {
-    static uint8_t *zeros;      /* shared read-only, never freed */
-    static size_t zeros_len;
-    size_t need = qcow2_cs(s);
-    if (zeros_len < need) {
-        uint8_t *z = qcow2_buf_alloc(s, need);
-        if (!z)
-            return NULL;
-        memset(z, 0, need);
-        free(zeros);
-        zeros = z;
-        zeros_len = need;
+    struct qcow2_priv *p = priv(s);
+    if (!p->zeros) {
+        p->zeros = qcow2_buf_alloc(s, qcow2_cs(s));
+        if (p->zeros)
+            memset(p->zeros, 0, qcow2_cs(s));
     }
-    return zeros;
+    return p->zeros;
 }
 
 static int write_zeros_co(struct qcow2 *s, struct coro *co, uint64_t off,
@@ -1055,6 +1050,7 @@ static void qcow2_close(struct fmt_node *n)
     qcow2_cache_destroy(&s->rb_cache);
     free(p->frees);
     free(p->zbuf);
+    free(p->zeros);
     free(s->hdr);
     free(s->l1);
     free(s->reftable);
@@ -1104,24 +1100,16 @@ static int mark_bitmaps_in_use_co(struct qcow2 *s, struct coro *co,
     bool changed = false;
     uint64_t pos = 0;
     for (uint32_t i = 0; i < ext->nb_bitmaps; i++) {
-        if (pos + 24 > size) {
-            r = -EINVAL;
+        struct qcow2_bitmap_entry be;
+        r = qcow2_bitmap_entry_parse(dir, size, pos, &be);
+        if (r < 0)
             break;
-        }
-        uint32_t flags = be_get32(dir + pos + 12);
-        uint16_t name_size = be_get16(dir + pos + 18);
-        uint32_t extra = be_get32(dir + pos + 20);
-        uint64_t esize = 24 + (uint64_t)extra + name_size;
-        esize = (esize + 7) & ~UINT64_C(7);
-        if (pos + esize > size) {
-            r = -EINVAL;
-            break;
-        }
-        if (!(flags & 1)) {
-            be_put32(dir + pos + 12, flags | 1);
+        if (!(be.flags & QCOW2_BITMAP_IN_USE)) {
+            be_put32(dir + pos + QCOW2_BITMAP_FLAGS_OFFSET,
+                     be.flags | QCOW2_BITMAP_IN_USE);
             changed = true;
         }
-        pos += esize;
+        pos += be.size;
     }
     if (r < 0) {
         error_setf(errp, EINVAL, "%s: malformed bitmap directory",

@@ -115,7 +115,6 @@ struct qcow2 {
 
     struct qcow2_alloc *allocs;
     struct qcow2_busy *busy;
-    struct co_queue busy_waiters;  /* woken when a busy range ends */
 
     uint64_t free_cluster_index;   /* no free cluster below this one */
     uint32_t io_align;             /* backend alignment for metadata I/O */
@@ -181,10 +180,6 @@ int qcow2_alloc_clusters_co(struct qcow2 *s, struct coro *co, uint64_t want,
 /* Allocates exactly n contiguous clusters. */
 int qcow2_alloc_exact_co(struct qcow2 *s, struct coro *co, uint64_t n,
                          uint64_t *host);
-/* Releases the host clusters an L2 entry references (normal, zero with
- * preallocation, or compressed). */
-int qcow2_free_entry_co(struct qcow2 *s, struct coro *co,
-                        const struct qcow2_l2_entry *e);
 /* Rebuilds every refcount from the metadata (dirty image, lazy
  * refcounts).  Leaves the image consistent on disk. */
 int qcow2_rebuild_refcounts_co(struct qcow2 *s, struct coro *co,
