@@ -375,7 +375,7 @@ static struct json_object *cmd_blockdev_del(struct ctl_cmd_ctx *cx,
         error_setf(errp, EBUSY, "Node '%s' is busy: a job works on it", name);
         return NULL;
     }
-    if (server_blockdev_del(cx->ctl->srv, name, errp) < 0)
+    if (server_blockdev_del(cx->ctl->srv, name, cx->co, errp) < 0)
         return NULL;
     return synced(cx, ret_empty(), errp);
 }

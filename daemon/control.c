@@ -616,43 +616,6 @@ static void jobs_release(void *opaque)
     server_release(ctl->srv);
 }
 
-static int listen_unix(const char *path, unsigned mode, struct error **errp)
-{
-    struct sockaddr_un sun;
-    if (strlen(path) >= sizeof(sun.sun_path))
-        return error_setf(errp, ENAMETOOLONG, "--control %s: path too long", path);
-    memset(&sun, 0, sizeof(sun));
-    sun.sun_family = AF_UNIX;
-    strcpy(sun.sun_path, path);
-    struct stat st;
-    if (lstat(path, &st) == 0) {
-        if (!S_ISSOCK(st.st_mode))
-            return error_setf(errp, EEXIST, "--control %s exists and is not a socket",
-                              path);
-        unlink(path); /* a stale socket of an earlier run */
-    }
-    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (fd < 0)
-        return error_setf(errp, errno, "socket: %s", strerror(errno));
-    /* Created with the final mode: no window with a looser one.  Start-up
-     * is single-threaded, so the process-wide umask may be borrowed. */
-    mode_t old = umask(~(mode_t)mode & 0777);
-    int r = bind(fd, (struct sockaddr *)&sun, sizeof(sun));
-    int e = errno;
-    umask(old);
-    if (r == 0 && chmod(path, (mode_t)mode) < 0) {
-        r = -1;
-        e = errno;
-    }
-    if (r < 0 || listen(fd, 16) < 0) {
-        if (r == 0)
-            e = errno;
-        close(fd);
-        return error_setf(errp, e, "--control %s: %s", path, strerror(e));
-    }
-    return fd;
-}
-
 struct control *control_new(struct server *srv, const char *path,
                             unsigned mode, struct state *state,
                             struct error **errp)
@@ -678,7 +641,7 @@ struct control *control_new(struct server *srv, const char *path,
         error_setf(errp, ENOMEM, "out of memory");
         return NULL;
     }
-    int fd = listen_unix(path, mode, errp);
+    int fd = server_unix_socket(path, "--control ", (int)mode, 16, errp);
     if (fd < 0) {
         job_engine_free(ctl->jobs);
         free(ctl->path);

@@ -275,7 +275,7 @@ static bool verb_check(struct job *job, enum job_verb v, struct error **errp)
     return false;
 }
 
-static bool id_wellformed(const char *id)
+bool qmp_id_wellformed(const char *id)
 {
     if (!((id[0] >= 'a' && id[0] <= 'z') || (id[0] >= 'A' && id[0] <= 'Z')))
         return false;
@@ -296,7 +296,7 @@ struct job *job_create(struct job_engine *eng, const struct job_driver *drv,
         error_setf(errp, ESHUTDOWN, "the server is shutting down");
         return NULL;
     }
-    if (!id_wellformed(id)) {
+    if (!qmp_id_wellformed(id)) {
         error_setf(errp, EINVAL, "Invalid job ID '%s'", id);
         return NULL;
     }

@@ -111,6 +111,10 @@ enum job_error_action {
     JOB_ERROR_RETRY,           /* the job was stopped and resumed: retry */
 };
 
+/* QEMU's rule for ids (jobs, nodes, exports): a letter, then letters,
+ * digits, '-', '.', '_'; at most 128 characters. */
+bool qmp_id_wellformed(const char *id);
+
 const char *job_status_name(enum job_status s);
 const char *job_verb_name(enum job_verb v);
 /* Parses a BlockdevOnError name; false if unknown. */

@@ -16,6 +16,7 @@
 
 #include "conn.h"
 #include "log.h"
+#include "jobs.h"
 #include "server.h"
 
 void server_config_defaults(struct server_config *cfg)
@@ -214,19 +215,6 @@ struct blockdev *server_find_blockdev(struct server *srv, const char *node_name)
     return NULL;
 }
 
-/* QEMU's rule for ids and node names: a letter, then letters, digits,
- * '-', '.', '_'. */
-static bool id_wellformed(const char *id)
-{
-    if (!((id[0] >= 'a' && id[0] <= 'z') || (id[0] >= 'A' && id[0] <= 'Z')))
-        return false;
-    for (const char *p = id; *p; p++)
-        if (!((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') ||
-              (*p >= '0' && *p <= '9') || *p == '-' || *p == '.' || *p == '_'))
-            return false;
-    return strlen(id) <= 128;
-}
-
 void server_changed(struct server *srv)
 {
     if (srv->change_hook && srv->change_hook->changed)
@@ -287,7 +275,7 @@ static struct blockdev *blockdev_add(struct server *srv,
                                      const struct blockdev_config *cfg,
                                      struct coro *co, struct error **errp)
 {
-    if (!id_wellformed(cfg->node_name)) {
+    if (!qmp_id_wellformed(cfg->node_name)) {
         error_setf(errp, EINVAL, "Invalid node-name: '%s'", cfg->node_name);
         return NULL;
     }
@@ -345,21 +333,36 @@ static struct blockdev *blockdev_add(struct server *srv,
 }
 
 int server_blockdev_del(struct server *srv, const char *node_name,
-                        struct error **errp)
+                        struct coro *co, struct error **errp)
 {
-    size_t i;
-    for (i = 0; i < srv->n_bdevs; i++)
-        if (!strcmp(srv->bdevs[i]->node_name, node_name))
-            break;
-    if (i == srv->n_bdevs)
+    struct blockdev *b = server_find_blockdev(srv, node_name);
+    if (!b)
         return error_setf(errp, ENOENT, "Failed to find node with node-name='%s'",
                           node_name);
-    struct blockdev *b = srv->bdevs[i];
     if (b->export)
         return error_setf(errp, EBUSY, "Node '%s' is in use by export '%s'%s",
                           node_name, b->export->cfg.id,
                           b->export->deleted ? " (being deleted: its clients "
                                                "are still disconnecting)" : "");
+    if (co) {
+        /* Writes acknowledged since the last flush must not be lost with
+         * the node's metadata cache: flush, and keep the node if that
+         * fails. */
+        int r = fmt_flush_co(b->root, co);
+        if (r < 0)
+            return error_setf(errp, -r, "Node '%s': flush before closing: %s",
+                              node_name, strerror(-r));
+        /* The flush yielded: look again. */
+        if (server_find_blockdev(srv, node_name) != b)
+            return error_setf(errp, ENOENT, "Failed to find node with "
+                              "node-name='%s'", node_name);
+        if (b->export)
+            return error_setf(errp, EBUSY, "Node '%s' is in use by export '%s'",
+                              node_name, b->export->cfg.id);
+    }
+    size_t i = 0;
+    while (srv->bdevs[i] != b)
+        i++;
     memmove(&srv->bdevs[i], &srv->bdevs[i + 1],
             sizeof(*srv->bdevs) * (srv->n_bdevs - i - 1));
     srv->n_bdevs--;
@@ -381,7 +384,7 @@ struct export *server_export_add(struct server *srv,
                                  const struct export_add_config *cfg,
                                  struct error **errp)
 {
-    if (!id_wellformed(cfg->id)) {
+    if (!qmp_id_wellformed(cfg->id)) {
         error_setf(errp, EINVAL, "Invalid export id: '%s'", cfg->id);
         return NULL;
     }
@@ -509,7 +512,7 @@ char *export_config_id(const struct export_config *cfg)
         return strdup(cfg->id);
     if (!cfg->name[0])
         return strdup("default");
-    if (id_wellformed(cfg->name))
+    if (qmp_id_wellformed(cfg->name))
         return strdup(cfg->name);
     /* a name QMP ids cannot spell: a stable id derived from it (FNV-1a),
      * so that the same --export gets the same id on every start */
@@ -558,7 +561,7 @@ int server_add_export(struct server *srv, struct export_config *cfg,
     struct export *e = server_export_add(srv, &ac, errp);
     if (!e) {
         error_prefix(errp, "export '%s': ", cfg->name);
-        server_blockdev_del(srv, node_name, NULL);
+        server_blockdev_del(srv, node_name, NULL, NULL);
         free(id);
         return -EINVAL;
     }
@@ -706,12 +709,12 @@ static int listener_push(struct server *srv, int fd, const char *desc,
     return 0;
 }
 
-static int listen_unix(struct server *srv, const char *path,
-                       struct error **errp)
+int server_unix_socket(const char *path, const char *what, int mode,
+                       int backlog, struct error **errp)
 {
     struct sockaddr_un sun;
     if (strlen(path) >= sizeof(sun.sun_path))
-        return error_setf(errp, ENAMETOOLONG, "unix:%s: path too long", path);
+        return error_setf(errp, ENAMETOOLONG, "%s%s: path too long", what, path);
     memset(&sun, 0, sizeof(sun));
     sun.sun_family = AF_UNIX;
     strcpy(sun.sun_path, path);
@@ -719,20 +722,43 @@ static int listen_unix(struct server *srv, const char *path,
     /* a stale socket of an earlier run is replaced; anything else is not */
     if (lstat(path, &st) == 0) {
         if (!S_ISSOCK(st.st_mode))
-            return error_setf(errp, EEXIST, "unix:%s exists and is not a socket",
-                              path);
+            return error_setf(errp, EEXIST, "%s%s exists and is not a socket",
+                              what, path);
         unlink(path);
     }
     int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (fd < 0)
         return error_setf(errp, errno, "socket: %s", strerror(errno));
-    if (bind(fd, (struct sockaddr *)&sun, sizeof(sun)) < 0 ||
-        listen(fd, SOMAXCONN) < 0) {
-        int e = errno;
-        close(fd);
-        return error_setf(errp, e, "unix:%s: %s", path, strerror(e));
+    /* With a mode, created with it: no window with a looser one.  Start-up
+     * is single-threaded, so the process-wide umask may be borrowed. */
+    mode_t old = mode >= 0 ? umask(~(mode_t)mode & 0777) : 0;
+    int r = bind(fd, (struct sockaddr *)&sun, sizeof(sun));
+    int e = errno;
+    if (mode >= 0) {
+        umask(old);
+        if (r == 0 && chmod(path, (mode_t)mode) < 0) {
+            r = -1;
+            e = errno;
+        }
     }
-    char desc[sizeof(sun.sun_path) + 8];
+    if (r == 0 && listen(fd, backlog) < 0) {
+        r = -1;
+        e = errno;
+    }
+    if (r < 0) {
+        close(fd);
+        return error_setf(errp, e, "%s%s: %s", what, path, strerror(e));
+    }
+    return fd;
+}
+
+static int listen_unix(struct server *srv, const char *path,
+                       struct error **errp)
+{
+    int fd = server_unix_socket(path, "unix:", -1, SOMAXCONN, errp);
+    if (fd < 0)
+        return fd;
+    char desc[sizeof(((struct sockaddr_un *)0)->sun_path) + 8];
     snprintf(desc, sizeof(desc), "unix:%s", path);
     return listener_push(srv, fd, desc, path, errp);
 }

@@ -225,8 +225,11 @@ struct blockdev *server_blockdev_add(struct server *srv,
 struct blockdev *server_blockdev_add_co(struct server *srv,
                                         const struct blockdev_config *cfg,
                                         struct coro *co, struct error **errp);
+/* Closes a node that no export uses.  With co (a running QMP command),
+ * its chain is flushed first, and a failed flush keeps the node; co NULL
+ * only for a node nothing was written to. */
 int server_blockdev_del(struct server *srv, const char *node_name,
-                        struct error **errp);
+                        struct coro *co, struct error **errp);
 /* path made absolute against the working directory (malloc'ed); rbd:
  * specs and absolute paths as they are.  NULL when out of memory. */
 char *server_absolute_path(const char *path);
@@ -297,6 +300,12 @@ void server_hold(struct server *srv);
 void server_release(struct server *srv);
 void server_add_shutdown_hook(struct server *srv,
                               struct server_shutdown_hook *h);
+
+/* A listening unix socket at path (a stale socket there is replaced,
+ * anything else refused), with mode (or the umask's when mode < 0).
+ * Messages start with what+path.  Returns the descriptor or -errno. */
+int server_unix_socket(const char *path, const char *what, int mode,
+                       int backlog, struct error **errp);
 
 /* Binds "HOST:PORT", "[V6]:PORT" or "unix:PATH". */
 int server_add_listener(struct server *srv, const char *addr,
