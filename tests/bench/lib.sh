@@ -1,24 +1,27 @@
-# strata benchmarks: what bench-raw.sh and bench-chain.sh share.
-# Sourced first (needs $here and $default_rounds); the caller's
-# start_server sets $server_pid and $uri.
+# strata benchmarks: what bench-raw.sh, bench-chain.sh and bench-rbd.sh
+# share.  Sourced first (needs $here, $default_rounds and, optionally,
+# $default_size_mib); the caller's start_server sets $server_pid and $uri
+# and logs the server to $work/SERVER.log; an optional bench_cleanup_extra
+# runs at exit.
 
 # The settings both benchmarks take from the environment (see
 # bench-raw.sh's header).  $default_rounds is the caller's.
 echo "command: $(printf '%q ' "$0" "$@")"
 echo "env: STRATAD=${STRATAD-} BENCH_DIR=${BENCH_DIR-} BENCH_RUNTIME=${BENCH_RUNTIME-}" \
-     "BENCH_RAMP=${BENCH_RAMP-} BENCH_QUICK=${BENCH_QUICK-} BENCH_SERVERS=${BENCH_SERVERS-}"
+     "BENCH_RAMP=${BENCH_RAMP-} BENCH_QUICK=${BENCH_QUICK-} BENCH_SERVERS=${BENCH_SERVERS-}" \
+     "BENCH_SIZE_MIB=${BENCH_SIZE_MIB-}"
 top=$(cd "$here/../.." && pwd)
 STRATAD=${STRATAD:-$top/build/daemon/stratad}
 BENCH_DIR=${BENCH_DIR:-/var/tmp/strata-bench}
 PY=/usr/bin/python3
 [ -x "$PY" ] || PY=python3
 if [ "${BENCH_QUICK:-0}" = 1 ]; then
-    size_mib=64
+    size_mib=${BENCH_SIZE_MIB:-64}
     runtime=${BENCH_RUNTIME:-2}
     ramp=${BENCH_RAMP:-0}
     rounds=${BENCH_ROUNDS:-1}
 else
-    size_mib=1024
+    size_mib=${BENCH_SIZE_MIB:-${default_size_mib:-1024}}
     runtime=${BENCH_RUNTIME:-10}
     ramp=${BENCH_RAMP:-1}
     rounds=${BENCH_ROUNDS:-$default_rounds}
@@ -35,6 +38,9 @@ bench_workdir() {
             sleep 1
             kill -KILL "$server_pid" 2>/dev/null || true
         fi
+        if declare -F bench_cleanup_extra >/dev/null; then
+            bench_cleanup_extra || true
+        fi
         rm -rf "$work"
     }
     trap cleanup EXIT
@@ -44,11 +50,13 @@ bench_workdir() {
     : > "$results"
     rss=$work/rss.txt               # server kB
     : > "$rss"
+    cpu=$work/cpu.txt               # server ticks ticks_per_second
+    : > "$cpu"
     failed=0
 }
 
-wait_socket() {                 # sock pid
-    for _ in $(seq 1 200); do
+wait_socket() {                 # sock pid [seconds, default 10]
+    for _ in $(seq 1 $((${3:-10} * 20))); do
         [ -S "$1" ] && return 0
         kill -0 "$2" 2>/dev/null || return 1
         sleep 0.05
@@ -56,18 +64,21 @@ wait_socket() {                 # sock pid
     return 1
 }
 
-stop_server() {                 # server
-    local s=$1 status=0
-    # peak resident set size over the server's life
+stop_server() {                 # server [seconds to stop, default 10]
+    local s=$1 wait_s=${2:-10} status=0
+    # peak resident set size and CPU time (user + system, all threads) over
+    # the server's life
     hwm=$(awk '/^VmHWM:/ {print $2}' "/proc/$server_pid/status" 2>/dev/null || echo "?")
     echo "$s ${hwm:-?}" >> "$rss"
+    ticks=$(awk '{print $14 + $15}' "/proc/$server_pid/stat" 2>/dev/null || echo "?")
+    echo "$s $ticks $(getconf CLK_TCK)" >> "$cpu"
     kill -TERM "$server_pid" 2>/dev/null || true
-    for _ in $(seq 1 100); do
+    for _ in $(seq 1 $((wait_s * 10))); do
         kill -0 "$server_pid" 2>/dev/null || break
         sleep 0.1
     done
     if kill -0 "$server_pid" 2>/dev/null; then
-        echo "bench: $s did not stop within 10 s of SIGTERM; killing it" >&2
+        echo "bench: $s did not stop within $wait_s s of SIGTERM; killing it" >&2
         kill -KILL "$server_pid" 2>/dev/null || true
         [ "$s" = stratad ] && failed=1
     fi
@@ -94,6 +105,10 @@ run_fio() {                     # server name rw bs depth
     if ! timeout $((runtime + ramp + 60)) "${fcmd[@]}" >"$work/$s-$name.out" 2>&1; then
         echo "bench: fio failed for $s $name:" >&2
         cat "$work/$s-$name.out" >&2
+        if [ -f "$work/$s.log" ]; then
+            echo "bench: $s's log (tail):" >&2
+            tail -30 "$work/$s.log" >&2
+        fi
         failed=1
         echo "$s $name FAIL FAIL" >> "$results"
         return 0
@@ -119,12 +134,14 @@ PYEOF
 }
 
 # Prints the table: medians per server and workload, the ratios of stratad
-# to each server named in $ratio_to, and the peak RSS of each server.
+# to each server named in $ratio_to, and the peak RSS and CPU time of each
+# server process.
 summary() {
-"$PY" - "$results" "$rss" "$servers" "$ratio_to" <<'PYEOF'
+"$PY" - "$results" "$rss" "$servers" "$ratio_to" "$cpu" <<'PYEOF'
 import sys
 results, rss, servers = sys.argv[1], sys.argv[2], sys.argv[3].split()
 ratio_to = sys.argv[4].split()
+cpu_file = sys.argv[5]
 res = {}
 order = []
 for line in open(results):
@@ -167,9 +184,17 @@ for line in open(rss):
     if hwm.isdigit() and (not peak.get(srv, "?").isdigit() or int(hwm) > int(peak[srv])):
         peak[srv] = hwm
     peak.setdefault(srv, hwm)
+cpu = {}
+for line in open(cpu_file):
+    srv, ticks, hz = line.split()
+    if ticks.replace(".", "").isdigit():
+        cpu[srv] = cpu.get(srv, 0.0) + float(ticks) / float(hz)
+processes = [s for s in servers if s in peak]
 print()
 print("peak RSS (VmHWM): " + ", ".join(
-    f"{s} {int(peak[s]) / 1024:.1f} MiB" if peak.get(s, "?").isdigit() else f"{s} ?"
-    for s in servers))
+    f"{s} {int(peak[s]) / 1024:.1f} MiB" if peak[s].isdigit() else f"{s} ?"
+    for s in processes))
+print("server CPU time, all jobs (user+system): " + ", ".join(
+    f"{s} {cpu[s]:.1f} s" for s in processes if s in cpu))
 PYEOF
 }
