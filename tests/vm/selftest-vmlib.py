@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as H  # noqa: E402
 import vmlib  # noqa: E402
+import vmtest  # noqa: E402
 
 SIZE = 64 << 20
 MAILBOX_PORT = 7000
@@ -40,11 +41,7 @@ vm_pass
 
 
 def main():
-    H.report_unexpected_exceptions()
-    why = vmlib.available()
-    if why:
-        H.skip(why)
-    H.require_built()
+    vmtest.begin()
     image = vmlib.guest_image()
     d = H.tmpdir()
     disk = H.make_file(os.path.join(d, "disk.raw"), SIZE)

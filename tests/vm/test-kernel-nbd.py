@@ -49,19 +49,18 @@ import os
 import random
 import re
 import shutil
-import subprocess
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                 "..", "integration"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as H  # noqa: E402
 import vmlib  # noqa: E402
+import vmtest  # noqa: E402
+from vmtest import file_sha, sh, workdir  # noqa: E402
 
 FORMAT = os.environ.get("STRATA_VM_FORMAT", "qcow2")
 BOOT_TIMEOUT = int(os.environ.get("STRATA_VM_BOOT_TIMEOUT", "300"))
-KEEP = os.environ.get("STRATA_VM_KEEP", "") not in ("", "0")
 
 EXPORT = "vm"
 SIZE = 256 << 20
@@ -83,23 +82,6 @@ BOOTS = [
 
 INIT = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                     "guest", "kernel-nbd.sh")
-
-
-def sh(*args, check=True, **kw):
-    r = subprocess.run(list(args), stdout=subprocess.PIPE,
-                       stderr=subprocess.STDOUT, timeout=300, **kw)
-    if check and r.returncode != 0:
-        H.fail(f"{' '.join(args)}: exit {r.returncode}:\n"
-               f"{r.stdout.decode(errors='replace')[-3000:]}")
-    return r
-
-
-def workdir():
-    if KEEP:
-        d = tempfile.mkdtemp(prefix="strata-vm-")
-        print(f"work dir (kept): {d}")
-        return d
-    return H.tmpdir()
 
 
 def make_data():
@@ -148,14 +130,6 @@ def make_images(d):
 def export_spec(path, readonly):
     return (f"name={EXPORT},file={path},format={FORMAT},"
             f"readonly={'on' if readonly else 'off'}")
-
-
-def file_sha(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def flat_sha(path, fmt, d):
@@ -333,23 +307,12 @@ def stop_daemon(daemon, d, name):
 
 
 def main():
-    H.report_unexpected_exceptions()
-    why = vmlib.available()
-    if why:
-        H.skip(why)
-    H.require_built()
+    vmtest.begin("qemu-img", "qemu-io", "socat")
     if FORMAT not in ("qcow2", "raw"):
         H.fail(f"STRATA_VM_FORMAT={FORMAT}: expected qcow2 or raw")
-    for p in ("qemu-img", "qemu-io", "socat"):
-        H.check_hard(shutil.which(p) is not None,
-                     f"{p} is not installed (contrib/deps.sh test installs it)")
     H.ok(f"format: {FORMAT} (STRATA_VM_FORMAT)")
 
-    try:
-        image = vmlib.guest_image()
-    except vmlib.VMError as e:
-        H.fail(f"guest image: {e}")
-    H.ok(f"guest image: kernel {image.manifest['kernel']}")
+    image = vmtest.guest_image()
 
     d = workdir()
     files, sums = make_data()

@@ -57,9 +57,7 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
@@ -67,9 +65,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as H  # noqa: E402
 import vmlib  # noqa: E402
+import vmtest  # noqa: E402
+from vmtest import file_sha, sh, workdir  # noqa: E402
 
 BOOT_TIMEOUT = int(os.environ.get("STRATA_VM_BOOT_TIMEOUT", "480"))
-KEEP = os.environ.get("STRATA_VM_KEEP", "") not in ("", "0")
 
 EXPORT = "vm"
 SIZE = 256 << 20
@@ -91,31 +90,6 @@ PROGRESS = r"^strata-vm: wrote file (\d+) \((.*)\)$"
 
 INIT = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                     "guest", "qemu-guest.sh")
-
-
-def sh(*args, check=True, **kw):
-    r = subprocess.run(list(args), stdout=subprocess.PIPE,
-                       stderr=subprocess.STDOUT, timeout=300, **kw)
-    if check and r.returncode != 0:
-        H.fail(f"{' '.join(args)}: exit {r.returncode}:\n"
-               f"{r.stdout.decode(errors='replace')[-3000:]}")
-    return r
-
-
-def workdir():
-    if KEEP:
-        d = tempfile.mkdtemp(prefix="strata-vm-")
-        print(f"work dir (kept): {d}")
-        return d
-    return H.tmpdir()
-
-
-def file_sha(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def make_images(d):
@@ -176,24 +150,13 @@ class Guest:
 
 
 def main():
-    H.report_unexpected_exceptions()
-    why = vmlib.available()
-    if why:
-        H.skip(why)
-    H.require_built()
-    for p in ("qemu-img", "qemu-io", "socat"):
-        H.check_hard(shutil.which(p) is not None,
-                     f"{p} is not installed (contrib/deps.sh test installs it)")
+    vmtest.begin("qemu-img", "qemu-io", "socat")
     e2fsck = shutil.which("e2fsck") or "/sbin/e2fsck"
     debugfs = shutil.which("debugfs") or "/sbin/debugfs"
     H.check_hard(os.path.exists(e2fsck) and os.path.exists(debugfs),
                  "e2fsck/debugfs not found on the host (contrib/deps.sh test "
                  "installs e2fsprogs)")
-    try:
-        image = vmlib.guest_image()
-    except vmlib.VMError as e:
-        H.fail(f"guest image: {e}")
-    H.ok(f"guest image: kernel {image.manifest['kernel']}")
+    image = vmtest.guest_image()
 
     d = workdir()
     P = lambda name: os.path.join(d, name)  # noqa: E731
