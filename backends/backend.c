@@ -2,6 +2,7 @@
 #include <assert.h>
 #include <errno.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "backend.h"
 #include "strata-config.h"
@@ -21,6 +22,22 @@ struct backend *backend_open(struct loop *loop, const char *spec,
 #endif
     }
     return file_backend_open(loop, spec, opts, errp);
+}
+
+int backend_remove(const char *spec, struct error **errp)
+{
+    if (strncmp(spec, "rbd:", 4) == 0) {
+#if STRATA_HAVE_RBD
+        return rbd_backend_remove(spec, errp);
+#else
+        return error_setf(errp, ENOTSUP, "%s: stratad was built without "
+                          "librbd", spec);
+#endif
+    }
+    if (unlink(spec) < 0)
+        return error_setf(errp, errno, "%s: cannot remove it: %s", spec,
+                          strerror(errno));
+    return 0;
 }
 
 void backend_close(struct backend *b)

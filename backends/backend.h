@@ -117,6 +117,9 @@ struct backend *backend_open(struct loop *loop, const char *spec,
                              const struct backend_open_opts *opts,
                              struct error **errp);
 void backend_close(struct backend *b);
+/* Deletes the storage named by spec (a file, or an RBD image): undoes a
+ * create whose result must not stay.  Control path, like backend_open. */
+int backend_remove(const char *spec, struct error **errp);
 /* Read-only <-> read-write on the same storage (block-commit opens its base
  * for writing).  No I/O may be in flight.  -ENOTSUP if the backend cannot. */
 int backend_reopen(struct backend *b, bool read_only, struct error **errp);
@@ -147,10 +150,12 @@ struct backend *file_backend_open(struct loop *loop, const char *path,
                                   const struct backend_open_opts *opts,
                                   struct error **errp);
 /* Only when built with librbd (STRATA_HAVE_RBD in strata-config.h).
- * opts->direct turns librbd's cache off (rbd_cache=false); create is not
- * supported (make images with 'rbd create'). */
+ * opts->direct turns librbd's cache off (rbd_cache=false); create makes a
+ * new image of create_size bytes with the cluster's default features (an
+ * existing image is an error). */
 struct backend *rbd_backend_open(struct loop *loop, const char *spec,
                                  const struct backend_open_opts *opts,
                                  struct error **errp);
+int rbd_backend_remove(const char *spec, struct error **errp);
 
 #endif

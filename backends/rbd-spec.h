@@ -21,6 +21,7 @@
 #ifndef STRATA_RBD_SPEC_H
 #define STRATA_RBD_SPEC_H
 
+#include <stdbool.h>
 #include <stddef.h>
 
 #include "error.h"
@@ -45,6 +46,7 @@ struct rbd_spec {
     char *keyring;         /* NULL: as the configuration says */
     unsigned timeout;              /* seconds, 0 = none */
     unsigned connect_timeout;      /* seconds, >= 1 */
+    bool timeout_set, connect_timeout_set; /* given in the spec */
     size_t n_opts;
     struct rbd_spec_opt opts[RBD_SPEC_MAX_OPTS]; /* passed to Ceph as is */
 };
@@ -54,5 +56,40 @@ struct rbd_spec {
 int rbd_spec_parse(const char *spec, struct rbd_spec *s, struct error **errp);
 /* Frees what rbd_spec_parse() allocated; *s is left empty. */
 void rbd_spec_clear(struct rbd_spec *s);
+
+/* The spec string of *s, escaped so that rbd_spec_parse() reads back the
+ * same spec (options in a canonical order: conf, id, keyring, timeout,
+ * connect_timeout when given, then the Ceph options).  NULL when out of
+ * memory. */
+char *rbd_spec_format(const struct rbd_spec *s);
+
+/* Backing names.  A backing name is read from an image header, so it is
+ * not trusted like the spec of an export: it may name an image and the
+ * cluster to find it in (conf=, id=, keyring=, timeout=, connect_timeout=,
+ * mon_host=) but may not set any other Ceph option (log files, admin
+ * sockets: an image must not configure the client that opens it).
+ *
+ * rbd_spec_resolve_backing() turns the backing name of an image into the
+ * spec to open.  overlay is the image's own spec when it is on RBD, else
+ * NULL.  name is either an rbd: spec, or — only under an RBD overlay — a
+ * relative name IMAGE[@SNAP], an image in the overlay's pool and
+ * namespace (as QEMU resolves it).  Whatever the name leaves unsaid is
+ * taken from the overlay's spec: the layers of a chain in one cluster are
+ * opened with the same configuration, credentials and timeouts as its top.
+ * Returns 0 and a new string in *out, or -errno with *errp set. */
+int rbd_spec_resolve_backing(const char *overlay, const char *name,
+                             char **out, struct error **errp);
+
+/* The backing name to record in an overlay's header for the image layer
+ * (an rbd: spec, usually an export's): the image, and those of the
+ * header-safe options that the overlay would not pass on anyway (overlay:
+ * its spec when it is on RBD, else NULL).  Other Ceph options of layer are
+ * dropped.  Returns 0 and a new string in *out, or -errno with *errp set. */
+int rbd_spec_backing_name(const char *layer, const char *overlay, char **out,
+                          struct error **errp);
+
+/* Do the two rbd: specs name the same image (pool, namespace, image and
+ * snapshot)?  Specs that do not parse are never the same. */
+bool rbd_spec_same_image(const char *a, const char *b);
 
 #endif

@@ -878,6 +878,42 @@ static int rbd_connect(struct rbd_backend *r, const struct backend_open_opts *op
     if (s->ns)
         rados_ioctx_set_namespace(r->ioctx, s->ns);
 
+    return 0;
+}
+
+/* Creates the image (opts->create): format 2 with the cluster's default
+ * features and object size, of opts->create_size bytes.  An existing image
+ * is an error, never reused. */
+static int rbd_create_image(struct rbd_backend *r,
+                            const struct backend_open_opts *opts,
+                            struct error **errp)
+{
+    const struct rbd_spec *s = &r->spec;
+    if (s->snap)
+        return error_setf(errp, EINVAL, "%s: cannot create a snapshot "
+                          "(name an image without @SNAP)", r->where);
+    int order = 0; /* the cluster's default object size */
+    int e = rbd_create(r->ioctx, s->image, opts->create_size, &order);
+    if (e == -EEXIST)
+        return error_setf(errp, EEXIST, "%s: image '%s' already exists in "
+                          "pool '%s'", r->where, s->image, s->pool);
+    if (e == -EACCES || e == -EPERM)
+        return error_setf(errp, EACCES, "%s: client.%s may not create images "
+                          "in pool '%s' (its caps)", r->where,
+                          s->id ? s->id : "admin", s->pool);
+    if (e < 0)
+        return error_setf(errp, -e, "%s: cannot create the image: %s",
+                          r->where, strerror(-e));
+    log_info("%s: created (%llu bytes)", r->where,
+             (unsigned long long)opts->create_size);
+    return 0;
+}
+
+static int rbd_open_image(struct rbd_backend *r, struct error **errp)
+{
+    const struct rbd_spec *s = &r->spec;
+    const char *user = s->id ? s->id : "admin";
+    int e;
     if (r->b.read_only)
         e = rbd_open_read_only(r->ioctx, s->image, &r->image, s->snap);
     else
@@ -925,11 +961,6 @@ struct backend *rbd_backend_open(struct loop *loop, const char *spec,
                                  const struct backend_open_opts *opts,
                                  struct error **errp)
 {
-    if (opts->create) {
-        error_setf(errp, ENOTSUP, "%s: stratad does not create RBD images "
-                   "(use 'rbd create')", spec);
-        return NULL;
-    }
     struct rbd_backend *r = calloc(1, sizeof(*r));
     if (!r) {
         error_setf(errp, ENOMEM, "out of memory");
@@ -955,7 +986,9 @@ struct backend *rbd_backend_open(struct loop *loop, const char *spec,
     }
     r->b.read_only = opts->read_only || s->snap != NULL;
 
-    if (rbd_connect(r, opts, errp) < 0)
+    if (rbd_connect(r, opts, errp) < 0 ||
+        (opts->create && rbd_create_image(r, opts, errp) < 0) ||
+        rbd_open_image(r, errp) < 0)
         goto fail;
 
     r->efd = eventfd(0, EFD_CLOEXEC);
@@ -991,4 +1024,40 @@ struct backend *rbd_backend_open(struct loop *loop, const char *spec,
 fail:
     rbd_backend_close(&r->b);
     return NULL;
+}
+
+int rbd_backend_remove(const char *spec, struct error **errp)
+{
+    struct rbd_backend *r = calloc(1, sizeof(*r));
+    if (!r)
+        return error_setf(errp, ENOMEM, "out of memory");
+    r->efd = -1;
+    pthread_mutex_init(&r->jobs_lock, NULL);
+    pthread_cond_init(&r->jobs_cond, NULL);
+    r->b.read_only = true;
+    int e = rbd_spec_parse(spec, &r->spec, errp);
+    if (e == 0 && !(r->b.name = strdup(spec)))
+        e = error_setf(errp, ENOMEM, "out of memory");
+    if (e == 0 && asprintf(&r->where, "rbd:%s/%s%s%s", r->spec.pool,
+                           r->spec.ns ? r->spec.ns : "",
+                           r->spec.ns ? "/" : "", r->spec.image) < 0) {
+        r->where = NULL;
+        e = error_setf(errp, ENOMEM, "out of memory");
+    }
+    struct backend_open_opts opts = {.read_only = true};
+    if (e == 0)
+        e = rbd_connect(r, &opts, errp);
+    if (e == 0 && r->spec.snap)
+        e = error_setf(errp, EINVAL, "%s: names a snapshot, not an image",
+                       spec);
+    if (e == 0) {
+        e = rbd_remove(r->ioctx, r->spec.image);
+        if (e < 0)
+            error_setf(errp, -e, "%s: cannot remove the image: %s", r->where,
+                       strerror(-e));
+        else
+            log_info("%s: removed", r->where);
+    }
+    rbd_backend_close(&r->b);
+    return e < 0 ? e : 0;
 }

@@ -10,6 +10,7 @@
 
 #include "chain.h"
 #include "log.h"
+#include "rbd-spec.h"
 
 /* ---- naming layers ---- */
 
@@ -31,9 +32,11 @@ char *chain_layer_path(const struct blockdev *b, const struct fmt_node *n,
                        n->filename, b->node_name);
             return NULL;
         }
-        char *next = fmt_resolve_backing(path, name);
+        char *next = fmt_resolve_backing(path, name, errp);
         free(path);
         path = next;
+        if (!path)
+            return NULL;
     }
     if (!path)
         error_setf(errp, ENOMEM, "out of memory");
@@ -57,8 +60,6 @@ struct fmt_node *chain_find(const struct blockdev *b, const char *file,
                             const char *node, unsigned *depth,
                             struct error **errp)
 {
-    struct stat want;
-    bool have_stat = file && !is_protocol(file) && stat(file, &want) == 0;
     unsigned d = 0;
     for (struct fmt_node *x = b->root; x; x = x->backing, d++) {
         bool match = false;
@@ -66,10 +67,8 @@ struct fmt_node *chain_find(const struct blockdev *b, const char *file,
             match = member_name_is(b->node_name, d, node);
         } else {
             char *p = chain_layer_path(b, x, NULL);
-            struct stat st;
             match = !strcmp(file, x->filename) || (p && !strcmp(file, p)) ||
-                    (have_stat && p && !is_protocol(p) && stat(p, &st) == 0 &&
-                     st.st_dev == want.st_dev && st.st_ino == want.st_ino);
+                    (p && fmt_same_layer(file, p));
             free(p);
         }
         if (match) {
@@ -113,10 +112,13 @@ int chain_check_backing_root(const struct blockdev *b, struct fmt_node *n,
                              struct error **errp)
 {
     char root[PATH_MAX];
+    bool no_local = false; /* as the chain opener: see fmt_open_opts */
     if (backing_root) {
         if (!realpath(backing_root, root))
             return error_setf(errp, errno, "backing root %s: %s", backing_root,
                               strerror(errno));
+    } else if (is_protocol(top_path)) {
+        no_local = true;
     } else if (real_dir_of(top_path, root, errp) < 0) {
         return -1;
     }
@@ -125,6 +127,14 @@ int chain_check_backing_root(const struct blockdev *b, struct fmt_node *n,
         if (!p)
             return -1;
         char real[PATH_MAX];
+        if (!is_protocol(p) && no_local) {
+            error_setf(errp, EACCES, "%s would be a local backing file under "
+                       "%s, an image on RBD, so the chain would not open "
+                       "again after a restart (set backing-root= on the "
+                       "export to allow local backing files)", p, top_path);
+            free(p);
+            return -1;
+        }
         if (!is_protocol(p) && (!realpath(p, real) || !path_inside(real, root))) {
             error_setf(errp, EACCES, "%s would be outside the backing root %s of "
                        "a chain whose top is %s, so the chain would not open "
@@ -175,6 +185,51 @@ static char *relative_path(const char *from, const char *to)
     return r;
 }
 
+/* The backing name of an overlay at path for the layer top, relative to
+ * the overlay: a path from the overlay's directory for files, the bare
+ * IMAGE[@SNAP] for an RBD image in the overlay's own pool and namespace. */
+static char *relative_backing_name(const char *path, const char *top,
+                                   struct error **errp)
+{
+    if (is_protocol(path) || is_protocol(top)) {
+        char *name = NULL;
+        struct rbd_spec o, t;
+        if (!is_protocol(path) || !is_protocol(top) ||
+            rbd_spec_parse(path, &o, NULL) < 0) {
+            error_setf(errp, EINVAL, "%s cannot be named relative to %s",
+                       top, path);
+            return NULL;
+        }
+        if (rbd_spec_parse(top, &t, NULL) == 0) {
+            bool same_pool = !strcmp(o.pool, t.pool) &&
+                             ((!o.ns && !t.ns) ||
+                              (o.ns && t.ns && !strcmp(o.ns, t.ns)));
+            if (same_pool && !strpbrk(t.image, "/@") &&
+                asprintf(&name, "%s%s%s", t.image, t.snap ? "@" : "",
+                         t.snap ? t.snap : "") < 0)
+                name = NULL;
+            rbd_spec_clear(&t);
+        }
+        rbd_spec_clear(&o);
+        if (!name)
+            error_setf(errp, EINVAL, "%s cannot be named relative to %s (not "
+                       "in the same pool and namespace)", top, path);
+        return name;
+    }
+    char dir[PATH_MAX], top_real[PATH_MAX];
+    if (real_dir_of(path, dir, errp) < 0)
+        return NULL;
+    if (!realpath(top, top_real)) {
+        error_setf(errp, EINVAL, "%s: cannot be named relative to %s", top,
+                   dir);
+        return NULL;
+    }
+    char *name = relative_path(dir, top_real);
+    if (!name)
+        error_setf(errp, ENOMEM, "out of memory");
+    return name;
+}
+
 int snapshot_sync_co(struct server *srv, struct export *e,
                      const struct snapshot_args *a, struct coro *co,
                      struct snapshot_result *res, struct error **errp)
@@ -205,31 +260,33 @@ int snapshot_sync_co(struct server *srv, struct export *e,
         r = error_setf(errp, ENOMEM, "out of memory");
         goto out;
     }
-    struct stat st;
-    if (lstat(path, &st) == 0) {
-        r = error_setf(errp, EEXIST, "%s already exists (the snapshot creates a "
-                       "new file)", path);
-        goto out;
-    }
-    char dir[PATH_MAX];
-    if (real_dir_of(path, dir, errp) < 0) {
-        r = -ENOENT;
-        goto out;
-    }
-    if (a->relative_backing) {
-        char top_real[PATH_MAX];
-        if (is_protocol(b->filename) || !realpath(b->filename, top_real)) {
-            r = error_setf(errp, EINVAL, "%s: cannot be named relative to %s",
-                           b->filename, dir);
+    if (is_protocol(path)) {
+        /* rbd_create refuses an existing image */
+    } else {
+        struct stat st;
+        if (lstat(path, &st) == 0) {
+            r = error_setf(errp, EEXIST, "%s already exists (the snapshot "
+                           "creates a new file)", path);
             goto out;
         }
-        bname = relative_path(dir, top_real);
-    } else {
-        bname = strdup(b->filename);
+        char dir[PATH_MAX];
+        if (real_dir_of(path, dir, errp) < 0) {
+            r = -ENOENT;
+            goto out;
+        }
     }
-    if (!bname) {
-        r = error_setf(errp, ENOMEM, "out of memory");
-        goto out;
+    if (a->relative_backing) {
+        bname = relative_backing_name(path, b->filename, errp);
+        if (!bname) {
+            r = -EINVAL;
+            goto out;
+        }
+    } else {
+        bname = fmt_backing_name_for(path, b->filename, errp);
+        if (!bname) {
+            r = -EINVAL;
+            goto out;
+        }
     }
     if (chain_check_backing_root(b, old, path, b->backing_root, errp) < 0) {
         r = -EACCES;
@@ -333,8 +390,11 @@ out:
         fmt_close(n);
     }
     if (created && path) {
-        if (unlink(path) < 0)
-            log_warn("%s: cannot remove it: %s", path, strerror(errno));
+        struct error *rm = NULL;
+        if (backend_remove(path, &rm) < 0) {
+            log_warn("%s", rm->msg);
+            error_free(rm);
+        }
     }
     b->chain_busy = false;
     free(path);

@@ -651,26 +651,22 @@ static const struct blockdev *shared_with(struct server *srv,
                                           struct fmt_node *n)
 {
     char *p = chain_layer_path(b, n, NULL);
-    struct stat a;
-    bool ok = p && stat(p, &a) == 0;
-    free(p);
-    if (!ok)
+    if (!p)
         return NULL;
-    for (size_t i = 0; i < srv->n_bdevs; i++) {
+    const struct blockdev *found = NULL;
+    for (size_t i = 0; i < srv->n_bdevs && !found; i++) {
         const struct blockdev *o = srv->bdevs[i];
         if (o == b)
             continue;
-        for (struct fmt_node *x = o->root; x; x = x->backing) {
+        for (struct fmt_node *x = o->root; x && !found; x = x->backing) {
             char *q = chain_layer_path(o, x, NULL);
-            struct stat st;
-            bool same = q && stat(q, &st) == 0 && st.st_dev == a.st_dev &&
-                        st.st_ino == a.st_ino;
+            if (q && fmt_same_layer(p, q))
+                found = o;
             free(q);
-            if (same)
-                return o;
         }
     }
-    return NULL;
+    free(p);
+    return found;
 }
 
 struct job *commit_start(struct job_engine *eng, struct server *srv,
@@ -792,10 +788,8 @@ struct job *commit_start(struct job_engine *eng, struct server *srv,
             return NULL;
         }
         if (a->backing_file) {
-            char *res = fmt_resolve_backing(apath, a->backing_file);
-            struct stat s1, s2;
-            bool same = res && stat(res, &s1) == 0 && stat(bpath, &s2) == 0 &&
-                        s1.st_dev == s2.st_dev && s1.st_ino == s2.st_ino;
+            char *res = fmt_resolve_backing(apath, a->backing_file, NULL);
+            bool same = res && fmt_same_layer(res, bpath);
             free(res);
             if (!same) {
                 error_setf(errp, EINVAL, "backing-file '%s' (seen from %s) is "
@@ -806,14 +800,15 @@ struct job *commit_start(struct job_engine *eng, struct server *srv,
                 return NULL;
             }
             c->backing_name = strdup(a->backing_file);
-            free(bpath);
+            if (!c->backing_name)
+                error_setf(errp, ENOMEM, "out of memory");
         } else {
-            c->backing_name = bpath;
+            c->backing_name = fmt_backing_name_for(apath, bpath, errp);
         }
+        free(bpath);
         free(apath);
         if (!c->backing_name) {
             commit_free(&(struct job){.opaque = c});
-            error_setf(errp, ENOMEM, "out of memory");
             return NULL;
         }
     }

@@ -10,6 +10,7 @@
 
 #include "format.h"
 #include "loop.h"
+#include "rbd-spec.h"
 
 static const uint8_t qcow2_magic[4] = {'Q', 'F', 'I', 0xfb};
 
@@ -19,9 +20,13 @@ struct chain_ctx {
     struct coro *co;
     const struct fmt_open_opts *opts;
     char root[PATH_MAX];          /* backing root (real path) */
+    bool no_local;                /* no local backing files (top on RBD,
+                                     no backing root given) */
     struct {
         dev_t dev;
         ino_t ino;
+        const char *rbd;          /* the layer's rbd: spec (alive while the
+                                     opener runs), or NULL */
     } seen[FMT_MAX_CHAIN_DEPTH];
     unsigned depth;
 };
@@ -31,22 +36,59 @@ static bool is_protocol(const char *spec)
     return strncmp(spec, "rbd:", 4) == 0;
 }
 
-/* Resolves a backing name against the overlay's name: absolute names and
- * protocol specs as they are, others relative to the overlay's directory. */
-char *fmt_resolve_backing(const char *overlay, const char *name)
+char *fmt_resolve_backing(const char *overlay, const char *name,
+                          struct error **errp)
 {
-    if (name[0] == '/' || is_protocol(name))
-        return strdup(name);
+    char *p = NULL;
+    if (is_protocol(overlay) && name[0] != '/') {
+        if (rbd_spec_resolve_backing(overlay, name, &p, errp) < 0)
+            return NULL;
+        return p;
+    }
+    if (is_protocol(name)) {
+        if (rbd_spec_resolve_backing(NULL, name, &p, errp) < 0)
+            return NULL;
+        return p;
+    }
     const char *slash = strrchr(overlay, '/');
-    if (!slash || is_protocol(overlay))
-        return strdup(name);
-    size_t dirlen = (size_t)(slash - overlay) + 1;
-    char *p = malloc(dirlen + strlen(name) + 1);
+    if (name[0] == '/' || !slash) {
+        p = strdup(name);
+    } else {
+        size_t dirlen = (size_t)(slash - overlay) + 1;
+        p = malloc(dirlen + strlen(name) + 1);
+        if (p) {
+            memcpy(p, overlay, dirlen);
+            strcpy(p + dirlen, name);
+        }
+    }
     if (!p)
-        return NULL;
-    memcpy(p, overlay, dirlen);
-    strcpy(p + dirlen, name);
+        error_setf(errp, ENOMEM, "out of memory");
     return p;
+}
+
+char *fmt_backing_name_for(const char *overlay, const char *layer,
+                           struct error **errp)
+{
+    char *p = NULL;
+    if (is_protocol(layer)) {
+        if (rbd_spec_backing_name(layer, is_protocol(overlay) ? overlay : NULL,
+                                  &p, errp) < 0)
+            return NULL;
+        return p;
+    }
+    p = strdup(layer);
+    if (!p)
+        error_setf(errp, ENOMEM, "out of memory");
+    return p;
+}
+
+bool fmt_same_layer(const char *a, const char *b)
+{
+    if (is_protocol(a) || is_protocol(b))
+        return is_protocol(a) && is_protocol(b) && rbd_spec_same_image(a, b);
+    struct stat sa, sb;
+    return stat(a, &sa) == 0 && stat(b, &sb) == 0 && sa.st_dev == sb.st_dev &&
+           sa.st_ino == sb.st_ino;
 }
 
 static bool path_inside(const char *path, const char *root)
@@ -62,8 +104,18 @@ static bool path_inside(const char *path, const char *root)
 static int check_layer(struct chain_ctx *cx, const char *spec, bool backing,
                        struct error **errp)
 {
-    if (is_protocol(spec))
+    if (is_protocol(spec)) {
+        for (unsigned i = 0; i < cx->depth; i++)
+            if (cx->seen[i].rbd && rbd_spec_same_image(cx->seen[i].rbd, spec))
+                return error_setf(errp, ELOOP, "%s: the backing chain loops "
+                                  "(this image is already in it)", spec);
+        cx->seen[cx->depth].rbd = spec;
         return 0;
+    }
+    if (backing && cx->no_local)
+        return error_setf(errp, EACCES, "backing file %s is a local file "
+                          "under an image on RBD: set backing-root= on the "
+                          "export to allow local backing files", spec);
     char real[PATH_MAX];
     if (!realpath(spec, real)) {
         error_setf(errp, errno, "%s: %s", spec, strerror(errno));
@@ -88,6 +140,7 @@ static int check_layer(struct chain_ctx *cx, const char *spec, bool backing,
         }
     cx->seen[cx->depth].dev = st.st_dev;
     cx->seen[cx->depth].ino = st.st_ino;
+    cx->seen[cx->depth].rbd = NULL;
     return 0;
 }
 
@@ -166,10 +219,10 @@ static struct fmt_node *open_layer(struct chain_ctx *cx, const char *spec,
 
     const char *bname = n->ops->name[0] == 'q' ? qcow2_backing_name(n) : NULL;
     if (bname) {
-        char *bspec = fmt_resolve_backing(spec, bname);
+        char *bspec = fmt_resolve_backing(spec, bname, errp);
         if (!bspec) {
+            error_prefix(errp, "%s: backing file: ", spec);
             fmt_close(n);
-            error_setf(errp, ENOMEM, "out of memory");
             return NULL;
         }
         n->backing = open_layer(cx, bspec, qcow2_backing_format(n), true, true,
@@ -218,8 +271,10 @@ struct fmt_node *fmt_open_co(struct loop *loop, struct coro *co,
         free(cx);
         return NULL;
     }
-    if (!root)
+    if (!root) {
         snprintf(cx->root, sizeof(cx->root), "/");
+        cx->no_local = is_protocol(spec);
+    }
     struct fmt_node *n = open_layer(cx, spec, opts->format, opts->read_only,
                                     false, errp);
     free(cx);

@@ -102,13 +102,15 @@ struct fmt_open_opts {
     uint64_t refcount_cache_bytes; /* 0 = FMT_DEFAULT_REFCOUNT_CACHE */
     const char *backing_root;  /* backing files must resolve inside this
                                   directory; NULL: the top image's own
-                                  directory */
+                                  directory, and no local backing files at
+                                  all under a top on RBD */
 };
 
 /* Opens a node and, for qcow2, its whole backing chain: backing names
- * relative to the overlay's directory or absolute, the backing format from
- * the header (probed only when absent), every backing layer read-only, at
- * most FMT_MAX_CHAIN_DEPTH layers, no loops, every file inside the
+ * relative to the overlay's directory or absolute, or rbd: specs (see
+ * fmt_resolve_backing), the backing format from the header (probed only
+ * when absent), every backing layer read-only, at most
+ * FMT_MAX_CHAIN_DEPTH layers, no loops, every local file inside the
  * backing root.  Runs in a coroutine on loop. */
 struct fmt_node *fmt_open_co(struct loop *loop, struct coro *co,
                              const char *spec,
@@ -127,9 +129,25 @@ struct fmt_node *fmt_open_overlay_co(struct loop *loop, struct coro *co,
                                      const struct fmt_open_opts *opts,
                                      struct error **errp);
 /* Resolves a backing name recorded in an overlay named overlay, as the
- * chain opener does: absolute names and protocol specs as they are,
- * others relative to the overlay's directory.  malloc'ed (NULL: ENOMEM). */
-char *fmt_resolve_backing(const char *overlay, const char *name);
+ * chain opener does.  Under a local overlay: absolute paths as they are,
+ * relative ones from the overlay's directory, rbd: specs checked
+ * (rbd_spec_resolve_backing: a header may not set Ceph options).  Under an
+ * RBD overlay: absolute paths are local files; rbd: specs and relative
+ * names IMAGE[@SNAP] (the overlay's pool) are RBD images opened with what
+ * the overlay's spec says of the cluster.  malloc'ed; NULL with *errp
+ * set on error. */
+char *fmt_resolve_backing(const char *overlay, const char *name,
+                          struct error **errp);
+/* The backing name to record in overlay's header so that it leads to the
+ * layer layer (both specs as the chain opener resolved them): local files
+ * by their path, RBD images by rbd_spec_backing_name().  malloc'ed; NULL
+ * with *errp set on error. */
+char *fmt_backing_name_for(const char *overlay, const char *layer,
+                           struct error **errp);
+/* Do the two specs name the same storage?  Local files by device and
+ * inode (both must exist), RBD images by pool, namespace, image and
+ * snapshot. */
+bool fmt_same_layer(const char *a, const char *b);
 /* Closes a node, its backing chain and their backends. */
 void fmt_close(struct fmt_node *n);
 
@@ -171,9 +189,10 @@ struct fmt_node *qcow2_open_co(struct loop *loop, struct coro *co,
 const char *qcow2_backing_name(struct fmt_node *n);
 const char *qcow2_backing_format(struct fmt_node *n);
 /* Creates a new qcow2 image (fails if path exists): 64 KiB clusters,
- * version 3, backing_name/backing_fmt recorded when not NULL.  The file and
- * its directory are synced before this returns; on failure nothing is
- * left behind. */
+ * version 3, backing_name/backing_fmt recorded when not NULL.  path is a
+ * file or an rbd: spec (a new RBD image).  The image (and a file's
+ * directory) is synced before this returns; on failure nothing is left
+ * behind. */
 int qcow2_create_co(struct loop *loop, struct coro *co, const char *path,
                     uint64_t size, const char *backing_name,
                     const char *backing_fmt, struct error **errp);

@@ -106,7 +106,11 @@ int qcow2_create_co(struct loop *loop, struct coro *co, const char *path,
     for (uint64_t c = 0; c < nclusters; c++)     /* refcount block */
         qcow2_refcount_set(img + 2 * cs, 4, c, 1);
 
-    struct backend_open_opts bo = {.create = true};
+    /* An RBD image is made at its final size (writing past its end would
+     * resize it); a file grows with the write. */
+    bool local = strncmp(path, "rbd:", 4) != 0;
+    struct backend_open_opts bo = {.create = true,
+                                   .create_size = local ? 0 : total};
     struct backend *file = backend_open(loop, path, &bo, errp);
     if (!file) {
         free(img);
@@ -117,12 +121,17 @@ int qcow2_create_co(struct loop *loop, struct coro *co, const char *path,
         r = backend_flush_co(file, co);
     backend_close(file);
     free(img);
-    if (r == 0)
+    if (r == 0 && local)
         r = fsync_dir_of(path);
     if (r < 0) {
-        unlink(path);
-        return error_setf(errp, -r, "%s: writing the new image: %s", path,
-                          strerror(-r));
+        error_setf(errp, -r, "%s: writing the new image: %s", path,
+                   strerror(-r));
+        struct error *rm = NULL;
+        if (backend_remove(path, &rm) < 0) {
+            log_warn("%s", rm->msg);
+            error_free(rm);
+        }
+        return r;
     }
     log_info("%s: created (qcow2, %llu bytes%s%s)", path,
              (unsigned long long)size, backing_name ? ", backing " : "",

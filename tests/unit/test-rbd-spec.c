@@ -181,6 +181,172 @@ static void test_bad_specs(void **state)
     }
 }
 
+/* rbd_spec_format() reads back as the same spec: a round trip through
+ * every escape and every option. */
+static void test_format_round_trip(void **state)
+{
+    (void)state;
+    const char *specs[] = {
+        "rbd:rbd/disk",
+        "rbd:p/ns/i@snap",
+        "rbd:p\\/x/i\\:j\\@k@s\\:t",
+        "rbd:p/i:conf=/etc/ceph/c\\:d.conf:id=u:keyring=/k:timeout=0"
+        ":connect_timeout=3:mon_host=127.0.0.1\\:3300:rbd_cache=false",
+        "rbd:p/a\\\\b",
+    };
+    for (size_t i = 0; i < ARRAY_SIZE(specs); i++) {
+        struct rbd_spec a, b;
+        parse_ok(specs[i], &a);
+        char *text = rbd_spec_format(&a);
+        assert_non_null(text);
+        parse_ok(text, &b);
+        assert_string_equal(a.pool, b.pool);
+        assert_str(b.ns, a.ns);
+        assert_string_equal(a.image, b.image);
+        assert_str(b.snap, a.snap);
+        assert_str(b.conf, a.conf);
+        assert_str(b.id, a.id);
+        assert_str(b.keyring, a.keyring);
+        assert_int_equal(a.timeout, b.timeout);
+        assert_int_equal(a.connect_timeout, b.connect_timeout);
+        assert_int_equal(a.timeout_set, b.timeout_set);
+        assert_int_equal(a.n_opts, b.n_opts);
+        for (size_t j = 0; j < a.n_opts; j++) {
+            assert_string_equal(a.opts[j].key, b.opts[j].key);
+            assert_string_equal(a.opts[j].val, b.opts[j].val);
+        }
+        free(text);
+        rbd_spec_clear(&a);
+        rbd_spec_clear(&b);
+    }
+    /* a plain spec formats to itself */
+    struct rbd_spec s;
+    parse_ok("rbd:p/ns/i@s:conf=/c:id=u", &s);
+    char *text = rbd_spec_format(&s);
+    assert_string_equal(text, "rbd:p/ns/i@s:conf=/c:id=u");
+    free(text);
+    rbd_spec_clear(&s);
+}
+
+static char *resolve_ok(const char *overlay, const char *name)
+{
+    char *out = NULL;
+    struct error *err = NULL;
+    int r = rbd_spec_resolve_backing(overlay, name, &out, &err);
+    if (r != 0)
+        fail_msg("%s under %s: unexpected error: %s", name,
+                 overlay ? overlay : "(local)", err ? err->msg : "?");
+    assert_non_null(out);
+    return out;
+}
+
+static void test_resolve_backing(void **state)
+{
+    (void)state;
+    static const struct {
+        const char *overlay, *name, *want;
+    } ok[] = {
+        /* under a local overlay: the name as it is */
+        {NULL, "rbd:rbd/golden@v1", "rbd:rbd/golden@v1"},
+        {NULL, "rbd:rbd/g:conf=/etc/ceph/ceph.conf:mon_host=1.2.3.4",
+         "rbd:rbd/g:conf=/etc/ceph/ceph.conf:mon_host=1.2.3.4"},
+        /* relative: the overlay's pool and namespace, and its cluster */
+        {"rbd:pool/ns/top:conf=/c:id=u:timeout=5:rbd_cache=false", "base",
+         "rbd:pool/ns/base:conf=/c:id=u:timeout=5:rbd_cache=false"},
+        {"rbd:pool/top", "base@snap", "rbd:pool/base@snap"},
+        /* an rbd: name keeps what it says, inherits the rest */
+        {"rbd:p/top:conf=/c:id=u:keyring=/k:connect_timeout=4:mon_host=a",
+         "rbd:q/base:id=v:mon_host=b",
+         "rbd:q/base:conf=/c:id=v:keyring=/k:connect_timeout=4:mon_host=b"},
+        {"rbd:p/top:timeout=9", "rbd:p/base:timeout=0",
+         "rbd:p/base:timeout=0"},
+    };
+    for (size_t i = 0; i < ARRAY_SIZE(ok); i++) {
+        char *got = resolve_ok(ok[i].overlay, ok[i].name);
+        if (strcmp(got, ok[i].want))
+            fail_msg("%s under %s: got %s, want %s", ok[i].name,
+                     ok[i].overlay ? ok[i].overlay : "(local)", got,
+                     ok[i].want);
+        free(got);
+    }
+
+    /* what a header may not say */
+    static const struct {
+        const char *overlay, *name, *phrase;
+        int code;
+    } bad[] = {
+        {NULL, "rbd:p/i:log_file=/tmp/x", "sets the Ceph option 'log_file'",
+         EPERM},
+        {"rbd:p/top", "rbd:p/i:admin socket=/tmp/s",
+         "sets the Ceph option 'admin socket'", EPERM},
+        {"rbd:p/top", "dir/base", "must be IMAGE[@SNAP]", EINVAL},
+        {"rbd:p/top", "base@", "must be IMAGE[@SNAP]", EINVAL},
+        {"rbd:p/top", "@s", "must be IMAGE[@SNAP]", EINVAL},
+        {NULL, "base", "not an rbd: spec", EINVAL},
+        {NULL, "rbd:p", "backing name: ", EINVAL},
+    };
+    for (size_t i = 0; i < ARRAY_SIZE(bad); i++) {
+        char *out = (char *)"unchanged";
+        struct error *err = NULL;
+        int r = rbd_spec_resolve_backing(bad[i].overlay, bad[i].name, &out,
+                                         &err);
+        if (r != -bad[i].code || !err)
+            fail_msg("%s: expected %d, got %d", bad[i].name, -bad[i].code, r);
+        assert_null(out);
+        if (!strstr(err->msg, bad[i].phrase))
+            fail_msg("%s: message '%s' lacks '%s'", bad[i].name, err->msg,
+                     bad[i].phrase);
+        error_free(err);
+    }
+}
+
+static void test_backing_name(void **state)
+{
+    (void)state;
+    static const struct {
+        const char *layer, *overlay, *want;
+    } cases[] = {
+        /* under a local overlay: the cluster must be said */
+        {"rbd:p/base:conf=/c:id=u:rbd_cache=false:mon_host=m", NULL,
+         "rbd:p/base:conf=/c:id=u:mon_host=m"},
+        /* under an RBD overlay of the same cluster: just the image */
+        {"rbd:p/ns/base@s:conf=/c:id=u:timeout=5", "rbd:p/ns/top:conf=/c:id=u:"
+         "timeout=5", "rbd:p/ns/base@s"},
+        /* what differs stays */
+        {"rbd:p/base:conf=/c:id=u", "rbd:p/top:conf=/d:id=u",
+         "rbd:p/base:conf=/c"},
+    };
+    for (size_t i = 0; i < ARRAY_SIZE(cases); i++) {
+        char *out = NULL;
+        struct error *err = NULL;
+        int r = rbd_spec_backing_name(cases[i].layer, cases[i].overlay, &out,
+                                      &err);
+        if (r != 0)
+            fail_msg("%s: %s", cases[i].layer, err ? err->msg : "?");
+        if (strcmp(out, cases[i].want))
+            fail_msg("%s under %s: got %s, want %s", cases[i].layer,
+                     cases[i].overlay ? cases[i].overlay : "(local)", out,
+                     cases[i].want);
+        /* and it leads back to the layer */
+        char *back = resolve_ok(cases[i].overlay, out);
+        assert_true(rbd_spec_same_image(back, cases[i].layer));
+        free(back);
+        free(out);
+    }
+}
+
+static void test_same_image(void **state)
+{
+    (void)state;
+    assert_true(rbd_spec_same_image("rbd:p/i", "rbd:p/i:conf=/x"));
+    assert_true(rbd_spec_same_image("rbd:p/n/i@s", "rbd:p/n/i@s:id=u"));
+    assert_false(rbd_spec_same_image("rbd:p/i", "rbd:q/i"));
+    assert_false(rbd_spec_same_image("rbd:p/i", "rbd:p/n/i"));
+    assert_false(rbd_spec_same_image("rbd:p/i", "rbd:p/i@s"));
+    assert_false(rbd_spec_same_image("rbd:p/i", "rbd:p/j"));
+    assert_false(rbd_spec_same_image("rbd:p", "rbd:p"));
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -189,6 +355,10 @@ int main(void)
         cmocka_unit_test(test_options),
         cmocka_unit_test(test_escapes),
         cmocka_unit_test(test_bad_specs),
+        cmocka_unit_test(test_format_round_trip),
+        cmocka_unit_test(test_resolve_backing),
+        cmocka_unit_test(test_backing_name),
+        cmocka_unit_test(test_same_image),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
