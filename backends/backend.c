@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include "backend.h"
+#include "loop.h"
 #include "strata-config.h"
 
 struct backend *backend_open(struct loop *loop, const char *spec,
@@ -22,6 +23,32 @@ struct backend *backend_open(struct loop *loop, const char *spec,
 #endif
     }
     return file_backend_open(loop, spec, opts, errp);
+}
+
+struct open_call {
+    struct loop *loop;
+    const char *spec;
+    const struct backend_open_opts *opts;
+    struct error **errp;
+    struct backend *result;
+};
+
+static void open_call(void *arg)
+{
+    struct open_call *c = arg;
+    c->result = backend_open(c->loop, c->spec, c->opts, c->errp);
+}
+
+struct backend *backend_open_co(struct loop *loop, struct coro *co,
+                                const char *spec,
+                                const struct backend_open_opts *opts,
+                                struct error **errp)
+{
+    if (strncmp(spec, "rbd:", 4) != 0)
+        return backend_open(loop, spec, opts, errp); /* open(2): quick */
+    struct open_call c = {loop, spec, opts, errp, NULL};
+    loop_offload_co(loop, co, open_call, &c);
+    return c.result;
 }
 
 int backend_remove(const char *spec, struct error **errp)

@@ -116,6 +116,13 @@ struct backend_open_opts {
 struct backend *backend_open(struct loop *loop, const char *spec,
                              const struct backend_open_opts *opts,
                              struct error **errp);
+/* The same from a coroutine on loop: what may block long (connecting to
+ * a Ceph cluster, creating an RBD image) runs on a thread of its own
+ * (loop_offload_co), so the loop keeps serving everyone else meanwhile. */
+struct backend *backend_open_co(struct loop *loop, struct coro *co,
+                                const char *spec,
+                                const struct backend_open_opts *opts,
+                                struct error **errp);
 void backend_close(struct backend *b);
 /* Deletes the storage named by spec (a file, or an RBD image): undoes a
  * create whose result must not stay.  Control path, like backend_open. */

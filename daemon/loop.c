@@ -1,10 +1,14 @@
 /* strata — the io_uring event loop (see loop.h). */
 #include <assert.h>
 #include <errno.h>
+#include <pthread.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "loop.h"
 
@@ -363,6 +367,58 @@ int loop_wait_co(struct loop_wait *w)
     while (!w->done)
         coro_yield(w->co);
     return w->res;
+}
+
+/* ---- blocking calls on a thread ---- */
+
+struct offload {
+    void (*fn)(void *);
+    void *arg;
+    int efd;
+};
+
+static void *offload_main(void *p)
+{
+    struct offload *o = p;
+    o->fn(o->arg);
+    uint64_t one = 1;
+    while (write(o->efd, &one, sizeof(one)) < 0 && errno == EINTR)
+        ;
+    return NULL;
+}
+
+void loop_offload_co(struct loop *l, struct coro *co, void (*fn)(void *),
+                     void *arg)
+{
+    struct offload o = {fn, arg, eventfd(0, EFD_CLOEXEC)};
+    pthread_t t;
+    int e = -1;
+    if (o.efd >= 0) {
+        sigset_t all, old;
+        sigfillset(&all);
+        pthread_sigmask(SIG_SETMASK, &all, &old);
+        e = pthread_create(&t, NULL, offload_main, &o);
+        pthread_sigmask(SIG_SETMASK, &old, NULL);
+    }
+    if (e != 0) {
+        if (o.efd >= 0)
+            close(o.efd);
+        fn(arg);
+        return;
+    }
+    uint64_t count;
+    for (;;) {
+        struct loop_wait w;
+        loop_wait_init(&w, co);
+        io_uring_prep_read(loop_get_sqe(l, &w.op), o.efd, &count,
+                           sizeof(count), 0);
+        int r = loop_wait_co(&w);
+        if (r == (int)sizeof(count) || (r < 0 && r != -EINTR && r != -EAGAIN))
+            break; /* done, or the ring cannot tell: join (blocking) */
+        /* a read cut short: wait on (the thread's write is still due) */
+    }
+    pthread_join(t, NULL);
+    close(o.efd);
 }
 
 /* ---- interruptible sleep ---- */

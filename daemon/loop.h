@@ -88,6 +88,15 @@ void loop_wait_init(struct loop_wait *w, struct coro *co);
 /* Yields until the completion arrives; returns its result. */
 int loop_wait_co(struct loop_wait *w);
 
+/* Runs fn(arg) on a thread of its own while the coroutine co waits, so
+ * that a blocking library call (connecting to a Ceph cluster, creating an
+ * image) stalls only co, not everything else on the loop.  fn must not
+ * touch the loop or anything its coroutines use.  The thread blocks every
+ * signal.  Returns when fn has returned (if no thread can be started, fn
+ * runs right here, blocking). */
+void loop_offload_co(struct loop *l, struct coro *co, void (*fn)(void *),
+                     void *arg);
+
 /* A fine-grained sleep (an io_uring timeout, not the 1 s tick) that another
  * party can cut short.  Embed it where both the sleeper and the waker can
  * reach it (a job), loop_sleep_init() once, then:

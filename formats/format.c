@@ -161,7 +161,7 @@ static struct fmt_node *open_layer(struct chain_ctx *cx, const char *spec,
         .read_only = read_only,
         .direct = cx->opts->direct,
     };
-    struct backend *file = backend_open(cx->loop, spec, &bo, errp);
+    struct backend *file = backend_open_co(cx->loop, cx->co, spec, &bo, errp);
     if (!file)
         return NULL;
 
@@ -291,7 +291,7 @@ struct fmt_node *fmt_open_overlay_co(struct loop *loop, struct coro *co,
         .read_only = opts->read_only,
         .direct = opts->direct,
     };
-    struct backend *file = backend_open(loop, path, &bo, errp);
+    struct backend *file = backend_open_co(loop, co, path, &bo, errp);
     if (!file)
         return NULL;
     struct fmt_node *n = qcow2_open_co(loop, co, file, opts, errp);

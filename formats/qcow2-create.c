@@ -111,7 +111,7 @@ int qcow2_create_co(struct loop *loop, struct coro *co, const char *path,
     bool local = strncmp(path, "rbd:", 4) != 0;
     struct backend_open_opts bo = {.create = true,
                                    .create_size = local ? 0 : total};
-    struct backend *file = backend_open(loop, path, &bo, errp);
+    struct backend *file = backend_open_co(loop, co, path, &bo, errp);
     if (!file) {
         free(img);
         return -EEXIST;
