@@ -13,6 +13,7 @@
 
 #include "chain.h"
 #include "control-int.h"
+#include "rbd-spec.h"
 #include "jobs.h"
 #include "log.h"
 #include "state.h"
@@ -299,6 +300,108 @@ static const struct ctl_arg file_args[] = {
     {NULL, 0, false},
 };
 
+/* QEMU's BlockdevOptionsRbd, as far as strata can honour it. */
+static const struct ctl_arg rbd_args[] = {
+    {"driver", CTL_ARG_STR, true},
+    {"pool", CTL_ARG_STR, true},
+    {"image", CTL_ARG_STR, true},
+    {"namespace", CTL_ARG_STR, false},
+    {"snapshot", CTL_ARG_STR, false},
+    {"conf", CTL_ARG_STR, false},
+    {"user", CTL_ARG_STR, false},
+    {"server", CTL_ARG_ARRAY, false},
+    {"key-secret", CTL_ARG_STR, false},
+    {"auth-client-required", CTL_ARG_ARRAY, false},
+    {"encrypt", CTL_ARG_OBJ, false},
+    {NULL, 0, false},
+};
+
+static const struct ctl_arg server_args[] = {
+    {"host", CTL_ARG_STR, true},
+    {"port", CTL_ARG_STR, true},
+    {NULL, 0, false},
+};
+
+static char *dup_or_null(const char *s, bool *oom)
+{
+    char *d = s ? strdup(s) : NULL;
+    if (s && !d)
+        *oom = true;
+    return d;
+}
+
+/* An rbd: spec from a {"driver": "rbd", ...} file node. */
+static char *rbd_spec_of(struct json_object *file, struct error **errp)
+{
+    if (ctl_args_check(file, rbd_args, "file.", errp) < 0)
+        return NULL;
+    if (arg_has(file, "key-secret") || arg_has(file, "auth-client-required") ||
+        arg_has(file, "encrypt")) {
+        error_setf(errp, EINVAL, "Parameters 'file.key-secret', "
+                   "'file.auth-client-required' and 'file.encrypt' are not "
+                   "supported by strata: give the key in a keyring named by the "
+                   "Ceph configuration ('conf')");
+        return NULL;
+    }
+    struct rbd_spec sp = {0};
+    bool oom = false;
+    sp.pool = dup_or_null(arg_str(file, "pool"), &oom);
+    sp.image = dup_or_null(arg_str(file, "image"), &oom);
+    sp.ns = dup_or_null(arg_str(file, "namespace"), &oom);
+    sp.snap = dup_or_null(arg_str(file, "snapshot"), &oom);
+    sp.conf = dup_or_null(arg_str(file, "conf"), &oom);
+    sp.id = dup_or_null(arg_str(file, "user"), &oom);
+    char *spec = NULL;
+    struct json_object *servers;
+    if (!oom && json_object_object_get_ex(file, "server", &servers)) {
+        /* mon_host: host:port;host:port (IPv6 hosts in brackets) */
+        size_t n = json_object_array_length(servers), len = 1;
+        char *hosts = calloc(1, 1);
+        for (size_t i = 0; hosts && i < n; i++) {
+            struct json_object *sv = json_object_array_get_idx(servers, i);
+            if (!json_object_is_type(sv, json_type_object)) {
+                error_setf(errp, EINVAL, "Invalid parameter type for "
+                           "'file.server[%zu]', expected: object", i);
+                goto out_hosts;
+            }
+            if (ctl_args_check(sv, server_args, "file.server[].", errp) < 0)
+                goto out_hosts;
+            const char *h = arg_str(sv, "host"), *port = arg_str(sv, "port");
+            bool v6 = strchr(h, ':') != NULL;
+            len += strlen(h) + strlen(port) + 5;
+            char *grown = realloc(hosts, len);
+            if (!grown) {
+                free(hosts);
+                hosts = NULL;
+                break;
+            }
+            hosts = grown;
+            sprintf(hosts + strlen(hosts), "%s%s%s%s:%s", i ? ";" : "",
+                    v6 ? "[" : "", h, v6 ? "]" : "", port);
+        }
+        if (!hosts) {
+            oom = true;
+        } else if (n > 0) {
+            sp.opts[0].key = strdup("mon_host");
+            sp.opts[0].val = hosts;
+            hosts = NULL;
+            sp.n_opts = 1;
+            oom = !sp.opts[0].key;
+        }
+out_hosts:
+        free(hosts);
+        if (errp && *errp)
+            goto out;
+    }
+    if (!oom)
+        spec = rbd_spec_format(&sp);
+    if (!spec)
+        error_setf(errp, ENOMEM, "out of memory");
+out:
+    rbd_spec_clear(&sp);
+    return spec;
+}
+
 static const struct ctl_arg cache_args[] = {
     {"direct", CTL_ARG_BOOL, false},
     {"no-flush", CTL_ARG_BOOL, false},
@@ -326,11 +429,17 @@ static struct json_object *cmd_blockdev_add(struct ctl_cmd_ctx *cx,
         error_setf(errp, EINVAL, "Invalid parameter type for 'file', expected: object");
         return NULL;
     }
-    if (ctl_args_check(file, file_args, "file.", errp) < 0)
+    const char *fdrv = arg_str(file, "driver");
+    char *rbd_spec = NULL;
+    if (fdrv && !strcmp(fdrv, "rbd")) {
+        rbd_spec = rbd_spec_of(file, errp);
+        if (!rbd_spec)
+            return NULL;
+    } else if (ctl_args_check(file, file_args, "file.", errp) < 0) {
         return NULL;
-    if (strcmp(arg_str(file, "driver"), "file")) {
+    } else if (strcmp(fdrv, "file")) {
         error_setf(errp, EINVAL, "Parameter 'file.driver' does not accept value '%s' "
-                   "(strata supports 'file')", arg_str(file, "driver"));
+                   "(strata supports 'file' and 'rbd')", fdrv);
         return NULL;
     }
     bool direct = false;
@@ -342,6 +451,7 @@ static struct json_object *cmd_blockdev_add(struct ctl_cmd_ctx *cx,
         if (arg_bool(cache, "no-flush", false)) {
             error_setf(errp, EINVAL, "Parameter 'cache.no-flush' must be false: "
                        "strata never ignores flushes");
+            free(rbd_spec);
             return NULL;
         }
     }
@@ -350,16 +460,19 @@ static struct json_object *cmd_blockdev_add(struct ctl_cmd_ctx *cx,
         /* accepted by the schema below only to say this clearly */
         error_setf(errp, EINVAL, "Parameters 'backing', 'discard', 'detect-zeroes' and "
                    "'auto-read-only' are not supported by strata");
+        free(rbd_spec);
         return NULL;
     }
     struct blockdev_config bc = {
         .node_name = arg_str(args, "node-name"),
         .driver = driver,
-        .filename = arg_str(file, "filename"),
+        .filename = rbd_spec ? rbd_spec : arg_str(file, "filename"),
         .read_only = arg_bool(args, "read-only", false),
         .direct = direct,
     };
-    if (!server_blockdev_add_co(cx->ctl->srv, &bc, cx->co, errp))
+    bool added = server_blockdev_add_co(cx->ctl->srv, &bc, cx->co, errp);
+    free(rbd_spec);
+    if (!added)
         return NULL;
     return synced(cx, ret_empty(), errp);
 }

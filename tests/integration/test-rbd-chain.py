@@ -31,6 +31,10 @@ Ceph cluster (contrib/ceph-cluster.sh), with QEMU as the reference.
  4. Backing names an image header may not carry: a Ceph option other than
     mon_host (log_file: no file appears), a local file under an RBD
     overlay without backing-root, a loop of two RBD images.
+ 5. blockdev-add with QEMU's {"driver": "rbd", ...} file nodes (conf;
+    user and server list), and its clear refusals; while a blockdev-add
+    waits for monitors that do not answer (connect_timeout=3), the same
+    daemon's local export keeps answering reads at once.
 
 Seed: STRATA_SEED (default 20261122), ops: STRATA_OPS (default 2000).
 """
@@ -39,6 +43,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -51,6 +56,7 @@ import cephlib  # noqa: E402
 from cephlib import rbd, run  # noqa: E402
 import jobsutil  # noqa: E402
 import workload  # noqa: E402
+import nbd  # noqa: E402  (workload made sure it is there)
 from workload import (QemuNbd, compare_files, make_initial, ok,  # noqa: E402
                       phase_many_connections, phase_one_connection)
 
@@ -335,4 +341,79 @@ refused("name=e,file=rbd:rbd/loop1,format=qcow2", "the backing chain loops",
         "a loop of RBD images")
 ok("refused: a Ceph option in a backing name (no log file appeared), a local backing "
    "file under an RBD overlay, a loop of two RBD images")
+
+# ---------------------------------------------------------------------------
+# 5. blockdev-add of RBD images over QMP (QEMU's driver=rbd), and the loop
+# keeps serving its other exports while a cluster that does not answer is
+# being reached (the connect runs on a thread of its own).
+
+ctl5 = P("ctl5.sock")
+local = harness.make_file(P("local.raw"), 4 * MiB, bytes(range(256)))
+dmn5 = harness.Daemon([f"name=local,file={local}"], extra=["--control", ctl5])
+q5 = QMP(ctl5)
+mon_port = open(cluster.conf).read().split("mon host = ")[1].split()[0].rsplit(":", 1)[1]
+q5.cmd("blockdev-add", driver="raw", node_name="g", read_only=True,
+       file={"driver": "rbd", "pool": "rbd", "image": "golden", "conf": cluster.conf})
+q5.cmd("blockdev-add", driver="qcow2", node_name="b", read_only=True,
+       file={"driver": "rbd", "pool": "rbd", "image": "bbase", "user": "admin",
+             "server": [{"host": "127.0.0.1", "port": mon_port}]})
+for node in ("g", "b"):
+    q5.cmd("block-export-add", type="nbd", id=node, node_name=node)
+check(jobsutil.nbd_read_all(dmn5.uri("g"), SIZE) == bytes(gmodel), "driver=rbd, conf: data")
+check(jobsutil.nbd_read_all(dmn5.uri("b"), SIZE) == bytes(model), "driver=rbd, server: data")
+files = {n["node-name"]: n["file"] for n in q5.cmd("query-named-block-nodes")
+         if n["node-name"] in ("g", "b")}
+check(files == {"g": f"rbd:rbd/golden:conf={cluster.conf}",
+                "b": f"rbd:rbd/bbase:id=admin:mon_host=127.0.0.1\\:{mon_port}"},
+      f"query-named-block-nodes: {files}")
+cls, desc = q5.error("blockdev-add", driver="raw", node_name="x",
+                     file={"driver": "rbd", "pool": "rbd", "image": "golden",
+                           "key-secret": "sec0"})
+check("'file.key-secret'" in desc and "keyring" in desc, desc)
+cls, desc = q5.error("blockdev-add", driver="raw", node_name="x",
+                     file={"driver": "rbd", "image": "golden"})
+check(desc == "Parameter 'file.pool' is missing", desc)
+cls, desc = q5.error("blockdev-add", driver="raw", node_name="x",
+                     file={"driver": "rbd", "pool": "rbd", "image": "nosuch"})
+check("image 'nosuch' does not exist in pool 'rbd'" in desc, desc)
+ok("blockdev-add driver=rbd (conf; user and server) serves the images; key-secret, "
+   "a missing pool and a missing image are refused clearly")
+
+dead = harness.free_port()
+result = {}
+
+
+def add_dead():
+    t0 = time.time()
+    try:
+        q5.cmd("blockdev-add", driver="raw", node_name="dead",
+               file={"driver": "file",
+                     "filename": f"rbd:rbd/x:mon_host=127.0.0.1\\:{dead}:connect_timeout=3"})
+        result["err"] = None
+    except harness.QMPError as e:
+        result["err"] = e.desc
+    result["took"] = time.time() - t0
+
+
+th = threading.Thread(target=add_dead)
+h5 = nbd.NBD()
+h5.connect_uri(dmn5.uri("local"))
+expect = open(local, "rb").read(4096)
+th.start()
+reads, worst = 0, 0.0
+while th.is_alive() or reads == 0:
+    t0 = time.time()
+    check(h5.pread(4096, 0) == expect, "local export: read differs")
+    worst = max(worst, time.time() - t0)
+    reads += 1
+th.join()
+h5.shutdown()
+check(result["err"] and "no answer from the Ceph monitors within 3 s" in result["err"],
+      f"blockdev-add of an unreachable cluster: {result}")
+check(result["took"] >= 2.5, f"the connect gave up after {result['took']:.1f} s, not 3 s")
+check(worst < 0.5, f"a read of the local export took {worst * 1000:.0f} ms while the "
+      "cluster was being reached: the loop was blocked")
+check(dmn5.stop() == 0, "stratad exit status (QMP rbd)")
+ok(f"while blockdev-add waited {result['took']:.1f} s for monitors that do not answer, "
+   f"the local export served {reads} reads, the slowest in {worst * 1000:.1f} ms")
 print("PASS")
