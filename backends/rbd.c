@@ -66,6 +66,7 @@
 #include "backend.h"
 #include "log.h"
 #include "loop.h"
+#include "rbd-dl.h"
 #include "rbd-spec.h"
 
 #define RBD_MAX_IOV 64                 /* iovecs per librbd request */
@@ -802,7 +803,10 @@ static int rbd_connect(struct rbd_backend *r, const struct backend_open_opts *op
 {
     const struct rbd_spec *s = &r->spec;
     const char *user = s->id ? s->id : "admin";
-    int e = rados_create(&r->cluster, s->id);
+    int e = rbd_dl_load(errp); /* the first rbd: export loads librbd */
+    if (e < 0)
+        return e;
+    e = rados_create(&r->cluster, s->id);
     if (e < 0) {
         r->cluster = NULL;
         return error_setf(errp, -e, "%s: cannot create a Ceph client: %s",
