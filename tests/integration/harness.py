@@ -128,6 +128,21 @@ def make_file(path, size, pattern=None):
     return path
 
 
+def mapped_ceph_libs(pid):
+    """The librbd, librados and libceph-common files mapped into process
+    pid (from /proc/PID/maps), sorted: stratad loads them only when it
+    opens its first rbd: export."""
+    names = set()
+    with open(f"/proc/{pid}/maps") as f:
+        for line in f:
+            fields = line.split(None, 5)
+            if len(fields) == 6:
+                name = os.path.basename(fields[5].strip())
+                if name.startswith(("librbd.so", "librados.so", "libceph-common.so")):
+                    names.add(name)
+    return sorted(names)
+
+
 def _die_with_parent():
     """Runs in the child before exec: SIGKILL it if the test process dies,
     so a killed test never leaves a daemon behind."""

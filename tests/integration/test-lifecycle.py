@@ -2,7 +2,8 @@
 """stratad lifecycle: many clients, clients that vanish, signals, limits, --fork.
 
  1. 32 concurrent clients (threads, one libnbd handle each, half over unix,
-    half over TCP), each writing and reading back its own region.
+    half over TCP), each writing and reading back its own region.  The
+    daemon, which serves a local file only, has not loaded librbd.
  2. Clients vanishing mid-request over TCP (hand-rolled NBD handshake):
     a 16 MiB write whose payload stops halfway before the socket closes, and
     a 16 MiB read whose reply is never read before the socket is reset.
@@ -165,6 +166,11 @@ def test_many_clients(d):
                    f"{[(k, repr(e)) for k, e in bad[:5]]}\n" + daemon.logtext()[-2000:])
     check(daemon.alive(), "stratad died with 32 clients:\n" + daemon.logtext()[-2000:])
     ok(f"32 concurrent clients (16 unix, 16 tcp), {sum(counts)} verified write+read pairs")
+    # librbd costs ~18 MiB of RSS: a daemon with no rbd: export must not load it
+    libs = harness.mapped_ceph_libs(daemon.proc.pid)
+    check(not libs, f"stratad serving only a local file has Ceph libraries mapped: {libs} "
+                    f"(expected them loaded only when an rbd: export opens)")
+    ok("no librbd/librados mapped in a daemon without rbd: exports")
     rc = daemon.stop()
     check(rc == 0, f"after the 32-client test: SIGTERM exit status expected 0, got {rc}")
 

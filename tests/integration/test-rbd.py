@@ -9,7 +9,10 @@ memstore keeps every byte in RAM.
  1. Bad specs fail at start-up, quickly and clearly: missing pool, image
     or snapshot, unknown user, wrong key, a monitor address where nothing
     listens (conf= file and mon_host=, bounded by connect_timeout).
- 2. A raw RBD export through libnbd: size and flags, reads against the
+ 2. A daemon with rbd: exports has loaded librbd and librados (stratad
+    loads them when the first rbd: export opens; test-lifecycle.py checks
+    that a daemon without one has not).
+    A raw RBD export through libnbd: size and flags, reads against the
     imported bytes, writes (also FUA), write zeroes (with and without
     NO_HOLE and FAST_ZERO), trim (content old-or-zero), flush, cache, block
     status against `rbd diff`, 64 requests in flight, the range errors; the
@@ -225,6 +228,11 @@ dm = Daemon([f"name=disk,file=rbd:rbd/disk:timeout=20,format=raw",
              "name=sparse,file=rbd:rbd/sparse:timeout=20",
              "name=nocache,file=rbd:rbd/nocache,cache=none"])
 ok("stratad serves six RBD exports")
+libs = harness.mapped_ceph_libs(dm.proc.pid)
+check(any(n.startswith("librbd.so") for n in libs)
+      and any(n.startswith("librados.so") for n in libs),
+      f"stratad serving rbd: exports should have loaded librbd and librados; mapped: {libs}")
+ok(f"librbd loaded once an rbd: export opened ({', '.join(libs)})")
 
 
 def handle(name, meta=False):
