@@ -156,7 +156,8 @@ int backend_cache_co(struct backend *b, struct coro *co, uint64_t off,
 struct backend *file_backend_open(struct loop *loop, const char *path,
                                   const struct backend_open_opts *opts,
                                   struct error **errp);
-/* Only when built with librbd (STRATA_HAVE_RBD in strata-config.h).
+/* Only when built with librbd's headers (STRATA_HAVE_RBD in strata-config.h;
+ * librbd itself is loaded on first use, see rbd-dl.h).
  * opts->direct turns librbd's cache off (rbd_cache=false); create makes a
  * new image of create_size bytes with the cluster's default features (an
  * existing image is an error). */
