@@ -53,16 +53,15 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 from harness import Daemon, check, fail, need  # noqa: E402
+import cephlib  # noqa: E402
+from cephlib import run  # noqa: E402
 
 KiB = 1 << 10
 MiB = 1 << 20
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-CLUSTER_SH = os.path.join(ROOT, "contrib", "ceph-cluster.sh")
 SEED = int(os.environ.get("STRATA_SEED", "20261122"))
 DIFF_OPS = int(os.environ.get("STRATA_OPS", "1500"))
 DEADLINE = time.time() + 170        # the whole test; meson's timeout is 240
 
-need("ceph-mon", "ceph-osd", "ceph", "rbd", "ceph-authtool", "monmaptool")
 need("qemu-nbd", "qemu-img")
 harness.require_built()
 harness.nbd_handle()
@@ -73,10 +72,6 @@ ok = harness.ok
 soft = harness.check_soft
 first_diff = harness.first_diff
 
-# meson stops a test that overruns with SIGTERM: exit through atexit so
-# that the cluster is stopped all the same.
-signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
-
 
 def remaining():
     left = DEADLINE - time.time()
@@ -84,56 +79,17 @@ def remaining():
     return left
 
 
-def run(args, timeout=30, ok_codes=(0,), input=None):
-    try:
-        p = subprocess.run(args, capture_output=True, timeout=timeout,
-                           input=input)
-    except subprocess.TimeoutExpired:
-        fail(f"{' '.join(args)}: no answer within {timeout} s")
-    if p.returncode not in ok_codes:
-        fail(f"{' '.join(args)} exited with {p.returncode}:\n"
-             f"{p.stderr.decode(errors='replace')}")
-    return p
-
-
-# Built without librbd?  Then rbd: exports cannot work here: say so.
-_probe = subprocess.run([harness.STRATAD, "--listen", "unix:/nonexistent/probe.sock",
-                         "--export", "file=rbd:p/i:conf=/nonexistent/ceph.conf"],
-                        capture_output=True, timeout=30)
-if b"built without librbd" in _probe.stderr:
-    harness.skip("stratad was built without librbd (meson setup -Drbd=enabled)")
-
 # ---------------------------------------------------------------------------
-# The cluster.
+# The cluster (every client: rbd, qemu, stratad, reads CEPH_CONF).
 
+cluster = cephlib.start()
 d = harness.tmpdir()
-cdir = os.path.join(d, "ceph")
-CONF = os.path.join(cdir, "ceph.conf")
-os.environ["CEPH_CONF"] = CONF          # every client: rbd, qemu, stratad
+CONF = cluster.conf
+OSD_PID = cluster.osd_pid
+STRATA_KEYRING = cluster.strata_keyring
 
 
-def stop_cluster():
-    subprocess.run([CLUSTER_SH, "stop", cdir], timeout=60)
-
-
-atexit.register(stop_cluster)          # registered first: runs last
-t = time.time()
-p = subprocess.run([CLUSTER_SH, "start", cdir], capture_output=True, timeout=90)
-if p.returncode != 0:
-    logs = ""
-    for f in ("mon.a.log", "osd.0.log", "mkfs.out"):
-        path = os.path.join(cdir, "log", f)
-        if os.path.exists(path):
-            with open(path, errors="replace") as fh:
-                logs += f"--- {f} (tail)\n" + "".join(fh.readlines()[-20:])
-    fail(f"the Ceph cluster did not start:\n{p.stderr.decode()}\n{logs}")
-ok(f"ceph cluster up in {time.time() - t:.1f} s ({cdir})")
-OSD_PID = int(open(os.path.join(cdir, "run", "osd.pid")).read())
-STRATA_KEYRING = os.path.join(cdir, "client.strata.keyring")
-
-
-def rbd(*args, timeout=30):
-    return run(["rbd", *args], timeout=timeout).stdout.decode()
+rbd = cephlib.rbd
 
 
 def rbd_import(data, name):
