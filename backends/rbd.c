@@ -858,6 +858,20 @@ static int rbd_connect(struct rbd_backend *r, const struct backend_open_opts *op
         r->writeback = strcmp(cache, "true") == 0 && strcmp(dirty, "0") != 0;
     else
         r->writeback = true; /* cannot tell: assume the worst */
+    /* Zero-copy writes: librbd sends straight from the request's buffer
+     * instead of copying it first.  That is safe here, unlike for a guest
+     * whose pages may change under an in-flight write: the buffer is the
+     * NBD request's, untouched until the write completes, and librbd holds
+     * the completion until it has let go of the buffer.  Not with a
+     * writeback cache, which would keep the buffer (and so the request)
+     * until its writeback.  rbd_disable_zero_copy_writes in the spec
+     * wins. */
+    bool zc_given = false;
+    for (size_t i = 0; i < s->n_opts; i++)
+        zc_given |= strcmp(s->opts[i].key, "rbd_disable_zero_copy_writes") == 0;
+    if (!r->writeback && !zc_given &&
+        rbd_conf_set(r, "rbd_disable_zero_copy_writes", "false", errp) < 0)
+        return -EINVAL;
 
     e = rados_connect(r->cluster);
     if (e == -ETIMEDOUT)

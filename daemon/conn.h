@@ -62,7 +62,7 @@ struct send_item {
 /* Request slots keep their payload buffer between requests (fresh large
  * buffers cost page faults on every use) when it is at most REQ_KEEP_MAX
  * bytes and the connection keeps at most CONN_KEEP_BUDGET bytes in all. */
-#define REQ_KEEP_MAX (2u << 20)
+#define REQ_KEEP_MAX (4u << 20)
 #define CONN_KEEP_BUDGET (16u << 20)
 
 /* Meta contexts: fixed ids. */

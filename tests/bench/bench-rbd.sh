@@ -12,13 +12,15 @@
 #   BENCH_SIZE_MIB image size (default 256; memstore holds it in RAM, twice)
 #   BENCH_RUNTIME  seconds per fio job (default 10)
 #   BENCH_RAMP     fio ramp_time seconds, not measured (default 1)
-#   BENCH_QUICK=1  smoke test: 64 MiB image, 2 s per job, no ramp
-# One run (no rounds): each server in turn, then rbd bench.
+#   BENCH_QUICK=1  smoke test: 64 MiB image, 2 s per job, no ramp, 1 round
+#   BENCH_ROUNDS   rounds (default 3): each runs both NBD servers, starting
+#                  with a different one; the table shows the medians.
+#                  Then rbd bench, once.
 # Exit status: 0 if every run succeeded, 1 otherwise.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
-default_rounds=1
+default_rounds=3
 default_size_mib=256
 # shellcheck source=tests/bench/lib.sh
 . "$here/lib.sh"
@@ -71,8 +73,15 @@ start_server() {                # server sock -> sets server_pid, uri
     fi
 }
 
-for s in stratad qemu-nbd; do
+# Rounds with the server order rotated: whichever server runs right after
+# the fill or another's write jobs meets an OSD still busy with them.
+nbd_servers=(stratad qemu-nbd)
+for ((round = 0; round < rounds; round++)); do
+  echo "round $((round + 1)) of $rounds"
+  for ((k = 0; k < ${#nbd_servers[@]}; k++)); do
+    s=${nbd_servers[$(((k + round) % ${#nbd_servers[@]}))]}
     sock=$work/$s.sock
+    rm -f "$sock"   # a round before left it; a stale path must not look ready
     if ! start_server "$s" "$sock"; then
         failed=1
         continue
@@ -82,6 +91,7 @@ for s in stratad qemu-nbd; do
         run_fio "$s" "$name" "$rw" "$bs" "$depth"
     done
     stop_server "$s" 20
+  done
 done
 
 # The ceiling: librbd itself.  rbd bench runs a byte count, not a time:
@@ -123,6 +133,7 @@ done
 
 echo
 echo "image: $image (${size_mib} MiB, memstore OSD), runtime ${runtime}s per fio job (+${ramp}s ramp), $(nproc) CPUs, $(uname -r)"
+echo "median of $rounds round(s) for the NBD servers (order rotated each round); rbd bench once"
 ratio_to="qemu-nbd rbd-bench"
 summary
 
