@@ -173,6 +173,30 @@ int backend_reopen(struct backend *b, bool read_only, struct error **errp)
     return b->ops->reopen(b, read_only, errp);
 }
 
+struct reopen_call {
+    struct backend *b;
+    bool read_only;
+    struct error **errp;
+    int result;
+};
+
+static void reopen_call(void *arg)
+{
+    struct reopen_call *c = arg;
+    c->result = c->b->ops->reopen(c->b, c->read_only, c->errp);
+}
+
+int backend_reopen_co(struct backend *b, struct coro *co, bool read_only,
+                      struct error **errp)
+{
+    if (b->read_only == read_only || !b->ops->reopen ||
+        strcmp(b->ops->name, "rbd") != 0)
+        return backend_reopen(b, read_only, errp);
+    struct reopen_call c = {b, read_only, errp, 0};
+    loop_offload_co(b->loop, co, reopen_call, &c);
+    return c.result;
+}
+
 int backend_truncate_co(struct backend *b, struct coro *co, uint64_t size)
 {
     assert(!b->read_only);

@@ -130,6 +130,10 @@ int backend_remove(const char *spec, struct error **errp);
 /* Read-only <-> read-write on the same storage (block-commit opens its base
  * for writing).  No I/O may be in flight.  -ENOTSUP if the backend cannot. */
 int backend_reopen(struct backend *b, bool read_only, struct error **errp);
+/* The same from a coroutine on b's loop: an RBD reopen (which opens a new
+ * image handle on the cluster) runs on a thread of its own. */
+int backend_reopen_co(struct backend *b, struct coro *co, bool read_only,
+                      struct error **errp);
 
 /* Contract wrappers: the only way the layers above call a backend. */
 int backend_preadv_co(struct backend *b, struct coro *co,

@@ -603,7 +603,7 @@ static void commit_clean_co(struct job *job, struct coro *co)
             if (r < 0)
                 log_warn("%s: flush: %s", x->filename, strerror(-r));
         }
-        fmt_close(c->top);
+        fmt_close_co(c->top, c->srv->loop, co);
     }
     c->b->chain_busy = false;
     log_info("job '%s': %s after %.3f s", job->id,

@@ -243,9 +243,14 @@ char *server_absolute_path(const char *path)
     return abs;
 }
 
-static void blockdev_free(struct blockdev *b)
+/* co: close the chain without blocking the loop (see fmt_close_co). */
+static void blockdev_free(struct server *srv, struct blockdev *b,
+                          struct coro *co)
 {
-    fmt_close(b->root);
+    if (co)
+        fmt_close_co(b->root, srv->loop, co);
+    else
+        fmt_close(b->root);
     free(b->node_name);
     free(b->driver);
     free(b->filename);
@@ -309,7 +314,7 @@ static struct blockdev *blockdev_add(struct server *srv,
     if (!b || !arr || !b->node_name || !b->driver || !b->filename) {
         if (b) {
             b->root = root;
-            blockdev_free(b);
+            blockdev_free(srv, b, NULL); /* out of memory: no time to lose */
         } else {
             fmt_close(root);
         }
@@ -367,7 +372,7 @@ int server_blockdev_del(struct server *srv, const char *node_name,
             sizeof(*srv->bdevs) * (srv->n_bdevs - i - 1));
     srv->n_bdevs--;
     log_info("node '%s' deleted", node_name);
-    blockdev_free(b);
+    blockdev_free(srv, b, co);
     server_changed(srv);
     return 0;
 }
@@ -1045,7 +1050,7 @@ void server_free(struct server *srv)
     }
     free(srv->exports);
     for (size_t i = 0; i < srv->n_bdevs; i++)
-        blockdev_free(srv->bdevs[i]);
+        blockdev_free(srv, srv->bdevs[i], NULL);
     free(srv->bdevs);
     loop_timer_del(srv->loop, &srv->timer);
     free(srv);

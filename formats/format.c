@@ -372,6 +372,22 @@ void fmt_close(struct fmt_node *n)
     }
 }
 
+static void close_call(void *arg)
+{
+    fmt_close(arg);
+}
+
+void fmt_close_co(struct fmt_node *n, struct loop *loop, struct coro *co)
+{
+    bool remote = false;
+    for (struct fmt_node *x = n; x; x = x->backing)
+        remote |= strcmp(x->file->ops->name, "rbd") == 0;
+    if (remote)
+        loop_offload_co(loop, co, close_call, n);
+    else
+        fmt_close(n);
+}
+
 /* Callers validated client input already (nbd_validate_request); a bad
  * range here is a programmer error. */
 static void check_range(const struct fmt_node *n, uint64_t off, uint64_t len)

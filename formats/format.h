@@ -150,6 +150,10 @@ char *fmt_backing_name_for(const char *overlay, const char *layer,
 bool fmt_same_layer(const char *a, const char *b);
 /* Closes a node, its backing chain and their backends. */
 void fmt_close(struct fmt_node *n);
+/* The same from a coroutine on loop: a chain with RBD layers is closed on
+ * a thread of its own (closing an image talks to the cluster), so the loop
+ * keeps serving meanwhile.  Nothing may use the chain any more. */
+void fmt_close_co(struct fmt_node *n, struct loop *loop, struct coro *co);
 
 /* Read-only <-> read-write for one node (not its chain): block-commit
  * writes into a backing layer and puts it back afterwards.  Going

@@ -1183,7 +1183,7 @@ static int qcow2_reopen_co(struct fmt_node *n, struct coro *co, bool read_only,
         if (r < 0)
             return error_setf(errp, -r, "%s: flush: %s", n->filename,
                               strerror(-r));
-        r = backend_reopen(n->file, true, errp);
+        r = backend_reopen_co(n->file, co, true, errp);
         if (r < 0)
             return r;
         n->read_only = true;
@@ -1201,11 +1201,11 @@ static int qcow2_reopen_co(struct fmt_node *n, struct coro *co, bool read_only,
         free(ext);
         return error_setf(errp, -r, "%s: %s", n->filename, err);
     }
-    r = backend_reopen(n->file, false, errp);
+    r = backend_reopen_co(n->file, co, false, errp);
     if (r == 0) {
         r = prepare_write_co(s, co, ext, errp);
         if (r < 0)
-            backend_reopen(n->file, true, NULL);
+            backend_reopen_co(n->file, co, true, NULL);
     }
     free(ext);
     if (r < 0)

@@ -79,7 +79,7 @@ static int raw_reopen_co(struct fmt_node *n, struct coro *co, bool read_only,
             return error_setf(errp, -r, "%s: flush: %s", n->filename,
                               strerror(-r));
     }
-    int r = backend_reopen(n->file, read_only, errp);
+    int r = backend_reopen_co(n->file, co, read_only, errp);
     if (r < 0)
         return r;
     n->read_only = read_only;
