@@ -266,10 +266,12 @@ static void print_json(struct json_object *o)
                                                   JSON_C_TO_STRING_NOSLASHESCAPE));
 }
 
+/* A path from the working directory made absolute (the daemon has its
+ * own); rbd: specs name images, not paths, and stay as they are. */
 static char *abs_path(const char *p)
 {
     char *r = NULL;
-    if (p[0] == '/')
+    if (p[0] == '/' || strncmp(p, "rbd:", 4) == 0)
         return strdup(p);
     char cwd[PATH_MAX];
     if (!getcwd(cwd, sizeof(cwd)))
@@ -735,6 +737,8 @@ static void usage(FILE *fp)
 "  snapshot EXPORT NEW.qcow2 [--node-name NODE] [--relative]\n"
 "                                --relative records the backing file's name\n"
 "                                relative to NEW.qcow2's directory\n"
+"                                (FILE arguments may be rbd:POOL/IMAGE specs:\n"
+"                                a snapshot onto one creates the RBD image)\n"
 "  commit EXPORT [--top FILE] [--base FILE] [--speed BYTES/S] [--job-id ID]\n"
 "         [--wait]               --wait shows progress until the job ends\n"
 "                                (an active commit is completed when ready)\n"

@@ -413,6 +413,19 @@ check(result["err"] and "no answer from the Ceph monitors within 3 s" in result[
 check(result["took"] >= 2.5, f"the connect gave up after {result['took']:.1f} s, not 3 s")
 check(worst < 0.5, f"a read of the local export took {worst * 1000:.0f} ms while the "
       "cluster was being reached: the loop was blocked")
+# the CLI passes rbd: specs through as they are (not as paths)
+cli = [os.environ.get("STRATA_CLI") or os.path.join(os.path.dirname(harness.STRATAD), "..",
+                                                    "contrib", "strata"), "--socket", ctl5]
+p = run([*cli, "add-export", "cq", "rbd:rbd/q-cli", "--format", "qcow2"], ok_codes=(1,))
+check(b"image 'q-cli' does not exist in pool 'rbd'" in p.stdout + p.stderr, p)
+qimg("create", "-q", "-f", "qcow2", "rbd:rbd/q-cli", str(4 * MiB))
+run([*cli, "add-export", "cq", "rbd:rbd/q-cli", "--format", "qcow2"])
+run([*cli, "snapshot", "cq", "rbd:rbd/q-cli-s1"])
+p = run([*cli, "chain", "cq"])
+check(b"rbd:rbd/q-cli-s1" in p.stdout and b"rbd:rbd/q-cli" in p.stdout, p.stdout)
+check(backing_of("rbd:rbd/q-cli-s1") == ("rbd:rbd/q-cli", "qcow2"),
+      backing_of("rbd:rbd/q-cli-s1"))
+ok("strata add-export and snapshot with rbd: specs (an RBD overlay created)")
 check(dmn5.stop() == 0, "stratad exit status (QMP rbd)")
 ok(f"while blockdev-add waited {result['took']:.1f} s for monitors that do not answer, "
    f"the local export served {reads} reads, the slowest in {worst * 1000:.1f} ms")
