@@ -22,10 +22,15 @@ def qimg(*args):
 
 
 def chain_files(top):
-    """The files of a chain, top first (qemu-img info --backing-chain)."""
+    """The layers of a chain, top first (qemu-img info --backing-chain), by
+    the names their overlays resolve to: absolute paths, or rbd: specs
+    (QEMU's own "filename" of an RBD node is a json: description)."""
     p = qimg("info", "-U", "--output=json", "--backing-chain", top)
     check(p.returncode == 0, f"qemu-img info {top}: {p.stderr}")
-    return [x["filename"] for x in json.loads(p.stdout)]
+    layers = json.loads(p.stdout)
+    names = [top] + [x.get("full-backing-filename") for x in layers[:-1]]
+    check(None not in names, f"qemu-img info {top}: a layer without a backing name: {layers}")
+    return names
 
 
 def check_images(files, leaks_ok=False):
