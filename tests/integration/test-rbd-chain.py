@@ -32,7 +32,9 @@ Ceph cluster (contrib/ceph-cluster.sh), with QEMU as the reference.
     mon_host (log_file: no file appears), a local file under an RBD
     overlay without backing-root, a loop of two RBD images.
  5. blockdev-add with QEMU's {"driver": "rbd", ...} file nodes (conf;
-    user and server list), and its clear refusals; while a blockdev-add
+    user and server list), and its clear refusals; images with the same
+    connection settings share one cluster connection (threads counted),
+    which outlives the deletion of some of them; while a blockdev-add
     waits for monitors that do not answer (connect_timeout=3), the same
     daemon's local export keeps answering reads at once.
 
@@ -366,6 +368,26 @@ files = {n["node-name"]: n["file"] for n in q5.cmd("query-named-block-nodes")
 check(files == {"g": f"rbd:rbd/golden:conf={cluster.conf}",
                 "b": f"rbd:rbd/bbase:id=admin:mon_host=127.0.0.1\\:{mon_port}"},
       f"query-named-block-nodes: {files}")
+# images opened with the same settings share one cluster connection: three
+# more nodes like "g" add a helper thread each, not a client's ~16 threads;
+# deleting them leaves the connection to "g"
+def nthreads():
+    return len(os.listdir(f"/proc/{dmn5.proc.pid}/task"))
+
+
+t_before = nthreads()
+for k in range(3):
+    q5.cmd("blockdev-add", driver="raw", node_name=f"g{k}", read_only=True,
+           file={"driver": "rbd", "pool": "rbd", "image": "golden", "conf": cluster.conf})
+t_after = nthreads()
+check(t_after - t_before <= 6, f"3 more images on the same connection settings took "
+      f"{t_after - t_before} more threads (a connection each?)")
+for k in range(3):
+    q5.cmd("blockdev-del", node_name=f"g{k}")
+check(jobsutil.nbd_read_all(dmn5.uri("g"), SIZE) == bytes(gmodel),
+      "g after the nodes sharing its connection were deleted")
+ok(f"3 more images on one shared connection: {t_before} -> {t_after} threads; deleting "
+   "them left the connection to the first")
 cls, desc = q5.error("blockdev-add", driver="raw", node_name="x",
                      file={"driver": "rbd", "pool": "rbd", "image": "golden",
                            "key-secret": "sec0"})
