@@ -20,8 +20,12 @@
  * OSD is down).  So they run on one helper thread per image, which takes
  * jobs from a queue and posts each finished job back through the same
  * eventfd: a stuck cluster never stalls the loop and the other exports it
- * serves.  Opening and closing stay synchronous (control path, bounded by
- * the connect and operation timeouts).
+ * serves.  Opening, creating, reopening and closing are synchronous calls
+ * here, bounded by the connect and operation timeouts; their callers run
+ * them on an offload thread (backend_open_co, backend_reopen_co,
+ * fmt_close_co), so they do not stall the loop either.  Images with the
+ * same connection settings share one rados_t (see "shared cluster
+ * connections" below).
  *
  * Size.  b->size is the logical end, as for files: the size at open, then
  * grown by writes and zeroing past it, or set by truncate.  An RBD image
