@@ -82,31 +82,7 @@ start_server() {                # server sock -> sets server_pid, uri
 }
 
 read -r -a server_list <<<"$servers"
-n_servers=${#server_list[@]}
-for ((round = 0; round < rounds; round++)); do
-  echo "round $((round + 1)) of $rounds"
-  for ((k = 0; k < n_servers; k++)); do
-    s=${server_list[$(((k + round) % n_servers))]}
-    case $s in
-    qemu-nbd|nbdkit)
-        if ! command -v "$s" >/dev/null; then
-            echo "note: $s is not installed; skipping it"
-            continue
-        fi ;;
-    esac
-    sock=$work/$s.sock
-    rm -f "$sock"   # a round before left it; a stale path must not look ready
-    if ! start_server "$s" "$sock"; then
-        failed=1
-        continue
-    fi
-    for w in "${workloads[@]}"; do
-        read -r name rw bs depth <<<"$w"
-        run_fio "$s" "$name" "$rw" "$bs" "$depth"
-    done
-    stop_server "$s"
-  done
-done
+run_rounds 10 "${server_list[@]}"
 
 echo
 echo "image: $img (${size_mib} MiB), runtime ${runtime}s per job (+${ramp}s ramp), $(nproc) CPUs, $(uname -r)"

@@ -73,26 +73,9 @@ start_server() {                # server sock -> sets server_pid, uri
     fi
 }
 
-# Rounds with the server order rotated: whichever server runs right after
-# the fill or another's write jobs meets an OSD still busy with them.
-nbd_servers=(stratad qemu-nbd)
-for ((round = 0; round < rounds; round++)); do
-  echo "round $((round + 1)) of $rounds"
-  for ((k = 0; k < ${#nbd_servers[@]}; k++)); do
-    s=${nbd_servers[$(((k + round) % ${#nbd_servers[@]}))]}
-    sock=$work/$s.sock
-    rm -f "$sock"   # a round before left it; a stale path must not look ready
-    if ! start_server "$s" "$sock"; then
-        failed=1
-        continue
-    fi
-    for w in "${workloads[@]}"; do
-        read -r name rw bs depth <<<"$w"
-        run_fio "$s" "$name" "$rw" "$bs" "$depth"
-    done
-    stop_server "$s" 20
-  done
-done
+# Rounds with the server order rotated (lib.sh): the first server would
+# otherwise always meet an OSD still busy with the fill.
+run_rounds 20 stratad qemu-nbd
 
 # The ceiling: librbd itself.  rbd bench runs a byte count, not a time:
 # aim at about the fio runtime from the rate of a short first pass.

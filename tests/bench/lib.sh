@@ -92,6 +92,41 @@ stop_server() {                 # server [seconds to stop, default 10]
 
 # Runs one fio job against $uri and appends "server workload iops bw" to
 # $results (FAIL on failure).
+# Runs every workload on every server, $rounds times, each round starting
+# with a different server (whichever runs right after another's write jobs,
+# or right after a fill, meets a busy host or cluster).  qemu-nbd and
+# nbdkit are skipped with a note when not installed.
+# Args: stop-timeout-seconds server...
+run_rounds() {
+    local stop_s=$1 round k s sock w name rw bs depth
+    shift
+    local list=("$@")
+    for ((round = 0; round < rounds; round++)); do
+        echo "round $((round + 1)) of $rounds"
+        for ((k = 0; k < ${#list[@]}; k++)); do
+            s=${list[$(((k + round) % ${#list[@]}))]}
+            case $s in
+            qemu-nbd|nbdkit)
+                if ! command -v "$s" >/dev/null; then
+                    echo "note: $s is not installed; skipping it"
+                    continue
+                fi ;;
+            esac
+            sock=$work/$s.sock
+            rm -f "$sock"   # a round before left it; a stale path must not look ready
+            if ! start_server "$s" "$sock"; then
+                failed=1
+                continue
+            fi
+            for w in "${workloads[@]}"; do
+                read -r name rw bs depth <<<"$w"
+                run_fio "$s" "$name" "$rw" "$bs" "$depth"
+            done
+            stop_server "$s" "$stop_s"
+        done
+    done
+}
+
 run_fio() {                     # server name rw bs depth
     local s=$1 name=$2 rw=$3 bs=$4 depth=$5
     local json=$work/$s-$name.json
