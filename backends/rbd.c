@@ -530,6 +530,20 @@ static int rbd_flush_co(struct backend *b, struct coro *co)
     return res < 0 ? (int)res : 0;
 }
 
+/* After a write or zeroing up to end that returned ret: the logical end
+ * moves past it, and FUA makes it durable. */
+static int rbd_written_co(struct backend *b, struct coro *co, int ret,
+                          uint64_t end, unsigned flags)
+{
+    if (ret < 0)
+        return ret;
+    if (end > b->size)
+        b->size = end;
+    if (flags & BACKEND_FUA)
+        return rbd_flush_co(b, co);
+    return 0;
+}
+
 static int rbd_pwritev_co(struct backend *b, struct coro *co,
                           const struct iovec *iov, int iovcnt, uint64_t off,
                           unsigned flags)
@@ -543,13 +557,7 @@ static int rbd_pwritev_co(struct backend *b, struct coro *co,
     r->gen++;
     ret = rbd_rw_co(r, co, true, iov, iovcnt, off, len);
     r->gen++;
-    if (ret < 0)
-        return ret;
-    if (end > b->size)
-        b->size = end;
-    if (flags & BACKEND_FUA)
-        return rbd_flush_co(b, co);
-    return 0;
+    return rbd_written_co(b, co, ret, end, flags);
 }
 
 static int rbd_zero_co(struct backend *b, struct coro *co, uint64_t off,
@@ -580,13 +588,7 @@ static int rbd_zero_co(struct backend *b, struct coro *co, uint64_t off,
         pos += n;
     }
     r->gen++;
-    if (ret < 0)
-        return ret;
-    if (end > b->size)
-        b->size = end;
-    if (flags & BACKEND_FUA)
-        return rbd_flush_co(b, co);
-    return 0;
+    return rbd_written_co(b, co, ret, end, flags);
 }
 
 static int rbd_discard_co(struct backend *b, struct coro *co, uint64_t off,
