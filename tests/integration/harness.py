@@ -229,6 +229,31 @@ class Daemon:
         return self.proc.returncode
 
 
+def start_qsd(ctl, nbd_sock, args=(), program="qemu-storage-daemon", timeout=15):
+    """qemu-storage-daemon with a QMP monitor on the unix socket ctl and an
+    NBD server on nbd_sock, plus args; killed at exit.  Returns once both
+    sockets exist (fails the test if it exits or takes longer)."""
+    proc = subprocess.Popen(
+        [program, "--nbd-server", f"addr.type=unix,addr.path={nbd_sock}",
+         "--chardev", f"socket,path={ctl},server=on,wait=off,id=mon",
+         "--monitor", "chardev=mon", *args],  # --export needs the server first
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=_die_with_parent)
+
+    def stop():
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    atexit.register(stop)
+    deadline = time.time() + timeout
+    while not (os.path.exists(ctl) and os.path.exists(nbd_sock)):
+        if proc.poll() is not None:
+            fail(f"qemu-storage-daemon exited with {proc.returncode}: "
+                 f"{proc.stderr.read().decode(errors='replace')}")
+        check(time.time() < deadline, "qemu-storage-daemon did not start in time")
+        time.sleep(0.05)
+    return proc
+
+
 def nbd_handle():
     """A libnbd handle, or skip when python3-libnbd is missing."""
     try:

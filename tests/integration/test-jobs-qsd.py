@@ -15,9 +15,7 @@ Run:  STRATAD=build/daemon/stratad /usr/bin/python3 tests/integration/test-jobs-
 import os
 import random
 import shutil
-import subprocess
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
@@ -43,30 +41,10 @@ s_dmn = harness.Daemon([f"name=disk,file={ds}/base.qcow2,format=qcow2"],
                        extra=["--control", s_ctl])
 q_ctl = os.path.join(d, "q-ctl.sock")
 q_nbd = os.path.join(d, "q-nbd.sock")
-q_proc = subprocess.Popen(
-    ["qemu-storage-daemon",
-     "--blockdev", f"driver=file,filename={dq}/base.qcow2,node-name=f0",
-     "--blockdev", "driver=qcow2,file=f0,node-name=n0",
-     "--nbd-server", f"addr.type=unix,addr.path={q_nbd}",
-     "--export", "type=nbd,id=exp0,node-name=n0,name=disk,writable=on",
-     "--chardev", f"socket,path={q_ctl},server=on,wait=off,id=mon",
-     "--monitor", "chardev=mon"],
-    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=harness._die_with_parent)
-
-
-def _stop_qsd():
-    if q_proc.poll() is None:
-        q_proc.kill()
-        q_proc.wait()
-
-
-import atexit  # noqa: E402
-atexit.register(_stop_qsd)
-deadline = time.time() + 15
-while not (os.path.exists(q_ctl) and os.path.exists(q_nbd)):
-    check(q_proc.poll() is None and time.time() < deadline,
-          f"qemu-storage-daemon did not start: {q_proc.stderr.read() if q_proc.poll() is not None else ''}")
-    time.sleep(0.05)
+q_proc = harness.start_qsd(q_ctl, q_nbd, [
+    "--blockdev", f"driver=file,filename={dq}/base.qcow2,node-name=f0",
+    "--blockdev", "driver=qcow2,file=f0,node-name=n0",
+    "--export", "type=nbd,id=exp0,node-name=n0,name=disk,writable=on"])
 
 S = QMP(s_ctl)
 Q = QMP(q_ctl)

@@ -23,7 +23,6 @@ import random
 import shutil
 import subprocess
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
@@ -84,24 +83,7 @@ s_ctl = os.path.join(d, "s-ctl.sock")
 s_dmn = harness.Daemon([], extra=["--control", s_ctl])
 q_ctl = os.path.join(d, "q-ctl.sock")
 q_nbd = os.path.join(d, "q-nbd.sock")
-q_proc = subprocess.Popen(
-    [QSD, "--chardev", f"socket,path={q_ctl},server=on,wait=off,id=mon",
-     "--monitor", "chardev=mon", "--nbd-server", f"addr.type=unix,addr.path={q_nbd}"],
-    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=harness._die_with_parent)
-
-
-def _stop_qsd():
-    if q_proc.poll() is None:
-        q_proc.kill()
-        q_proc.wait()
-
-
-import atexit  # noqa: E402
-atexit.register(_stop_qsd)
-deadline = time.time() + 15
-while not (os.path.exists(q_ctl) and os.path.exists(q_nbd)):
-    check(q_proc.poll() is None and time.time() < deadline, "qemu-storage-daemon did not start")
-    time.sleep(0.05)
+q_proc = harness.start_qsd(q_ctl, q_nbd, program=QSD)
 
 S = QMP(s_ctl, negotiate=False)
 Q = QMP(q_ctl, negotiate=False)

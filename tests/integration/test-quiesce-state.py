@@ -2,7 +2,8 @@
 """Export quiesce under load, and the state file across kill -9.
 
  1. Four libnbd connections keep 32 requests each in flight (writes of
-    seeded data, reads checked against a model) on one export while the
+    seeded data, write zeroes, reads checked against a model; jobsutil's
+    Workload) on one export while the
     control socket quiesces it 40 times (x-debug-quiesce, 20 ms each).
     Every request succeeds (queued, never failed), every read matches the
     model, the file equals the model at the end; each stall is at least
@@ -18,15 +19,14 @@ Run:  STRATAD=build/daemon/stratad /usr/bin/python3 tests/integration/test-quies
 """
 import json
 import os
-import random
 import signal
 import sys
-import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
-from harness import QMP, check, fail, ok  # noqa: E402
+from harness import QMP, check, ok  # noqa: E402
+import jobsutil  # noqa: E402
 
 harness.require_built()
 harness.report_unexpected_exceptions()
@@ -35,7 +35,6 @@ import nbd  # noqa: E402
 
 MiB = 1 << 20
 SIZE = 32 * MiB
-BLK = 4096
 d = harness.tmpdir()
 img = harness.make_file(os.path.join(d, "disk.img"), SIZE)
 ctl = os.path.join(d, "ctl.sock")
@@ -43,68 +42,11 @@ dmn = harness.Daemon([f"name=disk,file={img}"], extra=["--control", ctl, "--verb
 q = QMP(ctl)
 
 # ---- 1. quiesce under load ----
+# jobsutil.Workload: each connection owns a quarter of the disk (so the
+# model is exact) and keeps 32 requests in flight
 model = bytearray(SIZE)
-lock = threading.Lock()
-stop = threading.Event()
-errors = []
-counts = [0] * 4
-
-
-def worker(k):
-    """Each connection owns a quarter of the disk (so the model is exact)
-    and keeps 32 requests in flight."""
-    rng = random.Random(k)
-    h = nbd.NBD()
-    h.connect_uri(dmn.uri("disk"))
-    base = k * (SIZE // 4)
-    nblk = (SIZE // 4) // BLK
-    inflight = []
-    try:
-        while not stop.is_set() or inflight:
-            while len(inflight) < 32 and not stop.is_set():
-                off = base + rng.randrange(nblk) * BLK
-                n = rng.choice((1, 2, 4, 16)) * BLK
-                n = min(n, base + SIZE // 4 - off)
-                # a read racing an overlapping write in flight may see
-                # either version: such reads are not compared
-                overl = [it for it in inflight if it[2] < off + n and off < it[2] + it[3]]
-                if rng.random() < 0.5:
-                    data = bytes([rng.randrange(256)]) * n
-                    with lock:
-                        model[off:off + n] = data
-                    buf = nbd.Buffer.from_bytearray(bytearray(data))
-                    cookie = h.aio_pwrite(buf, off)
-                    for it in overl:
-                        it[1] = None
-                    inflight.append([cookie, None, off, n, buf])
-                else:
-                    buf = nbd.Buffer(n)
-                    with lock:
-                        expect = bytes(model[off:off + n])
-                    if any(it[1] is None for it in overl):
-                        expect = None
-                    cookie = h.aio_pread(buf, off)
-                    inflight.append([cookie, expect, off, n, buf])
-            h.poll(-1)
-            still = []
-            for item in inflight:
-                cookie, expect, off, n, buf = item
-                if h.aio_command_completed(cookie):  # raises on an NBD error
-                    counts[k] += 1
-                    if expect is not None and buf.to_bytearray() != bytearray(expect):
-                        errors.append(f"conn {k}: read at {off} differs from the model")
-                else:
-                    still.append(item)
-            inflight = still
-        h.flush()
-        h.shutdown()
-    except Exception as ex:  # noqa: BLE001
-        errors.append(f"conn {k}: {ex!r}")
-
-
-ts = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
-for t in ts:
-    t.start()
+wl = jobsutil.Workload(dmn.uri("disk"), model, conns=4, depth=32, seed=3, maxblk=16)
+wl.start()
 time.sleep(0.3)
 stalls = []
 for i in range(40):
@@ -112,11 +54,8 @@ for i in range(40):
     stalls.append(r["stall-ns"] / 1e6)
     check(r["stall-ns"] >= 20e6, f"stall {r} shorter than the 20 ms asked")
     time.sleep(0.02)
-stop.set()
-for t in ts:
-    t.join(120)
-    check(not t.is_alive(), "a worker hung")
-check(not errors, f"I/O errors or mismatches during quiesce: {errors[:5]}")
+wl.stop()  # fails on any I/O error or read that differs from the model
+counts = wl.counts
 check(sum(counts) > 1000, f"too few requests completed: {counts}")
 with open(img, "rb") as f:
     disk = f.read()
