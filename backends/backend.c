@@ -12,7 +12,7 @@ struct backend *backend_open(struct loop *loop, const char *spec,
                              const struct backend_open_opts *opts,
                              struct error **errp)
 {
-    if (strncmp(spec, "rbd:", 4) == 0) {
+    if (backend_spec_is_remote(spec)) {
 #if STRATA_HAVE_RBD
         return rbd_backend_open(loop, spec, opts, errp);
 #else
@@ -44,7 +44,7 @@ struct backend *backend_open_co(struct loop *loop, struct coro *co,
                                 const struct backend_open_opts *opts,
                                 struct error **errp)
 {
-    if (strncmp(spec, "rbd:", 4) != 0)
+    if (!backend_spec_is_remote(spec))
         return backend_open(loop, spec, opts, errp); /* open(2): quick */
     struct open_call c = {loop, spec, opts, errp, NULL};
     loop_offload_co(loop, co, open_call, &c);
@@ -53,7 +53,7 @@ struct backend *backend_open_co(struct loop *loop, struct coro *co,
 
 int backend_remove(const char *spec, struct error **errp)
 {
-    if (strncmp(spec, "rbd:", 4) == 0) {
+    if (backend_spec_is_remote(spec)) {
 #if STRATA_HAVE_RBD
         return rbd_backend_remove(spec, errp);
 #else
@@ -190,7 +190,7 @@ int backend_reopen_co(struct backend *b, struct coro *co, bool read_only,
                       struct error **errp)
 {
     if (b->read_only == read_only || !b->ops->reopen ||
-        strcmp(b->ops->name, "rbd") != 0)
+        !backend_spec_is_remote(b->name))
         return backend_reopen(b, read_only, errp);
     struct reopen_call c = {b, read_only, errp, 0};
     loop_offload_co(b->loop, co, reopen_call, &c);

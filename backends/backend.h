@@ -108,6 +108,13 @@ struct backend_open_opts {
     uint64_t create_size;
 };
 
+/* Does spec name remote storage (an rbd: image) rather than a local path?
+ * Such specs are not resolved against directories, stat()ed or unlinked. */
+static inline bool backend_spec_is_remote(const char *spec)
+{
+    return spec[0] == 'r' && spec[1] == 'b' && spec[2] == 'd' && spec[3] == ':';
+}
+
 /* Opens a backend from a user spec: a path for local files, or
  * rbd:POOL/[NAMESPACE/]IMAGE[@SNAP][:KEY=VALUE]... for a Ceph RBD image
  * (syntax in rbd-spec.h).  Control path: may block briefly (open, fstat);

@@ -14,11 +14,6 @@
 
 /* ---- naming layers ---- */
 
-static bool is_protocol(const char *spec)
-{
-    return strncmp(spec, "rbd:", 4) == 0;
-}
-
 char *chain_layer_path(const struct blockdev *b, const struct fmt_node *n,
                        struct error **errp)
 {
@@ -117,7 +112,7 @@ int chain_check_backing_root(const struct blockdev *b, struct fmt_node *n,
         if (!realpath(backing_root, root))
             return error_setf(errp, errno, "backing root %s: %s", backing_root,
                               strerror(errno));
-    } else if (is_protocol(top_path)) {
+    } else if (backend_spec_is_remote(top_path)) {
         no_local = true;
     } else if (real_dir_of(top_path, root, errp) < 0) {
         return -1;
@@ -127,7 +122,7 @@ int chain_check_backing_root(const struct blockdev *b, struct fmt_node *n,
         if (!p)
             return -1;
         char real[PATH_MAX];
-        if (!is_protocol(p) && no_local) {
+        if (!backend_spec_is_remote(p) && no_local) {
             error_setf(errp, EACCES, "%s would be a local backing file under "
                        "%s, an image on RBD, so the chain would not open "
                        "again after a restart (set backing-root= on the "
@@ -135,7 +130,7 @@ int chain_check_backing_root(const struct blockdev *b, struct fmt_node *n,
             free(p);
             return -1;
         }
-        if (!is_protocol(p) && (!realpath(p, real) || !path_inside(real, root))) {
+        if (!backend_spec_is_remote(p) && (!realpath(p, real) || !path_inside(real, root))) {
             error_setf(errp, EACCES, "%s would be outside the backing root %s of "
                        "a chain whose top is %s, so the chain would not open "
                        "again after a restart (keep the images in one "
@@ -191,10 +186,10 @@ static char *relative_path(const char *from, const char *to)
 static char *relative_backing_name(const char *path, const char *top,
                                    struct error **errp)
 {
-    if (is_protocol(path) || is_protocol(top)) {
+    if (backend_spec_is_remote(path) || backend_spec_is_remote(top)) {
         char *name = NULL;
         struct rbd_spec o, t;
-        if (!is_protocol(path) || !is_protocol(top) ||
+        if (!backend_spec_is_remote(path) || !backend_spec_is_remote(top) ||
             rbd_spec_parse(path, &o, NULL) < 0) {
             error_setf(errp, EINVAL, "%s cannot be named relative to %s",
                        top, path);
@@ -260,7 +255,7 @@ int snapshot_sync_co(struct server *srv, struct export *e,
         r = error_setf(errp, ENOMEM, "out of memory");
         goto out;
     }
-    if (is_protocol(path)) {
+    if (backend_spec_is_remote(path)) {
         /* rbd_create refuses an existing image */
     } else {
         struct stat st;

@@ -233,7 +233,7 @@ int server_sync_co(struct server *srv, struct coro *co)
  * Protocol specs (rbd:...) are no paths: kept as they are. */
 char *server_absolute_path(const char *path)
 {
-    if (path[0] == '/' || strncmp(path, "rbd:", 4) == 0)
+    if (path[0] == '/' || backend_spec_is_remote(path))
         return strdup(path);
     char *cwd = getcwd(NULL, 0);
     char *abs = NULL;

@@ -31,21 +31,16 @@ struct chain_ctx {
     unsigned depth;
 };
 
-static bool is_protocol(const char *spec)
-{
-    return strncmp(spec, "rbd:", 4) == 0;
-}
-
 char *fmt_resolve_backing(const char *overlay, const char *name,
                           struct error **errp)
 {
     char *p = NULL;
-    if (is_protocol(overlay) && name[0] != '/') {
+    if (backend_spec_is_remote(overlay) && name[0] != '/') {
         if (rbd_spec_resolve_backing(overlay, name, &p, errp) < 0)
             return NULL;
         return p;
     }
-    if (is_protocol(name)) {
+    if (backend_spec_is_remote(name)) {
         if (rbd_spec_resolve_backing(NULL, name, &p, errp) < 0)
             return NULL;
         return p;
@@ -70,8 +65,8 @@ char *fmt_backing_name_for(const char *overlay, const char *layer,
                            struct error **errp)
 {
     char *p = NULL;
-    if (is_protocol(layer)) {
-        if (rbd_spec_backing_name(layer, is_protocol(overlay) ? overlay : NULL,
+    if (backend_spec_is_remote(layer)) {
+        if (rbd_spec_backing_name(layer, backend_spec_is_remote(overlay) ? overlay : NULL,
                                   &p, errp) < 0)
             return NULL;
         return p;
@@ -84,8 +79,8 @@ char *fmt_backing_name_for(const char *overlay, const char *layer,
 
 bool fmt_same_layer(const char *a, const char *b)
 {
-    if (is_protocol(a) || is_protocol(b))
-        return is_protocol(a) && is_protocol(b) && rbd_spec_same_image(a, b);
+    if (backend_spec_is_remote(a) || backend_spec_is_remote(b))
+        return backend_spec_is_remote(a) && backend_spec_is_remote(b) && rbd_spec_same_image(a, b);
     struct stat sa, sb;
     return stat(a, &sa) == 0 && stat(b, &sb) == 0 && sa.st_dev == sb.st_dev &&
            sa.st_ino == sb.st_ino;
@@ -104,7 +99,7 @@ static bool path_inside(const char *path, const char *root)
 static int check_layer(struct chain_ctx *cx, const char *spec, bool backing,
                        struct error **errp)
 {
-    if (is_protocol(spec)) {
+    if (backend_spec_is_remote(spec)) {
         for (unsigned i = 0; i < cx->depth; i++)
             if (cx->seen[i].rbd && rbd_spec_same_image(cx->seen[i].rbd, spec))
                 return error_setf(errp, ELOOP, "%s: the backing chain loops "
@@ -253,7 +248,7 @@ struct fmt_node *fmt_open_co(struct loop *loop, struct coro *co,
     cx->opts = opts;
     const char *root = opts->backing_root;
     char dir[PATH_MAX];
-    if (!root && !is_protocol(spec)) {
+    if (!root && !backend_spec_is_remote(spec)) {
         /* Default: the top image's own directory. */
         char real[PATH_MAX];
         if (realpath(spec, real)) {
@@ -266,14 +261,14 @@ struct fmt_node *fmt_open_co(struct loop *loop, struct coro *co,
             root = dir;
         }
     }
-    if (root && !is_protocol(root) && !realpath(root, cx->root)) {
+    if (root && !backend_spec_is_remote(root) && !realpath(root, cx->root)) {
         error_setf(errp, errno, "backing root %s: %s", root, strerror(errno));
         free(cx);
         return NULL;
     }
     if (!root) {
         snprintf(cx->root, sizeof(cx->root), "/");
-        cx->no_local = is_protocol(spec);
+        cx->no_local = backend_spec_is_remote(spec);
     }
     struct fmt_node *n = open_layer(cx, spec, opts->format, opts->read_only,
                                     false, errp);
@@ -381,7 +376,7 @@ void fmt_close_co(struct fmt_node *n, struct loop *loop, struct coro *co)
 {
     bool remote = false;
     for (struct fmt_node *x = n; x; x = x->backing)
-        remote |= strcmp(x->file->ops->name, "rbd") == 0;
+        remote |= backend_spec_is_remote(x->file->name);
     if (remote)
         loop_offload_co(loop, co, close_call, n);
     else
