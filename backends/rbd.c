@@ -1121,6 +1121,7 @@ struct backend *rbd_backend_open(struct loop *loop, const char *spec,
                                  const struct backend_open_opts *opts,
                                  struct error **errp)
 {
+    bool created = false; /* by this open: removed again if it fails */
     struct rbd_backend *r = calloc(1, sizeof(*r));
     if (!r) {
         error_setf(errp, ENOMEM, "out of memory");
@@ -1146,9 +1147,14 @@ struct backend *rbd_backend_open(struct loop *loop, const char *spec,
     }
     r->b.read_only = opts->read_only || s->snap != NULL;
 
-    if (rbd_connect(r, opts, errp) < 0 ||
-        (opts->create && rbd_create_image(r, opts, errp) < 0) ||
-        rbd_open_image(r, errp) < 0)
+    if (rbd_connect(r, opts, errp) < 0)
+        goto fail;
+    if (opts->create) {
+        if (rbd_create_image(r, opts, errp) < 0)
+            goto fail;
+        created = true;
+    }
+    if (rbd_open_image(r, errp) < 0)
         goto fail;
 
     r->efd = eventfd(0, EFD_CLOEXEC);
@@ -1182,6 +1188,17 @@ struct backend *rbd_backend_open(struct loop *loop, const char *spec,
     return &r->b;
 
 fail:
+    if (created) {
+        /* nobody has seen the new image: it goes with the failed open */
+        if (r->image) {
+            rbd_close(r->image);
+            r->image = NULL;
+        }
+        int e2 = rbd_remove(r->ioctx, r->spec.image);
+        if (e2 < 0)
+            log_warn("%s: removing the image just created: %s", r->where,
+                     strerror(-e2));
+    }
     rbd_backend_close(&r->b);
     return NULL;
 }

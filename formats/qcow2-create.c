@@ -114,7 +114,7 @@ int qcow2_create_co(struct loop *loop, struct coro *co, const char *path,
     struct backend *file = backend_open_co(loop, co, path, &bo, errp);
     if (!file) {
         free(img);
-        return -EEXIST;
+        return errp && *errp ? -(*errp)->code : -EIO;
     }
     int r = backend_pwrite_co(file, co, img, total, 0, 0);
     if (r == 0)
