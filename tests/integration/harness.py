@@ -254,6 +254,18 @@ def start_qsd(ctl, nbd_sock, args=(), program="qemu-storage-daemon", timeout=15)
     return proc
 
 
+def rss_kib(pid):
+    """Resident set size of a process, in KiB (0 when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 def nbd_handle():
     """A libnbd handle, or skip when python3-libnbd is missing."""
     try:

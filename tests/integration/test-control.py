@@ -23,9 +23,7 @@
 
 Run:  STRATAD=build/daemon/stratad /usr/bin/python3 tests/integration/test-control.py
 """
-import json
 import os
-import signal
 import socket
 import stat
 import sys
@@ -312,12 +310,7 @@ c.close()
 ok("64 control clients at once; the 65th refused; room again after they left")
 
 
-def rss_kib(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
+rss_kib = harness.rss_kib
 
 
 rss0 = rss_kib(dmn.proc.pid)

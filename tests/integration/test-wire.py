@@ -1040,12 +1040,7 @@ ok("fresh wire client over TCP with extended headers works")
 # A client that sends options but never reads the replies: the daemon must
 # stop reading it (its sends block) instead of queueing replies without
 # bound, and keep serving others.
-def rss_kib(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
+rss_kib = harness.rss_kib
 
 
 flood = w.Conn(dm.sock, timeout=2.0)
