@@ -330,6 +330,40 @@ static char *dup_or_null(const char *s, bool *oom)
     return d;
 }
 
+/* QEMU's "server": [{host, port}...] as Ceph's mon_host
+ * ("host:port;host:port", IPv6 hosts in brackets).  NULL with *errp set. */
+static char *mon_host_of(struct json_object *servers, struct error **errp)
+{
+    size_t n = json_object_array_length(servers), len = 1;
+    char *hosts = calloc(1, 1);
+    for (size_t i = 0; hosts && i < n; i++) {
+        struct json_object *sv = json_object_array_get_idx(servers, i);
+        if (!json_object_is_type(sv, json_type_object)) {
+            error_setf(errp, EINVAL, "Invalid parameter type for "
+                       "'file.server[%zu]', expected: object", i);
+            free(hosts);
+            return NULL;
+        }
+        if (ctl_args_check(sv, server_args, "file.server[].", errp) < 0) {
+            free(hosts);
+            return NULL;
+        }
+        const char *h = arg_str(sv, "host"), *port = arg_str(sv, "port");
+        bool v6 = strchr(h, ':') != NULL;
+        len += strlen(h) + strlen(port) + 5;
+        char *grown = realloc(hosts, len);
+        if (!grown)
+            free(hosts);
+        hosts = grown;
+        if (hosts)
+            sprintf(hosts + strlen(hosts), "%s%s%s%s:%s", i ? ";" : "",
+                    v6 ? "[" : "", h, v6 ? "]" : "", port);
+    }
+    if (!hosts)
+        error_setf(errp, ENOMEM, "out of memory");
+    return hosts;
+}
+
 /* An rbd: spec from a {"driver": "rbd", ...} file node. */
 static char *rbd_spec_of(struct json_object *file, struct error **errp)
 {
@@ -353,45 +387,13 @@ static char *rbd_spec_of(struct json_object *file, struct error **errp)
     sp.id = dup_or_null(arg_str(file, "user"), &oom);
     char *spec = NULL;
     struct json_object *servers;
-    if (!oom && json_object_object_get_ex(file, "server", &servers)) {
-        /* mon_host: host:port;host:port (IPv6 hosts in brackets) */
-        size_t n = json_object_array_length(servers), len = 1;
-        char *hosts = calloc(1, 1);
-        for (size_t i = 0; hosts && i < n; i++) {
-            struct json_object *sv = json_object_array_get_idx(servers, i);
-            if (!json_object_is_type(sv, json_type_object)) {
-                error_setf(errp, EINVAL, "Invalid parameter type for "
-                           "'file.server[%zu]', expected: object", i);
-                goto out_hosts;
-            }
-            if (ctl_args_check(sv, server_args, "file.server[].", errp) < 0)
-                goto out_hosts;
-            const char *h = arg_str(sv, "host"), *port = arg_str(sv, "port");
-            bool v6 = strchr(h, ':') != NULL;
-            len += strlen(h) + strlen(port) + 5;
-            char *grown = realloc(hosts, len);
-            if (!grown) {
-                free(hosts);
-                hosts = NULL;
-                break;
-            }
-            hosts = grown;
-            sprintf(hosts + strlen(hosts), "%s%s%s%s:%s", i ? ";" : "",
-                    v6 ? "[" : "", h, v6 ? "]" : "", port);
-        }
-        if (!hosts) {
-            oom = true;
-        } else if (n > 0) {
-            sp.opts[0].key = strdup("mon_host");
-            sp.opts[0].val = hosts;
-            hosts = NULL;
-            sp.n_opts = 1;
-            oom = !sp.opts[0].key;
-        }
-out_hosts:
-        free(hosts);
-        if (errp && *errp)
+    if (json_object_object_get_ex(file, "server", &servers) &&
+        json_object_array_length(servers) > 0) {
+        sp.opts[0].val = mon_host_of(servers, errp);
+        if (!sp.opts[0].val)
             goto out;
+        sp.opts[0].key = dup_or_null("mon_host", &oom);
+        sp.n_opts = 1;
     }
     if (!oom)
         spec = rbd_spec_format(&sp);
