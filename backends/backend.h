@@ -19,18 +19,10 @@
 
 #include "coro.h"
 #include "error.h"
+#include "iov.h"
 
 struct loop;
 struct backend;
-
-/* Total bytes described by an iovec array. */
-static inline uint64_t iov_size(const struct iovec *iov, int iovcnt)
-{
-    uint64_t n = 0;
-    for (int i = 0; i < iovcnt; i++)
-        n += iov[i].iov_len;
-    return n;
-}
 
 /* Flags for writes and zeroing. */
 #define BACKEND_FUA      (1u << 0)  /* durable before completion */

@@ -78,6 +78,7 @@
 #include "loop.h"
 #include "rbd-dl.h"
 #include "rbd-spec.h"
+#include "util.h"
 
 #define RBD_MAX_IOV 64                 /* iovecs per librbd request */
 #define RBD_HARVEST_BATCH 32           /* completions per rbd_poll_io_events */
@@ -85,8 +86,6 @@
 #define RBD_BS_WINDOW (UINT64_C(1) << 30)
 #define RBD_ZERO_CHUNK (UINT64_C(1) << 30) /* bytes per write_zeroes request */
 
-#define MIN(a, b) ((a) < (b) ? (a) : (b))
-#define MAX(a, b) ((a) > (b) ? (a) : (b))
 
 /* One librbd aio in flight.  Lives on the waiting coroutine's stack; librbd
  * keeps its address as the completion's argument until rbd_harvest() gets
@@ -223,8 +222,7 @@ static void rbd_harvest(struct rbd_backend *r)
 
 static void rbd_efd_done(struct loop_op *op, int res, uint32_t flags)
 {
-    struct rbd_backend *r = (struct rbd_backend *)
-        ((char *)op - offsetof(struct rbd_backend, efd_op));
+    struct rbd_backend *r = container_of(op, struct rbd_backend, efd_op);
     (void)flags;
     r->efd_armed = false;
     if (res < 0 && res != -EINTR && res != -EAGAIN)
@@ -478,22 +476,6 @@ static int rbd_rw_co(struct rbd_backend *r, struct coro *co, bool write,
         len -= chunk;
     }
     return 0;
-}
-
-/* Zeroes bytes [from, from + n) of the data described by iov. */
-static void iov_zero_range(const struct iovec *iov, int iovcnt, uint64_t from,
-                           uint64_t n)
-{
-    for (int i = 0; i < iovcnt && n > 0; i++) {
-        if (from >= iov[i].iov_len) {
-            from -= iov[i].iov_len;
-            continue;
-        }
-        size_t k = (size_t)MIN(iov[i].iov_len - from, n);
-        memset((char *)iov[i].iov_base + from, 0, k);
-        n -= k;
-        from = 0;
-    }
 }
 
 static int rbd_preadv_co(struct backend *b, struct coro *co,

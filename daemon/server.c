@@ -18,6 +18,7 @@
 #include "log.h"
 #include "jobs.h"
 #include "server.h"
+#include "util.h"
 
 void server_config_defaults(struct server_config *cfg)
 {
@@ -851,7 +852,7 @@ static void arm_accept(struct listener *l)
 static void accept_done(struct loop_op *op, int res, uint32_t flags)
 {
     struct listener *l =
-        (struct listener *)((char *)op - offsetof(struct listener, accept_op));
+        container_of(op, struct listener, accept_op);
     struct server *srv = l->srv;
     (void)flags;
     l->accept_pending = false;
@@ -912,7 +913,7 @@ static void arm_signal(struct server *srv)
 static void sig_done(struct loop_op *op, int res, uint32_t flags)
 {
     struct server *srv =
-        (struct server *)((char *)op - offsetof(struct server, sig_op));
+        container_of(op, struct server, sig_op);
     (void)flags;
     if (res == (int)sizeof(struct signalfd_siginfo)) {
         struct signalfd_siginfo si;
@@ -945,7 +946,7 @@ int server_start(struct server *srv, int sig_fd, struct error **errp)
 static void timer_fn(struct loop_timer *t, uint64_t now)
 {
     struct server *srv =
-        (struct server *)((char *)t - offsetof(struct server, timer));
+        container_of(t, struct server, timer);
     for (struct conn *c = srv->conns; c; c = c->next) {
         if ((c->state == CONN_HS_FLAGS || c->state == CONN_HS_OPTION) &&
             now > c->deadline_ns) {

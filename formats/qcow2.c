@@ -132,59 +132,6 @@ static bool wait_allocs_co(struct qcow2 *s, struct coro *co, uint64_t gstart,
     return true;
 }
 
-/* A slice [skip, skip + len) of an iovec array, in a small inline array or
- * on the heap. */
-struct iov_slice {
-    struct iovec *v;
-    int cnt;
-    struct iovec inl[8];
-};
-
-static int iov_slice_init(struct iov_slice *sl, const struct iovec *iov,
-                          int iovcnt, uint64_t skip, uint64_t len)
-{
-    sl->v = iovcnt <= 8 ? sl->inl : malloc(sizeof(struct iovec) * iovcnt);
-    if (!sl->v)
-        return -ENOMEM;
-    sl->cnt = 0;
-    for (int i = 0; i < iovcnt && len > 0; i++) {
-        if (skip >= iov[i].iov_len) {
-            skip -= iov[i].iov_len;
-            continue;
-        }
-        uint64_t n = iov[i].iov_len - skip;
-        if (n > len)
-            n = len;
-        sl->v[sl->cnt].iov_base = (uint8_t *)iov[i].iov_base + skip;
-        sl->v[sl->cnt].iov_len = n;
-        sl->cnt++;
-        len -= n;
-        skip = 0;
-    }
-    assert(len == 0);
-    return 0;
-}
-
-static void iov_slice_free(struct iov_slice *sl)
-{
-    if (sl->v != sl->inl)
-        free(sl->v);
-}
-
-static void iov_zero(const struct iovec *iov, int iovcnt)
-{
-    for (int i = 0; i < iovcnt; i++)
-        memset(iov[i].iov_base, 0, iov[i].iov_len);
-}
-
-static void iov_from_buf(const struct iovec *iov, int iovcnt, const uint8_t *buf)
-{
-    for (int i = 0; i < iovcnt; i++) {
-        memcpy(iov[i].iov_base, buf, iov[i].iov_len);
-        buf += iov[i].iov_len;
-    }
-}
-
 /* Host range [off, off+len) must not hit the header or the active L1 or
  * refcount tables: a data write there would destroy the image. */
 static int check_data_overlap(struct qcow2 *s, uint64_t off, uint64_t len)

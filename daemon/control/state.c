@@ -11,6 +11,7 @@
 
 #include "log.h"
 #include "state.h"
+#include "util.h"
 
 struct state {
     struct server *srv;
@@ -346,7 +347,7 @@ static void writer_co(struct coro *co, void *arg)
 
 static void state_changed(struct server_change_hook *h)
 {
-    state_notify_changed((struct state *)((char *)h - offsetof(struct state, hook)));
+    state_notify_changed(container_of(h, struct state, hook));
 }
 
 void state_notify_changed(struct state *st)
@@ -380,6 +381,6 @@ int state_sync_co(struct state *st, struct coro *co)
 
 static int state_hook_sync_co(struct server_change_hook *h, struct coro *co)
 {
-    struct state *st = (struct state *)((char *)h - offsetof(struct state, hook));
+    struct state *st = container_of(h, struct state, hook);
     return state_sync_co(st, co);
 }

@@ -11,6 +11,7 @@
 
 #include "conn.h"
 #include "log.h"
+#include "util.h"
 
 /* Block status: extents gathered per request (REQ_ONE: 1). */
 #define BS_MAX_EXTENTS 2048
@@ -99,7 +100,7 @@ void nbd_req_release(struct nbd_req *r)
 
 static void req_sent(struct send_item *si)
 {
-    struct nbd_req *r = (struct nbd_req *)((char *)si - offsetof(struct nbd_req, si));
+    struct nbd_req *r = container_of(si, struct nbd_req, si);
     nbd_req_release(r);
 }
 

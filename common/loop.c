@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include "loop.h"
+#include "util.h"
 
 /* A completion reaped while the submission queue had to be flushed in
  * loop_get_sqe(): kept here and delivered by loop_run(). */
@@ -219,7 +220,7 @@ static void tick_arm(struct loop *l)
 
 static void tick_done(struct loop_op *op, int res, uint32_t flags)
 {
-    struct loop *l = (struct loop *)((char *)op - offsetof(struct loop, tick_op));
+    struct loop *l = container_of(op, struct loop, tick_op);
     (void)res;
     (void)flags;
     l->tick_armed = false;
@@ -436,7 +437,7 @@ static void sleep_done(struct loop_op *op, int res, uint32_t flags)
 static void sleep_cancel_done(struct loop_op *op, int res, uint32_t flags)
 {
     struct loop_sleep *s =
-        (struct loop_sleep *)((char *)op - offsetof(struct loop_sleep, cancel_op));
+        container_of(op, struct loop_sleep, cancel_op);
     (void)res;
     (void)flags;
     s->cancel_pending = false;

@@ -8,6 +8,7 @@
 
 #include "conn.h"
 #include "log.h"
+#include "util.h"
 
 #define CONN_RBUF_SIZE (128u << 10)
 
@@ -137,7 +138,7 @@ static void start_send(struct conn *c)
 
 static void send_done(struct loop_op *op, int res, uint32_t flags)
 {
-    struct conn *c = (struct conn *)((char *)op - offsetof(struct conn, send_op));
+    struct conn *c = container_of(op, struct conn, send_op);
     (void)flags;
     c->send_pending = false;
     if (res == -EINTR || res == -EAGAIN) {
@@ -234,7 +235,7 @@ static void start_recv(struct conn *c)
 
 static void recv_done(struct loop_op *op, int res, uint32_t flags)
 {
-    struct conn *c = (struct conn *)((char *)op - offsetof(struct conn, recv_op));
+    struct conn *c = container_of(op, struct conn, recv_op);
     (void)flags;
     c->recv_pending = false;
     if (c->state == CONN_DEAD || c->state == CONN_CLOSING) {
@@ -363,7 +364,7 @@ static bool conn_idle(const struct conn *c)
 
 static void drain_done(struct loop_op *op, int res, uint32_t flags)
 {
-    struct conn *c = (struct conn *)((char *)op - offsetof(struct conn, drain_op));
+    struct conn *c = container_of(op, struct conn, drain_op);
     (void)res;
     (void)flags;
     c->drain_timer_pending = false;
@@ -389,7 +390,7 @@ static void arm_drain_timer(struct conn *c)
 
 static void kick_fn(struct loop_hook *h)
 {
-    struct conn *c = (struct conn *)((char *)h - offsetof(struct conn, kick));
+    struct conn *c = container_of(h, struct conn, kick);
     if (c->state != CONN_DEAD) {
         process_input(c);
         start_recv(c);

@@ -17,6 +17,7 @@
 #include "jobs.h"
 #include "log.h"
 #include "state.h"
+#include "util.h"
 
 static void accept_done(struct loop_op *op, int res, uint32_t flags);
 static void client_kick_fn(struct loop_hook *h);
@@ -96,7 +97,7 @@ static void start_send(struct ctl_client *cl)
 static void send_done(struct loop_op *op, int res, uint32_t flags)
 {
     struct ctl_client *cl =
-        (struct ctl_client *)((char *)op - offsetof(struct ctl_client, send_op));
+        container_of(op, struct ctl_client, send_op);
     (void)flags;
     cl->send_pending = false;
     if (res == -EINTR || res == -EAGAIN) {
@@ -370,7 +371,7 @@ static void start_recv(struct ctl_client *cl)
 static void recv_done(struct loop_op *op, int res, uint32_t flags)
 {
     struct ctl_client *cl =
-        (struct ctl_client *)((char *)op - offsetof(struct ctl_client, recv_op));
+        container_of(op, struct ctl_client, recv_op);
     (void)flags;
     cl->recv_pending = false;
     if (res == -EINTR || res == -EAGAIN) {
@@ -425,7 +426,7 @@ static void client_free(struct ctl_client *cl)
 static void client_kick_fn(struct loop_hook *h)
 {
     struct ctl_client *cl =
-        (struct ctl_client *)((char *)h - offsetof(struct ctl_client, kick));
+        container_of(h, struct ctl_client, kick);
     if (!cl->dead) {
         process_input(cl);
         start_recv(cl);
@@ -471,7 +472,7 @@ static void arm_accept(struct control *ctl)
 static void accept_done(struct loop_op *op, int res, uint32_t flags)
 {
     struct control *ctl =
-        (struct control *)((char *)op - offsetof(struct control, accept_op));
+        container_of(op, struct control, accept_op);
     (void)flags;
     ctl->accept_pending = false;
     if (ctl->closed) {
@@ -519,7 +520,7 @@ static void accept_done(struct loop_op *op, int res, uint32_t flags)
 
 static void tick_fn(struct loop_timer *t, uint64_t now)
 {
-    struct control *ctl = (struct control *)((char *)t - offsetof(struct control, timer));
+    struct control *ctl = container_of(t, struct control, timer);
     if (!ctl->closed) {
         arm_accept(ctl); /* after EMFILE and the like */
         return;
@@ -536,7 +537,7 @@ static void tick_fn(struct loop_timer *t, uint64_t now)
 static void shutdown_fn(struct server_shutdown_hook *h)
 {
     struct control *ctl =
-        (struct control *)((char *)h - offsetof(struct control, shutdown_hook));
+        container_of(h, struct control, shutdown_hook);
     ctl->closed = true;
     ctl->close_deadline_ns = loop_now_ns() +
         (uint64_t)ctl->srv->cfg.shutdown_timeout_s * 1000000000u;
@@ -555,20 +556,20 @@ static void shutdown_fn(struct server_shutdown_hook *h)
 
 static void hook_changed(struct server_change_hook *h)
 {
-    struct control *ctl = (struct control *)((char *)h - offsetof(struct control, change_hook));
+    struct control *ctl = container_of(h, struct control, change_hook);
     if (ctl->state)
         state_notify_changed(ctl->state);
 }
 
 static int hook_sync_co(struct server_change_hook *h, struct coro *co)
 {
-    struct control *ctl = (struct control *)((char *)h - offsetof(struct control, change_hook));
+    struct control *ctl = container_of(h, struct control, change_hook);
     return ctl->state ? state_sync_co(ctl->state, co) : 0;
 }
 
 static void deferred_fn(struct loop_hook *h)
 {
-    struct control *ctl = (struct control *)((char *)h - offsetof(struct control, deferred_hook));
+    struct control *ctl = container_of(h, struct control, deferred_hook);
     while (ctl->deferred_head) {
         struct ctl_event *ev = ctl->deferred_head;
         ctl->deferred_head = ev->next;
@@ -582,7 +583,7 @@ static void deferred_fn(struct loop_hook *h)
 
 static void hook_export_deleted(struct server_change_hook *h, const char *id)
 {
-    struct control *ctl = (struct control *)((char *)h - offsetof(struct control, change_hook));
+    struct control *ctl = container_of(h, struct control, change_hook);
     struct ctl_event *ev = calloc(1, sizeof(*ev));
     if (!ev || !(ev->name = strdup("BLOCK_EXPORT_DELETED"))) {
         free(ev);
