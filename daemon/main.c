@@ -1,7 +1,8 @@
-/* strata — stratad: the NBD export server daemon. */
+/* strata — stratad: the NBD export server daemon.  The process: log
+ * file, --fork and its readiness pipe, signals, the loop, the server, the
+ * control socket and the state file, wired together in main(). */
 #include <errno.h>
 #include <fcntl.h>
-#include <getopt.h>
 #include <limits.h>
 #include <signal.h>
 #include <stdio.h>
@@ -13,6 +14,7 @@
 #include <unistd.h>
 
 #include "control.h"
+#include "options.h"
 #include "log.h"
 #include "server.h"
 #include "state.h"
@@ -20,77 +22,6 @@
 
 #define LOOP_ENTRIES 1024
 #define CORO_STACK (256u << 10)
-
-static void usage(FILE *fp)
-{
-    fprintf(fp,
-"Usage: stratad [OPTION]... --export file=PATH[,KEY=VAL]...\n"
-"Serve disk images over NBD.\n"
-"\n"
-"  -l, --listen ADDR          listen on ADDR: HOST:PORT, [IPV6]:PORT or\n"
-"                             unix:PATH (repeatable; default 127.0.0.1:10809)\n"
-"  -e, --export SPEC          serve an image (repeatable; the first one is\n"
-"                             also the default export, for the empty name)\n"
-"      --fork                 go to the background once serving\n"
-"      --pid-file FILE        write the daemon's pid to FILE once serving\n"
-"      --log-file FILE        append log messages to FILE (with --fork the\n"
-"                             daemon otherwise detaches from all output)\n"
-"      --max-connections N    clients at once (default 256)\n"
-"      --handshake-timeout S  seconds a client may take to choose an export\n"
-"                             (default 10)\n"
-"      --max-inflight N       requests in flight per client (default 128)\n"
-"      --shutdown-timeout S   seconds to drain clients on SIGTERM (default 30)\n"
-"      --control PATH         serve the QMP control socket on unix socket PATH\n"
-"      --control-mode OCTAL   permissions of the control socket (default 0600)\n"
-"      --state-file PATH      record exports and chains in PATH and restore\n"
-"                             them at start (see the README)\n"
-"  -v, --verbose              log every connection and refused request\n"
-"  -h, --help                 show this help\n"
-"  -V, --version              show the version\n"
-"\n"
-"Export SPEC keys (comma separated, ',,' for a literal comma):\n"
-"  name=NAME           export name (default: empty)\n"
-"  file=PATH           image file or block device (required)\n"
-"  format=raw          image format (default raw; a file that looks like\n"
-"                      qcow2 must be named explicitly)\n"
-"  readonly=on|off     refuse writes (default off)\n"
-"  cache=writeback|none  none: O_DIRECT, no host page cache\n"
-"  description=TEXT    shown by NBD_OPT_LIST and NBD_INFO_DESCRIPTION\n"
-"  id=ID               QMP export id (default: the name, or \"default\")\n"
-"  node-name=NAME      QMP node name of its chain (default: the id)\n"
-"\n"
-"Example:\n"
-"  stratad --listen unix:/run/strata.sock --export name=disk,file=disk.img\n"
-"  nbdinfo 'nbd+unix:///disk?socket=/run/strata.sock'\n");
-}
-
-enum {
-    OPT_FORK = 256,
-    OPT_PIDFILE,
-    OPT_LOGFILE,
-    OPT_MAXCONN,
-    OPT_HSTIMEOUT,
-    OPT_MAXINFLIGHT,
-    OPT_SHUTDOWN_TIMEOUT,
-    OPT_CONTROL,
-    OPT_CONTROL_MODE,
-    OPT_STATE_FILE,
-};
-
-static int parse_uint(const char *opt, const char *s, unsigned min,
-                      unsigned max, unsigned *out)
-{
-    char *end;
-    errno = 0;
-    unsigned long v = strtoul(s, &end, 10);
-    if (errno || *end || end == s || v < min || v > max) {
-        fprintf(stderr, "stratad: %s %s: expected a number from %u to %u\n",
-                opt, s, min, max);
-        return -1;
-    }
-    *out = (unsigned)v;
-    return 0;
-}
 
 static int write_pid_file(const char *path)
 {
@@ -166,123 +97,23 @@ static void signal_ready(int *ready_fd, char status, bool keep_stderr)
 
 int main(int argc, char **argv)
 {
-    static const struct option longopts[] = {
-        {"listen", required_argument, NULL, 'l'},
-        {"export", required_argument, NULL, 'e'},
-        {"fork", no_argument, NULL, OPT_FORK},
-        {"pid-file", required_argument, NULL, OPT_PIDFILE},
-        {"log-file", required_argument, NULL, OPT_LOGFILE},
-        {"max-connections", required_argument, NULL, OPT_MAXCONN},
-        {"handshake-timeout", required_argument, NULL, OPT_HSTIMEOUT},
-        {"max-inflight", required_argument, NULL, OPT_MAXINFLIGHT},
-        {"shutdown-timeout", required_argument, NULL, OPT_SHUTDOWN_TIMEOUT},
-        {"control", required_argument, NULL, OPT_CONTROL},
-        {"control-mode", required_argument, NULL, OPT_CONTROL_MODE},
-        {"state-file", required_argument, NULL, OPT_STATE_FILE},
-        {"verbose", no_argument, NULL, 'v'},
-        {"help", no_argument, NULL, 'h'},
-        {"version", no_argument, NULL, 'V'},
-        {NULL, 0, NULL, 0},
-    };
-    const char **listens = calloc((size_t)argc + 1, sizeof(char *));
-    const char **exports = calloc((size_t)argc + 1, sizeof(char *));
-    if (!listens || !exports) {
-        fprintf(stderr, "stratad: out of memory\n");
-        return 1;
-    }
-    size_t n_listens = 0, n_exports = 0;
-    bool do_fork = false;
-    const char *pid_file = NULL;
-    const char *log_file = NULL;
-    const char *control_path = NULL;
-    const char *state_path = NULL;
-    unsigned control_mode = 0600;
-    struct server_config cfg;
-    server_config_defaults(&cfg);
-
-    int ch;
-    while ((ch = getopt_long(argc, argv, "l:e:vhV", longopts, NULL)) != -1) {
-        switch (ch) {
-        case 'l':
-            listens[n_listens++] = optarg;
-            break;
-        case 'e':
-            exports[n_exports++] = optarg;
-            break;
-        case OPT_FORK:
-            do_fork = true;
-            break;
-        case OPT_PIDFILE:
-            pid_file = optarg;
-            break;
-        case OPT_LOGFILE:
-            log_file = optarg;
-            break;
-        case OPT_MAXCONN:
-            if (parse_uint("--max-connections", optarg, 1, 65536,
-                           &cfg.max_connections) < 0)
-                return 2;
-            break;
-        case OPT_HSTIMEOUT:
-            if (parse_uint("--handshake-timeout", optarg, 1, 3600,
-                           &cfg.handshake_timeout_s) < 0)
-                return 2;
-            break;
-        case OPT_MAXINFLIGHT:
-            if (parse_uint("--max-inflight", optarg, 1, 4096,
-                           &cfg.max_inflight) < 0)
-                return 2;
-            break;
-        case OPT_SHUTDOWN_TIMEOUT:
-            if (parse_uint("--shutdown-timeout", optarg, 1, 3600,
-                           &cfg.shutdown_timeout_s) < 0)
-                return 2;
-            break;
-        case OPT_CONTROL:
-            control_path = optarg;
-            break;
-        case OPT_CONTROL_MODE: {
-            char *end;
-            errno = 0;
-            unsigned long m = strtoul(optarg, &end, 8);
-            if (errno || *end || end == optarg || m > 0777) {
-                fprintf(stderr, "stratad: --control-mode %s: expected an octal "
-                        "mode such as 0600\n", optarg);
-                return 2;
-            }
-            control_mode = (unsigned)m;
-            break;
-        }
-        case OPT_STATE_FILE:
-            state_path = optarg;
-            break;
-        case 'v':
-            log_set_level(LOG_DEBUG);
-            break;
-        case 'h':
-            usage(stdout);
-            return 0;
-        case 'V':
-            printf("stratad %s\n", STRATA_VERSION);
-            return 0;
-        default:
-            usage(stderr);
-            return 2;
-        }
-    }
-    if (optind < argc) {
-        fprintf(stderr, "stratad: unexpected argument '%s'\n", argv[optind]);
-        usage(stderr);
+    struct stratad_options opts;
+    switch (stratad_options_parse(argc, argv, &opts)) {
+    case OPTS_OK:
+        break;
+    case OPTS_EXIT:
+        return 0;
+    case OPTS_ERROR:
         return 2;
     }
-    if (n_exports == 0 && !control_path && !state_path) {
-        fprintf(stderr, "stratad: no export given (--export file=PATH, or "
-                "--control to add exports later)\n");
-        usage(stderr);
-        return 2;
-    }
-    if (n_listens == 0)
-        listens[n_listens++] = "127.0.0.1:10809";
+    const char *log_file = opts.log_file, *pid_file = opts.pid_file;
+    const char *control_path = opts.control_path;
+    const char *state_path = opts.state_path;
+    struct server_config cfg = opts.cfg;
+    const char **listens = opts.listens, **exports = opts.exports;
+    size_t n_listens = opts.n_listens, n_exports = opts.n_exports;
+    bool do_fork = opts.do_fork;
+    unsigned control_mode = opts.control_mode;
 
     if (log_file) {
         int fd = open(log_file, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
@@ -400,8 +231,7 @@ int main(int argc, char **argv)
         server_free(srv);
         loop_free(loop);
         close(sig_fd);
-        free(listens);
-        free(exports);
+        stratad_options_free(&opts);
         return rc;
     }
     if (state)
@@ -427,8 +257,7 @@ int main(int argc, char **argv)
     if (pid_file)
         unlink(pid_file);
     close(sig_fd);
-    free(listens);
-    free(exports);
+    stratad_options_free(&opts);
     log_info("stopped");
     return rc;
 }

@@ -1,7 +1,13 @@
-/* strata — the server: listeners, exports and NBD connections of one loop.
+/* strata — the server: the process-wide object of one loop that owns the
+ * listeners, the NBD connections and the tables of exports and block nodes
+ * (exports.h), and runs the start-up, signals and graceful shutdown.
  *
  * Everything here is owned by exactly one loop thread and touched only from
  * it, so nothing needs a lock.  See conn.h for a connection's internals.
+ *
+ * Files: server.c (lifecycle: new, start, signals, timer, holds, shutdown),
+ * listen.c (listening sockets, accept), exports.c (node and export tables),
+ * export-config.c (--export SPEC), quiesce.c (quiesce, write notifiers).
  */
 #ifndef STRATA_SERVER_H
 #define STRATA_SERVER_H
@@ -12,109 +18,11 @@
 #include <sys/socket.h>
 
 #include "error.h"
+#include "exports.h"
 #include "format.h"
 #include "loop.h"
 
 struct conn;
-struct export;
-
-struct export_config {
-    char *name;                /* NBD export name; "" is allowed */
-    char *file;
-    char *format;              /* NULL: raw (refused if it looks like qcow2) */
-    char *description;         /* NULL: none */
-    char *id;                  /* QMP export id (NULL: derived from name) */
-    char *node_name;           /* QMP node name (NULL: same as id) */
-    bool read_only;
-    bool direct;               /* cache=none */
-    char *backing_root;        /* NULL: the top image's directory */
-    uint64_t l2_cache_bytes;   /* 0: default */
-    uint64_t refcount_cache_bytes;
-};
-
-/* A named chain (QMP: a block node added by blockdev-add, or implicitly by
- * --export).  It owns the chain; an export serves it. */
-struct blockdev {
-    char *node_name;
-    char *driver;              /* format of the top: "raw", "qcow2" */
-    char *filename;            /* image file of the top node */
-    bool read_only;
-    bool direct;               /* cache=none */
-    char *backing_root;        /* as configured, or NULL */
-    uint64_t l2_cache_bytes;   /* as configured, 0 = default */
-    uint64_t refcount_cache_bytes;
-    struct fmt_node *root;     /* chain top: where guest I/O goes.  Change
-                                  it only with export_set_root() while the
-                                  export is quiesced. */
-    struct export *export;     /* serving it (at most one), or NULL */
-    bool chain_busy;           /* a snapshot or commit is changing the
-                                  chain (chain.h): no other may start, and
-                                  the node and its export stay */
-};
-
-/* What a write notifier sees: a guest write, write-zeroes or trim. */
-enum export_write_kind {
-    EXPORT_WRITE,
-    EXPORT_WRITE_ZEROES,
-    EXPORT_TRIM,
-};
-
-struct export_write_req {
-    enum export_write_kind kind;
-    uint64_t offset;
-    uint64_t length;
-    const struct iovec *iov;   /* the data (EXPORT_WRITE only), else NULL */
-    int iovcnt;
-    unsigned flags;            /* FMT_* flags of the request */
-};
-
-/* A job's view of guest writes on an export (active commit: dirty bitmap
- * and write-blocking mirroring).  Both hooks are optional and run in the
- * request's coroutine:
- *   before_co: before the request reaches the chain; may yield (wait for
- *              an overlapping copy); a -errno fails the request with that
- *              error and skips it (after_co still runs, with that ret);
- *   after_co:  after it, with its result; may yield (copy the data to the
- *              mirror target); a -errno turns a success into that error.
- * Add and remove notifiers only while the export is quiesced, so every
- * request sees either both hooks of a notifier or none. */
-struct export_write_notifier {
-    int (*before_co)(struct export_write_notifier *n, struct coro *co,
-                     const struct export_write_req *req);
-    int (*after_co)(struct export_write_notifier *n, struct coro *co,
-                    const struct export_write_req *req, int ret);
-    void *opaque;
-    struct export_write_notifier *next;
-};
-
-struct export {
-    struct export_config cfg;  /* name, description, id as created; the
-                                  file keys describe the node as given */
-    struct server *srv;
-    struct blockdev *bdev;     /* the chain it serves */
-    bool writable;
-    unsigned n_conns;          /* connections in transmission on it */
-    bool deleted;              /* removed from srv->exports; freed when
-                                  the last connection is gone */
-
-    /* Quiesce (export_quiesce_co / export_resume). */
-    unsigned inflight;         /* requests between enter and leave */
-    unsigned quiesce_count;    /* > 0: new requests wait */
-    struct co_queue resume_q;  /* requests waiting for export_resume */
-    struct co_queue drained_q; /* quiescers waiting for inflight == 0 */
-    uint64_t quiesce_start_ns;
-    uint64_t last_stall_ns;    /* quiesce start .. resume, last time */
-    uint64_t max_stall_ns;
-    uint64_t n_quiesces;
-
-    struct export_write_notifier *write_notifiers;
-};
-
-/* The chain top an export serves. */
-static inline struct fmt_node *export_root(const struct export *e)
-{
-    return e->bdev->root;
-}
 
 struct server_config {
     unsigned max_connections;      /* accepted at once */
@@ -188,112 +96,6 @@ void server_config_defaults(struct server_config *cfg);
 struct server *server_new(struct loop *loop, const struct server_config *cfg);
 void server_free(struct server *srv);
 
-/* Parses "name=...,file=...,format=...,readonly=on,cache=none,
- * description=...,id=...,node-name=..." (",," is a literal comma). */
-int export_config_parse(const char *spec, struct export_config *cfg,
-                        struct error **errp);
-void export_config_clear(struct export_config *cfg);
-/* The QMP id an --export gets: id=, else its name when that is a valid id,
- * "default" for the empty name, else "export-" and a hash of the name.
- * malloc'ed (NULL: out of memory). */
-char *export_config_id(const struct export_config *cfg);
-/* --export: opens the chain as a block node (named node-name=, else like
- * the id) and exports it; takes ownership of cfg's strings. */
-int server_add_export(struct server *srv, struct export_config *cfg,
-                      struct error **errp);
-/* By NBD export name (len 0: the default export). */
-struct export *server_find_export(struct server *srv, const char *name,
-                                  size_t len);
-struct export *server_find_export_id(struct server *srv, const char *id);
-
-/* ---- block nodes (QMP blockdev-add / blockdev-del) ---- */
-struct blockdev_config {
-    const char *node_name;
-    const char *driver;        /* "raw" or "qcow2" */
-    const char *filename;
-    bool read_only;
-    bool direct;
-    const char *backing_root;  /* qcow2: NULL = the top's directory */
-    uint64_t l2_cache_bytes;   /* qcow2: 0 = default */
-    uint64_t refcount_cache_bytes;
-};
-/* Before the loop runs (start-up, state file). */
-struct blockdev *server_blockdev_add(struct server *srv,
-                                     const struct blockdev_config *cfg,
-                                     struct error **errp);
-/* From a coroutine on the running loop (QMP blockdev-add). */
-struct blockdev *server_blockdev_add_co(struct server *srv,
-                                        const struct blockdev_config *cfg,
-                                        struct coro *co, struct error **errp);
-/* Closes a node that no export uses.  With co (a running QMP command),
- * its chain is flushed first, and a failed flush keeps the node; co NULL
- * only for a node nothing was written to. */
-int server_blockdev_del(struct server *srv, const char *node_name,
-                        struct coro *co, struct error **errp);
-/* path made absolute against the working directory (malloc'ed); rbd:
- * specs and absolute paths as they are.  NULL when out of memory. */
-char *server_absolute_path(const char *path);
-struct blockdev *server_find_blockdev(struct server *srv,
-                                      const char *node_name);
-
-/* ---- exports at run time (QMP block-export-add / block-export-del) ---- */
-struct export_add_config {
-    const char *id;
-    const char *node_name;
-    const char *name;          /* NULL: the node name, as QSD does */
-    const char *description;   /* NULL: none */
-    bool writable;
-};
-struct export *server_export_add(struct server *srv,
-                                 const struct export_add_config *cfg,
-                                 struct error **errp);
-enum export_del_mode {
-    EXPORT_DEL_SAFE,           /* refuse while clients are connected */
-    EXPORT_DEL_HARD,           /* disconnect them */
-};
-/* Removes the export from the table at once (no new client can choose
- * it); it is freed, and change_hook->export_deleted called, once its last
- * connection is gone (at once when there is none). */
-int server_export_del(struct server *srv, const char *id,
-                      enum export_del_mode mode, struct error **errp);
-/* A connection on a deleted export went away (conn.c). */
-void server_export_conn_gone(struct server *srv, struct export *e);
-
-/* Calls the change hook (state file): schedules a save. */
-void server_changed(struct server *srv);
-/* server_changed(), then waits until the state file is durable (0 at once
- * without a state file).  What a job calls after a chain change. */
-int server_sync_co(struct server *srv, struct coro *co);
-
-/* ---- quiesce: what snapshot and the active-commit pivot use ----
- *
- * export_quiesce_co(): from now on, new requests on the export's
- * connections wait (queued, not failed: they hold their request slots, so
- * the per-client bounds still apply); returns once the requests already
- * running on the chain have finished.  Nests (a count).
- * export_resume(): when the count drops to 0, the waiting requests go on,
- * each on whatever export_root() is by then.  The stall (quiesce start to
- * resume) is logged at -v and kept in last_stall_ns / max_stall_ns.
- * Returns the stall of this quiesce in ns (0 when still nested). */
-void export_quiesce_co(struct export *e, struct coro *co);
-uint64_t export_resume(struct export *e);
-/* Swaps the chain top (quiesced only: asserted). */
-void export_set_root(struct export *e, struct fmt_node *root);
-
-/* Requests call these around their work on the chain (nbd-transmit.c). */
-void export_enter_co(struct export *e, struct coro *co);
-void export_leave(struct export *e);
-
-void export_add_write_notifier(struct export *e,
-                               struct export_write_notifier *n);
-void export_remove_write_notifier(struct export *e,
-                                  struct export_write_notifier *n);
-/* Runs the notifiers' hooks (nbd-transmit.c). */
-int export_notify_before_co(struct export *e, struct coro *co,
-                            const struct export_write_req *req);
-int export_notify_after_co(struct export *e, struct coro *co,
-                           const struct export_write_req *req, int ret);
-
 /* Things the graceful shutdown must wait for besides connections (control
  * clients, job coroutines, commands in progress). */
 void server_hold(struct server *srv);
@@ -310,6 +112,16 @@ int server_unix_socket(const char *path, const char *what, int mode,
 /* Binds "HOST:PORT", "[V6]:PORT" or "unix:PATH". */
 int server_add_listener(struct server *srv, const char *addr,
                         struct error **errp);
+/* Arms every listener's accept that is not armed (start, and again after
+ * a failed accept such as EMFILE). */
+void server_listeners_rearm(struct server *srv);
+/* Stops accepting (shutdown): pending accepts end, descriptors stay open
+ * until server_listeners_free. */
+void server_listeners_stop(struct server *srv);
+/* Closes the listeners and unlinks their unix sockets. */
+void server_listeners_free(struct server *srv);
+/* Frees every export and block node (no connection may remain). */
+void server_tables_free(struct server *srv);
 
 /* Starts accepting and watching signals; call before loop_run(). */
 int server_start(struct server *srv, int sig_fd, struct error **errp);

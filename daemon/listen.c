@@ -1,0 +1,256 @@
+/* strata — listening sockets (TCP and unix) and accepting clients into
+ * NBD connections (see server.h). */
+#include <arpa/inet.h>
+#include <assert.h>
+#include <errno.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include "conn.h"
+#include "log.h"
+#include "server.h"
+#include "util.h"
+
+static void accept_done(struct loop_op *op, int res, uint32_t flags);
+
+static int listener_push(struct server *srv, int fd, const char *desc,
+                         const char *unix_path, struct error **errp)
+{
+    void *arr = realloc(srv->listeners,
+                        sizeof(*srv->listeners) * (srv->n_listeners + 1));
+    if (!arr) {
+        close(fd);
+        return error_setf(errp, ENOMEM, "out of memory");
+    }
+    srv->listeners = arr;
+    struct listener *l = &srv->listeners[srv->n_listeners++];
+    memset(l, 0, sizeof(*l));
+    l->srv = srv;
+    l->fd = fd;
+    l->desc = strdup(desc);
+    l->unix_path = unix_path ? strdup(unix_path) : NULL;
+    l->accept_op.done = accept_done;
+    return 0;
+}
+
+int server_unix_socket(const char *path, const char *what, int mode,
+                       int backlog, struct error **errp)
+{
+    struct sockaddr_un sun;
+    if (strlen(path) >= sizeof(sun.sun_path))
+        return error_setf(errp, ENAMETOOLONG, "%s%s: path too long", what, path);
+    memset(&sun, 0, sizeof(sun));
+    sun.sun_family = AF_UNIX;
+    strcpy(sun.sun_path, path);
+    struct stat st;
+    /* a stale socket of an earlier run is replaced; anything else is not */
+    if (lstat(path, &st) == 0) {
+        if (!S_ISSOCK(st.st_mode))
+            return error_setf(errp, EEXIST, "%s%s exists and is not a socket",
+                              what, path);
+        unlink(path);
+    }
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return error_setf(errp, errno, "socket: %s", strerror(errno));
+    /* With a mode, created with it: no window with a looser one.  Start-up
+     * is single-threaded, so the process-wide umask may be borrowed. */
+    mode_t old = mode >= 0 ? umask(~(mode_t)mode & 0777) : 0;
+    int r = bind(fd, (struct sockaddr *)&sun, sizeof(sun));
+    int e = errno;
+    if (mode >= 0) {
+        umask(old);
+        if (r == 0 && chmod(path, (mode_t)mode) < 0) {
+            r = -1;
+            e = errno;
+        }
+    }
+    if (r == 0 && listen(fd, backlog) < 0) {
+        r = -1;
+        e = errno;
+    }
+    if (r < 0) {
+        close(fd);
+        return error_setf(errp, e, "%s%s: %s", what, path, strerror(e));
+    }
+    return fd;
+}
+
+static int listen_unix(struct server *srv, const char *path,
+                       struct error **errp)
+{
+    int fd = server_unix_socket(path, "unix:", -1, SOMAXCONN, errp);
+    if (fd < 0)
+        return fd;
+    char desc[sizeof(((struct sockaddr_un *)0)->sun_path) + 8];
+    snprintf(desc, sizeof(desc), "unix:%s", path);
+    return listener_push(srv, fd, desc, path, errp);
+}
+
+static int listen_inet(struct server *srv, const char *addr,
+                       struct error **errp)
+{
+    char host[256];
+    const char *port;
+    if (addr[0] == '[') {
+        const char *end = strchr(addr, ']');
+        if (!end || end[1] != ':' || (size_t)(end - addr - 1) >= sizeof(host))
+            return error_setf(errp, EINVAL, "'%s': expected [IPV6]:PORT", addr);
+        memcpy(host, addr + 1, (size_t)(end - addr - 1));
+        host[end - addr - 1] = '\0';
+        port = end + 2;
+    } else {
+        const char *colon = strrchr(addr, ':');
+        if (!colon || (size_t)(colon - addr) >= sizeof(host))
+            return error_setf(errp, EINVAL,
+                              "'%s': expected HOST:PORT, [IPV6]:PORT or unix:PATH",
+                              addr);
+        memcpy(host, addr, (size_t)(colon - addr));
+        host[colon - addr] = '\0';
+        port = colon + 1;
+    }
+    if (!*port)
+        return error_setf(errp, EINVAL, "'%s': missing port", addr);
+    struct addrinfo hints = {.ai_family = AF_UNSPEC,
+                             .ai_socktype = SOCK_STREAM,
+                             .ai_flags = AI_PASSIVE | AI_NUMERICSERV};
+    struct addrinfo *res = NULL;
+    int gai = getaddrinfo(host[0] ? host : NULL, port, &hints, &res);
+    if (gai != 0)
+        return error_setf(errp, EINVAL, "'%s': %s", addr, gai_strerror(gai));
+    int ret = error_setf(errp, EADDRNOTAVAIL, "'%s': no usable address", addr);
+    for (struct addrinfo *ai = res; ai; ai = ai->ai_next) {
+        int fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC,
+                        ai->ai_protocol);
+        if (fd < 0)
+            continue;
+        int one = 1;
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+        if (ai->ai_family == AF_INET6)
+            setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one));
+        if (bind(fd, ai->ai_addr, ai->ai_addrlen) < 0 ||
+            listen(fd, SOMAXCONN) < 0) {
+            int e = errno;
+            close(fd);
+            if (errp && *errp) {
+                error_free(*errp);
+                *errp = NULL;
+            }
+            ret = error_setf(errp, e, "%s: %s", addr, strerror(e));
+            continue;
+        }
+        if (errp && *errp) {
+            error_free(*errp);
+            *errp = NULL;
+        }
+        ret = listener_push(srv, fd, addr, NULL, errp);
+        break;
+    }
+    freeaddrinfo(res);
+    return ret;
+}
+
+int server_add_listener(struct server *srv, const char *addr,
+                        struct error **errp)
+{
+    if (strncmp(addr, "unix:", 5) == 0)
+        return listen_unix(srv, addr + 5, errp);
+    return listen_inet(srv, addr, errp);
+}
+
+static void arm_accept(struct listener *l)
+{
+    if (l->accept_pending || l->closed || l->srv->shutting_down)
+        return;
+    struct io_uring_sqe *sqe = loop_get_sqe(l->srv->loop, &l->accept_op);
+    io_uring_prep_accept(sqe, l->fd, NULL, NULL, SOCK_CLOEXEC);
+    l->accept_pending = true;
+}
+
+static void accept_done(struct loop_op *op, int res, uint32_t flags)
+{
+    struct listener *l =
+        container_of(op, struct listener, accept_op);
+    struct server *srv = l->srv;
+    (void)flags;
+    l->accept_pending = false;
+    if (res < 0) {
+        if (srv->shutting_down)
+            return;
+        if (res == -EMFILE || res == -ENFILE || res == -ENOMEM ||
+            res == -ENOBUFS) {
+            /* out of resources: retry on the next tick, not in a spin */
+            log_warn("%s: accept: %s", l->desc, strerror(-res));
+            return;
+        }
+        arm_accept(l);
+        return;
+    }
+    int fd = res;
+    if (srv->shutting_down) {
+        close(fd);
+        return;
+    }
+    arm_accept(l);
+    if (srv->n_conns >= srv->cfg.max_connections) {
+        log_warn("%s: refusing a client: %u connections is the limit",
+                 l->desc, srv->cfg.max_connections);
+        close(fd);
+        return;
+    }
+    bool tcp = l->unix_path == NULL;
+    if (tcp) {
+        int one = 1;
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    }
+    struct conn *c = conn_new(srv, fd, tcp);
+    if (!c) {
+        log_error("out of memory accepting a client");
+        close(fd);
+        return;
+    }
+    c->next = srv->conns;
+    if (srv->conns)
+        srv->conns->prev = c;
+    srv->conns = c;
+    srv->n_conns++;
+    log_debug("%s: client %llu connected", l->desc, (unsigned long long)c->id);
+}
+
+void server_listeners_rearm(struct server *srv)
+{
+    for (size_t i = 0; i < srv->n_listeners; i++)
+        arm_accept(&srv->listeners[i]);
+}
+
+void server_listeners_stop(struct server *srv)
+{
+    for (size_t i = 0; i < srv->n_listeners; i++) {
+        struct listener *l = &srv->listeners[i];
+        /* wakes the pending accept with an error; the fd closes at exit */
+        shutdown(l->fd, SHUT_RDWR);
+        l->closed = true;
+    }
+}
+
+void server_listeners_free(struct server *srv)
+{
+    for (size_t i = 0; i < srv->n_listeners; i++) {
+        struct listener *l = &srv->listeners[i];
+        close(l->fd);
+        if (l->unix_path)
+            unlink(l->unix_path);
+        free(l->unix_path);
+        free(l->desc);
+    }
+    free(srv->listeners);
+    srv->listeners = NULL;
+    srv->n_listeners = 0;
+}

@@ -1,0 +1,217 @@
+/* strata — stratad's command line: the options, their checks and the
+ * help text (see options.h). */
+#include <errno.h>
+#include <getopt.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "log.h"
+#include "options.h"
+#include "strata-config.h"
+
+void stratad_usage(FILE *fp)
+{
+    fprintf(fp,
+"Usage: stratad [OPTION]... --export file=PATH[,KEY=VAL]...\n"
+"Serve disk images over NBD.\n"
+"\n"
+"  -l, --listen ADDR          listen on ADDR: HOST:PORT, [IPV6]:PORT or\n"
+"                             unix:PATH (repeatable; default 127.0.0.1:10809)\n"
+"  -e, --export SPEC          serve an image (repeatable; the first one is\n"
+"                             also the default export, for the empty name)\n"
+"      --fork                 go to the background once serving\n"
+"      --pid-file FILE        write the daemon's pid to FILE once serving\n"
+"      --log-file FILE        append log messages to FILE (with --fork the\n"
+"                             daemon otherwise detaches from all output)\n"
+"      --max-connections N    clients at once (default 256)\n"
+"      --handshake-timeout S  seconds a client may take to choose an export\n"
+"                             (default 10)\n"
+"      --max-inflight N       requests in flight per client (default 128)\n"
+"      --shutdown-timeout S   seconds to drain clients on SIGTERM (default 30)\n"
+"      --control PATH         serve the QMP control socket on unix socket PATH\n"
+"      --control-mode OCTAL   permissions of the control socket (default 0600)\n"
+"      --state-file PATH      record exports and chains in PATH and restore\n"
+"                             them at start (see the README)\n"
+"  -v, --verbose              log every connection and refused request\n"
+"  -h, --help                 show this help\n"
+"  -V, --version              show the version\n"
+"\n"
+"Export SPEC keys (comma separated, ',,' for a literal comma):\n"
+"  name=NAME           export name (default: empty)\n"
+"  file=PATH           image file or block device (required)\n"
+"  format=raw          image format (default raw; a file that looks like\n"
+"                      qcow2 must be named explicitly)\n"
+"  readonly=on|off     refuse writes (default off)\n"
+"  cache=writeback|none  none: O_DIRECT, no host page cache\n"
+"  description=TEXT    shown by NBD_OPT_LIST and NBD_INFO_DESCRIPTION\n"
+"  id=ID               QMP export id (default: the name, or \"default\")\n"
+"  node-name=NAME      QMP node name of its chain (default: the id)\n"
+"\n"
+"Example:\n"
+"  stratad --listen unix:/run/strata.sock --export name=disk,file=disk.img\n"
+"  nbdinfo 'nbd+unix:///disk?socket=/run/strata.sock'\n");
+}
+
+enum {
+    OPT_FORK = 256,
+    OPT_PIDFILE,
+    OPT_LOGFILE,
+    OPT_MAXCONN,
+    OPT_HSTIMEOUT,
+    OPT_MAXINFLIGHT,
+    OPT_SHUTDOWN_TIMEOUT,
+    OPT_CONTROL,
+    OPT_CONTROL_MODE,
+    OPT_STATE_FILE,
+};
+
+static int parse_uint(const char *opt, const char *s, unsigned min,
+                      unsigned max, unsigned *out)
+{
+    char *end;
+    errno = 0;
+    unsigned long v = strtoul(s, &end, 10);
+    if (errno || *end || end == s || v < min || v > max) {
+        fprintf(stderr, "stratad: %s %s: expected a number from %u to %u\n",
+                opt, s, min, max);
+        return -1;
+    }
+    *out = (unsigned)v;
+    return 0;
+}
+
+
+static enum opts_result stratad_options_fail(struct stratad_options *o)
+{
+    stratad_options_free(o);
+    return OPTS_ERROR;
+}
+
+void stratad_options_free(struct stratad_options *o)
+{
+    free(o->listens);
+    free(o->exports);
+    o->listens = o->exports = NULL;
+}
+
+enum opts_result stratad_options_parse(int argc, char **argv,
+                                       struct stratad_options *o)
+{
+    static const struct option longopts[] = {
+        {"listen", required_argument, NULL, 'l'},
+        {"export", required_argument, NULL, 'e'},
+        {"fork", no_argument, NULL, OPT_FORK},
+        {"pid-file", required_argument, NULL, OPT_PIDFILE},
+        {"log-file", required_argument, NULL, OPT_LOGFILE},
+        {"max-connections", required_argument, NULL, OPT_MAXCONN},
+        {"handshake-timeout", required_argument, NULL, OPT_HSTIMEOUT},
+        {"max-inflight", required_argument, NULL, OPT_MAXINFLIGHT},
+        {"shutdown-timeout", required_argument, NULL, OPT_SHUTDOWN_TIMEOUT},
+        {"control", required_argument, NULL, OPT_CONTROL},
+        {"control-mode", required_argument, NULL, OPT_CONTROL_MODE},
+        {"state-file", required_argument, NULL, OPT_STATE_FILE},
+        {"verbose", no_argument, NULL, 'v'},
+        {"help", no_argument, NULL, 'h'},
+        {"version", no_argument, NULL, 'V'},
+        {NULL, 0, NULL, 0},
+    };
+    memset(o, 0, sizeof(*o));
+    o->listens = calloc((size_t)argc + 1, sizeof(char *));
+    o->exports = calloc((size_t)argc + 1, sizeof(char *));
+    if (!o->listens || !o->exports) {
+        fprintf(stderr, "stratad: out of memory\n");
+        stratad_options_free(o);
+        return OPTS_ERROR;
+    }
+    o->control_mode = 0600;
+    server_config_defaults(&o->cfg);
+
+    int ch;
+    while ((ch = getopt_long(argc, argv, "l:e:vhV", longopts, NULL)) != -1) {
+        switch (ch) {
+        case 'l':
+            o->listens[o->n_listens++] = optarg;
+            break;
+        case 'e':
+            o->exports[o->n_exports++] = optarg;
+            break;
+        case OPT_FORK:
+            o->do_fork = true;
+            break;
+        case OPT_PIDFILE:
+            o->pid_file = optarg;
+            break;
+        case OPT_LOGFILE:
+            o->log_file = optarg;
+            break;
+        case OPT_MAXCONN:
+            if (parse_uint("--max-connections", optarg, 1, 65536,
+                           &o->cfg.max_connections) < 0)
+                return stratad_options_fail(o);
+            break;
+        case OPT_HSTIMEOUT:
+            if (parse_uint("--handshake-timeout", optarg, 1, 3600,
+                           &o->cfg.handshake_timeout_s) < 0)
+                return stratad_options_fail(o);
+            break;
+        case OPT_MAXINFLIGHT:
+            if (parse_uint("--max-inflight", optarg, 1, 4096,
+                           &o->cfg.max_inflight) < 0)
+                return stratad_options_fail(o);
+            break;
+        case OPT_SHUTDOWN_TIMEOUT:
+            if (parse_uint("--shutdown-timeout", optarg, 1, 3600,
+                           &o->cfg.shutdown_timeout_s) < 0)
+                return stratad_options_fail(o);
+            break;
+        case OPT_CONTROL:
+            o->control_path = optarg;
+            break;
+        case OPT_CONTROL_MODE: {
+            char *end;
+            errno = 0;
+            unsigned long m = strtoul(optarg, &end, 8);
+            if (errno || *end || end == optarg || m > 0777) {
+                fprintf(stderr, "stratad: --control-mode %s: expected an octal "
+                        "mode such as 0600\n", optarg);
+                return stratad_options_fail(o);
+            }
+            o->control_mode = (unsigned)m;
+            break;
+        }
+        case OPT_STATE_FILE:
+            o->state_path = optarg;
+            break;
+        case 'v':
+            log_set_level(LOG_DEBUG);
+            break;
+        case 'h':
+            stratad_usage(stdout);
+            stratad_options_free(o);
+            return OPTS_EXIT;
+        case 'V':
+            printf("stratad %s\n", STRATA_VERSION);
+            stratad_options_free(o);
+            return OPTS_EXIT;
+        default:
+            stratad_usage(stderr);
+            return stratad_options_fail(o);
+        }
+    }
+    if (optind < argc) {
+        fprintf(stderr, "stratad: unexpected argument '%s'\n", argv[optind]);
+        stratad_usage(stderr);
+        return stratad_options_fail(o);
+    }
+    if (o->n_exports == 0 && !o->control_path && !o->state_path) {
+        fprintf(stderr, "stratad: no export given (--export file=PATH, or "
+                "--control to add o->exports later)\n");
+        stratad_usage(stderr);
+        return stratad_options_fail(o);
+    }
+    if (o->n_listens == 0)
+        o->listens[o->n_listens++] = "127.0.0.1:10809";
+
+    return OPTS_OK;
+}

@@ -1,0 +1,97 @@
+/* strata — quiescing an export and the write notifiers jobs hook into
+ * its requests (see exports.h). */
+#include <assert.h>
+
+#include "exports.h"
+#include "log.h"
+#include "loop.h"
+
+void export_enter_co(struct export *e, struct coro *co)
+{
+    while (e->quiesce_count > 0)
+        co_queue_wait_co(&e->resume_q, co);
+    e->inflight++;
+}
+
+void export_leave(struct export *e)
+{
+    assert(e->inflight > 0);
+    if (--e->inflight == 0 && e->quiesce_count > 0)
+        co_queue_wake_all(&e->drained_q);
+}
+
+void export_quiesce_co(struct export *e, struct coro *co)
+{
+    if (e->quiesce_count++ == 0)
+        e->quiesce_start_ns = loop_now_ns();
+    while (e->inflight > 0)
+        co_queue_wait_co(&e->drained_q, co);
+}
+
+uint64_t export_resume(struct export *e)
+{
+    assert(e->quiesce_count > 0);
+    if (--e->quiesce_count > 0)
+        return 0;
+    uint64_t stall = loop_now_ns() - e->quiesce_start_ns;
+    e->last_stall_ns = stall;
+    if (stall > e->max_stall_ns)
+        e->max_stall_ns = stall;
+    e->n_quiesces++;
+    log_debug("export '%s': quiesced for %.3f ms", e->cfg.name, stall / 1e6);
+    co_queue_wake_all(&e->resume_q);
+    return stall;
+}
+
+void export_set_root(struct export *e, struct fmt_node *root)
+{
+    assert(e->quiesce_count > 0 && e->inflight == 0);
+    e->bdev->root = root;
+}
+
+void export_add_write_notifier(struct export *e, struct export_write_notifier *n)
+{
+    assert(e->quiesce_count > 0 && e->inflight == 0);
+    n->next = e->write_notifiers;
+    e->write_notifiers = n;
+}
+
+void export_remove_write_notifier(struct export *e,
+                                  struct export_write_notifier *n)
+{
+    assert(e->quiesce_count > 0 && e->inflight == 0);
+    for (struct export_write_notifier **pp = &e->write_notifiers; *pp;
+         pp = &(*pp)->next) {
+        if (*pp == n) {
+            *pp = n->next;
+            n->next = NULL;
+            return;
+        }
+    }
+}
+
+int export_notify_before_co(struct export *e, struct coro *co,
+                            const struct export_write_req *req)
+{
+    for (struct export_write_notifier *n = e->write_notifiers; n; n = n->next) {
+        if (n->before_co) {
+            int r = n->before_co(n, co, req);
+            if (r < 0)
+                return r;
+        }
+    }
+    return 0;
+}
+
+int export_notify_after_co(struct export *e, struct coro *co,
+                           const struct export_write_req *req, int ret)
+{
+    for (struct export_write_notifier *n = e->write_notifiers; n; n = n->next) {
+        if (n->after_co) {
+            int r = n->after_co(n, co, req, ret);
+            if (r < 0 && ret >= 0)
+                ret = r;
+        }
+    }
+    return ret;
+}
