@@ -11,17 +11,18 @@
 
 #include "control.h"
 #include "loop.h"
+#include "stream.h"
 #include "strata-config.h"
 
 struct json_object;
 struct json_tokener;
 
-#define CTL_SEND_IOV 16
 #define CTL_RBUF_SIZE (64u << 10)
 
+/* One queued message: its text and CRLF, in one allocation. */
 struct ctl_out {
-    struct ctl_out *next;
-    size_t len;
+    struct stream_item si;
+    struct iovec iov;
     char data[];
 };
 
@@ -37,18 +38,10 @@ struct ctl_client {
 
     struct json_tokener *tok;  /* incremental parser, one message at a time */
     size_t msg_bytes;          /* bytes of the message being parsed */
-    char rbuf[CTL_RBUF_SIZE];
-    size_t rstart, rend;
-    struct loop_op recv_op;
-    bool recv_pending;
-
-    struct ctl_out *oq_head, *oq_tail;
-    size_t oq_off;             /* bytes of oq_head already sent */
-    size_t out_bytes;          /* queued, unsent (bounded: CONTROL_MAX_OUT) */
-    struct loop_op send_op;
-    bool send_pending;
-    struct msghdr msg;
-    struct iovec siov[CTL_SEND_IOV];
+    /* socket I/O; st.sq_bytes (queued, unsent) is bounded by
+     * CONTROL_MAX_OUT */
+    struct stream st;
+    uint8_t rbuf[CTL_RBUF_SIZE];
 
     struct loop_hook kick;
 };

@@ -21,8 +21,15 @@
 
 static void accept_done(struct loop_op *op, int res, uint32_t flags);
 static void client_kick_fn(struct loop_hook *h);
-static void recv_done(struct loop_op *op, int res, uint32_t flags);
-static void send_done(struct loop_op *op, int res, uint32_t flags);
+static void stream_received(struct stream *s, int res, bool direct);
+static void stream_send_failed(struct stream *s, int res);
+static void stream_kick(struct stream *s);
+
+static const struct stream_ops client_stream_ops = {
+    .received = stream_received,
+    .send_failed = stream_send_failed,
+    .kick = stream_kick,
+};
 
 /* ---- output ---- */
 
@@ -32,8 +39,25 @@ static void client_abort(struct ctl_client *cl, const char *why)
         return;
     log_debug("control client %llu: closing (%s)", (unsigned long long)cl->id, why);
     cl->dead = true;
+    cl->st.dead = true;
     shutdown(cl->fd, SHUT_RDWR);
     loop_defer(cl->ctl->loop, &cl->kick);
+}
+
+static void stream_kick(struct stream *s)
+{
+    struct ctl_client *cl = s->owner;
+    loop_defer(cl->ctl->loop, &cl->kick);
+}
+
+static void stream_send_failed(struct stream *s, int res)
+{
+    client_abort(s->owner, res == 0 ? "send made no progress" : strerror(-res));
+}
+
+static void ctl_out_done(struct stream_item *si)
+{
+    free(container_of(si, struct ctl_out, si));
 }
 
 /* Queues one message (the text of a json object) plus CRLF. */
@@ -49,22 +73,18 @@ static void client_send_text(struct ctl_client *cl, const char *text)
     }
     memcpy(o->data, text, len);
     memcpy(o->data + len, "\r\n", 2);
-    o->len = len + 2;
-    o->next = NULL;
-    if (cl->oq_tail)
-        cl->oq_tail->next = o;
-    else
-        cl->oq_head = o;
-    cl->oq_tail = o;
-    cl->out_bytes += o->len;
-    if (cl->out_bytes > CONTROL_MAX_OUT) {
+    o->iov.iov_base = o->data;
+    o->iov.iov_len = len + 2;
+    o->si.iov = &o->iov;
+    o->si.niov = 1;
+    o->si.done = ctl_out_done;
+    stream_send(&cl->st, &o->si);
+    if (cl->st.sq_bytes > CONTROL_MAX_OUT) {
         log_warn("control client %llu: more than %u bytes of replies and "
                  "events unread: dropping it", (unsigned long long)cl->id,
                  CONTROL_MAX_OUT);
         client_abort(cl, "output bound");
-        return;
     }
-    loop_defer(cl->ctl->loop, &cl->kick);
 }
 
 void ctl_client_send(struct ctl_client *cl, struct json_object *msg)
@@ -72,59 +92,6 @@ void ctl_client_send(struct ctl_client *cl, struct json_object *msg)
     client_send_text(cl, json_object_to_json_string_ext(
         msg, JSON_C_TO_STRING_PLAIN | JSON_C_TO_STRING_NOSLASHESCAPE));
     json_object_put(msg);
-}
-
-static void start_send(struct ctl_client *cl)
-{
-    if (cl->send_pending || !cl->oq_head || cl->dead)
-        return;
-    int k = 0;
-    size_t off = cl->oq_off;
-    for (struct ctl_out *o = cl->oq_head; o && k < CTL_SEND_IOV; o = o->next) {
-        cl->siov[k].iov_base = o->data + off;
-        cl->siov[k].iov_len = o->len - off;
-        off = 0;
-        k++;
-    }
-    memset(&cl->msg, 0, sizeof(cl->msg));
-    cl->msg.msg_iov = cl->siov;
-    cl->msg.msg_iovlen = (size_t)k;
-    struct io_uring_sqe *sqe = loop_get_sqe(cl->ctl->loop, &cl->send_op);
-    io_uring_prep_sendmsg(sqe, cl->fd, &cl->msg, MSG_NOSIGNAL);
-    cl->send_pending = true;
-}
-
-static void send_done(struct loop_op *op, int res, uint32_t flags)
-{
-    struct ctl_client *cl =
-        container_of(op, struct ctl_client, send_op);
-    (void)flags;
-    cl->send_pending = false;
-    if (res == -EINTR || res == -EAGAIN) {
-        loop_defer(cl->ctl->loop, &cl->kick);
-        return;
-    }
-    if (res <= 0) {
-        client_abort(cl, res == 0 ? "send made no progress" : strerror(-res));
-        return;
-    }
-    size_t n = (size_t)res;
-    cl->out_bytes -= n;
-    while (n > 0 && cl->oq_head) {
-        struct ctl_out *o = cl->oq_head;
-        size_t left = o->len - cl->oq_off;
-        if (n < left) {
-            cl->oq_off += n;
-            break;
-        }
-        n -= left;
-        cl->oq_off = 0;
-        cl->oq_head = o->next;
-        if (!cl->oq_head)
-            cl->oq_tail = NULL;
-        free(o);
-    }
-    loop_defer(cl->ctl->loop, &cl->kick);
 }
 
 /* ---- replies and events ---- */
@@ -307,19 +274,20 @@ static void client_handle(struct ctl_client *cl, struct json_object *msg)
  * time. */
 static void process_input(struct ctl_client *cl)
 {
-    while (cl->rstart < cl->rend && !cl->cmd_running && !cl->dead &&
+    while (cl->st.rstart < cl->st.rend && !cl->cmd_running && !cl->dead &&
            !cl->closing) {
-        size_t avail = cl->rend - cl->rstart;
+        size_t avail = cl->st.rend - cl->st.rstart;
         size_t room = CONTROL_MAX_MSG + 1 - cl->msg_bytes;
         size_t feed = avail < room ? avail : room;
         struct json_object *obj =
-            json_tokener_parse_ex(cl->tok, cl->rbuf + cl->rstart, (int)feed);
+            json_tokener_parse_ex(cl->tok, (const char *)cl->st.rbuf + cl->st.rstart,
+                                  (int)feed);
         enum json_tokener_error jerr = json_tokener_get_error(cl->tok);
         if (obj || jerr == json_tokener_success) {
             size_t used = json_tokener_get_parse_end(cl->tok);
             if (used == 0 || used > feed)
                 used = feed;
-            cl->rstart += used;
+            cl->st.rstart += used;
             cl->msg_bytes = 0;
             if (!obj) /* a JSON null */
                 obj = NULL;
@@ -327,7 +295,7 @@ static void process_input(struct ctl_client *cl)
             continue;
         }
         if (jerr == json_tokener_continue) {
-            cl->rstart += feed;
+            cl->st.rstart += feed;
             cl->msg_bytes += feed;
             if (cl->msg_bytes > CONTROL_MAX_MSG) {
                 char desc[128];
@@ -349,52 +317,34 @@ static void process_input(struct ctl_client *cl)
         ctl_reply_error(cl, NULL, "GenericError", desc);
         json_tokener_reset(cl->tok);
         cl->msg_bytes = 0;
-        cl->rstart = cl->rend;
+        cl->st.rstart = cl->st.rend;
     }
-    if (cl->rstart == cl->rend)
-        cl->rstart = cl->rend = 0;
 }
 
 /* ---- input ---- */
 
 static void start_recv(struct ctl_client *cl)
 {
-    if (cl->recv_pending || cl->dead || cl->closing || cl->cmd_running ||
-        cl->rstart < cl->rend)
+    /* one read at a time, and only once it is all parsed */
+    if (cl->st.recv_pending || cl->dead || cl->closing || cl->cmd_running ||
+        stream_unparsed(&cl->st) > 0)
         return;
-    cl->rstart = cl->rend = 0;
-    struct io_uring_sqe *sqe = loop_get_sqe(cl->ctl->loop, &cl->recv_op);
-    io_uring_prep_recv(sqe, cl->fd, cl->rbuf, sizeof(cl->rbuf), 0);
-    cl->recv_pending = true;
+    stream_start_recv(&cl->st);
 }
 
-static void recv_done(struct loop_op *op, int res, uint32_t flags)
+static void stream_received(struct stream *s, int res, bool direct)
 {
-    struct ctl_client *cl =
-        container_of(op, struct ctl_client, recv_op);
-    (void)flags;
-    cl->recv_pending = false;
-    if (res == -EINTR || res == -EAGAIN) {
-        loop_defer(cl->ctl->loop, &cl->kick);
-        return;
+    struct ctl_client *cl = s->owner;
+    (void)direct;
+    if (res <= 0 && !cl->dead && !cl->closing) {
+        /* end of input: finish the command and the output, then close */
+        log_debug("control client %llu: %s", (unsigned long long)cl->id,
+                  res == 0 ? "disconnected" : strerror(-res));
+        if (res == 0)
+            cl->closing = true;
+        else
+            client_abort(cl, strerror(-res));
     }
-    if (res <= 0) {
-        if (!cl->dead && !cl->closing) {
-            /* end of input: finish the command and the output, then close */
-            log_debug("control client %llu: %s", (unsigned long long)cl->id,
-                      res == 0 ? "disconnected" : strerror(-res));
-            if (res == 0) {
-                cl->closing = true;
-            } else {
-                client_abort(cl, strerror(-res));
-                return;
-            }
-        }
-        loop_defer(cl->ctl->loop, &cl->kick);
-        return;
-    }
-    cl->rend = (size_t)res;
-    loop_defer(cl->ctl->loop, &cl->kick);
 }
 
 /* ---- lifetime ---- */
@@ -402,12 +352,8 @@ static void recv_done(struct loop_op *op, int res, uint32_t flags)
 static void client_free(struct ctl_client *cl)
 {
     struct control *ctl = cl->ctl;
-    assert(!cl->recv_pending && !cl->send_pending && !cl->cmd_running);
-    while (cl->oq_head) {
-        struct ctl_out *o = cl->oq_head;
-        cl->oq_head = o->next;
-        free(o);
-    }
+    assert(!stream_busy(&cl->st) && !cl->cmd_running);
+    stream_drop_queue(&cl->st);
     if (cl->prev)
         cl->prev->next = cl->next;
     else
@@ -430,14 +376,15 @@ static void client_kick_fn(struct loop_hook *h)
     if (!cl->dead) {
         process_input(cl);
         start_recv(cl);
-        start_send(cl);
+        stream_start_send(&cl->st);
         /* closing: everything answered and sent */
-        if (cl->closing && !cl->cmd_running && !cl->oq_head && !cl->send_pending) {
+        if (cl->closing && !cl->cmd_running && stream_output_idle(&cl->st)) {
             cl->dead = true;
+            cl->st.dead = true;
             shutdown(cl->fd, SHUT_RDWR);
         }
     }
-    if (cl->dead && !cl->recv_pending && !cl->send_pending && !cl->cmd_running)
+    if (cl->dead && !stream_busy(&cl->st) && !cl->cmd_running)
         client_free(cl);
 }
 
@@ -505,8 +452,8 @@ static void accept_done(struct loop_op *op, int res, uint32_t flags)
     cl->ctl = ctl;
     cl->fd = res;
     cl->id = ++ctl->next_client_id;
-    cl->recv_op.done = recv_done;
-    cl->send_op.done = send_done;
+    stream_init(&cl->st, ctl->loop, res, cl->rbuf, sizeof(cl->rbuf),
+                &client_stream_ops, cl);
     cl->kick.fn = client_kick_fn;
     cl->next = ctl->clients;
     if (ctl->clients)

@@ -22,10 +22,17 @@ const char *conn_state_name(enum conn_state s)
     return (unsigned)s < sizeof(names) / sizeof(names[0]) ? names[s] : "?";
 }
 
-static void recv_done(struct loop_op *op, int res, uint32_t flags);
-static void send_done(struct loop_op *op, int res, uint32_t flags);
 static void kick_fn(struct loop_hook *h);
 static void drain_done(struct loop_op *op, int res, uint32_t flags);
+static void stream_received(struct stream *s, int res, bool direct);
+static void stream_send_failed(struct stream *s, int res);
+static void stream_kick(struct stream *s);
+
+static const struct stream_ops conn_stream_ops = {
+    .received = stream_received,
+    .send_failed = stream_send_failed,
+    .kick = stream_kick,
+};
 
 struct conn *conn_new(struct server *srv, int fd, bool is_tcp)
 {
@@ -42,9 +49,8 @@ struct conn *conn_new(struct server *srv, int fd, bool is_tcp)
     c->id = ++srv->next_conn_id;
     c->fd = fd;
     c->is_tcp = is_tcp;
-    c->rcap = CONN_RBUF_SIZE;
-    c->recv_op.done = recv_done;
-    c->send_op.done = send_done;
+    stream_init(&c->st, srv->loop, fd, c->rbuf, CONN_RBUF_SIZE,
+                &conn_stream_ops, c);
     c->kick.fn = kick_fn;
     c->drain_op.done = drain_done;
     c->state = CONN_HS_FLAGS;
@@ -60,125 +66,26 @@ void conn_kick(struct conn *c)
     loop_defer(c->loop, &c->kick);
 }
 
-/* ---- output ---- */
-
-void conn_send(struct conn *c, struct send_item *si)
+static void stream_kick(struct stream *s)
 {
-    si->next = NULL;
-    if (c->state == CONN_DEAD) {
-        si->done(si);
-        return;
-    }
-    si->total = 0;
-    for (int i = 0; i < si->niov; i++)
-        si->total += si->iov[i].iov_len;
-    c->sq_bytes += si->total;
-    if (c->sq_tail)
-        c->sq_tail->next = si;
-    else
-        c->sq_head = si;
-    c->sq_tail = si;
-    conn_kick(c);
+    conn_kick(s->owner);
 }
 
-struct copy_item {
-    struct send_item si;
-    struct iovec iov;
-    uint8_t data[];
-};
+/* ---- output ---- */
 
-static void copy_item_done(struct send_item *si)
+void conn_send(struct conn *c, struct stream_item *si)
 {
-    free(si);
+    stream_send(&c->st, si); /* discards it once the connection is dead */
 }
 
 int conn_send_copy(struct conn *c, const void *buf, size_t len)
 {
-    struct copy_item *ci = malloc(sizeof(*ci) + len);
-    if (!ci)
-        return -ENOMEM;
-    memcpy(ci->data, buf, len);
-    ci->iov.iov_base = ci->data;
-    ci->iov.iov_len = len;
-    ci->si.iov = &ci->iov;
-    ci->si.niov = 1;
-    ci->si.done = copy_item_done;
-    conn_send(c, &ci->si);
-    return 0;
+    return stream_send_copy(&c->st, buf, len);
 }
 
-/* Gathers queued items into one sendmsg (up to 64 iovecs). */
-static void start_send(struct conn *c)
+static void stream_send_failed(struct stream *s, int res)
 {
-    if (c->send_pending || !c->sq_head || c->state == CONN_DEAD)
-        return;
-    int k = 0;
-    size_t skip = c->sq_off;
-    for (struct send_item *si = c->sq_head; si && k < 64; si = si->next) {
-        for (int i = 0; i < si->niov && k < 64; i++) {
-            size_t len = si->iov[i].iov_len;
-            if (skip >= len) {
-                skip -= len;
-                continue;
-            }
-            c->siov[k].iov_base = (char *)si->iov[i].iov_base + skip;
-            c->siov[k].iov_len = len - skip;
-            skip = 0;
-            k++;
-        }
-    }
-    assert(k > 0);
-    memset(&c->msg, 0, sizeof(c->msg));
-    c->msg.msg_iov = c->siov;
-    c->msg.msg_iovlen = (size_t)k;
-    struct io_uring_sqe *sqe = loop_get_sqe(c->loop, &c->send_op);
-    io_uring_prep_sendmsg(sqe, c->fd, &c->msg, MSG_NOSIGNAL);
-    c->send_pending = true;
-}
-
-static void send_done(struct loop_op *op, int res, uint32_t flags)
-{
-    struct conn *c = container_of(op, struct conn, send_op);
-    (void)flags;
-    c->send_pending = false;
-    if (res == -EINTR || res == -EAGAIN) {
-        conn_kick(c);
-        return;
-    }
-    if (res <= 0) {
-        conn_abort(c, res == 0 ? "send made no progress" : strerror(-res));
-        return;
-    }
-    size_t n = (size_t)res;
-    c->sq_bytes -= n;
-    while (n > 0 && c->sq_head) {
-        struct send_item *si = c->sq_head;
-        size_t left = si->total - c->sq_off;
-        if (n < left) {
-            c->sq_off += n;
-            break;
-        }
-        n -= left;
-        c->sq_off = 0;
-        c->sq_head = si->next;
-        if (!c->sq_head)
-            c->sq_tail = NULL;
-        si->done(si);
-    }
-    conn_kick(c);
-}
-
-static void drop_send_queue(struct conn *c)
-{
-    assert(!c->send_pending);
-    while (c->sq_head) {
-        struct send_item *si = c->sq_head;
-        c->sq_head = si->next;
-        si->done(si);
-    }
-    c->sq_tail = NULL;
-    c->sq_off = 0;
-    c->sq_bytes = 0;
+    conn_abort(s->owner, res == 0 ? "send made no progress" : strerror(-res));
 }
 
 /* ---- input ---- */
@@ -189,7 +96,7 @@ static bool wants_input(const struct conn *c)
     case CONN_HS_FLAGS:
     case CONN_HS_OPTION:
         /* a client that sends options without reading the replies */
-        return c->sq_bytes <= CONN_SEND_BACKLOG_MAX;
+        return c->st.sq_bytes <= CONN_SEND_BACKLOG_MAX;
     case CONN_TRANSMIT:
     case CONN_DRAINING:
         if (c->payload_req || c->discard_left)
@@ -205,50 +112,27 @@ static bool wants_input(const struct conn *c)
 
 static void start_recv(struct conn *c)
 {
-    if (c->recv_pending || !wants_input(c))
+    if (c->st.recv_pending || !wants_input(c))
         return;
-    void *dst;
-    size_t len;
-    c->recv_direct = c->payload_req && c->rstart == c->rend;
-    if (c->recv_direct) {
+    if (c->payload_req && stream_unparsed(&c->st) == 0) {
         /* straight into the request's buffer: no copy */
         struct nbd_req *r = c->payload_req;
-        dst = (uint8_t *)r->buf + c->payload_got;
-        len = (size_t)(r->hdr.length - c->payload_got);
-    } else {
-        if (c->rstart == c->rend) {
-            c->rstart = c->rend = 0;
-        } else if (c->rend == c->rcap || c->rcap - c->rend < 4096) {
-            memmove(c->rbuf, c->rbuf + c->rstart, c->rend - c->rstart);
-            c->rend -= c->rstart;
-            c->rstart = 0;
-        }
-        if (c->rend == c->rcap)
-            return; /* full of unparsed data: parsing must catch up first */
-        dst = c->rbuf + c->rend;
-        len = c->rcap - c->rend;
+        stream_start_recv_into(&c->st, (uint8_t *)r->buf + c->payload_got,
+                               (size_t)(r->hdr.length - c->payload_got));
+        return;
     }
-    struct io_uring_sqe *sqe = loop_get_sqe(c->loop, &c->recv_op);
-    io_uring_prep_recv(sqe, c->fd, dst, len, 0);
-    c->recv_pending = true;
+    /* false: full of unparsed data, parsing must catch up first */
+    (void)stream_start_recv(&c->st);
 }
 
-static void recv_done(struct loop_op *op, int res, uint32_t flags)
+static void stream_received(struct stream *s, int res, bool direct)
 {
-    struct conn *c = container_of(op, struct conn, recv_op);
-    (void)flags;
-    c->recv_pending = false;
-    if (c->state == CONN_DEAD || c->state == CONN_CLOSING) {
-        conn_kick(c);
+    struct conn *c = s->owner;
+    if (c->state == CONN_DEAD || c->state == CONN_CLOSING)
         return;
-    }
-    if (res == -EINTR || res == -EAGAIN) {
-        conn_kick(c);
-        return;
-    }
     if (res <= 0) {
         if (res == 0 && c->state == CONN_TRANSMIT && !c->payload_req &&
-            c->rstart == c->rend && !c->discard_left)
+            stream_unparsed(s) == 0 && !c->discard_left)
             log_debug("conn %llu: client closed the connection",
                       (unsigned long long)c->id);
         else if (res == 0)
@@ -258,15 +142,12 @@ static void recv_done(struct loop_op *op, int res, uint32_t flags)
         conn_abort(c, res == 0 ? "end of stream" : strerror(-res));
         return;
     }
-    if (c->recv_direct) {
+    if (direct) {
         assert(c->payload_req);
         c->payload_got += (uint64_t)res;
         if (c->payload_got == c->payload_req->hdr.length)
             nbd_payload_complete(c);
-    } else {
-        c->rend += (size_t)res;
     }
-    conn_kick(c);
 }
 
 static void process_input(struct conn *c)
@@ -276,7 +157,7 @@ static void process_input(struct conn *c)
         switch (c->state) {
         case CONN_HS_FLAGS:
         case CONN_HS_OPTION:
-            if (c->sq_bytes > CONN_SEND_BACKLOG_MAX)
+            if (c->st.sq_bytes > CONN_SEND_BACKLOG_MAX)
                 return; /* resumed by send_done once replies drain */
             progress = nbd_handshake_input(c);
             break;
@@ -297,8 +178,8 @@ static void process_input(struct conn *c)
 static void conn_free(struct conn *c)
 {
     assert(c->state == CONN_DEAD);
-    assert(!c->recv_pending && !c->send_pending && c->running == 0);
-    drop_send_queue(c);
+    assert(!stream_busy(&c->st) && c->running == 0);
+    stream_drop_queue(&c->st);
     if (c->payload_req) {
         nbd_req_release(c->payload_req);
         c->payload_req = NULL;
@@ -320,6 +201,7 @@ void conn_abort(struct conn *c, const char *why)
         return;
     log_debug("conn %llu: closing (%s)", (unsigned long long)c->id, why);
     c->state = CONN_DEAD;
+    c->st.dead = true;
     /* wakes a pending recv or send with an error or end of stream */
     shutdown(c->fd, SHUT_RDWR);
     conn_kick(c);
@@ -358,8 +240,7 @@ void conn_drain(struct conn *c)
 
 static bool conn_idle(const struct conn *c)
 {
-    return c->running == 0 && !c->sq_head && !c->send_pending &&
-           !c->payload_req;
+    return c->running == 0 && stream_output_idle(&c->st) && !c->payload_req;
 }
 
 static void drain_done(struct loop_op *op, int res, uint32_t flags)
@@ -371,6 +252,7 @@ static void drain_done(struct loop_op *op, int res, uint32_t flags)
     if (c->state == CONN_DRAINING && conn_idle(c) &&
         c->requests_seen == c->drain_mark) {
         c->state = CONN_DEAD; /* quiet for DRAIN_QUIET_MS: close */
+        c->st.dead = true;
         shutdown(c->fd, SHUT_RDWR);
     }
     conn_kick(c);
@@ -394,15 +276,16 @@ static void kick_fn(struct loop_hook *h)
     if (c->state != CONN_DEAD) {
         process_input(c);
         start_recv(c);
-        start_send(c);
+        stream_start_send(&c->st);
     }
     if (c->state == CONN_CLOSING && conn_idle(c)) {
         c->state = CONN_DEAD;
+        c->st.dead = true;
         shutdown(c->fd, SHUT_RDWR);
     }
     if (c->state == CONN_DRAINING && conn_idle(c))
         arm_drain_timer(c);
-    if (c->state == CONN_DEAD && !c->recv_pending && !c->send_pending &&
+    if (c->state == CONN_DEAD && !stream_busy(&c->st) &&
         !c->drain_timer_pending && c->running == 0)
         conn_free(c);
 }

@@ -4,10 +4,10 @@
  * its states are declared once below (CONN_STATES).  Each transmission
  * request runs in its own coroutine and ends by queueing its reply.
  *
- * Input: one receive buffer; request headers are parsed from it; a write
- * payload that is not yet in it is received directly into the request's
- * buffer.  Output: a queue of send items gathered into one sendmsg at a
- * time (short sends resumed).  Bounds: at most cfg.max_inflight requests
+ * Socket I/O is a struct stream (common/stream.h): one receive buffer,
+ * request headers parsed from it, a write payload that is not yet in it
+ * received directly into the request's buffer; a send queue gathered into
+ * one sendmsg at a time (short sends resumed).  Bounds: at most cfg.max_inflight requests
  * and about cfg.max_buffered payload bytes per connection — past either,
  * the connection stops reading (back-pressure).
  *
@@ -24,6 +24,7 @@
 #include "loop.h"
 #include "nbd-codec.h"
 #include "server.h"
+#include "stream.h"
 
 #define CONN_STATES(X)                                                       \
     X(HS_FLAGS)   /* greeting sent; waiting for the client's flags */        \
@@ -41,15 +42,6 @@ enum conn_state {
 };
 
 const char *conn_state_name(enum conn_state s);
-
-/* One message (or several iovecs of one reply) waiting to be sent. */
-struct send_item {
-    struct send_item *next;
-    struct iovec *iov;
-    int niov;
-    size_t total;                        /* sum of iov lengths */
-    void (*done)(struct send_item *si);  /* sent or discarded: release */
-};
 
 #define DRAIN_QUIET_MS 250
 /* Handshake input is not read while more than this many reply bytes wait
@@ -73,7 +65,7 @@ struct send_item {
 struct nbd_req {
     struct conn *c;
     struct nbd_request hdr;
-    struct send_item si;
+    struct stream_item si;
     struct iovec iov[REQ_INLINE_IOV];
     uint8_t hbuf[REQ_HDR_BUF];
     void *buf;                 /* payload buffer (slot-kept if small) */
@@ -106,24 +98,12 @@ struct conn {
     struct nbd_session session;
     struct nbd_option_header opt;
 
-    /* input */
+    /* socket I/O: receive buffer (rbuf, owned), send queue */
+    struct stream st;
     uint8_t *rbuf;
-    size_t rcap, rstart, rend;
-    struct loop_op recv_op;
-    bool recv_pending;
-    bool recv_direct;              /* the pending recv targets payload_req */
     struct nbd_req *payload_req;   /* receiving a write payload into it */
     uint64_t payload_got;
     uint64_t discard_left;         /* payload bytes of a refused request */
-
-    /* output */
-    struct send_item *sq_head, *sq_tail;
-    size_t sq_off;                 /* bytes of sq_head already sent */
-    size_t sq_bytes;               /* bytes queued and not yet sent */
-    struct loop_op send_op;
-    bool send_pending;
-    struct msghdr msg;
-    struct iovec siov[64];
 
     /* requests */
     struct nbd_req *slots;
@@ -158,7 +138,7 @@ void conn_kick(struct conn *c);                  /* schedule the hook */
 void conn_abort(struct conn *c, const char *why);/* hard disconnect */
 void conn_close_gracefully(struct conn *c);      /* CLOSING (after DISC) */
 void conn_drain(struct conn *c);                 /* DRAINING (server stop) */
-void conn_send(struct conn *c, struct send_item *si);
+void conn_send(struct conn *c, struct stream_item *si);
 /* A send item with its own copy of len bytes; done frees it. */
 int conn_send_copy(struct conn *c, const void *buf, size_t len);
 

@@ -350,14 +350,14 @@ static void handle_option(struct conn *c, const uint8_t *data, uint32_t len)
 
 bool nbd_handshake_input(struct conn *c)
 {
-    const uint8_t *p = c->rbuf + c->rstart;
-    size_t avail = c->rend - c->rstart;
+    const uint8_t *p = c->st.rbuf + c->st.rstart;
+    size_t avail = c->st.rend - c->st.rstart;
 
     if (c->state == CONN_HS_FLAGS) {
         if (avail < 4)
             return false;
         uint32_t flags = be_get32(p);
-        c->rstart += 4;
+        c->st.rstart += 4;
         if (nbd_check_client_flags(flags, NBD_FLAG_FIXED_NEWSTYLE |
                                               NBD_FLAG_NO_ZEROES) < 0) {
             log_info("conn %llu: bad client flags 0x%x",
@@ -386,7 +386,7 @@ bool nbd_handshake_input(struct conn *c)
     }
     if (avail < NBD_OPTION_HEADER_SIZE + c->opt.length)
         return false;
-    c->rstart += NBD_OPTION_HEADER_SIZE + c->opt.length;
+    c->st.rstart += NBD_OPTION_HEADER_SIZE + c->opt.length;
     handle_option(c, p + NBD_OPTION_HEADER_SIZE, c->opt.length);
     return c->state == CONN_HS_OPTION || c->state == CONN_TRANSMIT;
 }

@@ -98,7 +98,7 @@ void nbd_req_release(struct nbd_req *r)
     conn_kick(c); /* input may have been held back */
 }
 
-static void req_sent(struct send_item *si)
+static void req_sent(struct stream_item *si)
 {
     struct nbd_req *r = container_of(si, struct nbd_req, si);
     nbd_req_release(r);
@@ -401,9 +401,9 @@ bool nbd_transmit_input(struct conn *c)
 
     /* Payload of a refused request: read and drop. */
     if (c->discard_left) {
-        size_t avail = c->rend - c->rstart;
+        size_t avail = c->st.rend - c->st.rstart;
         size_t n = avail < c->discard_left ? avail : (size_t)c->discard_left;
-        c->rstart += n;
+        c->st.rstart += n;
         c->discard_left -= n;
         return c->discard_left == 0 && n > 0;
     }
@@ -413,7 +413,7 @@ bool nbd_transmit_input(struct conn *c)
         return false;
 
     struct nbd_request h;
-    ssize_t n = nbd_parse_request(c->rbuf + c->rstart, c->rend - c->rstart,
+    ssize_t n = nbd_parse_request(c->st.rbuf + c->st.rstart, c->st.rend - c->st.rstart,
                                   c->extended, &h);
     if (n == 0)
         return false;
@@ -423,7 +423,7 @@ bool nbd_transmit_input(struct conn *c)
         conn_abort(c, "bad request magic");
         return false;
     }
-    c->rstart += (size_t)n;
+    c->st.rstart += (size_t)n;
     c->requests_seen++;
     c->cmd_count[h.type <= NBD_CMD_BLOCK_STATUS ? h.type
                                                 : NBD_CMD_BLOCK_STATUS + 1]++;
@@ -494,10 +494,10 @@ bool nbd_transmit_input(struct conn *c)
         c->buffered += need;
     }
     if (v.payload_len) {
-        size_t avail = c->rend - c->rstart;
+        size_t avail = c->st.rend - c->st.rstart;
         size_t take = avail < v.payload_len ? avail : (size_t)v.payload_len;
-        memcpy(r->buf, c->rbuf + c->rstart, take);
-        c->rstart += take;
+        memcpy(r->buf, c->st.rbuf + c->st.rstart, take);
+        c->st.rstart += take;
         if (take < v.payload_len) {
             c->payload_req = r;
             c->payload_got = take;
