@@ -2,6 +2,7 @@
  * help text (see options.h). */
 #include <errno.h>
 #include <getopt.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -28,6 +29,9 @@ void stratad_usage(FILE *fp)
 "      --handshake-timeout S  seconds a client may take to choose an export\n"
 "                             (default 10)\n"
 "      --max-inflight N       requests in flight per client (default 128)\n"
+"      --max-memory SIZE      payload buffers of all clients together, e.g.\n"
+"                             512M or 2G (default 256M; at least 64M); past\n"
+"                             it clients wait, in turn, for memory\n"
 "      --shutdown-timeout S   seconds to drain clients on SIGTERM (default 30)\n"
 "      --control PATH         serve the QMP control socket on unix socket PATH\n"
 "      --control-mode OCTAL   permissions of the control socket (default 0600)\n"
@@ -64,7 +68,33 @@ enum {
     OPT_CONTROL,
     OPT_CONTROL_MODE,
     OPT_STATE_FILE,
+    OPT_MAX_MEMORY,
 };
+
+/* "N", "NK", "NM", "NG" or "NT" (powers of 1024), within [min, max]. */
+static int parse_size_arg(const char *opt, const char *s, uint64_t min,
+                          uint64_t max, uint64_t *out)
+{
+    char *end;
+    errno = 0;
+    unsigned long long v = strtoull(s, &end, 10);
+    unsigned shift = 0;
+    switch (*end) {
+    case 'k': case 'K': shift = 10; end++; break;
+    case 'm': case 'M': shift = 20; end++; break;
+    case 'g': case 'G': shift = 30; end++; break;
+    case 't': case 'T': shift = 40; end++; break;
+    }
+    if (errno || *end || end == s || s[0] == '-' || v > (max >> shift) ||
+        (v << shift) < min) {
+        fprintf(stderr, "stratad: %s %s: expected a size from %llu MiB to "
+                "%llu GiB (a number with K, M, G or T)\n", opt, s,
+                (unsigned long long)(min >> 20), (unsigned long long)(max >> 30));
+        return -1;
+    }
+    *out = (uint64_t)v << shift;
+    return 0;
+}
 
 static int parse_uint(const char *opt, const char *s, unsigned min,
                       unsigned max, unsigned *out)
@@ -111,6 +141,7 @@ enum opts_result stratad_options_parse(int argc, char **argv,
         {"control", required_argument, NULL, OPT_CONTROL},
         {"control-mode", required_argument, NULL, OPT_CONTROL_MODE},
         {"state-file", required_argument, NULL, OPT_STATE_FILE},
+        {"max-memory", required_argument, NULL, OPT_MAX_MEMORY},
         {"verbose", no_argument, NULL, 'v'},
         {"help", no_argument, NULL, 'h'},
         {"version", no_argument, NULL, 'V'},
@@ -180,6 +211,11 @@ enum opts_result stratad_options_parse(int argc, char **argv,
             o->control_mode = (unsigned)m;
             break;
         }
+        case OPT_MAX_MEMORY:
+            if (parse_size_arg("--max-memory", optarg, UINT64_C(64) << 20,
+                               UINT64_C(1) << 40, &o->cfg.max_memory) < 0)
+                return stratad_options_fail(o);
+            break;
         case OPT_STATE_FILE:
             o->state_path = optarg;
             break;

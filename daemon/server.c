@@ -20,6 +20,7 @@ void server_config_defaults(struct server_config *cfg)
     cfg->handshake_timeout_s = 10;
     cfg->max_inflight = 128;
     cfg->max_buffered = 64u << 20;
+    cfg->max_memory = 256u << 20;
     cfg->shutdown_timeout_s = 30;
 }
 

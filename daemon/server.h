@@ -29,6 +29,8 @@ struct server_config {
     unsigned handshake_timeout_s;  /* to reach transmission */
     unsigned max_inflight;         /* requests per connection */
     size_t max_buffered;           /* payload bytes per connection */
+    uint64_t max_memory;           /* payload bytes of all connections
+                                      (daemon/nbd/budget.c) */
     unsigned shutdown_timeout_s;   /* to drain clients on SIGTERM */
 };
 
@@ -78,6 +80,9 @@ struct server {
     size_t n_listeners;
 
     struct conn *conns;            /* every live connection */
+    uint64_t payload_mem;          /* payload buffers of all connections */
+    uint64_t payload_mem_peak;
+    struct conn *mem_wait_head, *mem_wait_tail; /* waiting for memory */
     unsigned n_conns;
     uint64_t next_conn_id;
 

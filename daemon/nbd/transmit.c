@@ -34,8 +34,10 @@ void nbd_slots_free(struct conn *c)
 {
     if (!c->slots)
         return;
-    for (unsigned i = 0; i < c->srv->cfg.max_inflight; i++)
+    for (unsigned i = 0; i < c->srv->cfg.max_inflight; i++) {
         free(c->slots[i].buf);
+        nbd_budget_sub(c->srv, c->slots[i].buf ? c->slots[i].buf_cap : 0);
+    }
     free(c->slots);
     c->slots = NULL;
     c->free_slots = NULL;
@@ -66,6 +68,7 @@ static int req_buffer(struct nbd_req *r, uint64_t len)
         if (r->buf_kept)
             c->kept -= r->buf_cap;
         free(r->buf);
+        nbd_budget_sub(c->srv, r->buf_cap);
         r->buf = NULL;
         r->buf_cap = 0;
     }
@@ -74,6 +77,7 @@ static int req_buffer(struct nbd_req *r, uint64_t len)
         return -ENOMEM;
     r->buf = p;
     r->buf_cap = (size_t)len;
+    nbd_budget_add(c->srv, r->buf_cap);
     r->buf_kept = len <= REQ_KEEP_MAX && c->kept + len <= CONN_KEEP_BUDGET;
     if (r->buf_kept)
         c->kept += len;
@@ -87,6 +91,7 @@ void nbd_req_release(struct nbd_req *r)
     r->extra = NULL;
     if (r->buf && !r->buf_kept) {
         free(r->buf);
+        nbd_budget_sub(c->srv, r->buf_cap);
         r->buf = NULL;
         r->buf_cap = 0;
     }
@@ -423,6 +428,14 @@ bool nbd_transmit_input(struct conn *c)
         conn_abort(c, "bad request magic");
         return false;
     }
+    struct nbd_validation v = nbd_validate_request(&h, &c->session);
+    if (v.verdict == NBD_VERDICT_OK && c->state == CONN_TRANSMIT &&
+        (h.type == NBD_CMD_READ || h.type == NBD_CMD_WRITE)) {
+        if (!nbd_budget_admit(c, h.length))
+            return false; /* the header stays unread until memory is back */
+    } else {
+        nbd_budget_forget(c); /* needs no new buffer: not waiting any more */
+    }
     c->st.rstart += (size_t)n;
     c->requests_seen++;
     c->cmd_count[h.type <= NBD_CMD_BLOCK_STATUS ? h.type
@@ -430,7 +443,6 @@ bool nbd_transmit_input(struct conn *c)
     if (h.type == NBD_CMD_WRITE && (h.flags & NBD_CMD_FLAG_FUA))
         c->fua_writes++;
 
-    struct nbd_validation v = nbd_validate_request(&h, &c->session);
     switch (v.verdict) {
     case NBD_VERDICT_DISCONNECT:
         log_info("conn %llu: %s: %s: disconnecting", (unsigned long long)c->id,
