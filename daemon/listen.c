@@ -37,6 +37,7 @@ static int listener_push(struct server *srv, int fd, const char *desc,
     l->desc = strdup(desc);
     l->unix_path = unix_path ? strdup(unix_path) : NULL;
     l->accept_op.done = accept_done;
+    l->parked_fd = -1;
     return 0;
 }
 
@@ -165,10 +166,32 @@ int server_add_listener(struct server *srv, const char *addr,
     return listen_inet(srv, addr, errp);
 }
 
+static void start_client(struct listener *l, int fd);
+
 static void arm_accept(struct listener *l)
 {
-    if (l->accept_pending || l->closed || l->srv->shutting_down)
+    struct server *srv = l->srv;
+    if (l->accept_pending || l->closed || srv->shutting_down)
         return;
+    if (l->parked_fd >= 0 && srv->n_handshaking < srv->cfg.max_handshakes) {
+        int fd = l->parked_fd;
+        l->parked_fd = -1;
+        start_client(l, fd);
+    }
+    if (l->parked_fd >= 0)
+        return;
+    if (srv->n_handshaking >= srv->cfg.max_handshakes) {
+        /* finish the handshakes under way before starting new ones */
+        if (!srv->accept_paused)
+            log_info("%u handshakes in progress (--max-handshakes): new "
+                     "clients wait until one finishes", srv->n_handshaking);
+        srv->accept_paused = true;
+        return;
+    }
+    if (srv->accept_paused) {
+        srv->accept_paused = false;
+        log_info("accepting new clients again");
+    }
     struct io_uring_sqe *sqe = loop_get_sqe(l->srv->loop, &l->accept_op);
     io_uring_prep_accept(sqe, l->fd, NULL, NULL, SOCK_CLOEXEC);
     l->accept_pending = true;
@@ -198,7 +221,22 @@ static void accept_done(struct loop_op *op, int res, uint32_t flags)
         close(fd);
         return;
     }
-    arm_accept(l);
+    if (srv->n_handshaking >= srv->cfg.max_handshakes) {
+        /* accepted before the limit was reached: it waits here, like the
+         * clients in the kernel's backlog, until a handshake ends */
+        assert(l->parked_fd < 0);
+        l->parked_fd = fd;
+        arm_accept(l); /* logs the pause; arms nothing */
+        return;
+    }
+    start_client(l, fd);
+    arm_accept(l); /* after counting: at the limit it pauses */
+}
+
+/* Admits (or refuses) the client on fd and starts its handshake. */
+static void start_client(struct listener *l, int fd)
+{
+    struct server *srv = l->srv;
     if (srv->n_conns >= srv->cfg.max_connections) {
         log_warn("%s: refusing a client: %u connections is the limit",
                  l->desc, srv->cfg.max_connections);
@@ -206,6 +244,18 @@ static void accept_done(struct loop_op *op, int res, uint32_t flags)
         return;
     }
     bool tcp = l->unix_path == NULL;
+    struct peer *peer = NULL;
+    enum admit_verdict v = peer_admit(srv, fd, tcp, &peer);
+    if (v != ADMIT_OK) {
+        if (v == ADMIT_NOMEM) {
+            log_error("out of memory accepting a client");
+        } else {
+            log_warn("%s: refusing a client from %s: %s", l->desc,
+                     peer_desc(peer), admit_verdict_str(v));
+        }
+        close(fd);
+        return;
+    }
     if (tcp) {
         int one = 1;
         setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
@@ -213,15 +263,19 @@ static void accept_done(struct loop_op *op, int res, uint32_t flags)
     struct conn *c = conn_new(srv, fd, tcp);
     if (!c) {
         log_error("out of memory accepting a client");
+        peer_release(srv, peer, true);
         close(fd);
         return;
     }
+    c->peer = peer;
+    c->in_handshake = true;
     c->next = srv->conns;
     if (srv->conns)
         srv->conns->prev = c;
     srv->conns = c;
     srv->n_conns++;
-    log_debug("%s: client %llu connected", l->desc, (unsigned long long)c->id);
+    log_debug("%s: client %llu connected from %s", l->desc,
+              (unsigned long long)c->id, peer_desc(peer));
 }
 
 void server_listeners_rearm(struct server *srv)
@@ -234,6 +288,10 @@ void server_listeners_stop(struct server *srv)
 {
     for (size_t i = 0; i < srv->n_listeners; i++) {
         struct listener *l = &srv->listeners[i];
+        if (l->parked_fd >= 0) {
+            close(l->parked_fd); /* never started: nothing to drain */
+            l->parked_fd = -1;
+        }
         /* wakes the pending accept with an error; the fd closes at exit */
         shutdown(l->fd, SHUT_RDWR);
         l->closed = true;
@@ -244,6 +302,8 @@ void server_listeners_free(struct server *srv)
 {
     for (size_t i = 0; i < srv->n_listeners; i++) {
         struct listener *l = &srv->listeners[i];
+        if (l->parked_fd >= 0)
+            close(l->parked_fd);
         close(l->fd);
         if (l->unix_path)
             unlink(l->unix_path);

@@ -26,6 +26,12 @@ void stratad_usage(FILE *fp)
 "      --log-file FILE        append log messages to FILE (with --fork the\n"
 "                             daemon otherwise detaches from all output)\n"
 "      --max-connections N    clients at once (default 256)\n"
+"      --max-connections-per-peer N  clients of one address (TCP) or one\n"
+"                             user (unix socket) at once (default 128)\n"
+"      --max-handshakes N     clients still in the handshake at once; past\n"
+"                             it new clients wait to be accepted (default 128)\n"
+"      --max-handshakes-per-peer N  of those, from one address or user\n"
+"                             (default 16)\n"
 "      --handshake-timeout S  seconds a client may take to choose an export\n"
 "                             (default 10)\n"
 "      --max-inflight N       requests in flight per client (default 128)\n"
@@ -69,6 +75,9 @@ enum {
     OPT_CONTROL_MODE,
     OPT_STATE_FILE,
     OPT_MAX_MEMORY,
+    OPT_MAX_PER_PEER,
+    OPT_MAX_HANDSHAKES,
+    OPT_MAX_HANDSHAKES_PER_PEER,
 };
 
 /* "N", "NK", "NM", "NG" or "NT" (powers of 1024), within [min, max]. */
@@ -142,6 +151,10 @@ enum opts_result stratad_options_parse(int argc, char **argv,
         {"control-mode", required_argument, NULL, OPT_CONTROL_MODE},
         {"state-file", required_argument, NULL, OPT_STATE_FILE},
         {"max-memory", required_argument, NULL, OPT_MAX_MEMORY},
+        {"max-connections-per-peer", required_argument, NULL, OPT_MAX_PER_PEER},
+        {"max-handshakes", required_argument, NULL, OPT_MAX_HANDSHAKES},
+        {"max-handshakes-per-peer", required_argument, NULL,
+         OPT_MAX_HANDSHAKES_PER_PEER},
         {"verbose", no_argument, NULL, 'v'},
         {"help", no_argument, NULL, 'h'},
         {"version", no_argument, NULL, 'V'},
@@ -211,6 +224,21 @@ enum opts_result stratad_options_parse(int argc, char **argv,
             o->control_mode = (unsigned)m;
             break;
         }
+        case OPT_MAX_PER_PEER:
+            if (parse_uint("--max-connections-per-peer", optarg, 1, 65536,
+                           &o->cfg.max_per_peer) < 0)
+                return stratad_options_fail(o);
+            break;
+        case OPT_MAX_HANDSHAKES:
+            if (parse_uint("--max-handshakes", optarg, 1, 65536,
+                           &o->cfg.max_handshakes) < 0)
+                return stratad_options_fail(o);
+            break;
+        case OPT_MAX_HANDSHAKES_PER_PEER:
+            if (parse_uint("--max-handshakes-per-peer", optarg, 1, 65536,
+                           &o->cfg.max_handshakes_per_peer) < 0)
+                return stratad_options_fail(o);
+            break;
         case OPT_MAX_MEMORY:
             if (parse_size_arg("--max-memory", optarg, UINT64_C(64) << 20,
                                UINT64_C(1) << 40, &o->cfg.max_memory) < 0)
@@ -249,5 +277,13 @@ enum opts_result stratad_options_parse(int argc, char **argv,
     if (o->n_listens == 0)
         o->listens[o->n_listens++] = "127.0.0.1:10809";
 
+    /* a per-peer or handshake limit above the global one means nothing */
+    struct server_config *c = &o->cfg;
+    if (c->max_per_peer > c->max_connections)
+        c->max_per_peer = c->max_connections;
+    if (c->max_handshakes > c->max_connections)
+        c->max_handshakes = c->max_connections;
+    if (c->max_handshakes_per_peer > c->max_handshakes)
+        c->max_handshakes_per_peer = c->max_handshakes;
     return OPTS_OK;
 }

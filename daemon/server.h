@@ -26,6 +26,9 @@ struct conn;
 
 struct server_config {
     unsigned max_connections;      /* accepted at once */
+    unsigned max_per_peer;         /* of one address or uid (peers.c) */
+    unsigned max_handshakes;       /* handshakes in progress at once */
+    unsigned max_handshakes_per_peer;
     unsigned handshake_timeout_s;  /* to reach transmission */
     unsigned max_inflight;         /* requests per connection */
     size_t max_buffered;           /* payload bytes per connection */
@@ -42,6 +45,10 @@ struct listener {
     struct loop_op accept_op;
     bool accept_pending;
     bool closed;
+    int parked_fd;                 /* accepted while --max-handshakes were
+                                      in progress: started when one ends
+                                      (-1: none; the listener is not
+                                      re-armed meanwhile) */
 };
 
 /* Called when the server starts its graceful shutdown (control socket,
@@ -80,6 +87,9 @@ struct server {
     size_t n_listeners;
 
     struct conn *conns;            /* every live connection */
+    struct peer *peers;            /* who is connected (peers.c) */
+    unsigned n_handshaking;        /* connections still in the handshake */
+    bool accept_paused;            /* n_handshaking at max_handshakes */
     uint64_t payload_mem;          /* payload buffers of all connections */
     uint64_t payload_mem_peak;
     struct conn *mem_wait_head, *mem_wait_tail; /* waiting for memory */
@@ -125,6 +135,28 @@ void server_listeners_rearm(struct server *srv);
 void server_listeners_stop(struct server *srv);
 /* Closes the listeners and unlinks their unix sockets. */
 void server_listeners_free(struct server *srv);
+/* ---- admission (peers.c) ---- */
+struct peer;
+enum admit_verdict {
+    ADMIT_OK,
+    ADMIT_PEER_FULL,           /* max_per_peer reached */
+    ADMIT_PEER_HANDSHAKES,     /* max_handshakes_per_peer reached */
+    ADMIT_NOMEM,
+};
+/* Counts a new client on fd as a connection and a handshake of its peer,
+ * or says why it may not come in (then nothing is counted).  *out is the
+ * peer either way (NULL for a refused first connection of a peer). */
+enum admit_verdict peer_admit(struct server *srv, int fd, bool tcp,
+                              struct peer **out);
+const char *admit_verdict_str(enum admit_verdict v);
+/* The peer's connection reached transmission. */
+void peer_handshake_done(struct server *srv, struct peer *p);
+/* The peer's connection is gone (in_handshake: before transmission). */
+void peer_release(struct server *srv, struct peer *p, bool in_handshake);
+/* "127.0.0.1", "::1", "uid 1000". */
+const char *peer_desc(const struct peer *p);
+void peers_free(struct server *srv);
+
 /* Frees every export and block node (no connection may remain). */
 void server_tables_free(struct server *srv);
 

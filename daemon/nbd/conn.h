@@ -85,6 +85,8 @@ struct conn {
     uint64_t id;
     int fd;
     bool is_tcp;
+    struct peer *peer;         /* its address or uid (peers.c) */
+    bool in_handshake;         /* counted in the peer's handshakes */
     enum conn_state state;
     uint64_t deadline_ns;      /* handshake must end before this */
 
