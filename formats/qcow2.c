@@ -756,3 +756,22 @@ const char *qcow2_backing_format(struct fmt_node *n)
     struct qcow2 *s = qcow2_of(n);
     return s->has_backing_format ? s->backing_format : NULL;
 }
+
+/* ---- the driver ---- */
+
+static int qcow2_probe(const uint8_t *buf, size_t len)
+{
+    return len >= 4 && be_get32(buf) == QCOW2_MAGIC ? 100 : 0;
+}
+
+FMT_REGISTER_DRIVER(qcow2_driver,
+    .name = "qcow2",
+    .caps = FMT_DRV_BACKING,
+    .max_rw = FMT_MAX_RW,
+    .probe = qcow2_probe,
+    .open_co = qcow2_open_co,
+    .create_co = qcow2_create_co,
+    .set_backing_co = qcow2_set_backing_co,
+    .backing_name = qcow2_backing_name,
+    .backing_format = qcow2_backing_format,
+);
