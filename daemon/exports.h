@@ -38,7 +38,7 @@ struct export_config {
  * --export).  It owns the chain; an export serves it. */
 struct blockdev {
     char *node_name;
-    char *driver;              /* format of the top: "raw", "qcow2" */
+    char *driver;              /* the top's format driver (registry name) */
     char *filename;            /* image file of the top node */
     bool read_only;
     bool direct;               /* cache=none */
@@ -139,7 +139,7 @@ struct export *server_find_export_id(struct server *srv, const char *id);
 /* ---- block nodes (QMP blockdev-add / blockdev-del) ---- */
 struct blockdev_config {
     const char *node_name;
-    const char *driver;        /* "raw" or "qcow2" */
+    const char *driver;        /* a format driver's registry name */
     const char *filename;
     bool read_only;
     bool direct;
