@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include "backend.h"
+#include "fault.h"
 #include "loop.h"
 #include "util.h"
 
@@ -208,7 +209,11 @@ int backend_preadv_co(struct backend *b, struct coro *co,
                       const struct iovec *iov, int iovcnt, uint64_t off)
 {
     check_range(b, off, iov_size(iov, iovcnt));
-    int r = b->ops->preadv_co(b, co, iov, iovcnt, off);
+    bool short_io;
+    int r = backend_fault_hit(BACKEND_FAULT_READ, &short_io);
+    if (r < 0)
+        return r;
+    r = b->ops->preadv_co(b, co, iov, iovcnt, off);
     assert(r <= 0);
     return r;
 }
@@ -220,7 +225,11 @@ int backend_pwritev_co(struct backend *b, struct coro *co,
     assert(!b->read_only);
     assert(!(flags & ~BACKEND_FUA));
     check_range(b, off, iov_size(iov, iovcnt));
-    int r = b->ops->pwritev_co(b, co, iov, iovcnt, off, flags);
+    bool short_io;
+    int r = backend_fault_hit(BACKEND_FAULT_WRITE, &short_io);
+    if (r < 0)
+        return r;
+    r = b->ops->pwritev_co(b, co, iov, iovcnt, off, flags);
     assert(r <= 0);
     return r;
 }
@@ -243,6 +252,10 @@ int backend_flush_co(struct backend *b, struct coro *co)
 {
     if (b->read_only)
         return 0;
+    bool short_io;
+    int r = backend_fault_hit(BACKEND_FAULT_FLUSH, &short_io);
+    if (r < 0)
+        return r;
     return b->ops->flush_co(b, co);
 }
 
@@ -252,6 +265,10 @@ int backend_zero_co(struct backend *b, struct coro *co, uint64_t off,
     assert(!b->read_only);
     assert(!(flags & ~(BACKEND_FUA | BACKEND_MAY_TRIM | BACKEND_FAST)));
     check_range(b, off, len);
+    bool short_io;
+    int r = backend_fault_hit(BACKEND_FAULT_ZERO, &short_io);
+    if (r < 0)
+        return r;
     return b->ops->zero_co(b, co, off, len, flags);
 }
 
@@ -262,6 +279,10 @@ int backend_discard_co(struct backend *b, struct coro *co, uint64_t off,
     check_range(b, off, len);
     if (!(b->caps & BACKEND_CAN_TRIM))
         return 0;
+    bool short_io;
+    int r = backend_fault_hit(BACKEND_FAULT_DISCARD, &short_io);
+    if (r < 0)
+        return r;
     return b->ops->discard_co(b, co, off, len, flags);
 }
 
@@ -318,6 +339,10 @@ int backend_truncate_co(struct backend *b, struct coro *co, uint64_t size)
     assert(!b->read_only);
     if (!(b->caps & BACKEND_CAN_RESIZE))
         return -ENOTSUP;
+    bool short_io;
+    int r = backend_fault_hit(BACKEND_FAULT_TRUNCATE, &short_io);
+    if (r < 0)
+        return r;
     return b->ops->truncate_co(b, co, size);
 }
 

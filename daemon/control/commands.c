@@ -854,6 +854,12 @@ static const struct ctl_cmd commands[] = {
      (const struct ctl_arg[]){{"id", CTL_ARG_STR, true},
                               {"duration-ms", CTL_ARG_INT, false},
                               {NULL, 0, false}}},
+    {"x-debug-fault-inject", cmd_x_debug_fault_inject,
+     (const struct ctl_arg[]){{"nth", CTL_ARG_INT, true},
+                              {"ops", CTL_ARG_ARRAY, false},
+                              {"error", CTL_ARG_STR, false},
+                              {NULL, 0, false}}},
+    {"x-debug-fault-query", cmd_x_debug_fault_query, no_args},
     {"quit", cmd_quit, no_args},
 };
 

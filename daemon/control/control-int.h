@@ -116,6 +116,9 @@ struct ctl_cmd {
 };
 
 const struct ctl_cmd *ctl_cmd_find(const char *name);
+
+/* debug-cmds.c */
+ctl_cmd_fn cmd_x_debug_fault_inject, cmd_x_debug_fault_query;
 const struct ctl_cmd *ctl_cmd_table(size_t *n);
 
 /* Checks args (an object, or NULL = {}) against spec: every required
