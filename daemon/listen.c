@@ -249,10 +249,11 @@ int server_adopt_activated(struct server *srv, int *control_fd,
             (ol = sizeof(type),
              getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &ol) < 0) ||
             !acc || type != SOCK_STREAM) {
+            int r = error_setf(errp, EINVAL, "socket activation: descriptor "
+                               "%d ('%s') is not a listening stream socket "
+                               "(ListenStream= in the .socket unit)", fd, nm);
             free(names);
-            return error_setf(errp, EINVAL, "socket activation: descriptor %d "
-                              "('%s') is not a listening stream socket "
-                              "(ListenStream= in the .socket unit)", fd, nm);
+            return r;
         }
         if (!strcmp(nm, "control")) {
             if (*control_fd >= 0) {
@@ -264,10 +265,11 @@ int server_adopt_activated(struct server *srv, int *control_fd,
             continue;
         }
         if (strcmp(nm, "nbd") && strcmp(nm, "unknown")) {
+            int r = error_setf(errp, EINVAL, "socket activation: descriptor "
+                               "%d is named '%s': expected "
+                               "FileDescriptorName=nbd or control", fd, nm);
             free(names);
-            return error_setf(errp, EINVAL, "socket activation: descriptor %d "
-                              "is named '%s': expected FileDescriptorName=nbd "
-                              "or control", fd, nm);
+            return r;
         }
         char desc[sizeof(((struct sockaddr_un *)0)->sun_path) + 64];
         bool tcp;
