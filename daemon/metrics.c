@@ -235,6 +235,9 @@ struct metrics {
     int epfd;
     struct loop_op poll_op;
     bool poll_pending;
+    struct loop_op timeout_op;     /* MHD_get_timeout() asked for a run */
+    struct __kernel_timespec timeout_ts;
+    bool timeout_pending;
     bool closing;
     struct loop_timer timer;
     char *addr;
@@ -287,6 +290,35 @@ static enum MHD_Result handle(void *cls, struct MHD_Connection *conn,
 }
 
 static void poll_done(struct loop_op *op, int res, uint32_t flags);
+static void run_mhd(struct metrics *m);
+
+static void timeout_done(struct loop_op *op, int res, uint32_t flags)
+{
+    struct metrics *m = container_of(op, struct metrics, timeout_op);
+    (void)res;
+    (void)flags;
+    m->timeout_pending = false;
+    if (!m->closing)
+        run_mhd(m);
+}
+
+/* MHD_run(), then, when MHD wants to run again before the next second's
+ * tick (work it could not finish, a timeout due), a ring timeout for
+ * it. */
+static void run_mhd(struct metrics *m)
+{
+    MHD_run(m->mhd); /* does what is ready, without blocking */
+    MHD_UNSIGNED_LONG_LONG ms;
+    if (m->timeout_pending || MHD_get_timeout(m->mhd, &ms) != MHD_YES ||
+        ms >= 1000)
+        return;
+    m->timeout_ts.tv_sec = 0;
+    m->timeout_ts.tv_nsec = (long long)ms * 1000000;
+    m->timeout_op.done = timeout_done;
+    io_uring_prep_timeout(loop_get_sqe(m->srv->loop, &m->timeout_op),
+                          &m->timeout_ts, 0, 0);
+    m->timeout_pending = true;
+}
 
 static void arm_poll(struct metrics *m)
 {
@@ -308,7 +340,7 @@ static void poll_done(struct loop_op *op, int res, uint32_t flags)
         log_error("--metrics: poll: %s", strerror(-res));
         return;
     }
-    MHD_run(m->mhd); /* does what is ready, without blocking */
+    run_mhd(m);
     arm_poll(m);
 }
 
@@ -317,7 +349,7 @@ static void tick(struct loop_timer *t, uint64_t now)
     struct metrics *m = container_of(t, struct metrics, timer);
     (void)now;
     if (!m->closing)
-        MHD_run(m->mhd); /* connection timeouts */
+        run_mhd(m); /* connection timeouts */
 }
 
 static void mhd_log(void *cls, const char *fmt, va_list ap)
