@@ -202,7 +202,7 @@ int main(int argc, char **argv)
     srv->allow_no_exports = control_path || state_path || control_fd >= 0;
     struct state *state = NULL;
     bool state_loaded = false;
-    if (state_path) {
+    if (state_path && rc == 0) {
         state = state_new(srv, state_path);
         if (!state) {
             fprintf(stderr, "stratad: out of memory\n");
