@@ -40,10 +40,13 @@ d = harness.tmpdir()
 img = harness.make_file(os.path.join(d, "disk.img"), 64 * MiB)
 ctl = os.path.join(d, "ctl.sock")
 mport = harness.free_port()
+probe = subprocess.run([harness.STRATAD, "--metrics", f"127.0.0.1:{mport}", "--run", "true",
+                        "--export", f"file={img}"], capture_output=True, text=True,
+                       timeout=60)
+if "built without libmicrohttpd" in probe.stderr:
+    harness.skip("stratad was built without libmicrohttpd")
 dmn = harness.Daemon([f"name=disk,file={img},id=disk"],
                      extra=["--control", ctl, "--metrics", f"127.0.0.1:{mport}"])
-if "built without libmicrohttpd" in dmn.logtext():
-    harness.skip("stratad was built without libmicrohttpd")
 q = harness.QMP(ctl)
 URL = f"http://127.0.0.1:{mport}/metrics"
 
