@@ -181,3 +181,17 @@ if shutil.which("systemd-analyze") and os.path.exists(os.path.join(unit_dir, "st
           f"systemd-analyze verify: {p.returncode}\n{p.stdout}{p.stderr}")
     ok("systemd-analyze verify accepts stratad.service, stratad.socket, "
        "stratad-control.socket (no unknown or bad keys)")
+
+# ---- 4. NOTIFY_SOCKET in the abstract namespace ("@name") ----
+abstract = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+aname = f"strata-test-notify-{os.getpid()}"
+abstract.bind("\0" + aname)
+abstract.settimeout(30)
+p = subprocess.run([S, "--run", "true", "--export", f"file={top},format=qcow2"],
+                   env=dict(os.environ, NOTIFY_SOCKET="@" + aname),
+                   capture_output=True, text=True, timeout=60,
+                   preexec_fn=harness._die_with_parent)
+check(p.returncode == 0, p.stderr)
+got = [abstract.recv(4096).decode().splitlines()[0] for _ in range(2)]
+check(got == ["READY=1", "STOPPING=1"], got)
+ok("NOTIFY_SOCKET=@name (abstract): READY=1, then STOPPING=1 when --run's command ends")
