@@ -85,11 +85,13 @@ uint64_t stats_request_start(struct export_stats *s);
 void stats_request_done(struct export_stats *s, enum stats_op op,
                         uint64_t start_ns, int ret, uint64_t offset,
                         uint64_t bytes);
-/* A request refused before it ran (validation). */
+/* A request refused before it ran (validation); op STATS_OP__MAX (an
+ * unknown command) is not counted. */
 static inline void stats_request_invalid(struct export_stats *s,
                                          enum stats_op op)
 {
-    s->op[op].invalid++;
+    if (op < STATS_OP__MAX)
+        s->op[op].invalid++;
 }
 
 struct json_object;

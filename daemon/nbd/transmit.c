@@ -347,7 +347,7 @@ static int run_request_co(struct nbd_req *r, struct coro *co)
     return -EINVAL; /* unreachable: validated */
 }
 
-/* The statistics class of a (validated) request. */
+/* The statistics class of a request (STATS_OP__MAX: an unknown command). */
 static enum stats_op request_stats_op(const struct nbd_request *h)
 {
     switch (h->type) {
@@ -357,7 +357,8 @@ static enum stats_op request_stats_op(const struct nbd_request *h)
     case NBD_CMD_TRIM: return STATS_OP_UNMAP;
     case NBD_CMD_WRITE_ZEROES: return STATS_OP_ZERO;
     case NBD_CMD_CACHE: return STATS_OP_CACHE;
-    default: return STATS_OP_BLOCK_STATUS;
+    case NBD_CMD_BLOCK_STATUS: return STATS_OP_BLOCK_STATUS;
+    default: return STATS_OP__MAX;
     }
 }
 
