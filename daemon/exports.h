@@ -17,6 +17,7 @@
 #include "coro.h"
 #include "error.h"
 #include "format.h"
+#include "stats.h"
 
 struct server;
 
@@ -110,6 +111,8 @@ struct export {
     uint64_t n_quiesces;
 
     struct export_write_notifier *write_notifiers;
+
+    struct export_stats stats; /* counted by nbd/transmit.c (stats.h) */
 };
 
 /* The chain top an export serves. */

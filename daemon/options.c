@@ -18,7 +18,9 @@ void stratad_usage(FILE *fp)
 "Serve disk images over NBD.\n"
 "\n"
 "  -l, --listen ADDR          listen on ADDR: HOST:PORT, [IPV6]:PORT or\n"
-"                             unix:PATH (repeatable; default 127.0.0.1:10809)\n"
+"                             unix:PATH (repeatable; default 127.0.0.1:10809,\n"
+"                             or the sockets of socket activation, or with\n"
+"                             --run a private unix socket)\n"
 "  -e, --export SPEC          serve an image (repeatable; the first one is\n"
 "                             also the default export, for the empty name)\n"
 "      --fork                 go to the background once serving\n"
@@ -43,6 +45,12 @@ void stratad_usage(FILE *fp)
 "      --control-mode OCTAL   permissions of the control socket (default 0600)\n"
 "      --state-file PATH      record exports and chains in PATH and restore\n"
 "                             them at start (see the README)\n"
+"      --run CMD              captive mode: once serving, run CMD with /bin/sh\n"
+"                             ($uri, $nbd, $unixsocket, $port, $exportname\n"
+"                             set), stop when it exits, exit with its status\n"
+"      --print-uri            print the NBD URI of the server once serving\n"
+"      --exit-with-parent     shut down when the parent process exits\n"
+"      --metrics HOST:PORT    serve Prometheus metrics at http://HOST:PORT/metrics\n"
 "  -v, --verbose              log every connection and refused request\n"
 "  -h, --help                 show this help\n"
 "  -V, --version              show the version\n"
@@ -78,6 +86,10 @@ enum {
     OPT_MAX_PER_PEER,
     OPT_MAX_HANDSHAKES,
     OPT_MAX_HANDSHAKES_PER_PEER,
+    OPT_RUN,
+    OPT_PRINT_URI,
+    OPT_EXIT_WITH_PARENT,
+    OPT_METRICS,
 };
 
 /* "N", "NK", "NM", "NG" or "NT" (powers of 1024), within [min, max]. */
@@ -155,6 +167,10 @@ enum opts_result stratad_options_parse(int argc, char **argv,
         {"max-handshakes", required_argument, NULL, OPT_MAX_HANDSHAKES},
         {"max-handshakes-per-peer", required_argument, NULL,
          OPT_MAX_HANDSHAKES_PER_PEER},
+        {"run", required_argument, NULL, OPT_RUN},
+        {"print-uri", no_argument, NULL, OPT_PRINT_URI},
+        {"exit-with-parent", no_argument, NULL, OPT_EXIT_WITH_PARENT},
+        {"metrics", required_argument, NULL, OPT_METRICS},
         {"verbose", no_argument, NULL, 'v'},
         {"help", no_argument, NULL, 'h'},
         {"version", no_argument, NULL, 'V'},
@@ -247,6 +263,18 @@ enum opts_result stratad_options_parse(int argc, char **argv,
         case OPT_STATE_FILE:
             o->state_path = optarg;
             break;
+        case OPT_RUN:
+            o->run_cmd = optarg;
+            break;
+        case OPT_PRINT_URI:
+            o->print_uri = true;
+            break;
+        case OPT_EXIT_WITH_PARENT:
+            o->exit_with_parent = true;
+            break;
+        case OPT_METRICS:
+            o->metrics_addr = optarg;
+            break;
         case 'v':
             log_set_level(LOG_DEBUG);
             break;
@@ -270,12 +298,15 @@ enum opts_result stratad_options_parse(int argc, char **argv,
     }
     if (o->n_exports == 0 && !o->control_path && !o->state_path) {
         fprintf(stderr, "stratad: no export given (--export file=PATH, or "
-                "--control to add o->exports later)\n");
+                "--control to add exports later)\n");
         stratad_usage(stderr);
         return stratad_options_fail(o);
     }
-    if (o->n_listens == 0)
-        o->listens[o->n_listens++] = "127.0.0.1:10809";
+    if (o->do_fork && (o->run_cmd || o->exit_with_parent)) {
+        fprintf(stderr, "stratad: --fork cannot be used with %s\n",
+                o->run_cmd ? "--run" : "--exit-with-parent");
+        return stratad_options_fail(o);
+    }
 
     /* a per-peer or handshake limit above the global one means nothing */
     struct server_config *c = &o->cfg;

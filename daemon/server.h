@@ -41,8 +41,11 @@ struct listener {
     struct server *srv;
     int fd;
     char *desc;                    /* for messages: "127.0.0.1:10809" */
-    char *unix_path;               /* unlinked at exit */
+    char *unix_path;               /* unlinked at exit (not when adopted) */
+    bool is_tcp;                   /* TCP_NODELAY for its clients */
+    bool adopted;                  /* passed by the service manager */
     struct loop_op accept_op;
+    struct loop_op cancel_op;      /* cancels accept_op (adopted) */
     bool accept_pending;
     bool closed;
     int parked_fd;                 /* accepted while --max-handshakes were
@@ -127,6 +130,16 @@ int server_unix_socket(const char *path, const char *what, int mode,
 /* Binds "HOST:PORT", "[V6]:PORT" or "unix:PATH". */
 int server_add_listener(struct server *srv, const char *addr,
                         struct error **errp);
+/* Socket activation (sd_listen_fds(3)): adopts the listening sockets a
+ * service manager passed (LISTEN_PID, LISTEN_FDS, LISTEN_FDNAMES; the
+ * variables are then removed from the environment).  Sockets named "nbd"
+ * (or unnamed: "unknown") become NBD listeners; the one named "control"
+ * is returned in *control_fd (-1 if none) for the control socket; any
+ * other name is refused.  Returns the number of NBD listeners adopted
+ * (0 when the process was not socket-activated), or -errno. */
+int server_adopt_activated(struct server *srv, int *control_fd,
+                           struct error **errp);
+
 /* Arms every listener's accept that is not armed (start, and again after
  * a failed accept such as EMFILE). */
 void server_listeners_rearm(struct server *srv);

@@ -278,6 +278,29 @@ static struct json_object *cmd_query_block_exports(struct ctl_cmd_ctx *cx,
     return r;
 }
 
+/* QEMU's query-blockstats, one BlockStats per export: "device" is the
+ * export id, "node-name" its chain's node, "stats" its counters
+ * (stats.h); "x-export-name", "x-clients" are strata's. */
+static struct json_object *cmd_query_blockstats(struct ctl_cmd_ctx *cx,
+                                                struct json_object *args,
+                                                struct error **errp)
+{
+    struct server *srv = cx->ctl->srv;
+    uint64_t now = loop_now_ns();
+    struct json_object *r = json_object_new_array();
+    for (size_t i = 0; i < srv->n_exports; i++) {
+        const struct export *e = srv->exports[i];
+        struct json_object *o = json_object_new_object();
+        json_object_object_add(o, "device", json_object_new_string(e->cfg.id));
+        json_object_object_add(o, "node-name", json_object_new_string(e->bdev->node_name));
+        json_object_object_add(o, "x-export-name", json_object_new_string(e->cfg.name));
+        json_object_object_add(o, "x-clients", json_object_new_int64(e->n_conns));
+        json_object_object_add(o, "stats", stats_to_json(&e->stats, now));
+        json_object_array_add(r, o);
+    }
+    return r;
+}
+
 /* After a change the user is told about only once it is durable. */
 static struct json_object *synced(struct ctl_cmd_ctx *cx, struct json_object *ret,
                                   struct error **errp)
@@ -764,6 +787,8 @@ static const struct ctl_cmd commands[] = {
     {"query-version", cmd_query_version, no_args},
     {"query-commands", cmd_query_commands, no_args},
     {"query-block-exports", cmd_query_block_exports, no_args},
+    {"query-blockstats", cmd_query_blockstats,
+     (const struct ctl_arg[]){{"query-nodes", CTL_ARG_BOOL, false}, {NULL, 0, false}}},
     {"query-named-block-nodes", cmd_query_named_block_nodes,
      (const struct ctl_arg[]){{"flat", CTL_ARG_BOOL, false}, {NULL, 0, false}}},
     {"blockdev-add", cmd_blockdev_add,

@@ -53,7 +53,10 @@ struct control {
     struct job_engine *jobs;
     char *path;
     int fd;
+    bool adopted;                  /* fd from socket activation: the
+                                      service manager owns the path */
     struct loop_op accept_op;
+    struct loop_op cancel_op;      /* cancels accept_op (adopted) */
     bool accept_pending;
     bool closed;                   /* shutting down */
     uint64_t close_deadline_ns;

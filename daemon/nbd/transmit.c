@@ -11,6 +11,7 @@
 
 #include "conn.h"
 #include "log.h"
+#include "stats.h"
 #include "util.h"
 
 /* Block status: extents gathered per request (REQ_ONE: 1). */
@@ -351,15 +352,36 @@ static int run_request_co(struct nbd_req *r, struct coro *co)
     return -EINVAL; /* unreachable: validated */
 }
 
+/* The statistics class of a request (STATS_OP__MAX: an unknown command). */
+static enum stats_op request_stats_op(const struct nbd_request *h)
+{
+    switch (h->type) {
+    case NBD_CMD_READ: return STATS_OP_READ;
+    case NBD_CMD_WRITE: return STATS_OP_WRITE;
+    case NBD_CMD_FLUSH: return STATS_OP_FLUSH;
+    case NBD_CMD_TRIM: return STATS_OP_UNMAP;
+    case NBD_CMD_WRITE_ZEROES: return STATS_OP_ZERO;
+    case NBD_CMD_CACHE: return STATS_OP_CACHE;
+    case NBD_CMD_BLOCK_STATUS: return STATS_OP_BLOCK_STATUS;
+    default: return STATS_OP__MAX;
+    }
+}
+
 static void request_co(struct coro *co, void *opaque)
 {
     struct nbd_req *r = opaque;
     struct conn *c = r->c;
+    struct export_stats *st = &c->exp->stats;
+    uint64_t t0 = stats_request_start(st);
     /* Waits here while the export is quiesced (snapshot, pivot): the
      * request then runs on the chain top of that moment. */
     export_enter_co(c->exp, co);
     int ret = run_request_co(r, co);
     export_leave(c->exp);
+    enum stats_op sop = request_stats_op(&r->hdr);
+    stats_request_done(st, sop, t0, ret, r->hdr.offset,
+                       sop == STATS_OP_FLUSH || sop == STATS_OP_BLOCK_STATUS
+                           ? 0 : r->hdr.length);
     c->running--;
     if (ret < 0) {
         r->error = nbd_errno_to_nbd(-ret);
@@ -470,6 +492,7 @@ bool nbd_transmit_input(struct conn *c)
         return false;
     case NBD_VERDICT_ERROR: {
         struct nbd_req *r = req_alloc(c, &h);
+        stats_request_invalid(&c->exp->stats, request_stats_op(&h));
         r->error = v.error;
         r->errmsg = v.reason;
         log_debug("conn %llu: %s refused: %s", (unsigned long long)c->id,
