@@ -209,7 +209,24 @@ class Scenario:
 
 
 BASE = harness.tmpdir()
-rng = random.Random(7)
+
+
+def require_fault_injection():
+    img = os.path.join(BASE, "probe.img")
+    with open(img, "wb") as f:
+        f.truncate(MiB)
+    ctl = os.path.join(BASE, "probe.sock")
+    d = Daemon([f"name=p,file={img},format=raw"], extra=["--control", ctl])
+    q = QMP(ctl)
+    r = q.execute("x-debug-fault-query")
+    q.close()
+    d.stop()
+    if "error" in r:
+        harness.skip("stratad was built without fault injection "
+                     "(meson setup -Dfault_injection=true)")
+
+
+require_fault_injection()
 
 
 def pattern(n, seed):
@@ -260,32 +277,38 @@ def act_alloc(r, m):
 
 # ---- B: refcount table growth (512-byte clusters) ----
 
+GROWTH_AT = 7 * MiB + 832 * KiB
+
+
 def make_growth(d):
     top = os.path.join(d, "top.qcow2")
     p = qimg("create", "-q", "-f", "qcow2", "-o", "cluster_size=512", top,
              str(SIZE))
     check(p.returncode == 0, p.stderr)
     # One refcount table cluster covers 64 blocks x 256 clusters x 512 B =
-    # 8 MiB of host file: fill to just below that.
+    # 8 MiB of host file: fill to 32 KiB below that (the data, its L2
+    # tables and refcount blocks), so the next 64 KiB grow the table.
     data = bytearray(SIZE)
-    chunk = pattern(256 * KiB, 2)
     cmds = []
-    for i in range(0, 7 * MiB + 512 * KiB, 256 * KiB):
-        cmds.append(f"write -P {1 + (i >> 18) % 200} {i} 256k")
-        data[i:i + 256 * KiB] = bytes([1 + (i >> 18) % 200]) * (256 * KiB)
+    for i in range(0, GROWTH_AT, 64 * KiB):
+        cmds.append(f"write -P {1 + (i >> 16) % 200} {i} 64k")
+        data[i:i + 64 * KiB] = bytes([1 + (i >> 16) % 200]) * (64 * KiB)
     for k in range(0, len(cmds), 40):
         args = ["qemu-io", "-f", "qcow2"]
         for c in cmds[k:k + 40]:
             args += ["-c", c]
         p = subprocess.run(args + [top], capture_output=True, text=True)
         check(p.returncode == 0 and "error" not in p.stdout.lower(), p.stdout)
-    del chunk
+    p = qimg("info", "--output=json", top)
+    end = os.path.getsize(top)
+    check(8 * MiB - 64 * KiB < end < 8 * MiB,
+          f"growth: the prefilled image ends at {end}, not just below 8 MiB")
     return bytes(data)
 
 
 def act_growth(r, m):
-    data = pattern(512 * KiB, 21)
-    off = 7 * MiB + 512 * KiB
+    data = pattern(64 * KiB, 21)
+    off = GROWTH_AT
     e = r.req("growing write", w.CMD_WRITE, off, len(data), data)
     if e:
         m.failed(off, len(data))
@@ -298,7 +321,7 @@ def act_growth(r, m):
 # ---- C, D, E: snapshot and commits on a 3-layer chain ----
 
 def make_chain(d):
-    data = bytearray(pattern(SIZE, 3))
+    data = bytearray(SIZE)  # a new qcow2 base reads as zeros
     base = os.path.join(d, "base.qcow2")
     p = qimg("create", "-q", "-f", "qcow2", base, str(SIZE))
     check(p.returncode == 0, p.stderr)
