@@ -249,7 +249,7 @@ int snapshot_sync_co(struct server *srv, struct export *e,
     char *path = server_absolute_path(a->file);
     char *bname = NULL, *old_filename = NULL, *old_driver = NULL;
     struct fmt_node *n = NULL;
-    bool created = false;
+    bool created = false, watching = false;
     int r = 0;
     if (!path) {
         r = error_setf(errp, ENOMEM, "out of memory");
@@ -289,6 +289,8 @@ int snapshot_sync_co(struct server *srv, struct export *e,
     }
 
     b->chain_busy = true;
+    export_watch_begin(e);
+    watching = true;
     /* The bulk of the old top's dirty data goes out before the quiesce
      * (again while a flush still takes long, as under load); what guests
      * write meanwhile is flushed again inside it. */
@@ -302,6 +304,7 @@ int snapshot_sync_co(struct server *srv, struct export *e,
         if (loop_now_ns() - f0 < 2000000)
             break;
     }
+    uint64_t c0 = loop_now_ns();
     r = qcow2_create_co(srv->loop, co, path, old->size, bname, old->ops->name,
                         errp);
     if (r < 0)
@@ -346,6 +349,9 @@ int snapshot_sync_co(struct server *srv, struct export *e,
      * guest FLUSH from now on reaches the new top only) and the root
      * moves. */
     uint64_t qs = loop_now_ns();
+    log_debug("node '%s': snapshot: old top flushed in %.3f ms, overlay "
+              "created and opened in %.3f ms", b->node_name, (c0 - t0) / 1e6,
+              (qs - c0) / 1e6);
     export_quiesce_co(e, co);
     uint64_t q0 = loop_now_ns();
     r = fmt_reopen_co(old, co, true, errp);
@@ -358,10 +364,13 @@ int snapshot_sync_co(struct server *srv, struct export *e,
     n = NULL; /* the chain owns it */
     created = false;
     res->total_ns = loop_now_ns() - t0;
+    res->request_stall_ns = export_watch_end(e);
+    watching = false;
     log_info("node '%s': snapshot: %s is the new top (backing %s), export "
-             "'%s' stalled %.3f ms (drain %.3f ms, old top flush %.3f ms)",
-             b->node_name, b->filename, bname, e->cfg.id, res->stall_ns / 1e6,
-             (q0 - qs) / 1e6, (q1 - q0) / 1e6);
+             "'%s' stalled %.3f ms (drain %.3f ms, old top flush %.3f ms), "
+             "longest request %.3f ms", b->node_name, b->filename, bname,
+             e->cfg.id, res->stall_ns / 1e6, (q0 - qs) / 1e6,
+             (q1 - q0) / 1e6, res->request_stall_ns / 1e6);
     goto out;
 
 undo:
@@ -391,6 +400,8 @@ out:
             error_free(rm);
         }
     }
+    if (watching)
+        export_watch_end(e);
     b->chain_busy = false;
     free(path);
     free(bname);

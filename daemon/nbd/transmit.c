@@ -352,9 +352,9 @@ static void request_co(struct coro *co, void *opaque)
     struct conn *c = r->c;
     /* Waits here while the export is quiesced (snapshot, pivot): the
      * request then runs on the chain top of that moment. */
-    export_enter_co(c->exp, co);
+    uint64_t t0 = export_enter_co(c->exp, co);
     int ret = run_request_co(r, co);
-    export_leave(c->exp);
+    export_leave(c->exp, t0);
     c->running--;
     if (ret < 0) {
         r->error = nbd_errno_to_nbd(-ret);
