@@ -266,6 +266,15 @@ int qcow2_flush_co(struct fmt_node *n, struct coro *co)
     struct qcow2_pending_free *frees = NULL;
     size_t n_frees = 0;
 
+    /* A writable backing node holds data that reads through this one
+     * show (a snapshot's old top until it is made read-only, a commit's
+     * base): a FLUSH here covers it too. */
+    if (n->backing && !n->backing->read_only) {
+        int r = fmt_flush_co(n->backing, co);
+        if (r < 0)
+            return r;
+    }
+
     co_mutex_lock_co(&s->lock, co);
     while (qcow2_cache_wait_wb_locked_co(&s->rb_cache, co) ||
            qcow2_cache_wait_wb_locked_co(&s->l2_cache, co))
