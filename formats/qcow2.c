@@ -231,7 +231,8 @@ static int qcow2_preadv_co(struct fmt_node *n, struct coro *co,
  *     done), then the L2 tables, then sync the file, which also covers
  *     the guest data acknowledged before the flush;
  *  3. under the lock: release the pending frees (the L2 tables that
- *     dropped them are on disk now).
+ *     dropped them are on disk now), and write the refcount blocks that
+ *     changed, without the lock again.
  *
  * The crash order holds: every L2 entry in a copy points at clusters whose
  * refcount was raised before the copy was taken, so that refcount is in
@@ -315,7 +316,16 @@ int qcow2_flush_co(struct fmt_node *n, struct coro *co)
                     break; /* the rest leaks */
             }
         }
+        /* The lowered refcounts go out now (with FUA), not with the next
+         * flush: a node closed after this flush would leak them. */
+        if (r == 0) {
+            while (qcow2_cache_wait_wb_locked_co(&s->rb_cache, co))
+                ;
+            r = qcow2_cache_wb_begin_locked(&s->rb_cache, co, &rb);
+        }
         co_mutex_unlock(&s->lock, co);
+        if (r == 0)
+            r = qcow2_cache_wb_write_co(&s->rb_cache, co, &rb);
     }
     free(frees);
     return r;
