@@ -241,8 +241,8 @@ static void wb_end(struct qcow2_cache *c, struct qcow2_cache_wb *wb,
 {
     struct qcow2_cache_entry *e = wb->items[i].e;
     assert(e->wb && c->n_wb > 0);
-    if (!written)
-        e->dirty = true;
+    if (!written && e->offset == wb->items[i].offset)
+        e->dirty = true; /* (not if the entry was dropped meanwhile) */
     e->wb = false;
     c->n_wb--;
     free(wb->items[i].copy);
@@ -381,7 +381,7 @@ void qcow2_cache_mark_dirty(struct qcow2_cache *c, struct qcow2_cache_entry *e)
 void qcow2_cache_drop(struct qcow2_cache *c, struct qcow2_cache_entry *e)
 {
     assert(co_mutex_locked(&c->s->lock));
-    assert(e->pins == 1 && !e->wb);
+    assert(e->pins == 1);
     e->pins = 0;
     e->dirty = false;
     if (e->offset) {

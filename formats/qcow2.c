@@ -267,9 +267,9 @@ int qcow2_flush_co(struct fmt_node *n, struct coro *co)
     struct qcow2_pending_free *frees = NULL;
     size_t n_frees = 0;
 
-    /* A writable backing node holds data that reads through this one
-     * show (a snapshot's old top until it is made read-only, a commit's
-     * base): a FLUSH here covers it too. */
+    /* A writable backing node right below holds data that reads through
+     * this one show (a snapshot's old top until it is made read-only, a
+     * commit's base): a FLUSH here covers it too. */
     if (n->backing && !n->backing->read_only) {
         int r = fmt_flush_co(n->backing, co);
         if (r < 0)
