@@ -110,6 +110,16 @@ struct export {
     uint64_t max_stall_ns;
     uint64_t n_quiesces;
 
+    /* What the guest sees of a snapshot or pivot (export_watch_begin /
+     * export_watch_end): the longest time one request took (from
+     * export_enter_co to export_leave) among those in flight at any time
+     * while one ran — waits for the quiesce, for the metadata lock, for
+     * anything the event made requests wait for. */
+    unsigned watching;             /* > 0: an event is running */
+    uint64_t watch_start_ns, watch_end_ns;
+    uint64_t last_request_stall_ns; /* during the last event */
+    uint64_t max_request_stall_ns;  /* during any */
+
     struct export_write_notifier *write_notifiers;
 
     struct export_stats stats; /* counted by nbd/transmit.c (stats.h) */
@@ -214,8 +224,15 @@ uint64_t export_resume(struct export *e);
 void export_set_root(struct export *e, struct fmt_node *root);
 
 /* Requests call these around their work on the chain (nbd-transmit.c). */
-void export_enter_co(struct export *e, struct coro *co);
-void export_leave(struct export *e);
+/* Returns the request's start time, for export_leave. */
+uint64_t export_enter_co(struct export *e, struct coro *co);
+void export_leave(struct export *e, uint64_t start_ns);
+/* Brackets a snapshot or pivot whose guest-visible stall is measured
+ * (see struct export).  export_watch_end returns the longest request time
+ * seen so far; requests still in flight update last_request_stall_ns
+ * when they leave. */
+void export_watch_begin(struct export *e);
+uint64_t export_watch_end(struct export *e);
 
 void export_add_write_notifier(struct export *e,
                                struct export_write_notifier *n);

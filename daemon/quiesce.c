@@ -6,16 +6,28 @@
 #include "log.h"
 #include "loop.h"
 
-void export_enter_co(struct export *e, struct coro *co)
+uint64_t export_enter_co(struct export *e, struct coro *co)
 {
+    uint64_t t0 = loop_now_ns();
     while (e->quiesce_count > 0)
         co_queue_wait_co(&e->resume_q, co);
     e->inflight++;
+    return t0;
 }
 
-void export_leave(struct export *e)
+void export_leave(struct export *e, uint64_t start_ns)
 {
     assert(e->inflight > 0);
+    if (e->watching || start_ns <= e->watch_end_ns) {
+        uint64_t now = loop_now_ns();
+        if (now >= e->watch_start_ns) {
+            uint64_t t = now - start_ns;
+            if (t > e->last_request_stall_ns)
+                e->last_request_stall_ns = t;
+            if (t > e->max_request_stall_ns)
+                e->max_request_stall_ns = t;
+        }
+    }
     if (--e->inflight == 0 && e->quiesce_count > 0)
         co_queue_wake_all(&e->drained_q);
 }
@@ -41,6 +53,22 @@ uint64_t export_resume(struct export *e)
     log_debug("export '%s': quiesced for %.3f ms", e->cfg.name, stall / 1e6);
     co_queue_wake_all(&e->resume_q);
     return stall;
+}
+
+void export_watch_begin(struct export *e)
+{
+    if (e->watching++ == 0) {
+        e->watch_start_ns = loop_now_ns();
+        e->last_request_stall_ns = 0;
+    }
+}
+
+uint64_t export_watch_end(struct export *e)
+{
+    assert(e->watching > 0);
+    if (--e->watching == 0)
+        e->watch_end_ns = loop_now_ns();
+    return e->last_request_stall_ns;
 }
 
 void export_set_root(struct export *e, struct fmt_node *root)

@@ -149,9 +149,16 @@ int qcow2_defer_free_locked_co(struct qcow2 *s, struct coro *co,
     s->frees[s->n_frees].off = off;
     s->frees[s->n_frees].len = len;
     s->n_frees++;
-    if (s->n_frees >= QCOW2_MAX_PENDING_FREES)
-        return qcow2_metadata_flush_locked_co(s, co);
     return 0;
+}
+
+/* Bounds the pending frees: once too many are queued, the request that
+ * finds them flushes (without the lock) to release them. */
+static int flush_if_frees_full_co(struct qcow2 *s, struct coro *co)
+{
+    if (s->n_frees < QCOW2_MAX_PENDING_FREES)
+        return 0;
+    return qcow2_flush_co(&s->node, co);
 }
 
 /* ====================== copy-on-write source ====================== */
@@ -595,6 +602,8 @@ int qcow2_pwritev_co(struct fmt_node *n, struct coro *co,
         uint64_t done = 0;
         int r = write_step_co(s, co, iov, iovcnt, pos, off + pos, total - pos,
                               flags, &meta_changed, &done);
+        if (r == 0)
+            r = flush_if_frees_full_co(s, co);
         if (r < 0)
             return r;
         pos += done;
@@ -767,6 +776,8 @@ static int zero_or_discard_co(struct qcow2 *s, struct coro *co, uint64_t off,
                 return r;
             r = write_zeros_co(s, co, c0, n * cs, flags);
         }
+        if (r == 0)
+            r = flush_if_frees_full_co(s, co);
         if (r < 0)
             return r;
         off = c0 + n * cs;

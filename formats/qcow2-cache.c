@@ -1,11 +1,19 @@
 /* strata — qcow2 metadata cache: a bounded LRU of L2 tables or refcount
  * blocks, each entry one cluster in its on-disk format.
  *
- * Every call runs with the image lock held, so an entry is never loaded or
- * written back by two coroutines at once.  Pinned entries are never
- * evicted; a dirty entry is written back before its slot is reused, and
- * before any entry is written the cache it depends on is written back and
- * synced (L2 tables depend on refcount blocks: see qcow2.h).
+ * Every call runs with the image lock held, except the write-back of a
+ * flush (qcow2_cache_wb_write_co), which writes copies taken under the
+ * lock.  Pinned entries are never evicted; a dirty entry is written back
+ * before its slot is reused, and before any entry is written the cache it
+ * depends on is durable (L2 tables depend on refcount blocks: see
+ * qcow2.h).  That needs no sync of the file: a cache marked write-through
+ * (refcount blocks) writes each entry with FUA, so what it wrote is on
+ * disk when the write completes.
+ *
+ * An entry under write-back (wb) has a copy of it on its way to disk: it
+ * may be read and changed (the copy is what gets written), but it is not
+ * evicted, and no other write of it starts, until that write is done — so
+ * writes of one table never overtake each other.
  */
 #include <assert.h>
 #include <errno.h>
@@ -125,28 +133,32 @@ static struct qcow2_cache_entry *find(struct qcow2_cache *c, uint64_t off)
     return NULL;
 }
 
-/* Makes everything this cache depends on durable. */
+/* Waits (lock held) until the write-back of e is done.  That write needs
+ * no lock to finish. */
+static void wait_wb_co(struct qcow2_cache *c, struct coro *co,
+                       struct qcow2_cache_entry *e)
+{
+    while (e->wb)
+        co_queue_wait_co(&c->wb_waiters, co);
+}
+
+/* Makes everything this cache depends on durable: the dependency's dirty
+ * entries written (with FUA) and its write-backs finished. */
 static int flush_dependency_co(struct qcow2_cache *c, struct coro *co)
 {
     struct qcow2_cache *d = c->depends;
     if (!d)
         return 0;
-    int r = qcow2_cache_flush_co(d, co);
-    if (r < 0)
-        return r;
-    if (d->write_gen != d->synced_gen) {
-        uint64_t gen = d->write_gen;
-        r = backend_flush_co(c->s->node.file, co);
-        if (r < 0)
-            return r;
-        d->synced_gen = gen;
-    }
-    return 0;
+    assert(d->write_through);
+    for (unsigned i = 0; i < d->n; i++)
+        wait_wb_co(d, co, &d->e[i]);
+    return qcow2_cache_flush_co(d, co);
 }
 
 static int write_entry_co(struct qcow2_cache *c, struct coro *co,
-                          struct qcow2_cache_entry *e)
+                          struct qcow2_cache_entry *e, bool fua)
 {
+    wait_wb_co(c, co, e);
     if (!e->dirty)
         return 0;
     int r = flush_dependency_co(c, co);
@@ -155,14 +167,14 @@ static int write_entry_co(struct qcow2_cache *c, struct coro *co,
     /* The flush may have yielded only for I/O; the lock is still ours and
      * nobody else touched this entry. */
     r = backend_pwrite_co(c->s->node.file, co, e->table, qcow2_cs(c->s),
-                          e->offset, 0);
+                          e->offset,
+                          (fua || c->write_through) ? BACKEND_FUA : 0);
     if (r < 0) {
         log_error("%s: writing %s at %#llx: %s", c->s->node.filename,
                   c->what, (unsigned long long)e->offset, strerror(-r));
         return r;
     }
     e->dirty = false;
-    c->write_gen++;
     return 0;
 }
 
@@ -171,7 +183,7 @@ int qcow2_cache_flush_co(struct qcow2_cache *c, struct coro *co)
     assert(co_mutex_held(&c->s->lock, co));
     int ret = 0;
     for (unsigned i = 0; i < c->n; i++) {
-        int r = write_entry_co(c, co, &c->e[i]);
+        int r = write_entry_co(c, co, &c->e[i], false);
         if (r < 0 && ret == 0)
             ret = r;
     }
@@ -182,7 +194,104 @@ int qcow2_cache_write_now_co(struct qcow2_cache *c, struct coro *co,
                              struct qcow2_cache_entry *e)
 {
     assert(co_mutex_held(&c->s->lock, co));
-    return write_entry_co(c, co, e);
+    return write_entry_co(c, co, e, true);
+}
+
+int qcow2_cache_wb_begin_locked(struct qcow2_cache *c, struct coro *co,
+                                struct qcow2_cache_wb *wb)
+{
+    assert(co_mutex_held(&c->s->lock, co));
+    assert(c->n_wb == 0);
+    const uint64_t cs = qcow2_cs(c->s);
+    memset(wb, 0, sizeof(*wb));
+    unsigned n = 0;
+    for (unsigned i = 0; i < c->n; i++)
+        if (c->e[i].dirty)
+            n++;
+    if (n == 0)
+        return 0;
+    wb->items = calloc(n, sizeof(*wb->items));
+    if (!wb->items)
+        return -ENOMEM;
+    for (unsigned i = 0; i < c->n && wb->n < n; i++) {
+        struct qcow2_cache_entry *e = &c->e[i];
+        if (!e->dirty)
+            continue;
+        uint8_t *copy = qcow2_buf_alloc(c->s, cs);
+        if (!copy) {
+            qcow2_cache_wb_abort(c, wb);
+            return -ENOMEM;
+        }
+        memcpy(copy, e->table, cs);
+        wb->items[wb->n].e = e;
+        wb->items[wb->n].copy = copy;
+        wb->items[wb->n].offset = e->offset;
+        wb->n++;
+        e->dirty = false;
+        e->wb = true;
+        c->n_wb++;
+    }
+    return 0;
+}
+
+/* Ends the write-back of item i: the entry is dirty again if its copy did
+ * not reach the disk.  Needs no lock (no yield). */
+static void wb_end(struct qcow2_cache *c, struct qcow2_cache_wb *wb,
+                   unsigned i, bool written)
+{
+    struct qcow2_cache_entry *e = wb->items[i].e;
+    assert(e->wb && c->n_wb > 0);
+    if (!written && e->offset == wb->items[i].offset)
+        e->dirty = true; /* (not if the entry was dropped meanwhile) */
+    e->wb = false;
+    c->n_wb--;
+    free(wb->items[i].copy);
+    wb->items[i].copy = NULL;
+    co_queue_wake_all(&c->wb_waiters);
+}
+
+void qcow2_cache_wb_abort(struct qcow2_cache *c, struct qcow2_cache_wb *wb)
+{
+    for (unsigned i = 0; i < wb->n; i++)
+        if (wb->items[i].copy)
+            wb_end(c, wb, i, false);
+    free(wb->items);
+    memset(wb, 0, sizeof(*wb));
+}
+
+int qcow2_cache_wb_write_co(struct qcow2_cache *c, struct coro *co,
+                            struct qcow2_cache_wb *wb)
+{
+    int ret = 0;
+    for (unsigned i = 0; i < wb->n; i++) {
+        int r = ret;
+        if (r == 0) {
+            r = backend_pwrite_co(c->s->node.file, co, wb->items[i].copy,
+                                  qcow2_cs(c->s), wb->items[i].offset,
+                                  c->write_through ? BACKEND_FUA : 0);
+            if (r < 0) {
+                log_error("%s: writing %s at %#llx: %s", c->s->node.filename,
+                          c->what, (unsigned long long)wb->items[i].offset,
+                          strerror(-r));
+                ret = r;
+            }
+        }
+        wb_end(c, wb, i, r == 0);
+    }
+    free(wb->items);
+    memset(wb, 0, sizeof(*wb));
+    return ret;
+}
+
+int qcow2_cache_wait_wb_locked_co(struct qcow2_cache *c, struct coro *co)
+{
+    assert(co_mutex_held(&c->s->lock, co));
+    if (c->n_wb == 0)
+        return 0;
+    co_mutex_unlock(&c->s->lock, co);
+    co_queue_wait_co(&c->wb_waiters, co);
+    co_mutex_lock_co(&c->s->lock, co);
+    return 1;
 }
 
 int qcow2_cache_get_co(struct qcow2_cache *c, struct coro *co, uint64_t off,
@@ -204,16 +313,23 @@ int qcow2_cache_get_co(struct qcow2_cache *c, struct coro *co, uint64_t off,
     }
     c->misses++;
 
-    /* The least recently used unpinned entry. */
-    for (e = c->lru_tail; e && e->pins; e = e->lru_prev)
-        ;
+    /* The least recently used entry neither pinned nor under write-back;
+     * if only write-backs are in the way, they end soon. */
+    for (;;) {
+        for (e = c->lru_tail; e && (e->pins || e->wb); e = e->lru_prev)
+            ;
+        if (e || c->n_wb == 0)
+            break;
+        co_queue_wait_co(&c->wb_waiters, co); /* lock held: nothing
+                                                  else changes here */
+    }
     if (!e) {
         log_error("%s: every %s cache entry is in use (cache too small)",
                   s->node.filename, c->what);
         return -ENOMEM;
     }
     e->pins++; /* nobody takes it while we write it back or read */
-    int r = write_entry_co(c, co, e);
+    int r = write_entry_co(c, co, e, false);
     if (r < 0) {
         e->pins--;
         return r;

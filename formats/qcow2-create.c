@@ -162,13 +162,22 @@ int qcow2_set_backing_co(struct fmt_node *n, struct coro *co,
         free(nh);
         return error_setf(errp, ENOMEM, "out of memory");
     }
+    /* Metadata first: nothing written before this may refer to it.
+     * Synced before taking the lock, so that guest writes go on. */
+    int r = backend_flush_co(n->file, co);
+    if (r < 0) {
+        free(ext);
+        free(nh);
+        return error_setf(errp, -r, "%s: flush: %s", n->filename,
+                          strerror(-r));
+    }
     /* The header is built from s->hdr / s->h under s->lock: a write
      * that grows the refcount table rewrites them (under the lock) while
      * guest I/O goes on, and a copy taken before waiting for the lock
      * would put the old refcount table offset back on disk. */
     co_mutex_lock_co(&s->lock, co);
     char err[256];
-    int r = qcow2_header_parse_extensions(s->hdr, cs, &s->h, ext, err,
+    r = qcow2_header_parse_extensions(s->hdr, cs, &s->h, ext, err,
                                           sizeof(err));
     if (r == 0 && ext->n_unknown > QCOW2_MAX_UNKNOWN_EXT)
         r = -ENOTSUP;
@@ -228,12 +237,9 @@ int qcow2_set_backing_co(struct fmt_node *n, struct coro *co,
     qcow2_header_serialize(&h, nh, cs);
     free(ext);
 
-    /* Metadata first: nothing written before this may refer to it. */
-    r = backend_flush_co(n->file, co);
-    if (r == 0)
-        r = backend_pwrite_co(n->file, co, nh, cs, 0, 0);
-    if (r == 0)
-        r = backend_flush_co(n->file, co);
+    /* Durable on return (FUA), without a sync of the whole file under
+     * the lock. */
+    r = backend_pwrite_co(n->file, co, nh, cs, 0, BACKEND_FUA);
     if (r == 0) {
         memcpy(s->hdr, nh, cs);
         s->h = h;

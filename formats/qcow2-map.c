@@ -3,8 +3,8 @@
  * Everything here runs with the image lock held.  L2 tables come from the
  * metadata cache; the active L1 table lives in memory and is written
  * through.  A new L2 table (or the private copy of a table shared with an
- * internal snapshot) is written and synced before the L1 entry that
- * points at it.
+ * internal snapshot) is written with FUA (durable) before the L1 entry
+ * that points at it.
  */
 #include <assert.h>
 #include <errno.h>
@@ -154,7 +154,7 @@ int qcow2_map_get_co(struct qcow2 *s, struct coro *co, uint64_t off,
 static int l1_write_co(struct qcow2 *s, struct coro *co, uint64_t l1i)
 {
     int r = qcow2_write_meta_co(s, co, s->l1, s->h.l1_table_offset,
-                                s->l1_bytes, l1i * 8, 8);
+                                s->l1_bytes, l1i * 8, 8, 0);
     if (r < 0)
         log_error("%s: writing L1 entry %llu: %s", s->node.filename,
                   (unsigned long long)l1i, strerror(-r));
@@ -193,9 +193,7 @@ int qcow2_l2_for_write_co(struct qcow2 *s, struct coro *co, uint64_t off,
         qcow2_cache_put(&s->l2_cache, oe);
     }
     qcow2_cache_mark_dirty(&s->l2_cache, ne);
-    r = qcow2_cache_write_now_co(&s->l2_cache, co, ne);
-    if (r == 0)
-        r = backend_flush_co(s->node.file, co);
+    r = qcow2_cache_write_now_co(&s->l2_cache, co, ne); /* durable */
     if (r < 0)
         goto drop;
 

@@ -1,7 +1,10 @@
 /* strata — qcow2 refcounts: lookups and updates through the refcount block
  * cache, cluster allocation, and growth of the refcount structures.
  *
- * Everything here runs with the image lock held.
+ * Everything here runs with the image lock held.  Refcount blocks are
+ * written through (FUA), and so are the refcount table and the header
+ * when they change: durable when the write completes, without a sync of
+ * the whole file.
  *
  * A missing refcount block for a range of clusters means they are all
  * free.  When one of them is needed, a new block is placed at the first
@@ -75,18 +78,15 @@ int qcow2_refcount_get_co(struct qcow2 *s, struct coro *co, uint64_t cluster,
 }
 
 /* Writes the bytes of the in-memory refcount table for entries
- * [first, first + n). */
+ * [first, first + n), durable on return (whatever L2 entry comes next
+ * must find them on disk first). */
 static int reftable_write_co(struct qcow2 *s, struct coro *co, uint64_t first,
                              uint64_t n)
 {
-    int r = qcow2_write_meta_co(s, co, s->reftable,
-                                s->h.refcount_table_offset,
-                                (uint64_t)s->h.refcount_table_clusters *
-                                    qcow2_cs(s),
-                                first * 8, n * 8);
-    /* Whatever L2 entry comes next must find this on disk first. */
-    s->rb_cache.write_gen++;
-    return r;
+    return qcow2_write_meta_co(s, co, s->reftable, s->h.refcount_table_offset,
+                               (uint64_t)s->h.refcount_table_clusters *
+                                   qcow2_cs(s),
+                               first * 8, n * 8, BACKEND_FUA);
 }
 
 /* Replaces the refcount table by one with at least min_entries entries
@@ -150,13 +150,13 @@ static int grow_reftable_co(struct qcow2 *s, struct coro *co,
         qcow2_refcount_set(bl + j * cs, s->h.refcount_order, x % per, 1);
     }
 
+    /* Durable (FUA) before the header points at them: no sync of the
+     * whole file under the lock. */
     int r = backend_pwrite_co(s->node.file, co, bl, blocks * cs,
-                              (area + tclusters) * cs, 0);
+                              (area + tclusters) * cs, BACKEND_FUA);
     if (r == 0)
         r = backend_pwrite_co(s->node.file, co, table, tclusters * cs,
-                              area * cs, 0);
-    if (r == 0)
-        r = backend_flush_co(s->node.file, co);
+                              area * cs, BACKEND_FUA);
     free(bl);
     if (r < 0) {
         free(table);
@@ -170,9 +170,7 @@ static int grow_reftable_co(struct qcow2 *s, struct coro *co,
     s->h.refcount_table_clusters = (uint32_t)tclusters;
     qcow2_header_serialize(&s->h, s->hdr, cs);
     r = qcow2_write_meta_co(s, co, s->hdr, 0, cs, 0,
-                            qcow2_header_serialized_size(&s->h));
-    if (r == 0)
-        r = backend_flush_co(s->node.file, co);
+                            qcow2_header_serialized_size(&s->h), BACKEND_FUA);
     if (r < 0) {
         /* Unknown whether the header reached the disk: keep using the new
          * table in memory (it is valid either way) but stop writing. */
@@ -185,7 +183,6 @@ static int grow_reftable_co(struct qcow2 *s, struct coro *co,
     free(s->reftable);
     s->reftable = table;
     s->reftable_entries = entries;
-    s->rb_cache.synced_gen = s->rb_cache.write_gen;
     log_debug("%s: refcount table grown to %llu entries at %#llx",
               s->node.filename, (unsigned long long)entries,
               (unsigned long long)(area * cs));
@@ -216,10 +213,8 @@ static int ensure_block_co(struct qcow2 *s, struct coro *co, uint64_t idx)
         return r;
     qcow2_refcount_set(e->table, s->h.refcount_order, 0, 1);
     qcow2_cache_mark_dirty(&s->rb_cache, e);
-    r = qcow2_cache_write_now_co(&s->rb_cache, co, e);
+    r = qcow2_cache_write_now_co(&s->rb_cache, co, e); /* durable */
     qcow2_cache_put(&s->rb_cache, e);
-    if (r == 0)
-        r = backend_flush_co(s->node.file, co);
     if (r < 0)
         return r;
     be_put64(s->reftable + idx * 8, x0 * cs);
@@ -653,9 +648,7 @@ int qcow2_rebuild_refcounts_co(struct qcow2 *s, struct coro *co,
         qcow2_cache_put(&s->rb_cache, e);
     }
     if (r == 0) {
-        r = qcow2_cache_flush_co(&s->rb_cache, co);
-        if (r == 0)
-            r = backend_flush_co(s->node.file, co);
+        r = qcow2_cache_flush_co(&s->rb_cache, co); /* written through */
         if (r < 0)
             error_setf(errp, -r, "%s: writing refcounts: %s",
                        s->node.filename, strerror(-r));

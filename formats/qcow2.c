@@ -44,7 +44,7 @@ void *qcow2_buf_alloc(const struct qcow2 *s, size_t len)
 
 int qcow2_write_meta_co(struct qcow2 *s, struct coro *co, const uint8_t *buf,
                         uint64_t base, uint64_t buflen, uint64_t off,
-                        uint64_t len)
+                        uint64_t len, unsigned flags)
 {
     uint64_t a = s->io_align;
     uint64_t start = off & ~(a - 1);
@@ -52,7 +52,7 @@ int qcow2_write_meta_co(struct qcow2 *s, struct coro *co, const uint8_t *buf,
     if (end > buflen)
         end = buflen;
     return backend_pwrite_co(s->node.file, co, buf + start, end - start,
-                             base + start, 0);
+                             base + start, flags);
 }
 
 void qcow2_busy_add(struct qcow2 *s, struct qcow2_busy *b, uint64_t hstart,
@@ -220,38 +220,115 @@ static int qcow2_preadv_co(struct fmt_node *n, struct coro *co,
 
 /* ====================== flush ====================== */
 
-int qcow2_metadata_flush_locked_co(struct qcow2 *s, struct coro *co)
+/* A flush makes everything acknowledged before it durable, and nobody
+ * waits for its sync of the file but itself:
+ *
+ *  1. under the lock, without I/O: wait until no earlier flush is still
+ *     writing tables back (our sync must cover those writes), then take
+ *     copies of every dirty refcount block and L2 table, and the list of
+ *     pending frees;
+ *  2. without the lock: write the refcount blocks (with FUA: durable when
+ *     done), then the L2 tables, then sync the file, which also covers
+ *     the guest data acknowledged before the flush;
+ *  3. under the lock: release the pending frees (the L2 tables that
+ *     dropped them are on disk now), and write the refcount blocks that
+ *     changed, without the lock again.
+ *
+ * The crash order holds: every L2 entry in a copy points at clusters whose
+ * refcount was raised before the copy was taken, so that refcount is in
+ * the refcount copies written first, or was written through already, or
+ * is in a write-back that step 1 waited for.  Requests that run
+ * meanwhile change the cached tables, not the copies; a table changed
+ * again is dirty again and goes out with the next flush, after this one's
+ * write of it (an entry under write-back is neither evicted nor written
+ * by anyone else until that write ends). */
+
+/* Puts frees back on the pending list (a flush that failed). */
+static void requeue_frees_locked(struct qcow2 *s,
+                                 const struct qcow2_pending_free *f, size_t n)
 {
-    assert(co_mutex_held(&s->lock, co));
-    int r = qcow2_cache_flush_co(&s->l2_cache, co);
-    if (r < 0)
-        return r;
-    if (s->n_frees) {
-        r = backend_flush_co(s->node.file, co);
-        if (r < 0)
-            return r;
-        /* The L2 tables no longer point at these clusters, on disk. */
-        size_t n = s->n_frees;
-        s->n_frees = 0;
-        for (size_t i = 0; i < n; i++) {
-            r = qcow2_refcount_update_co(s, co, s->frees[i].off,
-                                         s->frees[i].len, -1);
-            if (r < 0)
-                return r;
-        }
+    assert(co_mutex_locked(&s->lock));
+    if (s->n_frees + n > s->cap_frees) {
+        size_t cap = s->n_frees + n;
+        struct qcow2_pending_free *nf = realloc(s->frees, cap * sizeof(*nf));
+        if (!nf)
+            return; /* the clusters leak: harmless */
+        s->frees = nf;
+        s->cap_frees = cap;
     }
-    return qcow2_cache_flush_co(&s->rb_cache, co);
+    memcpy(s->frees + s->n_frees, f, n * sizeof(*f));
+    s->n_frees += n;
 }
 
 int qcow2_flush_co(struct fmt_node *n, struct coro *co)
 {
     struct qcow2 *s = qcow2_of(n);
+    struct qcow2_cache_wb rb = {0}, l2 = {0};
+    struct qcow2_pending_free *frees = NULL;
+    size_t n_frees = 0;
+
+    /* A writable backing node right below holds data that reads through
+     * this one show (a snapshot's old top until it is made read-only, a
+     * commit's base): a FLUSH here covers it too. */
+    if (n->backing && !n->backing->read_only) {
+        int r = fmt_flush_co(n->backing, co);
+        if (r < 0)
+            return r;
+    }
+
     co_mutex_lock_co(&s->lock, co);
-    int r = qcow2_metadata_flush_locked_co(s, co);
+    while (qcow2_cache_wait_wb_locked_co(&s->rb_cache, co) ||
+           qcow2_cache_wait_wb_locked_co(&s->l2_cache, co))
+        ;
+    int r = qcow2_cache_wb_begin_locked(&s->rb_cache, co, &rb);
+    if (r == 0) {
+        r = qcow2_cache_wb_begin_locked(&s->l2_cache, co, &l2);
+        if (r < 0)
+            qcow2_cache_wb_abort(&s->rb_cache, &rb);
+    }
+    if (r == 0) {
+        frees = s->frees;
+        n_frees = s->n_frees;
+        s->frees = NULL;
+        s->n_frees = s->cap_frees = 0;
+    }
     co_mutex_unlock(&s->lock, co);
     if (r < 0)
         return r;
-    return backend_flush_co(s->node.file, co);
+
+    r = qcow2_cache_wb_write_co(&s->rb_cache, co, &rb);
+    if (r == 0)
+        r = qcow2_cache_wb_write_co(&s->l2_cache, co, &l2);
+    else
+        qcow2_cache_wb_abort(&s->l2_cache, &l2);
+    if (r == 0)
+        r = backend_flush_co(s->node.file, co);
+
+    if (n_frees) {
+        co_mutex_lock_co(&s->lock, co);
+        if (r < 0) {
+            requeue_frees_locked(s, frees, n_frees);
+        } else {
+            for (size_t i = 0; i < n_frees; i++) {
+                r = qcow2_refcount_update_co(s, co, frees[i].off,
+                                             frees[i].len, -1);
+                if (r < 0)
+                    break; /* the rest leaks */
+            }
+        }
+        /* The lowered refcounts go out now (with FUA), not with the next
+         * flush: a node closed after this flush would leak them. */
+        if (r == 0) {
+            while (qcow2_cache_wait_wb_locked_co(&s->rb_cache, co))
+                ;
+            r = qcow2_cache_wb_begin_locked(&s->rb_cache, co, &rb);
+        }
+        co_mutex_unlock(&s->lock, co);
+        if (r == 0)
+            r = qcow2_cache_wb_write_co(&s->rb_cache, co, &rb);
+    }
+    free(frees);
+    return r;
 }
 
 /* ====================== block status ====================== */
@@ -432,7 +509,7 @@ static int prepare_write_co(struct qcow2 *s, struct coro *co,
     if (hdr_changed) {
         qcow2_header_serialize(&s->h, s->hdr, cs);
         r = qcow2_write_meta_co(s, co, s->hdr, 0, cs, 0,
-                                qcow2_header_serialized_size(&s->h));
+                                qcow2_header_serialized_size(&s->h), 0);
         if (r == 0)
             r = backend_flush_co(file, co);
         if (r < 0)
@@ -488,8 +565,9 @@ static int qcow2_reopen_co(struct fmt_node *n, struct coro *co, bool read_only,
 
 /* Grows the virtual size (block-commit into a smaller base): the L1 table
  * is extended in place when its clusters have room (the new entries
- * zeroed on disk first), else moved to new clusters; then the header,
- * synced. */
+ * zeroed on disk first), else moved to new clusters; then the header.
+ * Every step is durable before the next (FUA writes; refcount blocks are
+ * written through), so no sync of the whole file runs under the lock. */
 static int qcow2_grow_co(struct fmt_node *n, struct coro *co, uint64_t size,
                          struct error **errp)
 {
@@ -516,7 +594,7 @@ static int qcow2_grow_co(struct fmt_node *n, struct coro *co, uint64_t size,
             /* Room in the current clusters: zero the new entries on disk. */
             r = qcow2_write_meta_co(s, co, s->l1, s->h.l1_table_offset,
                                     s->l1_bytes, (uint64_t)s->h.l1_size * 8,
-                                    (new_l1 - s->h.l1_size) * 8);
+                                    (new_l1 - s->h.l1_size) * 8, BACKEND_FUA);
         } else {
             uint64_t host;
             nl1 = qcow2_buf_alloc(s, need);
@@ -524,7 +602,8 @@ static int qcow2_grow_co(struct fmt_node *n, struct coro *co, uint64_t size,
             if (r == 0) {
                 memset(nl1, 0, need);
                 memcpy(nl1, s->l1, (uint64_t)s->h.l1_size * 8);
-                r = backend_pwrite_co(n->file, co, nl1, need, host, 0);
+                r = backend_pwrite_co(n->file, co, nl1, need, host,
+                                      BACKEND_FUA);
                 if (r < 0)
                     qcow2_refcount_update_co(s, co, host, need, -1);
                 old_off = s->h.l1_table_offset;
@@ -532,12 +611,8 @@ static int qcow2_grow_co(struct fmt_node *n, struct coro *co, uint64_t size,
                 h.l1_table_offset = host;
             }
         }
-        if (r == 0) {
-            /* New refcounts and the table durable before the header. */
-            r = qcow2_metadata_flush_locked_co(s, co);
-            if (r == 0)
-                r = backend_flush_co(n->file, co);
-        }
+        if (r == 0) /* new refcounts durable before the header */
+            r = qcow2_cache_flush_co(&s->rb_cache, co);
         h.l1_size = (uint32_t)new_l1;
     }
     if (r == 0) {
@@ -549,9 +624,8 @@ static int qcow2_grow_co(struct fmt_node *n, struct coro *co, uint64_t size,
             memcpy(hdr, s->hdr, cs);
             qcow2_header_serialize(&h, hdr, cs);
             r = qcow2_write_meta_co(s, co, hdr, 0, cs, 0,
-                                    qcow2_header_serialized_size(&h));
-            if (r == 0)
-                r = backend_flush_co(n->file, co);
+                                    qcow2_header_serialized_size(&h),
+                                    BACKEND_FUA);
             if (r == 0)
                 memcpy(s->hdr, hdr, cs);
             free(hdr);
@@ -719,6 +793,7 @@ struct fmt_node *qcow2_open_co(struct loop *loop, struct coro *co,
         qcow2_cache_init(&s->rb_cache, s, "refcount block", (unsigned)rbn) < 0)
         goto nomem;
     s->l2_cache.depends = &s->rb_cache;
+    s->rb_cache.write_through = true;
 
     n->size = s->h.size;
     n->align = s->io_align;

@@ -24,11 +24,17 @@
  * section heading below, and assert it.
  *
  * Durability order (crash safety):
- *   refcount block (+fsync)  before  the L2 entry that points at the cluster
- *   new L2 table (+fsync)    before  the L1 entry that points at it
- *   new refcount block/table (+fsync) before the table/header pointing at it
+ *   refcount block (durable)  before  the L2 entry that points at the cluster
+ *   new L2 table (durable)    before  the L1 entry that points at it
+ *   new refcount block/table (durable) before the table/header pointing at it
  * enforced by the cache dependency (L2 cache -> refcount cache) and by
  * write-through of the L1 table, the refcount table and the header.
+ * "Durable" is a write with FUA (RWF_DSYNC on a file): refcount blocks,
+ * the refcount table, new L2 tables and header switches are written that
+ * way, so that no step needs a sync of the whole file — which, with much
+ * guest data in the page cache, takes long — while it holds the lock.
+ * The lock is never held across a backend flush; see qcow2_flush_co for
+ * how a flush keeps the order without it.
  */
 #ifndef STRATA_QCOW2_H
 #define STRATA_QCOW2_H
@@ -48,7 +54,8 @@ struct qcow2_cache_entry {
     uint64_t offset;              /* host offset of the table; 0 = unused */
     uint8_t *table;               /* cluster_size bytes, on-disk format */
     unsigned pins;
-    bool dirty;
+    bool dirty;                   /* differs from what is (being) written */
+    bool wb;                      /* a copy is being written by a flush */
     int hash_next;                /* chain in the hash buckets, -1 = end */
     struct qcow2_cache_entry *lru_prev, *lru_next;
 };
@@ -61,10 +68,23 @@ struct qcow2_cache {
     int *buckets;                 /* hash of offset -> entry index */
     unsigned nbuckets;            /* power of two */
     struct qcow2_cache_entry *lru_head, *lru_tail; /* head = most recent */
-    struct qcow2_cache *depends;  /* flushed (+fsync) before any write here */
-    uint64_t write_gen;           /* bumped for each table written */
-    uint64_t synced_gen;          /* write_gen covered by the last fsync */
+    struct qcow2_cache *depends;  /* durable before any write here */
+    bool write_through;           /* every write with FUA (durable when
+                                     done): refcount blocks */
+    unsigned n_wb;                /* entries under write-back */
+    struct co_queue wb_waiters;   /* wait for a write-back to end */
     uint64_t hits, misses;
+};
+
+/* The write-back of a flush: copies of the dirty entries taken under the
+ * lock, written without it. */
+struct qcow2_cache_wb {
+    struct {
+        struct qcow2_cache_entry *e;
+        uint8_t *copy;
+        uint64_t offset;
+    } *items;
+    unsigned n;
 };
 
 int qcow2_cache_init(struct qcow2_cache *c, struct qcow2 *s, const char *what,
@@ -78,9 +98,25 @@ void qcow2_cache_put(struct qcow2_cache *c, struct qcow2_cache_entry *e);
 void qcow2_cache_mark_dirty(struct qcow2_cache *c, struct qcow2_cache_entry *e);
 /* Writes back every dirty table (after the dependency). */
 int qcow2_cache_flush_co(struct qcow2_cache *c, struct coro *co);
-/* Writes back one pinned table now (after the dependency). */
+/* Writes back one pinned table now (after the dependency), with FUA:
+ * durable on return. */
 int qcow2_cache_write_now_co(struct qcow2_cache *c, struct coro *co,
                              struct qcow2_cache_entry *e);
+/* Starts the write-back of every dirty entry: copies them into wb and
+ * marks them clean and under write-back.  No write-back may be running
+ * (qcow2_cache_wait_wb_locked_co).  Does not yield. */
+int qcow2_cache_wb_begin_locked(struct qcow2_cache *c, struct coro *co,
+                                struct qcow2_cache_wb *wb);
+/* Writes the copies (FUA for a write-through cache) and ends the
+ * write-back: an entry whose write failed is dirty again.  Without the
+ * lock.  Frees what wb holds. */
+int qcow2_cache_wb_write_co(struct qcow2_cache *c, struct coro *co,
+                            struct qcow2_cache_wb *wb);
+/* Ends a write-back that will not be written (the entries stay dirty). */
+void qcow2_cache_wb_abort(struct qcow2_cache *c, struct qcow2_cache_wb *wb);
+/* If a write-back is running, waits (dropping the lock) for one to end and
+ * returns 1 (the caller looks again); 0 if none is running. */
+int qcow2_cache_wait_wb_locked_co(struct qcow2_cache *c, struct coro *co);
 bool qcow2_cache_has_dirty(const struct qcow2_cache *c);
 /* Forgets a pinned table (pinned once) without writing it: the cluster is
  * being freed after a failed allocation. */
@@ -184,10 +220,10 @@ void *qcow2_buf_alloc(const struct qcow2 *s, size_t len);
 
 /* Writes bytes [off, off+len) of an in-memory copy of host range
  * [base, base + buflen) (the header, L1 or refcount table), rounded out to
- * the backend's alignment. */
+ * the backend's alignment.  flags: 0 or BACKEND_FUA. */
 int qcow2_write_meta_co(struct qcow2 *s, struct coro *co, const uint8_t *buf,
                         uint64_t base, uint64_t buflen, uint64_t off,
-                        uint64_t len);
+                        uint64_t len, unsigned flags);
 
 /* ---------------- busy host ranges ---------------- */
 
@@ -258,10 +294,8 @@ int qcow2_load_compressed_co(struct qcow2 *s, struct coro *co,
 
 /* ---------------- flush (qcow2.c) ---------------- */
 
-/* Writes every dirty table back in the safe order and releases the
- * pending frees.  The caller syncs the file afterwards. */
-int qcow2_metadata_flush_locked_co(struct qcow2 *s, struct coro *co);
-/* The ops-table flush: everything acknowledged before it is on disk. */
+/* The ops-table flush: everything acknowledged before it is on disk.
+ * Takes the lock only to start and to end, never across I/O. */
 int qcow2_flush_co(struct fmt_node *n, struct coro *co);
 
 /* ---------------- writes (qcow2-alloc.c), without the lock ---------------- */
@@ -274,7 +308,8 @@ int qcow2_zero_co(struct fmt_node *n, struct coro *co, uint64_t off,
 int qcow2_discard_co(struct fmt_node *n, struct coro *co, uint64_t off,
                      uint64_t len, unsigned flags);
 /* Queues the host cluster(s) of an L2 entry that was just replaced, to be
- * freed once the L2 table is on disk. */
+ * freed once the L2 table is on disk (by a flush, which the write path
+ * runs when QCOW2_MAX_PENDING_FREES are queued). */
 int qcow2_defer_free_locked_co(struct qcow2 *s, struct coro *co,
                                const struct qcow2_l2_entry *e);
 

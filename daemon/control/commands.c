@@ -273,6 +273,10 @@ static struct json_object *cmd_query_block_exports(struct ctl_cmd_ctx *cx,
         json_object_object_add(o, "quiesce-count", json_object_new_int64((int64_t)e->n_quiesces));
         json_object_object_add(o, "last-quiesce-stall-ns", json_object_new_int64((int64_t)e->last_stall_ns));
         json_object_object_add(o, "max-quiesce-stall-ns", json_object_new_int64((int64_t)e->max_stall_ns));
+        /* the longest a request took during the last / any snapshot or
+         * pivot: the stall as the guest sees it */
+        json_object_object_add(o, "last-request-stall-ns", json_object_new_int64((int64_t)e->last_request_stall_ns));
+        json_object_object_add(o, "max-request-stall-ns", json_object_new_int64((int64_t)e->max_request_stall_ns));
         json_object_array_add(r, o);
     }
     return r;
@@ -705,6 +709,7 @@ static struct json_object *cmd_blockdev_snapshot_sync(struct ctl_cmd_ctx *cx,
     /* QEMU returns {}; the measured stall is a strata extension */
     struct json_object *r = json_object_new_object();
     json_object_object_add(r, "stall-ns", json_object_new_int64((int64_t)res.stall_ns));
+    json_object_object_add(r, "request-stall-ns", json_object_new_int64((int64_t)res.request_stall_ns));
     json_object_object_add(r, "duration-ns", json_object_new_int64((int64_t)res.total_ns));
     return r;
 }

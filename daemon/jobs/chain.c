@@ -169,7 +169,7 @@ int snapshot_sync_co(struct server *srv, struct export *e,
     char *path = server_absolute_path(a->file);
     char *bname = NULL, *old_filename = NULL, *old_driver = NULL;
     struct fmt_node *n = NULL;
-    bool created = false;
+    bool created = false, watching = false;
     int r = 0;
     if (!path) {
         r = error_setf(errp, ENOMEM, "out of memory");
@@ -202,6 +202,8 @@ int snapshot_sync_co(struct server *srv, struct export *e,
     }
 
     b->chain_busy = true;
+    export_watch_begin(e);
+    watching = true;
     /* The bulk of the old top's dirty data goes out before the quiesce
      * (again while a flush still takes long, as under load); what guests
      * write meanwhile is flushed again inside it. */
@@ -215,6 +217,7 @@ int snapshot_sync_co(struct server *srv, struct export *e,
         if (loop_now_ns() - f0 < 2000000)
             break;
     }
+    uint64_t c0 = loop_now_ns();
     const struct fmt_driver *drv = a->format ? fmt_find_driver(a->format)
                                              : fmt_default_overlay_driver();
     if (!fmt_driver_can_backing(drv)) {
@@ -261,27 +264,50 @@ int snapshot_sync_co(struct server *srv, struct export *e,
         goto undo;
     }
 
-    /* The switch.  Inside the quiesce only the old top goes read-only
-     * (which flushes what was acknowledged on it since the flush above: a
-     * guest FLUSH from now on reaches the new top only) and the root
-     * moves. */
+    /* The switch: inside the quiesce only the root moves.  What was
+     * acknowledged on the old top since the flush above is flushed right
+     * after, while the guest goes on: until the old top is read-only, a
+     * guest FLUSH on the new top flushes it too (a qcow2 node flushes a
+     * writable backing node first), so no FLUSH is answered before what
+     * it covers is durable.  Then a second, short quiesce makes the old
+     * top read-only (its reopen may not run beside requests that read
+     * through it; its flush finds little left to sync). */
     uint64_t qs = loop_now_ns();
+    log_debug("node '%s': snapshot: old top flushed in %.3f ms, overlay "
+              "created and opened in %.3f ms", b->node_name, (c0 - t0) / 1e6,
+              (qs - c0) / 1e6);
     export_quiesce_co(e, co);
-    uint64_t q0 = loop_now_ns();
-    r = fmt_reopen_co(old, co, true, errp);
-    uint64_t q1 = loop_now_ns();
-    if (r == 0)
-        export_set_root(e, n);
+    export_set_root(e, n);
     res->stall_ns = export_resume(e);
-    if (r < 0)
-        goto undo;
     n = NULL; /* the chain owns it */
     created = false;
+    uint64_t f0 = loop_now_ns();
+    struct error *ferr = NULL;
+    r = fmt_flush_co(old, co);
+    uint64_t f1 = loop_now_ns();
+    if (r == 0) {
+        export_quiesce_co(e, co);
+        r = fmt_reopen_co(old, co, true, &ferr);
+        res->stall_ns += export_resume(e);
+    } else {
+        error_setf(&ferr, -r, "%s: flush: %s", old->filename, strerror(-r));
+    }
+    if (r < 0) {
+        /* The snapshot is made: the old top stays writable, and the guest
+         * hears of the failure from its next FLUSH (which flushes it). */
+        log_error("node '%s': snapshot: the old top stays writable: %s",
+                  b->node_name, ferr->msg);
+        error_free(ferr);
+        r = 0;
+    }
     res->total_ns = loop_now_ns() - t0;
+    res->request_stall_ns = export_watch_end(e);
+    watching = false;
     log_info("node '%s': snapshot: %s is the new top (backing %s), export "
-             "'%s' stalled %.3f ms (drain %.3f ms, old top flush %.3f ms)",
-             b->node_name, b->filename, bname, e->cfg.id, res->stall_ns / 1e6,
-             (q0 - qs) / 1e6, (q1 - q0) / 1e6);
+             "'%s' stalled %.3f ms (both quiesces), old top flushed in "
+             "%.3f ms meanwhile, longest request %.3f ms", b->node_name,
+             b->filename, bname, e->cfg.id, res->stall_ns / 1e6,
+             (f1 - f0) / 1e6, res->request_stall_ns / 1e6);
     goto out;
 
 undo:
@@ -311,6 +337,8 @@ out:
             error_free(rm);
         }
     }
+    if (watching)
+        export_watch_end(e);
     b->chain_busy = false;
     free(path);
     free(bname);

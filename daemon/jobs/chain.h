@@ -64,8 +64,11 @@ struct snapshot_args {
 };
 
 struct snapshot_result {
-    uint64_t stall_ns;         /* quiesce start .. resume */
+    uint64_t stall_ns;         /* quiesce start .. resume (both quiesces:
+                                  the switch, the old top read-only) */
     uint64_t total_ns;         /* the whole command */
+    uint64_t request_stall_ns; /* longest request in flight meanwhile (so
+                                  far: see export_watch_end) */
 };
 
 /* Creates a qcow2 overlay at a->file backed by e's current top and makes

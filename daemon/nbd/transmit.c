@@ -375,9 +375,9 @@ static void request_co(struct coro *co, void *opaque)
     uint64_t t0 = stats_request_start(st);
     /* Waits here while the export is quiesced (snapshot, pivot): the
      * request then runs on the chain top of that moment. */
-    export_enter_co(c->exp, co);
+    uint64_t entered = export_enter_co(c->exp, co);
     int ret = run_request_co(r, co);
-    export_leave(c->exp);
+    export_leave(c->exp, entered);
     enum stats_op sop = request_stats_op(&r->hdr);
     stats_request_done(st, sop, t0, ret, r->hdr.offset,
                        sop == STATS_OP_FLUSH || sop == STATS_OP_BLOCK_STATUS

@@ -1,0 +1,219 @@
+#!/bin/bash
+# strata benchmark: how long guest writes stall when a snapshot or a flush
+# happens while lots of written data sits in the page cache.
+#
+# A fresh qcow2 overlay over a 512 MiB raw base (random data) takes fio's
+# nbd engine: 4k random writes, iodepth 32, one connection, per-request
+# latency log (write_lat_log, no averaging).  At 2.5 s into the job, one
+# event:
+#   snapshot   blockdev-snapshot-sync of the overlay (QMP)
+#   flush      an NBD FLUSH on a second connection, no snapshot
+# Servers, one after another, a fresh overlay and process per run:
+#   stratad    format=qcow2, cache=writeback, --control socket
+#   qsd        qemu-storage-daemon: qcow2 over file (aio=io_uring), QMP
+#              monitor socket, NBD export on a unix socket
+# For each run: p99 latency of the writes completed before the event
+# (after the first 0.5 s), and the worst latency of those completed after
+# it; the table shows the median over the rounds.  The target for
+# stratad: worst-after within 10 ms of p99-before.
+#
+# Environment: STRATAD, BENCH_DIR, BENCH_RUNTIME (default 6 s; 4 with
+# BENCH_QUICK), BENCH_ROUNDS (default 3; 1 with BENCH_QUICK),
+# BENCH_QUICK=1 (64 MiB base, short: a smoke test), BENCH_SERVERS
+# (default "stratad qsd"), BENCH_EVENTS (default "snapshot flush").
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+default_rounds=3
+default_size_mib=512
+# shellcheck source=tests/bench/lib.sh
+. "$here/lib.sh"
+if [ "${BENCH_QUICK:-0}" = 1 ]; then
+    runtime=${BENCH_RUNTIME:-4}
+else
+    runtime=${BENCH_RUNTIME:-6}
+fi
+servers=${BENCH_SERVERS:-stratad qsd}
+events=${BENCH_EVENTS:-snapshot flush}
+event_at=2.5
+
+for tool in fio timeout dd qemu-img; do
+    command -v "$tool" >/dev/null || { echo "bench: $tool is not installed" >&2; exit 1; }
+done
+"$PY" -c 'import nbd' 2>/dev/null || { echo "bench: python3-libnbd is not installed" >&2; exit 1; }
+
+base=$BENCH_DIR/stall-base-${size_mib}M.raw
+if [ ! -f "$base" ] || [ "$(stat -c %s "$base")" != $((size_mib << 20)) ]; then
+    echo "creating $base ($size_mib MiB of random data, once)"
+    timeout 600 dd if=/dev/urandom of="$base.tmp" bs=1M count="$size_mib" \
+        iflag=fullblock status=none
+    mv "$base.tmp" "$base"
+fi
+
+bench_workdir
+: > "$work/stall.txt"               # server event p99_before_ms worst_after_ms
+
+start_server() {                # server sock ctl -> sets server_pid, uri
+    local s=$1 sock=$2 ctl=$3 log=$work/$1.log t=$work/top.qcow2
+    case $s in
+    stratad)
+        [ -x "$STRATAD" ] || { echo "bench: $STRATAD not found (build first)" >&2; return 1; }
+        cmd=("$STRATAD" --listen "unix:$sock" --pid-file "$work/$s.pid" --control "$ctl"
+             --verbose
+             --export "name=bench,file=$t,format=qcow2,cache=writeback,backing-root=$BENCH_DIR") ;;
+    qsd)
+        local f='"driver":"file","aio":"io_uring","filename"'
+        cmd=(qemu-storage-daemon
+             --blockdev "{\"driver\":\"qcow2\",\"node-name\":\"top\",\"file\":{$f:\"$t\"},\
+\"backing\":{\"driver\":\"raw\",\"file\":{$f:\"$base\"}}}"
+             --chardev "socket,id=mon,path=$ctl,server=on,wait=off"
+             --monitor "chardev=mon"
+             --nbd-server "addr.type=unix,addr.path=$sock,max-connections=4"
+             --export "type=nbd,id=e0,node-name=top,name=bench,writable=on") ;;
+    *)  echo "bench: unknown server $s" >&2; return 1 ;;
+    esac
+    uri="nbd+unix:///bench?socket=$sock"
+    echo "server: ${cmd[*]}"
+    "${cmd[@]}" >"$log" 2>&1 &
+    server_pid=$!
+    if ! wait_socket "$sock" "$server_pid" || ! wait_socket "$ctl" "$server_pid"; then
+        echo "bench: $s did not start:" >&2
+        cat "$log" >&2
+        return 1
+    fi
+}
+
+# Fires the event at $event_at s: a QMP snapshot (stratad names the export,
+# QEMU the node) or an NBD FLUSH.  Prints how long it took.
+fire_event() {                  # server event ctl
+    "$PY" - "$1" "$2" "$3" "$uri" "$work/snap.qcow2" "$event_at" <<'PYEOF'
+import json, socket, sys, time
+server, event, ctl, uri, snap, at = sys.argv[1:7]
+time.sleep(float(at))
+t0 = time.monotonic()
+if event == "flush":
+    import nbd
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    t0 = time.monotonic()
+    h.flush()
+    t1 = time.monotonic()
+    h.shutdown()
+else:
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(90)
+    s.connect(ctl)
+    f = s.makefile("rw")
+    def call(cmd, args=None):
+        f.write(json.dumps({"execute": cmd, "arguments": args or {}}) + "\n")
+        f.flush()
+        while True:
+            r = json.loads(f.readline())
+            if "return" in r or "error" in r:
+                return r
+    json.loads(f.readline())                     # greeting
+    call("qmp_capabilities")
+    who = ({"device": "bench"} if server == "stratad"
+           else {"node-name": "top", "snapshot-node-name": "snap"})
+    t0 = time.monotonic()
+    r = call("blockdev-snapshot-sync", dict(who, **{"snapshot-file": snap, "format": "qcow2"}))
+    t1 = time.monotonic()
+    if "error" in r:
+        sys.exit(f"snapshot failed: {r['error']}")
+print(f"event {event} took {(t1 - t0) * 1e3:.1f} ms")
+PYEOF
+}
+
+read -r -a server_list <<<"$servers"
+read -r -a event_list <<<"$events"
+for ((round = 0; round < rounds; round++)); do
+  echo "round $((round + 1)) of $rounds"
+  for ev in "${event_list[@]}"; do
+    for ((k = 0; k < ${#server_list[@]}; k++)); do
+        s=${server_list[$(((k + round) % ${#server_list[@]}))]}
+        if [ "$s" = qsd ] && ! command -v qemu-storage-daemon >/dev/null; then
+            echo "note: qemu-storage-daemon is not installed; skipping qsd"
+            continue
+        fi
+        rm -f "$work/top.qcow2" "$work/snap.qcow2" "$work"/lat_*.log
+        qemu-img create -q -f qcow2 -b "$base" -F raw "$work/top.qcow2"
+        sock=$work/$s.sock ctl=$work/$s.ctl
+        rm -f "$sock" "$ctl"
+        if ! start_server "$s" "$sock" "$ctl"; then
+            failed=1
+            continue
+        fi
+        fcmd=(fio --name=stall --ioengine=nbd --uri="$uri" --rw=randwrite --bs=4k
+              --iodepth=32 --numjobs=1 --runtime="$runtime" --time_based
+              --write_lat_log="$work/lat" --log_avg_msec=0
+              --output-format=json --output="$work/fio.json")
+        echo "fio: ${fcmd[*]}  (event: $ev at ${event_at}s)"
+        sync
+        timeout $((runtime + 60)) "${fcmd[@]}" >"$work/fio.out" 2>&1 &
+        fio_pid=$!
+        if ! fire_event "$s" "$ev" "$ctl"; then
+            echo "bench: the $ev event failed on $s" >&2
+            failed=1
+        fi
+        if ! wait "$fio_pid"; then
+            echo "bench: fio failed for $s:" >&2
+            cat "$work/fio.out" >&2
+            failed=1
+        fi
+        stop_server "$s" 30
+        if [ "$s" = stratad ]; then
+            grep -h "snapshot:" "$work/stratad.log" | tail -1 || true
+            for img in "$work/top.qcow2" "$work/snap.qcow2"; do
+                [ -f "$img" ] || continue
+                if ! qemu-img check -q "$img"; then
+                    echo "bench: qemu-img check found errors in $img" >&2
+                    failed=1
+                fi
+            done
+        fi
+        # fio's lat log: "time_ms, latency_ns, ddir, bs, offset[, prio]",
+        # time = completion since the job started.
+        if ! "$PY" - "$s" "$ev" "$event_at" "$work"/lat_lat.*.log >> "$work/stall.txt" <<'PYEOF'
+import sys
+server, ev, at = sys.argv[1], sys.argv[2], float(sys.argv[3]) * 1000
+before, after = [], []
+for path in sys.argv[4:]:
+    for line in open(path):
+        f = line.split(",")
+        t, lat = int(f[0]), int(f[1]) / 1e6
+        if 500 <= t < at:
+            before.append(lat)
+        elif t >= at:
+            after.append(lat)
+if len(before) < 100 or not after:
+    sys.exit(f"too few samples: {len(before)} before, {len(after)} after")
+before.sort()
+print(server, ev, f"{before[int(len(before) * 0.99)]:.3f}", f"{max(after):.3f}", len(before) + len(after))
+PYEOF
+        then
+            echo "bench: cannot use fio's latency log for $s $ev" >&2
+            failed=1
+        fi
+        tail -1 "$work/stall.txt"
+    done
+  done
+done
+
+echo
+echo "overlay on $base (${size_mib} MiB), 4k randwrite qd32, ${runtime}s per run, event at ${event_at}s," \
+     "$(nproc) CPUs, $(uname -r)"
+echo "median of $rounds round(s); latencies in ms"
+"$PY" - "$work/stall.txt" <<'PYEOF'
+import sys
+rows = {}
+for line in open(sys.argv[1]):
+    s, ev, p99, worst, n = line.split()
+    rows.setdefault((s, ev), []).append((float(p99), float(worst)))
+print(f"{'server':<10} {'event':<10} {'p99 before':>11} {'worst after':>12} {'worst - p99':>12}  rounds (p99/worst)")
+for (s, ev), v in rows.items():
+    p = sorted(x[0] for x in v)[len(v) // 2]
+    w = sorted(x[1] for x in v)[len(v) // 2]
+    each = " ".join(f"{a:.2f}/{b:.1f}" for a, b in v)
+    print(f"{s:<10} {ev:<10} {p:>11.2f} {w:>12.1f} {w - p:>12.1f}  {each}")
+PYEOF
+exit "$failed"
