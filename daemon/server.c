@@ -53,6 +53,7 @@ void export_config_clear(struct export_config *cfg)
     free(cfg->format);
     free(cfg->description);
     free(cfg->backing_root);
+    free(cfg->backing_remote);
     free(cfg->id);
     free(cfg->node_name);
     memset(cfg, 0, sizeof(*cfg));
@@ -141,6 +142,8 @@ int export_config_parse(const char *spec, struct export_config *cfg,
             str = &cfg->description;
         else if (!strcmp(key, "backing-root"))
             str = &cfg->backing_root;
+        else if (!strcmp(key, "backing-remote"))
+            str = &cfg->backing_remote;
         else if (!strcmp(key, "id"))
             str = &cfg->id;
         else if (!strcmp(key, "node-name"))
@@ -167,7 +170,8 @@ int export_config_parse(const char *spec, struct export_config *cfg,
         } else {
             ret = error_setf(errp, EINVAL, "unknown export key '%s' (known: "
                              "name, file, format, readonly, cache, description, "
-                             "id, node-name, backing-root, l2-cache-size, "
+                             "id, node-name, backing-root, backing-remote, "
+                             "l2-cache-size, "
                              "refcount-cache-size)", key);
         }
     }
@@ -256,6 +260,7 @@ static void blockdev_free(struct server *srv, struct blockdev *b,
     free(b->driver);
     free(b->filename);
     free(b->backing_root);
+    free(b->backing_remote);
     free(b);
 }
 
@@ -297,6 +302,7 @@ static struct blockdev *blockdev_add(struct server *srv,
         .l2_cache_bytes = cfg->l2_cache_bytes,
         .refcount_cache_bytes = cfg->refcount_cache_bytes,
         .backing_root = cfg->backing_root,
+        .backing_remote = cfg->backing_remote,
     };
     /* fmt_open() drives the loop itself: only before it runs */
     struct fmt_node *root = co ? fmt_open_co(srv->loop, co, cfg->filename, &fo, errp)
@@ -329,6 +335,10 @@ static struct blockdev *blockdev_add(struct server *srv,
     b->refcount_cache_bytes = cfg->refcount_cache_bytes;
     if (cfg->backing_root && !(b->backing_root = strdup(cfg->backing_root)))
         log_warn("node '%s': out of memory recording backing-root",
+                 b->node_name);
+    if (cfg->backing_remote &&
+        !(b->backing_remote = strdup(cfg->backing_remote)))
+        log_warn("node '%s': out of memory recording backing-remote",
                  b->node_name);
     srv->bdevs[srv->n_bdevs++] = b;
     log_info("node '%s': %s (%s, %llu bytes%s%s)", b->node_name, b->filename,
@@ -545,6 +555,7 @@ int server_add_export(struct server *srv, struct export_config *cfg,
         .read_only = cfg->read_only,
         .direct = cfg->direct,
         .backing_root = cfg->backing_root,
+        .backing_remote = cfg->backing_remote,
         .l2_cache_bytes = cfg->l2_cache_bytes,
         .refcount_cache_bytes = cfg->refcount_cache_bytes,
     };
