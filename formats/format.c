@@ -164,9 +164,9 @@ static bool path_inside(const char *path, const char *root)
  * compares is then the opened file itself (fstat of its descriptor,
  * backend_same_open), not whatever the name points at later. */
 static int local_backing_path(struct chain_ctx *cx, const char *spec,
-                              char *real, const char **rel,
-                              struct error **errp)
+                              char **rel, struct error **errp)
 {
+    char real[PATH_MAX]; /* not in open_layer's frame: it recurses */
     if (cx->no_local)
         return error_setf(errp, EACCES, "backing file %s is a local file "
                           "under an image on RBD: set backing-root= on the "
@@ -187,7 +187,9 @@ static int local_backing_path(struct chain_ctx *cx, const char *spec,
     const char *r = real + (n == 1 ? 0 : n);
     while (*r == '/')
         r++;
-    *rel = *r ? r : ".";
+    *rel = strdup(*r ? r : ".");
+    if (!*rel)
+        return error_setf(errp, ENOMEM, "out of memory");
     return 0;
 }
 
@@ -204,14 +206,16 @@ static struct fmt_node *open_layer(struct chain_ctx *cx, const char *spec,
         .read_only = read_only,
         .direct = cx->opts->direct,
     };
-    char real[PATH_MAX];
+    char *rel = NULL;
     bool local = backend_spec_is_local(spec);
     if (backing && local) {
-        if (local_backing_path(cx, spec, real, &bo.beneath_path, errp) < 0)
+        if (local_backing_path(cx, spec, &rel, errp) < 0)
             return NULL;
+        bo.beneath_path = rel;
         bo.beneath_dirfd = cx->root_fd;
     }
     struct backend *file = backend_open_co(cx->loop, cx->co, spec, &bo, errp);
+    free(rel);
     if (!file)
         return NULL;
     for (unsigned i = 0; i < cx->depth; i++)

@@ -37,6 +37,13 @@ static void test_backend_by_prefix(void **state)
     assert_string_equal(backend_driver_names(), "'file' and 'rbd'");
     assert_int_equal(file_driver.api_version, BACKEND_API_VERSION);
     assert_int_equal(rbd_driver.api_version, BACKEND_API_VERSION);
+    struct error *err = NULL;
+    assert_int_equal(backend_validate_spec("/any/path", &err), 0);
+    assert_int_equal(backend_validate_spec("rbd:p/i@s:conf=/c", &err), 0);
+    assert_null(err);
+    assert_true(backend_validate_spec("rbd:p", &err) < 0);
+    assert_non_null(strstr(err->msg, "expected rbd:POOL"));
+    error_free(err);
 }
 
 static char *resolve_ok(const char *overlay, const char *name,
