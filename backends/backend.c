@@ -145,6 +145,11 @@ struct backend *backend_open(struct loop *loop, const char *spec,
                              const struct backend_open_opts *opts,
                              struct error **errp)
 {
+    const struct backend_driver *d = backend_driver_of(spec);
+    if (opts->beneath_path && !(d->flags & BACKEND_DRV_LOCAL)) {
+        error_setf(errp, EINVAL, "%s: not a local file", spec);
+        return NULL;
+    }
     return backend_driver_of(spec)->open(loop, spec, opts, errp);
 }
 
@@ -177,6 +182,15 @@ struct backend *backend_open_co(struct loop *loop, struct coro *co,
 int backend_remove(const char *spec, struct error **errp)
 {
     return backend_driver_of(spec)->remove(spec, errp);
+}
+
+bool backend_same_open(struct backend *a, struct backend *b)
+{
+    if (a->ops != b->ops)
+        return false;
+    if (a->ops->same_open)
+        return a->ops->same_open(a, b);
+    return backend_same_storage(a->name, b->name);
 }
 
 bool backend_needs_offload(const struct backend *b)

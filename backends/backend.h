@@ -78,6 +78,11 @@ struct backend_ops {
     /* Switches between read-only and read-write access to the same
      * storage (control path; no operation in flight).  Optional. */
     int (*reopen)(struct backend *b, bool read_only, struct error **errp);
+    /* Is other (open, same ops) the very same storage as b?  Answered from
+     * the open handles (files: fstat's device and inode), so nothing that
+     * happens to the names after the open matters.  Optional: without it
+     * the specs are compared (backend_same_storage). */
+    bool (*same_open)(struct backend *b, struct backend *other);
     /* Releases everything; no operation may be in flight. */
     void (*close)(struct backend *b);
 };
@@ -98,6 +103,15 @@ struct backend_open_opts {
     bool direct;           /* O_DIRECT / no host page cache (cache=none) */
     bool create;           /* create the storage if missing (size below) */
     uint64_t create_size;
+    /* Local files only: when beneath_path is set, the file opened is
+     * beneath_path resolved beneath the directory beneath_dirfd (an O_PATH
+     * descriptor) without ever leaving it — no "..", absolute or magic
+     * (/proc) symlink may lead out, whatever the file system looks like at
+     * the time of the open (openat2 RESOLVE_BENEATH |
+     * RESOLVE_NO_MAGICLINKS).  The spec still names the backend (b->name,
+     * messages). */
+    const char *beneath_path;
+    int beneath_dirfd;
 };
 
 /* ---- backend drivers: the registry ----
@@ -203,6 +217,8 @@ static inline bool backend_spec_is_remote(const char *spec)
 {
     return !backend_spec_is_local(spec);
 }
+/* Are the two open backends the same storage (see the same_open op)? */
+bool backend_same_open(struct backend *a, struct backend *b);
 /* Must open, reopen, close and remove of b run on an offload thread? */
 bool backend_needs_offload(const struct backend *b);
 /* Checks spec with its driver's validate op. */

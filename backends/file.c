@@ -11,11 +11,13 @@
 #include <linux/falloc.h>
 #include <limits.h>
 #include <linux/fs.h>
+#include <linux/openat2.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include "backend.h"
@@ -337,7 +339,11 @@ static int file_reopen(struct backend *b, bool read_only, struct error **errp)
     struct file_backend *f = fb(b);
     int flags = O_CLOEXEC | (read_only ? O_RDONLY : O_RDWR) |
                 (f->direct ? O_DIRECT : 0);
-    int fd = open(b->name, flags);
+    /* Through our own descriptor, not the name: the same inode whatever
+     * became of the path since the open. */
+    char self[64];
+    snprintf(self, sizeof(self), "/proc/self/fd/%d", f->fd);
+    int fd = open(self, flags);
     if (fd < 0)
         return error_setf(errp, errno, "%s: reopening %s: %s", b->name,
                           read_only ? "read-only" : "read-write",
@@ -359,6 +365,13 @@ static int file_reopen(struct backend *b, bool read_only, struct error **errp)
     return 0;
 }
 
+static bool file_same_open(struct backend *a, struct backend *b)
+{
+    struct stat sa, sb;
+    return fstat(fb(a)->fd, &sa) == 0 && fstat(fb(b)->fd, &sb) == 0 &&
+           sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
+}
+
 static const struct backend_ops file_ops = {
     .name = "file",
     .preadv_co = file_preadv_co,
@@ -370,8 +383,26 @@ static const struct backend_ops file_ops = {
     .truncate_co = file_truncate_co,
     .cache_co = file_cache_co,
     .reopen = file_reopen,
+    .same_open = file_same_open,
     .close = file_close,
 };
+
+/* open(2) of path, or of opts->beneath_path beneath opts->beneath_dirfd:
+ * one openat2 call resolves every component with RESOLVE_BENEATH, so a
+ * symlink swapped in at any time before or during the call cannot lead
+ * the open out of the directory (the kernel fails it with EXDEV). */
+static int file_open_fd(const char *path, int flags,
+                        const struct backend_open_opts *opts)
+{
+    if (!opts->beneath_path)
+        return open(path, flags, 0644);
+    struct open_how how = {
+        .flags = (uint64_t)flags,
+        .resolve = RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS,
+    };
+    return (int)syscall(SYS_openat2, opts->beneath_dirfd, opts->beneath_path,
+                        &how, sizeof(how));
+}
 
 struct backend *file_backend_open(struct loop *loop, const char *path,
                                   const struct backend_open_opts *opts,
@@ -382,10 +413,14 @@ struct backend *file_backend_open(struct loop *loop, const char *path,
         flags |= O_DIRECT;
     if (opts->create)
         flags |= O_CREAT | O_EXCL;
-    int fd = open(path, flags, 0644);
+    int fd = file_open_fd(path, flags, opts);
     if (fd < 0) {
         int e = errno;
-        if (e == EINVAL && opts->direct)
+        if (e == EXDEV && opts->beneath_path)
+            error_setf(errp, EACCES, "%s: leads out of the backing root "
+                       "(a symlink or '..' on the way out of it): refused",
+                       path);
+        else if (e == EINVAL && opts->direct)
             error_setf(errp, e, "%s: the filesystem does not support "
                        "cache=none (O_DIRECT)", path);
         else

@@ -44,10 +44,18 @@ static char *rbd_resolve_backing(const char *overlay, const char *name,
                                  const char *settings, struct error **errp)
 {
     char *p = NULL;
-    (void)settings;
-    if (rbd_spec_resolve_backing(overlay, name, &p, errp) < 0)
+    if (rbd_spec_resolve_backing(overlay, settings, name, &p, errp) < 0)
         return NULL;
     return p;
+}
+
+static int rbd_check_settings(const char *settings, struct error **errp)
+{
+    struct rbd_spec s;
+    int r = rbd_spec_parse_settings(settings, &s, errp);
+    if (r == 0)
+        rbd_spec_clear(&s);
+    return r;
 }
 
 static char *rbd_backing_name(const char *overlay, const char *layer,
@@ -248,4 +256,5 @@ BACKEND_REGISTER_DRIVER(rbd_driver,
     .relative_backing_name = rbd_relative_backing_name,
     .same_storage = rbd_spec_same_image,
     .spec_from_options = rbd_spec_from_options,
+    .check_settings = rbd_check_settings,
 );

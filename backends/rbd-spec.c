@@ -124,6 +124,41 @@ static int apply_option(struct rbd_spec *s, char *key, char *val,
     return r;
 }
 
+/* Parses ":KEY=VALUE"... from *pp into s up to the end. */
+static int parse_options(const char **pp, struct rbd_spec *s, const char *spec,
+                         struct error **errp)
+{
+    const char *p = *pp;
+    int r;
+    while (*p == ':') {
+        p++;
+        char *key = NULL, *val = NULL;
+        r = take_token(&p, "=:", &key, spec, errp);
+        if (r < 0)
+            return r;
+        if (*p != '=') {
+            r = error_setf(errp, EINVAL, "%s: option '%s': expected KEY=VALUE",
+                           spec, key);
+            free(key);
+            return r;
+        }
+        p++;
+        r = take_token(&p, ":", &val, spec, errp);
+        if (r < 0) {
+            free(key);
+            return r;
+        }
+        r = apply_option(s, key, val, spec, errp);
+        if (r < 0)
+            return r;
+    }
+    /* Every token above stops on one of its stop characters or the end. */
+    *pp = p;
+    if (*p)
+        return error_setf(errp, EINVAL, "%s: unexpected '%c'", spec, *p);
+    return 0;
+}
+
 int rbd_spec_parse(const char *spec, struct rbd_spec *s, struct error **errp)
 {
     memset(s, 0, sizeof(*s));
@@ -181,33 +216,9 @@ int rbd_spec_parse(const char *spec, struct rbd_spec *s, struct error **errp)
             goto fail;
         }
     }
-    while (*p == ':') {
-        p++;
-        char *key = NULL, *val = NULL;
-        r = take_token(&p, "=:", &key, spec, errp);
-        if (r < 0)
-            goto fail;
-        if (*p != '=') {
-            r = error_setf(errp, EINVAL, "%s: option '%s': expected KEY=VALUE",
-                           spec, key);
-            free(key);
-            goto fail;
-        }
-        p++;
-        r = take_token(&p, ":", &val, spec, errp);
-        if (r < 0) {
-            free(key);
-            goto fail;
-        }
-        r = apply_option(s, key, val, spec, errp);
-        if (r < 0)
-            goto fail;
-    }
-    /* Every token above stops on one of its stop characters or the end. */
-    if (*p) {
-        r = error_setf(errp, EINVAL, "%s: unexpected '%c'", spec, *p);
+    r = parse_options(&p, s, spec, errp);
+    if (r < 0)
         goto fail;
-    }
     return 0;
 
 fail:
@@ -232,6 +243,25 @@ void rbd_spec_clear(struct rbd_spec *s)
         free(s->opts[i].val);
     }
     memset(s, 0, sizeof(*s));
+}
+
+int rbd_spec_parse_settings(const char *settings, struct rbd_spec *s,
+                            struct error **errp)
+{
+    memset(s, 0, sizeof(*s));
+    s->timeout = RBD_SPEC_DEFAULT_TIMEOUT;
+    s->connect_timeout = RBD_SPEC_DEFAULT_CONNECT_TIMEOUT;
+    if (!settings || !*settings)
+        return 0;
+    char *text = NULL;
+    if (asprintf(&text, ":%s", settings) < 0)
+        return error_setf(errp, ENOMEM, "out of memory");
+    const char *p = text;
+    int r = parse_options(&p, s, settings, errp);
+    free(text);
+    if (r < 0)
+        rbd_spec_clear(s);
+    return r;
 }
 
 /* ---- formatting, backing names ---- */
@@ -332,34 +362,28 @@ char *rbd_spec_format(const struct rbd_spec *s)
     return b.p;
 }
 
-/* Ceph reads "mon host", "mon-host" and "mon_host" as one option. */
-static bool ceph_key_is(const char *key, const char *want)
+/* A header may say which image (pool, namespace, image, snapshot) and
+ * nothing else: every other setting names a local path (conf, keyring), a
+ * credential (id), a host (mon_host and the other Ceph options) or how
+ * long the daemon waits (timeouts: 0 would make a request to a stuck
+ * cluster wait for ever).  Those come from the operator. */
+static int check_header_identity(const struct rbd_spec *s, const char *name,
+                                 struct error **errp)
 {
-    for (; *key && *want; key++, want++) {
-        char k = *key == ' ' || *key == '-' ? '_' : *key;
-        if (k != *want)
-            return false;
-    }
-    return *key == *want;
-}
-
-/* The Ceph options a header may set: where the monitors are. */
-static bool header_safe_option(const char *key)
-{
-    return ceph_key_is(key, "mon_host");
-}
-
-static int check_header_safe(const struct rbd_spec *s, const char *name,
-                             struct error **errp)
-{
-    for (size_t i = 0; i < s->n_opts; i++)
-        if (!header_safe_option(s->opts[i].key))
-            return error_setf(errp, EPERM, "backing name %s sets the Ceph "
-                              "option '%s': an image header may only say "
-                              "where its backing image is (conf, id, keyring, "
-                              "timeout, connect_timeout, mon_host)", name,
-                              s->opts[i].key);
-    return 0;
+    const char *key = s->conf ? "conf" : s->id ? "id" : s->keyring ? "keyring"
+                    : s->timeout_set ? "timeout"
+                    : s->connect_timeout_set ? "connect_timeout" : NULL;
+    if (!key && s->n_opts == 0)
+        return 0;
+    return error_setf(errp, EPERM, "backing name %s sets %s%s%s: an image "
+                      "header may only name the pool, namespace, image and "
+                      "snapshot of its backing image; the cluster settings "
+                      "(conf, id, keyring, timeouts, mon_host and other Ceph "
+                      "options) come from the export: the rbd: spec of its "
+                      "top, or backing-remote=rbd:KEY=VALUE:... for RBD "
+                      "images under a local image", name,
+                      key ? "'" : "the Ceph option '",
+                      key ? key : s->opts[0].key, "'");
 }
 
 static int opt_index(const struct rbd_spec *s, const char *key)
@@ -435,8 +459,9 @@ static int parse_relative(const struct rbd_spec *o, const char *name,
     return 0;
 }
 
-int rbd_spec_resolve_backing(const char *overlay, const char *name,
-                             char **out, struct error **errp)
+int rbd_spec_resolve_backing(const char *overlay, const char *settings,
+                             const char *name, char **out,
+                             struct error **errp)
 {
     struct rbd_spec o = {0}, s = {0};
     bool have_o = false;
@@ -462,10 +487,27 @@ int rbd_spec_resolve_backing(const char *overlay, const char *name,
         r = error_setf(errp, EINVAL, "%s: not an rbd: spec", name);
         goto out;
     }
-    r = check_header_safe(&s, name, errp);
+    r = check_header_identity(&s, name, errp);
     if (r < 0)
         goto out;
-    if (have_o) {
+    if (!have_o) {
+        /* Under a local image: only where the export allows it, with the
+         * export's settings. */
+        if (!settings) {
+            r = error_setf(errp, EACCES, "backing name %s names an RBD image "
+                           "under a local image: set backing-remote=rbd: (or "
+                           "backing-remote=rbd:conf=PATH:id=USER:...) on the "
+                           "export to allow it", name);
+            goto out;
+        }
+        r = rbd_spec_parse_settings(settings, &o, errp);
+        if (r < 0) {
+            error_prefix(errp, "backing-remote=rbd:");
+            goto out;
+        }
+        have_o = true;
+    }
+    {
         r = inherit(&s, &o);
         if (r < 0) {
             error_setf(errp, -r, r == -E2BIG ? "backing name %s: more than %d "
@@ -488,58 +530,22 @@ static bool same_str(const char *a, const char *b)
     return (!a && !b) || (a && b && !strcmp(a, b));
 }
 
-static void drop(char **p)
-{
-    free(*p);
-    *p = NULL;
-}
-
 int rbd_spec_backing_name(const char *layer, const char *overlay, char **out,
                           struct error **errp)
 {
-    struct rbd_spec s = {0}, o = {0};
+    struct rbd_spec s;
+    (void)overlay;
     *out = NULL;
     int r = rbd_spec_parse(layer, &s, errp);
     if (r < 0)
         return r;
-    if (overlay) {
-        r = rbd_spec_parse(overlay, &o, errp);
-        if (r < 0) {
-            rbd_spec_clear(&s);
-            return r;
-        }
-    }
-    /* Ceph options a header may not carry are dropped. */
-    size_t keep = 0;
-    for (size_t i = 0; i < s.n_opts; i++) {
-        int j = overlay ? opt_index(&o, s.opts[i].key) : -1;
-        bool inherited = j >= 0 && !strcmp(o.opts[j].val, s.opts[i].val);
-        if (header_safe_option(s.opts[i].key) && !inherited) {
-            s.opts[keep++] = s.opts[i];
-        } else {
-            free(s.opts[i].key);
-            free(s.opts[i].val);
-        }
-    }
-    s.n_opts = keep;
-    if (overlay) {
-        /* what the overlay passes on anyway needs no saying */
-        if (same_str(s.conf, o.conf))
-            drop(&s.conf);
-        if (same_str(s.id, o.id))
-            drop(&s.id);
-        if (same_str(s.keyring, o.keyring))
-            drop(&s.keyring);
-        if (s.timeout == o.timeout)
-            s.timeout_set = false;
-        if (s.connect_timeout == o.connect_timeout)
-            s.connect_timeout_set = false;
-    }
-    *out = rbd_spec_format(&s);
+    struct rbd_spec id = {
+        .pool = s.pool, .ns = s.ns, .image = s.image, .snap = s.snap,
+    };
+    *out = rbd_spec_format(&id);
     if (!*out)
         r = error_setf(errp, ENOMEM, "out of memory");
     rbd_spec_clear(&s);
-    rbd_spec_clear(&o);
     return r;
 }
 

@@ -63,28 +63,41 @@ void rbd_spec_clear(struct rbd_spec *s);
  * memory. */
 char *rbd_spec_format(const struct rbd_spec *s);
 
-/* Backing names.  A backing name is read from an image header, so it is
- * not trusted like the spec of an export: it may name an image and the
- * cluster to find it in (conf=, id=, keyring=, timeout=, connect_timeout=,
- * mon_host=) but may not set any other Ceph option (log files, admin
- * sockets: an image must not configure the client that opens it).
+/* The settings part of a spec alone, "KEY=VALUE[:KEY=VALUE]..." (the
+ * export option backing-remote=rbd:SETTINGS), into *s (pool and image
+ * left NULL).  NULL or "" gives Ceph's defaults.  -errno with *errp set. */
+int rbd_spec_parse_settings(const char *settings, struct rbd_spec *s,
+                            struct error **errp);
+
+/* Backing names.  A backing name is read from an image header, which is
+ * not trusted like the spec of an export: whoever can write an image must
+ * not make the daemon read local files (conf=, keyring=), use another
+ * Ceph user (id=), reach hosts of its choosing (mon_host= or any Ceph
+ * option) or wait for ever (timeout=0).  So a backing name says which
+ * image — pool, namespace, image, snapshot — and nothing else; a name
+ * that says more is refused with the key it tried to set.
  *
  * rbd_spec_resolve_backing() turns the backing name of an image into the
  * spec to open.  overlay is the image's own spec when it is on RBD, else
  * NULL.  name is either an rbd: spec, or — only under an RBD overlay — a
  * relative name IMAGE[@SNAP], an image in the overlay's pool and
- * namespace (as QEMU resolves it).  Whatever the name leaves unsaid is
- * taken from the overlay's spec: the layers of a chain in one cluster are
- * opened with the same configuration, credentials and timeouts as its top.
+ * namespace (as QEMU resolves it).  The cluster settings come from the
+ * operator: under an RBD overlay from the overlay's spec (so the layers
+ * of a chain in one cluster are opened with the configuration,
+ * credentials and timeouts of its top); under a local image from
+ * settings, the export's backing-remote=rbd:SETTINGS ("" = Ceph's
+ * defaults), and when that is NULL the export does not allow RBD backing
+ * images under local ones: refused (EACCES).
  * Returns 0 and a new string in *out, or -errno with *errp set. */
-int rbd_spec_resolve_backing(const char *overlay, const char *name,
-                             char **out, struct error **errp);
+int rbd_spec_resolve_backing(const char *overlay, const char *settings,
+                             const char *name, char **out,
+                             struct error **errp);
 
 /* The backing name to record in an overlay's header for the image layer
- * (an rbd: spec, usually an export's): the image, and those of the
- * header-safe options that the overlay would not pass on anyway (overlay:
- * its spec when it is on RBD, else NULL).  Other Ceph options of layer are
- * dropped.  Returns 0 and a new string in *out, or -errno with *errp set. */
+ * (an rbd: spec): rbd:POOL/[NAMESPACE/]IMAGE[@SNAP] alone, the only part
+ * a header may carry (overlay is not used: the settings come from the
+ * export when the name is read back).  Returns 0 and a new string in
+ * *out, or -errno with *errp set. */
 int rbd_spec_backing_name(const char *layer, const char *overlay, char **out,
                           struct error **errp);
 

@@ -18,6 +18,7 @@ void export_config_clear(struct export_config *cfg)
     free(cfg->format);
     free(cfg->description);
     free(cfg->backing_root);
+    free(cfg->backing_remote);
     free(cfg->id);
     free(cfg->node_name);
     memset(cfg, 0, sizeof(*cfg));
@@ -106,6 +107,8 @@ int export_config_parse(const char *spec, struct export_config *cfg,
             str = &cfg->description;
         else if (!strcmp(key, "backing-root"))
             str = &cfg->backing_root;
+        else if (!strcmp(key, "backing-remote"))
+            str = &cfg->backing_remote;
         else if (!strcmp(key, "id"))
             str = &cfg->id;
         else if (!strcmp(key, "node-name"))
@@ -132,7 +135,8 @@ int export_config_parse(const char *spec, struct export_config *cfg,
         } else {
             ret = error_setf(errp, EINVAL, "unknown export key '%s' (known: "
                              "name, file, format, readonly, cache, description, "
-                             "id, node-name, backing-root, l2-cache-size, "
+                             "id, node-name, backing-root, backing-remote, "
+                             "l2-cache-size, "
                              "refcount-cache-size)", key);
         }
     }

@@ -81,6 +81,7 @@ static void blockdev_free(struct server *srv, struct blockdev *b,
     free(b->driver);
     free(b->filename);
     free(b->backing_root);
+    free(b->backing_remote);
     free(b);
 }
 
@@ -122,6 +123,7 @@ static struct blockdev *blockdev_add(struct server *srv,
         .l2_cache_bytes = cfg->l2_cache_bytes,
         .refcount_cache_bytes = cfg->refcount_cache_bytes,
         .backing_root = cfg->backing_root,
+        .backing_remote = cfg->backing_remote,
     };
     /* fmt_open() drives the loop itself: only before it runs */
     struct fmt_node *root = co ? fmt_open_co(srv->loop, co, cfg->filename, &fo, errp)
@@ -154,6 +156,10 @@ static struct blockdev *blockdev_add(struct server *srv,
     b->refcount_cache_bytes = cfg->refcount_cache_bytes;
     if (cfg->backing_root && !(b->backing_root = strdup(cfg->backing_root)))
         log_warn("node '%s': out of memory recording backing-root",
+                 b->node_name);
+    if (cfg->backing_remote &&
+        !(b->backing_remote = strdup(cfg->backing_remote)))
+        log_warn("node '%s': out of memory recording backing-remote",
                  b->node_name);
     srv->bdevs[srv->n_bdevs++] = b;
     log_info("node '%s': %s (%s, %llu bytes%s%s)", b->node_name, b->filename,
@@ -351,6 +357,7 @@ int server_add_export(struct server *srv, struct export_config *cfg,
         .read_only = cfg->read_only,
         .direct = cfg->direct,
         .backing_root = cfg->backing_root,
+        .backing_remote = cfg->backing_remote,
         .l2_cache_bytes = cfg->l2_cache_bytes,
         .refcount_cache_bytes = cfg->refcount_cache_bytes,
     };

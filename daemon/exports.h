@@ -31,6 +31,8 @@ struct export_config {
     bool read_only;
     bool direct;               /* cache=none */
     char *backing_root;        /* NULL: the top image's directory */
+    char *backing_remote;      /* remote storage local overlays may name as
+                                  backing, PREFIX[SETTINGS]; NULL: none */
     uint64_t l2_cache_bytes;   /* 0: default */
     uint64_t refcount_cache_bytes;
 };
@@ -44,6 +46,7 @@ struct blockdev {
     bool read_only;
     bool direct;               /* cache=none */
     char *backing_root;        /* as configured, or NULL */
+    char *backing_remote;      /* as configured, or NULL */
     uint64_t l2_cache_bytes;   /* as configured, 0 = default */
     uint64_t refcount_cache_bytes;
     struct fmt_node *root;     /* chain top: where guest I/O goes.  Change
@@ -157,6 +160,8 @@ struct blockdev_config {
     bool read_only;
     bool direct;
     const char *backing_root;  /* qcow2: NULL = the top's directory */
+    const char *backing_remote; /* NULL: no remote backing under local
+                                   images (fmt_open_opts) */
     uint64_t l2_cache_bytes;   /* qcow2: 0 = default */
     uint64_t refcount_cache_bytes;
 };

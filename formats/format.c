@@ -1,6 +1,7 @@
 /* strata — format node dispatch and contract wrappers (see format.h). */
 #include <assert.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <sys/stat.h>
 #include <stdio.h>
@@ -18,15 +19,13 @@ struct chain_ctx {
     struct coro *co;
     const struct fmt_open_opts *opts;
     char root[PATH_MAX];          /* backing root (real path) */
+    int root_fd;                  /* O_PATH descriptor of root, opened for
+                                     the first local backing file; -1 */
     bool no_local;                /* no local backing files (top on
                                      remote storage, no backing root) */
-    struct {
-        dev_t dev;
-        ino_t ino;
-        const char *remote;       /* the layer's spec when it is not a
-                                     local file (alive while the opener
-                                     runs), or NULL */
-    } seen[FMT_MAX_CHAIN_DEPTH];
+    struct backend *seen[FMT_MAX_CHAIN_DEPTH]; /* the storage of every layer
+                                     opened so far (alive while the opener
+                                     runs: owned by nodes up the stack) */
     unsigned depth;
 };
 
@@ -151,49 +150,46 @@ static bool path_inside(const char *path, const char *root)
     return strncmp(path, root, n) == 0 && (path[n] == '/' || path[n] == 0);
 }
 
-/* Checks a local layer: inside the backing root (for backing layers), and
- * not a file already in the chain. */
-static int check_layer(struct chain_ctx *cx, const char *spec, bool backing,
-                       struct error **errp)
+/* Where a local backing file is opened: beneath the backing root.
+ *
+ * realpath() below only names the file for the checks and the messages
+ * (and finds the path relative to the root); it does not decide what is
+ * opened.  The open is one openat2() from the root's O_PATH descriptor
+ * with RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS (file_backend_open): the
+ * kernel resolves every component of the relative path itself and fails
+ * the open if any step — "..", an absolute symlink, a /proc magic link —
+ * would leave the root.  So a symlink swapped into the path between the
+ * check and the open (or during it) can make the open fail, never reach a
+ * file outside the root: there is no window to race.  What the loop check
+ * compares is then the opened file itself (fstat of its descriptor,
+ * backend_same_open), not whatever the name points at later. */
+static int local_backing_path(struct chain_ctx *cx, const char *spec,
+                              char **rel, struct error **errp)
 {
-    if (!backend_spec_is_local(spec)) {
-        for (unsigned i = 0; i < cx->depth; i++)
-            if (cx->seen[i].remote &&
-                backend_same_storage(cx->seen[i].remote, spec))
-                return error_setf(errp, ELOOP, "%s: the backing chain loops "
-                                  "(this image is already in it)", spec);
-        cx->seen[cx->depth].remote = spec;
-        return 0;
-    }
-    if (backing && cx->no_local)
+    char real[PATH_MAX]; /* not in open_layer's frame: it recurses */
+    if (cx->no_local)
         return error_setf(errp, EACCES, "backing file %s is a local file "
                           "under an image on RBD: set backing-root= on the "
                           "export to allow local backing files", spec);
-    char real[PATH_MAX];
-    if (!realpath(spec, real)) {
-        error_setf(errp, errno, "%s: %s", spec, strerror(errno));
-        return -1;
+    if (!realpath(spec, real))
+        return error_setf(errp, errno, "%s: %s", spec, strerror(errno));
+    if (!path_inside(real, cx->root))
+        return error_setf(errp, EACCES, "backing file %s (%s) is outside the "
+                          "export's backing root %s (set backing-root= on the "
+                          "export to allow it)", spec, real, cx->root);
+    if (cx->root_fd < 0) {
+        cx->root_fd = open(cx->root, O_PATH | O_DIRECTORY | O_CLOEXEC);
+        if (cx->root_fd < 0)
+            return error_setf(errp, errno, "backing root %s: %s", cx->root,
+                              strerror(errno));
     }
-    if (backing && !path_inside(real, cx->root)) {
-        error_setf(errp, EACCES, "backing file %s (%s) is outside the "
-                   "export's backing root %s (set backing-root= on the "
-                   "export to allow it)", spec, real, cx->root);
-        return -1;
-    }
-    struct stat st;
-    if (stat(real, &st) < 0) {
-        error_setf(errp, errno, "%s: %s", spec, strerror(errno));
-        return -1;
-    }
-    for (unsigned i = 0; i < cx->depth; i++)
-        if (cx->seen[i].dev == st.st_dev && cx->seen[i].ino == st.st_ino) {
-            error_setf(errp, ELOOP, "%s: the backing chain loops (this file "
-                       "is already in it)", spec);
-            return -1;
-        }
-    cx->seen[cx->depth].dev = st.st_dev;
-    cx->seen[cx->depth].ino = st.st_ino;
-    cx->seen[cx->depth].remote = NULL;
+    size_t n = strlen(cx->root);
+    const char *r = real + (n == 1 ? 0 : n);
+    while (*r == '/')
+        r++;
+    *rel = strdup(*r ? r : ".");
+    if (!*rel)
+        return error_setf(errp, ENOMEM, "out of memory");
     return 0;
 }
 
@@ -206,17 +202,30 @@ static struct fmt_node *open_layer(struct chain_ctx *cx, const char *spec,
                    spec, FMT_MAX_CHAIN_DEPTH);
         return NULL;
     }
-    if (check_layer(cx, spec, backing, errp) < 0)
-        return NULL;
-    cx->depth++;
-
     struct backend_open_opts bo = {
         .read_only = read_only,
         .direct = cx->opts->direct,
     };
+    char *rel = NULL;
+    bool local = backend_spec_is_local(spec);
+    if (backing && local) {
+        if (local_backing_path(cx, spec, &rel, errp) < 0)
+            return NULL;
+        bo.beneath_path = rel;
+        bo.beneath_dirfd = cx->root_fd;
+    }
     struct backend *file = backend_open_co(cx->loop, cx->co, spec, &bo, errp);
+    free(rel);
     if (!file)
         return NULL;
+    for (unsigned i = 0; i < cx->depth; i++)
+        if (backend_same_open(cx->seen[i], file)) {
+            error_setf(errp, ELOOP, "%s: the backing chain loops (this %s is "
+                       "already in it)", spec, local ? "file" : "image");
+            backend_close(file);
+            return NULL;
+        }
+    cx->seen[cx->depth++] = file;
 
     const struct fmt_driver *drv = format ? fmt_find_driver(format) : NULL;
     if (format && !drv) {
@@ -305,6 +314,12 @@ struct fmt_node *fmt_open_co(struct loop *loop, struct coro *co,
     cx->loop = loop;
     cx->co = co;
     cx->opts = opts;
+    cx->root_fd = -1;
+    if (opts->backing_remote &&
+        backend_check_backing_remote(opts->backing_remote, errp) < 0) {
+        free(cx);
+        return NULL;
+    }
     const char *root = opts->backing_root;
     char dir[PATH_MAX];
     if (!root && backend_spec_is_local(spec)) {
@@ -329,8 +344,12 @@ struct fmt_node *fmt_open_co(struct loop *loop, struct coro *co,
         snprintf(cx->root, sizeof(cx->root), "/");
         cx->no_local = !backend_spec_is_local(spec);
     }
+    if (!cx->root[0]) /* a root on remote storage: no directory to keep to */
+        snprintf(cx->root, sizeof(cx->root), "/");
     struct fmt_node *n = open_layer(cx, spec, opts->format, opts->read_only,
                                     false, errp);
+    if (cx->root_fd >= 0)
+        close(cx->root_fd);
     free(cx);
     return n;
 }

@@ -98,6 +98,9 @@ static struct json_object *state_build(struct server *srv)
         if (b->backing_root)
             json_object_object_add(o, "backing-root",
                                    json_object_new_string(b->backing_root));
+        if (b->backing_remote)
+            json_object_object_add(o, "backing-remote",
+                                   json_object_new_string(b->backing_remote));
         if (b->l2_cache_bytes)
             json_object_object_add(o, "l2-cache-size",
                                    json_object_new_int64((int64_t)b->l2_cache_bytes));
@@ -184,6 +187,7 @@ int state_load(struct state *st, bool *loaded, struct error **errp)
             .driver = get_str(o, "driver"),
             .filename = get_str(o, "filename"),
             .backing_root = get_str(o, "backing-root"),
+            .backing_remote = get_str(o, "backing-remote"),
         };
         struct json_object *sz;
         if (json_object_object_get_ex(o, "l2-cache-size", &sz))

@@ -25,7 +25,7 @@ char *chain_layer_path(const struct blockdev *b, const struct fmt_node *n,
                        n->filename, b->node_name);
             return NULL;
         }
-        char *next = fmt_resolve_backing(path, name, NULL, errp);
+        char *next = fmt_resolve_backing(path, name, b->backing_remote, errp);
         free(path);
         path = next;
         if (!path)
@@ -115,12 +115,22 @@ int chain_check_backing_root(const struct blockdev *b, struct fmt_node *n,
     } else if (real_dir_of(top_path, root, errp) < 0) {
         return -1;
     }
+    bool above_local = backend_spec_is_local(top_path);
     for (struct fmt_node *x = n; x; x = x->backing) {
         char *p = chain_layer_path(b, x, errp);
         if (!p)
             return -1;
         char real[PATH_MAX];
         bool local = backend_spec_is_local(p);
+        if (above_local && !local && !b->backing_remote) {
+            error_setf(errp, EACCES, "%s would be remote storage under a "
+                       "local image, so the chain would not open again "
+                       "after a restart (set backing-remote= on the export "
+                       "to allow it)", p);
+            free(p);
+            return -1;
+        }
+        above_local = local;
         if (local && no_local) {
             error_setf(errp, EACCES, "%s would be a local backing file under "
                        "%s, an image on RBD, so the chain would not open "
@@ -237,6 +247,7 @@ int snapshot_sync_co(struct server *srv, struct export *e,
         .l2_cache_bytes = b->l2_cache_bytes,
         .refcount_cache_bytes = b->refcount_cache_bytes,
         .backing_root = b->backing_root,
+        .backing_remote = b->backing_remote,
     };
     n = fmt_open_overlay_co(srv->loop, co, path, old, &fo, errp);
     if (!n) {

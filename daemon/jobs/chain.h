@@ -47,8 +47,9 @@ struct fmt_node *chain_find(const struct blockdev *b, const char *file,
                             struct error **errp);
 
 /* Checks that the layers from n down would be accepted again by
- * fmt_open_co() as backing layers of a top at top_path: every one inside
- * backing_root, or, when that is NULL, inside top_path's directory. */
+ * fmt_open_co() as backing layers of a top at top_path: every local one
+ * inside backing_root, or, when that is NULL, inside top_path's directory;
+ * remote storage under a local image only when b has backing-remote=. */
 int chain_check_backing_root(const struct blockdev *b, struct fmt_node *n,
                              const char *top_path, const char *backing_root,
                              struct error **errp);

@@ -800,7 +800,7 @@ struct job *commit_start(struct job_engine *eng, struct server *srv,
             return NULL;
         }
         if (a->backing_file) {
-            char *res = fmt_resolve_backing(apath, a->backing_file, NULL, NULL);
+            char *res = fmt_resolve_backing(apath, a->backing_file, b->backing_remote, NULL);
             bool same = res && fmt_same_layer(res, bpath);
             free(res);
             if (!same) {

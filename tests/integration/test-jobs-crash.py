@@ -63,7 +63,7 @@ if RBD:
     cephlib.run(["qemu-img", "convert", "-f", "qcow2", "-O", "qcow2", BASE, "rbd:rbd/base"],
                 timeout=60)
     BASE = "rbd:rbd/base"
-    EXPORT = f"name=disk,file={BASE},format=qcow2,backing-root={d}"
+    EXPORT = f"name=disk,file={BASE},format=qcow2,backing-root={d},backing-remote=rbd:"
 ctl = P("ctl.sock")
 state = P("state.json")
 rng = random.Random(int(os.environ.get("SEED", "7")))

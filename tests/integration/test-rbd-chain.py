@@ -3,7 +3,8 @@
 Ceph cluster (contrib/ceph-cluster.sh), with QEMU as the reference.
 
  1. The golden image: a raw image on RBD, local qcow2 overlays on it (as
-    qemu-img creates them: backing rbd:rbd/golden, format raw).  The
+    qemu-img creates them: backing rbd:rbd/golden, format raw; the exports
+    allow RBD backing images under local ones with backing-remote=rbd:).  The
     differential workload (workload.py) runs on qemu-nbd over overlay A,
     on stratad over overlay B, and on stratad cache=none over overlay C
     (4 KiB clusters, ops widened to 4 KiB).  Afterwards qemu-img compare:
@@ -28,9 +29,10 @@ Ceph cluster (contrib/ceph-cluster.sh), with QEMU as the reference.
     matches the model; with the daemon stopped, qemu-img check over the
     rbd: paths is clean, qemu-img compare gives the model; a restart from
     the state file serves the same bytes.
- 4. Backing names an image header may not carry: a Ceph option other than
-    mon_host (log_file: no file appears), a local file under an RBD
-    overlay without backing-root, a loop of two RBD images.
+ 4. Backing names an image header may not carry: a Ceph option
+    (log_file: no file appears), a local file under an RBD overlay without
+    backing-root, a loop of two RBD images.  (Cluster settings in backing
+    names are tested without a cluster in test-backing-hostile.py.)
  5. blockdev-add with QEMU's {"driver": "rbd", ...} file nodes (conf;
     user and server list), and its clear refusals; images with the same
     connection settings share one cluster connection (threads counted),
@@ -130,8 +132,10 @@ for name, cluster_size in (("ga", 65536), ("gb", 65536), ("gc", 4096)):
 check(backing_of(P("gb.qcow2")) == ("rbd:rbd/golden", "raw"), "golden overlay backing")
 
 q = QemuNbd(P("ga.qcow2"), "diff", shared=2, fmt="qcow2")
-s = harness.Daemon([f"name=diff,file={P('gb.qcow2')},format=qcow2,cache=writeback",
-                    f"name=direct,file={P('gc.qcow2')},format=qcow2,cache=none"])
+s = harness.Daemon([f"name=diff,file={P('gb.qcow2')},format=qcow2,cache=writeback,"
+                    "backing-remote=rbd:",
+                    f"name=direct,file={P('gc.qcow2')},format=qcow2,cache=none,"
+                    "backing-remote=rbd:"])
 ra, rb, rc = phase_one_connection(SEED, OPS, (q.uri(), s.uri("diff"), s.uri("direct")),
                                   initial)
 stop_servers(q, s, "golden")
@@ -206,8 +210,8 @@ ok(f"qcow2 chain stored in RBD (absolute and relative backing names): qemu-img c
 t3 = time.time()
 ctl = P("ctl.sock")
 state = P("state.json")
-dmn = harness.Daemon(["name=disk,file=rbd:rbd/btop,format=qcow2",
-                      f"name=gold,file={P('gb.qcow2')},format=qcow2"],
+dmn = harness.Daemon(["name=disk,file=rbd:rbd/btop,format=qcow2,backing-remote=rbd:",
+                      f"name=gold,file={P('gb.qcow2')},format=qcow2,backing-remote=rbd:"],
                      extra=["--control", ctl, "--state-file", state, "--verbose"])
 qmp = QMP(ctl)
 model = bytearray(rb.model)
@@ -297,8 +301,8 @@ qimg("compare", "-f", "raw", "-F", "raw", P("gmodel.raw"), "rbd:rbd/golden")
 doc = json.load(open(state))
 files = sorted(n["filename"] for n in doc["nodes"])
 check(files == sorted(["rbd:rbd/bbase", "rbd:rbd/golden"]), f"state file: {files}")
-dmn2 = harness.Daemon(["name=disk,file=rbd:rbd/btop,format=qcow2",
-                       f"name=gold,file={P('gb.qcow2')},format=qcow2"],
+dmn2 = harness.Daemon(["name=disk,file=rbd:rbd/btop,format=qcow2,backing-remote=rbd:",
+                       f"name=gold,file={P('gb.qcow2')},format=qcow2,backing-remote=rbd:"],
                       extra=["--control", ctl, "--state-file", state])
 check(jobsutil.nbd_read_all(dmn2.uri("disk"), SIZE) == bytes(model), "after a restart")
 check(jobsutil.nbd_read_all(dmn2.uri("gold"), SIZE) == bytes(gmodel), "gold after a restart")

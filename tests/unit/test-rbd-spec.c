@@ -387,11 +387,12 @@ static void test_format_ceph_user(void **state)
     }
 }
 
-static char *resolve_ok(const char *overlay, const char *name)
+static char *resolve_ok(const char *overlay, const char *settings,
+                        const char *name)
 {
     char *out = NULL;
     struct error *err = NULL;
-    int r = rbd_spec_resolve_backing(overlay, name, &out, &err);
+    int r = rbd_spec_resolve_backing(overlay, settings, name, &out, &err);
     if (r != 0)
         fail_msg("%s under %s: unexpected error: %s", name,
                  overlay ? overlay : "(local)", err ? err->msg : "?");
@@ -403,25 +404,27 @@ static void test_resolve_backing(void **state)
 {
     (void)state;
     static const struct {
-        const char *overlay, *name, *want;
+        const char *overlay, *settings, *name, *want;
     } ok[] = {
-        /* under a local overlay: the name as it is */
-        {NULL, "rbd:rbd/golden@v1", "rbd:rbd/golden@v1"},
-        {NULL, "rbd:rbd/g:conf=/etc/ceph/ceph.conf:mon_host=1.2.3.4",
-         "rbd:rbd/g:conf=/etc/ceph/ceph.conf:mon_host=1.2.3.4"},
+        /* under a local overlay: the image from the name, the cluster from
+         * the export's backing-remote= ("" = Ceph's defaults) */
+        {NULL, "", "rbd:rbd/golden@v1", "rbd:rbd/golden@v1"},
+        {NULL, "conf=/etc/ceph/c.conf:id=strata:mon_host=1.2.3.4\\:3300",
+         "rbd:rbd/g", "rbd:rbd/g:conf=/etc/ceph/c.conf:id=strata:"
+         "mon_host=1.2.3.4\\:3300"},
+        {NULL, "timeout=0", "rbd:p/ns/i@s", "rbd:p/ns/i@s:timeout=0"},
         /* relative: the overlay's pool and namespace, and its cluster */
-        {"rbd:pool/ns/top:conf=/c:id=u:timeout=5:rbd_cache=false", "base",
+        {"rbd:pool/ns/top:conf=/c:id=u:timeout=5:rbd_cache=false", NULL, "base",
          "rbd:pool/ns/base:conf=/c:id=u:timeout=5:rbd_cache=false"},
-        {"rbd:pool/top", "base@snap", "rbd:pool/base@snap"},
-        /* an rbd: name keeps what it says, inherits the rest */
+        {"rbd:pool/top", NULL, "base@snap", "rbd:pool/base@snap"},
+        /* an rbd: name under an RBD overlay: the overlay's cluster, even
+         * when the export has backing-remote= (for local overlays) */
         {"rbd:p/top:conf=/c:id=u:keyring=/k:connect_timeout=4:mon_host=a",
-         "rbd:q/base:id=v:mon_host=b",
-         "rbd:q/base:conf=/c:id=v:keyring=/k:connect_timeout=4:mon_host=b"},
-        {"rbd:p/top:timeout=9", "rbd:p/base:timeout=0",
-         "rbd:p/base:timeout=0"},
+         "conf=/other", "rbd:q/base",
+         "rbd:q/base:conf=/c:id=u:keyring=/k:connect_timeout=4:mon_host=a"},
     };
     for (size_t i = 0; i < ARRAY_SIZE(ok); i++) {
-        char *got = resolve_ok(ok[i].overlay, ok[i].name);
+        char *got = resolve_ok(ok[i].overlay, ok[i].settings, ok[i].name);
         if (strcmp(got, ok[i].want))
             fail_msg("%s under %s: got %s, want %s", ok[i].name,
                      ok[i].overlay ? ok[i].overlay : "(local)", got,
@@ -429,26 +432,43 @@ static void test_resolve_backing(void **state)
         free(got);
     }
 
-    /* what a header may not say */
+    /* what a header may not say, and where RBD may not be reached */
     static const struct {
-        const char *overlay, *name, *phrase;
+        const char *overlay, *settings, *name, *phrase;
         int code;
     } bad[] = {
-        {NULL, "rbd:p/i:log_file=/tmp/x", "sets the Ceph option 'log_file'",
+        /* a local image naming local files, a host and a timeout */
+        {NULL, "", "rbd:pool/img:conf=/dev/null:keyring=/etc/shadow:"
+         "mon_host=127.0.0.1\\:1:connect_timeout=1", "sets 'conf'", EPERM},
+        {NULL, "", "rbd:p/i:keyring=/etc/shadow", "sets 'keyring'", EPERM},
+        {NULL, "", "rbd:p/i:id=client.admin", "sets 'id'", EPERM},
+        {NULL, "", "rbd:p/i:timeout=0", "sets 'timeout'", EPERM},
+        {NULL, "", "rbd:p/i:connect_timeout=1", "sets 'connect_timeout'",
          EPERM},
-        {"rbd:p/top", "rbd:p/i:admin socket=/tmp/s",
+        {NULL, "", "rbd:p/i:mon_host=10.0.0.1", "sets the Ceph option "
+         "'mon_host'", EPERM},
+        {NULL, NULL, "rbd:p/i:log_file=/tmp/x",
+         "sets the Ceph option 'log_file'", EPERM},
+        {"rbd:p/top", NULL, "rbd:p/i:admin socket=/tmp/s",
          "sets the Ceph option 'admin socket'", EPERM},
-        {"rbd:p/top", "dir/base", "must be IMAGE[@SNAP]", EINVAL},
-        {"rbd:p/top", "base@", "must be IMAGE[@SNAP]", EINVAL},
-        {"rbd:p/top", "@s", "must be IMAGE[@SNAP]", EINVAL},
-        {NULL, "base", "not an rbd: spec", EINVAL},
-        {NULL, "rbd:p", "backing name: ", EINVAL},
+        {"rbd:p/top:conf=/c", NULL, "rbd:p/i:conf=/etc/passwd",
+         "sets 'conf'", EPERM},
+        {"rbd:p/top", NULL, "rbd:p/i:keyring=/etc/shadow",
+         "backing-remote=rbd:KEY=VALUE", EPERM},
+        /* a local image reaches RBD only where the export allows it */
+        {NULL, NULL, "rbd:p/i", "set backing-remote=rbd:", EACCES},
+        {NULL, "=x", "rbd:p/i", "not an option name", EINVAL},
+        {"rbd:p/top", NULL, "dir/base", "must be IMAGE[@SNAP]", EINVAL},
+        {"rbd:p/top", NULL, "base@", "must be IMAGE[@SNAP]", EINVAL},
+        {"rbd:p/top", NULL, "@s", "must be IMAGE[@SNAP]", EINVAL},
+        {NULL, "", "base", "not an rbd: spec", EINVAL},
+        {NULL, "", "rbd:p", "backing name: ", EINVAL},
     };
     for (size_t i = 0; i < ARRAY_SIZE(bad); i++) {
         char *out = (char *)"unchanged";
         struct error *err = NULL;
-        int r = rbd_spec_resolve_backing(bad[i].overlay, bad[i].name, &out,
-                                         &err);
+        int r = rbd_spec_resolve_backing(bad[i].overlay, bad[i].settings,
+                                         bad[i].name, &out, &err);
         if (r != -bad[i].code || !err)
             fail_msg("%s: expected %d, got %d", bad[i].name, -bad[i].code, r);
         assert_null(out);
@@ -463,17 +483,14 @@ static void test_backing_name(void **state)
 {
     (void)state;
     static const struct {
-        const char *layer, *overlay, *want;
+        const char *layer, *overlay, *settings, *want;
     } cases[] = {
-        /* under a local overlay: the cluster must be said */
-        {"rbd:p/base:conf=/c:id=u:rbd_cache=false:mon_host=m", NULL,
-         "rbd:p/base:conf=/c:id=u:mon_host=m"},
-        /* under an RBD overlay of the same cluster: just the image */
+        /* only the image: the cluster comes from the export */
+        {"rbd:p/base:conf=/c:id=u:rbd_cache=false:mon_host=m", NULL, "",
+         "rbd:p/base"},
         {"rbd:p/ns/base@s:conf=/c:id=u:timeout=5", "rbd:p/ns/top:conf=/c:id=u:"
-         "timeout=5", "rbd:p/ns/base@s"},
-        /* what differs stays */
-        {"rbd:p/base:conf=/c:id=u", "rbd:p/top:conf=/d:id=u",
-         "rbd:p/base:conf=/c"},
+         "timeout=5", NULL, "rbd:p/ns/base@s"},
+        {"rbd:p/a\\:b@s\\:t:keyring=/k", "rbd:p/top", NULL, "rbd:p/a\\:b@s\\:t"},
     };
     for (size_t i = 0; i < ARRAY_SIZE(cases); i++) {
         char *out = NULL;
@@ -486,12 +503,38 @@ static void test_backing_name(void **state)
             fail_msg("%s under %s: got %s, want %s", cases[i].layer,
                      cases[i].overlay ? cases[i].overlay : "(local)", out,
                      cases[i].want);
-        /* and it leads back to the layer */
-        char *back = resolve_ok(cases[i].overlay, out);
+        /* and it leads back to the layer, and passes the header rule */
+        char *back = resolve_ok(cases[i].overlay, cases[i].settings, out);
         assert_true(rbd_spec_same_image(back, cases[i].layer));
         free(back);
         free(out);
     }
+}
+
+/* The settings of backing-remote=rbd:SETTINGS. */
+static void test_parse_settings(void **state)
+{
+    (void)state;
+    struct rbd_spec s;
+    struct error *err = NULL;
+    assert_int_equal(rbd_spec_parse_settings("", &s, &err), 0);
+    assert_null(s.pool);
+    assert_null(s.conf);
+    assert_int_equal(s.timeout, RBD_SPEC_DEFAULT_TIMEOUT);
+    rbd_spec_clear(&s);
+    assert_int_equal(rbd_spec_parse_settings(
+        "conf=/e/c\\:d:id=client.s:keyring=/k:timeout=7:mon_host=h\\:1", &s,
+        &err), 0);
+    assert_string_equal(s.conf, "/e/c:d");
+    assert_string_equal(s.id, "s");
+    assert_string_equal(s.keyring, "/k");
+    assert_int_equal(s.timeout, 7);
+    assert_int_equal(s.n_opts, 1);
+    assert_string_equal(s.opts[0].val, "h:1");
+    rbd_spec_clear(&s);
+    assert_true(rbd_spec_parse_settings("conf", &s, &err) < 0);
+    assert_non_null(strstr(err->msg, "expected KEY=VALUE"));
+    error_free(err);
 }
 
 static void test_same_image(void **state)
@@ -518,6 +561,7 @@ int main(void)
         cmocka_unit_test(test_format_round_trip_generated),
         cmocka_unit_test(test_format_ceph_user),
         cmocka_unit_test(test_resolve_backing),
+        cmocka_unit_test(test_parse_settings),
         cmocka_unit_test(test_backing_name),
         cmocka_unit_test(test_same_image),
     };

@@ -37,6 +37,13 @@ static void test_backend_by_prefix(void **state)
     assert_string_equal(backend_driver_names(), "'file' and 'rbd'");
     assert_int_equal(file_driver.api_version, BACKEND_API_VERSION);
     assert_int_equal(rbd_driver.api_version, BACKEND_API_VERSION);
+    struct error *err = NULL;
+    assert_int_equal(backend_validate_spec("/any/path", &err), 0);
+    assert_int_equal(backend_validate_spec("rbd:p/i@s:conf=/c", &err), 0);
+    assert_null(err);
+    assert_true(backend_validate_spec("rbd:p", &err) < 0);
+    assert_non_null(strstr(err->msg, "expected rbd:POOL"));
+    error_free(err);
 }
 
 static char *resolve_ok(const char *overlay, const char *name,
@@ -72,6 +79,50 @@ static void test_resolve_dispatch(void **state)
         assert_string_equal(p, cases[i].want);
         free(p);
     }
+}
+
+/* Remote storage under a local image: only with the export's
+ * backing-remote=, whose settings (after the prefix) the driver gets. */
+static void test_resolve_backing_remote(void **state)
+{
+    (void)state;
+    char *p = resolve_ok("/d/top.qcow2", "rbd:p/i", "rbd:");
+    assert_string_equal(p, "rbd:p/i");
+    free(p);
+    p = resolve_ok("/d/top.qcow2", "rbd:p/i@s", "rbd:conf=/c:id=u");
+    assert_string_equal(p, "rbd:p/i@s:conf=/c:id=u");
+    free(p);
+    /* under an RBD overlay the overlay's cluster, not backing-remote= */
+    p = resolve_ok("rbd:p/top:conf=/t", "base", "rbd:conf=/c");
+    assert_string_equal(p, "rbd:p/base:conf=/t");
+    free(p);
+    /* a local name is not touched by backing-remote= */
+    p = resolve_ok("/d/top.qcow2", "base", "rbd:conf=/c");
+    assert_string_equal(p, "/d/base");
+    free(p);
+
+    struct error *err = NULL;
+    assert_null(backend_resolve_backing("/d/top", "rbd:p/i", NULL, &err));
+    assert_int_equal(err->code, EACCES);
+    error_free(err);
+    err = NULL;
+    assert_null(backend_resolve_backing("/d/top", "rbd:p/i:conf=/etc/passwd",
+                                        "rbd:", &err));
+    assert_int_equal(err->code, EPERM);
+    assert_non_null(strstr(err->msg, "sets 'conf'"));
+    error_free(err);
+
+    err = NULL;
+    assert_int_equal(backend_check_backing_remote("rbd:", &err), 0);
+    assert_int_equal(backend_check_backing_remote("rbd:conf=/c:mon_host=a\\:1",
+                                                  &err), 0);
+    assert_null(err);
+    assert_true(backend_check_backing_remote("/srv", &err) < 0);
+    assert_non_null(strstr(err->msg, "prefix of remote storage"));
+    error_free(err);
+    err = NULL;
+    assert_true(backend_check_backing_remote("rbd:=x", &err) < 0);
+    error_free(err);
 }
 
 static void test_same_storage(void **state)
@@ -203,6 +254,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_backend_by_prefix),
         cmocka_unit_test(test_resolve_dispatch),
+        cmocka_unit_test(test_resolve_backing_remote),
         cmocka_unit_test(test_same_storage),
         cmocka_unit_test(test_spec_from_options),
         cmocka_unit_test(test_relative_names),
