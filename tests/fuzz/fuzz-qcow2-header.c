@@ -155,8 +155,10 @@ static void check_entries(const struct qcow2_header *h, const uint8_t *b,
         switch (l2.type) {
         case QCOW2_CLUSTER_NORMAL:
         case QCOW2_CLUSTER_ZERO_ALLOC:
-            FUZZ_CHECK(l2.host_offset != 0 &&
-                       l2.host_offset % h->cluster_size == 0);
+            /* Offset 0 is a cluster like any other in an external data
+             * file (spec: there, bit 63 tells it from unallocated). */
+            FUZZ_CHECK(l2.host_offset % h->cluster_size == 0);
+            FUZZ_CHECK(l2.host_offset != 0 || h->external_data_file);
             break;
         case QCOW2_CLUSTER_COMPRESSED:
             FUZZ_CHECK(l2.nb_sectors >= 1);
