@@ -911,17 +911,20 @@ c.disc()
 c.close()
 ok("handshake, header and payload dribbled in 1-byte / 1000-byte pieces -> handled")
 
-# A client that stops reading its replies must not stall the others.
+# A client that stops reading its replies must not stall the others: the
+# well-behaved connection's reads are answered (each within its socket
+# timeout, which only bounds a hang) while the lazy client's 64 MiB of
+# replies are undelivered (they cannot fit in its 4 KiB receive buffer and
+# the daemon's send buffer).  How long the reads take is only reported.
 lazy = conn()
 lazy.handshake("disk")
 lazy.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
 lazy.send(b"".join(lazy.header(w.CMD_READ, 0x9000 + i, (i % 8) * MiB, MiB) for i in range(64)))
 time.sleep(0.5)
-t = time.time()
+t = time.monotonic()
 for i in range(20):
     good_works("while another client does not read its 64 MiB of replies")
-secs = time.time() - t
-check(secs < 2.0, f"20 reads on one connection took {secs:.1f}s while another client was not reading its replies")
+secs = time.monotonic() - t
 lazy.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 lazy.close()
 ok(f"a client not reading 64 MiB of replies does not stall another ({secs * 1000:.0f} ms for 20 reads)")
@@ -1051,31 +1054,47 @@ else:
        "(qemu-nbd not installed: not compared)")
 
 # --------------------------------------------------------------------------
-# Handshake timeout (separate daemon, --handshake-timeout 2).
+# Handshake timeout (separate daemon, --handshake-timeout 2).  The same
+# silent and stalled clients go at the same moment to the main daemon,
+# whose handshake timeout is the default 10 s: those of the 2 s daemon
+# must be dropped while the others are still connected (an order, which a
+# busy machine does not change), and not before 2 s (a lower bound, which
+# it cannot break either).  The waits of 30 s only bound a hang.
 dt = Daemon([f"name=small,file={SMALL},format=raw,readonly=on"],
             extra=["--handshake-timeout", "2"])
-t0 = time.time()
+t0 = time.monotonic()
 silent = Conn(dt.sock)                    # never reads, never sends
 stalled = Conn(dt.sock)
 stalled.start()
 stalled.send(struct.pack(">Q", w.NBD_OPT_MAGIC))   # half an option header
+silent10 = Conn(dm.sock)
+stalled10 = Conn(dm.sock)
+stalled10.start()
+stalled10.send(struct.pack(">Q", w.NBD_OPT_MAGIC))
 ready = Conn(dt.sock)
 ready.handshake("small")
-closed, extra, _ = silent.wait_closed(6.0)
-secs = time.time() - t0
-check(closed, "handshake timeout 2 s: a silent client was still connected after 6 s")
-check(1.5 <= secs <= 5.0, f"handshake timeout 2 s: silent client dropped after {secs:.1f}s (expected ~2 s, <= 5 s)")
+closed, extra, _ = silent.wait_closed(30.0)
+secs = time.monotonic() - t0
+check(closed, "handshake timeout 2 s: a silent client was still connected after 30 s")
+check(secs >= 1.5, f"handshake timeout 2 s: silent client dropped after {secs:.1f}s, before 2 s")
 ok(f"silent client dropped after {secs:.1f}s (--handshake-timeout 2)")
-closed, extra, _ = stalled.wait_closed(max(0.5, 6.0 - (time.time() - t0)))
-secs = time.time() - t0
-check(closed and secs <= 5.0, f"handshake timeout: a client stalled mid-option still connected after {secs:.1f}s")
+closed, extra, _ = stalled.wait_closed(30.0)
+secs = time.monotonic() - t0
+check(closed, f"handshake timeout: a client stalled mid-option still connected after {secs:.1f}s")
 ok(f"client stalled mid-option dropped after {secs:.1f}s")
-time.sleep(max(0.0, 3.0 - (time.time() - t0)))
+for c10, what in ((silent10, "silent"), (stalled10, "stalled mid-option")):
+    closed, _, _ = c10.wait_closed(0.05)
+    check(not closed, f"default handshake timeout: a {what} client was dropped as early as "
+          f"with --handshake-timeout 2 ({time.monotonic() - t0:.1f}s)")
+    c10.close()
+ok("the same clients of a daemon with the default handshake timeout (10 s) were still "
+   "connected then")
+time.sleep(max(0.0, 3.0 - (time.monotonic() - t0)))
 try:
     got, err = ready.read(1, 4096, 4096)
 except (w.Closed, OSError) as e:
     fail(f"handshake timeout: a client in transmission phase was dropped after "
-         f"{time.time() - t0:.1f}s idle ({e}); the timeout must apply to the handshake only")
+         f"{time.monotonic() - t0:.1f}s idle ({e}); the timeout must apply to the handshake only")
 check(err == 0 and got == small_data[4096:8192], "READ after 3 s idle in transmission failed")
 ready.disc()
 ready.close()
