@@ -62,9 +62,11 @@ for t in "${targets[@]}"; do
     scratch=$build/corpus/$t
     mkdir -p "$scratch"
     log=$build/fuzz-$t.log
+    dict=()
+    [[ -f tests/fuzz/$t.dict ]] && dict=(-dict=tests/fuzz/$t.dict)
     # New inputs go to the scratch corpus (the first directory); the one in
     # the tree is only read.
-    if $build/tests/fuzz/fuzz-$t -max_total_time="$seconds" -timeout=10 \
+    if $build/tests/fuzz/fuzz-$t "${dict[@]}" -max_total_time="$seconds" -timeout=10 \
         -rss_limit_mb=2048 -max_len=8192 -print_final_stats=1 \
         -artifact_prefix=$build/findings/$t- \
         "$scratch" tests/fuzz/corpus/$t >"$log" 2>&1; then
