@@ -456,23 +456,17 @@ struct nbd_validation nbd_validate_request(const struct nbd_request *req,
         return verdict(NBD_VERDICT_ERROR, NBD_EINVAL, payload,
                        "request not aligned to minimum block size");
 
-    /* 9. Range.  Written to never overflow: offset + length wrapping past
-     * 2^64 is out of range too. */
-    if (type == NBD_CMD_BLOCK_STATUS) {
-        /* The length is only a hint of the range of interest: it may
-         * extend past the end (the reply is clipped by the server), but the
-         * offset must lie inside the export.  A range that wraps is
-         * malformed all the same, and refusing it lets callers compute
-         * offset + length without checking. */
-        if (off >= s->export_size)
-            return verdict(NBD_VERDICT_ERROR, NBD_EINVAL, payload,
-                           "offset beyond end of export");
-        if (len > UINT64_MAX - off)
-            return verdict(NBD_VERDICT_ERROR, NBD_EINVAL, payload,
-                           "offset + length overflows");
-    } else if (len > s->export_size || off > s->export_size - len) {
+    /* 9. Range, the same rule for every command with one (spec, "Size
+     * constraints": a client MUST NOT send a length which, added to the
+     * offset, exceeds the export size, and the server SHOULD report
+     * NBD_EINVAL; NBD_CMD_BLOCK_STATUS repeats it: "SHOULD return
+     * NBD_EINVAL if it receives a request including one or more sectors
+     * beyond the size of the device").  Written to never overflow: offset
+     * + length wrapping past 2^64 is out of range too, so callers may
+     * compute offset + length without checking. */
+    if (len > s->export_size || off > s->export_size - len) {
         /* Spec, "Error values": ENOSPC for a write (and write zeroes)
-         * beyond the end; EINVAL for a read or trim beyond it. */
+         * beyond the end; EINVAL for anything else beyond it. */
         bool enospc = type == NBD_CMD_WRITE || type == NBD_CMD_WRITE_ZEROES;
 
         return verdict(NBD_VERDICT_ERROR, enospc ? NBD_ENOSPC : NBD_EINVAL,

@@ -153,9 +153,8 @@ struct nbd_validation {
  * command once SEND_FUA is advertised, as the spec requires); FLUSH, TRIM
  * and WRITE_ZEROES only when advertised; writes to a read-only export ->
  * EPERM; offset + length overflow or past the export size -> EINVAL for
- * READ, TRIM, CACHE and BLOCK_STATUS (whose length may run past the end as
- * a hint), ENOSPC for WRITE and WRITE_ZEROES; alignment to min_block ->
- * EINVAL;
+ * READ, TRIM, CACHE and BLOCK_STATUS, ENOSPC for WRITE and WRITE_ZEROES
+ * (docs/nbd-conformance.md); alignment to min_block -> EINVAL;
  * READ/WRITE length over max_payload -> EINVAL (a compact WRITE whose
  * payload exceeds max_payload, or any payload over 2^25, disconnects);
  * BLOCK_STATUS without a context -> EINVAL; zero length READ/WRITE/TRIM/

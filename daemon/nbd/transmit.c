@@ -185,9 +185,9 @@ static int do_block_status_co(struct nbd_req *r, struct coro *co)
     const struct nbd_request *h = &r->hdr;
     bool one = h->flags & NBD_CMD_FLAG_REQ_ONE;
     uint64_t off = h->offset;
+    /* nbd_validate_request() refused a range past the end of the export
+     * (or one that wraps), as for every other command. */
     uint64_t end = off + h->length;
-    if (end > n->size || end < off)
-        end = n->size;
     unsigned max = one ? 1 : BS_MAX_EXTENTS;
 
     struct fmt_extent *ext = malloc(sizeof(*ext) * max);

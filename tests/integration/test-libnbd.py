@@ -10,8 +10,11 @@ Run: STRATAD=build/daemon/stratad /usr/bin/python3 tests/integration/test-libnbd
 """
 import bisect
 import errno
+import json
 import os
 import random
+import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -512,6 +515,81 @@ with open(DIRECT, "rb") as f:
 ok("cache=none: aligned pwrite/pread work and reach the file")
 for hh in (he, hro, hdi):
     hh.shutdown()
+
+# --------------------------------------------------------------------------
+# BLOCK_STATUS past the end of the export, through libnbd with its
+# client-side bounds check off, from stratad and from qemu-nbd serving the
+# same file: a range that ends past the end is refused with EINVAL by both
+# (spec, "Size constraints"; docs/nbd-conformance.md), one that ends at the
+# end is answered by both.  Then the clients that map disks ask nothing
+# past the end on their own: libnbd refuses it before sending (its default
+# strict mode), and `nbdinfo --map` and `qemu-img map` map the whole export.
+BS_CASES = (("ending 4 KiB past the end", SPARSE_SIZE - 4096, 8192),
+            ("ending 1 MiB past the end", SPARSE_SIZE - MiB, 2 * MiB),
+            ("starting at the end", SPARSE_SIZE, 4096),
+            ("ending at the end", SPARSE_SIZE - 8192, 8192))
+
+
+def bs_answers(uri):
+    h = nbd.NBD()
+    h.add_meta_context("base:allocation")
+    h.connect_uri(uri)
+    h.set_strict_mode(h.get_strict_mode() & ~nbd.STRICT_BOUNDS)
+    out = []
+    for what, off, cnt in BS_CASES:
+        try:
+            h.block_status(cnt, off, lambda *a: 0)
+            out.append((what, None))
+        except nbd.Error as e:
+            out.append((what, e.errnum))
+    h.shutdown()
+    return out
+
+
+ours = bs_answers(dm.uri("sparse"))
+for what, err in ours:
+    want = None if what.startswith("ending at") else errno.EINVAL
+    check(err == want, f"stratad: block status {what}: expected "
+          f"{errno.errorcode.get(want, 'success')}, got {errno.errorcode.get(err, 'success')}")
+if shutil.which("qemu-nbd"):
+    from workload import QemuNbd  # noqa: E402
+    qn = QemuNbd(SPARSE, "sparse", shared=1, extra=["-r"])
+    theirs = bs_answers(qn.uri())
+    qn.stop()
+    check(ours == theirs, f"block status past the end: stratad answers {ours}, "
+          f"qemu-nbd {theirs}")
+    ok("block status past the end -> EINVAL, ending at the end -> answered: the same as "
+       "qemu-nbd on the same file")
+else:
+    ok("block status past the end -> EINVAL, ending at the end -> answered (qemu-nbd not "
+       "installed: not compared)")
+
+hs = handle("sparse", contexts=["base:allocation"])
+try:
+    hs.block_status(8192, SPARSE_SIZE - 4096, lambda *a: 0)
+    fail("libnbd (strict mode) sent a block status request past the end")
+except nbd.Error as e:
+    check(e.errnum == errno.EINVAL, f"libnbd strict mode: {e}")
+check(hs.aio_is_ready(), "the connection after libnbd's own refusal")
+hs.shutdown()
+# nbdinfo --map and qemu-img map walk the whole export in block status
+# requests sized to what is left: both succeed and cover the export exactly.
+p = subprocess.run(["nbdinfo", "--map", "--json", dm.uri("sparse")], capture_output=True,
+                   text=True, timeout=60)
+check(p.returncode == 0, f"nbdinfo --map: exit {p.returncode}: {p.stderr}")
+m = json.loads(p.stdout)
+check(m and m[0]["offset"] == 0 and m[-1]["offset"] + m[-1]["length"] == SPARSE_SIZE and
+      all(a["offset"] + a["length"] == b["offset"] for a, b in zip(m, m[1:])),
+      f"nbdinfo --map does not cover the export exactly: {m}")
+if shutil.which("qemu-img"):
+    p = subprocess.run(["qemu-img", "map", "--output=json", "-f", "raw", dm.uri("sparse")],
+                       capture_output=True, text=True, timeout=60)
+    check(p.returncode == 0, f"qemu-img map: exit {p.returncode}: {p.stderr}")
+    m = json.loads(p.stdout)
+    check(m and m[-1]["start"] + m[-1]["length"] == SPARSE_SIZE,
+          f"qemu-img map does not end at the end of the export: {m[-3:]}")
+ok("libnbd refuses block status past the end before sending it; nbdinfo --map and "
+   "qemu-img map cover the export exactly")
 
 # --------------------------------------------------------------------------
 # 64 requests in flight.

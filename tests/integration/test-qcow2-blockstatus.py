@@ -6,9 +6,12 @@ MiB of data here and there, a zeroed range, a discarded range) <- top.qcow2
 (1 TiB: a little data, a zeroed range).  Both `base:allocation` and
 `qemu:allocation-depth` maps of the whole 1 TiB disk are read from stratad
 and from `qemu-nbd -A`, merged, and must agree byte for byte.  Reading
-stratad's maps must take under 3 s (unallocated L2 tables are skipped in
-one step; walking cluster by cluster would take minutes).  REQ_ONE must
-return exactly one extent, the first of the full answer.
+stratad's maps must take at most 10 times as long as reading qemu-nbd's,
+measured right after in the same run (unallocated L2 tables are skipped in
+one step, as QEMU does; walking cluster by cluster would take minutes,
+hundreds of times longer); a pair over the ratio is measured again, up to
+three times, so that one burst of load on a shared machine does not decide.  REQ_ONE must return exactly one
+extent, the first of the full answer.
 """
 import os
 import sys
@@ -47,21 +50,29 @@ def main():
     qcow2lib.qemu_io(top, ["write -P 4 6M 1M", "write -z 100G 1M", "write -P 5 512G 128k"])
 
     s = harness.Daemon([f"name=big,file={top},format=qcow2,readonly=on"])
-    t0 = time.time()
-    ours = maps_of(s.uri("big"), TiB, CONTEXTS)
-    took = time.time() - t0
     q = QemuNbd(top, "big", shared=2, fmt="qcow2", extra=["-r", "-A"])
-    t1 = time.time()
-    theirs = maps_of(q.uri(), TiB, CONTEXTS)
-    qtook = time.time() - t1
+    # The same maps from both servers, one right after the other, so that a
+    # busy machine slows both alike.
+    for attempt in range(1, 4):
+        t0 = time.monotonic()
+        ours = maps_of(s.uri("big"), TiB, CONTEXTS)
+        took = time.monotonic() - t0
+        t0 = time.monotonic()
+        theirs = maps_of(q.uri(), TiB, CONTEXTS)
+        qtook = time.monotonic() - t0
+        if took <= 10 * qtook:
+            break
     q.stop()
     for c in CONTEXTS:
         diffs = map_diffs(ours[c], theirs[c])
         check(not diffs, f"{c}: stratad and qemu-nbd disagree (start, len, stratad, "
                          f"qemu-nbd): {diffs}")
         ok(f"{c}: {len(ours[c])} merged extents over 1 TiB, identical to qemu-nbd's")
-    check(took < 3.0, f"stratad took {took:.2f} s for the maps of a 1 TiB sparse chain")
-    ok(f"both maps of 1 TiB in {took:.3f} s (qemu-nbd: {qtook:.3f} s)")
+    check(took <= 10 * qtook, f"stratad took {took:.2f} s for the maps of a 1 TiB sparse "
+          f"chain, more than 10 times qemu-nbd's {qtook:.2f} s, three times: does it walk "
+          f"unallocated L2 tables cluster by cluster?")
+    ok(f"both maps of 1 TiB in {took:.3f} s, {took / qtook:.1f} times qemu-nbd's "
+       f"{qtook:.3f} s (measurement {attempt})")
 
     h = nbd.NBD()
     h.add_meta_context("base:allocation")

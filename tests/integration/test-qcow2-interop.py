@@ -289,7 +289,7 @@ def phase_write(cases, paths, d):
         # model with 8 in flight on the 2 MiB-cluster image (not
         # reproduced alone).  stratad gets 8 in flight.
         for who, uri, depth in (("qemu-nbd", q.uri(), 1), ("stratad", srv.uri(c.name), 8)):
-            workload.configure(size=c.size, depth=depth, seconds=60)
+            workload.configure(size=c.size, depth=depth, seconds=150)  # bounds a hang
             r = workload.Runner(f"{c.name} on {who}", uri, bytearray(initial), ops)
             r.run()
             check_soft(r.error is None, str(r.error))

@@ -69,7 +69,7 @@ SIZE = 32 * MiB
 SEED = int(os.environ.get("STRATA_SEED", "20261122"))
 OPS = int(os.environ.get("STRATA_OPS", "2000"))
 CONNS = 4
-workload.configure(SIZE, 16, 330)
+workload.configure(SIZE, 16, 390)   # bounds a hang only; meson's timeout is 420
 
 cluster = cephlib.start()
 d = harness.tmpdir()
@@ -418,7 +418,8 @@ def add_dead():
         result["err"] = None
     except harness.QMPError as e:
         result["err"] = e.desc
-    result["took"] = time.time() - t0
+    result["end"] = time.time()
+    result["took"] = result["end"] - t0
 
 
 th = threading.Thread(target=add_dead)
@@ -426,19 +427,26 @@ h5 = nbd.NBD()
 h5.connect_uri(dmn5.uri("local"))
 expect = open(local, "rb").read(4096)
 th.start()
-reads, worst = 0, 0.0
+reads, worst, done_at = 0, 0.0, []
 while th.is_alive() or reads == 0:
     t0 = time.time()
     check(h5.pread(4096, 0) == expect, "local export: read differs")
-    worst = max(worst, time.time() - t0)
+    done_at.append(time.time())
+    worst = max(worst, done_at[-1] - t0)
     reads += 1
 th.join()
 h5.shutdown()
 check(result["err"] and "no answer from the Ceph monitors within 3 s" in result["err"],
       f"blockdev-add of an unreachable cluster: {result}")
 check(result["took"] >= 2.5, f"the connect gave up after {result['took']:.1f} s, not 3 s")
-check(worst < 0.5, f"a read of the local export took {worst * 1000:.0f} ms while the "
-      "cluster was being reached: the loop was blocked")
+# The loop is not blocked while the cluster is being reached: local reads
+# are answered while blockdev-add still waits.  (A blocked loop would
+# answer them only together with blockdev-add; the 0.5 s keeps reads
+# answered in the same instant out of the count.)
+waiting = [t for t in done_at if t < result["end"] - 0.5]
+check(len(waiting) >= 3, f"only {len(waiting)} reads of the local export were answered "
+      f"while blockdev-add waited {result['took']:.1f} s for the cluster: the loop was "
+      "blocked")
 # the CLI passes rbd: specs through as they are (not as paths)
 cli = [os.environ.get("STRATA_CLI") or os.path.join(os.path.dirname(harness.STRATAD), "..",
                                                     "contrib", "strata"), "--socket", ctl5]
@@ -454,5 +462,6 @@ check(backing_of("rbd:rbd/q-cli-s1") == ("rbd:rbd/q-cli", "qcow2"),
 ok("strata add-export and snapshot with rbd: specs (an RBD overlay created)")
 check(dmn5.stop() == 0, "stratad exit status (QMP rbd)")
 ok(f"while blockdev-add waited {result['took']:.1f} s for monitors that do not answer, "
-   f"the local export served {reads} reads, the slowest in {worst * 1000:.1f} ms")
+   f"the local export served {reads} reads ({len(waiting)} before the last 0.5 s), the "
+   f"slowest in {worst * 1000:.1f} ms")
 print("PASS")

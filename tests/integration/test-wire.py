@@ -11,8 +11,10 @@ Run: STRATAD=build/daemon/stratad /usr/bin/python3 tests/integration/test-wire.p
 """
 import os
 import random
+import shutil
 import socket
 import struct
+import subprocess
 import sys
 import time
 
@@ -668,25 +670,15 @@ for i, (what, cmd, eoff, elen, eflags, eerr) in enumerate(errcases):
     c.request(cmd, cookie, eoff, elen, eflags)
     if expect_error_chunk(c, c.reply_for(cookie), eerr, cookie, eoff, what + " (extended)"):
         ok(f"{what} -> extended ERROR chunk, error {eerr}, offset echoed")
-# BLOCK_STATUS's effect length is only a hint: a request that starts inside
-# the export but ends past it may fail with EINVAL or be answered for the
-# part inside; either way no extent may run past the end of the export.
+# BLOCK_STATUS whose range runs past the end: EINVAL like every other
+# command (spec, "Size constraints" and NBD_CMD_BLOCK_STATUS: the server
+# SHOULD return NBD_EINVAL for a request including sectors beyond the
+# size; docs/nbd-conformance.md).  Extended headers, 64-bit length:
 cookie = 0xee000000000000d0
 c.request(w.CMD_BLOCK_STATUS, cookie, 4 * GiB, (1 << 32) + 4096)
-reps = c.reply_for(cookie)
-if any(r.is_error for r in reps):
-    expect_error_chunk(c, reps, w.EINVAL, cookie, 4 * GiB, "BLOCK_STATUS of 4 GiB + 4 KiB ending past the end")
-    how = "EINVAL"
-else:
-    ext_ok(reps, cookie, 4 * GiB, "BLOCK_STATUS of 4 GiB + 4 KiB ending past the end")
-    for r in reps:
-        cid, ext = w.parse_block_status(r)
-        total = sum(n for n, _ in ext)
-        soft(total <= BIG_SIZE - 4 * GiB,
-             f"BLOCK_STATUS 4 GiB + 4 KiB at 4 GiB: context {cid} extents cover {total} bytes, "
-             f"past the end of the 8 GiB export: {ext}")
-    how = "answered for the part inside the export"
-ok(f"BLOCK_STATUS of 4 GiB + 4 KiB ending past the end -> {how}")
+if expect_error_chunk(c, c.reply_for(cookie), w.EINVAL, cookie, 4 * GiB,
+                      "BLOCK_STATUS of 4 GiB + 4 KiB ending past the end (extended)"):
+    ok("BLOCK_STATUS of 4 GiB + 4 KiB ending past the end -> EINVAL")
 cookie = 0xee000000000000f0
 c.write(cookie, BIG_SIZE - 100, bytes(200))
 if expect_error_chunk(c, c.reply_for(cookie), w.ENOSPC, cookie, BIG_SIZE - 100, "WRITE past end (extended)"):
@@ -919,17 +911,20 @@ c.disc()
 c.close()
 ok("handshake, header and payload dribbled in 1-byte / 1000-byte pieces -> handled")
 
-# A client that stops reading its replies must not stall the others.
+# A client that stops reading its replies must not stall the others: the
+# well-behaved connection's reads are answered (each within its socket
+# timeout, which only bounds a hang) while the lazy client's 64 MiB of
+# replies are undelivered (they cannot fit in its 4 KiB receive buffer and
+# the daemon's send buffer).  How long the reads take is only reported.
 lazy = conn()
 lazy.handshake("disk")
 lazy.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
 lazy.send(b"".join(lazy.header(w.CMD_READ, 0x9000 + i, (i % 8) * MiB, MiB) for i in range(64)))
 time.sleep(0.5)
-t = time.time()
+t = time.monotonic()
 for i in range(20):
     good_works("while another client does not read its 64 MiB of replies")
-secs = time.time() - t
-check(secs < 2.0, f"20 reads on one connection took {secs:.1f}s while another client was not reading its replies")
+secs = time.monotonic() - t
 lazy.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 lazy.close()
 ok(f"a client not reading 64 MiB of replies does not stall another ({secs * 1000:.0f} ms for 20 reads)")
@@ -996,31 +991,110 @@ good.disc()
 good.close()
 
 # --------------------------------------------------------------------------
-# Handshake timeout (separate daemon, --handshake-timeout 2).
+# BLOCK_STATUS past the end, stratad and qemu-nbd asked the same on the same
+# file (structured replies, base:allocation): a range that ends past the end
+# of the export is refused with EINVAL by both, one that ends at the end is
+# answered by both.  (qemu-nbd here has no extended headers: compact
+# requests.)
+def bs_answers(addr):
+    """[(what, error or None, extents covered)] for the requests below."""
+    cb = Conn(addr)
+    cb.handshake("big", structured=True, contexts=["base:allocation"])
+    out = []
+    for i, (what, boff, blen) in enumerate((
+            ("ending 4 KiB past the end", BIG_SIZE - 4096, 8192),
+            ("ending 1 MiB past the end", BIG_SIZE - MiB, 2 * MiB),
+            ("starting at the end", BIG_SIZE, 4096),
+            ("ending at the end", BIG_SIZE - 8192, 8192))):
+        cb.request(w.CMD_BLOCK_STATUS, 0x7700 + i, boff, blen)
+        reps = cb.reply_for(0x7700 + i)
+        errs = [r for r in reps if r.is_error]
+        if errs:
+            out.append((what, errs[0].error, None))
+        else:
+            ext = [e for r in reps if r.type == w.REPLY_TYPE_BLOCK_STATUS
+                   for e in w.parse_block_status(r)[1]]
+            out.append((what, None, sum(n for n, _ in ext)))
+    cb.disc()
+    cb.close()
+    return out
+
+
+ours = bs_answers(SOCK)
+for what, err, covered in ours:
+    if what.startswith("ending at"):
+        check(err is None and 0 < covered <= 8192,
+              f"stratad: BLOCK_STATUS {what}: error {err}, {covered} bytes covered")
+    else:
+        check(err == w.EINVAL, f"stratad: BLOCK_STATUS {what}: expected EINVAL, got "
+              f"{'success' if err is None else err}")
+if shutil.which("qemu-nbd"):
+    qsock = os.path.join(d, "qemu-nbd.sock")
+    qn = subprocess.Popen(["qemu-nbd", "-r", "-f", "raw", "-t", "-x", "big", "-k", qsock,
+                           BIG], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    t_q = time.monotonic() + 30                # bounds a hang
+    while not os.path.exists(qsock):
+        check(qn.poll() is None and time.monotonic() < t_q,
+              f"qemu-nbd did not start: {qn.stderr.read() if qn.poll() is not None else ''}")
+        time.sleep(0.02)
+    try:
+        theirs = bs_answers(qsock)
+    finally:
+        qn.terminate()
+        qn.wait(30)
+    for (what, err, covered), (_, qerr, qcovered) in zip(ours, theirs):
+        check((err is None) == (qerr is None) and (err is None or err == qerr),
+              f"BLOCK_STATUS {what}: stratad answers "
+              f"{'success' if err is None else err}, qemu-nbd "
+              f"{'success' if qerr is None else qerr}")
+    ok("BLOCK_STATUS past the end -> EINVAL, ending at the end -> answered; "
+       "the same as qemu-nbd on the same file")
+else:
+    ok("BLOCK_STATUS past the end -> EINVAL, ending at the end -> answered "
+       "(qemu-nbd not installed: not compared)")
+
+# --------------------------------------------------------------------------
+# Handshake timeout (separate daemon, --handshake-timeout 2).  The same
+# silent and stalled clients go at the same moment to the main daemon,
+# whose handshake timeout is the default 10 s: those of the 2 s daemon
+# must be dropped while the others are still connected (an order, which a
+# busy machine does not change), and not before 2 s (a lower bound, which
+# it cannot break either).  The waits of 30 s only bound a hang.
 dt = Daemon([f"name=small,file={SMALL},format=raw,readonly=on"],
             extra=["--handshake-timeout", "2"])
-t0 = time.time()
+t0 = time.monotonic()
 silent = Conn(dt.sock)                    # never reads, never sends
 stalled = Conn(dt.sock)
 stalled.start()
 stalled.send(struct.pack(">Q", w.NBD_OPT_MAGIC))   # half an option header
+silent10 = Conn(dm.sock)
+stalled10 = Conn(dm.sock)
+stalled10.start()
+stalled10.send(struct.pack(">Q", w.NBD_OPT_MAGIC))
 ready = Conn(dt.sock)
 ready.handshake("small")
-closed, extra, _ = silent.wait_closed(6.0)
-secs = time.time() - t0
-check(closed, "handshake timeout 2 s: a silent client was still connected after 6 s")
-check(1.5 <= secs <= 5.0, f"handshake timeout 2 s: silent client dropped after {secs:.1f}s (expected ~2 s, <= 5 s)")
+closed, extra, _ = silent.wait_closed(30.0)
+secs = time.monotonic() - t0
+check(closed, "handshake timeout 2 s: a silent client was still connected after 30 s")
+check(secs >= 1.5, f"handshake timeout 2 s: silent client dropped after {secs:.1f}s, before 2 s")
 ok(f"silent client dropped after {secs:.1f}s (--handshake-timeout 2)")
-closed, extra, _ = stalled.wait_closed(max(0.5, 6.0 - (time.time() - t0)))
-secs = time.time() - t0
-check(closed and secs <= 5.0, f"handshake timeout: a client stalled mid-option still connected after {secs:.1f}s")
+closed, extra, _ = stalled.wait_closed(30.0)
+secs = time.monotonic() - t0
+check(closed, f"handshake timeout: a client stalled mid-option still connected after {secs:.1f}s")
 ok(f"client stalled mid-option dropped after {secs:.1f}s")
-time.sleep(max(0.0, 3.0 - (time.time() - t0)))
+for c10, what in ((silent10, "silent"), (stalled10, "stalled mid-option")):
+    closed, _, _ = c10.wait_closed(0.05)
+    check(not closed, f"default handshake timeout: a {what} client was dropped as early as "
+          f"with --handshake-timeout 2 ({time.monotonic() - t0:.1f}s)")
+    c10.close()
+ok("the same clients of a daemon with the default handshake timeout (10 s) were still "
+   "connected then")
+time.sleep(max(0.0, 3.0 - (time.monotonic() - t0)))
 try:
     got, err = ready.read(1, 4096, 4096)
 except (w.Closed, OSError) as e:
     fail(f"handshake timeout: a client in transmission phase was dropped after "
-         f"{time.time() - t0:.1f}s idle ({e}); the timeout must apply to the handshake only")
+         f"{time.monotonic() - t0:.1f}s idle ({e}); the timeout must apply to the handshake only")
 check(err == 0 and got == small_data[4096:8192], "READ after 3 s idle in transmission failed")
 ready.disc()
 ready.close()

@@ -77,7 +77,7 @@ class QemuNbd:
             self.log = open(os.path.join(self.dir, f"qemu-nbd-{aio}.log"), "w+")
             self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT,
                                          preexec_fn=_die_with_parent)
-            deadline = time.time() + 10
+            deadline = time.time() + 30          # bounds a hang
             while not self._listening() and self.proc.poll() is None \
                     and time.time() < deadline:
                 time.sleep(0.02)

@@ -870,8 +870,7 @@ static const struct validate_case validate_cases[] = {
     { "cache zero length", &s_rw, CACHE, 0, 512, 0, OK, 0, 0 },
     { "block status", &s_rw, BS, 0, 0, MiB, OK, 0, 0 },
     { "block status req_one", &s_rw, BS, ONE, 512, 512, OK, 0, 0 },
-    { "block status past end", &s_rw, BS, 0, MiB - 512, 0xfffffe00u,
-      OK, 0, 0 },
+    { "block status to the end", &s_rw, BS, 0, MiB - 512, 512, OK, 0, 0 },
     { "read df", &s_rw, READ, DF, 0, 65536, OK, 0, 0 },
     /* Spec: FUA is valid on every command once SEND_FUA is negotiated. */
     { "read fua", &s_rw, READ, FUA, 0, 512, OK, 0, 0 },
@@ -945,6 +944,12 @@ static const struct validate_case validate_cases[] = {
     { "bs zero length", &s_rw, BS, 0, 0, 0, ERR, NBD_EINVAL, 0 },
     { "bs offset at end", &s_rw, BS, 0, MiB, 512, ERR, NBD_EINVAL, 0 },
     { "bs offset past end", &s_rw, BS, 0, 2 * MiB, 512, ERR, NBD_EINVAL, 0 },
+    /* Spec, "Size constraints" and NBD_CMD_BLOCK_STATUS: a range that runs
+     * past the end is refused like a READ's (docs/nbd-conformance.md). */
+    { "bs length past end", &s_rw, BS, 0, MiB - 512, 0xfffffe00u,
+      ERR, NBD_EINVAL, 0 },
+    { "bs one block past end", &s_rw, BS, 0, MiB - 512, 1024,
+      ERR, NBD_EINVAL, 0 },
     { "bs empty export", &s_empty, BS, 0, 0, 512, ERR, NBD_EINVAL, 0 },
     { "bs unaligned", &s_rw, BS, 0, 0, 100, ERR, NBD_EINVAL, 0 },
 
@@ -1062,7 +1067,7 @@ static const struct validate_case validate_cases[] = {
     { "ext zeroes whole export", &s_ext, WZ, FZ, 0, TiB, OK, 0, 0 },
     { "ext block status 8G", &s_ext, BS, 0, 0, 8 * GiB, OK, 0, 0 },
     { "ext block status past end", &s_ext, BS, ONE, TiB - 512, TiB,
-      OK, 0, 0 },
+      ERR, NBD_EINVAL, 0 },
     { "ext trim past end", &s_ext, TRIM, 0, TiB - 4 * GiB, 8 * GiB,
       ERR, NBD_EINVAL, 0 },
     { "ext zeroes past end", &s_ext, WZ, 0, TiB - 4 * GiB, 8 * GiB,
