@@ -149,7 +149,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 
         /* B as the backing name of an image, under A (when it is a spec)
          * or under a local file. */
-        r = rbd_spec_resolve_backing(a_ok ? a : NULL, b, &out, &err);
+        r = rbd_spec_resolve_backing(a_ok ? a : NULL, a_ok ? NULL : "", b,
+                                     &out, &err);
         if (r == 0) {
             FUZZ_CHECK(out != NULL && err == NULL);
             check_parses("rbd_spec_resolve_backing", out);
