@@ -41,8 +41,14 @@ def check(cond, msg):
         print("FAIL:", msg, flush=True)
 
 
+_reported = [0]
+
+
 def ok(msg):
-    print("ok  ", msg, flush=True)
+    """Prints msg if no check failed since the last ok()."""
+    if len(failures) == _reported[0]:
+        print("ok  ", msg, flush=True)
+    _reported[0] = len(failures)
 
 
 def run(argv, **kw):
@@ -101,7 +107,8 @@ flat = {p: re.sub(r"-\n\s*", "-", t) for p, t in texts.items()}
 
 
 def documented(page, word):
-    return re.search(r"(?<![\w-])" + re.escape(word) + r"(?![\w-])", flat[page]) is not None
+    end = r"(?![\w-])" if re.match(r"[\w-]", word[-1]) else ""
+    return re.search(r"(?<![\w-])" + re.escape(word) + end, flat[page]) is not None
 
 
 # 3. every QMP command of the running daemon's table
