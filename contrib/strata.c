@@ -812,6 +812,7 @@ struct create_job {
     struct loop *loop;
     const char *path, *format, *backing, *backing_fmt;
     uint64_t size;
+    uint64_t cluster_size;         /* qcow2 */
     struct error *err;
     int ret;
 };
@@ -820,6 +821,8 @@ static void create_co(struct coro *co, void *arg)
 {
     struct create_job *c = arg;
     if (!strcmp(c->format, "qcow2")) {
+        /* qcow2_create_co makes DEFAULT_CLUSTER_SIZE clusters (cmd_create
+         * refuses any other c->cluster_size until it takes one) */
         c->ret = qcow2_create_co(c->loop, co, c->path, c->size, c->backing,
                                  c->backing_fmt, &c->err);
         return;
@@ -862,15 +865,16 @@ static int cmd_create(const char *file, const char *size_arg, const char *format
         die(2, "create: --format %s: expected qcow2 or raw", format);
     if (backing && strcmp(format, "qcow2"))
         die(2, "create: --backing needs --format qcow2 (a raw image has no backing file)");
+    uint64_t cs = DEFAULT_CLUSTER_SIZE;
     if (cluster_arg) {
-        uint64_t cs = parse_size(cluster_arg);
+        cs = parse_size(cluster_arg);
         if (cs < 512 || cs > (2u << 20) || (cs & (cs - 1)))
             die(2, "create: --cluster-size %s: expected a power of two from 512 "
                 "to 2M", cluster_arg);
         if (strcmp(format, "qcow2"))
             die(2, "create: --cluster-size is for qcow2 images");
         /* The image creator of the formats library makes 64 KiB clusters
-         * only (qcow2_create_co has no cluster size to pass yet). */
+         * only: qcow2_create_co has no cluster size parameter. */
         if (cs != DEFAULT_CLUSTER_SIZE)
             die(2, "create: --cluster-size %s: this version creates qcow2 images "
                 "with 64 KiB clusters only (use qemu-img create -o cluster_size=%s "
@@ -879,7 +883,8 @@ static int cmd_create(const char *file, const char *size_arg, const char *format
     if (!backend_spec_is_remote(file) && access(file, F_OK) == 0)
         die(1, "create: %s already exists (strata never overwrites an image)", file);
     struct loop *l = img_loop();
-    struct create_job c = {.loop = l, .path = file, .format = format, .backing = backing};
+    struct create_job c = {.loop = l, .path = file, .format = format, .backing = backing,
+                           .cluster_size = cs};
     char *backing_path = NULL, *backing_fmt = NULL;
     if (backing) {
         /* the name is recorded as given, and read as the chain opener
@@ -919,7 +924,7 @@ static int cmd_create(const char *file, const char *size_arg, const char *format
         json_object_object_add(o, "virtual-size", json_object_new_int64((int64_t)c.size));
         if (!strcmp(format, "qcow2"))
             json_object_object_add(o, "cluster-size",
-                                   json_object_new_int64(DEFAULT_CLUSTER_SIZE));
+                                   json_object_new_int64((int64_t)c.cluster_size));
         if (backing) {
             json_object_object_add(o, "backing-filename", json_object_new_string(backing));
             json_object_object_add(o, "backing-filename-format",
