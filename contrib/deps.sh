@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
 # Installs what strata needs on Debian 12, and nothing when all is present.
 # Usage: contrib/deps.sh [build|demo|test|bench]
-#   build: compile; demo: + qemu-img to make the demo chain; test, bench:
-#   + everything the test suite and the benchmarks run
+#   build: compile (and the man pages: perl's pod2man); demo: + qemu-img
+#   to make the demo chain; test, bench: + everything the test suite and
+#   the benchmarks run
 set -euo pipefail
+source "$(dirname "$0")/lib.sh"
 
 level=${1:-build}
+case $level in
+build|demo|test|bench) ;;
+*) echo "usage: contrib/deps.sh [build|demo|test|bench]" >&2; exit 2 ;;
+esac
 pkgs=(gcc pkg-config meson ninja-build liburing-dev zlib1g-dev libzstd-dev
-      libjson-c-dev)
+      libjson-c-dev perl)
 # optional at build time: sd_notify through libsystemd (stratad speaks the
 # protocol itself without it), the Prometheus endpoint (--metrics)
 pkgs+=(libsystemd-dev libmicrohttpd-dev)
@@ -20,6 +26,8 @@ if [[ $level == test || $level == bench ]]; then
     # and to compare the control socket with
     pkgs+=(libcmocka-dev libnbd-bin python3-libnbd qemu-utils nbdkit fio
            python3 qemu-system-common)
+    # man -l renders the man pages in the docs test
+    pkgs+=(man-db)
     # a third-party QMP client (Go) for test-qmp-tools.py
     pkgs+=(golang-go golang-github-digitalocean-go-qemu-dev)
     # VM tests (tests/vm): QEMU boots a stock Debian kernel, socat carries
@@ -42,12 +50,18 @@ for p in "${pkgs[@]}"; do
 done
 ((${#missing[@]} == 0)) && exit 0
 
-echo "strata: installing ${missing[*]}" >&2
+echo "strata: installing ${missing[*]} (log: $STRATA_LOG_DIR/apt-get-install.log)" >&2
 sudo=()
 if [[ $(id -u) != 0 ]]; then
-    command -v sudo >/dev/null || { echo "strata: need root or sudo to install ${missing[*]}" >&2; exit 1; }
+    command -v sudo >/dev/null || {
+        echo "strata: need root or sudo to install ${missing[*]}:" \
+             "run 'apt-get install ${missing[*]}' as root, then this again" >&2
+        exit 1
+    }
     sudo=(sudo)
 fi
 export DEBIAN_FRONTEND=noninteractive
-"${sudo[@]}" apt-get update -qq
-"${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+step apt-get-update "check the network and the apt sources (/etc/apt/sources.list*), then run this again" \
+    "${sudo[@]}" apt-get update
+step apt-get-install "install them by hand ('apt-get install ${missing[*]}' as root) to see why, then run this again" \
+    "${sudo[@]}" apt-get install -y --no-install-recommends "${missing[@]}"

@@ -1,11 +1,14 @@
-/* strata — the command-line client of stratad's control socket (QMP).
+/* strata — the command-line client of stratad's control socket (QMP),
+ * and of images on disk.
  *
  * A plain blocking client: connect, read the greeting, negotiate, run one
  * or a few commands, print the result for humans (or raw JSON with
  * --json), exit 0 on success and 1 with the daemon's message on failure
- * (2 for usage errors and an unreachable socket).
+ * (2 for usage errors and an unreachable socket).  create and info FILE
+ * need no daemon: they drive the formats library on a loop of their own.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <getopt.h>
 #include <limits.h>
 #include <poll.h>
@@ -16,12 +19,18 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
 
 #include <json-c/json.h>
 
+#include "backend.h"
+#include "format.h"
+#include "log.h"
+#include "loop.h"
+#include "qcow2.h"
 #include "strata-config.h"
 
 #define DEFAULT_SOCKET "/run/strata/control.sock"
@@ -904,6 +913,414 @@ static int cmd_stats(struct qmp *q, const char *exp, bool watch)
     return 0;
 }
 
+/* ---- images: create and info (the formats library, no daemon) ---- */
+
+#define IMG_LOOP_ENTRIES 64
+#define IMG_CORO_STACK (256u << 10)
+#define DEFAULT_CLUSTER_SIZE 65536u
+
+static struct loop *img_loop(void)
+{
+    /* the library's progress notes are the daemon's log, not ours */
+    log_set_level(LOG_WARN);
+    char *msg = NULL;
+    struct loop *l = loop_new(IMG_LOOP_ENTRIES, IMG_CORO_STACK, &msg);
+    if (!l)
+        die(1, "cannot create an event loop: %s", msg ? msg : "io_uring unavailable");
+    return l;
+}
+
+/* A size in bytes with an optional K, M, G, T or P suffix (powers of 1024,
+ * as qemu-img reads them); 0 on a malformed size. */
+static uint64_t parse_size(const char *s)
+{
+    char *end;
+    errno = 0;
+    unsigned long long n = strtoull(s, &end, 10);
+    unsigned shift = 0;
+    if (errno || end == s || s[0] == '-')
+        return 0;
+    switch (*end) {
+    case 'k': case 'K': shift = 10; end++; break;
+    case 'm': case 'M': shift = 20; end++; break;
+    case 'g': case 'G': shift = 30; end++; break;
+    case 't': case 'T': shift = 40; end++; break;
+    case 'p': case 'P': shift = 50; end++; break;
+    }
+    if (*end == 'i' && shift)     /* KiB, MiB... */
+        end++;
+    if ((*end == 'b' || *end == 'B') && end[1] == '\0')
+        end++;
+    if (*end || (shift && n > (UINT64_MAX >> shift)))
+        return 0;
+    return (uint64_t)n << shift;
+}
+
+/* Does a local file start with the qcow2 magic?  (rbd: specs: unknown.) */
+static bool looks_like_qcow2(const char *path)
+{
+    unsigned char m[4];
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return false;
+    bool yes = pread(fd, m, 4, 0) == 4 && m[0] == 'Q' && m[1] == 'F' &&
+               m[2] == 'I' && m[3] == 0xfb;
+    close(fd);
+    return yes;
+}
+
+/* Opens an image read-only with its whole chain; the format is fmt, or
+ * qcow2 when the file says so, else raw.  Backing files may be anywhere
+ * (the user's own permissions are the limit).  Exits on failure. */
+static struct fmt_node *img_open(struct loop *l, const char *spec, const char *fmt)
+{
+    CLEANUP_ERROR struct error *err = NULL;
+    struct fmt_open_opts o = {.read_only = true, .backing_root = "/"};
+    if (fmt)
+        o.format = fmt;
+    else if (backend_spec_is_remote(spec) || looks_like_qcow2(spec))
+        o.format = "qcow2";
+    else
+        o.format = "raw";
+    struct fmt_node *n = fmt_open(l, spec, &o, &err);
+    if (!n && !fmt && backend_spec_is_remote(spec)) {
+        /* an RBD image that is not qcow2: raw */
+        error_freep(&err);
+        o.format = "raw";
+        n = fmt_open(l, spec, &o, &err);
+    }
+    if (!n)
+        die(1, "%s", err ? err->msg : "cannot open the image");
+    return n;
+}
+
+struct create_job {
+    struct loop *loop;
+    const char *path, *format, *backing, *backing_fmt;
+    uint64_t size;
+    uint64_t cluster_size;         /* qcow2 */
+    struct error *err;
+    int ret;
+};
+
+static void create_co(struct coro *co, void *arg)
+{
+    struct create_job *c = arg;
+    if (!strcmp(c->format, "qcow2")) {
+        /* qcow2_create_co makes DEFAULT_CLUSTER_SIZE clusters (cmd_create
+         * refuses any other c->cluster_size until it takes one) */
+        c->ret = qcow2_create_co(c->loop, co, c->path, c->size, c->backing,
+                                 c->backing_fmt, &c->err);
+        return;
+    }
+    /* raw: a sparse file (or a new RBD image) of the size, synced */
+    struct backend_open_opts o = {.create = true, .create_size = c->size};
+    struct backend *b = backend_open_co(c->loop, co, c->path, &o, &c->err);
+    if (!b) {
+        c->ret = -1;
+        return;
+    }
+    c->ret = backend_flush_co(b, co);
+    backend_close(b);
+    if (c->ret < 0) {
+        error_setf(&c->err, -c->ret, "%s: %s", c->path, strerror(-c->ret));
+        backend_remove(c->path, NULL);
+    }
+}
+
+static void fsync_parent(const char *path)
+{
+    char *copy = strdup(path);
+    if (!copy)
+        die(1, "out of memory");
+    char *slash = strrchr(copy, '/');
+    const char *dir = slash ? (slash == copy ? "/" : (*slash = '\0', copy)) : ".";
+    int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0 || fsync(fd) < 0)
+        die(1, "%s: syncing the directory: %s", dir, strerror(errno));
+    close(fd);
+    free(copy);
+}
+
+static int cmd_create(const char *file, const char *size_arg, const char *format,
+                      const char *backing, const char *cluster_arg)
+{
+    if (!format)
+        format = "qcow2";
+    if (strcmp(format, "qcow2") && strcmp(format, "raw"))
+        die(2, "create: --format %s: expected qcow2 or raw", format);
+    if (backing && strcmp(format, "qcow2"))
+        die(2, "create: --backing needs --format qcow2 (a raw image has no backing file)");
+    uint64_t cs = DEFAULT_CLUSTER_SIZE;
+    if (cluster_arg) {
+        cs = parse_size(cluster_arg);
+        if (cs < 512 || cs > (2u << 20) || (cs & (cs - 1)))
+            die(2, "create: --cluster-size %s: expected a power of two from 512 "
+                "to 2M", cluster_arg);
+        if (strcmp(format, "qcow2"))
+            die(2, "create: --cluster-size is for qcow2 images");
+        /* The image creator of the formats library makes 64 KiB clusters
+         * only: qcow2_create_co has no cluster size parameter. */
+        if (cs != DEFAULT_CLUSTER_SIZE)
+            die(2, "create: --cluster-size %s: this version creates qcow2 images "
+                "with 64 KiB clusters only (use qemu-img create -o cluster_size=%s "
+                "for other sizes)", cluster_arg, cluster_arg);
+    }
+    if (!backend_spec_is_remote(file) && access(file, F_OK) == 0)
+        die(1, "create: %s already exists (strata never overwrites an image)", file);
+    struct loop *l = img_loop();
+    struct create_job c = {.loop = l, .path = file, .format = format, .backing = backing,
+                           .cluster_size = cs};
+    char *backing_path = NULL, *backing_fmt = NULL;
+    if (backing) {
+        /* the name is recorded as given, and read as the chain opener
+         * will: relative to the new image's directory */
+        CLEANUP_ERROR struct error *err = NULL;
+        backing_path = fmt_resolve_backing(file, backing, &err);
+        if (!backing_path)
+            die(1, "create: --backing %s: %s", backing, err->msg);
+        struct fmt_node *b = img_open(l, backing_path, NULL);
+        backing_fmt = strdup(b->ops->name);
+        if (!size_arg)
+            c.size = b->size;
+        fmt_close(b);
+        c.backing_fmt = backing_fmt;
+    }
+    if (size_arg) {
+        c.size = parse_size(size_arg);
+        if (c.size == 0)
+            die(2, "create: SIZE %s: expected a number of bytes, with an optional "
+                "K, M, G, T or P suffix (powers of 1024)", size_arg);
+    } else if (!backing) {
+        die(2, "create: SIZE is required without --backing");
+    }
+    int r = loop_run_sync(l, create_co, &c);
+    if (r < 0 && c.ret == 0)
+        c.ret = r;
+    if (c.ret < 0)
+        die(1, "create: %s", c.err ? c.err->msg : strerror(-c.ret));
+    if (!backend_spec_is_remote(file))
+        fsync_parent(file);
+    error_free(c.err);
+    loop_free(l);
+    if (opt_json) {
+        struct json_object *o = json_object_new_object();
+        json_object_object_add(o, "filename", json_object_new_string(file));
+        json_object_object_add(o, "format", json_object_new_string(format));
+        json_object_object_add(o, "virtual-size", json_object_new_int64((int64_t)c.size));
+        if (!strcmp(format, "qcow2"))
+            json_object_object_add(o, "cluster-size",
+                                   json_object_new_int64((int64_t)c.cluster_size));
+        if (backing) {
+            json_object_object_add(o, "backing-filename", json_object_new_string(backing));
+            json_object_object_add(o, "backing-filename-format",
+                                   json_object_new_string(backing_fmt));
+        }
+        print_json(o);
+        json_object_put(o);
+    } else {
+        char sz[32];
+        printf("created %s: %s, %s (%llu bytes)", file, format,
+               human_size(c.size, sz, sizeof(sz)), (unsigned long long)c.size);
+        if (backing)
+            printf(", backing file %s (%s)", backing, backing_fmt);
+        printf("\n");
+    }
+    free(backing_path);
+    free(backing_fmt);
+    return 0;
+}
+
+/* Bytes a local file occupies on disk; -1 when unknown (RBD). */
+static int64_t allocated_bytes(const char *spec)
+{
+    struct stat st;
+    if (!spec || backend_spec_is_remote(spec) || stat(spec, &st) < 0)
+        return -1;
+    return (int64_t)st.st_blocks * 512;
+}
+
+/* qemu-img's layer description (info --output=json), for a node opened
+ * here.  backing-filename is the name the image records. */
+static struct json_object *layer_json(struct fmt_node *n)
+{
+    struct json_object *o = json_object_new_object();
+    json_object_object_add(o, "filename", json_object_new_string(n->filename));
+    json_object_object_add(o, "format", json_object_new_string(n->ops->name));
+    json_object_object_add(o, "virtual-size", json_object_new_int64((int64_t)n->size));
+    int64_t alloc = allocated_bytes(n->filename);
+    if (alloc >= 0)
+        json_object_object_add(o, "actual-size", json_object_new_int64(alloc));
+    if (strcmp(n->ops->name, "qcow2"))
+        return o;
+    const struct qcow2_header *h = &qcow2_of(n)->h;
+    json_object_object_add(o, "cluster-size", json_object_new_int64(h->cluster_size));
+    json_object_object_add(o, "dirty-flag", json_object_new_boolean(h->dirty));
+    if (qcow2_backing_name(n)) {
+        json_object_object_add(o, "backing-filename",
+                               json_object_new_string(qcow2_backing_name(n)));
+        if (n->backing)
+            json_object_object_add(o, "full-backing-filename",
+                                   json_object_new_string(n->backing->filename));
+        json_object_object_add(o, "backing-filename-format",
+                               json_object_new_string(qcow2_backing_format(n)
+                                                      ? qcow2_backing_format(n)
+                                                      : n->backing->ops->name));
+    }
+    struct json_object *d = json_object_new_object();
+    json_object_object_add(d, "compat", json_object_new_string(h->version >= 3 ? "1.1" : "0.10"));
+    json_object_object_add(d, "compression-type", json_object_new_string(
+        h->compression_type == QCOW2_COMPRESSION_ZSTD ? "zstd" : "zlib"));
+    json_object_object_add(d, "lazy-refcounts", json_object_new_boolean(h->lazy_refcounts));
+    json_object_object_add(d, "refcount-bits", json_object_new_int((int)h->refcount_bits));
+    json_object_object_add(d, "corrupt", json_object_new_boolean(h->corrupt));
+    json_object_object_add(d, "extended-l2", json_object_new_boolean(h->extended_l2));
+    json_object_object_add(d, "internal-snapshots", json_object_new_int((int)h->nb_snapshots));
+    struct json_object *fs = json_object_new_object();
+    json_object_object_add(fs, "type", json_object_new_string("qcow2"));
+    json_object_object_add(fs, "data", d);
+    json_object_object_add(o, "format-specific", fs);
+    return o;
+}
+
+/* One line of options for a layer: cluster size and qcow2 features, or
+ * the node's settings as the daemon reports them. */
+static void print_layer(struct json_object *x, size_t depth, size_t n)
+{
+    char vs[32], as[32];
+    int64_t alloc = json_object_object_get_ex(x, "actual-size", NULL)
+                        ? jint(x, "actual-size") : -1;
+    printf("%*s%s%s\n", (int)(depth ? depth * 3 - 3 : 0), "",
+           depth ? "\u2514\u2500 " : "", jstr(x, "filename"));
+    int ind = (int)(depth * 3 + 4);
+    printf("%*sformat: %s%s\n", ind, "", jstr(x, "format"),
+           depth == 0 ? " (top)" : depth + 1 == n ? " (base)" : "");
+    printf("%*svirtual size: %s (%lld bytes)\n", ind, "",
+           human_size((uint64_t)jint(x, "virtual-size"), vs, sizeof(vs)),
+           (long long)jint(x, "virtual-size"));
+    if (alloc >= 0)
+        printf("%*sallocated: %s\n", ind, "", human_size((uint64_t)alloc, as, sizeof(as)));
+    if (jstr(x, "backing-filename"))
+        printf("%*sbacking file: %s (format %s)\n", ind, "", jstr(x, "backing-filename"),
+               jstr(x, "backing-filename-format") ? jstr(x, "backing-filename-format") : "?");
+    struct json_object *fs, *d;
+    if (json_object_object_get_ex(x, "format-specific", &fs) &&
+        json_object_object_get_ex(fs, "data", &d))
+        printf("%*soptions: cluster size %lld, compat %s, refcount bits %lld, "
+               "compression %s, lazy refcounts %s, extended L2 %s%s%s\n", ind, "",
+               (long long)jint(x, "cluster-size"), jstr(d, "compat"),
+               (long long)jint(d, "refcount-bits"), jstr(d, "compression-type"),
+               jbool(d, "lazy-refcounts") ? "on" : "off",
+               jbool(d, "extended-l2") ? "on" : "off",
+               jbool(d, "corrupt") ? ", CORRUPT" : "",
+               jbool(x, "dirty-flag") ? ", dirty" : "");
+    if (json_object_object_get_ex(x, "node-name", NULL))
+        printf("%*snode: %s, %s%s\n", ind, "", jstr(x, "node-name"),
+               jbool(x, "read-only") ? "read-only" : "read-write",
+               jbool(x, "cache-direct") ? ", cache=none" : "");
+}
+
+static void print_info(struct json_object *info)
+{
+    struct json_object *chain, *e;
+    json_object_object_get_ex(info, "chain", &chain);
+    if (json_object_object_get_ex(info, "export", &e)) {
+        const char *name = jstr(e, "name"), *desc = jstr(e, "description");
+        printf("export %s: NBD name '%s', %s, %lld client%s%s%s\n", jstr(e, "id"),
+               name ? name : "", jbool(e, "writable") ? "read-write" : "read-only",
+               (long long)jint(e, "clients"), jint(e, "clients") == 1 ? "" : "s",
+               desc ? ", " : "", desc ? desc : "");
+    }
+    size_t n = json_object_array_length(chain);
+    for (size_t i = 0; i < n; i++)
+        print_layer(json_object_array_get_idx(chain, i), i, n);
+}
+
+static int cmd_info_file(const char *file, const char *format)
+{
+    struct loop *l = img_loop();
+    struct fmt_node *top = img_open(l, file, format);
+    struct json_object *chain = json_object_new_array();
+    for (struct fmt_node *n = top; n; n = n->backing)
+        json_object_array_add(chain, layer_json(n));
+    fmt_close(top);
+    loop_free(l);
+    struct json_object *info = json_object_new_object();
+    json_object_object_add(info, "chain", chain);
+    if (opt_json)
+        print_json(info);
+    else
+        print_info(info);
+    json_object_put(info);
+    return 0;
+}
+
+static int cmd_info_export(struct qmp *q, const char *key)
+{
+    struct json_object *e = find_export(q, key);
+    struct json_object *nodes = qmp_run(q, "query-named-block-nodes", NULL);
+    struct json_object *chain = json_object_new_array();
+    char *want = strdup(jstr(e, "node-name"));
+    while (want) {
+        struct json_object *hit = NULL, *img = NULL;
+        for (size_t i = 0; i < json_object_array_length(nodes); i++) {
+            struct json_object *n = json_object_array_get_idx(nodes, i);
+            if (!strcmp(jstr(n, "node-name"), want))
+                hit = n;
+        }
+        free(want);
+        want = NULL;
+        if (!hit)
+            break;
+        /* the layer as qemu-img names its fields, and the node's settings */
+        struct json_object *x = json_object_new_object();
+        json_object_object_add(x, "filename", json_object_new_string(jstr(hit, "file")));
+        json_object_object_add(x, "format", json_object_new_string(jstr(hit, "drv")));
+        uint64_t size = 0;
+        if (json_object_object_get_ex(hit, "image", &img))
+            size = (uint64_t)jint(img, "virtual-size");
+        json_object_object_add(x, "virtual-size", json_object_new_int64((int64_t)size));
+        int64_t alloc = allocated_bytes(jstr(hit, "file"));
+        if (alloc >= 0)
+            json_object_object_add(x, "actual-size", json_object_new_int64(alloc));
+        if (jstr(hit, "backing_file")) {
+            json_object_object_add(x, "backing-filename",
+                                   json_object_new_string(jstr(hit, "backing_file")));
+            if (img && json_object_object_get_ex(img, "backing-filename-format", NULL))
+                json_object_object_add(x, "backing-filename-format", json_object_new_string(
+                    jstr(img, "backing-filename-format")));
+        }
+        json_object_object_add(x, "node-name", json_object_new_string(jstr(hit, "node-name")));
+        json_object_object_add(x, "read-only", json_object_new_boolean(jbool(hit, "ro")));
+        struct json_object *cache;
+        bool direct = json_object_object_get_ex(hit, "cache", &cache) && jbool(cache, "direct");
+        json_object_object_add(x, "cache-direct", json_object_new_boolean(direct));
+        json_object_array_add(chain, x);
+        if (jstr(hit, "backing-node-name"))
+            want = strdup(jstr(hit, "backing-node-name"));
+    }
+    struct json_object *info = json_object_new_object();
+    json_object_object_add(info, "export", e);
+    json_object_object_add(info, "chain", chain);
+    if (opt_json)
+        print_json(info);
+    else
+        print_info(info);
+    json_object_put(info);
+    json_object_put(nodes);
+    return 0;
+}
+
+/* info's argument is a FILE when it names an existing non-directory or an
+ * rbd: spec, else an EXPORT of the daemon. */
+static bool is_image_arg(const char *arg)
+{
+    struct stat st;
+    if (backend_spec_is_remote(arg))
+        return true;
+    return stat(arg, &st) == 0 && !S_ISDIR(st.st_mode);
+}
+
 static void usage(FILE *fp)
 {
     fprintf(fp,
@@ -911,6 +1328,13 @@ static void usage(FILE *fp)
 "Manage a running stratad through its control socket.\n"
 "\n"
 "Commands:\n"
+"  create FILE [SIZE] [--format qcow2|raw] [--backing FILE] [--cluster-size N]\n"
+"                                make a new image (no daemon needed); SIZE in\n"
+"                                bytes or with K, M, G, T suffixes; default\n"
+"                                qcow2; SIZE defaults to the backing file's\n"
+"  info FILE|EXPORT              format, sizes, chain and options of an image\n"
+"                                (opened read-only) or of an export (asked of\n"
+"                                the daemon)\n"
 "  version                       the daemon's version\n"
 "  exports                       list the exports\n"
 "  chain EXPORT                  show an export's backing chain, top first\n"
@@ -964,9 +1388,12 @@ int main(int argc, char **argv)
         {"wait", no_argument, NULL, 'w'},
         {"relative", no_argument, NULL, 'R'},
         {"watch", no_argument, NULL, 'W'},
+        {"backing", required_argument, NULL, 'B'},
+        {"cluster-size", required_argument, NULL, 'C'},
         {NULL, 0, NULL, 0},
     };
-    const char *format = "raw", *desc = NULL, *id = NULL, *node = NULL;
+    const char *format = NULL, *desc = NULL, *id = NULL, *node = NULL;
+    const char *backing = NULL, *cluster_size = NULL;
     const char *top = NULL, *base = NULL, *job_id = NULL;
     bool readonly = false, direct = false, hard = false, keep_node = false, wait = false;
     bool relative = false, watch = false;
@@ -1009,6 +1436,8 @@ int main(int argc, char **argv)
         case 'w': wait = true; break;
         case 'R': relative = true; break;
         case 'W': watch = true; break;
+        case 'B': backing = optarg; break;
+        case 'C': cluster_size = optarg; break;
         default: usage(stderr); return 2;
         }
     }
@@ -1025,7 +1454,7 @@ int main(int argc, char **argv)
     } const table[] = {
         {"version", 1}, {"exports", 1}, {"chain", 2}, {"jobs", 1}, {"job", 3},
         {"add-export", 3}, {"del-export", 2}, {"snapshot", 3}, {"commit", 2},
-        {"quit", 1},
+        {"quit", 1}, {"create", 3}, {"info", 2},
         {"stats", -2},             /* negative: up to that many */
     };
     size_t k;
@@ -1034,6 +1463,15 @@ int main(int argc, char **argv)
             break;
     if (k == sizeof(table) / sizeof(table[0]))
         die(2, "unknown command '%s' (try strata --help)", cmd);
+    if (!strcmp(cmd, "create") && nargs == 2)
+        return cmd_create(args[1], NULL, format, backing, cluster_size);
+    if (!strcmp(cmd, "create") && nargs == 3)
+        return cmd_create(args[1], args[2], format, backing, cluster_size);
+    if (!strcmp(cmd, "info") && nargs == 2 && is_image_arg(args[1]))
+        return cmd_info_file(args[1], format);
+    if (!strcmp(cmd, "info") && nargs == 2 && access(sock_path, F_OK) < 0)
+        die(2, "info: %s is neither an image file nor, with no daemon at %s, an "
+            "export (use --socket PATH or $STRATA_SOCKET)", args[1], sock_path);
     if (table[k].nargs < 0 ? nargs > -table[k].nargs : nargs != table[k].nargs)
         die(2, "%s: expected %s%d argument%s (try strata --help)", cmd,
             table[k].nargs < 0 ? "at most " : "",
@@ -1046,6 +1484,8 @@ int main(int argc, char **argv)
         rc = cmd_version(&q);
     else if (!strcmp(cmd, "exports"))
         rc = cmd_exports(&q);
+    else if (!strcmp(cmd, "info"))
+        rc = cmd_info_export(&q, args[1]);
     else if (!strcmp(cmd, "chain"))
         rc = cmd_chain(&q, args[1]);
     else if (!strcmp(cmd, "jobs"))
@@ -1053,7 +1493,7 @@ int main(int argc, char **argv)
     else if (!strcmp(cmd, "job"))
         rc = cmd_job(&q, args[1], args[2]);
     else if (!strcmp(cmd, "add-export"))
-        rc = cmd_add_export(&q, args[1], args[2], format, readonly, direct, desc, id, node);
+        rc = cmd_add_export(&q, args[1], args[2], format ? format : "raw", readonly, direct, desc, id, node);
     else if (!strcmp(cmd, "del-export"))
         rc = cmd_del_export(&q, args[1], hard, keep_node);
     else if (!strcmp(cmd, "snapshot"))

@@ -3,29 +3,44 @@
 # Installs missing packages; builds twice with -Werror — once optimised,
 # once with ASan+UBSan — and runs every test (unit and integration) under
 # the sanitizer build, then the benchmark in smoke mode on the optimised one.
+# Set-up and build output go to build-logs/NAME.log; a step that fails
+# says so, with the end of its log and what to do.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source contrib/lib.sh
 
 contrib/deps.sh test
 
-[[ -f build-ci/build.ninja ]] ||
-    meson setup build-ci -Dwerror=true -Drbd=enabled --buildtype=debugoptimized >/dev/null
-[[ -f build-san/build.ninja ]] ||
-    meson setup build-san -Dwerror=true -Drbd=enabled \
-        -Db_sanitize=address,undefined -Db_lundef=false --buildtype=debug >/dev/null
-ninja -C build-ci
-ninja -C build-san
+# Every test and the man pages are required here (-Dtests=enabled,
+# -Ddocs=enabled): a missing dependency is an error, not a skipped test.
+setup() {
+    local dir=$1
+    shift
+    [[ -f $dir/build.ninja ]] && return 0
+    local wipe=()
+    [[ -f $dir/meson-private/coredata.dat ]] && wipe=(--wipe)
+    step "meson-setup-$dir" "the configuration of $dir failed (see the lines above); 'contrib/deps.sh test' installs what the tests need" \
+        meson setup "$dir" -Dwerror=true -Drbd=enabled -Dtests=enabled -Ddocs=enabled "${wipe[@]}" "$@"
+}
+setup build-ci --buildtype=debugoptimized
+setup build-san -Db_sanitize=address,undefined -Db_lundef=false --buildtype=debug
+step ninja-build-ci "the optimised build failed (see the compiler's messages above)" ninja -C build-ci
+step ninja-build-san "the sanitizer build failed (see the compiler's messages above)" ninja -C build-san
 
 export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:detect_stack_use_after_return=0
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 rc=0
 meson test -C build-san --print-errorlogs --num-processes 2 "$@" || rc=$?
+((rc == 0)) || echo "strata: some tests failed: their output is above, all of it in build-san/meson-logs/testlog.txt; run one alone with 'meson test -C build-san NAME -v'" >&2
 
 # The benchmark must keep working: a short run on the optimised build.
 if [[ $rc == 0 ]]; then
-    STRATAD=$PWD/build-ci/daemon/stratad BENCH_QUICK=1 tests/bench/bench-raw.sh || rc=$?
-    STRATAD=$PWD/build-ci/daemon/stratad BENCH_QUICK=1 tests/bench/bench-chain.sh || rc=$?
-    STRATAD=$PWD/build-ci/daemon/stratad BENCH_QUICK=1 tests/bench/bench-rbd.sh || rc=$?
+    for b in raw chain rbd; do
+        STRATAD=$PWD/build-ci/daemon/stratad BENCH_QUICK=1 tests/bench/bench-$b.sh || {
+            rc=$?
+            echo "strata: the $b benchmark (smoke mode) failed with status $rc: its output is above; run it alone with 'STRATAD=build-ci/daemon/stratad BENCH_QUICK=1 tests/bench/bench-$b.sh'" >&2
+        }
+    done
 fi
 
 # One plain closing line with the counts (from meson's test log).

@@ -7,6 +7,17 @@ daemon's message), snapshot and commit refused
 (exit 1 with the daemon's message; test-jobs-live.py runs them for real), del-export (refused with a client unless --hard), usage errors
 and a missing socket (exit 2 with a hint), quit.
 
+create and info, judged by qemu-img: images strata creates (raw, qcow2,
+qcow2 on a backing file with and without a size) are what
+`qemu-img info --output=json` says they are (format, virtual size,
+backing file and its format) and pass `qemu-img check`, also after QEMU
+wrote to them; `strata info FILE` agrees with `qemu-img info
+--backing-chain` layer by layer, options included, on images qemu-img
+made with other options; `strata info EXPORT` (the daemon's view) names
+the same chain; refusals (an existing file is never overwritten, an
+unsupported cluster size, a raw image with a backing file, bad sizes)
+exit 2 or 1 with a message and leave nothing behind.
+
 Run:  STRATAD=build/daemon/stratad STRATA_CLI=build/contrib/strata \
       /usr/bin/python3 tests/integration/test-cli.py
 """
@@ -22,6 +33,7 @@ from harness import check, ok  # noqa: E402
 harness.require_built()
 harness.report_unexpected_exceptions()
 harness.nbd_handle()
+harness.need("qemu-img", "qemu-io")
 import nbd  # noqa: E402
 
 CLI = os.environ.get("STRATA_CLI") or os.path.join(
@@ -109,6 +121,151 @@ check("export more deleted (and its node)" in p.stdout, p.stdout)
 check([e["id"] for e in json.loads(strata("--json", "exports").stdout)] == ["disk"], "gone")
 del h
 ok("del-export: refused with a client, --hard drops it and removes the node")
+
+# ---- create and info, against qemu-img ----
+imgs = os.path.join(d, "imgs")
+os.mkdir(imgs)
+
+
+def at(name):
+    return os.path.join(imgs, name)
+
+
+def qinfo(path, chain=False):
+    argv = ["qemu-img", "info", "--output=json", "-U"] + (["--backing-chain"] if chain else []) + [path]
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    check(p.returncode == 0, f"qemu-img info {path}: {p.stderr}")
+    return json.loads(p.stdout)
+
+
+def qcheck(path):
+    p = subprocess.run(["qemu-img", "check", path], capture_output=True, text=True, timeout=60)
+    check(p.returncode == 0 and "No errors were found" in p.stdout,
+          f"qemu-img check {path}: exit {p.returncode}\n{p.stdout}{p.stderr}")
+
+
+p = strata("create", at("base.raw"), "8M", "--format", "raw")
+check(p.stdout.strip() == f"created {at('base.raw')}: raw, 8.0 MiB (8388608 bytes)", p.stdout)
+q = qinfo(at("base.raw"))
+check(q["format"] == "raw" and q["virtual-size"] == 8 * MiB, q)
+check(os.stat(at("base.raw")).st_blocks == 0, "a new raw image is sparse")
+# no SIZE: the backing file's; the backing name recorded as given
+c = json.loads(strata("--json", "create", at("mid.qcow2"), "--backing", "base.raw").stdout)
+check(c["format"] == "qcow2" and c["virtual-size"] == 8 * MiB and
+      c["backing-filename"] == "base.raw" and c["backing-filename-format"] == "raw", c)
+strata("create", at("top.qcow2"), "16777216", "--backing", at("mid.qcow2"),
+       "--cluster-size", "64K")
+strata("create", at("plain.qcow2"), "1G")
+for name, size, bf, bfmt in (("mid.qcow2", 8 * MiB, "base.raw", "raw"),
+                             ("top.qcow2", 16 * MiB, at("mid.qcow2"), "qcow2"),
+                             ("plain.qcow2", 1024 * MiB, None, None)):
+    q = qinfo(at(name))
+    check(q["format"] == "qcow2" and q["virtual-size"] == size and
+          q.get("backing-filename") == bf and q.get("backing-filename-format") == bfmt and
+          q["cluster-size"] == 65536 and q["format-specific"]["data"]["compat"] == "1.1", q)
+    qcheck(at(name))
+ok("create: raw, qcow2, qcow2 on a backing file (size given or the backing's): "
+   "qemu-img info agrees, qemu-img check clean")
+
+# QEMU writes through the chain; the images stay clean and read back
+for cmd, img_ in (("write -P 0x11 0 1M", "base.raw"), ("write -P 0x22 1M 1M", "mid.qcow2"),
+                  ("write -P 0x33 2M 64k", "top.qcow2"), ("write -z 8M 4M", "top.qcow2")):
+    fmt = "raw" if img_.endswith(".raw") else "qcow2"
+    p = subprocess.run(["qemu-io", "-f", fmt, "-c", cmd, at(img_)],
+                       capture_output=True, text=True, timeout=60)
+    check(p.returncode == 0 and "error" not in p.stdout.lower(), f"qemu-io {cmd}: {p.stdout}{p.stderr}")
+for name in ("mid.qcow2", "top.qcow2"):
+    qcheck(at(name))
+p = subprocess.run(["qemu-io", "-f", "qcow2", "-c", "read -P 0x11 0 1M", "-c", "read -P 0x22 1M 1M",
+                    "-c", "read -P 0x33 2M 64k", "-c", "read -P 0 8M 8M", at("top.qcow2")],
+                   capture_output=True, text=True, timeout=60)
+check(p.returncode == 0 and "fail" not in p.stdout.lower(), p.stdout + p.stderr)
+ok("QEMU writes into each layer and reads the chain back; qemu-img check clean")
+
+
+def same_layers(mine, theirs, where):
+    check(len(mine) == len(theirs), f"{where}: {len(mine)} layers, qemu-img {len(theirs)}")
+    for m, t in zip(mine, theirs):
+        check(os.path.realpath(m["filename"]) == os.path.realpath(t["filename"]) and
+              m["format"] == t["format"] and m["virtual-size"] == t["virtual-size"] and
+              m.get("backing-filename") == t.get("backing-filename") and
+              m.get("backing-filename-format") == t.get("backing-filename-format"),
+              f"{where}: strata {m}\nqemu-img {t}")
+
+
+info = json.loads(strata("--json", "info", at("top.qcow2")).stdout)
+theirs = qinfo(at("top.qcow2"), chain=True)
+same_layers(info["chain"], theirs, "info FILE")
+for m, t in zip(info["chain"], theirs):
+    check(m.get("cluster-size") == t.get("cluster-size") and
+          m.get("actual-size") == t.get("actual-size"), f"sizes: {m} {t}")
+    if t["format"] == "qcow2":
+        td, md = t["format-specific"]["data"], m["format-specific"]["data"]
+        for k in ("compat", "lazy-refcounts", "refcount-bits", "corrupt", "extended-l2",
+                  "compression-type"):
+            check(md[k] == td[k], f"{k}: strata {md[k]}, qemu-img {td[k]}")
+# images made by qemu-img with other options
+variants = [("small.qcow2", ["-o", "cluster_size=4096,refcount_bits=64,lazy_refcounts=on"]),
+            ("ext.qcow2", ["-o", "extended_l2=on,compression_type=zstd"]),
+            ("old.qcow2", ["-o", "compat=0.10"]),
+            ("over.qcow2", ["-b", "top.qcow2", "-F", "qcow2"])]
+for name, opts in variants:
+    p = subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2"] + opts + [at(name), "32M"],
+                       capture_output=True, text=True, timeout=60)
+    check(p.returncode == 0, p.stderr)
+    info = json.loads(strata("--json", "info", at(name)).stdout)
+    theirs = qinfo(at(name), chain=True)
+    same_layers(info["chain"], theirs, name)
+    td, md = theirs[0]["format-specific"]["data"], info["chain"][0]["format-specific"]["data"]
+    check(info["chain"][0]["cluster-size"] == theirs[0]["cluster-size"], name)
+    for k in td:
+        if k in md:
+            check(md[k] == td[k], f"{name} {k}: strata {md[k]}, qemu-img {td[k]}")
+p = strata("info", at("over.qcow2"))
+for want in (at("over.qcow2"), "format: qcow2 (top)", "virtual size: 32.0 MiB (33554432 bytes)",
+             "backing file: top.qcow2 (format qcow2)", "backing file: base.raw (format raw)",
+             "format: raw (base)", "cluster size 65536, compat 1.1"):
+    check(want in p.stdout, f"{want!r} not in:\n{p.stdout}")
+ok("info FILE: the chain, sizes and options as qemu-img info --backing-chain "
+   "gives them (5 images, 4 layouts), human and --json")
+
+# the daemon's view of an export of that chain
+strata("add-export", "layered", at("top.qcow2"), "--format", "qcow2", "--readonly")
+info = json.loads(strata("--json", "info", "layered").stdout)
+check(info["export"]["id"] == "layered" and not info["export"]["writable"], info["export"])
+layers = info["chain"]
+check([os.path.realpath(x["filename"]) for x in layers] ==
+      [os.path.realpath(t["filename"]) for t in qinfo(at("top.qcow2"), chain=True)] and
+      [x["format"] for x in layers] == ["qcow2", "qcow2", "raw"] and
+      [x["virtual-size"] for x in layers] == [16 * MiB, 8 * MiB, 8 * MiB] and
+      all(x["read-only"] for x in layers), layers)
+check(layers[0]["backing-filename-format"] == "qcow2" and
+      layers[1]["backing-filename-format"] == "raw", layers)
+p = strata("info", "layered")
+check("export layered: NBD name 'layered', read-only" in p.stdout and
+      "node: layered.backing.backing, read-only" in p.stdout, p.stdout)
+strata("del-export", "layered")
+p = strata("info", "nothere", rc=1)
+check("no export with id or name 'nothere'" in p.stderr, p.stderr)
+ok("info EXPORT: the daemon's chain of the export, human and --json")
+
+before = open(at("mid.qcow2"), "rb").read()
+p = strata("create", at("mid.qcow2"), "1M", rc=1)
+check("already exists" in p.stderr and open(at("mid.qcow2"), "rb").read() == before, p.stderr)
+p = strata("create", at("cs.qcow2"), "1M", "--cluster-size", "4096", rc=2)
+check("64 KiB clusters only" in p.stderr, p.stderr)
+p = strata("create", at("cs.qcow2"), "1M", "--cluster-size", "3000", rc=2)
+check("power of two" in p.stderr, p.stderr)
+p = strata("create", at("cs.raw"), "1M", "--format", "raw", "--backing", "base.raw", rc=2)
+p = strata("create", at("cs.qcow2"), "12X", rc=2)
+check("SIZE 12X" in p.stderr, p.stderr)
+p = strata("create", at("cs.qcow2"), rc=2)
+check("SIZE is required" in p.stderr, p.stderr)
+p = strata("create", at("cs.qcow2"), "--backing", "missing.raw", rc=1)
+p = strata("create", at("cs.qcow2"), "1M", "--format", "vmdk", rc=2)
+p = strata("create", os.path.join(d, "nodir", "x.qcow2"), "1M", rc=1)
+check(not any(n.startswith("cs.") for n in os.listdir(imgs)), os.listdir(imgs))
+ok("create refusals: exit 1 or 2 with a message, nothing overwritten or left behind")
 
 p = strata(rc=2)
 p = strata("frobnicate", rc=2)
