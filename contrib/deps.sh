@@ -37,6 +37,8 @@ if [[ $level == test || $level == bench ]]; then
     # (systemd), scraping /metrics (curl) and checking it (promtool, from
     # prometheus)
     pkgs+=(systemd curl prometheus)
+    # static analysis of the C sources (contrib/cppcheck.sh)
+    pkgs+=(cppcheck)
     # the rbd backend, and a throw-away Ceph cluster to test it against
     # (contrib/ceph-cluster.sh); qemu's rbd driver for the comparisons
     pkgs+=(librbd-dev librados-dev ceph-mon ceph-osd ceph-common

@@ -1076,7 +1076,7 @@ static int cmd_create(const char *file, const char *size_arg, const char *format
         /* the name is recorded as given, and read as the chain opener
          * will: relative to the new image's directory */
         CLEANUP_ERROR struct error *err = NULL;
-        backing_path = fmt_resolve_backing(file, backing, &err);
+        backing_path = fmt_resolve_backing(file, backing, NULL, &err);
         if (!backing_path)
             die(1, "create: --backing %s: %s", backing, err->msg);
         struct fmt_node *b = img_open(l, backing_path, NULL);

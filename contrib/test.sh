@@ -23,9 +23,13 @@ setup() {
         meson setup "$dir" -Dwerror=true -Drbd=enabled -Dtests=enabled -Ddocs=enabled "${wipe[@]}" "$@"
 }
 setup build-ci --buildtype=debugoptimized
-setup build-san -Db_sanitize=address,undefined -Db_lundef=false --buildtype=debug
+setup build-san -Db_sanitize=address,undefined -Db_lundef=false --buildtype=debug \
+    -Dfault_injection=true
 step ninja-build-ci "the optimised build failed (see the compiler's messages above)" ninja -C build-ci
 step ninja-build-san "the sanitizer build failed (see the compiler's messages above)" ninja -C build-san
+
+# Static analysis: cppcheck over every C source, clean.
+step cppcheck "cppcheck found something (see above); fix it, or suppress a false positive inline with the reason" contrib/cppcheck.sh
 
 export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:detect_stack_use_after_return=0
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1

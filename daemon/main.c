@@ -250,7 +250,7 @@ int main(int argc, char **argv)
         default_listen = private_listen;
     }
     if (rc == 0 && n_listens == 0 && n_activated == 0 && control_fd < 0) {
-        listens = &default_listen;
+        listens[0] = default_listen; /* room for argc + 1 entries */
         n_listens = 1;
     }
     for (size_t i = 0; i < n_listens && rc == 0; i++) {
