@@ -19,6 +19,7 @@
 #include "server.h"
 #include "state.h"
 #include "strata-config.h"
+#include "tls.h"
 
 #define LOOP_ENTRIES 1024
 #define CORO_STACK (256u << 10)
@@ -162,6 +163,21 @@ int main(int argc, char **argv)
     srv->allow_no_exports = control_path || state_path;
     int rc = 0;
     CLEANUP_ERROR struct error *err = NULL;
+    struct tls_server *tls = NULL;
+    if (tls_server_new(&opts.tls, &tls, &err) < 0) {
+        fprintf(stderr, "stratad: %s\n", err->msg);
+        rc = 1;
+    } else if (opts.tls.mode != TLS_MODE_OFF) {
+        char why[128];
+        bool kernel = tls_kernel_offload_available(why, sizeof(why));
+        log_info("TLS %s (%s)%s", opts.tls.mode == TLS_MODE_REQUIRE ? "required"
+                 : "offered", opts.tls.psk_file ? "PSK" : "X.509",
+                 opts.tls.allow ? ", --tls-allow" : "");
+        log_debug("kernel TLS: %s; records are sealed and opened by GnuTLS in "
+                  "userspace over the io_uring stream", kernel ? "the tls ULP "
+                  "is available but not used" : why);
+    }
+    srv->tls = tls;
     struct state *state = NULL;
     bool state_loaded = false;
     if (state_path) {
@@ -205,7 +221,8 @@ int main(int argc, char **argv)
     }
     struct control *control = NULL;
     if (rc == 0 && control_path) {
-        control = control_new(srv, control_path, control_mode, state, &err);
+        control = control_new(srv, control_path, control_mode,
+                              opts.control_gid, state, &err);
         if (!control) {
             fprintf(stderr, "stratad: %s\n", err->msg);
             rc = 1;
@@ -229,6 +246,7 @@ int main(int argc, char **argv)
         control_free(control);
         state_free(state);
         server_free(srv);
+        tls_server_free(tls);
         loop_free(loop);
         close(sig_fd);
         stratad_options_free(&opts);
@@ -252,6 +270,7 @@ int main(int argc, char **argv)
         control_free(control);
         state_free(state);
         server_free(srv);
+        tls_server_free(tls);
     }
     loop_free(loop);
     if (pid_file)

@@ -6,7 +6,10 @@
 #include <stddef.h>
 #include <stdio.h>
 
+#include <sys/types.h>
+
 #include "server.h"
+#include "tls.h"
 
 struct stratad_options {
     const char **listens;          /* --listen, in order (argv strings) */
@@ -20,6 +23,10 @@ struct stratad_options {
     unsigned control_mode;         /* --control-mode (default 0600) */
     const char *state_path;        /* --state-file */
     struct server_config cfg;      /* limits and timeouts */
+
+    /* TLS and access control */
+    struct tls_options tls;        /* --tls, --tls-* */
+    gid_t control_gid;             /* --control-group, or (gid_t)-1 */
 };
 
 enum opts_result {

@@ -565,7 +565,7 @@ static void jobs_release(void *opaque)
 }
 
 struct control *control_new(struct server *srv, const char *path,
-                            unsigned mode, struct state *state,
+                            unsigned mode, gid_t gid, struct state *state,
                             struct error **errp)
 {
     struct control *ctl = calloc(1, sizeof(*ctl));
@@ -589,7 +589,18 @@ struct control *control_new(struct server *srv, const char *path,
         error_setf(errp, ENOMEM, "out of memory");
         return NULL;
     }
-    int fd = server_unix_socket(path, "--control ", (int)mode, 16, errp);
+    /* With a group: created 0600, given to the group, then opened to it,
+     * so that no other group ever has the socket's group permissions. */
+    int fd = server_unix_socket(path, "--control ",
+                                gid == (gid_t)-1 ? (int)mode : 0600, 16, errp);
+    if (fd >= 0 && gid != (gid_t)-1 &&
+        (chown(path, (uid_t)-1, gid) < 0 || chmod(path, (mode_t)mode) < 0)) {
+        error_setf(errp, errno, "--control-group: %s: %s", path,
+                   strerror(errno));
+        close(fd);
+        unlink(path);
+        fd = -1;
+    }
     if (fd < 0) {
         job_engine_free(ctl->jobs);
         free(ctl->path);
