@@ -313,7 +313,7 @@ static int x509_identity(struct tls_server *ts, gnutls_session_t sess,
     gnutls_datum_t dn = {0};
     r = gnutls_x509_crt_import(crt, &certs[0], GNUTLS_X509_FMT_DER);
     if (r >= 0)
-        r = gnutls_x509_crt_get_dn2(crt, &dn);
+        r = gnutls_x509_crt_get_dn3(crt, &dn, 0); /* RFC 4514 */
     gnutls_x509_crt_deinit(crt);
     if (r < 0)
         return error_setf(errp, EACCES, "client certificate: %s",
