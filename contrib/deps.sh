@@ -8,6 +8,8 @@ set -euo pipefail
 level=${1:-build}
 pkgs=(gcc pkg-config meson ninja-build liburing-dev zlib1g-dev libzstd-dev
       libjson-c-dev)
+# TLS (--tls): GnuTLS
+pkgs+=(libgnutls28-dev)
 if [[ $level == demo ]]; then
     pkgs+=(qemu-utils)
 fi
@@ -17,6 +19,8 @@ if [[ $level == test || $level == bench ]]; then
     # and to compare the control socket with
     pkgs+=(libcmocka-dev libnbd-bin python3-libnbd qemu-utils nbdkit fio
            python3 qemu-system-common)
+    # certtool and psktool make the TLS tests' certificates and keys
+    pkgs+=(gnutls-bin)
     # a third-party QMP client (Go) for test-qmp-tools.py
     pkgs+=(golang-go golang-github-digitalocean-go-qemu-dev)
     # VM tests (tests/vm): QEMU boots a stock Debian kernel, socat carries
