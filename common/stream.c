@@ -271,7 +271,8 @@ static void recv_done(struct loop_op *op, int res, uint32_t flags)
 #define TLS_IN_SIZE (256u << 10)
 #define TLS_IN_MIN_TAIL (17u << 10)   /* one whole record fits */
 #define TLS_OUT_HIGH (256u << 10)
-#define TLS_SEAL_CHUNK (64u << 10)    /* plaintext per gnutls_record_send */
+#define TLS_SEAL_CHUNK (64u << 10)    /* plaintext per corked record_send */
+#define TLS_RECORD_PLAIN (16u << 10)  /* plaintext of a full record */
 
 enum tls_phase {
     TLS_HANDSHAKE,                 /* records are handshake messages */
@@ -454,16 +455,31 @@ static void tls_plain_sent(struct stream *s, size_t n)
     s->tls->plain_left -= n;
 }
 
+static bool tls_uncork(struct stream *s)
+{
+    for (;;) {
+        int r = gnutls_record_uncork(s->tls->sess, 0);
+        if (r >= 0)
+            return true;
+        if (r != GNUTLS_E_INTERRUPTED) {
+            tls_fail(s, r); /* push never says EAGAIN while no send is from out */
+            return false;
+        }
+    }
+}
+
 /* Seals queued items into records until the queue is empty or enough
- * ciphertext waits.  false: GnuTLS failed (tls_fail done). */
+ * ciphertext waits.  Small pieces (reply headers, short payloads) are
+ * corked so that they share records; a large payload is sealed straight
+ * from its buffer, one full record at a time (corking it would copy it
+ * once more).  false: GnuTLS failed (tls_fail done). */
 static bool tls_seal(struct stream *s)
 {
     struct stream_tls *t = s->tls;
-    if (!s->sq_head || t->out_end - t->out_start >= TLS_OUT_HIGH)
-        return true;
-    gnutls_record_cork(t->sess);
+    bool corked = false;
     size_t sealed = 0;
-    while (s->sq_head && sealed < TLS_OUT_HIGH) {
+    while (s->sq_head && sealed < TLS_OUT_HIGH &&
+           t->out_end - t->out_start < TLS_OUT_HIGH) {
         struct stream_item *si = s->sq_head;
         size_t skip = s->sq_off;
         int i = 0;
@@ -477,7 +493,16 @@ static bool tls_seal(struct stream *s)
             si->done(si);
             continue;
         }
-        size_t len = MIN(si->iov[i].iov_len - skip, TLS_SEAL_CHUNK);
+        size_t len = si->iov[i].iov_len - skip;
+        if (len < TLS_RECORD_PLAIN && !corked) {
+            gnutls_record_cork(t->sess);
+            corked = true;
+        } else if (len >= TLS_RECORD_PLAIN && corked) {
+            corked = false;
+            if (!tls_uncork(s))
+                return false;
+        }
+        len = MIN(len, corked ? TLS_SEAL_CHUNK : TLS_RECORD_PLAIN);
         ssize_t r = gnutls_record_send(t->sess,
                                        (uint8_t *)si->iov[i].iov_base + skip,
                                        len);
@@ -490,16 +515,7 @@ static bool tls_seal(struct stream *s)
         sealed += (size_t)r;
         sq_advance(s, (size_t)r);
     }
-    for (;;) {
-        int r = gnutls_record_uncork(t->sess, 0);
-        if (r >= 0)
-            break;
-        if (r == GNUTLS_E_INTERRUPTED)
-            continue;
-        tls_fail(s, r); /* push never says EAGAIN while no send is from out */
-        return false;
-    }
-    return true;
+    return !corked || tls_uncork(s);
 }
 
 static void tls_start_send(struct stream *s)
