@@ -48,7 +48,7 @@ void stratad_usage(FILE *fp)
 "                             preferred)\n"
 "      --tls-allow LIST       only these TLS identities may connect: X.509\n"
 "                             DNs or PSK usernames, exact or fnmatch globs,\n"
-"                             separated by ';'\n"
+"                             separated by ';' (needs --tls=require)\n"
 "  -v, --verbose              log every connection and refused request\n"
 "  -h, --help                 show this help\n"
 "  -V, --version              show the version\n"
@@ -146,6 +146,11 @@ static enum opts_result parse_tls_option(int ch, const char *arg,
 static int check_tls_options(const struct stratad_options *o)
 {
     const struct tls_options *t = &o->tls;
+    if (t->allow && t->mode != TLS_MODE_REQUIRE) {
+        /* a plaintext client has no identity to check */
+        fprintf(stderr, "stratad: --tls-allow needs --tls=require\n");
+        return -1;
+    }
     if (t->mode == TLS_MODE_OFF) {
         if (t->certificates || t->psk_file || t->verify_peer || t->priority) {
             fprintf(stderr, "stratad: --tls-certificates, --tls-psk, "

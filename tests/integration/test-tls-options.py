@@ -36,6 +36,8 @@ for args, what in (
          "both --tls-certificates and --tls-psk"),
         (["--tls=on", "--tls-psk", disk, "--tls-verify-peer"],
          "--tls-verify-peer with PSK"),
+        (["--tls=on", "--tls-certificates", certs.server, "--tls-allow", "x"],
+         "--tls-allow without --tls=require (plaintext has no identity)"),
         (["--control-group", "no-such-group-here", "--control", "/nonexistent/x"],
          "an unknown --control-group")):
     r = subprocess.run([STRATAD, "--export", f"file={disk}", *args],
