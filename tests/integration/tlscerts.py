@@ -7,7 +7,8 @@ tls-certificates= read):
   NAME/     ca-cert.pem client-cert.pem client-key.pem   (a client)
 Clients: alice, bob, carol (all signed by the CA), expired (signed by the
 CA, valid only in 2020), stranger (signed by another CA, with that CA's
-ca-cert.pem: it trusts neither the server nor is trusted), nocert (only
+ca-cert.pem: it trusts neither the server nor is trusted), foreign (trusts
+the server's CA, but its certificate is signed by another CA), nocert (only
 ca-cert.pem: no client certificate).
 """
 import os
@@ -50,6 +51,7 @@ class Certs:
             'activation_date = "2020-01-01 00:00:00 UTC"',
             'expiration_date = "2020-12-31 00:00:00 UTC"'))
         self.client("stranger", other_cert, other_key)
+        self.client("foreign", other_cert, other_key)
         nocert = os.path.join(d, "nocert")
         os.mkdir(nocert)
         self._copy(self.ca_cert, os.path.join(nocert, "ca-cert.pem"))
