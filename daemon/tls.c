@@ -1,6 +1,7 @@
 /* strata — TLS sessions, credentials, identities, allow lists (tls.h). */
 #include <errno.h>
 #include <fnmatch.h>
+#include <limits.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <stdio.h>
@@ -156,12 +157,13 @@ static bool file_exists(const char *path)
 static int load_x509(struct tls_server *ts, const char *dir,
                      struct error **errp)
 {
-    char ca[4096], cert[4096], key[4096], crl[4096];
-    if (snprintf(ca, sizeof(ca), "%s/ca-cert.pem", dir) >= (int)sizeof(ca))
+    char ca[PATH_MAX], cert[PATH_MAX], key[PATH_MAX], crl[PATH_MAX];
+    if (snprintf(ca, sizeof(ca), "%s/ca-cert.pem", dir) >= (int)sizeof(ca) ||
+        snprintf(cert, sizeof(cert), "%s/server-cert.pem", dir) >=
+            (int)sizeof(cert) ||
+        snprintf(key, sizeof(key), "%s/server-key.pem", dir) >= (int)sizeof(key) ||
+        snprintf(crl, sizeof(crl), "%s/ca-crl.pem", dir) >= (int)sizeof(crl))
         return error_setf(errp, ENAMETOOLONG, "--tls-certificates: path too long");
-    snprintf(cert, sizeof(cert), "%s/server-cert.pem", dir);
-    snprintf(key, sizeof(key), "%s/server-key.pem", dir);
-    snprintf(crl, sizeof(crl), "%s/ca-crl.pem", dir);
     int r = gnutls_certificate_allocate_credentials(&ts->x509);
     if (r < 0)
         return error_setf(errp, ENOMEM, "gnutls: %s", gnutls_strerror(r));
