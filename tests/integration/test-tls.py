@@ -150,7 +150,9 @@ for who, why, logmark in (
         # server did not name: the handshake fails on the server's side
         ("foreign", "a client certificate signed by another CA",
          "TLS handshake failed"),
-        ("expired", "an expired client certificate", "expired"),
+        ("expired", "an expired client certificate", "chain uses expired"),
+        ("revoked", "a client certificate revoked in ca-crl.pem",
+         "chain is revoked"),
         ("nocert", "no client certificate under --tls-verify-peer", None),
         ("carol", "an identity outside --tls-allow", "not in --tls-allow")):
     r = run(["nbdinfo", "--size", tls_uri("disk", who)])

@@ -8,7 +8,8 @@ tls-certificates= read):
 Clients: alice, bob, carol (all signed by the CA), expired (signed by the
 CA, valid only in 2020), stranger (signed by another CA, with that CA's
 ca-cert.pem: it trusts neither the server nor is trusted), foreign (trusts
-the server's CA, but its certificate is signed by another CA), nocert (only
+the server's CA, but its certificate is signed by another CA), revoked
+(signed by the CA and revoked in server/ca-crl.pem), nocert (only
 ca-cert.pem: no client certificate).
 """
 import os
@@ -52,6 +53,14 @@ class Certs:
             'expiration_date = "2020-12-31 00:00:00 UTC"'))
         self.client("stranger", other_cert, other_key)
         self.client("foreign", other_cert, other_key)
+        # revoked: signed by the CA, then listed in server/ca-crl.pem
+        revoked = self.client("revoked", self.ca_cert, self.ca_key)
+        tpl = _template(self.path("crl.info"), ["crl_next_update = 30",
+                                                "crl_number = 1"])
+        _run(["certtool", "--generate-crl", "--load-ca-privkey", self.ca_key,
+              "--load-ca-certificate", self.ca_cert, "--load-certificate",
+              os.path.join(revoked, "client-cert.pem"), "--template", tpl,
+              "--outfile", os.path.join(self.server, "ca-crl.pem")])
         nocert = os.path.join(d, "nocert")
         os.mkdir(nocert)
         self._copy(self.ca_cert, os.path.join(nocert, "ca-cert.pem"))
