@@ -123,9 +123,15 @@ echo
 echo "image: $img (${size_mib} MiB), runtime ${runtime}s per job (+${ramp}s ramp), $(nproc) CPUs, $(uname -r)"
 echo "median of $rounds round(s), server order rotated each round; TCP loopback"
 echo "load average before the summary: $(cut -d' ' -f1-3 /proc/loadavg)"
-"$PY" - "$results" "$servers" <<'PYEOF'
+"$PY" - "$results" "$servers" "$cpu" "$runtime" <<'PYEOF'
 import sys
-results, servers = sys.argv[1], sys.argv[2].split()
+results, servers, cpu_file = sys.argv[1], sys.argv[2].split(), sys.argv[3]
+runtime = float(sys.argv[4])
+moved = {}                               # server -> bytes over all runs
+for line in open(results):
+    s, name, iops, bw = line.split()
+    if bw != "FAIL":
+        moved[s] = moved.get(s, 0.0) + float(bw) * runtime
 res, order = {}, []
 for line in open(results):
     s, name, iops, bw = line.split()
@@ -160,6 +166,17 @@ for name in order:
         x, y = res.get((a, name)), res.get((b, name))
         row += f" | {'-':>24}" if not x or not y or y[0] == 0 else f" | {x[0] / y[0]:>24.2f}"
     print(row)
+# CPU time is steadier than rates on a loaded machine: what each server
+# burnt over its four jobs
+cpu = {}
+for line in open(cpu_file):
+    srv, ticks, hz = line.split()
+    if ticks.replace(".", "").isdigit():
+        cpu[srv] = cpu.get(srv, 0.0) + float(ticks) / float(hz)
+print()
+print("server CPU time, all jobs (user+system), and per GiB moved: " + ", ".join(
+    f"{s} {cpu[s]:.1f} s ({cpu[s] / (moved[s] / (1 << 30)):.2f} s/GiB)"
+    if moved.get(s) else f"{s} {cpu[s]:.1f} s" for s in servers if s in cpu))
 PYEOF
 
 if [ "$failed" != 0 ]; then
