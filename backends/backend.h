@@ -100,12 +100,138 @@ struct backend_open_opts {
     uint64_t create_size;
 };
 
-/* Does spec name remote storage (an rbd: image) rather than a local path?
- * Such specs are not resolved against directories, stat()ed or unlinked. */
+/* ---- backend drivers: the registry ----
+ *
+ * A backend driver is one kind of storage: local files, Ceph RBD images.
+ * It is found by the prefix of a spec ("rbd:"), the driver with the empty
+ * prefix (local files) taking every spec no other driver claims, or by its
+ * name (QMP's file-node "driver").  Layers above never name a driver: they
+ * ask the registry functions below, which dispatch to the driver of the
+ * spec.  All driver ops are control path: called from the loop thread (or
+ * an offload thread where stated), never on the data path.  Strings they
+ * return are malloc'ed and owned by the caller; on failure they return
+ * NULL (or -errno) with *errp set.
+ */
+
+#define BACKEND_API_VERSION 1
+
+/* Driver flags. */
+#define BACKEND_DRV_LOCAL   (1u << 0) /* specs are paths: resolved against
+                                         directories, stat()ed, checked
+                                         against an export's backing root */
+#define BACKEND_DRV_OFFLOAD (1u << 1) /* open, reopen, close and remove talk
+                                         to a server and may block for
+                                         seconds: run them on an offload
+                                         thread (backend_open_co) */
+
+/* One option of a QMP file node, flattened the way QEMU's keyval syntax
+ * does (nested objects and arrays as "server.0.host"); every value is a
+ * string. */
+struct backend_kv {
+    const char *key;
+    const char *val;
+};
+
+struct backend_driver {
+    unsigned api_version;       /* BACKEND_API_VERSION */
+    const char *name;           /* "file", "rbd": QMP's file-node driver */
+    const char *prefix;         /* spec prefix; "" = the fallback (paths) */
+    unsigned flags;             /* BACKEND_DRV_* */
+
+    /* Parses and checks spec (which carries the driver's prefix) without
+     * touching storage.  Returns 0 or -errno with *errp set.  Optional:
+     * NULL accepts every spec. */
+    int (*validate)(const char *spec, struct error **errp);
+    /* Opens the storage named by spec.  May block (BACKEND_DRV_OFFLOAD:
+     * for seconds, and is then called on an offload thread). */
+    struct backend *(*open)(struct loop *loop, const char *spec,
+                            const struct backend_open_opts *opts,
+                            struct error **errp);
+    /* Deletes the storage named by spec (undoing a create). */
+    int (*remove)(const char *spec, struct error **errp);
+    /* The spec of the layer that a backing name recorded in an image
+     * header leads to.  overlay: the spec of the image whose header holds
+     * name when it is storage of this driver, else NULL.  settings: what
+     * the operator configured on the export for backing layers of this
+     * driver (the part of the export's backing-remote= option after the
+     * prefix), or NULL.  A header is not trusted like the command line:
+     * the driver takes from name only what says which image it is, and
+     * refuses a name that tries to choose anything else (paths, hosts,
+     * credentials, client options). */
+    char *(*resolve_backing)(const char *overlay, const char *name,
+                             const char *settings, struct error **errp);
+    /* The backing name to record in the header of overlay (any spec) so
+     * that it leads to layer (a spec of this driver) again. */
+    char *(*backing_name)(const char *overlay, const char *layer,
+                          struct error **errp);
+    /* The same relative to overlay (a spec of this driver like layer): a
+     * path from the overlay's directory, an image in the overlay's pool. */
+    char *(*relative_backing_name)(const char *overlay, const char *layer,
+                                   struct error **errp);
+    /* Do specs a and b (both of this driver) name the same storage?  Specs
+     * that do not parse are never the same. */
+    bool (*same_storage)(const char *a, const char *b);
+    /* A spec from the options of a QMP file node (kv[0..n), the "driver"
+     * key left out).  Errors name the keys with prefix before them
+     * ("file.") in QMP's words ("Parameter 'file.pool' is missing"). */
+    char *(*spec_from_options)(const struct backend_kv *kv, size_t n,
+                               const char *prefix, struct error **errp);
+    /* Checks the settings an export gives for backing layers of this
+     * driver under local overlays (backing-remote=PREFIX[SETTINGS]; NULL
+     * when the option is just the prefix).  NULL op: the driver takes no
+     * such settings (local files). */
+    int (*check_settings)(const char *settings, struct error **errp);
+};
+
+/* Stamps the API version on a driver's table:
+ *   BACKEND_REGISTER_DRIVER(file_driver, .name = "file", ...);
+ * and lists it in the registry (backend.c). */
+#define BACKEND_REGISTER_DRIVER(ident, ...)                                 \
+    const struct backend_driver ident = {                                   \
+        .api_version = BACKEND_API_VERSION, __VA_ARGS__}
+
+/* The driver of spec (never NULL: paths fall to the local driver). */
+const struct backend_driver *backend_driver_of(const char *spec);
+/* The driver called name (QMP's file-node driver), or NULL. */
+const struct backend_driver *backend_find_driver(const char *name);
+/* "'file', 'rbd'": the driver names for messages. */
+const char *backend_driver_names(void);
+/* Does spec name a local path (resolved against directories, stat()ed,
+ * checked against a backing root) rather than remote storage? */
+bool backend_spec_is_local(const char *spec);
 static inline bool backend_spec_is_remote(const char *spec)
 {
-    return spec[0] == 'r' && spec[1] == 'b' && spec[2] == 'd' && spec[3] == ':';
+    return !backend_spec_is_local(spec);
 }
+/* Must open, reopen, close and remove of b run on an offload thread? */
+bool backend_needs_offload(const struct backend *b);
+/* Checks spec with its driver's validate op. */
+int backend_validate_spec(const char *spec, struct error **errp);
+/* Resolves a backing name recorded in the image overlay (both specs as the
+ * chain opener has them): a name with a driver's prefix goes to that
+ * driver; an absolute path is a local file; any other name is relative to
+ * the overlay, in the overlay's own storage.  backing_remote: the
+ * export's backing-remote= option (PREFIX[SETTINGS]) or NULL; a driver
+ * gets the settings after its own prefix.  malloc'ed; NULL with *errp. */
+char *backend_resolve_backing(const char *overlay, const char *name,
+                              const char *backing_remote,
+                              struct error **errp);
+/* Checks an export's backing-remote= option: PREFIX[SETTINGS] of a
+ * remote driver. */
+int backend_check_backing_remote(const char *backing_remote,
+                                 struct error **errp);
+/* The backing name to record in overlay's header for layer (see the
+ * backing_name op); relative: as relative_backing_name (both specs of one
+ * driver). */
+char *backend_backing_name(const char *overlay, const char *layer,
+                           bool relative, struct error **errp);
+/* Do the two specs name the same storage (same driver, same_storage)? */
+bool backend_same_storage(const char *a, const char *b);
+/* A spec from a QMP file node's options (driver: its "driver" member, NULL
+ * when absent). */
+char *backend_spec_from_options(const char *driver,
+                                const struct backend_kv *kv, size_t n,
+                                const char *prefix, struct error **errp);
 
 /* Opens a backend from a user spec: a path for local files, or
  * rbd:POOL/[NAMESPACE/]IMAGE[@SNAP][:KEY=VALUE]... for a Ceph RBD image
@@ -155,7 +281,11 @@ int backend_truncate_co(struct backend *b, struct coro *co, uint64_t size);
 int backend_cache_co(struct backend *b, struct coro *co, uint64_t off,
                      uint64_t len);
 
-/* Constructors of the concrete backends (used by backend_open). */
+/* The registered drivers (listed in backend.c). */
+extern const struct backend_driver file_driver;
+extern const struct backend_driver rbd_driver;
+
+/* Constructors of the concrete backends, for their drivers. */
 struct backend *file_backend_open(struct loop *loop, const char *path,
                                   const struct backend_open_opts *opts,
                                   struct error **errp);

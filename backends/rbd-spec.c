@@ -310,8 +310,17 @@ char *rbd_spec_format(const struct rbd_spec *s)
     }
     if (s->conf)
         sb_option(&b, "conf", s->conf);
-    if (s->id)
-        sb_option(&b, "id", s->id);
+    if (s->id) {
+        /* Parsing strips one "client." prefix: an id that itself starts
+         * with it gets one back, so that it reads back unchanged. */
+        if (!strncmp(s->id, "client.", 7)) {
+            sb_putc(&b, ':');
+            sb_puts(&b, "id=client.");
+            sb_escaped(&b, s->id, ":");
+        } else {
+            sb_option(&b, "id", s->id);
+        }
+    }
     if (s->keyring)
         sb_option(&b, "keyring", s->keyring);
     if (s->timeout_set)

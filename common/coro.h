@@ -75,5 +75,16 @@ struct co_mutex {
 };
 void co_mutex_lock_co(struct co_mutex *m, struct coro *self);
 void co_mutex_unlock(struct co_mutex *m, struct coro *self);
+/* Whether self holds m: for assertions in functions that need the lock. */
+static inline bool co_mutex_held(const struct co_mutex *m,
+                                 const struct coro *self)
+{
+    return m->owner == self;
+}
+/* Whether anyone holds m: for assertions where the caller is not known. */
+static inline bool co_mutex_locked(const struct co_mutex *m)
+{
+    return m->owner != NULL;
+}
 
 #endif

@@ -10,6 +10,9 @@ pkgs=(gcc pkg-config meson ninja-build liburing-dev zlib1g-dev libzstd-dev
       libjson-c-dev)
 # TLS (--tls): GnuTLS
 pkgs+=(libgnutls28-dev)
+# optional at build time: sd_notify through libsystemd (stratad speaks the
+# protocol itself without it), the Prometheus endpoint (--metrics)
+pkgs+=(libsystemd-dev libmicrohttpd-dev)
 if [[ $level == demo ]]; then
     pkgs+=(qemu-utils)
 fi
@@ -26,6 +29,10 @@ if [[ $level == test || $level == bench ]]; then
     # VM tests (tests/vm): QEMU boots a stock Debian kernel, socat carries
     # its guestfwd connections, e2fsprogs checks the guest's file system
     pkgs+=(qemu-system-x86 socat e2fsprogs)
+    # operations tests: systemd-socket-activate and systemd-analyze
+    # (systemd), scraping /metrics (curl) and checking it (promtool, from
+    # prometheus)
+    pkgs+=(systemd curl prometheus)
     # the rbd backend, and a throw-away Ceph cluster to test it against
     # (contrib/ceph-cluster.sh); qemu's rbd driver for the comparisons
     pkgs+=(librbd-dev librados-dev ceph-mon ceph-osd ceph-common

@@ -718,6 +718,192 @@ static int cmd_commit(struct qmp *q, const char *exp, const char *top,
     return wait_job(q, id);
 }
 
+/* ---- stats ---- */
+
+/* Classes shown by `strata stats`: QEMU's BlockDeviceStats prefix, the
+ * x_ prefix for strata's own classes, and a label. */
+static const struct {
+    const char *prefix;            /* rd, wr, flush, unmap, x_zero, ... */
+    const char *hist;              /* its latency histogram member */
+    const char *label;
+} stats_classes[] = {
+    {"rd", "rd_latency_histogram", "read"},
+    {"wr", "wr_latency_histogram", "write"},
+    {"flush", "flush_latency_histogram", "flush"},
+    {"unmap", "x_unmap_latency_histogram", "trim"},
+    {"x_zero", "x_zero_latency_histogram", "zero"},
+    {"x_cache", "x_cache_latency_histogram", "cache"},
+    {"x_block_status", "x_block_status_latency_histogram", "blkstatus"},
+};
+
+static int64_t stats_field(struct json_object *st, const char *prefix,
+                           const char *what)
+{
+    char key[96];
+    if (!strcmp(what, "failed") || !strcmp(what, "invalid")) {
+        /* failed_rd_operations, x_failed_zero_operations */
+        bool x = !strncmp(prefix, "x_", 2);
+        snprintf(key, sizeof(key), "%s%s_%s_operations", x ? "x_" : "", what,
+                 x ? prefix + 2 : prefix);
+    } else {
+        snprintf(key, sizeof(key), "%s_%s", prefix, what);
+    }
+    return jint(st, key);
+}
+
+/* The latency under which a fraction q of the requests finished: the
+ * upper bound of the histogram bin where it falls (log2 bins: within a
+ * factor of two). */
+static uint64_t stats_quantile_ns(struct json_object *hist, double q)
+{
+    struct json_object *bounds, *bins;
+    if (!hist || !json_object_object_get_ex(hist, "boundaries", &bounds) ||
+        !json_object_object_get_ex(hist, "bins", &bins))
+        return 0;
+    size_t nb = json_object_array_length(bins);
+    uint64_t total = 0;
+    for (size_t i = 0; i < nb; i++)
+        total += (uint64_t)json_object_get_int64(json_object_array_get_idx(bins, i));
+    if (total == 0)
+        return 0;
+    uint64_t want = (uint64_t)(q * (double)total + 0.999999), cum = 0;
+    size_t nbound = json_object_array_length(bounds);
+    for (size_t i = 0; i < nb; i++) {
+        cum += (uint64_t)json_object_get_int64(json_object_array_get_idx(bins, i));
+        if (cum >= want)
+            return i < nbound ? (uint64_t)json_object_get_int64(
+                                    json_object_array_get_idx(bounds, i))
+                              : UINT64_MAX;
+    }
+    return UINT64_MAX;
+}
+
+static const char *human_ns(uint64_t ns, char *buf, size_t len)
+{
+    if (ns == UINT64_MAX)
+        snprintf(buf, len, "max");
+    else if (ns < 1000)
+        snprintf(buf, len, "%lluns", (unsigned long long)ns);
+    else if (ns < 1000000)
+        snprintf(buf, len, "%.1fus", (double)ns / 1e3);
+    else if (ns < 1000000000)
+        snprintf(buf, len, "%.1fms", (double)ns / 1e6);
+    else
+        snprintf(buf, len, "%.1fs", (double)ns / 1e9);
+    return buf;
+}
+
+/* One table of the exports' stats; prev (the previous sample, or NULL)
+ * and dt_s give the rates of --watch. */
+static void stats_print(struct json_object *r, struct json_object *prev,
+                        double dt_s)
+{
+    size_t n = json_object_array_length(r);
+    if (n == 0) {
+        printf("no exports\n");
+        return;
+    }
+    for (size_t i = 0; i < n; i++) {
+        struct json_object *e = json_object_array_get_idx(r, i), *st, *pst = NULL;
+        if (!json_object_object_get_ex(e, "stats", &st))
+            continue;
+        for (size_t j = 0; prev && j < json_object_array_length(prev); j++) {
+            struct json_object *pe = json_object_array_get_idx(prev, j);
+            const char *pid = jstr(pe, "device");
+            if (pid && !strcmp(pid, jstr(e, "device")))
+                json_object_object_get_ex(pe, "stats", &pst);
+        }
+        const char *name = jstr(e, "x-export-name");
+        printf("export %s (name %s, node %s): %lld client%s, %lld in flight\n",
+               jstr(e, "device"), name && *name ? name : "(default)",
+               jstr(e, "node-name"), (long long)jint(e, "x-clients"),
+               jint(e, "x-clients") == 1 ? "" : "s",
+               (long long)jint(st, "x_inflight"));
+        printf("  %-9s %12s %10s %7s %7s %9s %9s %9s", "OP", "REQUESTS", "BYTES",
+               "FAILED", "INVALID", "AVG", "P50<=", "P99<=");
+        if (pst)
+            printf(" %9s %11s", "REQ/S", "BYTES/S");
+        printf("\n");
+        for (size_t k = 0; k < sizeof(stats_classes) / sizeof(stats_classes[0]); k++) {
+            const char *pf = stats_classes[k].prefix;
+            int64_t ops = stats_field(st, pf, "operations");
+            int64_t bytes = stats_field(st, pf, "bytes");
+            int64_t tot = stats_field(st, pf, "total_time_ns");
+            struct json_object *hist = NULL;
+            json_object_object_get_ex(st, stats_classes[k].hist, &hist);
+            char b1[32], b2[32], b3[32], b4[32], b5[32];
+            printf("  %-9s %12lld %10s %7lld %7lld %9s %9s %9s",
+                   stats_classes[k].label, (long long)ops,
+                   human_size((uint64_t)bytes, b1, sizeof(b1)),
+                   (long long)stats_field(st, pf, "failed"),
+                   (long long)stats_field(st, pf, "invalid"),
+                   ops ? human_ns((uint64_t)(tot / ops), b2, sizeof(b2)) : "-",
+                   ops ? human_ns(stats_quantile_ns(hist, 0.5), b3, sizeof(b3)) : "-",
+                   ops ? human_ns(stats_quantile_ns(hist, 0.99), b4, sizeof(b4)) : "-");
+            if (pst && dt_s > 0) {
+                double dops = (double)(ops - stats_field(pst, pf, "operations"));
+                double dby = (double)(bytes - stats_field(pst, pf, "bytes"));
+                printf(" %9.1f %9s/s", dops / dt_s,
+                       human_size((uint64_t)(dby / dt_s), b5, sizeof(b5)));
+            }
+            printf("\n");
+        }
+        int64_t idle = jint(st, "idle_time_ns");
+        char b[32];
+        if (json_object_object_get_ex(st, "idle_time_ns", NULL))
+            printf("  idle for %s\n", human_ns((uint64_t)idle, b, sizeof(b)));
+    }
+}
+
+/* strata stats [EXPORT] [--watch]: query-blockstats, one export or all;
+ * --watch samples every second with rates, until interrupted. */
+static int cmd_stats(struct qmp *q, const char *exp, bool watch)
+{
+    struct json_object *prev = NULL;
+    uint64_t prev_ms = 0;
+    for (;;) {
+        struct json_object *all = qmp_run(q, "query-blockstats", NULL);
+        uint64_t t = now_ms();
+        struct json_object *r = all;
+        if (exp) {
+            r = json_object_new_array();
+            for (size_t i = 0; i < json_object_array_length(all); i++) {
+                struct json_object *e = json_object_array_get_idx(all, i);
+                const char *nm = jstr(e, "x-export-name");
+                if (!strcmp(jstr(e, "device"), exp) || (nm && !strcmp(nm, exp)))
+                    json_object_array_add(r, json_object_get(e));
+            }
+            json_object_put(all);
+            if (json_object_array_length(r) == 0) {
+                json_object_put(r);
+                json_object_put(prev);
+                die(1, "export '%s' not found", exp);
+            }
+        }
+        if (opt_json) {
+            /* one document per sample, one line each under --watch */
+            printf("%s\n", json_object_to_json_string_ext(r, watch
+                   ? JSON_C_TO_STRING_PLAIN : JSON_C_TO_STRING_PRETTY));
+        } else {
+            if (watch && isatty(STDOUT_FILENO))
+                printf("\033[H\033[2J");
+            stats_print(r, prev, prev ? (double)(t - prev_ms) / 1000.0 : 0);
+            if (watch)
+                printf("\n");
+        }
+        fflush(stdout);
+        json_object_put(prev);
+        prev = r;
+        prev_ms = t;
+        if (!watch)
+            break;
+        struct timespec ts = {1, 0};
+        nanosleep(&ts, NULL);
+    }
+    json_object_put(prev);
+    return 0;
+}
+
 static void usage(FILE *fp)
 {
     fprintf(fp,
@@ -742,6 +928,9 @@ static void usage(FILE *fp)
 "  commit EXPORT [--top FILE] [--base FILE] [--speed BYTES/S] [--job-id ID]\n"
 "         [--wait]               --wait shows progress until the job ends\n"
 "                                (an active commit is completed when ready)\n"
+"  stats [EXPORT] [--watch]      I/O statistics: requests, bytes, failures,\n"
+"                                latency (average, p50/p99 bins); --watch\n"
+"                                samples every second with rates\n"
 "  quit                          stop the daemon gracefully\n"
 "\n"
 "Options:\n"
@@ -774,12 +963,13 @@ int main(int argc, char **argv)
         {"job-id", required_argument, NULL, 'J'},
         {"wait", no_argument, NULL, 'w'},
         {"relative", no_argument, NULL, 'R'},
+        {"watch", no_argument, NULL, 'W'},
         {NULL, 0, NULL, 0},
     };
     const char *format = "raw", *desc = NULL, *id = NULL, *node = NULL;
     const char *top = NULL, *base = NULL, *job_id = NULL;
     bool readonly = false, direct = false, hard = false, keep_node = false, wait = false;
-    bool relative = false;
+    bool relative = false, watch = false;
     long long speed = 0;
     signal(SIGPIPE, SIG_IGN); /* a closed socket is reported by write() */
     sock_path = getenv("STRATA_SOCKET");
@@ -818,6 +1008,7 @@ int main(int argc, char **argv)
         case 'J': job_id = optarg; break;
         case 'w': wait = true; break;
         case 'R': relative = true; break;
+        case 'W': watch = true; break;
         default: usage(stderr); return 2;
         }
     }
@@ -835,6 +1026,7 @@ int main(int argc, char **argv)
         {"version", 1}, {"exports", 1}, {"chain", 2}, {"jobs", 1}, {"job", 3},
         {"add-export", 3}, {"del-export", 2}, {"snapshot", 3}, {"commit", 2},
         {"quit", 1},
+        {"stats", -2},             /* negative: up to that many */
     };
     size_t k;
     for (k = 0; k < sizeof(table) / sizeof(table[0]); k++)
@@ -842,9 +1034,10 @@ int main(int argc, char **argv)
             break;
     if (k == sizeof(table) / sizeof(table[0]))
         die(2, "unknown command '%s' (try strata --help)", cmd);
-    if (nargs != table[k].nargs)
-        die(2, "%s: expected %d argument%s (try strata --help)", cmd,
-            table[k].nargs - 1, table[k].nargs == 2 ? "" : "s");
+    if (table[k].nargs < 0 ? nargs > -table[k].nargs : nargs != table[k].nargs)
+        die(2, "%s: expected %s%d argument%s (try strata --help)", cmd,
+            table[k].nargs < 0 ? "at most " : "",
+            abs(table[k].nargs) - 1, abs(table[k].nargs) == 2 ? "" : "s");
 
     struct qmp q;
     qmp_connect(&q);
@@ -867,6 +1060,8 @@ int main(int argc, char **argv)
         rc = cmd_snapshot(&q, args[1], args[2], node, relative);
     else if (!strcmp(cmd, "commit"))
         rc = cmd_commit(&q, args[1], top, base, speed, job_id, wait);
+    else if (!strcmp(cmd, "stats"))
+        rc = cmd_stats(&q, nargs > 1 ? args[1] : NULL, watch);
     else {
         json_object_put(qmp_run(&q, "quit", NULL));
         if (opt_json)

@@ -18,6 +18,7 @@
 #include "error.h"
 #include "format.h"
 #include "tls.h"
+#include "stats.h"
 
 struct server;
 
@@ -41,7 +42,7 @@ struct export_config {
  * --export).  It owns the chain; an export serves it. */
 struct blockdev {
     char *node_name;
-    char *driver;              /* format of the top: "raw", "qcow2" */
+    char *driver;              /* the top's format driver (registry name) */
     char *filename;            /* image file of the top node */
     bool read_only;
     bool direct;               /* cache=none */
@@ -113,6 +114,8 @@ struct export {
     uint64_t n_quiesces;
 
     struct export_write_notifier *write_notifiers;
+
+    struct export_stats stats; /* counted by nbd/transmit.c (stats.h) */
 };
 
 /* The chain top an export serves. */
@@ -142,7 +145,7 @@ struct export *server_find_export_id(struct server *srv, const char *id);
 /* ---- block nodes (QMP blockdev-add / blockdev-del) ---- */
 struct blockdev_config {
     const char *node_name;
-    const char *driver;        /* "raw" or "qcow2" */
+    const char *driver;        /* a format driver's registry name */
     const char *filename;
     bool read_only;
     bool direct;

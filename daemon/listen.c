@@ -3,9 +3,11 @@
 #include <arpa/inet.h>
 #include <assert.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -21,7 +23,8 @@
 static void accept_done(struct loop_op *op, int res, uint32_t flags);
 
 static int listener_push(struct server *srv, int fd, const char *desc,
-                         const char *unix_path, struct error **errp)
+                         const char *unix_path, bool is_tcp,
+                         struct error **errp)
 {
     void *arr = realloc(srv->listeners,
                         sizeof(*srv->listeners) * (srv->n_listeners + 1));
@@ -36,7 +39,11 @@ static int listener_push(struct server *srv, int fd, const char *desc,
     l->fd = fd;
     l->desc = strdup(desc);
     l->unix_path = unix_path ? strdup(unix_path) : NULL;
+    l->is_tcp = is_tcp;
     l->accept_op.done = accept_done;
+    l->parked_fd = -1;
+    if (!l->desc || (unix_path && !l->unix_path))
+        return error_setf(errp, ENOMEM, "out of memory");
     return 0;
 }
 
@@ -91,7 +98,7 @@ static int listen_unix(struct server *srv, const char *path,
         return fd;
     char desc[sizeof(((struct sockaddr_un *)0)->sun_path) + 8];
     snprintf(desc, sizeof(desc), "unix:%s", path);
-    return listener_push(srv, fd, desc, path, errp);
+    return listener_push(srv, fd, desc, path, false, errp);
 }
 
 static int listen_inet(struct server *srv, const char *addr,
@@ -150,7 +157,7 @@ static int listen_inet(struct server *srv, const char *addr,
             error_free(*errp);
             *errp = NULL;
         }
-        ret = listener_push(srv, fd, addr, NULL, errp);
+        ret = listener_push(srv, fd, addr, NULL, true, errp);
         break;
     }
     freeaddrinfo(res);
@@ -165,10 +172,146 @@ int server_add_listener(struct server *srv, const char *addr,
     return listen_inet(srv, addr, errp);
 }
 
+static void start_client(struct listener *l, int fd);
+
+/* ---- socket activation ---- */
+
+#define LISTEN_FDS_START 3
+
+/* "unix:PATH", "HOST:PORT" or "[V6]:PORT" of a bound socket; *is_tcp. */
+static void socket_desc(int fd, char *buf, size_t len, bool *is_tcp)
+{
+    struct sockaddr_storage ss;
+    socklen_t sl = sizeof(ss);
+    char host[INET6_ADDRSTRLEN];
+    *is_tcp = false;
+    if (getsockname(fd, (struct sockaddr *)&ss, &sl) < 0) {
+        snprintf(buf, len, "fd %d", fd);
+        return;
+    }
+    if (ss.ss_family == AF_UNIX) {
+        struct sockaddr_un *sun = (struct sockaddr_un *)&ss;
+        if (sl > offsetof(struct sockaddr_un, sun_path) && sun->sun_path[0])
+            snprintf(buf, len, "unix:%.*s",
+                     (int)(sl - offsetof(struct sockaddr_un, sun_path)),
+                     sun->sun_path);
+        else
+            snprintf(buf, len, "unix:@%.*s",
+                     (int)(sl - offsetof(struct sockaddr_un, sun_path) - 1),
+                     sun->sun_path + 1);
+    } else if (ss.ss_family == AF_INET) {
+        struct sockaddr_in *sin = (struct sockaddr_in *)&ss;
+        inet_ntop(AF_INET, &sin->sin_addr, host, sizeof(host));
+        snprintf(buf, len, "%s:%u", host, ntohs(sin->sin_port));
+        *is_tcp = true;
+    } else if (ss.ss_family == AF_INET6) {
+        struct sockaddr_in6 *sin6 = (struct sockaddr_in6 *)&ss;
+        inet_ntop(AF_INET6, &sin6->sin6_addr, host, sizeof(host));
+        snprintf(buf, len, "[%s]:%u", host, ntohs(sin6->sin6_port));
+        *is_tcp = true;
+    } else {
+        snprintf(buf, len, "fd %d (family %d)", fd, ss.ss_family);
+    }
+}
+
+int server_adopt_activated(struct server *srv, int *control_fd,
+                           struct error **errp)
+{
+    *control_fd = -1;
+    const char *pid_s = getenv("LISTEN_PID");
+    const char *fds_s = getenv("LISTEN_FDS");
+    if (!pid_s || !fds_s)
+        return 0;
+    char *end;
+    errno = 0;
+    unsigned long pid = strtoul(pid_s, &end, 10);
+    if (errno || *end || pid != (unsigned long)getpid())
+        return 0; /* meant for another process (our parent) */
+    errno = 0;
+    unsigned long n = strtoul(fds_s, &end, 10);
+    if (errno || *end || n > 1024)
+        return error_setf(errp, EINVAL, "LISTEN_FDS=%s: not a count of sockets",
+                          fds_s);
+    /* colon-separated, one name per descriptor (sd_listen_fds(3)) */
+    char *names = strdup(getenv("LISTEN_FDNAMES") ? getenv("LISTEN_FDNAMES") : "");
+    unsetenv("LISTEN_PID");
+    unsetenv("LISTEN_FDS");
+    unsetenv("LISTEN_FDNAMES");
+    if (!names)
+        return error_setf(errp, ENOMEM, "out of memory");
+    int adopted = 0;
+    char *save = NULL;
+    char *name = names[0] ? strtok_r(names, ":", &save) : NULL;
+    for (unsigned long i = 0; i < n; i++, name = name ? strtok_r(NULL, ":", &save) : NULL) {
+        int fd = LISTEN_FDS_START + (int)i;
+        const char *nm = name ? name : "unknown";
+        int acc = 0, type = 0;
+        socklen_t ol = sizeof(acc);
+        if (fcntl(fd, F_SETFD, FD_CLOEXEC) < 0 ||
+            getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &acc, &ol) < 0 ||
+            (ol = sizeof(type),
+             getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &ol) < 0) ||
+            !acc || type != SOCK_STREAM) {
+            int r = error_setf(errp, EINVAL, "socket activation: descriptor "
+                               "%d ('%s') is not a listening stream socket "
+                               "(ListenStream= in the .socket unit)", fd, nm);
+            free(names);
+            return r;
+        }
+        if (!strcmp(nm, "control")) {
+            if (*control_fd >= 0) {
+                free(names);
+                return error_setf(errp, EINVAL, "socket activation: more "
+                                  "than one socket named 'control'");
+            }
+            *control_fd = fd;
+            continue;
+        }
+        if (strcmp(nm, "nbd") && strcmp(nm, "unknown")) {
+            int r = error_setf(errp, EINVAL, "socket activation: descriptor "
+                               "%d is named '%s': expected "
+                               "FileDescriptorName=nbd or control", fd, nm);
+            free(names);
+            return r;
+        }
+        char desc[sizeof(((struct sockaddr_un *)0)->sun_path) + 64];
+        bool tcp;
+        socket_desc(fd, desc, sizeof(desc), &tcp);
+        if (listener_push(srv, fd, desc, NULL, tcp, errp) < 0) {
+            free(names);
+            return -ENOMEM;
+        }
+        srv->listeners[srv->n_listeners - 1].adopted = true;
+        adopted++;
+    }
+    free(names);
+    return adopted;
+}
+
 static void arm_accept(struct listener *l)
 {
-    if (l->accept_pending || l->closed || l->srv->shutting_down)
+    struct server *srv = l->srv;
+    if (l->accept_pending || l->closed || srv->shutting_down)
         return;
+    if (l->parked_fd >= 0 && srv->n_handshaking < srv->cfg.max_handshakes) {
+        int fd = l->parked_fd;
+        l->parked_fd = -1;
+        start_client(l, fd);
+    }
+    if (l->parked_fd >= 0)
+        return;
+    if (srv->n_handshaking >= srv->cfg.max_handshakes) {
+        /* finish the handshakes under way before starting new ones */
+        if (!srv->accept_paused)
+            log_info("%u handshakes in progress (--max-handshakes): new "
+                     "clients wait until one finishes", srv->n_handshaking);
+        srv->accept_paused = true;
+        return;
+    }
+    if (srv->accept_paused) {
+        srv->accept_paused = false;
+        log_info("accepting new clients again");
+    }
     struct io_uring_sqe *sqe = loop_get_sqe(l->srv->loop, &l->accept_op);
     io_uring_prep_accept(sqe, l->fd, NULL, NULL, SOCK_CLOEXEC);
     l->accept_pending = true;
@@ -198,14 +341,41 @@ static void accept_done(struct loop_op *op, int res, uint32_t flags)
         close(fd);
         return;
     }
-    arm_accept(l);
+    if (srv->n_handshaking >= srv->cfg.max_handshakes) {
+        /* accepted before the limit was reached: it waits here, like the
+         * clients in the kernel's backlog, until a handshake ends */
+        assert(l->parked_fd < 0);
+        l->parked_fd = fd;
+        arm_accept(l); /* logs the pause; arms nothing */
+        return;
+    }
+    start_client(l, fd);
+    arm_accept(l); /* after counting: at the limit it pauses */
+}
+
+/* Admits (or refuses) the client on fd and starts its handshake. */
+static void start_client(struct listener *l, int fd)
+{
+    struct server *srv = l->srv;
     if (srv->n_conns >= srv->cfg.max_connections) {
         log_warn("%s: refusing a client: %u connections is the limit",
                  l->desc, srv->cfg.max_connections);
         close(fd);
         return;
     }
-    bool tcp = l->unix_path == NULL;
+    bool tcp = l->is_tcp;
+    struct peer *peer = NULL;
+    enum admit_verdict v = peer_admit(srv, fd, tcp, &peer);
+    if (v != ADMIT_OK) {
+        if (v == ADMIT_NOMEM) {
+            log_error("out of memory accepting a client");
+        } else {
+            log_warn("%s: refusing a client from %s: %s", l->desc,
+                     peer_desc(peer), admit_verdict_str(v));
+        }
+        close(fd);
+        return;
+    }
     if (tcp) {
         int one = 1;
         setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
@@ -213,15 +383,19 @@ static void accept_done(struct loop_op *op, int res, uint32_t flags)
     struct conn *c = conn_new(srv, fd, tcp);
     if (!c) {
         log_error("out of memory accepting a client");
+        peer_release(srv, peer, true);
         close(fd);
         return;
     }
+    c->peer = peer;
+    c->in_handshake = true;
     c->next = srv->conns;
     if (srv->conns)
         srv->conns->prev = c;
     srv->conns = c;
     srv->n_conns++;
-    log_debug("%s: client %llu connected", l->desc, (unsigned long long)c->id);
+    log_debug("%s: client %llu connected from %s", l->desc,
+              (unsigned long long)c->id, peer_desc(peer));
 }
 
 void server_listeners_rearm(struct server *srv)
@@ -230,12 +404,34 @@ void server_listeners_rearm(struct server *srv)
         arm_accept(&srv->listeners[i]);
 }
 
+static void cancel_done(struct loop_op *op, int res, uint32_t flags)
+{
+    (void)op;
+    (void)res;
+    (void)flags;
+}
+
 void server_listeners_stop(struct server *srv)
 {
     for (size_t i = 0; i < srv->n_listeners; i++) {
         struct listener *l = &srv->listeners[i];
-        /* wakes the pending accept with an error; the fd closes at exit */
-        shutdown(l->fd, SHUT_RDWR);
+        if (l->parked_fd >= 0) {
+            close(l->parked_fd); /* never started: nothing to drain */
+            l->parked_fd = -1;
+        }
+        if (l->adopted) {
+            /* The service manager keeps listening on this socket for the
+             * next activation: cancel our accept, leave the socket be. */
+            if (l->accept_pending) {
+                l->cancel_op.done = cancel_done;
+                io_uring_prep_cancel(loop_get_sqe(srv->loop, &l->cancel_op),
+                                     &l->accept_op, 0);
+            }
+        } else {
+            /* wakes the pending accept with an error; the fd closes at
+             * exit */
+            shutdown(l->fd, SHUT_RDWR);
+        }
         l->closed = true;
     }
 }
@@ -244,6 +440,8 @@ void server_listeners_free(struct server *srv)
 {
     for (size_t i = 0; i < srv->n_listeners; i++) {
         struct listener *l = &srv->listeners[i];
+        if (l->parked_fd >= 0)
+            close(l->parked_fd);
         close(l->fd);
         if (l->unix_path)
             unlink(l->unix_path);

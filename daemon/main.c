@@ -1,6 +1,8 @@
 /* strata — stratad: the NBD export server daemon.  The process: log
  * file, --fork and its readiness pipe, signals, the loop, the server, the
- * control socket and the state file, wired together in main(). */
+ * control socket and the state file, socket activation and the service
+ * manager's notifications, captive mode (--run), --exit-with-parent and
+ * the metrics endpoint, wired together in main(). */
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -8,12 +10,16 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/signalfd.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "captive.h"
 #include "control.h"
+#include "metrics.h"
+#include "notify.h"
 #include "options.h"
 #include "log.h"
 #include "server.h"
@@ -96,8 +102,30 @@ static void signal_ready(int *ready_fd, char status, bool keep_stderr)
     }
 }
 
+/* --exit-with-parent: SIGTERM (the graceful shutdown) when the parent
+ * dies; and if it died before we asked, shut down now. */
+static int exit_with_parent(pid_t parent)
+{
+    if (prctl(PR_SET_PDEATHSIG, SIGTERM) < 0) {
+        perror("stratad: --exit-with-parent: prctl");
+        return -1;
+    }
+    if (getppid() != parent) {
+        fprintf(stderr, "stratad: --exit-with-parent: the parent is gone\n");
+        return -1;
+    }
+    return 0;
+}
+
+static void notify_stopping(struct server_shutdown_hook *h)
+{
+    (void)h;
+    notify_send("STOPPING=1\nSTATUS=shutting down: draining clients");
+}
+
 int main(int argc, char **argv)
 {
+    pid_t parent = getppid();
     struct stratad_options opts;
     switch (stratad_options_parse(argc, argv, &opts)) {
     case OPTS_OK:
@@ -139,6 +167,10 @@ int main(int argc, char **argv)
     sigaddset(&mask, SIGINT);
     sigprocmask(SIG_BLOCK, &mask, NULL);
     signal(SIGPIPE, SIG_IGN);
+    if (opts.exit_with_parent && exit_with_parent(parent) < 0) {
+        stratad_options_free(&opts);
+        return 1;
+    }
     int sig_fd = signalfd(-1, &mask, SFD_CLOEXEC);
     if (sig_fd < 0) {
         perror("stratad: signalfd");
@@ -160,9 +192,15 @@ int main(int argc, char **argv)
         signal_ready(&ready_fd, 1, true);
         return 1;
     }
-    srv->allow_no_exports = control_path || state_path;
     int rc = 0;
     CLEANUP_ERROR struct error *err = NULL;
+    int control_fd = -1;
+    int n_activated = server_adopt_activated(srv, &control_fd, &err);
+    if (n_activated < 0) {
+        fprintf(stderr, "stratad: %s\n", err->msg);
+        rc = 1;
+    }
+    srv->allow_no_exports = control_path || state_path || control_fd >= 0;
     struct tls_server *tls = NULL;
     if (tls_server_new(&opts.tls, &tls, &err) < 0) {
         fprintf(stderr, "stratad: %s\n", err->msg);
@@ -180,7 +218,7 @@ int main(int argc, char **argv)
     srv->tls = tls;
     struct state *state = NULL;
     bool state_loaded = false;
-    if (state_path) {
+    if (state_path && rc == 0) {
         state = state_new(srv, state_path);
         if (!state) {
             fprintf(stderr, "stratad: out of memory\n");
@@ -213,6 +251,24 @@ int main(int argc, char **argv)
             rc = 1;
         }
     }
+    /* Without --listen: the activated sockets, or with --run a private
+     * unix socket, or the NBD port on loopback. */
+    char *private_dir = NULL, *private_sock = NULL, *private_listen = NULL;
+    const char *default_listen = "127.0.0.1:10809";
+    if (rc == 0 && n_listens == 0 && n_activated == 0 && control_fd < 0 &&
+        opts.run_cmd) {
+        int r = captive_private_socket(&private_dir, &private_sock);
+        if (r < 0 || asprintf(&private_listen, "unix:%s", private_sock) < 0) {
+            fprintf(stderr, "stratad: --run: a private socket directory: %s\n",
+                    strerror(r < 0 ? -r : ENOMEM));
+            rc = 1;
+        }
+        default_listen = private_listen;
+    }
+    if (rc == 0 && n_listens == 0 && n_activated == 0 && control_fd < 0) {
+        listens = &default_listen;
+        n_listens = 1;
+    }
     for (size_t i = 0; i < n_listens && rc == 0; i++) {
         if (server_add_listener(srv, listens[i], &err) < 0) {
             fprintf(stderr, "stratad: --listen %s: %s\n", listens[i], err->msg);
@@ -220,7 +276,17 @@ int main(int argc, char **argv)
         }
     }
     struct control *control = NULL;
-    if (rc == 0 && control_path) {
+    if (rc == 0 && control_fd >= 0) {
+        if (control_path)
+            log_warn("--control %s: using the control socket of socket "
+                     "activation instead", control_path);
+        control = control_new_fd(srv, control_fd, "the activated socket",
+                                 state, &err);
+        if (!control) {
+            fprintf(stderr, "stratad: %s\n", err->msg);
+            rc = 1;
+        }
+    } else if (rc == 0 && control_path) {
         control = control_new(srv, control_path, control_mode,
                               opts.control_gid, state, &err);
         if (!control) {
@@ -230,6 +296,18 @@ int main(int argc, char **argv)
     } else if (rc == 0 && state) {
         state_attach(state);
     }
+    struct metrics *metrics = NULL;
+    if (rc == 0 && opts.metrics_addr) {
+        metrics = metrics_new(srv, control ? control_jobs(control) : NULL,
+                              opts.metrics_addr, &err);
+        if (!metrics) {
+            fprintf(stderr, "stratad: %s\n", err->msg);
+            rc = 1;
+        }
+    }
+    struct server_shutdown_hook stopping_hook = {.fn = notify_stopping};
+    if (rc == 0)
+        server_add_shutdown_hook(srv, &stopping_hook);
     if (rc == 0 && server_start(srv, sig_fd, &err) < 0) {
         fprintf(stderr, "stratad: %s\n", err->msg);
         rc = 1;
@@ -241,20 +319,45 @@ int main(int argc, char **argv)
             rc = 1;
         }
     }
+    if (rc == 0 && opts.print_uri) {
+        char *uri = server_uri(srv, &err);
+        if (!uri) {
+            fprintf(stderr, "stratad: --print-uri: %s\n", err->msg);
+            rc = 1;
+        } else {
+            printf("%s\n", uri);
+            fflush(stdout);
+            free(uri);
+        }
+    }
+    struct captive cap = {0};
+    if (rc == 0 && opts.run_cmd && captive_start(&cap, srv, opts.run_cmd, &err) < 0) {
+        fprintf(stderr, "stratad: %s\n", err->msg);
+        rc = 1;
+    }
     if (rc != 0) {
         signal_ready(&ready_fd, 1, true);
+        metrics_free(metrics);
         control_free(control);
         state_free(state);
         server_free(srv);
         tls_server_free(tls);
         loop_free(loop);
         close(sig_fd);
+        if (private_dir)
+            rmdir(private_dir);
+        free(private_dir);
+        free(private_sock);
+        free(private_listen);
         stratad_options_free(&opts);
         return rc;
     }
     if (state)
         server_changed(srv); /* record the exports of the command line */
     signal_ready(&ready_fd, 0, log_file != NULL);
+    notify_sendf("READY=1\nSTATUS=serving %zu export%s on %zu socket%s",
+                 srv->n_exports, srv->n_exports == 1 ? "" : "s",
+                 srv->n_listeners, srv->n_listeners == 1 ? "" : "s");
 
     int r = loop_run(loop);
     if (r < 0) {
@@ -263,6 +366,10 @@ int main(int argc, char **argv)
     } else {
         rc = srv->exit_code;
     }
+    metrics_free(metrics);
+    captive_finish(&cap);
+    if (rc == 0 && cap.exited)
+        rc = cap.exit_status; /* captive mode: the command's verdict */
     if (srv->conns || srv->holds) {
         /* only after a fatal loop error: sockets close with the process */
         log_warn("exiting with clients or jobs still active");
@@ -275,6 +382,13 @@ int main(int argc, char **argv)
     loop_free(loop);
     if (pid_file)
         unlink(pid_file);
+    if (private_dir) {
+        unlink(private_sock); /* when the server could not be freed */
+        rmdir(private_dir);
+    }
+    free(private_dir);
+    free(private_sock);
+    free(private_listen);
     close(sig_fd);
     stratad_options_free(&opts);
     log_info("stopped");

@@ -3,6 +3,7 @@
 #include <errno.h>
 #include <getopt.h>
 #include <grp.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -18,7 +19,9 @@ void stratad_usage(FILE *fp)
 "Serve disk images over NBD.\n"
 "\n"
 "  -l, --listen ADDR          listen on ADDR: HOST:PORT, [IPV6]:PORT or\n"
-"                             unix:PATH (repeatable; default 127.0.0.1:10809)\n"
+"                             unix:PATH (repeatable; default 127.0.0.1:10809,\n"
+"                             or the sockets of socket activation, or with\n"
+"                             --run a private unix socket)\n"
 "  -e, --export SPEC          serve an image (repeatable; the first one is\n"
 "                             also the default export, for the empty name)\n"
 "      --fork                 go to the background once serving\n"
@@ -26,9 +29,18 @@ void stratad_usage(FILE *fp)
 "      --log-file FILE        append log messages to FILE (with --fork the\n"
 "                             daemon otherwise detaches from all output)\n"
 "      --max-connections N    clients at once (default 256)\n"
+"      --max-connections-per-peer N  clients of one address (TCP) or one\n"
+"                             user (unix socket) at once (default 128)\n"
+"      --max-handshakes N     clients still in the handshake at once; past\n"
+"                             it new clients wait to be accepted (default 128)\n"
+"      --max-handshakes-per-peer N  of those, from one address or user\n"
+"                             (default 16)\n"
 "      --handshake-timeout S  seconds a client may take to choose an export\n"
 "                             (default 10)\n"
 "      --max-inflight N       requests in flight per client (default 128)\n"
+"      --max-memory SIZE      payload buffers of all clients together, e.g.\n"
+"                             512M or 2G (default 256M; at least 64M); past\n"
+"                             it clients wait, in turn, for memory\n"
 "      --shutdown-timeout S   seconds to drain clients on SIGTERM (default 30)\n"
 "      --control PATH         serve the QMP control socket on unix socket PATH\n"
 "      --control-mode OCTAL   permissions of the control socket (default 0600)\n"
@@ -36,6 +48,15 @@ void stratad_usage(FILE *fp)
 "                             them at start (see the README)\n"
 "      --control-group GROUP  the control socket's group, mode 0660 (unless\n"
 "                             --control-mode says otherwise)\n"
+"      --run CMD              captive mode: once serving, run CMD with /bin/sh\n"
+"                             ($uri, $nbd, $unixsocket, $port, $exportname\n"
+"                             set), stop when it exits, exit with its status\n"
+"      --print-uri            print the NBD URI of the server once serving\n"
+"      --exit-with-parent     shut down when the parent process exits\n"
+"      --metrics HOST:PORT    serve Prometheus metrics at http://HOST:PORT/metrics\n"
+"  -v, --verbose              log every connection and refused request\n"
+"  -h, --help                 show this help\n"
+"  -V, --version              show the version\n"
 "\n"
 "TLS and access control (see docs/tls.md):\n"
 "      --tls=off|on|require   offer TLS (NBD_OPT_STARTTLS); require: nothing\n"
@@ -49,9 +70,6 @@ void stratad_usage(FILE *fp)
 "      --tls-allow LIST       only these TLS identities may connect: X.509\n"
 "                             DNs or PSK usernames, exact or fnmatch globs,\n"
 "                             separated by ';' (needs --tls=require)\n"
-"  -v, --verbose              log every connection and refused request\n"
-"  -h, --help                 show this help\n"
-"  -V, --version              show the version\n"
 "\n"
 "Export SPEC keys (comma separated, ',,' for a literal comma):\n"
 "  name=NAME           export name (default: empty)\n"
@@ -90,6 +108,14 @@ enum {
     OPT_TLS_PRIORITY,
     OPT_TLS_ALLOW,
     OPT_CONTROL_GROUP,
+    OPT_MAX_MEMORY,
+    OPT_MAX_PER_PEER,
+    OPT_MAX_HANDSHAKES,
+    OPT_MAX_HANDSHAKES_PER_PEER,
+    OPT_RUN,
+    OPT_PRINT_URI,
+    OPT_EXIT_WITH_PARENT,
+    OPT_METRICS,
 };
 
 /* TLS and access control: one option; OPTS_OK when it was handled. */
@@ -173,6 +199,31 @@ static int check_tls_options(const struct stratad_options *o)
     return 0;
 }
 
+/* "N", "NK", "NM", "NG" or "NT" (powers of 1024), within [min, max]. */
+static int parse_size_arg(const char *opt, const char *s, uint64_t min,
+                          uint64_t max, uint64_t *out)
+{
+    char *end;
+    errno = 0;
+    unsigned long long v = strtoull(s, &end, 10);
+    unsigned shift = 0;
+    switch (*end) {
+    case 'k': case 'K': shift = 10; end++; break;
+    case 'm': case 'M': shift = 20; end++; break;
+    case 'g': case 'G': shift = 30; end++; break;
+    case 't': case 'T': shift = 40; end++; break;
+    }
+    if (errno || *end || end == s || s[0] == '-' || v > (max >> shift) ||
+        (v << shift) < min) {
+        fprintf(stderr, "stratad: %s %s: expected a size from %llu MiB to "
+                "%llu GiB (a number with K, M, G or T)\n", opt, s,
+                (unsigned long long)(min >> 20), (unsigned long long)(max >> 30));
+        return -1;
+    }
+    *out = (uint64_t)v << shift;
+    return 0;
+}
+
 static int parse_uint(const char *opt, const char *s, unsigned min,
                       unsigned max, unsigned *out)
 {
@@ -225,6 +276,15 @@ enum opts_result stratad_options_parse(int argc, char **argv,
         {"tls-priority", required_argument, NULL, OPT_TLS_PRIORITY},
         {"tls-allow", required_argument, NULL, OPT_TLS_ALLOW},
         {"control-group", required_argument, NULL, OPT_CONTROL_GROUP},
+        {"max-memory", required_argument, NULL, OPT_MAX_MEMORY},
+        {"max-connections-per-peer", required_argument, NULL, OPT_MAX_PER_PEER},
+        {"max-handshakes", required_argument, NULL, OPT_MAX_HANDSHAKES},
+        {"max-handshakes-per-peer", required_argument, NULL,
+         OPT_MAX_HANDSHAKES_PER_PEER},
+        {"run", required_argument, NULL, OPT_RUN},
+        {"print-uri", no_argument, NULL, OPT_PRINT_URI},
+        {"exit-with-parent", no_argument, NULL, OPT_EXIT_WITH_PARENT},
+        {"metrics", required_argument, NULL, OPT_METRICS},
         {"verbose", no_argument, NULL, 'v'},
         {"help", no_argument, NULL, 'h'},
         {"version", no_argument, NULL, 'V'},
@@ -297,8 +357,40 @@ enum opts_result stratad_options_parse(int argc, char **argv,
             control_mode_given = true;
             break;
         }
+        case OPT_MAX_PER_PEER:
+            if (parse_uint("--max-connections-per-peer", optarg, 1, 65536,
+                           &o->cfg.max_per_peer) < 0)
+                return stratad_options_fail(o);
+            break;
+        case OPT_MAX_HANDSHAKES:
+            if (parse_uint("--max-handshakes", optarg, 1, 65536,
+                           &o->cfg.max_handshakes) < 0)
+                return stratad_options_fail(o);
+            break;
+        case OPT_MAX_HANDSHAKES_PER_PEER:
+            if (parse_uint("--max-handshakes-per-peer", optarg, 1, 65536,
+                           &o->cfg.max_handshakes_per_peer) < 0)
+                return stratad_options_fail(o);
+            break;
+        case OPT_MAX_MEMORY:
+            if (parse_size_arg("--max-memory", optarg, UINT64_C(64) << 20,
+                               UINT64_C(1) << 40, &o->cfg.max_memory) < 0)
+                return stratad_options_fail(o);
+            break;
         case OPT_STATE_FILE:
             o->state_path = optarg;
+            break;
+        case OPT_RUN:
+            o->run_cmd = optarg;
+            break;
+        case OPT_PRINT_URI:
+            o->print_uri = true;
+            break;
+        case OPT_EXIT_WITH_PARENT:
+            o->exit_with_parent = true;
+            break;
+        case OPT_METRICS:
+            o->metrics_addr = optarg;
             break;
         case 'v':
             log_set_level(LOG_DEBUG);
@@ -337,12 +429,23 @@ enum opts_result stratad_options_parse(int argc, char **argv,
     }
     if (o->n_exports == 0 && !o->control_path && !o->state_path) {
         fprintf(stderr, "stratad: no export given (--export file=PATH, or "
-                "--control to add o->exports later)\n");
+                "--control to add exports later)\n");
         stratad_usage(stderr);
         return stratad_options_fail(o);
     }
-    if (o->n_listens == 0)
-        o->listens[o->n_listens++] = "127.0.0.1:10809";
+    if (o->do_fork && (o->run_cmd || o->exit_with_parent)) {
+        fprintf(stderr, "stratad: --fork cannot be used with %s\n",
+                o->run_cmd ? "--run" : "--exit-with-parent");
+        return stratad_options_fail(o);
+    }
 
+    /* a per-peer or handshake limit above the global one means nothing */
+    struct server_config *c = &o->cfg;
+    if (c->max_per_peer > c->max_connections)
+        c->max_per_peer = c->max_connections;
+    if (c->max_handshakes > c->max_connections)
+        c->max_handshakes = c->max_connections;
+    if (c->max_handshakes_per_peer > c->max_handshakes)
+        c->max_handshakes_per_peer = c->max_handshakes;
     return OPTS_OK;
 }

@@ -13,7 +13,7 @@
 
 struct stratad_options {
     const char **listens;          /* --listen, in order (argv strings) */
-    size_t n_listens;              /* 0: the default address */
+    size_t n_listens;              /* 0: the default address (main.c) */
     const char **exports;          /* --export SPECs, in order */
     size_t n_exports;
     bool do_fork;                  /* --fork */
@@ -22,6 +22,10 @@ struct stratad_options {
     const char *control_path;      /* --control */
     unsigned control_mode;         /* --control-mode (default 0600) */
     const char *state_path;        /* --state-file */
+    const char *run_cmd;           /* --run: captive mode (captive.h) */
+    bool print_uri;                /* --print-uri */
+    bool exit_with_parent;         /* --exit-with-parent */
+    const char *metrics_addr;      /* --metrics HOST:PORT */
     struct server_config cfg;      /* limits and timeouts */
 
     /* TLS and access control */

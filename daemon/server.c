@@ -17,9 +17,13 @@
 void server_config_defaults(struct server_config *cfg)
 {
     cfg->max_connections = 256;
+    cfg->max_per_peer = 128;
+    cfg->max_handshakes = 128;
+    cfg->max_handshakes_per_peer = 16;
     cfg->handshake_timeout_s = 10;
     cfg->max_inflight = 128;
     cfg->max_buffered = 64u << 20;
+    cfg->max_memory = 256u << 20;
     cfg->shutdown_timeout_s = 30;
 }
 
@@ -184,6 +188,11 @@ void server_conn_gone(struct server *srv, struct conn *c)
     if (c->next)
         c->next->prev = c->prev;
     srv->n_conns--;
+    if (c->peer) {
+        peer_release(srv, c->peer, c->in_handshake);
+        c->peer = NULL;
+        c->in_handshake = false;
+    }
     server_check_idle(srv);
 }
 
@@ -194,6 +203,7 @@ void server_free(struct server *srv)
     assert(!srv->conns);
     server_listeners_free(srv);
     server_tables_free(srv);
+    peers_free(srv);
     loop_timer_del(srv->loop, &srv->timer);
     free(srv);
 }

@@ -27,9 +27,14 @@ struct tls_server;
 
 struct server_config {
     unsigned max_connections;      /* accepted at once */
+    unsigned max_per_peer;         /* of one address or uid (peers.c) */
+    unsigned max_handshakes;       /* handshakes in progress at once */
+    unsigned max_handshakes_per_peer;
     unsigned handshake_timeout_s;  /* to reach transmission */
     unsigned max_inflight;         /* requests per connection */
     size_t max_buffered;           /* payload bytes per connection */
+    uint64_t max_memory;           /* payload bytes of all connections
+                                      (daemon/nbd/budget.c) */
     unsigned shutdown_timeout_s;   /* to drain clients on SIGTERM */
 };
 
@@ -37,10 +42,17 @@ struct listener {
     struct server *srv;
     int fd;
     char *desc;                    /* for messages: "127.0.0.1:10809" */
-    char *unix_path;               /* unlinked at exit */
+    char *unix_path;               /* unlinked at exit (not when adopted) */
+    bool is_tcp;                   /* TCP_NODELAY for its clients */
+    bool adopted;                  /* passed by the service manager */
     struct loop_op accept_op;
+    struct loop_op cancel_op;      /* cancels accept_op (adopted) */
     bool accept_pending;
     bool closed;
+    int parked_fd;                 /* accepted while --max-handshakes were
+                                      in progress: started when one ends
+                                      (-1: none; the listener is not
+                                      re-armed meanwhile) */
 };
 
 /* Called when the server starts its graceful shutdown (control socket,
@@ -82,6 +94,12 @@ struct server {
     size_t n_listeners;
 
     struct conn *conns;            /* every live connection */
+    struct peer *peers;            /* who is connected (peers.c) */
+    unsigned n_handshaking;        /* connections still in the handshake */
+    bool accept_paused;            /* n_handshaking at max_handshakes */
+    uint64_t payload_mem;          /* payload buffers of all connections */
+    uint64_t payload_mem_peak;
+    struct conn *mem_wait_head, *mem_wait_tail; /* waiting for memory */
     unsigned n_conns;
     uint64_t next_conn_id;
 
@@ -116,6 +134,16 @@ int server_unix_socket(const char *path, const char *what, int mode,
 /* Binds "HOST:PORT", "[V6]:PORT" or "unix:PATH". */
 int server_add_listener(struct server *srv, const char *addr,
                         struct error **errp);
+/* Socket activation (sd_listen_fds(3)): adopts the listening sockets a
+ * service manager passed (LISTEN_PID, LISTEN_FDS, LISTEN_FDNAMES; the
+ * variables are then removed from the environment).  Sockets named "nbd"
+ * (or unnamed: "unknown") become NBD listeners; the one named "control"
+ * is returned in *control_fd (-1 if none) for the control socket; any
+ * other name is refused.  Returns the number of NBD listeners adopted
+ * (0 when the process was not socket-activated), or -errno. */
+int server_adopt_activated(struct server *srv, int *control_fd,
+                           struct error **errp);
+
 /* Arms every listener's accept that is not armed (start, and again after
  * a failed accept such as EMFILE). */
 void server_listeners_rearm(struct server *srv);
@@ -124,6 +152,28 @@ void server_listeners_rearm(struct server *srv);
 void server_listeners_stop(struct server *srv);
 /* Closes the listeners and unlinks their unix sockets. */
 void server_listeners_free(struct server *srv);
+/* ---- admission (peers.c) ---- */
+struct peer;
+enum admit_verdict {
+    ADMIT_OK,
+    ADMIT_PEER_FULL,           /* max_per_peer reached */
+    ADMIT_PEER_HANDSHAKES,     /* max_handshakes_per_peer reached */
+    ADMIT_NOMEM,
+};
+/* Counts a new client on fd as a connection and a handshake of its peer,
+ * or says why it may not come in (then nothing is counted).  *out is the
+ * peer either way (NULL for a refused first connection of a peer). */
+enum admit_verdict peer_admit(struct server *srv, int fd, bool tcp,
+                              struct peer **out);
+const char *admit_verdict_str(enum admit_verdict v);
+/* The peer's connection reached transmission. */
+void peer_handshake_done(struct server *srv, struct peer *p);
+/* The peer's connection is gone (in_handshake: before transmission). */
+void peer_release(struct server *srv, struct peer *p, bool in_handshake);
+/* "127.0.0.1", "::1", "uid 1000". */
+const char *peer_desc(const struct peer *p);
+void peers_free(struct server *srv);
+
 /* Frees every export and block node (no connection may remain). */
 void server_tables_free(struct server *srv);
 

@@ -10,9 +10,7 @@
 
 #include "format.h"
 #include "loop.h"
-#include "rbd-spec.h"
-
-static const uint8_t qcow2_magic[4] = {'Q', 'F', 'I', 0xfb};
+#include "util.h"
 
 /* What the chain opener remembers of the layers opened so far. */
 struct chain_ctx {
@@ -20,70 +18,129 @@ struct chain_ctx {
     struct coro *co;
     const struct fmt_open_opts *opts;
     char root[PATH_MAX];          /* backing root (real path) */
-    bool no_local;                /* no local backing files (top on RBD,
-                                     no backing root given) */
+    bool no_local;                /* no local backing files (top on
+                                     remote storage, no backing root) */
     struct {
         dev_t dev;
         ino_t ino;
-        const char *rbd;          /* the layer's rbd: spec (alive while the
-                                     opener runs), or NULL */
+        const char *remote;       /* the layer's spec when it is not a
+                                     local file (alive while the opener
+                                     runs), or NULL */
     } seen[FMT_MAX_CHAIN_DEPTH];
     unsigned depth;
 };
 
-char *fmt_resolve_backing(const char *overlay, const char *name,
-                          struct error **errp)
+/* ---- the registry ---- */
+
+/* In order of preference: the first that can have a backing file makes
+ * new overlays; the last is the fallback of probing (raw). */
+static const struct fmt_driver *const fmt_drivers[] = {
+    &qcow2_driver,
+    &raw_driver,
+};
+
+const struct fmt_driver *fmt_find_driver(const char *name)
 {
-    char *p = NULL;
-    if (backend_spec_is_remote(overlay) && name[0] != '/') {
-        if (rbd_spec_resolve_backing(overlay, name, &p, errp) < 0)
-            return NULL;
-        return p;
+    for (size_t i = 0; i < ARRAY_SIZE(fmt_drivers); i++) {
+        assert(fmt_drivers[i]->api_version == FMT_API_VERSION);
+        if (!strcmp(fmt_drivers[i]->name, name))
+            return fmt_drivers[i];
     }
-    if (backend_spec_is_remote(name)) {
-        if (rbd_spec_resolve_backing(NULL, name, &p, errp) < 0)
-            return NULL;
-        return p;
+    return NULL;
+}
+
+const char *fmt_driver_names(void)
+{
+    static char names[128];
+    if (!names[0]) {
+        size_t len = 0;
+        for (size_t i = ARRAY_SIZE(fmt_drivers); i-- > 0;)
+            len += (size_t)snprintf(names + len, sizeof(names) - len, "%s%s",
+                                    len ? ", " : "", fmt_drivers[i]->name);
     }
-    const char *slash = strrchr(overlay, '/');
-    if (name[0] == '/' || !slash) {
-        p = strdup(name);
-    } else {
-        size_t dirlen = (size_t)(slash - overlay) + 1;
-        p = malloc(dirlen + strlen(name) + 1);
-        if (p) {
-            memcpy(p, overlay, dirlen);
-            strcpy(p + dirlen, name);
+    return names;
+}
+
+const struct fmt_driver *fmt_default_overlay_driver(void)
+{
+    for (size_t i = 0; i < ARRAY_SIZE(fmt_drivers); i++)
+        if (fmt_driver_can_backing(fmt_drivers[i]))
+            return fmt_drivers[i];
+    assert(!"no format driver can have a backing file");
+    return NULL;
+}
+
+bool fmt_driver_can_backing(const struct fmt_driver *d)
+{
+    return d && (d->caps & FMT_DRV_BACKING);
+}
+
+/* The driver that probes best for the first bytes of a file; the last
+ * (fallback) driver when none recognises them. */
+static const struct fmt_driver *fmt_probe(const uint8_t *buf, size_t len)
+{
+    const struct fmt_driver *best = fmt_drivers[ARRAY_SIZE(fmt_drivers) - 1];
+    int best_score = 0;
+    for (size_t i = 0; i < ARRAY_SIZE(fmt_drivers); i++) {
+        int score = fmt_drivers[i]->probe ? fmt_drivers[i]->probe(buf, len) : 0;
+        if (score > best_score) {
+            best = fmt_drivers[i];
+            best_score = score;
         }
     }
-    if (!p)
-        error_setf(errp, ENOMEM, "out of memory");
-    return p;
+    return best;
+}
+
+const char *fmt_backing_name(struct fmt_node *n)
+{
+    return fmt_driver_can_backing(n->drv) ? n->drv->backing_name(n) : NULL;
+}
+
+const char *fmt_backing_format(struct fmt_node *n)
+{
+    return fmt_driver_can_backing(n->drv) ? n->drv->backing_format(n) : NULL;
+}
+
+int fmt_set_backing_co(struct fmt_node *n, struct coro *co,
+                       const char *backing_name, const char *backing_fmt,
+                       struct error **errp)
+{
+    if (!fmt_driver_can_backing(n->drv))
+        return error_setf(errp, ENOTSUP, "%s: a %s image has no backing file",
+                          n->filename, n->ops->name);
+    assert(!n->read_only);
+    return n->drv->set_backing_co(n, co, backing_name, backing_fmt, errp);
+}
+
+int fmt_create_co(const struct fmt_driver *d, struct loop *loop,
+                  struct coro *co, const char *path, uint64_t size,
+                  const char *backing_name, const char *backing_fmt,
+                  struct error **errp)
+{
+    if (!fmt_driver_can_backing(d))
+        return error_setf(errp, ENOTSUP, "%s: strata cannot create %s images",
+                          path, d->name);
+    return d->create_co(loop, co, path, size, backing_name, backing_fmt,
+                        errp);
+}
+
+/* ---- naming layers ---- */
+
+char *fmt_resolve_backing(const char *overlay, const char *name,
+                          const char *backing_remote, struct error **errp)
+{
+    return backend_resolve_backing(overlay, name, backing_remote, errp);
 }
 
 char *fmt_backing_name_for(const char *overlay, const char *layer,
                            struct error **errp)
 {
-    char *p = NULL;
-    if (backend_spec_is_remote(layer)) {
-        if (rbd_spec_backing_name(layer, backend_spec_is_remote(overlay) ? overlay : NULL,
-                                  &p, errp) < 0)
-            return NULL;
-        return p;
-    }
-    p = strdup(layer);
-    if (!p)
-        error_setf(errp, ENOMEM, "out of memory");
-    return p;
+    return backend_backing_name(overlay, layer, false, errp);
 }
 
 bool fmt_same_layer(const char *a, const char *b)
 {
-    if (backend_spec_is_remote(a) || backend_spec_is_remote(b))
-        return backend_spec_is_remote(a) && backend_spec_is_remote(b) && rbd_spec_same_image(a, b);
-    struct stat sa, sb;
-    return stat(a, &sa) == 0 && stat(b, &sb) == 0 && sa.st_dev == sb.st_dev &&
-           sa.st_ino == sb.st_ino;
+    return backend_same_storage(a, b);
 }
 
 static bool path_inside(const char *path, const char *root)
@@ -99,12 +156,13 @@ static bool path_inside(const char *path, const char *root)
 static int check_layer(struct chain_ctx *cx, const char *spec, bool backing,
                        struct error **errp)
 {
-    if (backend_spec_is_remote(spec)) {
+    if (!backend_spec_is_local(spec)) {
         for (unsigned i = 0; i < cx->depth; i++)
-            if (cx->seen[i].rbd && rbd_spec_same_image(cx->seen[i].rbd, spec))
+            if (cx->seen[i].remote &&
+                backend_same_storage(cx->seen[i].remote, spec))
                 return error_setf(errp, ELOOP, "%s: the backing chain loops "
                                   "(this image is already in it)", spec);
-        cx->seen[cx->depth].rbd = spec;
+        cx->seen[cx->depth].remote = spec;
         return 0;
     }
     if (backing && cx->no_local)
@@ -135,7 +193,7 @@ static int check_layer(struct chain_ctx *cx, const char *spec, bool backing,
         }
     cx->seen[cx->depth].dev = st.st_dev;
     cx->seen[cx->depth].ino = st.st_ino;
-    cx->seen[cx->depth].rbd = NULL;
+    cx->seen[cx->depth].remote = NULL;
     return 0;
 }
 
@@ -160,50 +218,50 @@ static struct fmt_node *open_layer(struct chain_ctx *cx, const char *spec,
     if (!file)
         return NULL;
 
-    if (!format) {
-        uint8_t *magic = NULL;
-        size_t len = file->align > 4 ? file->align : 4;
-        if (posix_memalign((void **)&magic, len > 64 ? len : 64, len) != 0) {
+    const struct fmt_driver *drv = format ? fmt_find_driver(format) : NULL;
+    if (format && !drv) {
+        error_setf(errp, EINVAL, "%s: unknown format '%s' (supported: %s)",
+                   spec, format, fmt_driver_names());
+        backend_close(file);
+        return NULL;
+    }
+    if (!drv) {
+        uint8_t *head = NULL;
+        size_t len = file->align > FMT_PROBE_BYTES ? file->align
+                                                   : FMT_PROBE_BYTES;
+        if (posix_memalign((void **)&head, len > 64 ? len : 64, len) != 0) {
             backend_close(file);
             error_setf(errp, ENOMEM, "out of memory");
             return NULL;
         }
-        int r = backend_pread_co(file, cx->co, magic, len, 0);
-        bool is_qcow2 = r == 0 && file->size >= 4 &&
-                        memcmp(magic, qcow2_magic, 4) == 0;
-        free(magic);
+        int r = backend_pread_co(file, cx->co, head, len, 0);
+        if (r == 0)
+            drv = fmt_probe(head, file->size < len ? (size_t)file->size : len);
+        free(head);
         if (r < 0) {
             error_setf(errp, -r, "%s: %s", spec, strerror(-r));
             backend_close(file);
             return NULL;
         }
-        if (!backing && is_qcow2) {
-            /* No probing into a guest-writable raw image: a qcow2 header
+        if (!backing && drv->probe) {
+            /* No probing into a guest-writable raw image: a header
              * written by a guest must never change how it is read. */
-            error_setf(errp, EINVAL, "%s: looks like a qcow2 image: say "
-                       "format=qcow2 or format=raw explicitly", spec);
+            error_setf(errp, EINVAL, "%s: looks like a %s image: say "
+                       "format=%s or format=raw explicitly", spec, drv->name,
+                       drv->name);
             backend_close(file);
             return NULL;
         }
-        format = is_qcow2 ? "qcow2" : "raw";
     }
 
     struct fmt_open_opts lo = *cx->opts;
     lo.read_only = read_only;
-    struct fmt_node *n;
-    if (strcmp(format, "raw") == 0) {
-        n = raw_open(cx->loop, file, &lo, errp);
-    } else if (strcmp(format, "qcow2") == 0) {
-        n = qcow2_open_co(cx->loop, cx->co, file, &lo, errp);
-    } else {
-        error_setf(errp, EINVAL, "%s: unknown format '%s' (supported: raw, "
-                   "qcow2)", spec, format);
-        n = NULL;
-    }
+    struct fmt_node *n = drv->open_co(cx->loop, cx->co, file, &lo, errp);
     if (!n) {
         backend_close(file);
         return NULL;
     }
+    n->drv = drv;
     free(n->filename);
     n->filename = strdup(spec);
     if (!n->filename) {
@@ -212,15 +270,16 @@ static struct fmt_node *open_layer(struct chain_ctx *cx, const char *spec,
         return NULL;
     }
 
-    const char *bname = n->ops->name[0] == 'q' ? qcow2_backing_name(n) : NULL;
+    const char *bname = fmt_backing_name(n);
     if (bname) {
-        char *bspec = fmt_resolve_backing(spec, bname, errp);
+        char *bspec = fmt_resolve_backing(spec, bname, cx->opts->backing_remote,
+                                          errp);
         if (!bspec) {
             error_prefix(errp, "%s: backing file: ", spec);
             fmt_close(n);
             return NULL;
         }
-        n->backing = open_layer(cx, bspec, qcow2_backing_format(n), true, true,
+        n->backing = open_layer(cx, bspec, fmt_backing_format(n), true, true,
                                 errp);
         if (!n->backing) {
             error_prefix(errp, "%s: backing file: ", spec);
@@ -248,7 +307,7 @@ struct fmt_node *fmt_open_co(struct loop *loop, struct coro *co,
     cx->opts = opts;
     const char *root = opts->backing_root;
     char dir[PATH_MAX];
-    if (!root && !backend_spec_is_remote(spec)) {
+    if (!root && backend_spec_is_local(spec)) {
         /* Default: the top image's own directory. */
         char real[PATH_MAX];
         if (realpath(spec, real)) {
@@ -261,14 +320,14 @@ struct fmt_node *fmt_open_co(struct loop *loop, struct coro *co,
             root = dir;
         }
     }
-    if (root && !backend_spec_is_remote(root) && !realpath(root, cx->root)) {
+    if (root && backend_spec_is_local(root) && !realpath(root, cx->root)) {
         error_setf(errp, errno, "backing root %s: %s", root, strerror(errno));
         free(cx);
         return NULL;
     }
     if (!root) {
         snprintf(cx->root, sizeof(cx->root), "/");
-        cx->no_local = backend_spec_is_remote(spec);
+        cx->no_local = !backend_spec_is_local(spec);
     }
     struct fmt_node *n = open_layer(cx, spec, opts->format, opts->read_only,
                                     false, errp);
@@ -286,14 +345,21 @@ struct fmt_node *fmt_open_overlay_co(struct loop *loop, struct coro *co,
         .read_only = opts->read_only,
         .direct = opts->direct,
     };
+    const struct fmt_driver *drv = fmt_find_driver(opts->format);
+    if (!fmt_driver_can_backing(drv)) {
+        error_setf(errp, EINVAL, "%s: format '%s' cannot be an overlay", path,
+                   opts->format);
+        return NULL;
+    }
     struct backend *file = backend_open_co(loop, co, path, &bo, errp);
     if (!file)
         return NULL;
-    struct fmt_node *n = qcow2_open_co(loop, co, file, opts, errp);
+    struct fmt_node *n = drv->open_co(loop, co, file, opts, errp);
     if (!n) {
         backend_close(file);
         return NULL;
     }
+    n->drv = drv;
     free(n->filename);
     n->filename = strdup(path);
     if (!n->filename) {
@@ -374,10 +440,10 @@ static void close_call(void *arg)
 
 void fmt_close_co(struct fmt_node *n, struct loop *loop, struct coro *co)
 {
-    bool remote = false;
+    bool offload = false;
     for (struct fmt_node *x = n; x; x = x->backing)
-        remote |= backend_spec_is_remote(x->file->name);
-    if (remote)
+        offload |= backend_needs_offload(x->file);
+    if (offload)
         loop_offload_co(loop, co, close_call, n);
     else
         fmt_close(n);
@@ -396,6 +462,7 @@ int fmt_preadv_co(struct fmt_node *n, struct coro *co, const struct iovec *iov,
                   int iovcnt, uint64_t off)
 {
     check_range(n, off, iov_size(iov, iovcnt));
+    assert(!n->drv || iov_size(iov, iovcnt) <= n->drv->max_rw);
     int r = n->ops->preadv_co(n, co, iov, iovcnt, off);
     assert(r <= 0);
     return r;
@@ -407,6 +474,7 @@ int fmt_pwritev_co(struct fmt_node *n, struct coro *co, const struct iovec *iov,
     assert(!n->read_only);
     assert(!(flags & ~FMT_FUA));
     check_range(n, off, iov_size(iov, iovcnt));
+    assert(!n->drv || iov_size(iov, iovcnt) <= n->drv->max_rw);
     int r = n->ops->pwritev_co(n, co, iov, iovcnt, off, flags);
     assert(r <= 0);
     return r;

@@ -45,37 +45,84 @@ struct fmt_extent {
                           whole chain, 1 = this node, 2 = its backing... */
 };
 
+/* Largest byte count of one preadv_co / pwritev_co call: the NBD layer's
+ * maximum payload (32 MiB, nbd-protocol.h) bounds every client request,
+ * and the jobs copy in smaller chunks.  Zero, discard, cache and block
+ * status take any length inside the disk. */
+#define FMT_MAX_RW (UINT64_C(32) << 20)
+
+/* The per-node operations of a format.  Common to all of them:
+ *   - called only through the fmt_*_co() contract wrappers below, from a
+ *     coroutine on n->loop (connections' request coroutines, job workers);
+ *     every one may yield, and several may be in flight on one node at
+ *     once (the format serialises what must be: qcow2's metadata lock);
+ *   - off and lengths are multiples of n->align, inside [0, n->size), and
+ *     lengths are > 0 (checked by the wrapper, a violation is a programmer
+ *     error);
+ *   - iov buffers belong to the caller, stay valid until return and are
+ *     not kept; with direct I/O (n->align > 1) they are aligned to
+ *     n->align;
+ *   - they return 0 or -errno and never touch errno: -EIO (the storage
+ *     failed), -ENOSPC (no room to allocate), -ENOMEM, -ENOTSUP (an
+ *     optional behaviour, such as FMT_FAST zeroing, is not available),
+ *     -EROFS; whatever they return is what the client sees (mapped to NBD
+ *     errors in one place, nbd_errno);
+ *   - writing ops are never called on a read-only node. */
 struct fmt_ops {
     const char *name;
-    /* Fills iov with the guest-visible bytes at off. */
+    /* Fills iov (at most FMT_MAX_RW bytes) with the guest-visible bytes at
+     * off: this node's data, else its backing node's, else zeros. */
     int (*preadv_co)(struct fmt_node *n, struct coro *co,
                      const struct iovec *iov, int iovcnt, uint64_t off);
+    /* Writes iov (at most FMT_MAX_RW bytes) at off, allocating as needed.
+     * flags: FMT_FUA only; with it, the data and the metadata that leads
+     * to it are durable on return.  Without it, durable at the next
+     * flush_co. */
     int (*pwritev_co)(struct fmt_node *n, struct coro *co,
                       const struct iovec *iov, int iovcnt, uint64_t off,
                       unsigned flags);
+    /* Makes every write completed before the call durable (data, then the
+     * metadata that refers to it, then the backend's flush).  Not called
+     * on read-only nodes (the wrapper answers 0). */
     int (*flush_co)(struct fmt_node *n, struct coro *co);
+    /* Makes [off, off+len) read as zeros; any length inside the disk.
+     * flags: FMT_FUA, FMT_MAY_TRIM (may deallocate), FMT_FAST (the wrapper
+     * answers -ENOTSUP itself unless n->caps has FMT_CAN_ZERO; the op may
+     * still fail with -ENOTSUP rather than writing zeros). */
     int (*zero_co)(struct fmt_node *n, struct coro *co, uint64_t off,
                    uint64_t len, unsigned flags);
+    /* Advisory: [off, off+len) may be deallocated; content afterwards is
+     * unspecified (reads may see old data, zeros or the backing node).
+     * Only called when n->caps has FMT_CAN_TRIM; flags: none yet. */
     int (*discard_co)(struct fmt_node *n, struct coro *co, uint64_t off,
                       uint64_t len, unsigned flags);
-    /* Describes the extent starting at off (ext->len <= len). */
+    /* Describes the extent starting at off (0 < ext->len <= len; len is
+     * clipped to the disk by the wrapper; off need not be aligned). */
     int (*block_status_co)(struct fmt_node *n, struct coro *co, uint64_t off,
                            uint64_t len, struct fmt_extent *ext);
+    /* Prefetch hint for [off, off+len) (NBD_CMD_CACHE); optional, the
+     * wrapper answers 0 without it.  Never changes content. */
     int (*cache_co)(struct fmt_node *n, struct coro *co, uint64_t off,
                     uint64_t len);
     /* Control path, no request in flight on the node (both optional). */
-    /* Switches between read-only and read-write. */
+    /* Switches between read-only and read-write; going read-only flushes
+     * first.  Errors in *errp as well. */
     int (*reopen_co)(struct fmt_node *n, struct coro *co, bool read_only,
                      struct error **errp);
-    /* Grows the virtual size to size (> n->size). */
+    /* Grows the virtual size to size (> n->size); the node is writable. */
     int (*grow_co)(struct fmt_node *n, struct coro *co, uint64_t size,
                    struct error **errp);
-    /* Releases the node (not its backing node, not its backend). */
+    /* Releases the node (not its backing node, not its backend).  Must not
+     * yield; nothing is in flight. */
     void (*close)(struct fmt_node *n);
 };
 
+struct fmt_driver;
+
 struct fmt_node {
     const struct fmt_ops *ops;
+    const struct fmt_driver *drv; /* the driver that opened it (set by the
+                                     opener, fmt_open_co) */
     struct loop *loop;
     struct backend *file;      /* this node's storage (owned) */
     struct fmt_node *backing;  /* next layer down (owned), or NULL */
@@ -93,8 +140,9 @@ struct fmt_node {
 #define FMT_MAX_CHAIN_DEPTH        64
 
 struct fmt_open_opts {
-    const char *format;        /* "raw" or "qcow2"; NULL: raw, refused if
-                                  the file looks like qcow2 */
+    const char *format;        /* a driver's name (fmt_find_driver); NULL:
+                                  probed, and refused when a driver other
+                                  than the fallback recognises the file */
     bool read_only;            /* the top; backing layers always are */
     bool direct;               /* cache=none */
     uint64_t l2_cache_bytes;   /* qcow2: L2 table cache per node; 0 =
@@ -103,15 +151,18 @@ struct fmt_open_opts {
     const char *backing_root;  /* backing files must resolve inside this
                                   directory; NULL: the top image's own
                                   directory, and no local backing files at
-                                  all under a top on RBD */
+                                  all under a top on remote storage */
+    const char *backing_remote; /* the export's backing-remote= option:
+                                  which remote storage local overlays may
+                                  name as backing, and its settings
+                                  (backend_resolve_backing); NULL: none */
 };
 
-/* Opens a node and, for qcow2, its whole backing chain: backing names
- * relative to the overlay's directory or absolute, or rbd: specs (see
- * fmt_resolve_backing), the backing format from the header (probed only
- * when absent), every backing layer read-only, at most
- * FMT_MAX_CHAIN_DEPTH layers, no loops, every local file inside the
- * backing root.  Runs in a coroutine on loop. */
+/* Opens a node and, when its format has backing files, its whole backing
+ * chain: backing names resolved by fmt_resolve_backing, the backing
+ * format from the header (probed only when absent), every backing layer
+ * read-only, at most FMT_MAX_CHAIN_DEPTH layers, no loops, every local
+ * file inside the backing root.  Runs in a coroutine on loop. */
 struct fmt_node *fmt_open_co(struct loop *loop, struct coro *co,
                              const char *spec,
                              const struct fmt_open_opts *opts,
@@ -120,33 +171,30 @@ struct fmt_node *fmt_open_co(struct loop *loop, struct coro *co,
 struct fmt_node *fmt_open(struct loop *loop, const char *spec,
                           const struct fmt_open_opts *opts,
                           struct error **errp);
-/* Opens path as a qcow2 image on top of an already open chain (its
- * recorded backing name is not followed): the new top of an external
- * snapshot.  backing must stay open as long as the new node. */
+/* Opens path as an image of format opts->format (a driver that can have
+ * a backing file) on top of an already open chain (its recorded backing
+ * name is not followed): the new top of an external snapshot.  backing
+ * must stay open as long as the new node. */
 struct fmt_node *fmt_open_overlay_co(struct loop *loop, struct coro *co,
                                      const char *path,
                                      struct fmt_node *backing,
                                      const struct fmt_open_opts *opts,
                                      struct error **errp);
 /* Resolves a backing name recorded in an overlay named overlay, as the
- * chain opener does.  Under a local overlay: absolute paths as they are,
- * relative ones from the overlay's directory, rbd: specs checked
- * (rbd_spec_resolve_backing: a header may not set Ceph options).  Under an
- * RBD overlay: absolute paths are local files; rbd: specs and relative
- * names IMAGE[@SNAP] (the overlay's pool) are RBD images opened with what
- * the overlay's spec says of the cluster.  malloc'ed; NULL with *errp
- * set on error. */
+ * chain opener does (backend_resolve_backing: the backend drivers decide;
+ * a name with a storage prefix goes to that storage, an absolute path is a
+ * local file, anything else is relative to the overlay in its own
+ * storage).  backing_remote: the export's backing-remote= option, or NULL.
+ * malloc'ed; NULL with *errp set on error. */
 char *fmt_resolve_backing(const char *overlay, const char *name,
-                          struct error **errp);
+                          const char *backing_remote, struct error **errp);
 /* The backing name to record in overlay's header so that it leads to the
- * layer layer (both specs as the chain opener resolved them): local files
- * by their path, RBD images by rbd_spec_backing_name().  malloc'ed; NULL
- * with *errp set on error. */
+ * layer layer (both specs as the chain opener resolved them; see the
+ * backing_name op of backend drivers).  malloc'ed; NULL with *errp set on
+ * error. */
 char *fmt_backing_name_for(const char *overlay, const char *layer,
                            struct error **errp);
-/* Do the two specs name the same storage?  Local files by device and
- * inode (both must exist), RBD images by pool, namespace, image and
- * snapshot. */
+/* Do the two specs name the same storage (backend_same_storage)? */
 bool fmt_same_layer(const char *a, const char *b);
 /* Closes a node, its backing chain and their backends. */
 void fmt_close(struct fmt_node *n);
@@ -180,29 +228,115 @@ int fmt_block_status_co(struct fmt_node *n, struct coro *co, uint64_t off,
 int fmt_cache_co(struct fmt_node *n, struct coro *co, uint64_t off,
                  uint64_t len);
 
-/* Constructors of the concrete formats (used by fmt_open). */
-struct fmt_node *raw_open(struct loop *loop, struct backend *file,
-                          const struct fmt_open_opts *opts,
+/* ---- format drivers: the registry ----
+ *
+ * A format driver is one image format.  Layers above find it by name
+ * (fmt_find_driver: QMP's "driver", an export's format=) or by probing
+ * the first bytes of a file, and ask about it through the functions below;
+ * they never name a format.  Driver ops are control path, called from a
+ * coroutine on loop unless said otherwise; errors in *errp as well as the
+ * -errno return. */
+
+#define FMT_API_VERSION 1
+
+/* Driver capabilities. */
+#define FMT_DRV_BACKING (1u << 0) /* records a backing file in its header:
+                                     can be an overlay (snapshots) and be
+                                     re-pointed (commit); has create_co,
+                                     set_backing_co, backing_name and
+                                     backing_format */
+
+struct fmt_driver {
+    unsigned api_version;     /* FMT_API_VERSION */
+    const char *name;         /* "raw", "qcow2": QMP's driver, format= */
+    unsigned caps;            /* FMT_DRV_* */
+    /* Limits of the nodes it opens: n->align is a power of two >= the
+     * backend's alignment (qcow2: the backend's, at least 512 with direct
+     * I/O); preadv_co and pwritev_co take at most max_rw bytes. */
+    uint64_t max_rw;
+
+    /* How sure the driver is that the first len bytes of a file (len >=
+     * FMT_PROBE_BYTES unless the file is shorter) are its format: 0 (no
+     * idea) to 100 (magic number).  Pure function, called on the loop.
+     * The fallback driver (raw) has no probe. */
+    int (*probe)(const uint8_t *buf, size_t len);
+    /* Opens a node on file (which the node owns on success, the caller on
+     * failure).  Reads metadata, may yield.  Leaves n->filename, n->drv
+     * and n->backing to the opener. */
+    struct fmt_node *(*open_co)(struct loop *loop, struct coro *co,
+                                struct backend *file,
+                                const struct fmt_open_opts *opts,
+                                struct error **errp);
+    /* FMT_DRV_BACKING: creates a new image of size bytes at path (any
+     * backend spec; fails if it exists), recording backing_name and
+     * backing_fmt when not NULL.  Durable before it returns (the image,
+     * and a file's directory); on failure nothing is left behind. */
+    int (*create_co)(struct loop *loop, struct coro *co, const char *path,
+                     uint64_t size, const char *backing_name,
+                     const char *backing_fmt, struct error **errp);
+    /* FMT_DRV_BACKING: rewrites the backing link in n's header, durably
+     * and atomically (synced before and after); n is writable and may be
+     * serving requests (the driver takes its own metadata lock). */
+    int (*set_backing_co)(struct fmt_node *n, struct coro *co,
+                          const char *backing_name, const char *backing_fmt,
                           struct error **errp);
+    /* FMT_DRV_BACKING: the backing name and format recorded in n's header
+     * as opened (NULL: none).  Owned by n; no yield. */
+    const char *(*backing_name)(struct fmt_node *n);
+    const char *(*backing_format)(struct fmt_node *n);
+};
+
+/* Bytes read from the start of a file for probing. */
+#define FMT_PROBE_BYTES 512
+
+/* Stamps the API version on a driver's table:
+ *   FMT_REGISTER_DRIVER(qcow2_driver, .name = "qcow2", ...);
+ * and lists it in the registry (format.c). */
+#define FMT_REGISTER_DRIVER(ident, ...)                                     \
+    const struct fmt_driver ident = {.api_version = FMT_API_VERSION,        \
+                                     __VA_ARGS__}
+
+/* The driver called name, or NULL. */
+const struct fmt_driver *fmt_find_driver(const char *name);
+/* "raw, qcow2": the driver names for messages. */
+const char *fmt_driver_names(void);
+/* The format of new overlays (external snapshots): the first registered
+ * driver that can have a backing file. */
+const struct fmt_driver *fmt_default_overlay_driver(void);
+/* Can driver d have a backing file (be an overlay, be re-pointed)? */
+bool fmt_driver_can_backing(const struct fmt_driver *d);
+/* The backing name and format recorded in n's header (NULL: none, or a
+ * format without backing files). */
+const char *fmt_backing_name(struct fmt_node *n);
+const char *fmt_backing_format(struct fmt_node *n);
+/* Rewrites n's backing link (n's driver must be able to: -ENOTSUP). */
+int fmt_set_backing_co(struct fmt_node *n, struct coro *co,
+                       const char *backing_name, const char *backing_fmt,
+                       struct error **errp);
+/* Creates a new image of format d (see the create_co op). */
+int fmt_create_co(const struct fmt_driver *d, struct loop *loop,
+                  struct coro *co, const char *path, uint64_t size,
+                  const char *backing_name, const char *backing_fmt,
+                  struct error **errp);
+
+/* The registered drivers (listed in format.c). */
+extern const struct fmt_driver raw_driver;
+extern const struct fmt_driver qcow2_driver;
+
+/* Constructors and accessors of the concrete formats, for their drivers. */
+struct fmt_node *raw_open_co(struct loop *loop, struct coro *co,
+                             struct backend *file,
+                             const struct fmt_open_opts *opts,
+                             struct error **errp);
 struct fmt_node *qcow2_open_co(struct loop *loop, struct coro *co,
                                struct backend *file,
                                const struct fmt_open_opts *opts,
                                struct error **errp);
-/* The backing file name and format recorded in a qcow2 node (NULL when
- * there is none). */
 const char *qcow2_backing_name(struct fmt_node *n);
 const char *qcow2_backing_format(struct fmt_node *n);
-/* Creates a new qcow2 image (fails if path exists): 64 KiB clusters,
- * version 3, backing_name/backing_fmt recorded when not NULL.  path is a
- * file or an rbd: spec (a new RBD image).  The image (and a file's
- * directory) is synced before this returns; on failure nothing is left
- * behind. */
 int qcow2_create_co(struct loop *loop, struct coro *co, const char *path,
                     uint64_t size, const char *backing_name,
                     const char *backing_fmt, struct error **errp);
-/* Rewrites the backing link recorded in a qcow2 node's header (one write
- * of the header cluster, synced before and after).  Other extensions are
- * kept.  The node's backing pointer is the caller's business. */
 int qcow2_set_backing_co(struct fmt_node *n, struct coro *co,
                          const char *backing_name, const char *backing_fmt,
                          struct error **errp);

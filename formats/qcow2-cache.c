@@ -168,6 +168,7 @@ static int write_entry_co(struct qcow2_cache *c, struct coro *co,
 
 int qcow2_cache_flush_co(struct qcow2_cache *c, struct coro *co)
 {
+    assert(co_mutex_held(&c->s->lock, co));
     int ret = 0;
     for (unsigned i = 0; i < c->n; i++) {
         int r = write_entry_co(c, co, &c->e[i]);
@@ -180,6 +181,7 @@ int qcow2_cache_flush_co(struct qcow2_cache *c, struct coro *co)
 int qcow2_cache_write_now_co(struct qcow2_cache *c, struct coro *co,
                              struct qcow2_cache_entry *e)
 {
+    assert(co_mutex_held(&c->s->lock, co));
     return write_entry_co(c, co, e);
 }
 
@@ -187,6 +189,7 @@ int qcow2_cache_get_co(struct qcow2_cache *c, struct coro *co, uint64_t off,
                        bool fresh, struct qcow2_cache_entry **ep)
 {
     struct qcow2 *s = c->s;
+    assert(co_mutex_held(&s->lock, co));
     assert(off && (off & (qcow2_cs(s) - 1)) == 0);
     struct qcow2_cache_entry *e = find(c, off);
     if (e) {
@@ -247,20 +250,21 @@ int qcow2_cache_get_co(struct qcow2_cache *c, struct coro *co, uint64_t off,
 
 void qcow2_cache_put(struct qcow2_cache *c, struct qcow2_cache_entry *e)
 {
-    (void)c;
+    assert(co_mutex_locked(&c->s->lock));
     assert(e->pins > 0);
     e->pins--;
 }
 
 void qcow2_cache_mark_dirty(struct qcow2_cache *c, struct qcow2_cache_entry *e)
 {
-    (void)c;
+    assert(co_mutex_locked(&c->s->lock));
     assert(e->pins > 0);
     e->dirty = true;
 }
 
 void qcow2_cache_drop(struct qcow2_cache *c, struct qcow2_cache_entry *e)
 {
+    assert(co_mutex_locked(&c->s->lock));
     assert(e->pins == 1);
     e->pins = 0;
     e->dirty = false;

@@ -108,7 +108,7 @@ int qcow2_create_co(struct loop *loop, struct coro *co, const char *path,
 
     /* An RBD image is made at its final size (writing past its end would
      * resize it); a file grows with the write. */
-    bool local = !backend_spec_is_remote(path);
+    bool local = backend_spec_is_local(path);
     struct backend_open_opts bo = {.create = true,
                                    .create_size = local ? 0 : total};
     struct backend *file = backend_open_co(loop, co, path, &bo, errp);

@@ -6,6 +6,7 @@
  * internal snapshot) is written and synced before the L1 entry that
  * points at it.
  */
+#include <assert.h>
 #include <errno.h>
 #include <string.h>
 
@@ -82,6 +83,7 @@ static int decode_checked(struct qcow2 *s, uint64_t raw, uint64_t bitmap,
 int qcow2_map_get_co(struct qcow2 *s, struct coro *co, uint64_t off,
                      uint64_t len, struct qcow2_map *m)
 {
+    assert(co_mutex_held(&s->lock, co));
     const uint64_t cs = qcow2_cs(s);
     const uint64_t unit = s->h.subcluster_size;
     uint64_t table_span = cs << s->h.l2_bits;
@@ -162,6 +164,7 @@ static int l1_write_co(struct qcow2 *s, struct coro *co, uint64_t l1i)
 int qcow2_l2_for_write_co(struct qcow2 *s, struct coro *co, uint64_t off,
                           struct qcow2_cache_entry **l2, unsigned *idx)
 {
+    assert(co_mutex_held(&s->lock, co));
     const uint64_t cs = qcow2_cs(s);
     uint64_t l1i;
     struct qcow2_l1_entry l1e;

@@ -13,6 +13,7 @@
  * freed.  A crash at any point leaves the old or the new table in force,
  * at worst with leaked clusters.
  */
+#include <assert.h>
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
@@ -58,6 +59,7 @@ static int block_get_co(struct qcow2 *s, struct coro *co, uint64_t idx,
 int qcow2_refcount_get_co(struct qcow2 *s, struct coro *co, uint64_t cluster,
                           uint64_t *rc)
 {
+    assert(co_mutex_held(&s->lock, co));
     struct qcow2_cache_entry *e;
     int r = block_get_co(s, co, cluster >> s->h.refcount_block_bits, &e);
     if (r < 0)
@@ -234,6 +236,7 @@ static int ensure_block_co(struct qcow2 *s, struct coro *co, uint64_t idx)
 int qcow2_refcount_update_co(struct qcow2 *s, struct coro *co, uint64_t off,
                              uint64_t len, int addend)
 {
+    assert(co_mutex_held(&s->lock, co));
     if (len == 0)
         return 0;
     const unsigned cb = s->h.cluster_bits;
@@ -332,6 +335,7 @@ static int find_free_co(struct qcow2 *s, struct coro *co, uint64_t want,
 static int alloc_co(struct qcow2 *s, struct coro *co, uint64_t want,
                     bool exact, uint64_t *host, uint64_t *got)
 {
+    assert(co_mutex_held(&s->lock, co));
     const uint64_t cs = qcow2_cs(s);
     for (int tries = 0; tries < 64; tries++) {
         uint64_t start, n;
@@ -576,6 +580,7 @@ int qcow2_rebuild_refcounts_co(struct qcow2 *s, struct coro *co,
                                const struct qcow2_extensions *ext,
                                struct error **errp)
 {
+    assert(co_mutex_held(&s->lock, co));
     const uint64_t cs = qcow2_cs(s);
     struct recount rc = {.s = s, .co = co, .errp = errp};
     rc.nclusters = (s->node.file->size + cs - 1) / cs;

@@ -7,18 +7,21 @@
  *                     refcount rebuild of a dirty image
  *   qcow2-map.c       cluster map: L1/L2 lookup, L2 allocation and update
  *   qcow2-compress.c  zlib and zstd decompression of compressed clusters
- *   qcow2.c           open/close, read, write (allocation and COW), zero,
- *                     discard, flush, block status
+ *   qcow2-alloc.c     writes in steps (overwrite in place, allocate,
+ *                     copy-on-write, link), zeroing, discard, pending frees
+ *   qcow2.c           open/close, read, flush, block status, reopen, grow,
+ *                     the ops table
  *
- * Locking (one loop thread, cooperative coroutines): s->lock is held while
- * metadata is looked up or changed — the caches, the L1 table, the
- * refcount table, the in-flight lists.  It is never held across guest data
- * I/O.  An allocating write registers its guest clusters in s->allocs
- * before dropping the lock; any request that would change the mapping of
- * those clusters waits for it and retries.  Host ranges with data I/O in
- * flight are registered in s->busy, and the allocator never hands out a
- * busy cluster, so a cluster freed by a concurrent discard cannot be
- * reused while a stale read or write still targets it.
+ * Locking (one loop thread, cooperative coroutines): s->lock (see struct
+ * qcow2) is held while metadata is looked up or changed.  It is never held
+ * across guest data I/O.  An allocating write registers its guest clusters
+ * in s->allocs before dropping the lock; any request that would change the
+ * mapping of those clusters waits for it and retries.  Host ranges with
+ * data I/O in flight are registered in s->busy, and the allocator never
+ * hands out a busy cluster, so a cluster freed by a concurrent discard
+ * cannot be reused while a stale read or write still targets it.
+ * Functions that need the lock say so in their name (_locked) or in the
+ * section heading below, and assert it.
  *
  * Durability order (crash safety):
  *   refcount block (+fsync)  before  the L2 entry that points at the cluster
@@ -39,7 +42,7 @@
 
 struct qcow2;
 
-/* ---------------- metadata cache ---------------- */
+/* ---------------- metadata cache (s->lock held) ---------------- */
 
 struct qcow2_cache_entry {
     uint64_t offset;              /* host offset of the table; 0 = unused */
@@ -96,6 +99,17 @@ struct qcow2_busy {                /* data I/O in flight on host bytes */
     struct qcow2_busy *next, *prev;
 };
 
+/* A host range that stops being referenced (COW of a shared or compressed
+ * cluster, discard, zeroing with deallocation).  It keeps its refcount
+ * until the L2 tables that dropped it are on disk: otherwise a crash
+ * could leave an old L2 entry pointing at a cluster with too low a
+ * refcount.  Released by the flush. */
+struct qcow2_pending_free {
+    uint64_t off, len;
+};
+
+#define QCOW2_MAX_PENDING_FREES 4096
+
 /* ---------------- the image ---------------- */
 
 struct qcow2 {
@@ -111,15 +125,33 @@ struct qcow2 {
 
     struct qcow2_cache l2_cache;
     struct qcow2_cache rb_cache;
+
+    /* The image's metadata lock.  Protects: both caches (entries, pins,
+     * dirty flags, LRU), the in-memory L1 and refcount tables, the header
+     * fields that change while the image is open (s->h, s->hdr: table
+     * offsets and sizes, the virtual size), the lists allocs and
+     * pending frees, free_cluster_index and broken.  busy is added to
+     * under it and removed from without it (no yield in between).
+     * Not protected: guest data I/O (never done under it) and the
+     * decompression buffer zbuf (see qcow2_load_compressed_co).
+     * Lock order: a leaf.  A coroutine holds at most one image's lock and
+     * takes no other lock while holding it (reads of the backing chain
+     * happen without it); it is held across metadata I/O only. */
     struct co_mutex lock;
 
     struct qcow2_alloc *allocs;
     struct qcow2_busy *busy;
+    struct qcow2_pending_free *frees;
+    size_t n_frees, cap_frees;
 
     uint64_t free_cluster_index;   /* no free cluster below this one */
     uint32_t io_align;             /* backend alignment for metadata I/O */
     bool has_zero_flag;            /* version 3 */
     bool broken;                   /* corruption seen: no more writes */
+
+    uint8_t *zbuf;                 /* last decompressed cluster */
+    uint64_t zkey;                 /* its raw L2 entry; 0 = none */
+    uint8_t *zeros;                /* one cluster of zeros (zeroing) */
 
     char backing_name[QCOW2_MAX_BACKING_NAME + 1];
     char backing_format[QCOW2_MAX_FORMAT_NAME + 1];
@@ -213,6 +245,38 @@ void qcow2_l2_read(const struct qcow2 *s, const uint8_t *l2, unsigned i,
                    uint64_t *entry, uint64_t *bitmap);
 void qcow2_l2_write(const struct qcow2 *s, uint8_t *l2, unsigned i,
                     uint64_t entry, uint64_t bitmap);
+
+/* ---------------- read (qcow2.c), without the lock ---------------- */
+
+/* Reads guest bytes of the backing chain (zeros where there is none). */
+int qcow2_read_backing_co(struct qcow2 *s, struct coro *co,
+                          const struct iovec *iov, int iovcnt, uint64_t off);
+/* Decompresses the compressed cluster of entry e (raw as on disk) into
+ * s->zbuf.  The caller copies out of s->zbuf before it yields again. */
+int qcow2_load_compressed_co(struct qcow2 *s, struct coro *co,
+                             const struct qcow2_l2_entry *e, uint64_t raw);
+
+/* ---------------- flush (qcow2.c) ---------------- */
+
+/* Writes every dirty table back in the safe order and releases the
+ * pending frees.  The caller syncs the file afterwards. */
+int qcow2_metadata_flush_locked_co(struct qcow2 *s, struct coro *co);
+/* The ops-table flush: everything acknowledged before it is on disk. */
+int qcow2_flush_co(struct fmt_node *n, struct coro *co);
+
+/* ---------------- writes (qcow2-alloc.c), without the lock ---------------- */
+
+int qcow2_pwritev_co(struct fmt_node *n, struct coro *co,
+                     const struct iovec *iov, int iovcnt, uint64_t off,
+                     unsigned flags);
+int qcow2_zero_co(struct fmt_node *n, struct coro *co, uint64_t off,
+                  uint64_t len, unsigned flags);
+int qcow2_discard_co(struct fmt_node *n, struct coro *co, uint64_t off,
+                     uint64_t len, unsigned flags);
+/* Queues the host cluster(s) of an L2 entry that was just replaced, to be
+ * freed once the L2 table is on disk. */
+int qcow2_defer_free_locked_co(struct qcow2 *s, struct coro *co,
+                               const struct qcow2_l2_entry *e);
 
 /* ---------------- compression ---------------- */
 

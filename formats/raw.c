@@ -119,10 +119,12 @@ static const struct fmt_ops raw_ops = {
     .close = raw_close,
 };
 
-struct fmt_node *raw_open(struct loop *loop, struct backend *file,
-                          const struct fmt_open_opts *opts,
-                          struct error **errp)
+struct fmt_node *raw_open_co(struct loop *loop, struct coro *co,
+                             struct backend *file,
+                             const struct fmt_open_opts *opts,
+                             struct error **errp)
 {
+    (void)co;
     struct fmt_node *n = calloc(1, sizeof(*n));
     char *name = strdup(file->name);
     if (!n || !name) {
@@ -142,3 +144,11 @@ struct fmt_node *raw_open(struct loop *loop, struct backend *file,
               ((file->caps & BACKEND_CAN_TRIM) ? FMT_CAN_TRIM : 0);
     return n;
 }
+
+/* The fallback of probing: no probe, no backing file. */
+FMT_REGISTER_DRIVER(raw_driver,
+    .name = "raw",
+    .caps = 0,
+    .max_rw = FMT_MAX_RW,
+    .open_co = raw_open_co,
+);

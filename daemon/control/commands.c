@@ -13,10 +13,10 @@
 
 #include "chain.h"
 #include "control-int.h"
-#include "rbd-spec.h"
 #include "jobs.h"
 #include "log.h"
 #include "state.h"
+#include "util.h"
 
 /* ---- argument checking ---- */
 
@@ -278,6 +278,29 @@ static struct json_object *cmd_query_block_exports(struct ctl_cmd_ctx *cx,
     return r;
 }
 
+/* QEMU's query-blockstats, one BlockStats per export: "device" is the
+ * export id, "node-name" its chain's node, "stats" its counters
+ * (stats.h); "x-export-name", "x-clients" are strata's. */
+static struct json_object *cmd_query_blockstats(struct ctl_cmd_ctx *cx,
+                                                struct json_object *args,
+                                                struct error **errp)
+{
+    struct server *srv = cx->ctl->srv;
+    uint64_t now = loop_now_ns();
+    struct json_object *r = json_object_new_array();
+    for (size_t i = 0; i < srv->n_exports; i++) {
+        const struct export *e = srv->exports[i];
+        struct json_object *o = json_object_new_object();
+        json_object_object_add(o, "device", json_object_new_string(e->cfg.id));
+        json_object_object_add(o, "node-name", json_object_new_string(e->bdev->node_name));
+        json_object_object_add(o, "x-export-name", json_object_new_string(e->cfg.name));
+        json_object_object_add(o, "x-clients", json_object_new_int64(e->n_conns));
+        json_object_object_add(o, "stats", stats_to_json(&e->stats, now));
+        json_object_array_add(r, o);
+    }
+    return r;
+}
+
 /* After a change the user is told about only once it is durable. */
 static struct json_object *synced(struct ctl_cmd_ctx *cx, struct json_object *ret,
                                   struct error **errp)
@@ -292,115 +315,92 @@ static struct json_object *synced(struct ctl_cmd_ctx *cx, struct json_object *re
     return ret;
 }
 
-static const struct ctl_arg file_args[] = {
-    {"driver", CTL_ARG_STR, true},
-    {"filename", CTL_ARG_STR, true},
-    {"aio", CTL_ARG_STR, false},
-    {"locking", CTL_ARG_STR, false},
-    {NULL, 0, false},
+/* The options of a file node, flattened as QEMU's keyval syntax writes
+ * them ("server.0.host"), for the backend drivers
+ * (backend_spec_from_options).  Every leaf must be a string; an empty
+ * object or array is one key with a NULL value. */
+struct file_opts {
+    struct backend_kv kv[64];
+    char *keys[64];
+    size_t n;
 };
 
-/* QEMU's BlockdevOptionsRbd, as far as strata can honour it. */
-static const struct ctl_arg rbd_args[] = {
-    {"driver", CTL_ARG_STR, true},
-    {"pool", CTL_ARG_STR, true},
-    {"image", CTL_ARG_STR, true},
-    {"namespace", CTL_ARG_STR, false},
-    {"snapshot", CTL_ARG_STR, false},
-    {"conf", CTL_ARG_STR, false},
-    {"user", CTL_ARG_STR, false},
-    {"server", CTL_ARG_ARRAY, false},
-    {"key-secret", CTL_ARG_STR, false},
-    {"auth-client-required", CTL_ARG_ARRAY, false},
-    {"encrypt", CTL_ARG_OBJ, false},
-    {NULL, 0, false},
-};
-
-static const struct ctl_arg server_args[] = {
-    {"host", CTL_ARG_STR, true},
-    {"port", CTL_ARG_STR, true},
-    {NULL, 0, false},
-};
-
-static char *dup_or_null(const char *s, bool *oom)
+static void file_opts_clear(struct file_opts *fo)
 {
-    char *d = s ? strdup(s) : NULL;
-    if (s && !d)
-        *oom = true;
-    return d;
+    for (size_t i = 0; i < fo->n; i++)
+        free(fo->keys[i]);
+    fo->n = 0;
 }
 
-/* QEMU's "server": [{host, port}...] as Ceph's mon_host
- * ("host:port;host:port", IPv6 hosts in brackets).  NULL with *errp set. */
-static char *mon_host_of(struct json_object *servers, struct error **errp)
+static int file_opts_add(struct file_opts *fo, const char *key,
+                         struct json_object *v, const char *prefix,
+                         struct error **errp)
 {
-    size_t n = json_object_array_length(servers), len = 1;
-    char *hosts = calloc(1, 1);
-    for (size_t i = 0; hosts && i < n; i++) {
-        struct json_object *sv = json_object_array_get_idx(servers, i);
-        if (!json_object_is_type(sv, json_type_object)) {
-            error_setf(errp, EINVAL, "Invalid parameter type for "
-                       "'file.server[%zu]', expected: object", i);
-            free(hosts);
-            return NULL;
+    bool obj = json_object_is_type(v, json_type_object);
+    bool arr = json_object_is_type(v, json_type_array);
+    if ((obj && json_object_object_length(v) > 0) ||
+        (arr && json_object_array_length(v) > 0)) {
+        if (obj) {
+            json_object_object_foreach(v, k, sub) {
+                char *sk = NULL;
+                if (asprintf(&sk, "%s.%s", key, k) < 0)
+                    return error_setf(errp, ENOMEM, "out of memory");
+                int r = file_opts_add(fo, sk, sub, prefix, errp);
+                free(sk);
+                if (r < 0)
+                    return r;
+            }
+        } else {
+            for (size_t i = 0; i < json_object_array_length(v); i++) {
+                char *sk = NULL;
+                if (asprintf(&sk, "%s.%zu", key, i) < 0)
+                    return error_setf(errp, ENOMEM, "out of memory");
+                int r = file_opts_add(fo, sk, json_object_array_get_idx(v, i),
+                                      prefix, errp);
+                free(sk);
+                if (r < 0)
+                    return r;
+            }
         }
-        if (ctl_args_check(sv, server_args, "file.server[].", errp) < 0) {
-            free(hosts);
-            return NULL;
-        }
-        const char *h = arg_str(sv, "host"), *port = arg_str(sv, "port");
-        bool v6 = strchr(h, ':') != NULL;
-        len += strlen(h) + strlen(port) + 5;
-        char *grown = realloc(hosts, len);
-        if (!grown)
-            free(hosts);
-        hosts = grown;
-        if (hosts)
-            sprintf(hosts + strlen(hosts), "%s%s%s%s:%s", i ? ";" : "",
-                    v6 ? "[" : "", h, v6 ? "]" : "", port);
+        return 0;
     }
-    if (!hosts)
-        error_setf(errp, ENOMEM, "out of memory");
-    return hosts;
+    if (!obj && !arr && !json_object_is_type(v, json_type_string))
+        return error_setf(errp, EINVAL, "Invalid parameter type for '%s%.64s', "
+                          "expected: string", prefix, key);
+    if (fo->n == ARRAY_SIZE(fo->kv))
+        return error_setf(errp, EINVAL, "Parameter '%s': too many options",
+                          prefix);
+    fo->keys[fo->n] = strdup(key);
+    if (!fo->keys[fo->n])
+        return error_setf(errp, ENOMEM, "out of memory");
+    fo->kv[fo->n].key = fo->keys[fo->n];
+    fo->kv[fo->n].val = obj || arr ? NULL : json_object_get_string(v);
+    fo->n++;
+    return 0;
 }
 
-/* An rbd: spec from a {"driver": "rbd", ...} file node. */
-static char *rbd_spec_of(struct json_object *file, struct error **errp)
+/* The backend spec of a file node: {"driver": "file", "filename": ...},
+ * or the options of another backend driver. */
+static char *spec_of_file_node(struct json_object *file, struct error **errp)
 {
-    if (ctl_args_check(file, rbd_args, "file.", errp) < 0)
-        return NULL;
-    if (arg_has(file, "key-secret") || arg_has(file, "auth-client-required") ||
-        arg_has(file, "encrypt")) {
-        error_setf(errp, EINVAL, "Parameters 'file.key-secret', "
-                   "'file.auth-client-required' and 'file.encrypt' are not "
-                   "supported by strata: give the key in a keyring named by the "
-                   "Ceph configuration ('conf')");
-        return NULL;
-    }
-    struct rbd_spec sp = {0};
-    bool oom = false;
-    sp.pool = dup_or_null(arg_str(file, "pool"), &oom);
-    sp.image = dup_or_null(arg_str(file, "image"), &oom);
-    sp.ns = dup_or_null(arg_str(file, "namespace"), &oom);
-    sp.snap = dup_or_null(arg_str(file, "snapshot"), &oom);
-    sp.conf = dup_or_null(arg_str(file, "conf"), &oom);
-    sp.id = dup_or_null(arg_str(file, "user"), &oom);
+    struct file_opts fo = {.n = 0};
+    const char *driver = NULL;
     char *spec = NULL;
-    struct json_object *servers;
-    if (json_object_object_get_ex(file, "server", &servers) &&
-        json_object_array_length(servers) > 0) {
-        sp.opts[0].val = mon_host_of(servers, errp);
-        if (!sp.opts[0].val)
+    json_object_object_foreach(file, key, val) {
+        if (!strcmp(key, "driver")) {
+            if (!json_object_is_type(val, json_type_string)) {
+                error_setf(errp, EINVAL, "Invalid parameter type for "
+                           "'file.driver', expected: string");
+                goto out;
+            }
+            driver = json_object_get_string(val);
+        } else if (file_opts_add(&fo, key, val, "file.", errp) < 0) {
             goto out;
-        sp.opts[0].key = dup_or_null("mon_host", &oom);
-        sp.n_opts = 1;
+        }
     }
-    if (!oom)
-        spec = rbd_spec_format(&sp);
-    if (!spec)
-        error_setf(errp, ENOMEM, "out of memory");
+    spec = backend_spec_from_options(driver, fo.kv, fo.n, "file.", errp);
 out:
-    rbd_spec_clear(&sp);
+    file_opts_clear(&fo);
     return spec;
 }
 
@@ -415,9 +415,10 @@ static struct json_object *cmd_blockdev_add(struct ctl_cmd_ctx *cx,
                                             struct error **errp)
 {
     const char *driver = arg_str(args, "driver");
-    if (strcmp(driver, "raw") && strcmp(driver, "qcow2")) {
+    if (!fmt_find_driver(driver)) {
         error_setf(errp, EINVAL, "Parameter 'driver' does not accept value '%s' "
-                   "(strata supports raw and qcow2 nodes over a file)", driver);
+                   "(strata supports %s nodes over a file)", driver,
+                   fmt_driver_names());
         return NULL;
     }
     struct json_object *file;
@@ -431,19 +432,9 @@ static struct json_object *cmd_blockdev_add(struct ctl_cmd_ctx *cx,
         error_setf(errp, EINVAL, "Invalid parameter type for 'file', expected: object");
         return NULL;
     }
-    const char *fdrv = arg_str(file, "driver");
-    char *rbd_spec = NULL;
-    if (fdrv && !strcmp(fdrv, "rbd")) {
-        rbd_spec = rbd_spec_of(file, errp);
-        if (!rbd_spec)
-            return NULL;
-    } else if (ctl_args_check(file, file_args, "file.", errp) < 0) {
+    char *spec = spec_of_file_node(file, errp);
+    if (!spec)
         return NULL;
-    } else if (strcmp(fdrv, "file")) {
-        error_setf(errp, EINVAL, "Parameter 'file.driver' does not accept value '%s' "
-                   "(strata supports 'file' and 'rbd')", fdrv);
-        return NULL;
-    }
     bool direct = false;
     struct json_object *cache;
     if (json_object_object_get_ex(args, "cache", &cache)) {
@@ -453,7 +444,7 @@ static struct json_object *cmd_blockdev_add(struct ctl_cmd_ctx *cx,
         if (arg_bool(cache, "no-flush", false)) {
             error_setf(errp, EINVAL, "Parameter 'cache.no-flush' must be false: "
                        "strata never ignores flushes");
-            free(rbd_spec);
+            free(spec);
             return NULL;
         }
     }
@@ -462,18 +453,18 @@ static struct json_object *cmd_blockdev_add(struct ctl_cmd_ctx *cx,
         /* accepted by the schema below only to say this clearly */
         error_setf(errp, EINVAL, "Parameters 'backing', 'discard', 'detect-zeroes' and "
                    "'auto-read-only' are not supported by strata");
-        free(rbd_spec);
+        free(spec);
         return NULL;
     }
     struct blockdev_config bc = {
         .node_name = arg_str(args, "node-name"),
         .driver = driver,
-        .filename = rbd_spec ? rbd_spec : arg_str(file, "filename"),
+        .filename = spec,
         .read_only = arg_bool(args, "read-only", false),
         .direct = direct,
     };
     bool added = server_blockdev_add_co(cx->ctl->srv, &bc, cx->co, errp);
-    free(rbd_spec);
+    free(spec);
     if (!added)
         return NULL;
     return synced(cx, ret_empty(), errp);
@@ -700,9 +691,9 @@ static struct json_object *cmd_blockdev_snapshot_sync(struct ctl_cmd_ctx *cx,
         return NULL;
     }
     const char *fmt = arg_str(args, "format");
-    if (fmt && strcmp(fmt, "qcow2")) {
+    if (fmt && !fmt_driver_can_backing(fmt_find_driver(fmt))) {
         error_setf(errp, EINVAL, "Parameter 'format' does not accept value '%s' "
-                   "(overlays are qcow2)", fmt);
+                   "(overlays are %s)", fmt, fmt_default_overlay_driver()->name);
         return NULL;
     }
     const char *snode = arg_str(args, "snapshot-node-name");
@@ -716,6 +707,7 @@ static struct json_object *cmd_blockdev_snapshot_sync(struct ctl_cmd_ctx *cx,
     struct snapshot_args sa = {
         .file = arg_str(args, "snapshot-file"),
         .relative_backing = arg_bool(args, "relative-backing", false),
+        .format = fmt,
     };
     struct snapshot_result res;
     if (snapshot_sync_co(cx->ctl->srv, e, &sa, cx->co, &res, errp) < 0)
@@ -805,6 +797,8 @@ static const struct ctl_cmd commands[] = {
     {"query-version", cmd_query_version, no_args},
     {"query-commands", cmd_query_commands, no_args},
     {"query-block-exports", cmd_query_block_exports, no_args},
+    {"query-blockstats", cmd_query_blockstats,
+     (const struct ctl_arg[]){{"query-nodes", CTL_ARG_BOOL, false}, {NULL, 0, false}}},
     {"query-named-block-nodes", cmd_query_named_block_nodes,
      (const struct ctl_arg[]){{"flat", CTL_ARG_BOOL, false}, {NULL, 0, false}}},
     {"blockdev-add", cmd_blockdev_add,
@@ -896,6 +890,12 @@ static const struct ctl_cmd commands[] = {
      (const struct ctl_arg[]){{"id", CTL_ARG_STR, true},
                               {"duration-ms", CTL_ARG_INT, false},
                               {NULL, 0, false}}},
+    {"x-debug-fault-inject", cmd_x_debug_fault_inject,
+     (const struct ctl_arg[]){{"nth", CTL_ARG_INT, true},
+                              {"ops", CTL_ARG_ARRAY, false},
+                              {"error", CTL_ARG_STR, false},
+                              {NULL, 0, false}}},
+    {"x-debug-fault-query", cmd_x_debug_fault_query, no_args},
     {"quit", cmd_quit, no_args},
 };
 

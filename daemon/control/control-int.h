@@ -53,7 +53,10 @@ struct control {
     struct job_engine *jobs;
     char *path;
     int fd;
+    bool adopted;                  /* fd from socket activation: the
+                                      service manager owns the path */
     struct loop_op accept_op;
+    struct loop_op cancel_op;      /* cancels accept_op (adopted) */
     bool accept_pending;
     bool closed;                   /* shutting down */
     uint64_t close_deadline_ns;
@@ -116,6 +119,9 @@ struct ctl_cmd {
 };
 
 const struct ctl_cmd *ctl_cmd_find(const char *name);
+
+/* debug-cmds.c */
+ctl_cmd_fn cmd_x_debug_fault_inject, cmd_x_debug_fault_query;
 const struct ctl_cmd *ctl_cmd_table(size_t *n);
 
 /* Checks args (an object, or NULL = {}) against spec: every required

@@ -41,6 +41,11 @@ struct state;
 struct control *control_new(struct server *srv, const char *path,
                             unsigned mode, gid_t gid, struct state *state,
                             struct error **errp);
+/* The same on a listening socket passed by the service manager (socket
+ * activation); desc names it in messages.  The socket file is left alone
+ * at exit. */
+struct control *control_new_fd(struct server *srv, int fd, const char *desc,
+                               struct state *state, struct error **errp);
 /* After the loop stopped. */
 void control_free(struct control *ctl);
 

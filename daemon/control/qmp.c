@@ -478,6 +478,13 @@ static void tick_fn(struct loop_timer *t, uint64_t now)
         client_abort(cl, "shutdown timeout");
 }
 
+static void cancel_done(struct loop_op *op, int res, uint32_t flags)
+{
+    (void)op;
+    (void)res;
+    (void)flags;
+}
+
 /* Server shutdown: stop accepting; clients get their pending replies, then
  * are closed (after the shutdown timeout at the latest); jobs are
  * cancelled. */
@@ -488,7 +495,14 @@ static void shutdown_fn(struct server_shutdown_hook *h)
     ctl->closed = true;
     ctl->close_deadline_ns = loop_now_ns() +
         (uint64_t)ctl->srv->cfg.shutdown_timeout_s * 1000000000u;
-    shutdown(ctl->fd, SHUT_RDWR);
+    if (!ctl->adopted) {
+        shutdown(ctl->fd, SHUT_RDWR); /* ends the pending accept */
+    } else if (ctl->accept_pending) {
+        /* the service manager listens on it again after we exit */
+        ctl->cancel_op.done = cancel_done;
+        io_uring_prep_cancel(loop_get_sqe(ctl->loop, &ctl->cancel_op),
+                             &ctl->accept_op, 0);
+    }
     for (struct ctl_client *cl = ctl->clients; cl; cl = cl->next) {
         if (!cl->closing && !cl->dead) {
             cl->closing = true;
@@ -564,9 +578,11 @@ static void jobs_release(void *opaque)
     server_release(ctl->srv);
 }
 
-struct control *control_new(struct server *srv, const char *path,
-                            unsigned mode, gid_t gid, struct state *state,
-                            struct error **errp)
+/* path: bind a new socket there (fd < 0), or describe the adopted fd.
+ * gid: the group of a bound socket, or (gid_t)-1. */
+static struct control *control_create(struct server *srv, const char *path,
+                                      int fd, unsigned mode, gid_t gid,
+                                      struct state *state, struct error **errp)
 {
     struct control *ctl = calloc(1, sizeof(*ctl));
     if (!ctl || !(ctl->path = strdup(path))) {
@@ -589,17 +605,21 @@ struct control *control_new(struct server *srv, const char *path,
         error_setf(errp, ENOMEM, "out of memory");
         return NULL;
     }
-    /* With a group: created 0600, given to the group, then opened to it,
-     * so that no other group ever has the socket's group permissions. */
-    int fd = server_unix_socket(path, "--control ",
+    ctl->adopted = fd >= 0;
+    if (fd < 0) {
+        /* With a group: created 0600, given to the group, then opened to
+         * it, so that no other group ever has the socket's group
+         * permissions. */
+        fd = server_unix_socket(path, "--control ",
                                 gid == (gid_t)-1 ? (int)mode : 0600, 16, errp);
-    if (fd >= 0 && gid != (gid_t)-1 &&
-        (chown(path, (uid_t)-1, gid) < 0 || chmod(path, (mode_t)mode) < 0)) {
-        error_setf(errp, errno, "--control-group: %s: %s", path,
-                   strerror(errno));
-        close(fd);
-        unlink(path);
-        fd = -1;
+        if (fd >= 0 && gid != (gid_t)-1 &&
+            (chown(path, (uid_t)-1, gid) < 0 || chmod(path, (mode_t)mode) < 0)) {
+            error_setf(errp, errno, "--control-group: %s: %s", path,
+                       strerror(errno));
+            close(fd);
+            unlink(path);
+            fd = -1;
+        }
     }
     if (fd < 0) {
         job_engine_free(ctl->jobs);
@@ -619,8 +639,24 @@ struct control *control_new(struct server *srv, const char *path,
     ctl->deferred_hook.fn = deferred_fn;
     srv->change_hook = &ctl->change_hook;
     arm_accept(ctl);
-    log_info("control socket on %s (mode %04o)", path, mode);
+    if (ctl->adopted)
+        log_info("control socket on %s (from the service manager)", path);
+    else
+        log_info("control socket on %s (mode %04o)", path, mode);
     return ctl;
+}
+
+struct control *control_new(struct server *srv, const char *path,
+                            unsigned mode, gid_t gid, struct state *state,
+                            struct error **errp)
+{
+    return control_create(srv, path, -1, mode, gid, state, errp);
+}
+
+struct control *control_new_fd(struct server *srv, int fd, const char *desc,
+                               struct state *state, struct error **errp)
+{
+    return control_create(srv, desc, fd, 0, (gid_t)-1, state, errp);
 }
 
 struct job_engine *control_jobs(struct control *ctl)
@@ -648,7 +684,8 @@ void control_free(struct control *ctl)
     job_engine_free(ctl->jobs);
     loop_timer_del(ctl->loop, &ctl->timer);
     close(ctl->fd);
-    unlink(ctl->path);
+    if (!ctl->adopted)
+        unlink(ctl->path);
     free(ctl->path);
     free(ctl);
 }

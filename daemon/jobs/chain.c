@@ -10,7 +10,6 @@
 
 #include "chain.h"
 #include "log.h"
-#include "rbd-spec.h"
 
 /* ---- naming layers ---- */
 
@@ -19,15 +18,14 @@ char *chain_layer_path(const struct blockdev *b, const struct fmt_node *n,
 {
     char *path = strdup(b->filename);
     for (struct fmt_node *x = b->root; path && x != n; x = x->backing) {
-        const char *name = x->backing && !strcmp(x->ops->name, "qcow2")
-                               ? qcow2_backing_name(x) : NULL;
+        const char *name = x->backing ? fmt_backing_name(x) : NULL;
         if (!name) {
             free(path);
             error_setf(errp, ENOENT, "%s: not a layer of node '%s'",
                        n->filename, b->node_name);
             return NULL;
         }
-        char *next = fmt_resolve_backing(path, name, errp);
+        char *next = fmt_resolve_backing(path, name, NULL, errp);
         free(path);
         path = next;
         if (!path)
@@ -112,7 +110,7 @@ int chain_check_backing_root(const struct blockdev *b, struct fmt_node *n,
         if (!realpath(backing_root, root))
             return error_setf(errp, errno, "backing root %s: %s", backing_root,
                               strerror(errno));
-    } else if (backend_spec_is_remote(top_path)) {
+    } else if (!backend_spec_is_local(top_path)) {
         no_local = true;
     } else if (real_dir_of(top_path, root, errp) < 0) {
         return -1;
@@ -122,7 +120,8 @@ int chain_check_backing_root(const struct blockdev *b, struct fmt_node *n,
         if (!p)
             return -1;
         char real[PATH_MAX];
-        if (!backend_spec_is_remote(p) && no_local) {
+        bool local = backend_spec_is_local(p);
+        if (local && no_local) {
             error_setf(errp, EACCES, "%s would be a local backing file under "
                        "%s, an image on RBD, so the chain would not open "
                        "again after a restart (set backing-root= on the "
@@ -130,7 +129,7 @@ int chain_check_backing_root(const struct blockdev *b, struct fmt_node *n,
             free(p);
             return -1;
         }
-        if (!backend_spec_is_remote(p) && (!realpath(p, real) || !path_inside(real, root))) {
+        if (local && (!realpath(p, real) || !path_inside(real, root))) {
             error_setf(errp, EACCES, "%s would be outside the backing root %s of "
                        "a chain whose top is %s, so the chain would not open "
                        "again after a restart (keep the images in one "
@@ -145,85 +144,6 @@ int chain_check_backing_root(const struct blockdev *b, struct fmt_node *n,
 }
 
 /* ---- blockdev-snapshot-sync ---- */
-
-/* The path of to (absolute, resolved) as seen from directory from
- * (absolute, resolved): "../x/y.qcow2". */
-static char *relative_path(const char *from, const char *to)
-{
-    /* longest common prefix ending at a component boundary */
-    size_t common = 0;
-    for (size_t i = 0;; i++) {
-        bool fe = from[i] == '\0' || from[i] == '/';
-        bool te = to[i] == '/';
-        if (fe && te)
-            common = i;
-        if (from[i] == '\0' || from[i] != to[i])
-            break;
-    }
-    if (strcmp(from, "/") == 0)
-        common = 0;
-    unsigned ups = 0;
-    for (const char *p = from + common; *p; p++)
-        if (*p == '/' && p[1] != '\0')
-            ups++;
-    if (from[common] == '/' && from[common + 1] == '\0')
-        ups = 0;
-    const char *rest = to + common + 1;
-    size_t len = ups * 3 + strlen(rest) + 1;
-    char *r = malloc(len);
-    if (!r)
-        return NULL;
-    r[0] = '\0';
-    for (unsigned i = 0; i < ups; i++)
-        strcat(r, "../");
-    strcat(r, rest);
-    return r;
-}
-
-/* The backing name of an overlay at path for the layer top, relative to
- * the overlay: a path from the overlay's directory for files, the bare
- * IMAGE[@SNAP] for an RBD image in the overlay's own pool and namespace. */
-static char *relative_backing_name(const char *path, const char *top,
-                                   struct error **errp)
-{
-    if (backend_spec_is_remote(path) || backend_spec_is_remote(top)) {
-        char *name = NULL;
-        struct rbd_spec o, t;
-        if (!backend_spec_is_remote(path) || !backend_spec_is_remote(top) ||
-            rbd_spec_parse(path, &o, NULL) < 0) {
-            error_setf(errp, EINVAL, "%s cannot be named relative to %s",
-                       top, path);
-            return NULL;
-        }
-        if (rbd_spec_parse(top, &t, NULL) == 0) {
-            bool same_pool = !strcmp(o.pool, t.pool) &&
-                             ((!o.ns && !t.ns) ||
-                              (o.ns && t.ns && !strcmp(o.ns, t.ns)));
-            if (same_pool && !strpbrk(t.image, "/@") &&
-                asprintf(&name, "%s%s%s", t.image, t.snap ? "@" : "",
-                         t.snap ? t.snap : "") < 0)
-                name = NULL;
-            rbd_spec_clear(&t);
-        }
-        rbd_spec_clear(&o);
-        if (!name)
-            error_setf(errp, EINVAL, "%s cannot be named relative to %s (not "
-                       "in the same pool and namespace)", top, path);
-        return name;
-    }
-    char dir[PATH_MAX], top_real[PATH_MAX];
-    if (real_dir_of(path, dir, errp) < 0)
-        return NULL;
-    if (!realpath(top, top_real)) {
-        error_setf(errp, EINVAL, "%s: cannot be named relative to %s", top,
-                   dir);
-        return NULL;
-    }
-    char *name = relative_path(dir, top_real);
-    if (!name)
-        error_setf(errp, ENOMEM, "out of memory");
-    return name;
-}
 
 int snapshot_sync_co(struct server *srv, struct export *e,
                      const struct snapshot_args *a, struct coro *co,
@@ -255,8 +175,8 @@ int snapshot_sync_co(struct server *srv, struct export *e,
         r = error_setf(errp, ENOMEM, "out of memory");
         goto out;
     }
-    if (backend_spec_is_remote(path)) {
-        /* rbd_create refuses an existing image */
+    if (!backend_spec_is_local(path)) {
+        /* creating remote storage refuses an existing image */
     } else {
         struct stat st;
         if (lstat(path, &st) == 0) {
@@ -270,18 +190,11 @@ int snapshot_sync_co(struct server *srv, struct export *e,
             goto out;
         }
     }
-    if (a->relative_backing) {
-        bname = relative_backing_name(path, b->filename, errp);
-        if (!bname) {
-            r = -EINVAL;
-            goto out;
-        }
-    } else {
-        bname = fmt_backing_name_for(path, b->filename, errp);
-        if (!bname) {
-            r = -EINVAL;
-            goto out;
-        }
+    bname = backend_backing_name(path, b->filename, a->relative_backing,
+                                 errp);
+    if (!bname) {
+        r = -EINVAL;
+        goto out;
     }
     if (chain_check_backing_root(b, old, path, b->backing_root, errp) < 0) {
         r = -EACCES;
@@ -302,13 +215,20 @@ int snapshot_sync_co(struct server *srv, struct export *e,
         if (loop_now_ns() - f0 < 2000000)
             break;
     }
-    r = qcow2_create_co(srv->loop, co, path, old->size, bname, old->ops->name,
-                        errp);
+    const struct fmt_driver *drv = a->format ? fmt_find_driver(a->format)
+                                             : fmt_default_overlay_driver();
+    if (!fmt_driver_can_backing(drv)) {
+        r = error_setf(errp, EINVAL, "format '%s' cannot be an overlay",
+                       a->format);
+        goto out;
+    }
+    r = fmt_create_co(drv, srv->loop, co, path, old->size, bname,
+                      old->ops->name, errp);
     if (r < 0)
         goto out;
     created = true;
     struct fmt_open_opts fo = {
-        .format = "qcow2",
+        .format = drv->name,
         .read_only = b->read_only,
         .direct = b->direct,
         .l2_cache_bytes = b->l2_cache_bytes,
@@ -323,7 +243,7 @@ int snapshot_sync_co(struct server *srv, struct export *e,
     old_filename = b->filename;
     old_driver = b->driver;
     b->filename = path;
-    b->driver = strdup("qcow2");
+    b->driver = strdup(drv->name);
     path = NULL; /* b->filename now */
     if (!b->driver) {
         r = error_setf(errp, ENOMEM, "out of memory");

@@ -59,6 +59,8 @@ struct snapshot_args {
     const char *file;          /* snapshot-file (relative: to the cwd) */
     bool relative_backing;     /* strata: record the backing name relative
                                   to the overlay's directory */
+    const char *format;        /* of the overlay; NULL: the formats layer's
+                                  default (fmt_default_overlay_driver) */
 };
 
 struct snapshot_result {

@@ -465,7 +465,7 @@ static int commit_relink_co(struct commit *c, struct coro *co,
     if (live) {
         /* Only cluster 0 changes, under the image lock: guest I/O on the
          * top goes on meanwhile. */
-        r = qcow2_set_backing_co(c->above, co, c->backing_name, fmt, errp);
+        r = fmt_set_backing_co(c->above, co, c->backing_name, fmt, errp);
         if (r < 0)
             return r;
     }
@@ -473,7 +473,7 @@ static int commit_relink_co(struct commit *c, struct coro *co,
     if (!live) {
         r = fmt_reopen_co(c->above, co, false, errp);
         if (r == 0) {
-            r = qcow2_set_backing_co(c->above, co, c->backing_name, fmt, errp);
+            r = fmt_set_backing_co(c->above, co, c->backing_name, fmt, errp);
             struct error *e2 = NULL;
             if (fmt_reopen_co(c->above, co, true, &e2) < 0) {
                 /* the link is durable anyway; the node stays writable */
@@ -737,9 +737,9 @@ struct job *commit_start(struct job_engine *eng, struct server *srv,
         if (x->backing == base)
             last = x;
     }
-    if (!active && strcmp(above->ops->name, "qcow2")) {
-        error_setf(errp, ENOTSUP, "%s: only a qcow2 image can be re-pointed at "
-                   "base", above->filename);
+    if (!active && !fmt_driver_can_backing(above->drv)) {
+        error_setf(errp, ENOTSUP, "%s: a %s image cannot be re-pointed at "
+                   "base", above->filename, above->ops->name);
         return NULL;
     }
 
@@ -788,7 +788,7 @@ struct job *commit_start(struct job_engine *eng, struct server *srv,
             return NULL;
         }
         if (a->backing_file) {
-            char *res = fmt_resolve_backing(apath, a->backing_file, NULL);
+            char *res = fmt_resolve_backing(apath, a->backing_file, NULL, NULL);
             bool same = res && fmt_same_layer(res, bpath);
             free(res);
             if (!same) {

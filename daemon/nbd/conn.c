@@ -198,6 +198,7 @@ static void conn_free(struct conn *c)
         c->payload_req = NULL;
     }
     assert(c->inflight == 0);
+    nbd_budget_forget(c);
     nbd_slots_free(c);
     close(c->fd);
     if (c->exp)

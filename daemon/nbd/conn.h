@@ -93,6 +93,8 @@ struct conn {
     uint64_t id;
     int fd;
     bool is_tcp;
+    struct peer *peer;         /* its address or uid (peers.c) */
+    bool in_handshake;         /* counted in the peer's handshakes */
     enum conn_state state;
     uint64_t deadline_ns;      /* handshake must end before this */
 
@@ -125,6 +127,10 @@ struct conn {
 
     struct loop_hook kick;         /* deferred: input, output, close */
 
+    /* waiting for payload memory (budget.c): in srv's FIFO */
+    bool mem_waiting;
+    struct conn *mem_wait_next;
+
     /* DRAINING: closed after DRAIN_QUIET_MS without a new request, so a
      * client that got NBD_ESHUTDOWN has time to read its replies and send
      * NBD_CMD_DISC (closing at once would fail its next send and make it
@@ -151,6 +157,17 @@ void conn_drain(struct conn *c);                 /* DRAINING (server stop) */
 void conn_send(struct conn *c, struct stream_item *si);
 /* A send item with its own copy of len bytes; done frees it. */
 int conn_send_copy(struct conn *c, const void *buf, size_t len);
+
+/* budget.c: the server-wide payload memory budget. */
+/* A connection holding no payload may always start one request this big. */
+#define NBD_BUDGET_MIN_GRANT (256u << 10)
+/* May c's next request (in the slot c->free_slots) get need payload bytes?
+ * false: c is queued and kicked when memory is given back. */
+bool nbd_budget_admit(struct conn *c, uint64_t need);
+void nbd_budget_add(struct server *srv, uint64_t bytes);
+void nbd_budget_sub(struct server *srv, uint64_t bytes);
+/* c goes away: leave the queue. */
+void nbd_budget_forget(struct conn *c);
 
 /* nbd-handshake.c: consumes handshake input from rbuf; returns false when
  * more bytes are needed. */

@@ -127,6 +127,10 @@ static void enter_transmission(struct conn *c, struct export *e)
         .n_meta_contexts = popcount(c->meta),
     };
     c->state = CONN_TRANSMIT;
+    if (c->in_handshake) {
+        c->in_handshake = false;
+        peer_handshake_done(c->srv, c->peer);
+    }
     log_debug("conn %llu: transmission on export '%s'%s%s",
               (unsigned long long)c->id, e->cfg.name,
               c->structured ? ", structured replies" : "",

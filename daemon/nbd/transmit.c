@@ -11,6 +11,7 @@
 
 #include "conn.h"
 #include "log.h"
+#include "stats.h"
 #include "util.h"
 
 /* Block status: extents gathered per request (REQ_ONE: 1). */
@@ -34,8 +35,10 @@ void nbd_slots_free(struct conn *c)
 {
     if (!c->slots)
         return;
-    for (unsigned i = 0; i < c->srv->cfg.max_inflight; i++)
+    for (unsigned i = 0; i < c->srv->cfg.max_inflight; i++) {
         free(c->slots[i].buf);
+        nbd_budget_sub(c->srv, c->slots[i].buf ? c->slots[i].buf_cap : 0);
+    }
     free(c->slots);
     c->slots = NULL;
     c->free_slots = NULL;
@@ -66,6 +69,7 @@ static int req_buffer(struct nbd_req *r, uint64_t len)
         if (r->buf_kept)
             c->kept -= r->buf_cap;
         free(r->buf);
+        nbd_budget_sub(c->srv, r->buf_cap);
         r->buf = NULL;
         r->buf_cap = 0;
     }
@@ -74,6 +78,7 @@ static int req_buffer(struct nbd_req *r, uint64_t len)
         return -ENOMEM;
     r->buf = p;
     r->buf_cap = (size_t)len;
+    nbd_budget_add(c->srv, r->buf_cap);
     r->buf_kept = len <= REQ_KEEP_MAX && c->kept + len <= CONN_KEEP_BUDGET;
     if (r->buf_kept)
         c->kept += len;
@@ -87,6 +92,7 @@ void nbd_req_release(struct nbd_req *r)
     r->extra = NULL;
     if (r->buf && !r->buf_kept) {
         free(r->buf);
+        nbd_budget_sub(c->srv, r->buf_cap);
         r->buf = NULL;
         r->buf_cap = 0;
     }
@@ -346,15 +352,36 @@ static int run_request_co(struct nbd_req *r, struct coro *co)
     return -EINVAL; /* unreachable: validated */
 }
 
+/* The statistics class of a request (STATS_OP__MAX: an unknown command). */
+static enum stats_op request_stats_op(const struct nbd_request *h)
+{
+    switch (h->type) {
+    case NBD_CMD_READ: return STATS_OP_READ;
+    case NBD_CMD_WRITE: return STATS_OP_WRITE;
+    case NBD_CMD_FLUSH: return STATS_OP_FLUSH;
+    case NBD_CMD_TRIM: return STATS_OP_UNMAP;
+    case NBD_CMD_WRITE_ZEROES: return STATS_OP_ZERO;
+    case NBD_CMD_CACHE: return STATS_OP_CACHE;
+    case NBD_CMD_BLOCK_STATUS: return STATS_OP_BLOCK_STATUS;
+    default: return STATS_OP__MAX;
+    }
+}
+
 static void request_co(struct coro *co, void *opaque)
 {
     struct nbd_req *r = opaque;
     struct conn *c = r->c;
+    struct export_stats *st = &c->exp->stats;
+    uint64_t t0 = stats_request_start(st);
     /* Waits here while the export is quiesced (snapshot, pivot): the
      * request then runs on the chain top of that moment. */
     export_enter_co(c->exp, co);
     int ret = run_request_co(r, co);
     export_leave(c->exp);
+    enum stats_op sop = request_stats_op(&r->hdr);
+    stats_request_done(st, sop, t0, ret, r->hdr.offset,
+                       sop == STATS_OP_FLUSH || sop == STATS_OP_BLOCK_STATUS
+                           ? 0 : r->hdr.length);
     c->running--;
     if (ret < 0) {
         r->error = nbd_errno_to_nbd(-ret);
@@ -423,6 +450,14 @@ bool nbd_transmit_input(struct conn *c)
         conn_abort(c, "bad request magic");
         return false;
     }
+    struct nbd_validation v = nbd_validate_request(&h, &c->session);
+    if (v.verdict == NBD_VERDICT_OK && c->state == CONN_TRANSMIT &&
+        (h.type == NBD_CMD_READ || h.type == NBD_CMD_WRITE)) {
+        if (!nbd_budget_admit(c, h.length))
+            return false; /* the header stays unread until memory is back */
+    } else {
+        nbd_budget_forget(c); /* needs no new buffer: not waiting any more */
+    }
     c->st.rstart += (size_t)n;
     c->requests_seen++;
     c->cmd_count[h.type <= NBD_CMD_BLOCK_STATUS ? h.type
@@ -430,7 +465,6 @@ bool nbd_transmit_input(struct conn *c)
     if (h.type == NBD_CMD_WRITE && (h.flags & NBD_CMD_FLAG_FUA))
         c->fua_writes++;
 
-    struct nbd_validation v = nbd_validate_request(&h, &c->session);
     switch (v.verdict) {
     case NBD_VERDICT_DISCONNECT:
         log_info("conn %llu: %s: %s: disconnecting", (unsigned long long)c->id,
@@ -458,6 +492,7 @@ bool nbd_transmit_input(struct conn *c)
         return false;
     case NBD_VERDICT_ERROR: {
         struct nbd_req *r = req_alloc(c, &h);
+        stats_request_invalid(&c->exp->stats, request_stats_op(&h));
         r->error = v.error;
         r->errmsg = v.reason;
         log_debug("conn %llu: %s refused: %s", (unsigned long long)c->id,

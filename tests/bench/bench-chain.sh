@@ -23,7 +23,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 default_rounds=1
 # shellcheck source=tests/bench/lib.sh
 . "$here/lib.sh"
-servers=${BENCH_SERVERS:-stratad qsd qemu-nbd nbdkit-memory}
+servers=${BENCH_SERVERS:-stratad${STRATAD_REF:+ stratad-ref} qsd qemu-nbd nbdkit-memory}
 
 for tool in fio timeout dd qemu-img qemu-io; do
     command -v "$tool" >/dev/null || { echo "bench: $tool is not installed" >&2; exit 1; }
@@ -67,9 +67,10 @@ start_server() {                # server sock -> sets server_pid, uri
     local s=$1 sock=$2 log=$work/$1.log
     local t=$work/top.qcow2
     case $s in
-    stratad)
-        [ -x "$STRATAD" ] || { echo "bench: $STRATAD not found (build first)" >&2; return 1; }
-        cmd=("$STRATAD" --listen "unix:$sock" --pid-file "$work/$s.pid"
+    stratad|stratad-ref)
+        bin=$(stratad_bin "$s")
+        [ -x "$bin" ] || { echo "bench: $bin not found (build first)" >&2; return 1; }
+        cmd=("$bin" --listen "unix:$sock" --pid-file "$work/$s.pid"
              --export "name=bench,file=$t,format=qcow2,cache=writeback,backing-root=$BENCH_DIR")
         uri="nbd+unix:///bench?socket=$sock" ;;
     qsd)
@@ -108,7 +109,7 @@ for ((round = 0; round < rounds; round++)); do
     nbdkit-memory) bin=nbdkit ;;
     *) bin=$s ;;
     esac
-    if [ "$s" != stratad ] && ! command -v "$bin" >/dev/null; then
+    if [ "${s#stratad}" = "$s" ] && ! command -v "$bin" >/dev/null; then
         echo "note: $bin is not installed; skipping $s"
         continue
     fi
@@ -138,7 +139,7 @@ echo
 echo "chain: $base <- $mid <- top.qcow2 (${size_mib} MiB), runtime ${runtime}s per job" \
      "(+${ramp}s ramp), $(nproc) CPUs, $(uname -r)"
 echo "median of $rounds round(s); a fresh top and server process per job"
-ratio_to="qsd qemu-nbd nbdkit-memory"
+ratio_to="${STRATAD_REF:+stratad-ref }qsd qemu-nbd nbdkit-memory"
 summary
 
 if [ "$failed" != 0 ]; then

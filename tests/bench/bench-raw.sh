@@ -5,6 +5,9 @@
 #
 # Environment:
 #   STRATAD        stratad binary (default: build/daemon/stratad of this tree)
+#   STRATAD_REF    a second stratad build (e.g. the previous commit's), run as
+#                  server "stratad-ref" with the same arguments; ratios to it
+#                  show what a change costs or gains
 #   BENCH_DIR      where the test image is cached (default /var/tmp/strata-bench)
 #   BENCH_RUNTIME  seconds per fio job (default 10)
 #   BENCH_RAMP     fio ramp_time seconds, not measured (default 1)
@@ -23,7 +26,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 default_rounds=3
 # shellcheck source=tests/bench/lib.sh
 . "$here/lib.sh"
-servers=${BENCH_SERVERS:-stratad qemu-nbd nbdkit}
+servers=${BENCH_SERVERS:-stratad${STRATAD_REF:+ stratad-ref} qemu-nbd nbdkit}
 
 for tool in fio timeout dd; do
     command -v "$tool" >/dev/null || { echo "bench: $tool is not installed" >&2; exit 1; }
@@ -50,9 +53,10 @@ workloads=(
 start_server() {                # server sock -> sets server_pid, uri
     local s=$1 sock=$2 log=$work/$1.log
     case $s in
-    stratad)
-        [ -x "$STRATAD" ] || { echo "bench: $STRATAD not found (build first)" >&2; return 1; }
-        cmd=("$STRATAD" --listen "unix:$sock" --pid-file "$work/$s.pid"
+    stratad|stratad-ref)
+        bin=$(stratad_bin "$s")
+        [ -x "$bin" ] || { echo "bench: $bin not found (build first)" >&2; return 1; }
+        cmd=("$bin" --listen "unix:$sock" --pid-file "$work/$s.pid"
              --export "name=bench,file=$img,format=raw,cache=writeback")
         uri="nbd+unix:///bench?socket=$sock" ;;
     qemu-nbd)
@@ -87,7 +91,7 @@ run_rounds 10 "${server_list[@]}"
 echo
 echo "image: $img (${size_mib} MiB), runtime ${runtime}s per job (+${ramp}s ramp), $(nproc) CPUs, $(uname -r)"
 echo "median of $rounds round(s), server order rotated each round"
-ratio_to="qemu-nbd nbdkit"
+ratio_to="${STRATAD_REF:+stratad-ref }qemu-nbd nbdkit"
 summary
 
 if [ "$failed" != 0 ]; then

@@ -7,11 +7,19 @@
 # The settings both benchmarks take from the environment (see
 # bench-raw.sh's header).  $default_rounds is the caller's.
 echo "command: $(printf '%q ' "$0" "$@")"
-echo "env: STRATAD=${STRATAD-} BENCH_DIR=${BENCH_DIR-} BENCH_RUNTIME=${BENCH_RUNTIME-}" \
+echo "env: STRATAD=${STRATAD-} STRATAD_REF=${STRATAD_REF-} BENCH_DIR=${BENCH_DIR-} BENCH_RUNTIME=${BENCH_RUNTIME-}" \
      "BENCH_RAMP=${BENCH_RAMP-} BENCH_QUICK=${BENCH_QUICK-} BENCH_SERVERS=${BENCH_SERVERS-}" \
      "BENCH_SIZE_MIB=${BENCH_SIZE_MIB-}"
 top=$(cd "$here/../.." && pwd)
 STRATAD=${STRATAD:-$top/build/daemon/stratad}
+# STRATAD_REF: a second stratad build (say, the previous commit's) run as
+# the server "stratad-ref" with the same arguments, so a change is measured
+# against what it replaces in the same run (added to the default servers).
+STRATAD_REF=${STRATAD_REF:-}
+# stratad_bin SERVER: the binary of stratad or stratad-ref
+stratad_bin() {
+    if [ "$1" = stratad-ref ]; then echo "$STRATAD_REF"; else echo "$STRATAD"; fi
+}
 BENCH_DIR=${BENCH_DIR:-/var/tmp/strata-bench}
 PY=/usr/bin/python3
 [ -x "$PY" ] || PY=python3

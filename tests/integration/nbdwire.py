@@ -198,10 +198,14 @@ def parse_error_payload(p):
 class Conn:
     """One client connection.  `addr` is a unix socket path or (host, port)."""
 
-    def __init__(self, addr, timeout=10.0):
+    def __init__(self, addr, timeout=10.0, source=None):
+        """source: a local IP address to connect from (TCP only), e.g.
+        another 127.0.0.0/8 address to look like a different client."""
         fam = socket.AF_UNIX if isinstance(addr, str) else socket.AF_INET
         self.sock = socket.socket(fam, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
+        if source is not None:
+            self.sock.bind((source, 0))
         self.sock.connect(addr)
         self.timeout = timeout
         self.structured = False

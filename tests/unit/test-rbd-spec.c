@@ -228,6 +228,165 @@ static void test_format_round_trip(void **state)
     rbd_spec_clear(&s);
 }
 
+/* ---- round trip as a property: format(spec) parses back to spec ---- */
+
+static uint64_t rng_state = 0x9e3779b97f4a7c15u;
+
+static uint32_t rng(uint32_t n)
+{
+    rng_state ^= rng_state << 13;
+    rng_state ^= rng_state >> 7;
+    rng_state ^= rng_state << 17;
+    return (uint32_t)(rng_state % n);
+}
+
+/* A non-empty string that leans on what the syntax gives meaning to. */
+static char *gen_str(const char *alphabet)
+{
+    static const char *const pieces[] = {"client.", "client", ":", "/", "@",
+                                         "\\", "=", "\\:", "."};
+    size_t cap = 64, n = 0;
+    char *p = malloc(cap);
+    unsigned parts = 1 + rng(4);
+    for (unsigned i = 0; i < parts; i++) {
+        const char *add;
+        char one[2] = {0, 0};
+        if (rng(3) == 0) {
+            add = pieces[rng(ARRAY_SIZE(pieces))];
+        } else {
+            one[0] = alphabet[rng((uint32_t)strlen(alphabet))];
+            add = one;
+        }
+        size_t len = strlen(add);
+        if (n + len + 1 > cap)
+            p = realloc(p, cap *= 2);
+        memcpy(p + n, add, len);
+        n += len;
+    }
+    p[n] = '\0';
+    return p;
+}
+
+static char *maybe(const char *alphabet)
+{
+    return rng(2) ? gen_str(alphabet) : NULL;
+}
+
+/* A Ceph option name: no key the parser takes for itself. */
+static char *gen_key(void)
+{
+    static const char *const keys[] = {"mon_host", "mon host", "rbd_cache",
+                                       "log-file", "client_mount_timeout",
+                                       "x", "ID", "Conf"};
+    return strdup(keys[rng(ARRAY_SIZE(keys))]);
+}
+
+static void gen_spec(struct rbd_spec *s)
+{
+    static const char any[] = "abcXYZ09_-. :/@\\=,;[]";
+    memset(s, 0, sizeof(*s));
+    s->pool = gen_str(any);
+    s->ns = maybe(any);
+    s->image = gen_str(any);
+    s->snap = maybe(any);
+    s->conf = maybe(any);
+    s->keyring = maybe(any);
+    switch (rng(5)) {
+    case 0: break;
+    case 1: s->id = strdup("client."); break;
+    case 2: s->id = strdup("client.client.x"); break;
+    default: s->id = gen_str(any); break;
+    }
+    s->timeout = RBD_SPEC_DEFAULT_TIMEOUT;
+    s->connect_timeout = RBD_SPEC_DEFAULT_CONNECT_TIMEOUT;
+    if (rng(2)) {
+        s->timeout = rng(RBD_SPEC_MAX_TIMEOUT + 1);
+        s->timeout_set = true;
+    }
+    if (rng(2)) {
+        s->connect_timeout = 1 + rng(RBD_SPEC_MAX_TIMEOUT);
+        s->connect_timeout_set = true;
+    }
+    s->n_opts = rng(4);
+    for (size_t i = 0; i < s->n_opts; i++) {
+        s->opts[i].key = gen_key();
+        s->opts[i].val = gen_str(any);
+    }
+}
+
+static void assert_same_spec(const struct rbd_spec *a, const struct rbd_spec *b)
+{
+    assert_string_equal(a->pool, b->pool);
+    assert_str(b->ns, a->ns);
+    assert_string_equal(a->image, b->image);
+    assert_str(b->snap, a->snap);
+    assert_str(b->conf, a->conf);
+    assert_str(b->id, a->id);
+    assert_str(b->keyring, a->keyring);
+    assert_int_equal(a->timeout, b->timeout);
+    assert_int_equal(a->connect_timeout, b->connect_timeout);
+    assert_int_equal(a->timeout_set, b->timeout_set);
+    assert_int_equal(a->connect_timeout_set, b->connect_timeout_set);
+    assert_int_equal(a->n_opts, b->n_opts);
+    for (size_t j = 0; j < a->n_opts; j++) {
+        assert_string_equal(a->opts[j].key, b->opts[j].key);
+        assert_string_equal(a->opts[j].val, b->opts[j].val);
+    }
+}
+
+static void test_format_round_trip_generated(void **state)
+{
+    (void)state;
+    for (int i = 0; i < 5000; i++) {
+        struct rbd_spec a, b;
+        gen_spec(&a);
+        char *text = rbd_spec_format(&a);
+        assert_non_null(text);
+        struct error *err = NULL;
+        if (rbd_spec_parse(text, &b, &err) < 0)
+            fail_msg("case %d: %s does not parse: %s", i, text, err->msg);
+        assert_same_spec(&a, &b);
+        /* and formatting is then stable */
+        char *again = rbd_spec_format(&b);
+        assert_string_equal(text, again);
+        free(again);
+        free(text);
+        rbd_spec_clear(&a);
+        rbd_spec_clear(&b);
+    }
+}
+
+/* The Ceph user: one "client." is stripped when parsing and put back
+ * when formatting, so ids that start with "client." survive. */
+static void test_format_ceph_user(void **state)
+{
+    (void)state;
+    static const struct {
+        const char *spec, *id, *formatted;
+    } cases[] = {
+        {"rbd:p/i:id=x", "x", "rbd:p/i:id=x"},
+        {"rbd:p/i:id=client.x", "x", "rbd:p/i:id=x"},
+        {"rbd:p/i:id=client.client.x", "client.x",
+         "rbd:p/i:id=client.client.x"},
+        {"rbd:p/i:id=client.client.", "client.", "rbd:p/i:id=client.client."},
+        {"rbd:p/i:id=client.client.client.y", "client.client.y",
+         "rbd:p/i:id=client.client.client.y"},
+        {"rbd:p/i:id=clientx", "clientx", "rbd:p/i:id=clientx"},
+    };
+    for (size_t i = 0; i < ARRAY_SIZE(cases); i++) {
+        struct rbd_spec s, t;
+        parse_ok(cases[i].spec, &s);
+        assert_string_equal(s.id, cases[i].id);
+        char *text = rbd_spec_format(&s);
+        assert_string_equal(text, cases[i].formatted);
+        parse_ok(text, &t);
+        assert_string_equal(t.id, cases[i].id);
+        free(text);
+        rbd_spec_clear(&s);
+        rbd_spec_clear(&t);
+    }
+}
+
 static char *resolve_ok(const char *overlay, const char *name)
 {
     char *out = NULL;
@@ -356,6 +515,8 @@ int main(void)
         cmocka_unit_test(test_escapes),
         cmocka_unit_test(test_bad_specs),
         cmocka_unit_test(test_format_round_trip),
+        cmocka_unit_test(test_format_round_trip_generated),
+        cmocka_unit_test(test_format_ceph_user),
         cmocka_unit_test(test_resolve_backing),
         cmocka_unit_test(test_backing_name),
         cmocka_unit_test(test_same_image),
