@@ -4,6 +4,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "strata-config.h"
 #include "stream.h"
 #include "util.h"
 
@@ -12,6 +13,18 @@
 
 static void recv_done(struct loop_op *op, int res, uint32_t flags);
 static void send_done(struct loop_op *op, int res, uint32_t flags);
+static void sq_advance(struct stream *s, size_t n);
+
+/* The TLS record layer (at the end of this file). */
+static size_t tls_plain_limit(const struct stream *s);
+static void tls_plain_sent(struct stream *s, size_t n);
+static void tls_start_send(struct stream *s);
+static bool tls_send_done(struct stream *s, int res);
+static bool tls_established(const struct stream *s);
+static void tls_start_raw_recv(struct stream *s);
+static void tls_start_recv(struct stream *s, uint8_t *dst, size_t len,
+                           bool direct);
+static void tls_recv_done(struct stream *s, int res);
 
 void stream_init(struct stream *s, struct loop *loop, int fd, uint8_t *rbuf,
                  size_t rcap, const struct stream_ops *ops, void *owner)
@@ -76,7 +89,17 @@ int stream_send_copy(struct stream *s, const void *buf, size_t len)
 
 void stream_start_send(struct stream *s)
 {
-    if (s->send_pending || !s->sq_head || s->dead)
+    if (s->send_pending || s->dead)
+        return;
+    size_t limit = SIZE_MAX;       /* plaintext bytes this send may take */
+    if (s->tls) {
+        limit = tls_plain_limit(s);
+        if (limit == 0) {
+            tls_start_send(s);
+            return;
+        }
+    }
+    if (!s->sq_head)
         return;
     int k = 0;
     size_t skip = s->sq_off;
@@ -88,8 +111,11 @@ void stream_start_send(struct stream *s)
                 skip -= len;
                 continue;
             }
+            if (limit == 0)
+                break;
             s->siov[k].iov_base = (char *)si->iov[i].iov_base + skip;
-            s->siov[k].iov_len = len - skip;
+            s->siov[k].iov_len = MIN(len - skip, limit);
+            limit -= s->siov[k].iov_len;
             skip = 0;
             k++;
         }
@@ -103,21 +129,10 @@ void stream_start_send(struct stream *s)
     s->send_pending = true;
 }
 
-static void send_done(struct loop_op *op, int res, uint32_t flags)
+/* n bytes of the queue are gone (sent, or sealed into TLS records): each
+ * item wholly gone is done. */
+static void sq_advance(struct stream *s, size_t n)
 {
-    struct stream *s = container_of(op, struct stream, send_op);
-    (void)flags;
-    s->send_pending = false;
-    if (res == -EINTR || res == -EAGAIN) {
-        s->ops->kick(s);
-        return;
-    }
-    if (res <= 0) {
-        s->ops->send_failed(s, res);
-        s->ops->kick(s);
-        return;
-    }
-    size_t n = (size_t)res;
     assert(n <= s->sq_bytes);
     s->sq_bytes -= n;
     while (n > 0 && s->sq_head) {
@@ -134,6 +149,27 @@ static void send_done(struct loop_op *op, int res, uint32_t flags)
             s->sq_tail = NULL;
         si->done(si);
     }
+}
+
+static void send_done(struct loop_op *op, int res, uint32_t flags)
+{
+    struct stream *s = container_of(op, struct stream, send_op);
+    (void)flags;
+    s->send_pending = false;
+    if (s->tls && tls_send_done(s, res))
+        return;
+    if (res == -EINTR || res == -EAGAIN) {
+        s->ops->kick(s);
+        return;
+    }
+    if (res <= 0) {
+        s->ops->send_failed(s, res);
+        s->ops->kick(s);
+        return;
+    }
+    if (s->tls)
+        tls_plain_sent(s, (size_t)res);
+    sq_advance(s, (size_t)res);
     s->ops->kick(s);
 }
 
@@ -156,6 +192,10 @@ bool stream_start_recv(struct stream *s)
 {
     if (s->recv_pending)
         return true;
+    if (s->tls && !tls_established(s)) {
+        tls_start_raw_recv(s);
+        return true;
+    }
     if (s->rstart == s->rend) {
         s->rstart = s->rend = 0;
     } else if (s->rend == s->rcap || s->rcap - s->rend < STREAM_MIN_TAIL) {
@@ -165,6 +205,10 @@ bool stream_start_recv(struct stream *s)
     }
     if (s->rend == s->rcap)
         return false; /* full of unparsed data: parsing must catch up */
+    if (s->tls) {
+        tls_start_recv(s, s->rbuf + s->rend, s->rcap - s->rend, false);
+        return true;
+    }
     struct io_uring_sqe *sqe = loop_get_sqe(s->loop, &s->recv_op);
     io_uring_prep_recv(sqe, s->fd, s->rbuf + s->rend, s->rcap - s->rend, 0);
     s->recv_pending = true;
@@ -177,6 +221,10 @@ void stream_start_recv_into(struct stream *s, void *dst, size_t len)
     if (s->recv_pending)
         return;
     assert(len > 0);
+    if (s->tls) {
+        tls_start_recv(s, dst, len, true);
+        return;
+    }
     struct io_uring_sqe *sqe = loop_get_sqe(s->loop, &s->recv_op);
     io_uring_prep_recv(sqe, s->fd, dst, len, 0);
     s->recv_pending = true;
@@ -192,6 +240,10 @@ static void recv_done(struct loop_op *op, int res, uint32_t flags)
         s->ops->kick(s);
         return;
     }
+    if (s->tls) {
+        tls_recv_done(s, res);
+        return;
+    }
     if (res > 0 && !s->recv_direct) {
         assert((size_t)res <= s->rcap - s->rend);
         s->rend += (size_t)res;
@@ -199,3 +251,518 @@ static void recv_done(struct loop_op *op, int res, uint32_t flags)
     s->ops->received(s, res, s->recv_direct);
     s->ops->kick(s);
 }
+
+/* ---- TLS ----
+ *
+ * Input: io_uring recvs fill tls->in with ciphertext; the pull function
+ * hands it to GnuTLS, which decrypts into the owner's target (the free
+ * tail of rbuf, or a direct target).  A recv the owner starts while whole
+ * records are still buffered is answered from a deferred hook, so the
+ * owner always hears of input from the loop, never from inside its own
+ * call.  Output: queued items are sealed into records (corked, so a reply
+ * header and its payload share records) and the push function appends
+ * them to tls->out, which one send at a time drains; sealing stops while
+ * TLS_OUT_HIGH bytes wait, which bounds the buffer.
+ */
+
+#if STRATA_HAVE_TLS
+#include <gnutls/gnutls.h>
+
+#define TLS_IN_SIZE (256u << 10)
+#define TLS_IN_MIN_TAIL (17u << 10)   /* one whole record fits */
+#define TLS_OUT_HIGH (256u << 10)
+#define TLS_SEAL_CHUNK (64u << 10)    /* plaintext per corked record_send */
+#define TLS_RECORD_PLAIN (16u << 10)  /* plaintext of a full record */
+
+enum tls_phase {
+    TLS_HANDSHAKE,                 /* records are handshake messages */
+    TLS_ON,                        /* application data */
+    TLS_FAILED,                    /* GnuTLS reported a fatal error */
+};
+
+struct stream_tls {
+    gnutls_session_t sess;
+    enum tls_phase phase;
+    size_t plain_left;             /* queued bytes still sent in plaintext */
+    const char *err;               /* gnutls_strerror text */
+
+    uint8_t *in;                   /* ciphertext received: [in_start, in_end) */
+    size_t in_start, in_end;
+    bool in_eof;                   /* the peer closed its side */
+    bool eof_seen;                 /* close_notify: report end of stream */
+
+    uint8_t *out;                  /* sealed, to send: [out_start, out_end) */
+    size_t out_cap, out_start, out_end;
+    bool out_sending;              /* the send in flight is from out */
+    bool bye_wanted, bye_done;
+
+    uint8_t *dst;                  /* the owner's plaintext target */
+    size_t dst_len;
+};
+
+static ssize_t tls_push(gnutls_transport_ptr_t p, const void *data, size_t len)
+{
+    struct stream *s = p;
+    struct stream_tls *t = s->tls;
+    if (t->out_cap - t->out_end < len && t->out_start > 0 && !t->out_sending) {
+        memmove(t->out, t->out + t->out_start, t->out_end - t->out_start);
+        t->out_end -= t->out_start;
+        t->out_start = 0;
+    }
+    if (t->out_cap - t->out_end < len) {
+        /* a send in flight points into out: it may move only when idle */
+        size_t cap = MAX(t->out_cap * 2, t->out_end + len);
+        uint8_t *n = t->out_sending ? NULL : realloc(t->out, cap);
+        if (!n) {
+            gnutls_transport_set_errno(t->sess, t->out_sending ? EAGAIN : ENOMEM);
+            return -1;
+        }
+        t->out = n;
+        t->out_cap = cap;
+    }
+    memcpy(t->out + t->out_end, data, len);
+    t->out_end += len;
+    return (ssize_t)len;
+}
+
+static ssize_t tls_pull(gnutls_transport_ptr_t p, void *data, size_t len)
+{
+    struct stream *s = p;
+    struct stream_tls *t = s->tls;
+    size_t avail = t->in_end - t->in_start;
+    if (avail == 0) {
+        if (t->in_eof)
+            return 0;
+        gnutls_transport_set_errno(t->sess, EAGAIN);
+        return -1;
+    }
+    size_t n = MIN(avail, len);
+    memcpy(data, t->in + t->in_start, n);
+    t->in_start += n;
+    if (t->in_start == t->in_end)
+        t->in_start = t->in_end = 0;
+    return (ssize_t)n;
+}
+
+static int tls_pull_timeout(gnutls_transport_ptr_t p, unsigned ms)
+{
+    struct stream *s = p;
+    (void)ms;
+    /* never waits: the loop brings more */
+    return s->tls->in_end > s->tls->in_start || s->tls->in_eof ? 1 : 0;
+}
+
+long stream_tls_start(struct stream *s, void *session)
+{
+    gnutls_session_t sess = session;
+    if (s->tls || s->recv_pending) {
+        gnutls_deinit(sess);
+        return -EBUSY;
+    }
+    struct stream_tls *t = calloc(1, sizeof(*t));
+    if (t) {
+        t->in = malloc(TLS_IN_SIZE);
+        t->out_cap = 64u << 10;
+        t->out = malloc(t->out_cap);
+    }
+    if (!t || !t->in || !t->out) {
+        if (t) {
+            free(t->in);
+            free(t->out);
+        }
+        free(t);
+        gnutls_deinit(sess);
+        return -ENOMEM;
+    }
+    t->sess = sess;
+    t->phase = TLS_HANDSHAKE;
+    gnutls_transport_set_ptr(sess, s);
+    gnutls_transport_set_push_function(sess, tls_push);
+    gnutls_transport_set_pull_function(sess, tls_pull);
+    gnutls_transport_set_pull_timeout_function(sess, tls_pull_timeout);
+    gnutls_handshake_set_timeout(sess, 0); /* the owner's deadline rules */
+
+    /* Discard what the peer sent before it could have read the reply
+     * accepting the upgrade: unparsed input, and what the socket holds now
+     * (a non-blocking recv: nothing waits).  The reply is sent only after
+     * this, by the loop. */
+    long dropped = (long)(s->rend - s->rstart);
+    s->rstart = s->rend = 0;
+    for (;;) {
+        ssize_t n = recv(s->fd, t->in, TLS_IN_SIZE, MSG_DONTWAIT);
+        if (n > 0) {
+            dropped += n;
+            continue;
+        }
+        if (n == 0)
+            t->in_eof = true;
+        break; /* EAGAIN: the socket is empty; other errors show up later */
+    }
+    t->plain_left = s->sq_bytes;
+    s->tls = t;
+    return dropped;
+}
+
+void *stream_tls_session(const struct stream *s)
+{
+    return s->tls ? s->tls->sess : NULL;
+}
+
+const char *stream_tls_error(const struct stream *s)
+{
+    return s->tls ? s->tls->err : NULL;
+}
+
+bool stream_tls_established(const struct stream *s)
+{
+    return s->tls && s->tls->phase == TLS_ON;
+}
+
+static bool tls_established(const struct stream *s)
+{
+    return stream_tls_established(s);
+}
+
+size_t stream_tls_backlog(const struct stream *s)
+{
+    const struct stream_tls *t = s->tls;
+    if (!t)
+        return 0;
+    return t->out_end - t->out_start + (t->bye_wanted && !t->bye_done);
+}
+
+void stream_tls_bye(struct stream *s)
+{
+    if (s->tls && s->tls->phase == TLS_ON)
+        s->tls->bye_wanted = true;
+}
+
+static void tls_fail(struct stream *s, int gerr)
+{
+    struct stream_tls *t = s->tls;
+    t->phase = TLS_FAILED;
+    t->err = gnutls_strerror(gerr);
+}
+
+static size_t tls_plain_limit(const struct stream *s)
+{
+    return s->tls->plain_left;
+}
+
+static void tls_plain_sent(struct stream *s, size_t n)
+{
+    assert(n <= s->tls->plain_left);
+    s->tls->plain_left -= n;
+}
+
+static bool tls_uncork(struct stream *s)
+{
+    for (;;) {
+        int r = gnutls_record_uncork(s->tls->sess, 0);
+        if (r >= 0)
+            return true;
+        if (r != GNUTLS_E_INTERRUPTED) {
+            tls_fail(s, r); /* push never says EAGAIN while no send is from out */
+            return false;
+        }
+    }
+}
+
+/* Seals queued items into records until the queue is empty or enough
+ * ciphertext waits.  Small pieces (reply headers, short payloads) are
+ * corked so that they share records; a large payload is sealed straight
+ * from its buffer, one full record at a time (corking it would copy it
+ * once more).  false: GnuTLS failed (tls_fail done). */
+static bool tls_seal(struct stream *s)
+{
+    struct stream_tls *t = s->tls;
+    bool corked = false;
+    size_t sealed = 0;
+    while (s->sq_head && sealed < TLS_OUT_HIGH &&
+           t->out_end - t->out_start < TLS_OUT_HIGH) {
+        struct stream_item *si = s->sq_head;
+        size_t skip = s->sq_off;
+        int i = 0;
+        while (i < si->niov && skip >= si->iov[i].iov_len)
+            skip -= si->iov[i++].iov_len;
+        if (i == si->niov) {           /* an item of zero bytes */
+            s->sq_head = si->next;
+            if (!s->sq_head)
+                s->sq_tail = NULL;
+            s->sq_off = 0;
+            si->done(si);
+            continue;
+        }
+        size_t len = si->iov[i].iov_len - skip;
+        if (len < TLS_RECORD_PLAIN && !corked) {
+            gnutls_record_cork(t->sess);
+            corked = true;
+        } else if (len >= TLS_RECORD_PLAIN && corked) {
+            corked = false;
+            if (!tls_uncork(s))
+                return false;
+        }
+        len = MIN(len, corked ? TLS_SEAL_CHUNK : TLS_RECORD_PLAIN);
+        ssize_t r = gnutls_record_send(t->sess,
+                                       (uint8_t *)si->iov[i].iov_base + skip,
+                                       len);
+        if (r == GNUTLS_E_INTERRUPTED || r == GNUTLS_E_AGAIN)
+            break;
+        if (r < 0) {
+            tls_fail(s, (int)r);
+            return false;
+        }
+        sealed += (size_t)r;
+        sq_advance(s, (size_t)r);
+    }
+    return !corked || tls_uncork(s);
+}
+
+static void tls_start_send(struct stream *s)
+{
+    struct stream_tls *t = s->tls;
+    if (t->phase == TLS_ON) {
+        if (!tls_seal(s)) {
+            s->ops->send_failed(s, -EPROTO);
+            return;
+        }
+        if (!s->sq_head && t->bye_wanted && !t->bye_done) {
+            t->bye_done = true;
+            (void)gnutls_bye(t->sess, GNUTLS_SHUT_WR); /* pushes the alert */
+        }
+    }
+    if (t->out_end == t->out_start)
+        return;
+    struct io_uring_sqe *sqe = loop_get_sqe(s->loop, &s->send_op);
+    io_uring_prep_send(sqe, s->fd, t->out + t->out_start,
+                       t->out_end - t->out_start, MSG_NOSIGNAL);
+    s->send_pending = true;
+    t->out_sending = true;
+}
+
+/* true: the send was of ciphertext and is handled here. */
+static bool tls_send_done(struct stream *s, int res)
+{
+    struct stream_tls *t = s->tls;
+    if (!t->out_sending)
+        return false;
+    t->out_sending = false;
+    if (res == -EINTR || res == -EAGAIN) {
+        s->ops->kick(s);
+        return true;
+    }
+    if (res <= 0) {
+        s->ops->send_failed(s, res);
+        s->ops->kick(s);
+        return true;
+    }
+    assert((size_t)res <= t->out_end - t->out_start);
+    t->out_start += (size_t)res;
+    if (t->out_start == t->out_end)
+        t->out_start = t->out_end = 0;
+    s->ops->kick(s);
+    return true;
+}
+
+static void tls_start_raw_recv(struct stream *s)
+{
+    struct stream_tls *t = s->tls;
+    if (s->recv_pending || t->phase == TLS_FAILED)
+        return;
+    if (t->in_start > 0 && TLS_IN_SIZE - t->in_end < TLS_IN_MIN_TAIL) {
+        memmove(t->in, t->in + t->in_start, t->in_end - t->in_start);
+        t->in_end -= t->in_start;
+        t->in_start = 0;
+    }
+    struct io_uring_sqe *sqe = loop_get_sqe(s->loop, &s->recv_op);
+    io_uring_prep_recv(sqe, s->fd, t->in + t->in_end, TLS_IN_SIZE - t->in_end,
+                       0);
+    s->recv_pending = true;
+}
+
+/* The recv the owner asked for ends with res (plaintext bytes, 0 = end of
+ * stream, -errno). */
+static void tls_finish_recv(struct stream *s, int res)
+{
+    s->recv_pending = false;
+    if (res > 0 && !s->recv_direct) {
+        assert((size_t)res <= s->rcap - s->rend);
+        s->rend += (size_t)res;
+    }
+    s->ops->received(s, res, s->recv_direct);
+    s->ops->kick(s);
+}
+
+/* Decrypts buffered records into the owner's target; with none whole,
+ * recvs more ciphertext. */
+static void tls_decrypt(struct stream *s)
+{
+    struct stream_tls *t = s->tls;
+    if (t->eof_seen) {
+        tls_finish_recv(s, 0);
+        return;
+    }
+    size_t got = 0;
+    int err = 0;
+    size_t want = MIN(t->dst_len, (size_t)INT32_MAX);
+    while (got < want) {
+        ssize_t r = gnutls_record_recv(t->sess, t->dst + got, want - got);
+        if (r > 0) {
+            got += (size_t)r;
+            continue;
+        }
+        if (r == 0) {
+            t->eof_seen = true;
+            break;
+        }
+        if (r == GNUTLS_E_AGAIN)
+            break;
+        if (r == GNUTLS_E_INTERRUPTED || !gnutls_error_is_fatal((int)r))
+            continue; /* a warning alert, a post-handshake message */
+        err = (int)r;
+        break;
+    }
+    if (got > 0) {
+        tls_finish_recv(s, (int)got); /* an error or end shows up next time */
+        return;
+    }
+    if (t->eof_seen) {
+        tls_finish_recv(s, 0);
+        return;
+    }
+    if (err == GNUTLS_E_PREMATURE_TERMINATION) {
+        tls_finish_recv(s, 0); /* the peer closed without close_notify */
+        return;
+    }
+    if (err) {
+        tls_fail(s, err);
+        tls_finish_recv(s, -EPROTO);
+        return;
+    }
+    if (t->in_eof) {
+        tls_finish_recv(s, 0); /* a partial record, then end of stream */
+        return;
+    }
+    s->recv_pending = false;
+    tls_start_raw_recv(s);
+    if (stream_tls_backlog(s))
+        s->ops->kick(s); /* GnuTLS answered something (a key update) */
+}
+
+static void tls_hook_fn(struct loop_hook *h)
+{
+    struct stream *s = container_of(h, struct stream, tls_hook);
+    tls_decrypt(s);
+}
+
+static void tls_start_recv(struct stream *s, uint8_t *dst, size_t len,
+                           bool direct)
+{
+    struct stream_tls *t = s->tls;
+    t->dst = dst;
+    t->dst_len = len;
+    s->recv_direct = direct;
+    s->recv_pending = true;
+    if (t->in_end > t->in_start || t->in_eof || t->eof_seen ||
+        gnutls_record_check_pending(t->sess) > 0) {
+        s->tls_hook.fn = tls_hook_fn;
+        loop_defer(s->loop, &s->tls_hook);
+        return;
+    }
+    s->recv_pending = false;
+    tls_start_raw_recv(s);
+}
+
+/* Runs the handshake as far as the buffered records let it. */
+static void tls_handshake_step(struct stream *s)
+{
+    struct stream_tls *t = s->tls;
+    for (;;) {
+        int r = gnutls_handshake(t->sess);
+        if (r == 0) {
+            t->phase = TLS_ON;
+            s->ops->tls_done(s, 0);
+            return;
+        }
+        if (r == GNUTLS_E_AGAIN)
+            return; /* the owner's next stream_start_recv brings more */
+        if (r == GNUTLS_E_INTERRUPTED || !gnutls_error_is_fatal(r))
+            continue;
+        tls_fail(s, r);
+        s->ops->tls_done(s, -EPROTO);
+        return;
+    }
+}
+
+static void tls_recv_done(struct stream *s, int res)
+{
+    struct stream_tls *t = s->tls;
+    if (res > 0) {
+        assert((size_t)res <= TLS_IN_SIZE - t->in_end);
+        t->in_end += (size_t)res;
+    } else if (res == 0) {
+        t->in_eof = true;
+    }
+    if (t->phase == TLS_HANDSHAKE) {
+        if (res <= 0)
+            s->ops->received(s, res, false);
+        else
+            tls_handshake_step(s);
+        s->ops->kick(s);
+        return;
+    }
+    if (t->phase == TLS_FAILED) {
+        s->ops->received(s, res < 0 ? res : -EPROTO, s->recv_direct);
+        s->ops->kick(s);
+        return;
+    }
+    if (res < 0) {
+        s->ops->received(s, res, s->recv_direct);
+        s->ops->kick(s);
+        return;
+    }
+    s->recv_pending = true; /* the owner's recv goes on: decrypt into it */
+    tls_decrypt(s);
+}
+
+void stream_fini(struct stream *s)
+{
+    assert(!stream_busy(s));
+    struct stream_tls *t = s->tls;
+    if (!t)
+        return;
+    loop_undefer(s->loop, &s->tls_hook);
+    gnutls_deinit(t->sess);
+    free(t->in);
+    free(t->out);
+    free(t);
+    s->tls = NULL;
+}
+
+#else /* !STRATA_HAVE_TLS: s->tls stays NULL, none of these runs */
+
+long stream_tls_start(struct stream *s, void *session)
+{
+    (void)s;
+    (void)session;
+    return -ENOTSUP;
+}
+void *stream_tls_session(const struct stream *s) { (void)s; return NULL; }
+const char *stream_tls_error(const struct stream *s) { (void)s; return NULL; }
+bool stream_tls_established(const struct stream *s) { (void)s; return false; }
+size_t stream_tls_backlog(const struct stream *s) { (void)s; return 0; }
+void stream_tls_bye(struct stream *s) { (void)s; }
+void stream_fini(struct stream *s) { (void)s; }
+static size_t tls_plain_limit(const struct stream *s) { (void)s; return SIZE_MAX; }
+static void tls_plain_sent(struct stream *s, size_t n) { (void)s; (void)n; }
+static void tls_start_send(struct stream *s) { (void)s; }
+static bool tls_send_done(struct stream *s, int res) { (void)s; (void)res; return false; }
+static bool tls_established(const struct stream *s) { (void)s; return false; }
+static void tls_start_raw_recv(struct stream *s) { (void)s; }
+static void tls_start_recv(struct stream *s, uint8_t *dst, size_t len,
+                           bool direct)
+{
+    (void)s; (void)dst; (void)len; (void)direct;
+}
+static void tls_recv_done(struct stream *s, int res) { (void)s; (void)res; }
+#endif

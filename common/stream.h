@@ -12,6 +12,14 @@
  * exactly once: after they were sent in full, or when discarded
  * (stream_drop_queue, or stream_send on a stream marked dead).
  *
+ * TLS (stream_tls_start): once switched, the stream is a TLS record
+ * layer over the same ring.  GnuTLS never touches the socket: its push
+ * function appends records to a ciphertext output buffer that the stream
+ * sends with io_uring, its pull function takes bytes from a ciphertext
+ * input buffer that io_uring recvs fill.  The owner sees plaintext exactly
+ * as before (rbuf, direct targets, the send queue); a queued item is done
+ * once its bytes are sealed into records.  No call blocks.
+ *
  * Everything runs on the owning loop's thread; nothing here yields.
  */
 #ifndef STRATA_STREAM_H
@@ -50,7 +58,13 @@ struct stream_ops {
     /* Called after every completion (recv or send): the owner re-runs its
      * state machine (usually a deferred kick). */
     void (*kick)(struct stream *s);
+    /* The TLS handshake begun by stream_tls_start ended: 0 (records flow
+     * from now on) or -EPROTO (GnuTLS said why: stream_tls_error).  Only
+     * owners that start TLS set it. */
+    void (*tls_done)(struct stream *s, int res);
 };
+
+struct stream_tls;                         /* stream.c: the record layer */
 
 struct stream {
     struct loop *loop;
@@ -75,6 +89,10 @@ struct stream {
     bool dead;                     /* stream_send discards from now on */
     struct msghdr msg;
     struct iovec siov[STREAM_SEND_IOV];
+
+    struct stream_tls *tls;        /* NULL: plaintext */
+    struct loop_hook tls_hook;     /* decrypts buffered records (deferred:
+                                      the owner hears of it as of a recv) */
 };
 
 /* rbuf (rcap bytes) is the owner's; it must outlive the stream. */
@@ -99,15 +117,42 @@ bool stream_start_recv(struct stream *s);
  * received callback. */
 void stream_start_recv_into(struct stream *s, void *dst, size_t len);
 
+/* Releases what the stream holds besides the owner's (the TLS session).
+ * Only when !stream_busy(). */
+void stream_fini(struct stream *s);
+
+/* ---- TLS ---- */
+
+/* Switches the stream to TLS with session (a server gnutls_session_t with
+ * its credentials and priority set; the stream owns it from now on, even
+ * on error).  What is queued already (the reply that accepts the upgrade)
+ * still goes out in plaintext, first.  Unparsed input and every byte the
+ * socket holds now are discarded: the peer may not send before it has
+ * read that reply, so such bytes were injected by someone else and must
+ * never reach the protocol above.  Returns the number of bytes discarded,
+ * or -errno (the connection cannot go on).  Needs no recv in flight. */
+long stream_tls_start(struct stream *s, void *session);
+/* The gnutls_session_t, or NULL before stream_tls_start. */
+void *stream_tls_session(const struct stream *s);
+/* GnuTLS's text for the error that failed the stream, or NULL. */
+const char *stream_tls_error(const struct stream *s);
+/* The handshake ended and records flow. */
+bool stream_tls_established(const struct stream *s);
+/* Queues a close_notify alert after the queued output (graceful close). */
+void stream_tls_bye(struct stream *s);
+
 /* No recv and no send in flight. */
 static inline bool stream_busy(const struct stream *s)
 {
     return s->recv_pending || s->send_pending;
 }
+/* Bytes sealed into TLS records and not yet sent. */
+size_t stream_tls_backlog(const struct stream *s);
 /* Nothing queued and nothing being sent. */
 static inline bool stream_output_idle(const struct stream *s)
 {
-    return !s->sq_head && !s->send_pending;
+    return !s->sq_head && !s->send_pending &&
+           (!s->tls || stream_tls_backlog(s) == 0);
 }
 /* Unparsed input bytes. */
 static inline size_t stream_unparsed(const struct stream *s)

@@ -14,6 +14,8 @@ build|demo|test|bench) ;;
 esac
 pkgs=(gcc pkg-config meson ninja-build liburing-dev zlib1g-dev libzstd-dev
       libjson-c-dev perl)
+# TLS (--tls): GnuTLS
+pkgs+=(libgnutls28-dev)
 # optional at build time: sd_notify through libsystemd (stratad speaks the
 # protocol itself without it), the Prometheus endpoint (--metrics)
 pkgs+=(libsystemd-dev libmicrohttpd-dev)
@@ -28,6 +30,8 @@ if [[ $level == test || $level == bench ]]; then
            python3 qemu-system-common)
     # man -l renders the man pages in the docs test
     pkgs+=(man-db)
+    # certtool and psktool make the TLS tests' certificates and keys
+    pkgs+=(gnutls-bin)
     # a third-party QMP client (Go) for test-qmp-tools.py
     pkgs+=(golang-go golang-github-digitalocean-go-qemu-dev)
     # VM tests (tests/vm): QEMU boots a stock Debian kernel, socat carries

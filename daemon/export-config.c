@@ -21,6 +21,7 @@ void export_config_clear(struct export_config *cfg)
     free(cfg->backing_remote);
     free(cfg->id);
     free(cfg->node_name);
+    tls_allow_clear(&cfg->allow);
     memset(cfg, 0, sizeof(*cfg));
 }
 
@@ -132,12 +133,15 @@ int export_config_parse(const char *spec, struct export_config *cfg,
             ret = parse_size(key, val, &cfg->l2_cache_bytes, errp);
         } else if (!strcmp(key, "refcount-cache-size")) {
             ret = parse_size(key, val, &cfg->refcount_cache_bytes, errp);
+        } else if (!strcmp(key, "allow")) {
+            tls_allow_clear(&cfg->allow);
+            ret = tls_allow_parse(val, &cfg->allow, errp);
         } else {
             ret = error_setf(errp, EINVAL, "unknown export key '%s' (known: "
                              "name, file, format, readonly, cache, description, "
                              "id, node-name, backing-root, backing-remote, "
                              "l2-cache-size, "
-                             "refcount-cache-size)", key);
+                             "refcount-cache-size, allow)", key);
         }
     }
     free(item);

@@ -270,7 +270,8 @@ struct export *server_export_add(struct server *srv,
         set_str(&e->cfg.node_name, b->node_name) < 0 ||
         set_str(&e->cfg.description, cfg->description) < 0 ||
         set_str(&e->cfg.file, b->filename) < 0 ||
-        set_str(&e->cfg.format, b->driver) < 0) {
+        set_str(&e->cfg.format, b->driver) < 0 ||
+        (cfg->allow && tls_allow_copy(cfg->allow, &e->cfg.allow) < 0)) {
         if (e)
             export_config_clear(&e->cfg);
         free(e);
@@ -376,6 +377,7 @@ int server_add_export(struct server *srv, struct export_config *cfg,
         .name = cfg->name,
         .description = cfg->description,
         .writable = !cfg->read_only,
+        .allow = &cfg->allow,
     };
     struct export *e = server_export_add(srv, &ac, errp);
     if (!e) {

@@ -17,6 +17,7 @@
 #include "coro.h"
 #include "error.h"
 #include "format.h"
+#include "tls.h"
 #include "stats.h"
 
 struct server;
@@ -35,6 +36,8 @@ struct export_config {
                                   backing, PREFIX[SETTINGS]; NULL: none */
     uint64_t l2_cache_bytes;   /* 0: default */
     uint64_t refcount_cache_bytes;
+    struct tls_allow allow;    /* allow=: the TLS identities that may see
+                                  and open it (absent: everyone) */
 };
 
 /* A named chain (QMP: a block node added by blockdev-add, or implicitly by
@@ -191,6 +194,7 @@ struct export_add_config {
     const char *name;          /* NULL: the node name, as QSD does */
     const char *description;   /* NULL: none */
     bool writable;
+    const struct tls_allow *allow; /* NULL: everyone (copied) */
 };
 struct export *server_export_add(struct server *srv,
                                  const struct export_add_config *cfg,

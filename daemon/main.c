@@ -25,6 +25,7 @@
 #include "server.h"
 #include "state.h"
 #include "strata-config.h"
+#include "tls.h"
 
 #define LOOP_ENTRIES 1024
 #define CORO_STACK (256u << 10)
@@ -200,6 +201,21 @@ int main(int argc, char **argv)
         rc = 1;
     }
     srv->allow_no_exports = control_path || state_path || control_fd >= 0;
+    struct tls_server *tls = NULL;
+    if (tls_server_new(&opts.tls, &tls, &err) < 0) {
+        fprintf(stderr, "stratad: %s\n", err->msg);
+        rc = 1;
+    } else if (opts.tls.mode != TLS_MODE_OFF) {
+        char why[128];
+        bool kernel = tls_kernel_offload_available(why, sizeof(why));
+        log_info("TLS %s (%s)%s", opts.tls.mode == TLS_MODE_REQUIRE ? "required"
+                 : "offered", opts.tls.psk_file ? "PSK" : "X.509",
+                 opts.tls.allow ? ", --tls-allow" : "");
+        log_debug("kernel TLS: %s; records are sealed and opened by GnuTLS in "
+                  "userspace over the io_uring stream", kernel ? "the tls ULP "
+                  "is available but not used" : why);
+    }
+    srv->tls = tls;
     struct state *state = NULL;
     bool state_loaded = false;
     if (state_path && rc == 0) {
@@ -271,7 +287,8 @@ int main(int argc, char **argv)
             rc = 1;
         }
     } else if (rc == 0 && control_path) {
-        control = control_new(srv, control_path, control_mode, state, &err);
+        control = control_new(srv, control_path, control_mode,
+                              opts.control_gid, state, &err);
         if (!control) {
             fprintf(stderr, "stratad: %s\n", err->msg);
             rc = 1;
@@ -324,6 +341,7 @@ int main(int argc, char **argv)
         control_free(control);
         state_free(state);
         server_free(srv);
+        tls_server_free(tls);
         loop_free(loop);
         close(sig_fd);
         if (private_dir)
@@ -359,6 +377,7 @@ int main(int argc, char **argv)
         control_free(control);
         state_free(state);
         server_free(srv);
+        tls_server_free(tls);
     }
     loop_free(loop);
     if (pid_file)

@@ -2,6 +2,7 @@
  * help text (see options.h). */
 #include <errno.h>
 #include <getopt.h>
+#include <grp.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -45,6 +46,8 @@ void stratad_usage(FILE *fp)
 "      --control-mode OCTAL   permissions of the control socket (default 0600)\n"
 "      --state-file PATH      record exports and chains in PATH and restore\n"
 "                             them at start (see the README)\n"
+"      --control-group GROUP  the control socket's group, mode 0660 (unless\n"
+"                             --control-mode says otherwise)\n"
 "      --run CMD              captive mode: once serving, run CMD with /bin/sh\n"
 "                             ($uri, $nbd, $unixsocket, $port, $exportname\n"
 "                             set), stop when it exits, exit with its status\n"
@@ -54,6 +57,19 @@ void stratad_usage(FILE *fp)
 "  -v, --verbose              log every connection and refused request\n"
 "  -h, --help                 show this help\n"
 "  -V, --version              show the version\n"
+"\n"
+"TLS and access control (see docs/tls.md):\n"
+"      --tls=off|on|require   offer TLS (NBD_OPT_STARTTLS); require: nothing\n"
+"                             but STARTTLS before it (default off)\n"
+"      --tls-certificates DIR ca-cert.pem, server-cert.pem, server-key.pem,\n"
+"                             optional ca-crl.pem\n"
+"      --tls-psk FILE         pre-shared keys, psktool's username:hexkey lines\n"
+"      --tls-verify-peer      require a client certificate signed by the CA\n"
+"      --tls-priority STRING  GnuTLS priority string (default NORMAL: TLS 1.3\n"
+"                             preferred)\n"
+"      --tls-allow LIST       only these TLS identities may connect: X.509\n"
+"                             DNs or PSK usernames, exact or fnmatch globs,\n"
+"                             separated by ';' (needs --tls=require)\n"
 "\n"
 "Export SPEC keys (comma separated, ',,' for a literal comma):\n"
 "  name=NAME           export name (default: empty)\n"
@@ -65,6 +81,8 @@ void stratad_usage(FILE *fp)
 "  description=TEXT    shown by NBD_OPT_LIST and NBD_INFO_DESCRIPTION\n"
 "  id=ID               QMP export id (default: the name, or \"default\")\n"
 "  node-name=NAME      QMP node name of its chain (default: the id)\n"
+"  allow=LIST          only these TLS identities see and open it (as\n"
+"                      --tls-allow; ',,' for a comma in a DN)\n"
 "\n"
 "Example:\n"
 "  stratad --listen unix:/run/strata.sock --export name=disk,file=disk.img\n"
@@ -82,6 +100,14 @@ enum {
     OPT_CONTROL,
     OPT_CONTROL_MODE,
     OPT_STATE_FILE,
+    /* TLS and access control */
+    OPT_TLS,
+    OPT_TLS_CERTIFICATES,
+    OPT_TLS_PSK,
+    OPT_TLS_VERIFY_PEER,
+    OPT_TLS_PRIORITY,
+    OPT_TLS_ALLOW,
+    OPT_CONTROL_GROUP,
     OPT_MAX_MEMORY,
     OPT_MAX_PER_PEER,
     OPT_MAX_HANDSHAKES,
@@ -91,6 +117,87 @@ enum {
     OPT_EXIT_WITH_PARENT,
     OPT_METRICS,
 };
+
+/* TLS and access control: one option; OPTS_OK when it was handled. */
+static enum opts_result parse_tls_option(int ch, const char *arg,
+                                         struct stratad_options *o)
+{
+    switch (ch) {
+    case OPT_TLS:
+        if (!strcmp(arg, "off"))
+            o->tls.mode = TLS_MODE_OFF;
+        else if (!strcmp(arg, "on"))
+            o->tls.mode = TLS_MODE_ON;
+        else if (!strcmp(arg, "require"))
+            o->tls.mode = TLS_MODE_REQUIRE;
+        else {
+            fprintf(stderr, "stratad: --tls=%s: expected off, on or require\n",
+                    arg);
+            return OPTS_ERROR;
+        }
+        return OPTS_OK;
+    case OPT_TLS_CERTIFICATES:
+        o->tls.certificates = arg;
+        return OPTS_OK;
+    case OPT_TLS_PSK:
+        o->tls.psk_file = arg;
+        return OPTS_OK;
+    case OPT_TLS_VERIFY_PEER:
+        o->tls.verify_peer = true;
+        return OPTS_OK;
+    case OPT_TLS_PRIORITY:
+        o->tls.priority = arg;
+        return OPTS_OK;
+    case OPT_TLS_ALLOW:
+        o->tls.allow = arg;
+        return OPTS_OK;
+    case OPT_CONTROL_GROUP: {
+        struct group *g = getgrnam(arg);
+        char *end;
+        unsigned long n = strtoul(arg, &end, 10);
+        if (g)
+            o->control_gid = g->gr_gid;
+        else if (*arg && !*end)
+            o->control_gid = (gid_t)n;
+        else {
+            fprintf(stderr, "stratad: --control-group %s: no such group\n", arg);
+            return OPTS_ERROR;
+        }
+        return OPTS_OK;
+    }
+    }
+    return OPTS_EXIT; /* not one of these */
+}
+
+static int check_tls_options(const struct stratad_options *o)
+{
+    const struct tls_options *t = &o->tls;
+    if (t->allow && t->mode != TLS_MODE_REQUIRE) {
+        /* a plaintext client has no identity to check */
+        fprintf(stderr, "stratad: --tls-allow needs --tls=require\n");
+        return -1;
+    }
+    if (t->mode == TLS_MODE_OFF) {
+        if (t->certificates || t->psk_file || t->verify_peer || t->priority) {
+            fprintf(stderr, "stratad: --tls-certificates, --tls-psk, "
+                    "--tls-verify-peer and --tls-priority need --tls=on or "
+                    "--tls=require\n");
+            return -1;
+        }
+        return 0;
+    }
+    if (!t->certificates == !t->psk_file) {
+        fprintf(stderr, "stratad: --tls=%s needs either --tls-certificates DIR "
+                "or --tls-psk FILE\n", t->mode == TLS_MODE_ON ? "on" : "require");
+        return -1;
+    }
+    if (t->verify_peer && t->psk_file) {
+        fprintf(stderr, "stratad: --tls-verify-peer is for X.509 certificates "
+                "(a PSK client always proves its key)\n");
+        return -1;
+    }
+    return 0;
+}
 
 /* "N", "NK", "NM", "NG" or "NT" (powers of 1024), within [min, max]. */
 static int parse_size_arg(const char *opt, const char *s, uint64_t min,
@@ -162,6 +269,13 @@ enum opts_result stratad_options_parse(int argc, char **argv,
         {"control", required_argument, NULL, OPT_CONTROL},
         {"control-mode", required_argument, NULL, OPT_CONTROL_MODE},
         {"state-file", required_argument, NULL, OPT_STATE_FILE},
+        {"tls", required_argument, NULL, OPT_TLS},
+        {"tls-certificates", required_argument, NULL, OPT_TLS_CERTIFICATES},
+        {"tls-psk", required_argument, NULL, OPT_TLS_PSK},
+        {"tls-verify-peer", no_argument, NULL, OPT_TLS_VERIFY_PEER},
+        {"tls-priority", required_argument, NULL, OPT_TLS_PRIORITY},
+        {"tls-allow", required_argument, NULL, OPT_TLS_ALLOW},
+        {"control-group", required_argument, NULL, OPT_CONTROL_GROUP},
         {"max-memory", required_argument, NULL, OPT_MAX_MEMORY},
         {"max-connections-per-peer", required_argument, NULL, OPT_MAX_PER_PEER},
         {"max-handshakes", required_argument, NULL, OPT_MAX_HANDSHAKES},
@@ -185,6 +299,8 @@ enum opts_result stratad_options_parse(int argc, char **argv,
         return OPTS_ERROR;
     }
     o->control_mode = 0600;
+    o->control_gid = (gid_t)-1;
+    bool control_mode_given = false;
     server_config_defaults(&o->cfg);
 
     int ch;
@@ -238,6 +354,7 @@ enum opts_result stratad_options_parse(int argc, char **argv,
                 return stratad_options_fail(o);
             }
             o->control_mode = (unsigned)m;
+            control_mode_given = true;
             break;
         }
         case OPT_MAX_PER_PEER:
@@ -286,11 +403,25 @@ enum opts_result stratad_options_parse(int argc, char **argv,
             printf("stratad %s\n", STRATA_VERSION);
             stratad_options_free(o);
             return OPTS_EXIT;
+        case OPT_TLS:
+        case OPT_TLS_CERTIFICATES:
+        case OPT_TLS_PSK:
+        case OPT_TLS_VERIFY_PEER:
+        case OPT_TLS_PRIORITY:
+        case OPT_TLS_ALLOW:
+        case OPT_CONTROL_GROUP:
+            if (parse_tls_option(ch, optarg, o) != OPTS_OK)
+                return stratad_options_fail(o);
+            break;
         default:
             stratad_usage(stderr);
             return stratad_options_fail(o);
         }
     }
+    if (check_tls_options(o) < 0)
+        return stratad_options_fail(o);
+    if (o->control_gid != (gid_t)-1 && !control_mode_given)
+        o->control_mode = 0660; /* shared with the group */
     if (optind < argc) {
         fprintf(stderr, "stratad: unexpected argument '%s'\n", argv[optind]);
         stratad_usage(stderr);

@@ -6,7 +6,10 @@
 #include <stddef.h>
 #include <stdio.h>
 
+#include <sys/types.h>
+
 #include "server.h"
+#include "tls.h"
 
 struct stratad_options {
     const char **listens;          /* --listen, in order (argv strings) */
@@ -24,6 +27,10 @@ struct stratad_options {
     bool exit_with_parent;         /* --exit-with-parent */
     const char *metrics_addr;      /* --metrics HOST:PORT */
     struct server_config cfg;      /* limits and timeouts */
+
+    /* TLS and access control */
+    struct tls_options tls;        /* --tls, --tls-* */
+    gid_t control_gid;             /* --control-group, or (gid_t)-1 */
 };
 
 enum opts_result {

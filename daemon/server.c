@@ -113,7 +113,8 @@ static void timer_fn(struct loop_timer *t, uint64_t now)
     struct server *srv =
         container_of(t, struct server, timer);
     for (struct conn *c = srv->conns; c; c = c->next) {
-        if ((c->state == CONN_HS_FLAGS || c->state == CONN_HS_OPTION) &&
+        if ((c->state == CONN_HS_FLAGS || c->state == CONN_HS_OPTION ||
+             c->state == CONN_TLS_HANDSHAKE) &&
             now > c->deadline_ns) {
             log_info("conn %llu: no export chosen within %u s: dropping",
                      (unsigned long long)c->id, srv->cfg.handshake_timeout_s);

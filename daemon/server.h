@@ -23,6 +23,7 @@
 #include "loop.h"
 
 struct conn;
+struct tls_server;
 
 struct server_config {
     unsigned max_connections;      /* accepted at once */
@@ -85,6 +86,9 @@ struct server {
     struct server_shutdown_hook *shutdown_hooks;
     struct server_change_hook *change_hook;
     bool allow_no_exports;         /* --control: exports come later */
+    struct tls_server *tls;        /* --tls: credentials, mode, --tls-allow
+                                      (owned by main; never NULL once
+                                      serving) */
 
     struct listener *listeners;
     size_t n_listeners;

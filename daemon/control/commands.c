@@ -505,14 +505,24 @@ static struct json_object *cmd_block_export_add(struct ctl_cmd_ctx *cx,
                    "ask for durability with FUA and FLUSH");
         return NULL;
     }
+    /* "allow" (a strata extension): the TLS identities that may see and
+     * open the export, as --export's allow= */
+    struct json_object *av = NULL;
+    struct tls_allow allow;
+    json_object_object_get_ex(args, "allow", &av);
+    if (state_allow_from_json(av, &allow, errp) < 0)
+        return NULL;
     struct export_add_config ac = {
         .id = arg_str(args, "id"),
         .node_name = arg_str(args, "node-name"),
         .name = arg_str(args, "name"),
         .description = arg_str(args, "description"),
         .writable = arg_bool(args, "writable", false),
+        .allow = allow.present ? &allow : NULL,
     };
-    if (!server_export_add(cx->ctl->srv, &ac, errp))
+    struct export *added = server_export_add(cx->ctl->srv, &ac, errp);
+    tls_allow_clear(&allow);
+    if (!added)
         return NULL;
     return synced(cx, ret_empty(), errp);
 }
@@ -818,6 +828,7 @@ static const struct ctl_cmd commands[] = {
                               {"name", CTL_ARG_STR, false},
                               {"description", CTL_ARG_STR, false},
                               {"allocation-depth", CTL_ARG_BOOL, false},
+                              {"allow", CTL_ARG_ARRAY, false},
                               {NULL, 0, false}}},
     {"block-export-del", cmd_block_export_del,
      (const struct ctl_arg[]){{"id", CTL_ARG_STR, true},

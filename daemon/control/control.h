@@ -22,6 +22,8 @@
 #ifndef STRATA_CONTROL_H
 #define STRATA_CONTROL_H
 
+#include <sys/types.h>
+
 #include "error.h"
 #include "server.h"
 
@@ -33,10 +35,11 @@ struct control;
 struct job_engine;
 struct state;
 
-/* Binds the socket (mode e.g. 0600); starts accepting at once (the loop
- * must run for anything to happen).  state may be NULL (no state file). */
+/* Binds the socket (mode e.g. 0600, its group gid unless (gid_t)-1);
+ * starts accepting at once (the loop must run for anything to happen).
+ * state may be NULL (no state file). */
 struct control *control_new(struct server *srv, const char *path,
-                            unsigned mode, struct state *state,
+                            unsigned mode, gid_t gid, struct state *state,
                             struct error **errp);
 /* The same on a listening socket passed by the service manager (socket
  * activation); desc names it in messages.  The socket file is left alone

@@ -578,9 +578,10 @@ static void jobs_release(void *opaque)
     server_release(ctl->srv);
 }
 
-/* path: bind a new socket there (fd < 0), or describe the adopted fd. */
+/* path: bind a new socket there (fd < 0), or describe the adopted fd.
+ * gid: the group of a bound socket, or (gid_t)-1. */
 static struct control *control_create(struct server *srv, const char *path,
-                                      int fd, unsigned mode,
+                                      int fd, unsigned mode, gid_t gid,
                                       struct state *state, struct error **errp)
 {
     struct control *ctl = calloc(1, sizeof(*ctl));
@@ -605,8 +606,21 @@ static struct control *control_create(struct server *srv, const char *path,
         return NULL;
     }
     ctl->adopted = fd >= 0;
-    if (fd < 0)
-        fd = server_unix_socket(path, "--control ", (int)mode, 16, errp);
+    if (fd < 0) {
+        /* With a group: created 0600, given to the group, then opened to
+         * it, so that no other group ever has the socket's group
+         * permissions. */
+        fd = server_unix_socket(path, "--control ",
+                                gid == (gid_t)-1 ? (int)mode : 0600, 16, errp);
+        if (fd >= 0 && gid != (gid_t)-1 &&
+            (chown(path, (uid_t)-1, gid) < 0 || chmod(path, (mode_t)mode) < 0)) {
+            error_setf(errp, errno, "--control-group: %s: %s", path,
+                       strerror(errno));
+            close(fd);
+            unlink(path);
+            fd = -1;
+        }
+    }
     if (fd < 0) {
         job_engine_free(ctl->jobs);
         free(ctl->path);
@@ -633,16 +647,16 @@ static struct control *control_create(struct server *srv, const char *path,
 }
 
 struct control *control_new(struct server *srv, const char *path,
-                            unsigned mode, struct state *state,
+                            unsigned mode, gid_t gid, struct state *state,
                             struct error **errp)
 {
-    return control_create(srv, path, -1, mode, state, errp);
+    return control_create(srv, path, -1, mode, gid, state, errp);
 }
 
 struct control *control_new_fd(struct server *srv, int fd, const char *desc,
                                struct state *state, struct error **errp)
 {
-    return control_create(srv, desc, fd, 0, state, errp);
+    return control_create(srv, desc, fd, 0, (gid_t)-1, state, errp);
 }
 
 struct job_engine *control_jobs(struct control *ctl)

@@ -121,10 +121,53 @@ static struct json_object *state_build(struct server *srv)
             json_object_object_add(o, "description",
                                    json_object_new_string(e->cfg.description));
         json_object_object_add(o, "writable", json_object_new_boolean(e->writable));
+        struct json_object *allow = state_allow_to_json(&e->cfg.allow);
+        if (allow)
+            json_object_object_add(o, "allow", allow);
         json_object_array_add(exports, o);
     }
     json_object_object_add(root, "exports", exports);
     return root;
+}
+
+int state_allow_from_json(struct json_object *v, struct tls_allow *out,
+                          struct error **errp)
+{
+    memset(out, 0, sizeof(*out));
+    if (!v)
+        return 0;
+    if (!json_object_is_type(v, json_type_array))
+        return error_setf(errp, EINVAL, "'allow' must be an array of strings");
+    size_t n = json_object_array_length(v);
+    out->present = true;
+    out->entries = calloc(n ? n : 1, sizeof(char *));
+    if (!out->entries)
+        return error_setf(errp, ENOMEM, "out of memory");
+    for (size_t i = 0; i < n; i++) {
+        struct json_object *s = json_object_array_get_idx(v, i);
+        if (!json_object_is_type(s, json_type_string)) {
+            tls_allow_clear(out);
+            return error_setf(errp, EINVAL,
+                              "'allow' must be an array of strings");
+        }
+        out->entries[i] = strdup(json_object_get_string(s));
+        if (!out->entries[i]) {
+            tls_allow_clear(out);
+            return error_setf(errp, ENOMEM, "out of memory");
+        }
+        out->n++;
+    }
+    return 0;
+}
+
+struct json_object *state_allow_to_json(const struct tls_allow *a)
+{
+    if (!a->present)
+        return NULL;
+    struct json_object *arr = json_object_new_array();
+    for (size_t i = 0; i < a->n; i++)
+        json_object_array_add(arr, json_object_new_string(a->entries[i]));
+    return arr;
 }
 
 static const char *get_str(struct json_object *o, const char *key)
@@ -220,10 +263,20 @@ int state_load(struct state *st, bool *loaded, struct error **errp)
                              "is missing or of the wrong type", st->path, i);
             break;
         }
+        struct json_object *av = NULL;
+        struct tls_allow allow;
+        json_object_object_get_ex(o, "allow", &av);
+        if (state_allow_from_json(av, &allow, errp) < 0) {
+            error_prefix(errp, "state file %s: export '%s': ", st->path, ac.id);
+            ret = -EINVAL;
+            break;
+        }
+        ac.allow = allow.present ? &allow : NULL;
         if (!server_export_add(st->srv, &ac, errp)) {
             error_prefix(errp, "state file %s: export '%s': ", st->path, ac.id);
             ret = -EINVAL;
         }
+        tls_allow_clear(&allow);
     }
     st->loading = false;
     json_object_put(root);

@@ -51,6 +51,14 @@ void state_notify_changed(struct state *st);
  * returns 0 or the -errno of the failed save. */
 int state_sync_co(struct state *st, struct coro *co);
 
+/* An export's allow list as JSON (an array of strings; QMP
+ * block-export-add's "allow" and the state file): parse into *out (absent
+ * stays absent when v is NULL), and build (NULL when absent). */
+struct json_object;
+int state_allow_from_json(struct json_object *v, struct tls_allow *out,
+                          struct error **errp);
+struct json_object *state_allow_to_json(const struct tls_allow *a);
+
 /* Saves scheduled or running (shutdown waits for them via server_hold). */
 bool state_busy(const struct state *st);
 

@@ -27,11 +27,13 @@ static void drain_done(struct loop_op *op, int res, uint32_t flags);
 static void stream_received(struct stream *s, int res, bool direct);
 static void stream_send_failed(struct stream *s, int res);
 static void stream_kick(struct stream *s);
+static void stream_tls_done(struct stream *s, int res);
 
 static const struct stream_ops conn_stream_ops = {
     .received = stream_received,
     .send_failed = stream_send_failed,
     .kick = stream_kick,
+    .tls_done = stream_tls_done,
 };
 
 struct conn *conn_new(struct server *srv, int fd, bool is_tcp)
@@ -71,6 +73,13 @@ static void stream_kick(struct stream *s)
     conn_kick(s->owner);
 }
 
+static void stream_tls_done(struct stream *s, int res)
+{
+    struct conn *c = s->owner;
+    if (c->state == CONN_TLS_HANDSHAKE)
+        nbd_handshake_tls_done(c, res);
+}
+
 /* ---- output ---- */
 
 void conn_send(struct conn *c, struct stream_item *si)
@@ -97,6 +106,8 @@ static bool wants_input(const struct conn *c)
     case CONN_HS_OPTION:
         /* a client that sends options without reading the replies */
         return c->st.sq_bytes <= CONN_SEND_BACKLOG_MAX;
+    case CONN_TLS_HANDSHAKE:
+        return true;
     case CONN_TRANSMIT:
     case CONN_DRAINING:
         if (c->payload_req || c->discard_left)
@@ -180,6 +191,8 @@ static void conn_free(struct conn *c)
     assert(c->state == CONN_DEAD);
     assert(!stream_busy(&c->st) && c->running == 0);
     stream_drop_queue(&c->st);
+    stream_fini(&c->st);
+    free(c->tls_identity);
     if (c->payload_req) {
         nbd_req_release(c->payload_req);
         c->payload_req = NULL;
@@ -219,6 +232,7 @@ void conn_close_gracefully(struct conn *c)
      * lose its buffer under it.  conn_free() releases such a request after
      * the recv returned. */
     assert(!c->payload_req);
+    stream_tls_bye(&c->st); /* close_notify after the queued replies */
     c->state = CONN_CLOSING;
     shutdown(c->fd, SHUT_RD);
     conn_kick(c);

@@ -11,6 +11,12 @@
  * and about cfg.max_buffered payload bytes per connection — past either,
  * the connection stops reading (back-pressure).
  *
+ * TLS: NBD_OPT_STARTTLS switches the stream to TLS (stream_tls_start);
+ * the handshake is the state TLS_HANDSHAKE, bounded by the same deadline
+ * as the rest of the handshake.  With --tls=require every option but
+ * STARTTLS and ABORT is refused before it; an export with an allow list
+ * is invisible (not listed, NBD_REP_ERR_UNKNOWN) to every other client.
+ *
  * Lifetime: the connection is freed only when no recv, no send and no
  * request coroutine is outstanding (conn_maybe_free).
  */
@@ -29,6 +35,8 @@
 #define CONN_STATES(X)                                                       \
     X(HS_FLAGS)   /* greeting sent; waiting for the client's flags */        \
     X(HS_OPTION)  /* option haggling */                                      \
+    X(TLS_HANDSHAKE) /* STARTTLS accepted: the TLS handshake runs, then  */  \
+                  /* the peer is judged (tls.h), then option haggling */  \
     X(TRANSMIT)   /* reading and serving requests */                         \
     X(DRAINING)   /* server stopping: in-flight requests finish and are  */  \
                   /* answered, new ones get NBD_ESHUTDOWN; then close    */  \
@@ -99,6 +107,8 @@ struct conn {
     struct export *exp;        /* chosen export (transmission) */
     struct nbd_session session;
     struct nbd_option_header opt;
+    bool tls;                  /* TLS established and the peer allowed */
+    char *tls_identity;        /* its DN or PSK username, or NULL */
 
     /* socket I/O: receive buffer (rbuf, owned), send queue */
     struct stream st;
@@ -163,6 +173,9 @@ void nbd_budget_forget(struct conn *c);
  * more bytes are needed. */
 bool nbd_handshake_input(struct conn *c);
 void nbd_handshake_start(struct conn *c);
+/* The TLS handshake ended (res 0) or failed (-EPROTO): judge the peer,
+ * then go on with the options or close. */
+void nbd_handshake_tls_done(struct conn *c, int res);
 
 /* nbd-transmit.c */
 bool nbd_transmit_input(struct conn *c);

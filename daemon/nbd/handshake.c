@@ -7,6 +7,7 @@
 
 #include "conn.h"
 #include "log.h"
+#include "tls.h"
 
 #define MAX_META_QUERIES 64
 #define MAX_PAYLOAD (32u << 20)
@@ -85,6 +86,20 @@ static void block_sizes(const struct export *e, uint32_t *min, uint32_t *pref,
     *max = MAX_PAYLOAD;
 }
 
+/* An export this client may see: one with an allow list only to an
+ * identity in it.  The others are, to it, exports that do not exist. */
+static bool export_visible(const struct conn *c, const struct export *e)
+{
+    return tls_allow_match(&e->cfg.allow, c->tls_identity);
+}
+
+static struct export *find_export(struct conn *c, const char *name,
+                                  size_t len)
+{
+    struct export *e = server_find_export(c->srv, name, len);
+    return e && export_visible(c, e) ? e : NULL;
+}
+
 static unsigned popcount(unsigned v)
 {
     return (unsigned)__builtin_popcount(v);
@@ -128,7 +143,7 @@ static void opt_export_name(struct conn *c, const uint8_t *data, uint32_t len)
         conn_abort(c, "NBD_OPT_EXPORT_NAME after extended headers");
         return;
     }
-    struct export *e = server_find_export(c->srv, (const char *)data, len);
+    struct export *e = find_export(c, (const char *)data, len);
     if (!e) {
         /* this option has no way to report an error: disconnect */
         log_info("conn %llu: NBD_OPT_EXPORT_NAME: no export '%.*s'",
@@ -160,6 +175,8 @@ static void opt_list(struct conn *c, uint32_t len)
     }
     for (size_t i = 0; i < c->srv->n_exports; i++) {
         const struct export *e = c->srv->exports[i];
+        if (!export_visible(c, e))
+            continue;
         size_t nl = strlen(e->cfg.name);
         size_t dl = e->cfg.description ? strlen(e->cfg.description) : 0;
         uint8_t *p = malloc(4 + nl + dl);
@@ -183,7 +200,7 @@ static void opt_info_go(struct conn *c, const uint8_t *data, uint32_t len)
                   nbd_opt_name(c->opt.option));
         return;
     }
-    struct export *e = server_find_export(c->srv, go.name, go.name_len);
+    struct export *e = find_export(c, go.name, go.name_len);
     if (!e) {
         reply_err(c, NBD_REP_ERR_UNKNOWN, "no export named '%.*s'",
                   (int)(go.name_len > 256 ? 256 : go.name_len), go.name);
@@ -264,7 +281,7 @@ static void opt_meta(struct conn *c, const uint8_t *data, uint32_t len)
                   nbd_opt_name(c->opt.option));
         return;
     }
-    struct export *e = server_find_export(c->srv, m.name, m.name_len);
+    struct export *e = find_export(c, m.name, m.name_len);
     if (!e) {
         reply_err(c, NBD_REP_ERR_UNKNOWN, "no export named '%.*s'",
                   (int)(m.name_len > 256 ? 256 : m.name_len), m.name);
@@ -294,10 +311,102 @@ static void opt_meta(struct conn *c, const uint8_t *data, uint32_t len)
     }
 }
 
+/* NBD_OPT_STARTTLS: the ACK goes out in plaintext, then TLS (the NBD
+ * spec's "TLS support" section, /work/shared/specs/nbd-protocol.md). */
+static void opt_starttls(struct conn *c, uint32_t len)
+{
+    if (len) {
+        reply_err(c, NBD_REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data");
+        return;
+    }
+    if (tls_server_mode(c->srv->tls) == TLS_MODE_OFF) {
+        reply_err(c, NBD_REP_ERR_UNSUP, "TLS is not enabled (--tls)");
+        return;
+    }
+    if (c->tls) {
+        reply_err(c, NBD_REP_ERR_INVALID, "TLS is already in use");
+        return;
+    }
+    struct error *err = NULL;
+    void *sess = tls_session_new(c->srv->tls, &err);
+    if (!sess) {
+        log_warn("conn %llu: %s", (unsigned long long)c->id, err->msg);
+        error_free(err);
+        reply_err(c, NBD_REP_ERR_PLATFORM, "TLS is not available");
+        return;
+    }
+    reply(c, NBD_REP_ACK, NULL, 0);
+    /* Bytes after STARTTLS and before the handshake are dropped, never
+     * parsed as options: whoever sent them did not wait for the ACK. */
+    long dropped = stream_tls_start(&c->st, sess);
+    if (dropped < 0) {
+        conn_abort(c, strerror((int)-dropped));
+        return;
+    }
+    if (dropped > 0)
+        log_info("conn %llu: %ld byte(s) sent after NBD_OPT_STARTTLS before "
+                 "the TLS handshake discarded", (unsigned long long)c->id,
+                 dropped);
+    /* What was negotiated in plaintext does not carry over. */
+    c->structured = false;
+    c->extended = false;
+    c->meta = 0;
+    c->meta_export = NULL;
+    c->state = CONN_TLS_HANDSHAKE;
+}
+
+void nbd_handshake_tls_done(struct conn *c, int res)
+{
+    if (res < 0) {
+        const char *why = stream_tls_error(&c->st);
+        log_info("conn %llu: TLS handshake failed: %s",
+                 (unsigned long long)c->id, why ? why : strerror(-res));
+        conn_abort(c, "TLS handshake failed");
+        return;
+    }
+    char desc[128];
+    tls_session_describe(stream_tls_session(&c->st), desc, sizeof(desc));
+    struct error *err = NULL;
+    char *id = NULL;
+    if (tls_session_identity(c->srv->tls, stream_tls_session(&c->st), &id,
+                             &err) < 0) {
+        log_info("conn %llu: TLS peer refused: %s", (unsigned long long)c->id,
+                 err->msg);
+        error_free(err);
+        conn_abort(c, "TLS peer refused");
+        return;
+    }
+    if (!tls_allow_match(tls_server_allow(c->srv->tls), id)) {
+        log_info("conn %llu: TLS peer '%s' is not in --tls-allow: refused",
+                 (unsigned long long)c->id, id ? id : "(no identity)");
+        free(id);
+        conn_abort(c, "TLS peer not allowed");
+        return;
+    }
+    c->tls = true;
+    c->tls_identity = id;
+    c->state = CONN_HS_OPTION;
+    log_debug("conn %llu: TLS established (%s), peer '%s'; records sealed "
+              "and opened by GnuTLS in userspace", (unsigned long long)c->id,
+              desc, id ? id : "(no identity)");
+}
+
 static void handle_option(struct conn *c, const uint8_t *data, uint32_t len)
 {
     log_debug("conn %llu: option %s (%u bytes)", (unsigned long long)c->id,
               nbd_opt_name(c->opt.option), len);
+    if (!c->tls && tls_server_mode(c->srv->tls) == TLS_MODE_REQUIRE &&
+        c->opt.option != NBD_OPT_STARTTLS && c->opt.option != NBD_OPT_ABORT) {
+        if (c->opt.option == NBD_OPT_EXPORT_NAME) {
+            /* this option has no way to report an error: disconnect */
+            log_info("conn %llu: NBD_OPT_EXPORT_NAME without TLS: refused",
+                     (unsigned long long)c->id);
+            conn_abort(c, "TLS required");
+            return;
+        }
+        reply_err(c, NBD_REP_ERR_TLS_REQD, "TLS is required (NBD_OPT_STARTTLS)");
+        return;
+    }
     switch (c->opt.option) {
     case NBD_OPT_EXPORT_NAME:
         opt_export_name(c, data, len);
@@ -310,10 +419,7 @@ static void handle_option(struct conn *c, const uint8_t *data, uint32_t len)
         opt_list(c, len);
         break;
     case NBD_OPT_STARTTLS:
-        if (len)
-            reply_err(c, NBD_REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data");
-        else
-            reply_err(c, NBD_REP_ERR_UNSUP, "TLS is not supported");
+        opt_starttls(c, len);
         break;
     case NBD_OPT_INFO:
     case NBD_OPT_GO:

@@ -1,0 +1,85 @@
+/* strata — TLS for NBD connections (GnuTLS): the server's credentials and
+ * priority, a session per connection, who the peer is once the handshake
+ * ended, and allow lists.
+ *
+ * The record layer itself is the stream's (common/stream.h); this file
+ * only sets sessions up and judges them.  Credentials are loaded once at
+ * start (blocking file reads, before the loop runs); everything else runs
+ * on the loop and never blocks.
+ *
+ * Identities: an X.509 client certificate's distinguished name, RFC 4514
+ * ("CN=alice,O=Example"), once it verified against the CA; a PSK username.
+ * Allow list entries are matched with fnmatch(3), so an entry is either
+ * exact or a glob ("CN=*,O=Example").
+ */
+#ifndef STRATA_TLS_H
+#define STRATA_TLS_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+#include "error.h"
+
+enum tls_mode {
+    TLS_MODE_OFF,                  /* NBD_OPT_STARTTLS is refused */
+    TLS_MODE_ON,                   /* offered; plaintext clients go on */
+    TLS_MODE_REQUIRE,              /* every option but STARTTLS and ABORT
+                                      answers NBD_REP_ERR_TLS_REQD first */
+};
+
+/* A list of identity patterns.  An absent list (NULL) allows everyone; a
+ * present one allows only the identities that match an entry. */
+struct tls_allow {
+    bool present;
+    char **entries;
+    size_t n;
+};
+
+struct tls_options {
+    enum tls_mode mode;
+    const char *certificates;      /* --tls-certificates DIR */
+    const char *psk_file;          /* --tls-psk FILE */
+    bool verify_peer;              /* --tls-verify-peer */
+    const char *priority;          /* --tls-priority, or NULL */
+    const char *allow;             /* --tls-allow LIST, or NULL */
+};
+
+struct tls_server;
+
+/* Loads the credentials (reads files: call before the loop runs). */
+int tls_server_new(const struct tls_options *o, struct tls_server **out,
+                   struct error **errp);
+void tls_server_free(struct tls_server *ts);
+enum tls_mode tls_server_mode(const struct tls_server *ts);
+/* --tls-allow, or NULL. */
+const struct tls_allow *tls_server_allow(const struct tls_server *ts);
+
+/* A server session (gnutls_session_t) ready for its handshake, or NULL. */
+void *tls_session_new(struct tls_server *ts, struct error **errp);
+
+/* After the handshake: checks the peer and sets *identity (malloc'ed; NULL
+ * when the peer showed none, e.g. no client certificate without
+ * --tls-verify-peer).  -EACCES when the peer must be refused (a client
+ * certificate missing under --tls-verify-peer, or one that does not
+ * verify: unknown CA, expired, revoked). */
+int tls_session_identity(struct tls_server *ts, void *session,
+                         char **identity, struct error **errp);
+/* "TLS1.3 AES-256-GCM" and the like, for the log (static storage). */
+void tls_session_describe(void *session, char *buf, size_t len);
+
+/* Kernel TLS: whether this kernel lets sockets take the "tls" ULP, and
+ * if not why (for the log). */
+bool tls_kernel_offload_available(char *why, size_t len);
+
+/* LIST: entries separated by ';' (a DN has commas).  Empty entries are
+ * skipped; an empty LIST gives an empty list (nobody). */
+int tls_allow_parse(const char *list, struct tls_allow *out,
+                    struct error **errp);
+/* A copy. */
+int tls_allow_copy(const struct tls_allow *from, struct tls_allow *to);
+void tls_allow_clear(struct tls_allow *a);
+/* An absent list allows everyone, NULL identities included; a present one
+ * only identities matching an entry. */
+bool tls_allow_match(const struct tls_allow *a, const char *identity);
+
+#endif

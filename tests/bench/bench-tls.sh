@@ -1,0 +1,185 @@
+#!/bin/bash
+# strata benchmark: NBD over TLS (X.509) on TCP loopback -- stratad vs
+# qemu-nbd (--object tls-creds-x509 --tls-creds) vs nbdkit (--tls=require)
+# on the same raw file, each also in plaintext on TCP for its own baseline.
+# Driven by fio's nbd engine: fio gives libnbd an nbds:// URI and libnbd
+# finds the client's certificates in its default directory
+# ($HOME/.pki/libnbd, HOME pointed at the run's directory), so the same
+# fio jobs as bench-raw.sh run over TLS.  See tests/bench/README.md.
+#
+# Environment: as bench-raw.sh (STRATAD, BENCH_DIR, BENCH_RUNTIME,
+# BENCH_RAMP, BENCH_QUICK=1 smoke mode, BENCH_ROUNDS), and
+#   BENCH_SERVERS  default "stratad-tls qemu-nbd-tls nbdkit-tls stratad
+#                  qemu-nbd nbdkit" (the names without -tls are plaintext
+#                  TCP)
+# Exit status: 0 if every fio run succeeded, 1 otherwise.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+default_rounds=3
+# shellcheck source=tests/bench/lib.sh
+. "$here/lib.sh"
+servers=${BENCH_SERVERS:-stratad-tls qemu-nbd-tls nbdkit-tls stratad qemu-nbd nbdkit}
+
+for tool in fio timeout dd certtool; do
+    command -v "$tool" >/dev/null || { echo "bench: $tool is not installed" >&2; exit 1; }
+done
+
+img=$BENCH_DIR/bench-${size_mib}M.img
+if [ ! -f "$img" ] || [ "$(stat -c %s "$img")" != $((size_mib << 20)) ]; then
+    echo "creating $img ($size_mib MiB of random data, once)"
+    timeout 600 dd if=/dev/urandom of="$img.tmp" bs=1M count="$size_mib" \
+        iflag=fullblock status=none
+    mv "$img.tmp" "$img"
+fi
+
+bench_workdir
+
+# Certificates: a CA, the server's (CN=localhost, IP 127.0.0.1) in
+# $work/server, the client's in $work/home/.pki/libnbd where libnbd looks.
+certs() {
+    local d=$work/pki
+    mkdir -p "$d" "$work/server" "$work/home/.pki/libnbd"
+    printf 'cn = bench CA\nca\ncert_signing_key\nexpiration_days = 2\n' > "$d/ca.info"
+    printf 'cn = localhost\ndns_name = localhost\nip_address = 127.0.0.1\ntls_www_server\nencryption_key\nsigning_key\nexpiration_days = 2\n' > "$d/server.info"
+    printf 'cn = bench client\ntls_www_client\nencryption_key\nsigning_key\nexpiration_days = 2\n' > "$d/client.info"
+    certtool --generate-privkey --key-type ecdsa --outfile "$d/ca-key.pem" 2>/dev/null
+    certtool --generate-self-signed --load-privkey "$d/ca-key.pem" \
+        --template "$d/ca.info" --outfile "$d/ca-cert.pem" 2>/dev/null
+    for who in server client; do
+        certtool --generate-privkey --key-type ecdsa --outfile "$d/$who-key.pem" 2>/dev/null
+        certtool --generate-certificate --load-ca-certificate "$d/ca-cert.pem" \
+            --load-ca-privkey "$d/ca-key.pem" --load-privkey "$d/$who-key.pem" \
+            --template "$d/$who.info" --outfile "$d/$who-cert.pem" 2>/dev/null
+    done
+    cp "$d/ca-cert.pem" "$d/server-cert.pem" "$d/server-key.pem" "$work/server/"
+    cp "$d/ca-cert.pem" "$d/client-cert.pem" "$d/client-key.pem" "$work/home/.pki/libnbd/"
+}
+certs
+export HOME=$work/home          # fio's libnbd reads ~/.pki/libnbd
+
+wait_port() {                   # port pid
+    for _ in $(seq 1 200); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+        kill -0 "$2" 2>/dev/null || return 1
+        sleep 0.05
+    done
+    return 1
+}
+
+free_port() {
+    "$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+start_server() {                # server sock(unused) -> sets server_pid, uri
+    local s=$1 log=$work/$1.log port
+    port=$(free_port)
+    local scheme=nbd tls=0
+    case $s in *-tls) scheme=nbds; tls=1 ;; esac
+    case $s in
+    stratad*)
+        [ -x "$STRATAD" ] || { echo "bench: $STRATAD not found (build first)" >&2; return 1; }
+        cmd=("$STRATAD" --listen "127.0.0.1:$port" --pid-file "$work/$s.pid"
+             --export "name=bench,file=$img,format=raw,cache=writeback")
+        [ $tls = 1 ] && cmd+=(--tls=require --tls-certificates "$work/server")
+        uri="$scheme://127.0.0.1:$port/bench" ;;
+    qemu-nbd*)
+        cmd=(qemu-nbd -f raw --aio=io_uring --cache=writeback -t -e 4 -x bench
+             -b 127.0.0.1 -p "$port")
+        [ $tls = 1 ] && cmd+=(--object "tls-creds-x509,id=tls0,dir=$work/server,endpoint=server,verify-peer=off"
+                              --tls-creds tls0)
+        cmd+=("$img")
+        uri="$scheme://127.0.0.1:$port/bench" ;;
+    nbdkit*)
+        cmd=(nbdkit -f -i 127.0.0.1 -p "$port")
+        [ $tls = 1 ] && cmd+=(--tls=require --tls-certificates "$work/server")
+        cmd+=(file "$img")
+        uri="$scheme://127.0.0.1:$port/" ;;
+    *)  echo "bench: unknown server $s" >&2; return 1 ;;
+    esac
+    command -v "${cmd[0]}" >/dev/null || { echo "note: ${cmd[0]} is not installed"; return 1; }
+    echo "server: ${cmd[*]}"
+    "${cmd[@]}" >"$log" 2>&1 &
+    server_pid=$!
+    if ! wait_port "$port" "$server_pid"; then
+        echo "bench: $s did not start:" >&2
+        cat "$log" >&2
+        return 1
+    fi
+}
+
+# name rw bs iodepth
+workloads=(
+    "4k-randread   randread  4k 32"
+    "4k-randwrite  randwrite 4k 32"
+    "1M-seqread    read      1M 8"
+    "1M-seqwrite   write     1M 8"
+)
+
+read -r -a server_list <<<"$servers"
+run_rounds 10 "${server_list[@]}"
+
+echo
+echo "image: $img (${size_mib} MiB), runtime ${runtime}s per job (+${ramp}s ramp), $(nproc) CPUs, $(uname -r)"
+echo "median of $rounds round(s), server order rotated each round; TCP loopback"
+echo "load average before the summary: $(cut -d' ' -f1-3 /proc/loadavg)"
+"$PY" - "$results" "$servers" "$cpu" "$runtime" <<'PYEOF'
+import sys
+results, servers, cpu_file = sys.argv[1], sys.argv[2].split(), sys.argv[3]
+runtime = float(sys.argv[4])
+moved = {}                               # server -> bytes over all runs
+for line in open(results):
+    s, name, iops, bw = line.split()
+    if bw != "FAIL":
+        moved[s] = moved.get(s, 0.0) + float(bw) * runtime
+res, order = {}, []
+for line in open(results):
+    s, name, iops, bw = line.split()
+    if name not in order:
+        order.append(name)
+    res.setdefault((s, name), []).append(
+        None if iops == "FAIL" else (float(iops), float(bw) / (1 << 20)))
+
+
+def median(v):
+    if not v or any(x is None for x in v):
+        return None
+    v = sorted(v)
+    return v[len(v) // 2]
+
+
+res = {k: median(v) for k, v in res.items()}
+servers = [s for s in servers if any(k[0] == s for k in res)]
+hdr = f"{'workload':<14}" + "".join(f" | {s + ' IOPS':>17} {'MiB/s':>8}" for s in servers)
+ratios = [("stratad-tls", "qemu-nbd-tls"), ("stratad-tls", "nbdkit-tls")]
+ratios += [(s + "-tls", s) for s in ("stratad", "qemu-nbd", "nbdkit")]
+ratios = [r for r in ratios if r[0] in servers and r[1] in servers]
+hdr += "".join(f" | {a.replace('-tls', '+tls') + '/' + b:>24}" for a, b in ratios)
+print(hdr)
+print("-" * len(hdr))
+for name in order:
+    row = f"{name:<14}"
+    for s in servers:
+        v = res.get((s, name))
+        row += f" | {'FAIL':>17} {'FAIL':>8}" if v is None else f" | {v[0]:>17.0f} {v[1]:>8.1f}"
+    for a, b in ratios:
+        x, y = res.get((a, name)), res.get((b, name))
+        row += f" | {'-':>24}" if not x or not y or y[0] == 0 else f" | {x[0] / y[0]:>24.2f}"
+    print(row)
+# CPU time is steadier than rates on a loaded machine: what each server
+# burnt over its four jobs
+cpu = {}
+for line in open(cpu_file):
+    srv, ticks, hz = line.split()
+    if ticks.replace(".", "").isdigit():
+        cpu[srv] = cpu.get(srv, 0.0) + float(ticks) / float(hz)
+print()
+print("server CPU time, all jobs (user+system), and per GiB moved: " + ", ".join(
+    f"{s} {cpu[s]:.1f} s ({cpu[s] / (moved[s] / (1 << 30)):.2f} s/GiB)"
+    if moved.get(s) else f"{s} {cpu[s]:.1f} s" for s in servers if s in cpu))
+PYEOF
+
+if [ "$failed" != 0 ]; then
+    echo "bench: FAILED (see messages above)" >&2
+    exit 1
+fi

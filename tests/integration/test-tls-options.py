@@ -1,0 +1,119 @@
+#!/usr/bin/python3
+"""TLS and access-control options: what the command line refuses; --tls=on
+(TLS offered, plaintext still served, allow-listed exports invisible
+without an identity); block-export-add's "allow" (a strata extension) and
+its survival in the state file across a restart; --control-group.
+
+Run:  STRATAD=build/daemon/stratad /usr/bin/python3 tests/integration/test-tls-options.py
+"""
+import grp
+import os
+import stat
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+from harness import QMP, STRATAD, check, need, ok  # noqa: E402
+import nbdwire as w  # noqa: E402
+from nbdwire import Conn  # noqa: E402
+import tlscerts  # noqa: E402
+
+need("nbdinfo", "certtool")
+harness.require_built()
+harness.report_unexpected_exceptions()
+MiB = 1 << 20
+d = harness.tmpdir()
+disk = harness.make_file(os.path.join(d, "disk.img"), MiB)
+certs = tlscerts.Certs()
+
+# ---- the command line -------------------------------------------------------
+for args, what in (
+        (["--tls=on"], "--tls=on without credentials"),
+        (["--tls=maybe", "--tls-certificates", certs.server], "--tls=maybe"),
+        (["--tls-certificates", certs.server], "--tls-certificates without --tls"),
+        (["--tls=on", "--tls-certificates", certs.server, "--tls-psk", "x"],
+         "both --tls-certificates and --tls-psk"),
+        (["--tls=on", "--tls-psk", disk, "--tls-verify-peer"],
+         "--tls-verify-peer with PSK"),
+        (["--tls=on", "--tls-certificates", certs.server, "--tls-allow", "x"],
+         "--tls-allow without --tls=require (plaintext has no identity)"),
+        (["--control-group", "no-such-group-here", "--control", "/nonexistent/x"],
+         "an unknown --control-group")):
+    r = subprocess.run([STRATAD, "--export", f"file={disk}", *args],
+                       capture_output=True, text=True, timeout=30)
+    check(r.returncode == 2 and r.stderr, f"{what}: exit {r.returncode}, "
+          f"stderr {r.stderr!r}")
+ok("refused at start with exit 2: bad --tls combinations, unknown group")
+r = subprocess.run([STRATAD, "--export", f"file={disk}", "--tls=on",
+                    "--tls-certificates", d, "--listen", "127.0.0.1:1"],
+                   capture_output=True, text=True, timeout=30)
+check(r.returncode == 1 and "ca-cert.pem" in r.stderr,
+      f"a directory without certificates: {r.returncode} {r.stderr!r}")
+ok("a --tls-certificates directory without ca-cert.pem: exit 1, named")
+
+# ---- --tls=on, block-export-add allow, state file ---------------------------
+ctl = os.path.join(d, "ctl.sock")
+state = os.path.join(d, "state.json")
+extra = ["--tls=on", "--tls-certificates", certs.server, "--control", ctl,
+         "--state-file", state, "--control-group", "users"]
+srv = harness.Daemon([f"name=open,file={disk}"], extra=extra)
+st = os.stat(ctl)
+check(stat.S_IMODE(st.st_mode) == 0o660 and
+      st.st_gid == grp.getgrnam("users").gr_gid,
+      f"control socket mode {oct(st.st_mode)} gid {st.st_gid}")
+ok("--control-group users: the control socket is 0660, group users")
+
+q = QMP(ctl)
+sec = harness.make_file(os.path.join(d, "sec.img"), MiB, b"x")
+q.cmd("blockdev-add", driver="raw", node_name="secnode",
+      file={"driver": "file", "filename": sec})
+q.cmd("block-export-add", type="nbd", id="sec", node_name="secnode",
+      name="secret", allow=[certs.dn("alice")])
+cls, desc = q.error("block-export-add", type="nbd", id="bad", node_name="secnode",
+                    name="x", allow="CN=alice")
+check("allow" in desc, f"allow as a string: {desc}")
+ok("block-export-add with allow=[DN]; a non-array allow refused")
+
+
+def tls_uri(name, who):
+    return (f"nbds+unix:///{name}?socket={srv.sock}"
+            f"&tls-certificates={certs.path(who)}")
+
+
+def plaintext_view():
+    c = Conn(srv.sock)
+    c.start()
+    reps = c.option(w.OPT_LIST)
+    names = [r[1][4:].decode() for r in reps if r[0] == w.REP_SERVER]
+    info = c.option(w.OPT_INFO, Conn.info_payload("secret"))
+    c.close()
+    return names, info[-1][0]
+
+
+def check_views(when):
+    names, info = plaintext_view()
+    check(names == ["open"] and info == w.REP_ERR_UNKNOWN,
+          f"{when}: plaintext sees {names}, INFO secret -> {w.rep_name(info)}")
+    r = subprocess.run(["nbdinfo", "--size", f"nbd+unix:///open?socket={srv.sock}"],
+                       capture_output=True, text=True, timeout=30)
+    check(r.returncode == 0, f"{when}: plaintext client on --tls=on: {r.stderr}")
+    r = subprocess.run(["nbdinfo", "--list", "--json", tls_uri("", "alice")],
+                       capture_output=True, text=True, timeout=30)
+    check(r.returncode == 0 and '"secret"' in r.stdout,
+          f"{when}: alice over TLS: {r.stdout}{r.stderr}")
+    r = subprocess.run(["nbdinfo", "--size", tls_uri("secret", "bob")],
+                       capture_output=True, text=True, timeout=30)
+    check(r.returncode != 0, f"{when}: bob opened 'secret'")
+
+
+check_views("after block-export-add")
+ok("--tls=on: plaintext served and blind to 'secret'; alice sees it over "
+   "TLS, bob cannot open it")
+q.close()
+check(srv.stop() == 0, "stratad exit status")
+srv = harness.Daemon([f"name=open,file={disk}"], extra=extra)
+check_views("after a restart from the state file")
+ok("the allow list survives a restart (state file)")
+check(srv.stop() == 0, "stratad exit status")
+print("PASS")
