@@ -1,6 +1,6 @@
 #!/usr/bin/python3
-"""meson install: the daemon, the CLI and the man pages, nothing else, and
-nothing written into the source tree.
+"""meson install: the daemon, the CLI, the man pages and the systemd units,
+nothing else, and nothing written into the source tree.
 
 Installs the build into a temporary DESTDIR (meson install --no-rebuild
 --destdir) and checks the exact list of files, that each binary runs
@@ -19,9 +19,12 @@ import tempfile
 SRC = os.path.realpath(os.environ["STRATA_SOURCE_ROOT"])
 BUILD = os.path.realpath(os.environ["STRATA_BUILD_ROOT"])
 MESON = os.environ.get("MESON") or "meson"
-WANT = {"bin/strata", "sbin/stratad", "share/man/man8/stratad.8",
-        "share/man/man1/strata.1", "share/man/man7/strata-qmp.7"}
-WANT_NO_DOCS = {"bin/strata", "sbin/stratad"}
+UNITS = {"lib/systemd/system/stratad.service",
+         "lib/systemd/system/stratad.socket",
+         "lib/systemd/system/stratad-control.socket"}
+WANT_NO_DOCS = {"bin/strata", "sbin/stratad"} | UNITS
+WANT = WANT_NO_DOCS | {"share/man/man8/stratad.8", "share/man/man1/strata.1",
+                       "share/man/man7/strata-qmp.7"}
 
 
 def fail(msg):
@@ -88,6 +91,17 @@ try:
                 if a.read() != b.read():
                     fail(f"{f} is not the page built in {built}")
     print("ok   the installed binaries run; the man pages are the ones built", flush=True)
+    with open(os.path.join(root, "lib/systemd/system/stratad.service")) as f:
+        unit = f.read()
+    execs = [l for l in unit.splitlines() if l.startswith("ExecStart=")]
+    want_exec = "ExecStart=/" + prefix + "/sbin/stratad "
+    if len(execs) != 1 or not execs[0].startswith(want_exec):
+        fail(f"stratad.service: {execs}, wanted one line starting {want_exec!r}")
+    for u in ("stratad.socket", "stratad-control.socket"):
+        with open(os.path.join(root, "lib/systemd/system", u)) as f:
+            if "[Socket]" not in f.read():
+                fail(f"{u} has no [Socket] section")
+    print("ok   stratad.service starts the installed stratad; the socket units are whole", flush=True)
 finally:
     shutil.rmtree(dest, ignore_errors=True)
 after = tree(SRC)
