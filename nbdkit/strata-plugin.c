@@ -153,19 +153,8 @@ static void open_co(struct coro *co, void *opaque)
     oc->node = fmt_open_co(engine_loop(eng), co, file, &oc->opts, &oc->err);
 }
 
-/* The chain and the loop thread: after nbdkit's fork, so that the thread
- * (and any library threads a backend starts) live in the serving process. */
-static int strata_after_fork(void)
+static int open_chain(void)
 {
-    if (log_get_level() > LOG_WARN)
-        log_set_level(LOG_WARN);
-    char *msg = NULL;
-    eng = engine_new(&msg);
-    if (!eng) {
-        nbdkit_error("strata: %s", msg ? msg : "out of memory");
-        free(msg);
-        return -1;
-    }
     struct open_call oc = {
         .opts = {
             .format = format,
@@ -179,18 +168,55 @@ static int strata_after_fork(void)
     if (r < 0 || !oc.node) {
         nbdkit_error("%s", oc.err ? oc.err->msg : strerror(-r));
         error_free(oc.err);
-        engine_free(eng);
-        eng = NULL;
         return -1;
     }
     root = oc.node;
-    r = engine_start(eng);
-    if (r < 0) {
-        nbdkit_error("strata: starting the loop thread: %s", strerror(-r));
+    return 0;
+}
+
+/* Does any layer sit on storage that starts threads of its own (a Ceph
+ * client)?  Those must not be opened before nbdkit forks. */
+static bool chain_has_threads(void)
+{
+    for (struct fmt_node *n = root; n; n = n->backing)
+        if (n->file && backend_needs_offload(n->file))
+            return true;
+    return false;
+}
+
+/* The chain is opened before nbdkit forks, so that a chain that cannot be
+ * opened (a missing backing file, a format to name) stops nbdkit's start
+ * with the error.  A chain with layers whose client library runs threads
+ * is closed again here and reopened after the fork. */
+static int strata_get_ready(void)
+{
+    if (log_get_level() > LOG_WARN)
+        log_set_level(LOG_WARN);
+    char *msg = NULL;
+    eng = engine_new(&msg);
+    if (!eng) {
+        nbdkit_error("strata: %s", msg ? msg : "out of memory");
+        free(msg);
+        return -1;
+    }
+    if (open_chain() < 0)
+        return -1;
+    if (chain_has_threads()) {
         fmt_close(root);
         root = NULL;
-        engine_free(eng);
-        eng = NULL;
+    }
+    return 0;
+}
+
+/* The loop thread: after nbdkit's fork, so that it runs in the serving
+ * process. */
+static int strata_after_fork(void)
+{
+    if (!root && open_chain() < 0)
+        return -1;
+    int r = engine_start(eng);
+    if (r < 0) {
+        nbdkit_error("strata: starting the loop thread: %s", strerror(-r));
         return -1;
     }
     nbdkit_debug("strata: %s: %s, %" PRIu64 " bytes%s", file, root->ops->name,
@@ -219,8 +245,12 @@ static void strata_cleanup(void)
 {
     if (!eng)
         return;
-    if (root)
-        engine_call(eng, close_co, NULL);
+    if (root) {
+        if (engine_running(eng))
+            engine_call(eng, close_co, NULL);
+        else
+            engine_run_sync(eng, close_co, NULL);
+    }
     engine_stop(eng);
     engine_free(eng);
     eng = NULL;
@@ -487,6 +517,7 @@ static struct nbdkit_plugin plugin = {
     .config_complete = strata_config_complete,
     .config_help = strata_config_help,
     .magic_config_key = "file",
+    .get_ready = strata_get_ready,
     .after_fork = strata_after_fork,
     .cleanup = strata_cleanup,
     .dump_plugin = strata_dump_plugin,
