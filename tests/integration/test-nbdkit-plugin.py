@@ -220,16 +220,14 @@ def capabilities(root):
 
 
 def start_fails(args, want):
-    rc, out = run("nbdkit", "-f", "-U", "-", nbdkitlib.PLUGIN, *args, "--run", "true",
-                  timeout=60)
+    rc, out = nbdkitlib.run_failing(["-f", "-U", "-", nbdkitlib.PLUGIN, *args,
+                                     "--run", "true"])
     check(rc != 0 and want in out, f"nbdkit strata {' '.join(args)}: exit {rc}, wanted a "
           f"failure saying {want!r}:\n{out}")
 
 
 def errors(root):
     top = make_chain(os.path.join(root, "err"))
-    env_note = nbdkitlib.env()
-    os.environ.update(env_note)
     start_fails([f"file={root}/nonexistent.qcow2"], "nonexistent.qcow2")
     start_fails([f"file={top}", "colour=blue"], "unknown parameter 'colour'")
     start_fails([f"file={top}", "format=vmdk"], "format=vmdk")
