@@ -53,9 +53,11 @@ static int fsync_dir_of(const char *path)
     return r;
 }
 
-int qcow2_create_co(struct loop *loop, struct coro *co, const char *path,
-                    uint64_t size, const char *backing_name,
-                    const char *backing_fmt, struct error **errp)
+/* The metadata of a new empty image (header, refcount table and block,
+ * L1 table) in *pimg, *ptotal bytes.  0 or -errno with *errp set. */
+static int build_image(const char *path, uint64_t size,
+                       const char *backing_name, const char *backing_fmt,
+                       uint8_t **pimg, uint64_t *ptotal, struct error **errp)
 {
     const uint64_t cs = UINT64_C(1) << NEW_CLUSTER_BITS;
     const uint64_t l2_entries = cs / 8;
@@ -105,6 +107,49 @@ int qcow2_create_co(struct loop *loop, struct coro *co, const char *path,
     be_put64(img + cs, 2 * cs);                  /* reftable[0] */
     for (uint64_t c = 0; c < nclusters; c++)     /* refcount block */
         qcow2_refcount_set(img + 2 * cs, 4, c, 1);
+
+    *pimg = img;
+    *ptotal = total;
+    return 0;
+}
+
+int qcow2_format_backend_co(struct backend *file, struct coro *co,
+                            uint64_t size, struct error **errp)
+{
+    uint8_t *img;
+    uint64_t total;
+    int r = build_image(file->name, size, NULL, NULL, &img, &total, errp);
+    if (r < 0)
+        return r;
+    if (total > file->size) {
+        free(img);
+        return error_setf(errp, ENOSPC, "%s: %llu bytes of storage cannot "
+                          "hold a new image's %llu bytes of metadata",
+                          file->name, (unsigned long long)file->size,
+                          (unsigned long long)total);
+    }
+    r = backend_pwrite_co(file, co, img, total, 0, 0);
+    if (r == 0)
+        r = backend_flush_co(file, co);
+    free(img);
+    if (r < 0)
+        return error_setf(errp, -r, "%s: writing the new image: %s",
+                          file->name, strerror(-r));
+    log_info("%s: formatted (qcow2, %llu bytes)", file->name,
+             (unsigned long long)size);
+    return 0;
+}
+
+int qcow2_create_co(struct loop *loop, struct coro *co, const char *path,
+                    uint64_t size, const char *backing_name,
+                    const char *backing_fmt, struct error **errp)
+{
+    uint8_t *img;
+    uint64_t total;
+    int r0 = build_image(path, size, backing_name, backing_fmt, &img, &total,
+                         errp);
+    if (r0 < 0)
+        return r0;
 
     /* An RBD image is made at its final size (writing past its end would
      * resize it); a file grows with the write. */

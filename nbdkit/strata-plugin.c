@@ -25,14 +25,10 @@
 #include "engine.h"
 #include "format.h"
 #include "log.h"
+#include "serve.h"
 #include "strata-config.h"
 #include "util.h"
 
-/* Largest block the plugin advertises (and stratad's NBD payload limit);
- * nbdkit may pass larger requests, which are split. */
-#define PLUGIN_MAX_BLOCK (UINT32_C(32) << 20)
-/* Extents gathered per NBD_CMD_BLOCK_STATUS (stratad's limit). */
-#define PLUGIN_MAX_EXTENTS 1024
 
 static char *file;
 static char *format;
@@ -41,8 +37,9 @@ static char *backing_remote;
 static bool opt_readonly;
 static bool opt_direct;
 
-static struct engine *eng;
-static struct fmt_node *root;
+/* The loop and the chain; srv.root is NULL when no chain is open. */
+static struct serve srv;
+
 
 static void strata_unload(void)
 {
@@ -152,7 +149,7 @@ struct open_call {
 static void open_co(struct coro *co, void *opaque)
 {
     struct open_call *oc = opaque;
-    oc->node = fmt_open_co(engine_loop(eng), co, file, &oc->opts, &oc->err);
+    oc->node = fmt_open_co(engine_loop(srv.eng), co, file, &oc->opts, &oc->err);
 }
 
 static int open_chain(void)
@@ -166,13 +163,13 @@ static int open_chain(void)
             .backing_remote = backing_remote,
         },
     };
-    int r = engine_run_sync(eng, open_co, &oc);
+    int r = engine_run_sync(srv.eng, open_co, &oc);
     if (r < 0 || !oc.node) {
         nbdkit_error("%s", oc.err ? oc.err->msg : strerror(-r));
         error_free(oc.err);
         return -1;
     }
-    root = oc.node;
+    srv.root = oc.node;
     return 0;
 }
 
@@ -180,7 +177,7 @@ static int open_chain(void)
  * client)?  Those must not be opened before nbdkit forks. */
 static bool chain_has_threads(void)
 {
-    for (struct fmt_node *n = root; n; n = n->backing)
+    for (struct fmt_node *n = srv.root; n; n = n->backing)
         if (n->file && backend_needs_offload(n->file))
             return true;
     return false;
@@ -195,8 +192,8 @@ static int strata_get_ready(void)
     if (log_get_level() > LOG_WARN)
         log_set_level(LOG_WARN);
     char *msg = NULL;
-    eng = engine_new(&msg);
-    if (!eng) {
+    srv.eng = engine_new(&msg);
+    if (!srv.eng) {
         nbdkit_error("strata: %s", msg ? msg : "out of memory");
         free(msg);
         return -1;
@@ -204,8 +201,8 @@ static int strata_get_ready(void)
     if (open_chain() < 0)
         return -1;
     if (chain_has_threads()) {
-        fmt_close(root);
-        root = NULL;
+        fmt_close(srv.root);
+        srv.root = NULL;
     }
     return 0;
 }
@@ -214,15 +211,15 @@ static int strata_get_ready(void)
  * process. */
 static int strata_after_fork(void)
 {
-    if (!root && open_chain() < 0)
+    if (!srv.root && open_chain() < 0)
         return -1;
-    int r = engine_start(eng);
+    int r = engine_start(srv.eng);
     if (r < 0) {
         nbdkit_error("strata: starting the loop thread: %s", strerror(-r));
         return -1;
     }
-    nbdkit_debug("strata: %s: %s, %" PRIu64 " bytes%s", file, root->ops->name,
-                 root->size, root->read_only ? ", read-only" : "");
+    nbdkit_debug("strata: %s: %s, %" PRIu64 " bytes%s", file, srv.root->ops->name,
+                 srv.root->size, srv.root->read_only ? ", read-only" : "");
     return 0;
 }
 
@@ -231,13 +228,13 @@ static void close_co(struct coro *co, void *opaque)
     (void)opaque;
     /* Whatever is still volatile becomes durable; the images are closed
      * clean (qcow2: the dirty bit cleared). */
-    if (!root->read_only) {
-        int r = fmt_flush_co(root, co);
+    if (!srv.root->read_only) {
+        int r = fmt_flush_co(srv.root, co);
         if (r < 0)
             log_error("%s: final flush: %s", file, strerror(-r));
     }
-    fmt_close_co(root, engine_loop(eng), co);
-    root = NULL;
+    fmt_close_co(srv.root, engine_loop(srv.eng), co);
+    srv.root = NULL;
 }
 
 /* After the last connection: the chain is closed on the loop, then the
@@ -245,17 +242,17 @@ static void close_co(struct coro *co, void *opaque)
  * unloads the plugin's code. */
 static void strata_cleanup(void)
 {
-    if (!eng)
+    if (!srv.eng)
         return;
-    if (root) {
-        if (engine_running(eng))
-            engine_call(eng, close_co, NULL);
+    if (srv.root) {
+        if (engine_running(srv.eng))
+            engine_call(srv.eng, close_co, NULL);
         else
-            engine_run_sync(eng, close_co, NULL);
+            engine_run_sync(srv.eng, close_co, NULL);
     }
-    engine_stop(eng);
-    engine_free(eng);
-    eng = NULL;
+    engine_stop(srv.eng);
+    engine_free(srv.eng);
+    srv.eng = NULL;
 }
 
 static void *strata_open(int readonly)
@@ -267,12 +264,12 @@ static void *strata_open(int readonly)
 
 static int64_t strata_get_size(void *handle)
 {
-    return (int64_t)root->size;
+    return (int64_t)srv.root->size;
 }
 
 static int strata_can_write(void *handle)
 {
-    return !root->read_only;
+    return !srv.root->read_only;
 }
 
 static int strata_can_flush(void *handle)
@@ -282,24 +279,24 @@ static int strata_can_flush(void *handle)
 
 static int strata_can_trim(void *handle)
 {
-    return !root->read_only;
+    return !srv.root->read_only;
 }
 
 static int strata_can_zero(void *handle)
 {
-    return !root->read_only;
+    return !srv.root->read_only;
 }
 
 static int strata_can_fast_zero(void *handle)
 {
     /* Advertised like stratad: a zero the format cannot do cheaply fails
      * fast with ENOTSUP (FMT_FAST) instead of writing zeros. */
-    return !root->read_only;
+    return !srv.root->read_only;
 }
 
 static int strata_can_fua(void *handle)
 {
-    return root->read_only ? NBDKIT_FUA_NONE : NBDKIT_FUA_NATIVE;
+    return srv.root->read_only ? NBDKIT_FUA_NONE : NBDKIT_FUA_NATIVE;
 }
 
 static int strata_can_multi_conn(void *handle)
@@ -327,178 +324,49 @@ static int strata_is_rotational(void *handle)
 static int strata_block_size(void *handle, uint32_t *minimum,
                              uint32_t *preferred, uint32_t *maximum)
 {
-    *minimum = root->align;
-    *preferred = MAX(root->align, 4096u);
-    *maximum = PLUGIN_MAX_BLOCK;
+    serve_block_size(&srv, minimum, preferred, maximum);
     return 0;
-}
-
-/* ---- the data path: one call per request, run on the loop ---- */
-
-enum op_kind { OP_READ, OP_WRITE, OP_FLUSH, OP_TRIM, OP_ZERO, OP_CACHE,
-               OP_EXTENTS };
-
-struct op {
-    enum op_kind kind;
-    void *buf;
-    uint64_t count, offset;
-    unsigned flags;            /* FMT_* */
-    int ret;
-    /* OP_EXTENTS */
-    struct fmt_extent *ext;
-    unsigned max_ext, n_ext;
-};
-
-static void op_co(struct coro *co, void *opaque)
-{
-    struct op *o = opaque;
-    struct fmt_node *n = root;
-    int r = 0;
-    switch (o->kind) {
-    case OP_READ:
-    case OP_WRITE: {
-        /* in pieces of at most FMT_MAX_RW bytes */
-        uint64_t done = 0;
-        while (r == 0 && done < o->count) {
-            uint64_t len = MIN(o->count - done, FMT_MAX_RW);
-            struct iovec iov = {(char *)o->buf + done, (size_t)len};
-            r = o->kind == OP_READ
-                    ? fmt_preadv_co(n, co, &iov, 1, o->offset + done)
-                    : fmt_pwritev_co(n, co, &iov, 1, o->offset + done,
-                                     o->flags);
-            done += len;
-        }
-        break;
-    }
-    case OP_FLUSH:
-        r = fmt_flush_co(n, co);
-        break;
-    case OP_TRIM:
-        r = fmt_discard_co(n, co, o->offset, o->count, 0);
-        if (r == 0 && (o->flags & FMT_FUA))
-            r = fmt_flush_co(n, co);
-        break;
-    case OP_ZERO:
-        r = fmt_zero_co(n, co, o->offset, o->count, o->flags);
-        break;
-    case OP_CACHE:
-        r = fmt_cache_co(n, co, o->offset, o->count);
-        break;
-    case OP_EXTENTS: {
-        uint64_t pos = o->offset, end = o->offset + o->count;
-        while (r == 0 && pos < end && o->n_ext < o->max_ext) {
-            r = fmt_block_status_co(n, co, pos, end - pos, &o->ext[o->n_ext]);
-            if (r == 0)
-                pos += o->ext[o->n_ext++].len;
-        }
-        break;
-    }
-    }
-    o->ret = r;
-}
-
-/* Checks what the format's contract requires and nbdkit does not (the
- * alignment advertised in block_size), runs the op, sets nbdkit's error. */
-static int run(struct op *o, bool aligned_only)
-{
-    uint64_t a = root->align;
-    if (aligned_only && a > 1 && ((o->offset | o->count) & (a - 1))) {
-        nbdkit_error("request %" PRIu64 "+%" PRIu64 " is not aligned to "
-                     "%" PRIu64 " bytes (the advertised minimum block size)",
-                     o->offset, o->count, a);
-        nbdkit_set_error(EINVAL);
-        return -1;
-    }
-    if (o->count == 0 && o->kind != OP_FLUSH)
-        return 0;
-    engine_call(eng, op_co, o);
-    if (o->ret < 0) {
-        /* FAST_ZERO's ENOTSUP is an answer, not a failure worth a message */
-        if (!(o->kind == OP_ZERO && o->ret == -ENOTSUP))
-            nbdkit_debug("strata: %s", strerror(-o->ret));
-        nbdkit_set_error(-o->ret);
-        return -1;
-    }
-    return 0;
-}
-
-static unsigned fmt_flags(uint32_t flags)
-{
-    return ((flags & NBDKIT_FLAG_FUA) ? FMT_FUA : 0) |
-           ((flags & NBDKIT_FLAG_MAY_TRIM) ? FMT_MAY_TRIM : 0) |
-           ((flags & NBDKIT_FLAG_FAST_ZERO) ? FMT_FAST : 0);
 }
 
 static int strata_pread(void *handle, void *buf, uint32_t count,
                         uint64_t offset, uint32_t flags)
 {
-    struct op o = {.kind = OP_READ, .buf = buf, .count = count,
-                   .offset = offset};
-    return run(&o, true);
+    return serve_pread(&srv, buf, count, offset, NULL);
 }
 
 static int strata_pwrite(void *handle, const void *buf, uint32_t count,
                          uint64_t offset, uint32_t flags)
 {
-    struct op o = {.kind = OP_WRITE, .buf = (void *)buf, .count = count,
-                   .offset = offset, .flags = fmt_flags(flags) & FMT_FUA};
-    return run(&o, true);
+    return serve_pwrite(&srv, buf, count, offset, flags, NULL);
 }
 
 static int strata_flush(void *handle, uint32_t flags)
 {
-    struct op o = {.kind = OP_FLUSH};
-    return run(&o, false);
+    return serve_flush(&srv, NULL);
 }
 
 static int strata_trim(void *handle, uint32_t count, uint64_t offset,
                        uint32_t flags)
 {
-    struct op o = {.kind = OP_TRIM, .count = count, .offset = offset,
-                   .flags = fmt_flags(flags) & FMT_FUA};
-    return run(&o, true);
+    return serve_trim(&srv, count, offset, flags, NULL);
 }
 
 static int strata_zero(void *handle, uint32_t count, uint64_t offset,
                        uint32_t flags)
 {
-    struct op o = {.kind = OP_ZERO, .count = count, .offset = offset,
-                   .flags = fmt_flags(flags)};
-    return run(&o, true);
+    return serve_zero(&srv, count, offset, flags, NULL);
 }
 
 static int strata_cache(void *handle, uint32_t count, uint64_t offset,
                         uint32_t flags)
 {
-    struct op o = {.kind = OP_CACHE, .count = count, .offset = offset};
-    if (offset >= root->size)
-        return 0;
-    o.count = MIN(o.count, root->size - offset);
-    return run(&o, false);
+    return serve_cache(&srv, count, offset, NULL);
 }
 
 static int strata_extents(void *handle, uint32_t count, uint64_t offset,
                           uint32_t flags, struct nbdkit_extents *extents)
 {
-    unsigned max = (flags & NBDKIT_FLAG_REQ_ONE) ? 1 : PLUGIN_MAX_EXTENTS;
-    struct fmt_extent *ext = malloc(sizeof(*ext) * max);
-    if (!ext) {
-        nbdkit_error("out of memory");
-        nbdkit_set_error(ENOMEM);
-        return -1;
-    }
-    struct op o = {.kind = OP_EXTENTS, .count = count, .offset = offset,
-                   .ext = ext, .max_ext = max};
-    int r = run(&o, false);
-    uint64_t pos = offset;
-    for (unsigned i = 0; r == 0 && i < o.n_ext; i++) {
-        uint32_t type = ((ext[i].flags & FMT_EXT_HOLE) ? NBDKIT_EXTENT_HOLE : 0) |
-                        ((ext[i].flags & FMT_EXT_ZERO) ? NBDKIT_EXTENT_ZERO : 0);
-        r = nbdkit_add_extent(extents, pos, ext[i].len, type);
-        pos += ext[i].len;
-    }
-    free(ext);
-    return r;
+    return serve_extents(&srv, count, offset, flags, extents, NULL);
 }
 
 static void strata_dump_plugin(void)
