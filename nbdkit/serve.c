@@ -80,11 +80,13 @@ static void op_co(struct coro *co, void *opaque)
     o->ret = r;
 }
 
+/* A plugin reports errno through nbdkit_set_error, a filter through *err. */
 static int fail(int e, int *err)
 {
-    nbdkit_set_error(e);
     if (err)
         *err = e;
+    else
+        nbdkit_set_error(e);
     return -1;
 }
 

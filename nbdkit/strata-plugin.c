@@ -257,9 +257,9 @@ static void strata_cleanup(void)
 
 static void *strata_open(int readonly)
 {
-    /* Every connection shares the one chain; the handle says whether this
-     * one may write. */
-    return readonly ? (void *)2 : (void *)1;
+    /* Every connection shares the one chain (nbdkit itself refuses writes
+     * on a read-only connection). */
+    return NBDKIT_HANDLE_NOT_NEEDED;
 }
 
 static int64_t strata_get_size(void *handle)
