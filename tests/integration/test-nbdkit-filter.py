@@ -16,7 +16,7 @@
 3. Bad options: create=on without create-size=, create-size= without
    create=on, a disk that is neither qcow2 nor blank.
 
-Seed: STRATA_SEED (default 20240601), ops: STRATA_OPS (default 1000).
+Seed: STRATA_SEED (default 20240601), ops: STRATA_OPS (default 600).
 """
 import os
 import subprocess
@@ -37,7 +37,7 @@ MiB = 1 << 20
 SIZE = 64 * MiB
 DEPTH = 16
 SEED = int(os.environ.get("STRATA_SEED", "20240601"))
-OPS = int(os.environ.get("STRATA_OPS", "1000"))
+OPS = int(os.environ.get("STRATA_OPS", "600"))
 CONNS = 4
 workload.configure(SIZE, DEPTH, 300)
 FILTER = f"--filter={nbdkitlib.FILTER}"

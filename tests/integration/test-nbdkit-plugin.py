@@ -23,7 +23,7 @@ stratad do.
    a clear message; a probed qcow2 without format= is refused (as stratad
    refuses it).
 
-Seed: STRATA_SEED (default 20240601), ops: STRATA_OPS (default 1500).
+Seed: STRATA_SEED (default 20240601), ops: STRATA_OPS (default 1000).
 """
 import json
 import os
@@ -46,7 +46,7 @@ MiB = 1 << 20
 SIZE = 64 * MiB
 DEPTH = 16
 SEED = int(os.environ.get("STRATA_SEED", "20240601"))
-SEQ_OPS = int(os.environ.get("STRATA_OPS", "1500"))
+SEQ_OPS = int(os.environ.get("STRATA_OPS", "1000"))
 CONNS = 4
 workload.configure(SIZE, DEPTH, 300)   # bounds a hang only; meson's timeout is 360
 
