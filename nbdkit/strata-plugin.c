@@ -198,14 +198,19 @@ static int strata_get_ready(void)
         free(msg);
         return -1;
     }
-    if (open_chain() < 0)
+    if (open_chain() < 0) {
+        engine_free(srv.eng);
+        srv.eng = NULL;
         return -1;
+    }
     if (chain_has_threads()) {
         fmt_close(srv.root);
         srv.root = NULL;
     }
     return 0;
 }
+
+static void strata_cleanup(void);
 
 /* The loop thread: after nbdkit's fork, so that it runs in the serving
  * process. */
@@ -216,6 +221,7 @@ static int strata_after_fork(void)
     int r = engine_start(srv.eng);
     if (r < 0) {
         nbdkit_error("strata: starting the loop thread: %s", strerror(-r));
+        strata_cleanup();
         return -1;
     }
     nbdkit_debug("strata: %s: %s, %" PRIu64 " bytes%s", file, srv.root->ops->name,
