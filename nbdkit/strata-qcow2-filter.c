@@ -226,7 +226,10 @@ static struct backend *next_backend_new(struct loop *loop, nbdkit_next *next,
     nb->can_zero = next->can_zero(next) > NBDKIT_ZERO_NONE;
     nb->can_trim = next->can_trim(next) == 1;
     nb->can_fua = next->can_fua(next) == NBDKIT_FUA_NATIVE;
-    nb->b.caps = (nb->can_zero ? BACKEND_CAN_ZERO : 0) |
+    /* efficient only when the plugin zeroes natively (not by nbdkit
+     * writing zeros for it) */
+    nb->b.caps = (next->can_zero(next) == NBDKIT_ZERO_NATIVE
+                      ? BACKEND_CAN_ZERO : 0) |
                  (nb->can_trim ? BACKEND_CAN_TRIM : 0);
     if (!nb->b.name) {
         free(nb);
