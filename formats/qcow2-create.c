@@ -55,18 +55,14 @@ static int fsync_dir_of(const char *path)
     return r;
 }
 
-int qcow2_create_co(struct loop *loop, struct coro *co, const char *path,
-                    uint64_t size, const char *backing_name,
-                    const char *backing_fmt, struct error **errp)
-{
-    return qcow2_create_cs_co(loop, co, path, size, backing_name, backing_fmt,
-                              0, errp);
-}
-
-int qcow2_create_cs_co(struct loop *loop, struct coro *co, const char *path,
-                       uint64_t size, const char *backing_name,
-                       const char *backing_fmt, uint64_t cluster_size,
-                       struct error **errp)
+/* The metadata of a new empty image (header, refcount table and blocks,
+ * L1 table) with CLUSTER_SIZE-byte clusters (0: the default) in *pimg,
+ * *ptotal bytes, and the cluster size in *pcs.  0 or -errno with *errp
+ * set. */
+static int build_image(const char *path, uint64_t size,
+                       const char *backing_name, const char *backing_fmt,
+                       uint64_t cluster_size, uint8_t **pimg,
+                       uint64_t *ptotal, uint64_t *pcs, struct error **errp)
 {
     unsigned bits = NEW_CLUSTER_BITS;
     if (cluster_size) {
@@ -157,6 +153,60 @@ int qcow2_create_cs_co(struct loop *loop, struct coro *co, const char *path,
     for (uint64_t c = 0; c < nclusters; c++)     /* the refcount blocks */
         qcow2_refcount_set(img + rb_off + (c / rb_entries) * cs, 4,
                            c % rb_entries, 1);
+
+    *pimg = img;
+    *ptotal = total;
+    *pcs = cs;
+    return 0;
+}
+
+int qcow2_format_backend_co(struct backend *file, struct coro *co,
+                            uint64_t size, struct error **errp)
+{
+    uint8_t *img;
+    uint64_t total, cs;
+    int r = build_image(file->name, size, NULL, NULL, 0, &img, &total, &cs,
+                        errp);
+    if (r < 0)
+        return r;
+    if (total > file->size) {
+        free(img);
+        return error_setf(errp, ENOSPC, "%s: %llu bytes of storage cannot "
+                          "hold a new image's %llu bytes of metadata",
+                          file->name, (unsigned long long)file->size,
+                          (unsigned long long)total);
+    }
+    r = backend_pwrite_co(file, co, img, total, 0, 0);
+    if (r == 0)
+        r = backend_flush_co(file, co);
+    free(img);
+    if (r < 0)
+        return error_setf(errp, -r, "%s: writing the new image: %s",
+                          file->name, strerror(-r));
+    log_info("%s: formatted (qcow2, %llu bytes)", file->name,
+             (unsigned long long)size);
+    return 0;
+}
+
+int qcow2_create_co(struct loop *loop, struct coro *co, const char *path,
+                    uint64_t size, const char *backing_name,
+                    const char *backing_fmt, struct error **errp)
+{
+    return qcow2_create_cs_co(loop, co, path, size, backing_name, backing_fmt,
+                              0, errp);
+}
+
+int qcow2_create_cs_co(struct loop *loop, struct coro *co, const char *path,
+                       uint64_t size, const char *backing_name,
+                       const char *backing_fmt, uint64_t cluster_size,
+                       struct error **errp)
+{
+    uint8_t *img;
+    uint64_t total, cs;
+    int r0 = build_image(path, size, backing_name, backing_fmt, cluster_size,
+                         &img, &total, &cs, errp);
+    if (r0 < 0)
+        return r0;
 
     /* An RBD image is made at its final size (writing past its end would
      * resize it); a file grows with the write. */
