@@ -34,7 +34,12 @@ step cppcheck "cppcheck found something (see above); fix it, or suppress a false
 export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:detect_stack_use_after_return=0
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 rc=0
-meson test -C build-san --print-errorlogs --num-processes 2 "$@" || rc=$?
+# Each test's time limit only catches a hang (the tests bound their own
+# steps); on a shared machine under load the sanitizer build runs several
+# times slower, so the limits are tripled unless STRATA_TIMEOUT_MULTIPLIER
+# says otherwise.
+meson test -C build-san --print-errorlogs --num-processes 2 \
+    --timeout-multiplier "${STRATA_TIMEOUT_MULTIPLIER:-3}" "$@" || rc=$?
 ((rc == 0)) || echo "strata: some tests failed: their output is above, all of it in build-san/meson-logs/testlog.txt; run one alone with 'meson test -C build-san NAME -v'" >&2
 
 # The benchmark must keep working: a short run on the optimised build.
