@@ -796,6 +796,7 @@ struct fmt_node *qcow2_open_co(struct loop *loop, struct coro *co,
     s->rb_cache.write_through = true;
 
     n->size = s->h.size;
+    n->cluster_size = s->h.cluster_size;
     n->align = s->io_align;
     if (!n->read_only)
         n->caps = FMT_CAN_TRIM | (s->has_zero_flag ? FMT_CAN_ZERO : 0);

@@ -226,6 +226,9 @@ static struct json_object *node_info(const struct blockdev *b, struct fmt_node *
                                    json_object_new_string(n->backing->filename ? n->backing->filename : ""));
     }
     json_object_object_add(o, "image", img);
+    struct json_object *bms = ctl_dirty_bitmaps_json(n);
+    if (bms)
+        json_object_object_add(o, "dirty-bitmaps", bms);
     if (depth == 0 && b->export) /* strata extension */
         json_object_object_add(o, "export", json_object_new_string(b->export->cfg.id));
     free(name);
@@ -244,6 +247,29 @@ static struct json_object *cmd_query_named_block_nodes(struct ctl_cmd_ctx *cx,
         unsigned depth = 0;
         for (struct fmt_node *n = b->root; n; n = n->backing, depth++)
             json_object_array_add(r, node_info(b, n, depth, flat));
+    }
+    return r;
+}
+
+/* QEMU's query-block lists block backends; strata's are its exports: one
+ * BlockInfo each, "device" being the export id and "inserted" the node it
+ * serves (with its dirty bitmaps). */
+static struct json_object *cmd_query_block(struct ctl_cmd_ctx *cx,
+                                           struct json_object *args,
+                                           struct error **errp)
+{
+    struct server *srv = cx->ctl->srv;
+    struct json_object *r = json_object_new_array();
+    for (size_t i = 0; i < srv->n_exports; i++) {
+        const struct export *e = srv->exports[i];
+        struct json_object *o = json_object_new_object();
+        json_object_object_add(o, "device", json_object_new_string(e->cfg.id));
+        json_object_object_add(o, "qdev", json_object_new_string(""));
+        json_object_object_add(o, "type", json_object_new_string("unknown"));
+        json_object_object_add(o, "removable", json_object_new_boolean(false));
+        json_object_object_add(o, "locked", json_object_new_boolean(false));
+        json_object_object_add(o, "inserted", node_info(e->bdev, e->bdev->root, 0, false));
+        json_object_array_add(r, o);
     }
     return r;
 }
@@ -795,6 +821,9 @@ static struct json_object *cmd_quit(struct ctl_cmd_ctx *cx, struct json_object *
 /* ---- the table ---- */
 
 static const struct ctl_arg no_args[] = {{NULL, 0, false}};
+static const struct ctl_arg bitmap_args[] = {{"node", CTL_ARG_STR, true},
+                                             {"name", CTL_ARG_STR, true},
+                                             {NULL, 0, false}};
 
 static const struct ctl_cmd commands[] = {
     {"qmp_capabilities", cmd_qmp_capabilities,
@@ -804,6 +833,7 @@ static const struct ctl_cmd commands[] = {
     {"query-block-exports", cmd_query_block_exports, no_args},
     {"query-blockstats", cmd_query_blockstats,
      (const struct ctl_arg[]){{"query-nodes", CTL_ARG_BOOL, false}, {NULL, 0, false}}},
+    {"query-block", cmd_query_block, no_args},
     {"query-named-block-nodes", cmd_query_named_block_nodes,
      (const struct ctl_arg[]){{"flat", CTL_ARG_BOOL, false}, {NULL, 0, false}}},
     {"blockdev-add", cmd_blockdev_add,
@@ -858,6 +888,22 @@ static const struct ctl_cmd commands[] = {
                               {"on-error", CTL_ARG_STR, false},
                               {"auto-finalize", CTL_ARG_BOOL, false},
                               {"auto-dismiss", CTL_ARG_BOOL, false},
+                              {NULL, 0, false}}},
+    {"block-dirty-bitmap-add", cmd_block_dirty_bitmap_add,
+     (const struct ctl_arg[]){{"node", CTL_ARG_STR, true},
+                              {"name", CTL_ARG_STR, true},
+                              {"granularity", CTL_ARG_INT, false},
+                              {"persistent", CTL_ARG_BOOL, false},
+                              {"disabled", CTL_ARG_BOOL, false},
+                              {NULL, 0, false}}},
+    {"block-dirty-bitmap-remove", cmd_block_dirty_bitmap_remove, bitmap_args},
+    {"block-dirty-bitmap-clear", cmd_block_dirty_bitmap_clear, bitmap_args},
+    {"block-dirty-bitmap-enable", cmd_block_dirty_bitmap_enable, bitmap_args},
+    {"block-dirty-bitmap-disable", cmd_block_dirty_bitmap_disable, bitmap_args},
+    {"block-dirty-bitmap-merge", cmd_block_dirty_bitmap_merge,
+     (const struct ctl_arg[]){{"node", CTL_ARG_STR, true},
+                              {"target", CTL_ARG_STR, true},
+                              {"bitmaps", CTL_ARG_ARRAY, true},
                               {NULL, 0, false}}},
     {"query-jobs", cmd_query_jobs, no_args},
     {"query-block-jobs", cmd_query_block_jobs, no_args},

@@ -120,6 +120,20 @@ struct ctl_cmd {
 
 const struct ctl_cmd *ctl_cmd_find(const char *name);
 
+/* bitmap-cmds.c */
+ctl_cmd_fn cmd_block_dirty_bitmap_add, cmd_block_dirty_bitmap_remove,
+    cmd_block_dirty_bitmap_clear, cmd_block_dirty_bitmap_enable,
+    cmd_block_dirty_bitmap_disable, cmd_block_dirty_bitmap_merge;
+struct blockdev;
+struct fmt_node;
+/* The chain member called name ("NODE", "NODE.backing", ...) and, in *bp
+ * when not NULL, the block node whose chain holds it; NULL if none. */
+struct fmt_node *ctl_find_node(struct server *srv, const char *name,
+                               struct blockdev **bp);
+/* BlockDirtyInfo of every bitmap of n (a new array), or NULL if it has
+ * none (the member is then left out, as QEMU does). */
+struct json_object *ctl_dirty_bitmaps_json(struct fmt_node *n);
+
 /* debug-cmds.c */
 ctl_cmd_fn cmd_x_debug_fault_inject, cmd_x_debug_fault_query;
 const struct ctl_cmd *ctl_cmd_table(size_t *n);
