@@ -18,31 +18,6 @@
 #include "log.h"
 #include "server.h"
 
-struct fmt_node *ctl_find_node(struct server *srv, const char *name,
-                               struct blockdev **bp)
-{
-    for (size_t i = 0; i < srv->n_bdevs; i++) {
-        struct blockdev *b = srv->bdevs[i];
-        size_t tl = strlen(b->node_name);
-        if (strncmp(name, b->node_name, tl))
-            continue;
-        const char *p = name + tl;
-        struct fmt_node *n = b->root;
-        while (n && *p) {
-            if (strncmp(p, ".backing", 8))
-                break;
-            p += 8;
-            n = n->backing;
-        }
-        if (n && !*p) {
-            if (bp)
-                *bp = b;
-            return n;
-        }
-    }
-    return NULL;
-}
-
 struct json_object *ctl_dirty_bitmaps_json(struct fmt_node *n)
 {
     if (!n->bitmaps)
@@ -81,7 +56,7 @@ static struct fmt_bitmap *lookup(struct ctl_cmd_ctx *cx, const char *node,
                                  const char *name, struct fmt_node **np,
                                  struct error **errp)
 {
-    struct fmt_node *n = ctl_find_node(cx->ctl->srv, node, NULL);
+    struct fmt_node *n = server_find_node(cx->ctl->srv, node, NULL);
     if (!n) {
         error_setf(errp, ENOENT, "Node '%s' not found", node);
         return NULL;
@@ -106,7 +81,7 @@ struct json_object *cmd_block_dirty_bitmap_add(struct ctl_cmd_ctx *cx,
         error_setf(errp, EINVAL, "Bitmap name cannot be empty");
         return NULL;
     }
-    struct fmt_node *n = ctl_find_node(cx->ctl->srv, node, NULL);
+    struct fmt_node *n = server_find_node(cx->ctl->srv, node, NULL);
     if (!n) {
         error_setf(errp, ENOENT, "Cannot find device='%s' nor node-name='%s'",
                    node, node);

@@ -538,6 +538,30 @@ static struct json_object *cmd_block_export_add(struct ctl_cmd_ctx *cx,
     json_object_object_get_ex(args, "allow", &av);
     if (state_allow_from_json(av, &allow, errp) < 0)
         return NULL;
+    /* "bitmaps": names in the node's chain, or {"node", "name"} */
+    struct export_config bl = {0};
+    struct json_object *bv = NULL;
+    json_object_object_get_ex(args, "bitmaps", &bv);
+    for (size_t i = 0; bv && i < json_object_array_length(bv); i++) {
+        struct json_object *x = json_object_array_get_idx(bv, i);
+        static const struct ctl_arg ref_args[] = {{"node", CTL_ARG_STR, true},
+                                                  {"name", CTL_ARG_STR, true},
+                                                  {NULL, 0, false}};
+        int r;
+        if (json_object_is_type(x, json_type_string))
+            r = export_config_add_bitmap(&bl, NULL, json_object_get_string(x), errp);
+        else if (json_object_is_type(x, json_type_object))
+            r = ctl_args_check(x, ref_args, "bitmaps[].", errp) < 0 ? -EINVAL :
+                export_config_add_bitmap(&bl, arg_str(x, "node"), arg_str(x, "name"), errp);
+        else
+            r = error_setf(errp, EINVAL, "Invalid parameter type for 'bitmaps[]', "
+                           "expected: string or object");
+        if (r < 0) {
+            export_config_clear(&bl);
+            tls_allow_clear(&allow);
+            return NULL;
+        }
+    }
     struct export_add_config ac = {
         .id = arg_str(args, "id"),
         .node_name = arg_str(args, "node-name"),
@@ -545,8 +569,11 @@ static struct json_object *cmd_block_export_add(struct ctl_cmd_ctx *cx,
         .description = arg_str(args, "description"),
         .writable = arg_bool(args, "writable", false),
         .allow = allow.present ? &allow : NULL,
+        .bitmaps = bl.bitmaps,
+        .n_bitmaps = bl.n_bitmaps,
     };
     struct export *added = server_export_add(cx->ctl->srv, &ac, errp);
+    export_config_clear(&bl);
     tls_allow_clear(&allow);
     if (!added)
         return NULL;
@@ -858,6 +885,7 @@ static const struct ctl_cmd commands[] = {
                               {"name", CTL_ARG_STR, false},
                               {"description", CTL_ARG_STR, false},
                               {"allocation-depth", CTL_ARG_BOOL, false},
+                              {"bitmaps", CTL_ARG_ARRAY, false},
                               {"allow", CTL_ARG_ARRAY, false},
                               {NULL, 0, false}}},
     {"block-export-del", cmd_block_export_del,

@@ -126,10 +126,6 @@ ctl_cmd_fn cmd_block_dirty_bitmap_add, cmd_block_dirty_bitmap_remove,
     cmd_block_dirty_bitmap_disable, cmd_block_dirty_bitmap_merge;
 struct blockdev;
 struct fmt_node;
-/* The chain member called name ("NODE", "NODE.backing", ...) and, in *bp
- * when not NULL, the block node whose chain holds it; NULL if none. */
-struct fmt_node *ctl_find_node(struct server *srv, const char *name,
-                               struct blockdev **bp);
 /* BlockDirtyInfo of every bitmap of n (a new array), or NULL if it has
  * none (the member is then left out, as QEMU does). */
 struct json_object *ctl_dirty_bitmaps_json(struct fmt_node *n);
