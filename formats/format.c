@@ -471,8 +471,26 @@ static void close_call(void *arg)
     fmt_close(arg);
 }
 
+int fmt_store_bitmaps_co(struct fmt_node *top, struct coro *co)
+{
+    int ret = 0;
+    for (struct fmt_node *x = top; x; x = x->backing) {
+        struct error *err = NULL;
+        int r = fmt_bitmaps_store_co(x, co, &err);
+        if (r < 0) {
+            log_error("%s: storing its persistent dirty bitmaps: %s (they "
+                      "stay marked in use: inconsistent)", x->filename,
+                      err->msg);
+            error_free(err);
+            ret = r;
+        }
+    }
+    return ret;
+}
+
 void fmt_close_co(struct fmt_node *n, struct loop *loop, struct coro *co)
 {
+    fmt_store_bitmaps_co(n, co);
     bool offload = false;
     for (struct fmt_node *x = n; x; x = x->backing)
         offload |= backend_needs_offload(x->file);

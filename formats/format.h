@@ -220,9 +220,15 @@ char *fmt_backing_name_for(const char *overlay, const char *layer,
 bool fmt_same_layer(const char *a, const char *b);
 /* Closes a node, its backing chain and their backends. */
 void fmt_close(struct fmt_node *n);
+/* Stores the persistent dirty bitmaps of every writable node of a chain
+ * in their images (fmt_bitmaps_store_co), logging failures (such bitmaps
+ * stay marked in use, hence inconsistent).  Nothing may write to those
+ * nodes afterwards.  Returns 0 or the last -errno. */
+int fmt_store_bitmaps_co(struct fmt_node *top, struct coro *co);
 /* The same from a coroutine on loop: a chain with RBD layers is closed on
  * a thread of its own (closing an image talks to the cluster), so the loop
- * keeps serving meanwhile.  Nothing may use the chain any more. */
+ * keeps serving meanwhile.  Nothing may use the chain any more.  Persistent
+ * bitmaps are stored first (fmt_store_bitmaps_co). */
 void fmt_close_co(struct fmt_node *n, struct loop *loop, struct coro *co);
 
 /* Read-only <-> read-write for one node (not its chain): block-commit

@@ -120,6 +120,9 @@ for args in (dict(node="disk", name="b0"),                 # exists
 same("block-dirty-bitmap-add", node="disk", name="big", granularity=1 << 31)
 same("block-dirty-bitmap-add", node="disk", name="fine", granularity=512)
 same("block-dirty-bitmap-add", node="disk", name="off", disabled=True)
+same("block-dirty-bitmap-add", node="disk", name="pers", persistent=True)
+check(same("block-dirty-bitmap-add", node="disk", name="pers2", persistent=True,
+           granularity=100)[0] == "error", "persistent with a bad granularity")
 same("block-dirty-bitmap-add", node="raw", name="rb", granularity=4096)
 same("block-dirty-bitmap-add", node="small", name="sb")
 same_bitmaps("disk", what="after add")
