@@ -19,6 +19,9 @@
 5. The state file keeps an export's bitmaps across restarts; when the
    bitmap did not survive (inconsistent after kill -9), the export comes
    back without it.
+6. A bitmap qemu-img put in a backing layer is read-only under strata
+   until an active commit writes into that layer: it records the commit's
+   copies and later guest writes, and QEMU reads it so after the stop.
 
 Run:  STRATAD=build/daemon/stratad /usr/bin/python3 tests/integration/test-bitmaps-persist.py
 """
@@ -281,3 +284,41 @@ check("qemu:dirty-bitmap:s0" not in json.loads(p.stdout)["exports"][0]["contexts
 dm.stop()
 check_clean(leaks_ok=True)
 ok("the state file keeps an export's bitmaps; an inconsistent one is dropped, loudly")
+
+# ---- 6. a persistent bitmap of a backing layer, and an active commit ----
+base = os.path.join(d, "base.qcow2")
+top = os.path.join(d, "top.qcow2")
+check(qimg("create", "-f", "qcow2", base, str(SIZE)).returncode == 0, "create base")
+check(qimg("bitmap", "--add", base, "bb").returncode == 0, "qemu-img bitmap --add bb")
+check(qimg("create", "-f", "qcow2", "-b", base, "-F", "qcow2", top).returncode == 0, "top")
+dm = harness.Daemon([f"name=vm,file={top},format=qcow2"], extra=["--control", ctl])
+S = QMP(ctl)
+nodes = {n["node-name"]: n for n in S.cmd("query-named-block-nodes", flat=True)}
+bb = nodes["vm.backing"]["dirty-bitmaps"][0]
+check(bb["name"] == "bb" and bb["persistent"] and "dirty-bitmaps" not in nodes["vm"],
+      f"the backing layer's bitmap: {nodes}")
+cls, desc = S.error("block-dirty-bitmap-clear", node="vm.backing", name="bb")
+check(desc == "Bitmap 'bb' is readonly and cannot be modified", desc)
+h = jobsutil.nbd.NBD()
+h.connect_uri(dm.uri("vm"))
+h.pwrite(b"c" * 65536, 3 * MiB)          # into top, then committed into base
+h.flush()
+S.cmd("block-commit", device="vm", job_id="ac")
+S.wait_event("BLOCK_JOB_READY", timeout=60)
+S.cmd("block-job-complete", device="ac")
+S.wait_event("BLOCK_JOB_COMPLETED", timeout=60)
+h.pwrite(b"d" * 4096, 9 * MiB)            # into base, now the top
+h.flush()
+h.shutdown()
+nodes = {n["node-name"]: n for n in S.cmd("query-named-block-nodes", flat=True)}
+bb = nodes["vm"]["dirty-bitmaps"][0]
+check(bb["name"] == "bb" and bb["recording"] and bb["count"] == 2 * 65536,
+      f"after the commit, base's bitmap recorded the commit's and the guest's writes: {bb}")
+S.close()
+dm.stop()
+check(qimg("check", base).returncode == 0, "qemu-img check base")
+img = base
+check(qemu_nbd_chunks("bb", 65536) == {3 * MiB // 65536, 9 * MiB // 65536},
+      "bb as QEMU reads it after the commit")
+ok("a backing layer's persistent bitmap is read-only until a commit writes into "
+   "it; it records the commit's copies and is stored consistent")
