@@ -126,6 +126,34 @@ int fmt_bitmap_remove_co(struct fmt_node *n, struct coro *co,
     return 0;
 }
 
+void fmt_bitmap_detach(struct fmt_node *n, struct fmt_bitmap *bm,
+                       struct fmt_bitmap **prev)
+{
+    *prev = NULL;
+    for (struct fmt_bitmap *x = n->bitmaps; x && x != bm; x = x->next)
+        *prev = x;
+    unlink_bitmap(n, bm);
+    bm->next = NULL;
+}
+
+void fmt_bitmap_reattach(struct fmt_node *n, struct fmt_bitmap *bm,
+                         struct fmt_bitmap *prev)
+{
+    struct fmt_bitmap **at = prev ? &prev->next : &n->bitmaps;
+    bm->next = *at;
+    *at = bm;
+}
+
+int fmt_bitmap_drop_co(struct fmt_node *n, struct coro *co,
+                       struct fmt_bitmap *bm, struct error **errp)
+{
+    int r = 0;
+    if (bm->stored)
+        r = n->ops->bitmaps_write_co(n, co, false, errp);
+    bitmap_free(bm);
+    return r;
+}
+
 void fmt_bitmaps_free(struct fmt_node *n)
 {
     while (n->bitmaps) {

@@ -87,6 +87,18 @@ struct fmt_bitmap *fmt_bitmap_add_co(struct fmt_node *n, struct coro *co,
 /* Deletes bm (not busy): from the image too when stored there. */
 int fmt_bitmap_remove_co(struct fmt_node *n, struct coro *co,
                          struct fmt_bitmap *bm, struct error **errp);
+/* For transactions: takes bm off n's list (*prev: the bitmap before it,
+ * NULL at the head) and puts it back where it was; while detached it is
+ * invisible but kept.  fmt_bitmap_drop_co then deletes a detached bitmap
+ * for good: from the image too when stored there (on failure it stays
+ * there, flagged in use: inconsistent when the image is opened again);
+ * bm is freed either way. */
+void fmt_bitmap_detach(struct fmt_node *n, struct fmt_bitmap *bm,
+                       struct fmt_bitmap **prev);
+void fmt_bitmap_reattach(struct fmt_node *n, struct fmt_bitmap *bm,
+                         struct fmt_bitmap *prev);
+int fmt_bitmap_drop_co(struct fmt_node *n, struct coro *co,
+                       struct fmt_bitmap *bm, struct error **errp);
 /* Frees every bitmap of n without writing anything (closing). */
 void fmt_bitmaps_free(struct fmt_node *n);
 

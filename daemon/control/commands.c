@@ -727,9 +727,8 @@ static struct export *job_target(struct ctl_cmd_ctx *cx, const char *device,
     return e;
 }
 
-static struct json_object *cmd_blockdev_snapshot_sync(struct ctl_cmd_ctx *cx,
-                                                      struct json_object *args,
-                                                      struct error **errp)
+struct export *ctl_snapshot_args(struct ctl_cmd_ctx *cx, struct json_object *args,
+                                 struct snapshot_args *sa, struct error **errp)
 {
     const char *dev = arg_str(args, "device");
     const char *node = arg_str(args, "node-name");
@@ -761,11 +760,22 @@ static struct json_object *cmd_blockdev_snapshot_sync(struct ctl_cmd_ctx *cx,
     struct export *e = job_target(cx, dev ? dev : node, errp);
     if (!e)
         return NULL;
-    struct snapshot_args sa = {
+    *sa = (struct snapshot_args){
         .file = arg_str(args, "snapshot-file"),
         .relative_backing = arg_bool(args, "relative-backing", false),
         .format = fmt,
     };
+    return e;
+}
+
+static struct json_object *cmd_blockdev_snapshot_sync(struct ctl_cmd_ctx *cx,
+                                                      struct json_object *args,
+                                                      struct error **errp)
+{
+    struct snapshot_args sa;
+    struct export *e = ctl_snapshot_args(cx, args, &sa, errp);
+    if (!e)
+        return NULL;
     struct snapshot_result res;
     if (snapshot_sync_co(cx->ctl->srv, e, &sa, cx->co, &res, errp) < 0)
         return NULL;
@@ -932,6 +942,10 @@ static const struct ctl_cmd commands[] = {
      (const struct ctl_arg[]){{"node", CTL_ARG_STR, true},
                               {"target", CTL_ARG_STR, true},
                               {"bitmaps", CTL_ARG_ARRAY, true},
+                              {NULL, 0, false}}},
+    {"transaction", cmd_transaction,
+     (const struct ctl_arg[]){{"actions", CTL_ARG_ARRAY, true},
+                              {"properties", CTL_ARG_OBJ, false},
                               {NULL, 0, false}}},
     {"query-jobs", cmd_query_jobs, no_args},
     {"query-block-jobs", cmd_query_block_jobs, no_args},
