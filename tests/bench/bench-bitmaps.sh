@@ -5,8 +5,9 @@
 # and 4 recording dirty bitmaps on its node (block-dirty-bitmap-add over
 # the control socket, default granularity 64 KiB, the 4 at 64K, 4K, 512 B
 # and 1M), and fio's nbd engine runs 4k random writes, iodepth 32, one
-# connection.  Servers rotate order every round; the table gives medians
-# and the ratio of each bitmap configuration to none (target: >= 0.95).
+# connection.  Servers rotate order every round; the table gives median
+# IOPS, the median over rounds of each configuration's ratio to the run
+# without bitmaps in the same round (target: >= 0.95), and every run.
 #
 # Environment: as bench-raw.sh (STRATAD, BENCH_DIR, BENCH_RUNTIME,
 # BENCH_RAMP, BENCH_QUICK, BENCH_ROUNDS, default 3 rounds).
@@ -75,17 +76,27 @@ echo
 echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)   nproc: $(nproc)"
 "$PY" - "$results" <<'PYEOF'
 import sys
-res = {}
-for line in open(sys.argv[1]):
-    s, name, iops, bw = line.split()
-    res.setdefault(s, []).append(None if iops == "FAIL" else float(iops))
-med = {}
-for s, v in res.items():
-    med[s] = None if None in v else sorted(v)[len(v) // 2]
-print(f"{'4k-randwrite':<14} | {'IOPS (median)':>14} | {'ratio to none':>13}")
-for s in ("bitmaps-0", "bitmaps-1", "bitmaps-4"):
-    v, b = med.get(s), med.get("bitmaps-0")
-    r = f"{v / b:.3f}" if v and b else "-"
-    print(f"{s:<14} | {v if v is None else round(v):>14} | {r:>13}")
+# results: one line per run, in run order; each round runs the three
+# configurations back to back (rotated), so a ratio taken inside a round
+# compares runs made under the same load.
+runs = [line.split() for line in open(sys.argv[1])]
+names = ("bitmaps-0", "bitmaps-1", "bitmaps-4")
+rounds = [runs[i:i + 3] for i in range(0, len(runs) - 2, 3)]
+def med(v):
+    v = sorted(v)
+    return v[len(v) // 2] if v else None
+iops = {n: [float(r[2]) for r in runs if r[0] == n and r[2] != "FAIL"] for n in names}
+paired = {n: [] for n in names}
+for rd in rounds:
+    got = {r[0]: float(r[2]) for r in rd if r[2] != "FAIL"}
+    if "bitmaps-0" in got:
+        for n in names:
+            if n in got:
+                paired[n].append(got[n] / got["bitmaps-0"])
+print(f"{'4k-randwrite':<12} | {'IOPS median':>11} | {'ratio to none (median of per-round ratios)':>44} | every run's IOPS")
+for n in names:
+    m, r = med(iops[n]), med(paired[n])
+    print(f"{n:<12} | {m if m is None else round(m):>11} | {'-' if r is None else f'{r:.3f}':>44} | "
+          + " ".join(str(round(x)) for x in iops[n]))
 PYEOF
 exit $failed
