@@ -80,6 +80,13 @@ struct fmt_bitmap *fmt_bitmap_add_co(struct fmt_node *n, struct coro *co,
         error_setf(errp, EINVAL, "Bitmap name too long: %s", name);
         return NULL;
     }
+    if (fmt_bitmap_bytes(n->size, gran) > FMT_BITMAP_MAX_BYTES) {
+        error_setf(errp, EFBIG, "a bitmap of granularity %llu would take more "
+                   "than %llu MiB for this disk: use a larger granularity",
+                   (unsigned long long)gran,
+                   (unsigned long long)(FMT_BITMAP_MAX_BYTES >> 20));
+        return NULL;
+    }
     if (persistent && fmt_bitmap_can_store(n, name, gran, errp) < 0)
         return NULL;
     struct fmt_bitmap *bm = calloc(1, sizeof(*bm));

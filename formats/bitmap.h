@@ -34,6 +34,14 @@ struct fmt_node;
 #define FMT_BITMAP_MAX_NAME 1023u
 #define FMT_BITMAP_MIN_GRAN (UINT64_C(1) << 9)
 #define FMT_BITMAP_MAX_GRAN (UINT64_C(1) << 31)
+/* Memory one bitmap may take (a 4 TiB disk at 512-byte granularity). */
+#define FMT_BITMAP_MAX_BYTES (UINT64_C(1) << 30)
+
+/* Bytes of memory the bits of a bitmap of a disk of size bytes take. */
+static inline uint64_t fmt_bitmap_bytes(uint64_t size, uint64_t gran)
+{
+    return (size / gran + 1 + 7) / 8;
+}
 
 struct fmt_bitmap {
     struct fmt_bitmap *next;

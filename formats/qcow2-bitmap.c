@@ -178,6 +178,12 @@ int qcow2_bitmaps_load_co(struct qcow2 *s, struct coro *co,
             break;
         }
         uint64_t gran = UINT64_C(1) << gbits;
+        if (fmt_bitmap_bytes(n->size, gran) > FMT_BITMAP_MAX_BYTES) {
+            r = error_setf(errp, EFBIG, "%s: bitmap '%s' would take more than "
+                           "%llu MiB of memory", n->filename, name,
+                           (unsigned long long)(FMT_BITMAP_MAX_BYTES >> 20));
+            break;
+        }
         if (be.table_size != table_entries(s, gran) ||
             !cluster_ok(s, be.table_offset)) {
             r = error_setf(errp, EINVAL, "%s: bitmap '%s': bad bitmap table "

@@ -22,6 +22,9 @@
 6. A bitmap qemu-img put in a backing layer is read-only under strata
    until an active commit writes into that layer: it records the commit's
    copies and later guest writes, and QEMU reads it so after the stop.
+7. Hostile bitmap directories (unknown type, granularity, flags, an empty
+   name, a table of the wrong size or off the cluster grid) stop the
+   start with a message naming the problem.
 
 Run:  STRATAD=build/daemon/stratad /usr/bin/python3 tests/integration/test-bitmaps-persist.py
 """
@@ -322,3 +325,46 @@ check(qemu_nbd_chunks("bb", 65536) == {3 * MiB // 65536, 9 * MiB // 65536},
       "bb as QEMU reads it after the commit")
 ok("a backing layer's persistent bitmap is read-only until a commit writes into "
    "it; it records the commit's copies and is stored consistent")
+
+# ---- 7. hostile bitmap directories are refused with a clear message ----
+import shutil  # noqa: E402
+import struct  # noqa: E402
+import qcow2lib  # noqa: E402
+
+good = os.path.join(d, "h.qcow2")
+check(qimg("create", "-f", "qcow2", good, str(SIZE)).returncode == 0, "create h")
+check(qimg("bitmap", "--add", good, "hb").returncode == 0, "bitmap --add hb")
+
+
+def dir_offset(path):
+    """Offset of the bitmap directory (from the bitmaps header extension)."""
+    with open(path, "rb") as f:
+        hdr = f.read(65536)
+    pos = struct.unpack(">I", hdr[100:104])[0]
+    while pos + 8 <= len(hdr):
+        typ, ln = struct.unpack(">II", hdr[pos:pos + 8])
+        if typ == 0x23852875:
+            return struct.unpack(">Q", hdr[pos + 24:pos + 32])[0]
+        if typ == 0:
+            break
+        pos += 8 + (ln + 7) // 8 * 8
+    harness.fail("no bitmaps extension")
+
+
+for what, at, val, expect in (
+        ("unknown type", 16, b"\x07", "does not support"),
+        ("granularity bits 40", 17, b"\x28", "does not support"),
+        ("unknown flag", 12, b"\x00\x00\x01\x02", "does not support"),
+        ("empty name", 18, b"\x00\x00", "bad name length"),
+        ("table of the wrong size", 8, b"\x00\x00\x10\x00", "bad bitmap table"),
+        ("table off the cluster grid", 0, b"\x00\x00\x00\x00\x00\x00\x10\x01", "bad bitmap table")):
+    bad = os.path.join(d, "bad.qcow2")
+    shutil.copyfile(good, bad)
+    off = dir_offset(bad)
+    with open(bad, "r+b") as f:
+        f.seek(off + at)
+        f.write(val)
+    rc, log = qcow2lib.stratad_refuses([f"name=x,file={bad},format=qcow2,readonly=on"])
+    check(rc != 0 and expect in log, f"{what}: {log[-600:]}")
+ok("hostile bitmap directories (type, granularity, flags, name, table) are "
+   "refused at start with a message naming the problem")
