@@ -22,7 +22,35 @@ void export_config_clear(struct export_config *cfg)
     free(cfg->id);
     free(cfg->node_name);
     tls_allow_clear(&cfg->allow);
+    for (size_t i = 0; i < cfg->n_bitmaps; i++) {
+        free(cfg->bitmaps[i].node);
+        free(cfg->bitmaps[i].name);
+    }
+    free(cfg->bitmaps);
     memset(cfg, 0, sizeof(*cfg));
+}
+
+int export_config_add_bitmap(struct export_config *cfg, const char *node,
+                             const char *name, struct error **errp)
+{
+    if (cfg->n_bitmaps == EXPORT_MAX_BITMAPS)
+        return error_setf(errp, EINVAL, "an export offers at most %u bitmaps",
+                          EXPORT_MAX_BITMAPS);
+    struct export_bitmap_ref *a = realloc(cfg->bitmaps,
+                                          sizeof(*a) * (cfg->n_bitmaps + 1));
+    if (!a)
+        return error_setf(errp, ENOMEM, "out of memory");
+    cfg->bitmaps = a;
+    struct export_bitmap_ref *r = &a[cfg->n_bitmaps];
+    r->node = node ? strdup(node) : NULL;
+    r->name = strdup(name);
+    if (!r->name || (node && !r->node)) {
+        free(r->node);
+        free(r->name);
+        return error_setf(errp, ENOMEM, "out of memory");
+    }
+    cfg->n_bitmaps++;
+    return 0;
 }
 
 static int parse_bool(const char *key, const char *v, bool *out,
@@ -133,6 +161,10 @@ int export_config_parse(const char *spec, struct export_config *cfg,
             ret = parse_size(key, val, &cfg->l2_cache_bytes, errp);
         } else if (!strcmp(key, "refcount-cache-size")) {
             ret = parse_size(key, val, &cfg->refcount_cache_bytes, errp);
+        } else if (!strcmp(key, "bitmap")) {
+            ret = val[0] ? export_config_add_bitmap(cfg, NULL, val, errp)
+                         : error_setf(errp, EINVAL, "bitmap=: a bitmap name "
+                                      "is required");
         } else if (!strcmp(key, "allow")) {
             tls_allow_clear(&cfg->allow);
             ret = tls_allow_parse(val, &cfg->allow, errp);
@@ -141,7 +173,7 @@ int export_config_parse(const char *spec, struct export_config *cfg,
                              "name, file, format, readonly, cache, description, "
                              "id, node-name, backing-root, backing-remote, "
                              "l2-cache-size, "
-                             "refcount-cache-size, allow)", key);
+                             "refcount-cache-size, allow, bitmap)", key);
         }
     }
     free(item);

@@ -89,6 +89,29 @@ static struct blockdev *blockdev_add(struct server *srv,
                                      const struct blockdev_config *cfg,
                                      struct coro *co, struct error **errp);
 
+struct fmt_node *server_find_node(struct server *srv, const char *name,
+                                  struct blockdev **bp)
+{
+    for (size_t i = 0; i < srv->n_bdevs; i++) {
+        struct blockdev *b = srv->bdevs[i];
+        size_t tl = strlen(b->node_name);
+        if (strncmp(name, b->node_name, tl))
+            continue;
+        const char *p = name + tl;
+        struct fmt_node *n = b->root;
+        while (n && *p && !strncmp(p, ".backing", 8)) {
+            p += 8;
+            n = n->backing;
+        }
+        if (n && !*p) {
+            if (bp)
+                *bp = b;
+            return n;
+        }
+    }
+    return NULL;
+}
+
 struct blockdev *server_blockdev_add(struct server *srv,
                                      const struct blockdev_config *cfg,
                                      struct error **errp)
@@ -169,6 +192,21 @@ static struct blockdev *blockdev_add(struct server *srv,
     return b;
 }
 
+/* Does an export (of this node or another) offer a bitmap of b's chain? */
+static bool chain_bitmap_busy(const struct blockdev *b, struct error **errp)
+{
+    for (struct fmt_node *n = b->root; n; n = n->backing) {
+        for (struct fmt_bitmap *bm = n->bitmaps; bm; bm = bm->next) {
+            if (bm->busy) {
+                error_setf(errp, EBUSY, "Node '%s' is in use: its dirty bitmap "
+                           "'%s' is exported", b->node_name, bm->name);
+                return true;
+            }
+        }
+    }
+    return false;
+}
+
 int server_blockdev_del(struct server *srv, const char *node_name,
                         struct coro *co, struct error **errp)
 {
@@ -181,6 +219,8 @@ int server_blockdev_del(struct server *srv, const char *node_name,
                           node_name, b->export->cfg.id,
                           b->export->deleted ? " (being deleted: its clients "
                                                "are still disconnecting)" : "");
+    if (chain_bitmap_busy(b, errp))
+        return -EBUSY;
     if (co) {
         /* Writes acknowledged since the last flush must not be lost with
          * the node's metadata cache: flush, and keep the node if that
@@ -196,6 +236,8 @@ int server_blockdev_del(struct server *srv, const char *node_name,
         if (b->export)
             return error_setf(errp, EBUSY, "Node '%s' is in use by export '%s'",
                               node_name, b->export->cfg.id);
+        if (chain_bitmap_busy(b, errp))
+            return -EBUSY;
     }
     size_t i = 0;
     while (srv->bdevs[i] != b)
@@ -215,6 +257,50 @@ static int set_str(char **dst, const char *src)
         return 0;
     *dst = strdup(src);
     return *dst ? 0 : -ENOMEM;
+}
+
+/* The bitmaps an export will offer, checked as QEMU's NBD export checks
+ * them (nbd_export_create): found, not busy, not inconsistent, and not
+ * recording under a read-only export of a writable node (the client would
+ * read a bitmap that changes under it). */
+static int export_find_bitmaps(struct server *srv, struct blockdev *b,
+                               const struct export_add_config *cfg,
+                               struct fmt_bitmap **bms, struct error **errp)
+{
+    if (cfg->n_bitmaps > EXPORT_MAX_BITMAPS)
+        return error_setf(errp, EINVAL, "an export offers at most %u bitmaps",
+                          EXPORT_MAX_BITMAPS);
+    for (size_t i = 0; i < cfg->n_bitmaps; i++) {
+        const struct export_bitmap_ref *r = &cfg->bitmaps[i];
+        struct fmt_node *n = NULL;
+        struct fmt_bitmap *bm = NULL;
+        if (r->node) {
+            n = server_find_node(srv, r->node, NULL);
+            if (!n)
+                return error_setf(errp, ENOENT, "Node '%s' not found", r->node);
+            bm = fmt_bitmap_find(n, r->name);
+            if (!bm)
+                return error_setf(errp, ENOENT, "Dirty bitmap '%s' not found",
+                                  r->name);
+        } else {
+            for (n = b->root; n && !bm; n = bm ? n : n->backing)
+                bm = fmt_bitmap_find(n, r->name);
+            if (!bm)
+                return error_setf(errp, ENOENT, "Bitmap '%s' is not found",
+                                  r->name);
+        }
+        for (size_t j = 0; j < i; j++)
+            if (bms[j] == bm)
+                return error_setf(errp, EINVAL, "Bitmap '%s' is listed twice",
+                                  r->name);
+        if (fmt_bitmap_check(bm, FMT_BITMAP_CHECK_ALLOW_RO, errp) < 0)
+            return -EINVAL;
+        if (!cfg->writable && !n->read_only && bm->recording)
+            return error_setf(errp, EINVAL, "Enabled bitmap '%s' incompatible "
+                              "with readonly export", r->name);
+        bms[i] = bm;
+    }
+    return 0;
 }
 
 struct export *server_export_add(struct server *srv,
@@ -246,6 +332,9 @@ struct export *server_export_add(struct server *srv,
         error_setf(errp, EINVAL, "Cannot export read-only node as writable");
         return NULL;
     }
+    struct fmt_bitmap *bms[EXPORT_MAX_BITMAPS];
+    if (export_find_bitmaps(srv, b, cfg, bms, errp) < 0)
+        return NULL;
     const char *name = cfg->name ? cfg->name : b->node_name;
     if (strlen(name) > NBD_MAX_STRING ||
         (cfg->description && strlen(cfg->description) > NBD_MAX_STRING)) {
@@ -278,6 +367,18 @@ struct export *server_export_add(struct server *srv,
         error_setf(errp, ENOMEM, "out of memory");
         return NULL;
     }
+    for (size_t i = 0; i < cfg->n_bitmaps; i++) {
+        if (export_config_add_bitmap(&e->cfg, cfg->bitmaps[i].node,
+                                     cfg->bitmaps[i].name, errp) < 0) {
+            export_config_clear(&e->cfg);
+            free(e);
+            return NULL;
+        }
+    }
+    for (size_t i = 0; i < cfg->n_bitmaps; i++) {
+        e->bitmaps[i] = bms[i];
+        bms[i]->busy++;
+    }
     e->cfg.read_only = !cfg->writable;
     e->cfg.direct = b->direct;
     e->srv = srv;
@@ -294,6 +395,10 @@ struct export *server_export_add(struct server *srv,
 static void export_free(struct server *srv, struct export *e)
 {
     assert(e->n_conns == 0 && e->inflight == 0 && e->quiesce_count == 0);
+    for (size_t i = 0; i < e->cfg.n_bitmaps; i++) {
+        assert(e->bitmaps[i]->busy > 0);
+        e->bitmaps[i]->busy--;
+    }
     if (e->bdev && e->bdev->export == e)
         e->bdev->export = NULL;
     char *id = e->cfg.id;
@@ -378,6 +483,8 @@ int server_add_export(struct server *srv, struct export_config *cfg,
         .description = cfg->description,
         .writable = !cfg->read_only,
         .allow = &cfg->allow,
+        .bitmaps = cfg->bitmaps,
+        .n_bitmaps = cfg->n_bitmaps,
     };
     struct export *e = server_export_add(srv, &ac, errp);
     if (!e) {

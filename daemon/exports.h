@@ -22,6 +22,17 @@
 
 struct server;
 
+/* A dirty bitmap an export offers as the meta context
+ * "qemu:dirty-bitmap:NAME" (QEMU's block-export-add "bitmaps"). */
+struct export_bitmap_ref {
+    char *node;                /* the node holding it; NULL: the first
+                                  member of the export's chain, top down,
+                                  that has a bitmap of that name */
+    char *name;
+};
+/* Bitmaps one export may offer (the meta context mask of a connection). */
+#define EXPORT_MAX_BITMAPS 16
+
 struct export_config {
     char *name;                /* NBD export name; "" is allowed */
     char *file;
@@ -38,6 +49,8 @@ struct export_config {
     uint64_t refcount_cache_bytes;
     struct tls_allow allow;    /* allow=: the TLS identities that may see
                                   and open it (absent: everyone) */
+    struct export_bitmap_ref *bitmaps; /* bitmap=NAME (repeatable) */
+    size_t n_bitmaps;
 };
 
 /* A named chain (QMP: a block node added by blockdev-add, or implicitly by
@@ -128,6 +141,11 @@ struct export {
 
     struct export_write_notifier *write_notifiers;
 
+    /* The bitmaps it offers, cfg.n_bitmaps of them, in cfg.bitmaps'
+     * order (context ids META_DIRTY_BITMAP + i): each held busy (it
+     * cannot change or go) until the export is freed. */
+    struct fmt_bitmap *bitmaps[EXPORT_MAX_BITMAPS];
+
     struct export_stats stats; /* counted by nbd/transmit.c (stats.h) */
 };
 
@@ -142,6 +160,9 @@ static inline struct fmt_node *export_root(const struct export *e)
 int export_config_parse(const char *spec, struct export_config *cfg,
                         struct error **errp);
 void export_config_clear(struct export_config *cfg);
+/* Appends a bitmap reference (node may be NULL); copies the strings. */
+int export_config_add_bitmap(struct export_config *cfg, const char *node,
+                             const char *name, struct error **errp);
 /* The QMP id an --export gets: id=, else its name when that is a valid id,
  * "default" for the empty name, else "export-" and a hash of the name.
  * malloc'ed (NULL: out of memory). */
@@ -186,6 +207,11 @@ int server_blockdev_del(struct server *srv, const char *node_name,
 char *server_absolute_path(const char *path);
 struct blockdev *server_find_blockdev(struct server *srv,
                                       const char *node_name);
+/* A member of a chain by the name query-named-block-nodes shows: "NODE"
+ * (the top), "NODE.backing", "NODE.backing.backing"...; *bp (when not
+ * NULL) is the block node whose chain holds it.  NULL if none. */
+struct fmt_node *server_find_node(struct server *srv, const char *name,
+                                  struct blockdev **bp);
 
 /* ---- exports at run time (QMP block-export-add / block-export-del) ---- */
 struct export_add_config {
@@ -195,6 +221,8 @@ struct export_add_config {
     const char *description;   /* NULL: none */
     bool writable;
     const struct tls_allow *allow; /* NULL: everyone (copied) */
+    const struct export_bitmap_ref *bitmaps; /* offered (copied) */
+    size_t n_bitmaps;
 };
 struct export *server_export_add(struct server *srv,
                                  const struct export_add_config *cfg,

@@ -145,6 +145,9 @@ static void final_flush_co(struct coro *co, void *opaque)
                       strerror(-r));
             srv->exit_code = 1;
         }
+        /* after the flush: a failed store leaves bitmaps marked in use,
+         * which is safe, and says so in the log */
+        fmt_store_bitmaps_co(b->root, co);
     }
     loop_stop(srv->loop);
 }

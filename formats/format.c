@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include "format.h"
+#include "log.h"
 #include "loop.h"
 #include "util.h"
 
@@ -438,7 +439,19 @@ int fmt_grow_co(struct fmt_node *n, struct coro *co, uint64_t size,
     if (!n->ops->grow_co)
         return error_setf(errp, ENOTSUP, "%s: %s cannot grow", n->filename,
                           n->ops->name);
-    return n->ops->grow_co(n, co, size, errp);
+    int r = n->ops->grow_co(n, co, size, errp);
+    if (r == 0 && fmt_bitmaps_resize(n, size) < 0) {
+        /* bitmaps that cannot follow cannot be trusted */
+        for (struct fmt_bitmap *bm = n->bitmaps; bm; bm = bm->next) {
+            if (bm->bits.size != size) {
+                bm->inconsistent = true;
+                bm->recording = false;
+            }
+        }
+        log_warn("%s: out of memory growing dirty bitmaps: marked "
+                 "inconsistent", n->filename);
+    }
+    return r;
 }
 
 void fmt_close(struct fmt_node *n)
@@ -446,6 +459,7 @@ void fmt_close(struct fmt_node *n)
     while (n) {
         struct fmt_node *backing = n->backing;
         struct backend *file = n->file;
+        fmt_bitmaps_free(n);
         n->ops->close(n);
         backend_close(file);
         n = backing;
@@ -457,8 +471,26 @@ static void close_call(void *arg)
     fmt_close(arg);
 }
 
+int fmt_store_bitmaps_co(struct fmt_node *top, struct coro *co)
+{
+    int ret = 0;
+    for (struct fmt_node *x = top; x; x = x->backing) {
+        struct error *err = NULL;
+        int r = fmt_bitmaps_store_co(x, co, &err);
+        if (r < 0) {
+            log_error("%s: storing its persistent dirty bitmaps: %s (they "
+                      "stay marked in use: inconsistent)", x->filename,
+                      err->msg);
+            error_free(err);
+            ret = r;
+        }
+    }
+    return ret;
+}
+
 void fmt_close_co(struct fmt_node *n, struct loop *loop, struct coro *co)
 {
+    fmt_store_bitmaps_co(n, co);
     bool offload = false;
     for (struct fmt_node *x = n; x; x = x->backing)
         offload |= backend_needs_offload(x->file);
@@ -496,6 +528,8 @@ int fmt_pwritev_co(struct fmt_node *n, struct coro *co, const struct iovec *iov,
     assert(!n->drv || iov_size(iov, iovcnt) <= n->drv->max_rw);
     int r = n->ops->pwritev_co(n, co, iov, iovcnt, off, flags);
     assert(r <= 0);
+    /* marked even when it failed: part of it may have changed */
+    fmt_bitmaps_mark(n->bitmaps, off, iov_size(iov, iovcnt));
     return r;
 }
 
@@ -514,7 +548,9 @@ int fmt_zero_co(struct fmt_node *n, struct coro *co, uint64_t off,
     check_range(n, off, len);
     if ((flags & FMT_FAST) && !(n->caps & FMT_CAN_ZERO))
         return -ENOTSUP;
-    return n->ops->zero_co(n, co, off, len, flags);
+    int r = n->ops->zero_co(n, co, off, len, flags);
+    fmt_bitmaps_mark(n->bitmaps, off, len);
+    return r;
 }
 
 int fmt_discard_co(struct fmt_node *n, struct coro *co, uint64_t off,
@@ -522,6 +558,8 @@ int fmt_discard_co(struct fmt_node *n, struct coro *co, uint64_t off,
 {
     assert(!n->read_only);
     check_range(n, off, len);
+    /* a trim may change what reads return: marked whatever happens */
+    fmt_bitmaps_mark(n->bitmaps, off, len);
     if (!(n->caps & FMT_CAN_TRIM))
         return 0;
     return n->ops->discard_co(n, co, off, len, flags);

@@ -18,6 +18,7 @@
 #include <sys/uio.h>
 
 #include "backend.h"
+#include "bitmap.h"
 #include "coro.h"
 #include "error.h"
 
@@ -113,8 +114,25 @@ struct fmt_ops {
     int (*grow_co)(struct fmt_node *n, struct coro *co, uint64_t size,
                    struct error **errp);
     /* Releases the node (not its backing node, not its backend).  Must not
-     * yield; nothing is in flight. */
+     * yield; nothing is in flight.  The bitmaps (n->bitmaps) are freed by
+     * the caller afterwards. */
     void (*close)(struct fmt_node *n);
+
+    /* Persistent dirty bitmaps (bitmap.h); both optional: without them
+     * the node has no persistent bitmaps.  Control path. */
+    /* Can the image keep one more bitmap called name of granularity gran?
+     * Returns 0, or -errno with the reason in *errp (a phrase, no
+     * prefix). */
+    int (*bitmap_can_store)(struct fmt_node *n, const char *name,
+                            uint64_t gran, struct error **errp);
+    /* Makes the image's bitmap directory list exactly the persistent
+     * bitmaps of n->bitmaps (setting each one's stored flag).  With
+     * store_data, their content is written too and each consistent one is
+     * marked not in use (closing, or going read-only); without it, each is
+     * marked in use (the node keeps writing).  Atomic: the image lists
+     * the old directory or the new one.  The node is writable. */
+    int (*bitmaps_write_co)(struct fmt_node *n, struct coro *co,
+                            bool store_data, struct error **errp);
 };
 
 struct fmt_driver;
@@ -131,6 +149,10 @@ struct fmt_node {
     uint32_t align;            /* request alignment (power of 2) */
     unsigned caps;             /* FMT_CAN_* */
     bool read_only;
+    uint64_t cluster_size;     /* allocation unit of the format; 0: none
+                                  (default bitmap granularity) */
+    struct fmt_bitmap *bitmaps;/* named dirty bitmaps, newest first
+                                  (bitmap.h); owned */
 };
 
 /* Metadata cache sizes per qcow2 node (bytes) when not configured. */
@@ -198,9 +220,15 @@ char *fmt_backing_name_for(const char *overlay, const char *layer,
 bool fmt_same_layer(const char *a, const char *b);
 /* Closes a node, its backing chain and their backends. */
 void fmt_close(struct fmt_node *n);
+/* Stores the persistent dirty bitmaps of every writable node of a chain
+ * in their images (fmt_bitmaps_store_co), logging failures (such bitmaps
+ * stay marked in use, hence inconsistent).  Nothing may write to those
+ * nodes afterwards.  Returns 0 or the last -errno. */
+int fmt_store_bitmaps_co(struct fmt_node *top, struct coro *co);
 /* The same from a coroutine on loop: a chain with RBD layers is closed on
  * a thread of its own (closing an image talks to the cluster), so the loop
- * keeps serving meanwhile.  Nothing may use the chain any more. */
+ * keeps serving meanwhile.  Nothing may use the chain any more.  Persistent
+ * bitmaps are stored first (fmt_store_bitmaps_co). */
 void fmt_close_co(struct fmt_node *n, struct loop *loop, struct coro *co);
 
 /* Read-only <-> read-write for one node (not its chain): block-commit

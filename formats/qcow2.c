@@ -420,6 +420,8 @@ static const struct fmt_ops qcow2_ops = {
     .reopen_co = qcow2_reopen_co,
     .grow_co = qcow2_grow_co,
     .close = qcow2_close,
+    .bitmap_can_store = qcow2_bitmap_can_store,
+    .bitmaps_write_co = qcow2_bitmaps_write_co,
 };
 
 /* Marks every persistent bitmap "in use" (inconsistent): strata does not
@@ -527,6 +529,12 @@ static int qcow2_reopen_co(struct fmt_node *n, struct coro *co, bool read_only,
     struct qcow2 *s = qcow2_of(n);
     char err[256];
     if (read_only) {
+        /* QEMU stores persistent bitmaps when a node goes read-only */
+        int rs = fmt_bitmaps_store_co(n, co, errp);
+        if (rs < 0)
+            return rs;
+        for (struct fmt_bitmap *bm = n->bitmaps; bm; bm = bm->next)
+            bm->readonly = bm->persistent;
         int r = qcow2_flush_co(n, co);
         if (r < 0)
             return error_setf(errp, -r, "%s: flush: %s", n->filename,
@@ -560,6 +568,9 @@ static int qcow2_reopen_co(struct fmt_node *n, struct coro *co, bool read_only,
         return r;
     n->read_only = false;
     n->caps = FMT_CAN_TRIM | (s->has_zero_flag ? FMT_CAN_ZERO : 0);
+    /* flagged in use on disk by prepare_write_co: now they may change */
+    for (struct fmt_bitmap *bm = n->bitmaps; bm; bm = bm->next)
+        bm->readonly = false;
     return 0;
 }
 
@@ -796,10 +807,13 @@ struct fmt_node *qcow2_open_co(struct loop *loop, struct coro *co,
     s->rb_cache.write_through = true;
 
     n->size = s->h.size;
+    n->cluster_size = s->h.cluster_size;
     n->align = s->io_align;
     if (!n->read_only)
         n->caps = FMT_CAN_TRIM | (s->has_zero_flag ? FMT_CAN_ZERO : 0);
 
+    if (qcow2_bitmaps_load_co(s, co, ext, errp) < 0)
+        goto fail;
     if (!n->read_only && prepare_write_co(s, co, ext, errp) < 0)
         goto fail;
     free(ext);
@@ -809,6 +823,7 @@ nomem:
     error_setf(errp, ENOMEM, "%s: out of memory", file->name);
 fail:
     free(ext);
+    fmt_bitmaps_free(n);
     qcow2_cache_destroy(&s->l2_cache);
     qcow2_cache_destroy(&s->rb_cache);
     free(s->hdr);

@@ -7,6 +7,7 @@
  *                     refcount rebuild of a dirty image
  *   qcow2-map.c       cluster map: L1/L2 lookup, L2 allocation and update
  *   qcow2-compress.c  zlib and zstd decompression of compressed clusters
+ *   qcow2-bitmap.c    persistent dirty bitmaps: load, store, directory
  *   qcow2-alloc.c     writes in steps (overwrite in place, allocate,
  *                     copy-on-write, link), zeroing, discard, pending frees
  *   qcow2.c           open/close, read, flush, block status, reopen, grow,
@@ -189,6 +190,11 @@ struct qcow2 {
     uint64_t zkey;                 /* its raw L2 entry; 0 = none */
     uint8_t *zeros;                /* one cluster of zeros (zeroing) */
 
+    /* The bitmap directory the header names (qcow2-bitmap.c); under the
+     * lock.  bm_nb == 0: no bitmaps extension. */
+    uint64_t bm_dir_offset, bm_dir_size;
+    uint32_t bm_nb;
+
     char backing_name[QCOW2_MAX_BACKING_NAME + 1];
     char backing_format[QCOW2_MAX_FORMAT_NAME + 1];
     bool has_backing_name, has_backing_format;
@@ -312,6 +318,20 @@ int qcow2_discard_co(struct fmt_node *n, struct coro *co, uint64_t off,
  * runs when QCOW2_MAX_PENDING_FREES are queued). */
 int qcow2_defer_free_locked_co(struct qcow2 *s, struct coro *co,
                                const struct qcow2_l2_entry *e);
+
+/* ---------------- persistent bitmaps (qcow2-bitmap.c) ---------------- */
+
+/* Opening: the bitmaps of the directory become n->bitmaps (in-use ones
+ * inconsistent, the others loaded).  A malformed or unsupported
+ * directory fails the open. */
+int qcow2_bitmaps_load_co(struct qcow2 *s, struct coro *co,
+                          const struct qcow2_extensions *ext,
+                          struct error **errp);
+/* The ops (format.h: bitmap_can_store, bitmaps_write_co). */
+int qcow2_bitmap_can_store(struct fmt_node *n, const char *name,
+                           uint64_t gran, struct error **errp);
+int qcow2_bitmaps_write_co(struct fmt_node *n, struct coro *co,
+                           bool store_data, struct error **errp);
 
 /* ---------------- compression ---------------- */
 

@@ -226,6 +226,9 @@ static struct json_object *node_info(const struct blockdev *b, struct fmt_node *
                                    json_object_new_string(n->backing->filename ? n->backing->filename : ""));
     }
     json_object_object_add(o, "image", img);
+    struct json_object *bms = ctl_dirty_bitmaps_json(n);
+    if (bms)
+        json_object_object_add(o, "dirty-bitmaps", bms);
     if (depth == 0 && b->export) /* strata extension */
         json_object_object_add(o, "export", json_object_new_string(b->export->cfg.id));
     free(name);
@@ -244,6 +247,29 @@ static struct json_object *cmd_query_named_block_nodes(struct ctl_cmd_ctx *cx,
         unsigned depth = 0;
         for (struct fmt_node *n = b->root; n; n = n->backing, depth++)
             json_object_array_add(r, node_info(b, n, depth, flat));
+    }
+    return r;
+}
+
+/* QEMU's query-block lists block backends; strata's are its exports: one
+ * BlockInfo each, "device" being the export id and "inserted" the node it
+ * serves (with its dirty bitmaps). */
+static struct json_object *cmd_query_block(struct ctl_cmd_ctx *cx,
+                                           struct json_object *args,
+                                           struct error **errp)
+{
+    struct server *srv = cx->ctl->srv;
+    struct json_object *r = json_object_new_array();
+    for (size_t i = 0; i < srv->n_exports; i++) {
+        const struct export *e = srv->exports[i];
+        struct json_object *o = json_object_new_object();
+        json_object_object_add(o, "device", json_object_new_string(e->cfg.id));
+        json_object_object_add(o, "qdev", json_object_new_string(""));
+        json_object_object_add(o, "type", json_object_new_string("unknown"));
+        json_object_object_add(o, "removable", json_object_new_boolean(false));
+        json_object_object_add(o, "locked", json_object_new_boolean(false));
+        json_object_object_add(o, "inserted", node_info(e->bdev, e->bdev->root, 0, false));
+        json_object_array_add(r, o);
     }
     return r;
 }
@@ -520,6 +546,30 @@ static struct json_object *cmd_block_export_add(struct ctl_cmd_ctx *cx,
     json_object_object_get_ex(args, "allow", &av);
     if (state_allow_from_json(av, &allow, errp) < 0)
         return NULL;
+    /* "bitmaps": names in the node's chain, or {"node", "name"} */
+    struct export_config bl = {0};
+    struct json_object *bv = NULL;
+    json_object_object_get_ex(args, "bitmaps", &bv);
+    for (size_t i = 0; bv && i < json_object_array_length(bv); i++) {
+        struct json_object *x = json_object_array_get_idx(bv, i);
+        static const struct ctl_arg ref_args[] = {{"node", CTL_ARG_STR, true},
+                                                  {"name", CTL_ARG_STR, true},
+                                                  {NULL, 0, false}};
+        int r;
+        if (json_object_is_type(x, json_type_string))
+            r = export_config_add_bitmap(&bl, NULL, json_object_get_string(x), errp);
+        else if (json_object_is_type(x, json_type_object))
+            r = ctl_args_check(x, ref_args, "bitmaps[].", errp) < 0 ? -EINVAL :
+                export_config_add_bitmap(&bl, arg_str(x, "node"), arg_str(x, "name"), errp);
+        else
+            r = error_setf(errp, EINVAL, "Invalid parameter type for 'bitmaps[]', "
+                           "expected: string or object");
+        if (r < 0) {
+            export_config_clear(&bl);
+            tls_allow_clear(&allow);
+            return NULL;
+        }
+    }
     struct export_add_config ac = {
         .id = arg_str(args, "id"),
         .node_name = arg_str(args, "node-name"),
@@ -527,8 +577,11 @@ static struct json_object *cmd_block_export_add(struct ctl_cmd_ctx *cx,
         .description = arg_str(args, "description"),
         .writable = arg_bool(args, "writable", false),
         .allow = allow.present ? &allow : NULL,
+        .bitmaps = bl.bitmaps,
+        .n_bitmaps = bl.n_bitmaps,
     };
     struct export *added = server_export_add(cx->ctl->srv, &ac, errp);
+    export_config_clear(&bl);
     tls_allow_clear(&allow);
     if (!added)
         return NULL;
@@ -682,9 +735,8 @@ static struct export *job_target(struct ctl_cmd_ctx *cx, const char *device,
     return e;
 }
 
-static struct json_object *cmd_blockdev_snapshot_sync(struct ctl_cmd_ctx *cx,
-                                                      struct json_object *args,
-                                                      struct error **errp)
+struct export *ctl_snapshot_args(struct ctl_cmd_ctx *cx, struct json_object *args,
+                                 struct snapshot_args *sa, struct error **errp)
 {
     const char *dev = arg_str(args, "device");
     const char *node = arg_str(args, "node-name");
@@ -716,11 +768,22 @@ static struct json_object *cmd_blockdev_snapshot_sync(struct ctl_cmd_ctx *cx,
     struct export *e = job_target(cx, dev ? dev : node, errp);
     if (!e)
         return NULL;
-    struct snapshot_args sa = {
+    *sa = (struct snapshot_args){
         .file = arg_str(args, "snapshot-file"),
         .relative_backing = arg_bool(args, "relative-backing", false),
         .format = fmt,
     };
+    return e;
+}
+
+static struct json_object *cmd_blockdev_snapshot_sync(struct ctl_cmd_ctx *cx,
+                                                      struct json_object *args,
+                                                      struct error **errp)
+{
+    struct snapshot_args sa;
+    struct export *e = ctl_snapshot_args(cx, args, &sa, errp);
+    if (!e)
+        return NULL;
     struct snapshot_result res;
     if (snapshot_sync_co(cx->ctl->srv, e, &sa, cx->co, &res, errp) < 0)
         return NULL;
@@ -803,6 +866,9 @@ static struct json_object *cmd_quit(struct ctl_cmd_ctx *cx, struct json_object *
 /* ---- the table ---- */
 
 static const struct ctl_arg no_args[] = {{NULL, 0, false}};
+static const struct ctl_arg bitmap_args[] = {{"node", CTL_ARG_STR, true},
+                                             {"name", CTL_ARG_STR, true},
+                                             {NULL, 0, false}};
 
 static const struct ctl_cmd commands[] = {
     {"qmp_capabilities", cmd_qmp_capabilities,
@@ -812,6 +878,7 @@ static const struct ctl_cmd commands[] = {
     {"query-block-exports", cmd_query_block_exports, no_args},
     {"query-blockstats", cmd_query_blockstats,
      (const struct ctl_arg[]){{"query-nodes", CTL_ARG_BOOL, false}, {NULL, 0, false}}},
+    {"query-block", cmd_query_block, no_args},
     {"query-named-block-nodes", cmd_query_named_block_nodes,
      (const struct ctl_arg[]){{"flat", CTL_ARG_BOOL, false}, {NULL, 0, false}}},
     {"blockdev-add", cmd_blockdev_add,
@@ -838,6 +905,7 @@ static const struct ctl_cmd commands[] = {
                               {"name", CTL_ARG_STR, false},
                               {"description", CTL_ARG_STR, false},
                               {"allocation-depth", CTL_ARG_BOOL, false},
+                              {"bitmaps", CTL_ARG_ARRAY, false},
                               {"allow", CTL_ARG_ARRAY, false},
                               {NULL, 0, false}}},
     {"block-export-del", cmd_block_export_del,
@@ -868,6 +936,26 @@ static const struct ctl_cmd commands[] = {
                               {"on-error", CTL_ARG_STR, false},
                               {"auto-finalize", CTL_ARG_BOOL, false},
                               {"auto-dismiss", CTL_ARG_BOOL, false},
+                              {NULL, 0, false}}},
+    {"block-dirty-bitmap-add", cmd_block_dirty_bitmap_add,
+     (const struct ctl_arg[]){{"node", CTL_ARG_STR, true},
+                              {"name", CTL_ARG_STR, true},
+                              {"granularity", CTL_ARG_INT, false},
+                              {"persistent", CTL_ARG_BOOL, false},
+                              {"disabled", CTL_ARG_BOOL, false},
+                              {NULL, 0, false}}},
+    {"block-dirty-bitmap-remove", cmd_block_dirty_bitmap_remove, bitmap_args},
+    {"block-dirty-bitmap-clear", cmd_block_dirty_bitmap_clear, bitmap_args},
+    {"block-dirty-bitmap-enable", cmd_block_dirty_bitmap_enable, bitmap_args},
+    {"block-dirty-bitmap-disable", cmd_block_dirty_bitmap_disable, bitmap_args},
+    {"block-dirty-bitmap-merge", cmd_block_dirty_bitmap_merge,
+     (const struct ctl_arg[]){{"node", CTL_ARG_STR, true},
+                              {"target", CTL_ARG_STR, true},
+                              {"bitmaps", CTL_ARG_ARRAY, true},
+                              {NULL, 0, false}}},
+    {"transaction", cmd_transaction,
+     (const struct ctl_arg[]){{"actions", CTL_ARG_ARRAY, true},
+                              {"properties", CTL_ARG_OBJ, false},
                               {NULL, 0, false}}},
     {"query-jobs", cmd_query_jobs, no_args},
     {"query-block-jobs", cmd_query_block_jobs, no_args},

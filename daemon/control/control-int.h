@@ -10,6 +10,7 @@
 #include <sys/uio.h>
 
 #include "control.h"
+#include "dirty-bitmap.h"
 #include "loop.h"
 #include "stream.h"
 #include "strata-config.h"
@@ -119,6 +120,52 @@ struct ctl_cmd {
 };
 
 const struct ctl_cmd *ctl_cmd_find(const char *name);
+
+/* bitmap-cmds.c */
+ctl_cmd_fn cmd_block_dirty_bitmap_add, cmd_block_dirty_bitmap_remove,
+    cmd_block_dirty_bitmap_clear, cmd_block_dirty_bitmap_enable,
+    cmd_block_dirty_bitmap_disable, cmd_block_dirty_bitmap_merge;
+struct blockdev;
+struct fmt_node;
+/* BlockDirtyInfo of every bitmap of n (a new array), or NULL if it has
+ * none (the member is then left out, as QEMU does). */
+struct json_object *ctl_dirty_bitmaps_json(struct fmt_node *n);
+
+/* One bitmap action of a transaction, done, and what undoes it. */
+enum ctl_bitmap_undo_kind {
+    CTL_BITMAP_NONE,
+    CTL_BITMAP_ADDED,          /* undo: remove bm */
+    CTL_BITMAP_REMOVED,        /* bm detached (after prev); commit: drop */
+    CTL_BITMAP_BITS,           /* bm's bits changed; saved holds them */
+    CTL_BITMAP_RECORDING,      /* bm->recording changed from recording */
+};
+struct ctl_bitmap_undo {
+    enum ctl_bitmap_undo_kind kind;
+    struct fmt_node *n;
+    struct fmt_bitmap *bm, *prev;
+    struct dbitmap saved;
+    bool recording;
+};
+/* Is type one of the block-dirty-bitmap-* commands? */
+bool ctl_bitmap_action_known(const char *type);
+/* Runs the command type on args (checked against its table entry) with
+ * the command's checks and messages, filling *u.  0 or -errno. */
+int ctl_bitmap_action_co(struct ctl_cmd_ctx *cx, const char *type,
+                         struct json_object *args, struct ctl_bitmap_undo *u,
+                         struct error **errp);
+/* Reverses a done action; commits one (a removal deletes the bitmap for
+ * good, in the image too). */
+void ctl_bitmap_undo_co(struct ctl_cmd_ctx *cx, struct ctl_bitmap_undo *u);
+void ctl_bitmap_commit_co(struct ctl_cmd_ctx *cx, struct ctl_bitmap_undo *u);
+
+/* transaction.c */
+ctl_cmd_fn cmd_transaction;
+struct snapshot_args;
+struct export;
+/* blockdev-snapshot-sync's arguments checked as the command checks them
+ * (commands.c): the export to snapshot and *sa, or NULL with *errp. */
+struct export *ctl_snapshot_args(struct ctl_cmd_ctx *cx, struct json_object *args,
+                                 struct snapshot_args *sa, struct error **errp);
 
 /* debug-cmds.c */
 ctl_cmd_fn cmd_x_debug_fault_inject, cmd_x_debug_fault_query;

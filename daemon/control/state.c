@@ -124,10 +124,53 @@ static struct json_object *state_build(struct server *srv)
         struct json_object *allow = state_allow_to_json(&e->cfg.allow);
         if (allow)
             json_object_object_add(o, "allow", allow);
+        if (e->cfg.n_bitmaps) {
+            struct json_object *bl = json_object_new_array();
+            for (size_t k = 0; k < e->cfg.n_bitmaps; k++) {
+                const struct export_bitmap_ref *r = &e->cfg.bitmaps[k];
+                if (r->node) {
+                    struct json_object *x = json_object_new_object();
+                    json_object_object_add(x, "node", json_object_new_string(r->node));
+                    json_object_object_add(x, "name", json_object_new_string(r->name));
+                    json_object_array_add(bl, x);
+                } else {
+                    json_object_array_add(bl, json_object_new_string(r->name));
+                }
+            }
+            json_object_object_add(o, "bitmaps", bl);
+        }
         json_object_array_add(exports, o);
     }
     json_object_object_add(root, "exports", exports);
     return root;
+}
+
+/* An export's "bitmaps" as saved: names, or {"node", "name"}. */
+static int state_bitmaps_from_json(struct json_object *v, struct export_config *cfg,
+                                   struct error **errp)
+{
+    if (!json_object_is_type(v, json_type_array))
+        return error_setf(errp, EINVAL, "'bitmaps' is not an array");
+    for (size_t i = 0; i < json_object_array_length(v); i++) {
+        struct json_object *x = json_object_array_get_idx(v, i), *nd, *nm;
+        int r;
+        if (json_object_is_type(x, json_type_string))
+            r = export_config_add_bitmap(cfg, NULL, json_object_get_string(x), errp);
+        else if (json_object_is_type(x, json_type_object) &&
+                 json_object_object_get_ex(x, "node", &nd) &&
+                 json_object_object_get_ex(x, "name", &nm) &&
+                 json_object_is_type(nd, json_type_string) &&
+                 json_object_is_type(nm, json_type_string))
+            r = export_config_add_bitmap(cfg, json_object_get_string(nd),
+                                         json_object_get_string(nm), errp);
+        else
+            r = error_setf(errp, EINVAL, "'bitmaps' entry %zu is malformed", i);
+        if (r < 0) {
+            export_config_clear(cfg);
+            return r;
+        }
+    }
+    return 0;
 }
 
 int state_allow_from_json(struct json_object *v, struct tls_allow *out,
@@ -272,10 +315,38 @@ int state_load(struct state *st, bool *loaded, struct error **errp)
             break;
         }
         ac.allow = allow.present ? &allow : NULL;
-        if (!server_export_add(st->srv, &ac, errp)) {
+        struct export_config bl = {0};
+        struct json_object *bv = NULL;
+        if (json_object_object_get_ex(o, "bitmaps", &bv) &&
+            state_bitmaps_from_json(bv, &bl, errp) < 0) {
             error_prefix(errp, "state file %s: export '%s': ", st->path, ac.id);
+            tls_allow_clear(&allow);
+            ret = -EINVAL;
+            break;
+        }
+        ac.bitmaps = bl.bitmaps;
+        ac.n_bitmaps = bl.n_bitmaps;
+        struct error *berr = NULL;
+        struct export *ex = server_export_add(st->srv, &ac, &berr);
+        if (!ex && ac.n_bitmaps) {
+            /* A bitmap that did not survive (not persistent, or left
+             * inconsistent by a crash): the export comes back without its
+             * bitmaps, never with a wrong one. */
+            log_warn("state file %s: export '%s': %s: restored without its "
+                     "dirty bitmaps", st->path, ac.id, berr->msg);
+            error_free(berr);
+            berr = NULL;
+            ac.bitmaps = NULL;
+            ac.n_bitmaps = 0;
+            ex = server_export_add(st->srv, &ac, &berr);
+        }
+        if (!ex) {
+            error_setf(errp, berr->code, "state file %s: export '%s': %s",
+                       st->path, ac.id, berr->msg);
             ret = -EINVAL;
         }
+        error_free(berr);
+        export_config_clear(&bl);
         tls_allow_clear(&allow);
     }
     st->loading = false;

@@ -1,5 +1,6 @@
 /* strata — naming the layers of a chain, and the external snapshot
  * (blockdev-snapshot-sync).  See chain.h. */
+#include <assert.h>
 #include <errno.h>
 #include <limits.h>
 #include <stdio.h>
@@ -155,14 +156,14 @@ int chain_check_backing_root(const struct blockdev *b, struct fmt_node *n,
 
 /* ---- blockdev-snapshot-sync ---- */
 
-int snapshot_sync_co(struct server *srv, struct export *e,
-                     const struct snapshot_args *a, struct coro *co,
-                     struct snapshot_result *res, struct error **errp)
+int snapshot_prepare_co(struct server *srv, struct export *e,
+                        const struct snapshot_args *a, struct coro *co,
+                        struct snapshot_prep *p, struct error **errp)
 {
     struct blockdev *b = e->bdev;
     struct fmt_node *old = b->root;
-    uint64_t t0 = loop_now_ns();
-    *res = (struct snapshot_result){0};
+    *p = (struct snapshot_prep){.srv = srv, .e = e, .old = old,
+                                .t0 = loop_now_ns()};
 
     if (b->chain_busy)
         return error_setf(errp, EBUSY, "Node '%s' is busy: its chain is being "
@@ -177,13 +178,10 @@ int snapshot_sync_co(struct server *srv, struct export *e,
                           "(at most %d)", b->node_name, layers, FMT_MAX_CHAIN_DEPTH);
 
     char *path = server_absolute_path(a->file);
-    char *bname = NULL, *old_filename = NULL, *old_driver = NULL;
-    struct fmt_node *n = NULL;
-    bool created = false, watching = false;
     int r = 0;
     if (!path) {
         r = error_setf(errp, ENOMEM, "out of memory");
-        goto out;
+        goto fail;
     }
     if (!backend_spec_is_local(path)) {
         /* creating remote storage refuses an existing image */
@@ -192,28 +190,29 @@ int snapshot_sync_co(struct server *srv, struct export *e,
         if (lstat(path, &st) == 0) {
             r = error_setf(errp, EEXIST, "%s already exists (the snapshot "
                            "creates a new file)", path);
-            goto out;
+            goto fail;
         }
         char dir[PATH_MAX];
         if (real_dir_of(path, dir, errp) < 0) {
             r = -ENOENT;
-            goto out;
+            goto fail;
         }
     }
-    bname = backend_backing_name(path, b->filename, a->relative_backing,
-                                 errp);
-    if (!bname) {
+    p->bname = backend_backing_name(path, b->filename, a->relative_backing,
+                                    errp);
+    if (!p->bname) {
         r = -EINVAL;
-        goto out;
+        goto fail;
     }
     if (chain_check_backing_root(b, old, path, b->backing_root, errp) < 0) {
         r = -EACCES;
-        goto out;
+        goto fail;
     }
 
     b->chain_busy = true;
+    p->busy = true;
     export_watch_begin(e);
-    watching = true;
+    p->watching = true;
     /* The bulk of the old top's dirty data goes out before the quiesce
      * (again while a flush still takes long, as under load); what guests
      * write meanwhile is flushed again inside it. */
@@ -222,24 +221,24 @@ int snapshot_sync_co(struct server *srv, struct export *e,
         r = fmt_flush_co(old, co);
         if (r < 0) {
             error_setf(errp, -r, "%s: flush: %s", old->filename, strerror(-r));
-            goto out;
+            goto fail;
         }
         if (loop_now_ns() - f0 < 2000000)
             break;
     }
-    uint64_t c0 = loop_now_ns();
+    p->c0 = loop_now_ns();
     const struct fmt_driver *drv = a->format ? fmt_find_driver(a->format)
                                              : fmt_default_overlay_driver();
     if (!fmt_driver_can_backing(drv)) {
         r = error_setf(errp, EINVAL, "format '%s' cannot be an overlay",
                        a->format);
-        goto out;
+        goto fail;
     }
-    r = fmt_create_co(drv, srv->loop, co, path, old->size, bname,
+    r = fmt_create_co(drv, srv->loop, co, path, old->size, p->bname,
                       old->ops->name, errp);
     if (r < 0)
-        goto out;
-    created = true;
+        goto fail;
+    p->created = true;
     struct fmt_open_opts fo = {
         .format = drv->name,
         .read_only = b->read_only,
@@ -249,19 +248,20 @@ int snapshot_sync_co(struct server *srv, struct export *e,
         .backing_root = b->backing_root,
         .backing_remote = b->backing_remote,
     };
-    n = fmt_open_overlay_co(srv->loop, co, path, old, &fo, errp);
-    if (!n) {
+    p->n = fmt_open_overlay_co(srv->loop, co, path, old, &fo, errp);
+    if (!p->n) {
         r = -EIO;
-        goto out;
+        goto fail;
     }
-    old_filename = b->filename;
-    old_driver = b->driver;
+    p->old_filename = b->filename;
+    p->old_driver = b->driver;
     b->filename = path;
     b->driver = strdup(drv->name);
     path = NULL; /* b->filename now */
+    p->named = true;
     if (!b->driver) {
         r = error_setf(errp, ENOMEM, "out of memory");
-        goto undo;
+        goto fail;
     }
 
     /* The state file names the overlay before the switch: from now on a
@@ -272,36 +272,62 @@ int snapshot_sync_co(struct server *srv, struct export *e,
     if (r < 0) {
         error_setf(errp, -r, "the state file could not be saved: %s",
                    strerror(-r));
-        goto undo;
+        goto fail;
     }
+    return 0;
 
-    /* The switch: inside the quiesce only the root moves.  What was
-     * acknowledged on the old top since the flush above is flushed right
-     * after, while the guest goes on: until the old top is read-only, a
-     * guest FLUSH on the new top flushes it too (a qcow2 node flushes a
-     * writable backing node first), so no FLUSH is answered before what
-     * it covers is durable.  Then a second, short quiesce makes the old
-     * top read-only (its reopen may not run beside requests that read
-     * through it; its flush finds little left to sync). */
-    uint64_t qs = loop_now_ns();
+fail:
+    free(path);
+    snapshot_abort_co(p, co);
+    return r;
+}
+
+void snapshot_switch(struct snapshot_prep *p)
+{
+    assert(p->n && p->e->quiesce_count > 0);
+    p->qs = loop_now_ns();
+    export_set_root(p->e, p->n);
+    p->n = NULL; /* the chain owns it */
+    p->created = false;
+    p->switched = true;
+}
+
+void snapshot_unswitch(struct snapshot_prep *p)
+{
+    assert(p->switched && p->e->quiesce_count > 0);
+    p->n = p->e->bdev->root;
+    export_set_root(p->e, p->old);
+    p->created = true;
+    p->switched = false;
+}
+
+void snapshot_finish_co(struct snapshot_prep *p, struct coro *co,
+                        struct snapshot_result *res)
+{
+    struct blockdev *b = p->e->bdev;
+    struct export *e = p->e;
+    assert(p->switched);
     log_debug("node '%s': snapshot: old top flushed in %.3f ms, overlay "
-              "created and opened in %.3f ms", b->node_name, (c0 - t0) / 1e6,
-              (qs - c0) / 1e6);
-    export_quiesce_co(e, co);
-    export_set_root(e, n);
-    res->stall_ns = export_resume(e);
-    n = NULL; /* the chain owns it */
-    created = false;
+              "created and opened in %.3f ms", b->node_name,
+              (p->c0 - p->t0) / 1e6, (p->qs - p->c0) / 1e6);
+    /* What was acknowledged on the old top since the flush before the
+     * switch is flushed now, while the guest goes on: until the old top
+     * is read-only, a guest FLUSH on the new top flushes it too (a qcow2
+     * node flushes a writable backing node first), so no FLUSH is
+     * answered before what it covers is durable.  Then a second, short
+     * quiesce makes the old top read-only (its reopen may not run beside
+     * requests that read through it; its flush finds little left to
+     * sync). */
     uint64_t f0 = loop_now_ns();
     struct error *ferr = NULL;
-    r = fmt_flush_co(old, co);
+    int r = fmt_flush_co(p->old, co);
     uint64_t f1 = loop_now_ns();
     if (r == 0) {
         export_quiesce_co(e, co);
-        r = fmt_reopen_co(old, co, true, &ferr);
+        r = fmt_reopen_co(p->old, co, true, &ferr);
         res->stall_ns += export_resume(e);
     } else {
-        error_setf(&ferr, -r, "%s: flush: %s", old->filename, strerror(-r));
+        error_setf(&ferr, -r, "%s: flush: %s", p->old->filename, strerror(-r));
     }
     if (r < 0) {
         /* The snapshot is made: the old top stays writable, and the guest
@@ -309,37 +335,48 @@ int snapshot_sync_co(struct server *srv, struct export *e,
         log_error("node '%s': snapshot: the old top stays writable: %s",
                   b->node_name, ferr->msg);
         error_free(ferr);
-        r = 0;
     }
-    res->total_ns = loop_now_ns() - t0;
+    res->total_ns = loop_now_ns() - p->t0;
     res->request_stall_ns = export_watch_end(e);
-    watching = false;
+    p->watching = false;
     log_info("node '%s': snapshot: %s is the new top (backing %s), export "
              "'%s' stalled %.3f ms (both quiesces), old top flushed in "
              "%.3f ms meanwhile, longest request %.3f ms", b->node_name,
-             b->filename, bname, e->cfg.id, res->stall_ns / 1e6,
+             b->filename, p->bname, e->cfg.id, res->stall_ns / 1e6,
              (f1 - f0) / 1e6, res->request_stall_ns / 1e6);
-    goto out;
+    b->chain_busy = false;
+    p->busy = false;
+    free(p->bname);
+    free(p->old_filename);
+    free(p->old_driver);
+    *p = (struct snapshot_prep){0};
+}
 
-undo:
-    /* Nothing was written to the overlay: the old top stays the top. */
-    path = b->filename;
-    b->filename = old_filename;
-    free(b->driver);
-    b->driver = old_driver;
-    old_filename = old_driver = NULL;
-    if (server_sync_co(srv, co) < 0) {
-        /* The state file may still name the overlay: keep the file (empty,
-         * backed by the old top, so a restart shows the same data). */
-        log_warn("node '%s': the state file may still name %s: keeping it",
-                 b->node_name, path);
-        created = false;
+void snapshot_abort_co(struct snapshot_prep *p, struct coro *co)
+{
+    assert(!p->switched);
+    struct blockdev *b = p->e ? p->e->bdev : NULL;
+    char *path = NULL;
+    bool created = p->created;
+    if (p->named) {
+        /* Nothing was written to the overlay: the old top stays the top. */
+        path = b->filename;
+        b->filename = p->old_filename;
+        free(b->driver);
+        b->driver = p->old_driver;
+        p->old_filename = p->old_driver = NULL;
+        if (server_sync_co(p->srv, co) < 0) {
+            /* The state file may still name the overlay: keep the file
+             * (empty, backed by the old top, so a restart shows the same
+             * data). */
+            log_warn("node '%s': the state file may still name %s: keeping it",
+                     b->node_name, path);
+            created = false;
+        }
     }
-
-out:
-    if (n) {
-        n->backing = NULL; /* the old chain is not its to close */
-        fmt_close(n);
+    if (p->n) {
+        p->n->backing = NULL; /* the old chain is not its to close */
+        fmt_close(p->n);
     }
     if (created && path) {
         struct error *rm = NULL;
@@ -348,12 +385,29 @@ out:
             error_free(rm);
         }
     }
-    if (watching)
-        export_watch_end(e);
-    b->chain_busy = false;
+    if (p->watching)
+        export_watch_end(p->e);
+    if (p->busy)
+        b->chain_busy = false;
     free(path);
-    free(bname);
-    free(old_filename);
-    free(old_driver);
-    return r;
+    free(p->bname);
+    free(p->old_filename);
+    free(p->old_driver);
+    *p = (struct snapshot_prep){0};
+}
+
+int snapshot_sync_co(struct server *srv, struct export *e,
+                     const struct snapshot_args *a, struct coro *co,
+                     struct snapshot_result *res, struct error **errp)
+{
+    struct snapshot_prep p;
+    *res = (struct snapshot_result){0};
+    int r = snapshot_prepare_co(srv, e, a, co, &p, errp);
+    if (r < 0)
+        return r;
+    export_quiesce_co(e, co);
+    snapshot_switch(&p);
+    res->stall_ns = export_resume(e);
+    snapshot_finish_co(&p, co, res);
+    return 0;
 }

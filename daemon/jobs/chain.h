@@ -74,10 +74,48 @@ struct snapshot_result {
 
 /* Creates a qcow2 overlay at a->file backed by e's current top and makes
  * it the top, atomically for the export's clients.  All or nothing: on
- * failure the chain is unchanged and the new file is removed. */
+ * failure the chain is unchanged and the new file is removed.  The same
+ * as snapshot_prepare_co, then snapshot_switch inside a quiesce of the
+ * export, then snapshot_finish_co. */
 int snapshot_sync_co(struct server *srv, struct export *e,
                      const struct snapshot_args *a, struct coro *co,
                      struct snapshot_result *res, struct error **errp);
+
+/* A snapshot in three steps, for a transaction that switches several
+ * exports (and changes bitmaps) at one instant. */
+struct snapshot_prep {
+    struct server *srv;
+    struct export *e;
+    struct fmt_node *old;      /* the top before */
+    struct fmt_node *n;        /* the overlay, until the switch */
+    char *bname;               /* backing name recorded in the overlay */
+    char *old_filename, *old_driver; /* the node's, until finished */
+    bool created;              /* the overlay file exists (removed on
+                                  abort) */
+    bool named;                /* b->filename names the overlay */
+    bool busy, watching, switched;
+    uint64_t t0, c0, qs;
+};
+/* Checks, flushes the old top, creates and opens the overlay and records
+ * it in the state file; the export keeps running on the old top.  On
+ * failure everything is undone. */
+int snapshot_prepare_co(struct server *srv, struct export *e,
+                        const struct snapshot_args *a, struct coro *co,
+                        struct snapshot_prep *p, struct error **errp);
+/* The switch: the overlay becomes the top.  The export is quiesced (by
+ * the caller); cannot fail, does not yield. */
+void snapshot_switch(struct snapshot_prep *p);
+/* Undoes the switch (still quiesced, nothing written to the overlay),
+ * for snapshot_abort_co. */
+void snapshot_unswitch(struct snapshot_prep *p);
+/* After the export resumed: the old top flushed and made read-only;
+ * fills res's total and request stall (res->stall_ns: the caller's
+ * quiesce, to which the second one is added). */
+void snapshot_finish_co(struct snapshot_prep *p, struct coro *co,
+                        struct snapshot_result *res);
+/* Undoes a prepared snapshot that was not switched (the overlay closed
+ * and removed, the state file back to the old top). */
+void snapshot_abort_co(struct snapshot_prep *p, struct coro *co);
 
 /* ---- block-commit ---- */
 

@@ -742,6 +742,18 @@ struct job *commit_start(struct job_engine *eng, struct server *srv,
                    base->filename);
         return NULL;
     }
+    /* The nodes from top down to base go away with their bitmaps: not
+     * while an export offers one. */
+    for (struct fmt_node *x = top; x && x != base; x = x->backing) {
+        for (struct fmt_bitmap *bm = x->bitmaps; bm; bm = bm->next) {
+            if (bm->busy) {
+                error_setf(errp, EBUSY, "%s: its dirty bitmap '%s' is in use "
+                           "by an export, and the commit would drop it",
+                           x->filename, bm->name);
+                return NULL;
+            }
+        }
+    }
     struct fmt_node *above = NULL, *last = NULL;
     for (struct fmt_node *x = b->root; x; x = x->backing) {
         if (x->backing == top)

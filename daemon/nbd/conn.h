@@ -68,6 +68,10 @@ const char *conn_state_name(enum conn_state s);
 /* Meta contexts: fixed ids. */
 #define META_BASE_ALLOCATION 1u
 #define META_ALLOCATION_DEPTH 2u
+/* qemu:dirty-bitmap:NAME of the export's bitmap i: META_DIRTY_BITMAP + i
+ * (i < EXPORT_MAX_BITMAPS, so every id fits the mask). */
+#define META_DIRTY_BITMAP 3u
+#define META_MAX_ID (META_DIRTY_BITMAP + EXPORT_MAX_BITMAPS - 1)
 
 /* One transmission request; preallocated per connection (a slot). */
 struct nbd_req {

@@ -234,25 +234,54 @@ static void opt_info_go(struct conn *c, const uint8_t *data, uint32_t len)
         enter_transmission(c, e);
 }
 
-static unsigned match_meta(const struct nbd_meta_query *q, bool listing)
+#define DIRTY_BITMAP_PREFIX "qemu:dirty-bitmap:"
+
+/* The contexts a query selects (SET: exact names; LIST: also the
+ * namespace alone, and "qemu:dirty-bitmap:" for every bitmap). */
+static unsigned match_meta(const struct export *e,
+                           const struct nbd_meta_query *q, bool listing)
 {
     static const char base[] = "base:allocation";
     static const char depth[] = "qemu:allocation-depth";
+    static const char bmp[] = DIRTY_BITMAP_PREFIX;
+    unsigned all_bitmaps = 0;
+    for (size_t i = 0; i < e->cfg.n_bitmaps; i++)
+        all_bitmaps |= 1u << (META_DIRTY_BITMAP + i);
     if (q->len == sizeof(base) - 1 && memcmp(q->str, base, q->len) == 0)
         return 1u << META_BASE_ALLOCATION;
     if (q->len == sizeof(depth) - 1 && memcmp(q->str, depth, q->len) == 0)
         return 1u << META_ALLOCATION_DEPTH;
+    if (q->len > sizeof(bmp) - 1 && memcmp(q->str, bmp, sizeof(bmp) - 1) == 0) {
+        const char *name = (const char *)q->str + sizeof(bmp) - 1;
+        size_t nlen = q->len - (sizeof(bmp) - 1);
+        for (size_t i = 0; i < e->cfg.n_bitmaps; i++) {
+            const char *bn = e->bitmaps[i]->name;
+            if (strlen(bn) == nlen && memcmp(bn, name, nlen) == 0)
+                return 1u << (META_DIRTY_BITMAP + i);
+        }
+        return 0;
+    }
+    if (listing && q->len == sizeof(bmp) - 1 && memcmp(q->str, bmp, q->len) == 0)
+        return all_bitmaps;
     if (listing && q->len == 5 && memcmp(q->str, "base:", 5) == 0)
         return 1u << META_BASE_ALLOCATION;
     if (listing && q->len == 5 && memcmp(q->str, "qemu:", 5) == 0)
-        return 1u << META_ALLOCATION_DEPTH;
+        return (1u << META_ALLOCATION_DEPTH) | all_bitmaps;
     return 0; /* unknown namespaces and leaves are ignored (spec) */
 }
 
-static const char *meta_name(unsigned id)
+/* The name of context id of export e, in buf (at least NBD_MAX_STRING +
+ * 1 bytes). */
+static const char *meta_name(const struct export *e, unsigned id, char *buf,
+                             size_t cap)
 {
-    return id == META_BASE_ALLOCATION ? "base:allocation"
-                                      : "qemu:allocation-depth";
+    if (id == META_BASE_ALLOCATION)
+        return "base:allocation";
+    if (id == META_ALLOCATION_DEPTH)
+        return "qemu:allocation-depth";
+    snprintf(buf, cap, DIRTY_BITMAP_PREFIX "%s",
+             e->bitmaps[id - META_DIRTY_BITMAP]->name);
+    return buf;
 }
 
 static void opt_meta(struct conn *c, const uint8_t *data, uint32_t len)
@@ -288,18 +317,21 @@ static void opt_meta(struct conn *c, const uint8_t *data, uint32_t len)
         return;
     }
     unsigned mask = 0;
-    if (m.n_queries == 0)
-        mask = listing ? (1u << META_BASE_ALLOCATION) |
-                             (1u << META_ALLOCATION_DEPTH)
-                       : 0;
+    if (m.n_queries == 0 && listing) {
+        mask = (1u << META_BASE_ALLOCATION) | (1u << META_ALLOCATION_DEPTH);
+        for (size_t i = 0; i < e->cfg.n_bitmaps; i++)
+            mask |= 1u << (META_DIRTY_BITMAP + i);
+    }
     for (uint32_t i = 0; i < m.n_queries; i++)
-        mask |= match_meta(&q[i], listing);
+        mask |= match_meta(e, &q[i], listing);
 
-    uint8_t buf[64];
-    for (unsigned id = META_BASE_ALLOCATION; id <= META_ALLOCATION_DEPTH; id++) {
+    /* a bitmap name is at most FMT_BITMAP_MAX_NAME bytes */
+    char name_buf[sizeof(DIRTY_BITMAP_PREFIX) + FMT_BITMAP_MAX_NAME];
+    uint8_t buf[4 + sizeof(name_buf)];
+    for (unsigned id = META_BASE_ALLOCATION; id <= META_MAX_ID; id++) {
         if (!(mask & (1u << id)))
             continue;
-        const char *name = meta_name(id);
+        const char *name = meta_name(e, id, name_buf, sizeof(name_buf));
         size_t n = nbd_build_rep_meta_context(buf, listing ? 0 : id, name,
                                               strlen(name));
         reply(c, NBD_REP_META_CONTEXT, buf, n);

@@ -178,10 +178,36 @@ static void reply_read(struct nbd_req *r)
 
 /* ---- commands ---- */
 
+/* The extents of bitmap bm over [off, end): runs of dirty (NBD state
+ * bit 0, QEMU's NBD_STATE_DIRTY) and clean chunks, at most max of them.
+ * Bytes past the bitmap's size (its node is smaller than the export's
+ * top) read as clean. */
+static uint32_t bitmap_extents(const struct fmt_bitmap *bm, uint64_t off,
+                               uint64_t end, unsigned max,
+                               struct nbd_extent *out)
+{
+    uint32_t n = 0;
+    uint64_t pos = off;
+    while (pos < end && n < max) {
+        bool dirty = false;
+        uint64_t len = end - pos;
+        if (pos < bm->bits.size)
+            len = dbitmap_run(&bm->bits, pos, end - pos, &dirty);
+        uint64_t flags = dirty ? 1 : 0;
+        if (n && out[n - 1].flags == flags)
+            out[n - 1].length += len;
+        else
+            out[n++] = (struct nbd_extent){len, flags};
+        pos += len;
+    }
+    return n;
+}
+
 static int do_block_status_co(struct nbd_req *r, struct coro *co)
 {
     struct conn *c = r->c;
-    struct fmt_node *n = export_root(c->exp);
+    struct export *e = c->exp;
+    struct fmt_node *n = export_root(e);
     const struct nbd_request *h = &r->hdr;
     bool one = h->flags & NBD_CMD_FLAG_REQ_ONE;
     uint64_t off = h->offset;
@@ -190,63 +216,70 @@ static int do_block_status_co(struct nbd_req *r, struct coro *co)
     uint64_t end = off + h->length;
     unsigned max = one ? 1 : BS_MAX_EXTENTS;
 
-    struct fmt_extent *ext = malloc(sizeof(*ext) * max);
-    if (!ext)
-        return -ENOMEM;
+    unsigned ids[META_MAX_ID];
+    unsigned nctx = 0;
+    for (unsigned id = META_BASE_ALLOCATION; id <= META_MAX_ID; id++)
+        if (c->meta & (1u << id))
+            ids[nctx++] = id;
+    struct nbd_extent *out[META_MAX_ID] = {NULL};
+    uint32_t nout[META_MAX_ID] = {0};
+    int ret = 0;
+
+    /* The chain's block status, when a context needs it. */
+    struct fmt_extent *ext = NULL;
     unsigned cnt = 0;
-    uint64_t pos = off;
-    while (pos < end && cnt < max) {
-        int ret = fmt_block_status_co(n, co, pos, end - pos, &ext[cnt]);
-        if (ret < 0) {
-            free(ext);
-            return ret;
+    if (c->meta & ((1u << META_BASE_ALLOCATION) | (1u << META_ALLOCATION_DEPTH))) {
+        ext = malloc(sizeof(*ext) * max);
+        if (!ext)
+            return -ENOMEM;
+        uint64_t pos = off;
+        while (pos < end && cnt < max) {
+            ret = fmt_block_status_co(n, co, pos, end - pos, &ext[cnt]);
+            if (ret < 0) {
+                free(ext);
+                return ret;
+            }
+            pos += ext[cnt].len;
+            cnt++;
         }
-        pos += ext[cnt].len;
-        cnt++;
     }
 
     /* Per context, merge neighbours with equal status. */
-    struct nbd_extent *out[2] = {NULL, NULL};
-    uint32_t nout[2] = {0, 0};
-    unsigned ids[2];
-    unsigned nctx = 0;
-    for (unsigned id = META_BASE_ALLOCATION; id <= META_ALLOCATION_DEPTH; id++)
-        if (c->meta & (1u << id))
-            ids[nctx++] = id;
     size_t total = 0;
     for (unsigned k = 0; k < nctx; k++) {
-        out[k] = malloc(sizeof(struct nbd_extent) * cnt);
+        out[k] = malloc(sizeof(struct nbd_extent) * (ids[k] >= META_DIRTY_BITMAP ? max : cnt));
         if (!out[k]) {
-            free(out[0]);
-            free(ext);
-            return -ENOMEM;
+            ret = -ENOMEM;
+            goto out;
         }
-        for (unsigned i = 0; i < cnt; i++) {
-            uint64_t flags;
-            if (ids[k] == META_BASE_ALLOCATION)
-                flags = ((ext[i].flags & FMT_EXT_HOLE) ? NBD_STATE_HOLE : 0) |
-                        ((ext[i].flags & FMT_EXT_ZERO) ? NBD_STATE_ZERO : 0);
-            else
-                flags = ext[i].depth;
-            if (nout[k] && out[k][nout[k] - 1].flags == flags)
-                out[k][nout[k] - 1].length += ext[i].len;
-            else
-                out[k][nout[k]++] = (struct nbd_extent){ext[i].len, flags};
+        if (ids[k] >= META_DIRTY_BITMAP) {
+            nout[k] = bitmap_extents(e->bitmaps[ids[k] - META_DIRTY_BITMAP],
+                                     off, end, max, out[k]);
+        } else {
+            for (unsigned i = 0; i < cnt; i++) {
+                uint64_t flags;
+                if (ids[k] == META_BASE_ALLOCATION)
+                    flags = ((ext[i].flags & FMT_EXT_HOLE) ? NBD_STATE_HOLE : 0) |
+                            ((ext[i].flags & FMT_EXT_ZERO) ? NBD_STATE_ZERO : 0);
+                else
+                    flags = ext[i].depth;
+                if (nout[k] && out[k][nout[k] - 1].flags == flags)
+                    out[k][nout[k] - 1].length += ext[i].len;
+                else
+                    out[k][nout[k]++] = (struct nbd_extent){ext[i].len, flags};
+            }
         }
         total += nbd_chunk_header_size(c->extended) +
                  nbd_block_status_size(c->extended, nout[k]);
     }
-    free(ext);
 
-    /* One buffer: [hdr payload][hdr payload] */
+    /* One buffer, [hdr payload][hdr payload]..., sent as one iovec. */
     uint8_t *buf = malloc(total);
     if (!buf) {
-        free(out[0]);
-        free(out[1]);
-        return -ENOMEM;
+        ret = -ENOMEM;
+        goto out;
     }
     size_t pos_b = 0;
-    int niov = 0;
     size_t hs = nbd_chunk_header_size(c->extended);
     for (unsigned k = 0; k < nctx; k++) {
         uint8_t *hdr = buf + pos_b;
@@ -257,13 +290,17 @@ static int do_block_status_co(struct nbd_req *r, struct coro *co)
                                c->extended ? NBD_REPLY_TYPE_BLOCK_STATUS_EXT
                                            : NBD_REPLY_TYPE_BLOCK_STATUS,
                                h->cookie, h->offset, pl);
-        r->iov[niov++] = (struct iovec){hdr, hs + pl};
         pos_b += hs + pl;
-        free(out[k]);
     }
+    r->iov[0] = (struct iovec){buf, pos_b};
     r->extra = buf;
-    queue_reply(r, niov);
-    return 1; /* reply queued */
+    queue_reply(r, 1);
+    ret = 1; /* reply queued */
+out:
+    for (unsigned k = 0; k < nctx; k++)
+        free(out[k]);
+    free(ext);
+    return ret;
 }
 
 /* A guest write, write-zeroes or trim, with the export's write notifiers
