@@ -425,6 +425,7 @@ enum opts_result stratad_options_parse(int argc, char **argv,
         case OPT_TLS_VERIFY_PEER:
         case OPT_TLS_PRIORITY:
         case OPT_TLS_ALLOW:
+        case OPT_TLS_KTLS:
         case OPT_CONTROL_GROUP:
             if (parse_tls_option(ch, optarg, o) != OPTS_OK)
                 return stratad_options_fail(o);
