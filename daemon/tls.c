@@ -277,6 +277,16 @@ bool tls_session_ktls_possible(struct tls_server *ts, void *session,
     return true;
 }
 
+bool tls_session_ktls_rx(void *session, char *why, size_t len)
+{
+    gnutls_session_t sess = session;
+    if (gnutls_protocol_get_version(sess) == GNUTLS_TLS1_2)
+        return true;
+    snprintf(why, len, "TLS 1.3: the kernel's TLS cannot take the new key of "
+             "a peer's KeyUpdate");
+    return false;
+}
+
 /* Fills one of linux/tls.h's crypto_info structures from the session's
  * state for a direction.  The kernel wants the AEAD nonce base split as
  * RFC 5288 and RFC 8446 build it: AES-GCM in TLS 1.3 has a 12-byte IV,
@@ -578,6 +588,13 @@ bool tls_session_ktls_possible(struct tls_server *ts, void *session,
                                char *why, size_t len)
 {
     (void)ts;
+    (void)session;
+    snprintf(why, len, "built without TLS");
+    return false;
+}
+
+bool tls_session_ktls_rx(void *session, char *why, size_t len)
+{
     (void)session;
     snprintf(why, len, "built without TLS");
     return false;

@@ -84,6 +84,12 @@ bool tls_server_ktls(const struct tls_server *ts, const char **why);
  * (for the log). */
 bool tls_session_ktls_possible(struct tls_server *ts, void *session,
                                char *why, size_t len);
+/* Whether the receive side may go to the kernel too, once the send side
+ * did; if not, why.  TLS 1.2: yes.  TLS 1.3: no, the peer may update its
+ * key (GnuTLS does on its own after 2^24 records, which a busy client
+ * reaches in hours of small requests), and the kernel's receive side
+ * cannot take a new key: the connection would have to close. */
+bool tls_session_ktls_rx(void *session, char *why, size_t len);
 /* Attaches the tls ULP to fd (once) and hands it the session's key, IV
  * and next record sequence number for one direction (rx: receiving,
  * else sending): SOL_TLS TLS_RX or TLS_TX.  Call only at a record

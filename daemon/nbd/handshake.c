@@ -389,12 +389,16 @@ void nbd_handshake_tls_done(struct conn *c, int res)
     log_debug("conn %llu: TLS established (%s), peer '%s'",
               (unsigned long long)c->id, desc, id ? id : "(no identity)");
     char why[160];
-    if (tls_session_ktls_possible(c->srv->tls, stream_tls_session(&c->st), why,
-                                  sizeof(why)))
+    void *sess = stream_tls_session(&c->st);
+    if (tls_session_ktls_possible(c->srv->tls, sess, why, sizeof(why))) {
         /* the stream moves each side at its first record boundary; the
          * path is logged as it changes */
-        stream_tls_offload(&c->st, true);
-    else
+        bool rx = tls_session_ktls_rx(sess, why, sizeof(why));
+        if (!rx)
+            log_debug("conn %llu: receiving stays with GnuTLS (%s)",
+                      (unsigned long long)c->id, why);
+        stream_tls_offload(&c->st, rx);
+    } else
         log_debug("conn %llu: TLS path GnuTLS (kernel TLS: %s)",
                   (unsigned long long)c->id, why);
 }

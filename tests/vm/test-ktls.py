@@ -27,10 +27,12 @@ and the ratios are printed (never asserted: TCG numbers are only
 meaningful as ratios within one run).
 
 The guest then stops the daemons (SIGTERM: exit 0 required) and prints
-their -v logs on the serial console.  From them: every TLS connection of
-ktls says "TLS path kTLS tx+rx" and none "GnuTLS"; every one of gnutls
-says "TLS path GnuTLS (kernel TLS: --tls-ktls=off)"; the cipher suites
-above were negotiated; no sanitizer report.
+their -v logs on the serial console.  From them: every TLS 1.2 connection
+of ktls ends on "TLS path kTLS tx+rx" and every TLS 1.3 one on "TLS path
+kTLS tx" (its receive side stays with GnuTLS, which can follow a peer's
+KeyUpdate); every one of gnutls says "TLS path GnuTLS (kernel TLS:
+--tls-ktls=off)"; the cipher suites above were negotiated; no sanitizer
+report.
 
 Environment:
   STRATAD                 the daemon (meson sets it); it runs in the guest
@@ -124,6 +126,10 @@ done
 vm_log "ready"
 vm_wait_mailbox $maddr %(mport)d done %(wait)d || vm_fail "the host never said done"
 for name in ktls gnutls plain; do
+    # utime and stime (clock ticks) of the daemon, its io_uring workers too
+    vm_log "cpu $name $(cut -d' ' -f14,15 /proc/$(cat /tmp/$name.pid)/stat) $(getconf CLK_TCK 2>/dev/null || echo 100)"
+done
+for name in ktls gnutls plain; do
     kill -TERM "$(cat /tmp/$name.pid)"
 done
 for name in ktls gnutls plain; do
@@ -212,7 +218,9 @@ def main():
     files["/data/bench.raw"] = bench
     ports = {k: free_port() for k in GUEST_PORTS}
     mailbox = vmlib.Mailbox("wait")
-    init = INIT % dict(GUEST_PORTS, mport=MAILBOX_PORT, wait=BOOT_TIMEOUT)
+    # the guest waits for the host's clients and benchmark (the meson
+    # timeout bounds the whole test)
+    init = INIT % dict(GUEST_PORTS, mport=MAILBOX_PORT, wait=1800)
     vm = vmlib.VM(image, d, "ktls", init, files=files,
                   guestfwd=[(MAILBOX_PORT, mailbox.port)],
                   hostfwd=[(ports[k], GUEST_PORTS[k]) for k in GUEST_PORTS],
@@ -278,7 +286,8 @@ def main():
               f"GnuTLS/plain {rate['gnutls'] / rate['plain']:.2f}")
     finally:
         mailbox.set("done")
-    r = vm.wait(300)
+    # VM.wait's timeout counts from the boot
+    r = vm.wait(time.time() - vm.t0 + 180)
     serial = vm.serial_text()
     H.check_hard(r.passed, f"guest: {r.reason}\n{vm.tail()}")
     for name in GUEST_PORTS:
@@ -290,20 +299,49 @@ def main():
                      f"sanitizer report in stratad {name}'s log:\n"
                      + guest_logs(serial, name)[-6000:])
     H.ok("the three daemons exited 0 on SIGTERM, no sanitizer report")
+    cpu = {}
+    for m in re.finditer(r"^strata-vm: cpu (\w+) (\d+) (\d+) (\d+)$", serial,
+                         re.M):
+        cpu[m.group(1)] = (int(m.group(2)) + int(m.group(3))) / int(m.group(4))
+    if len(cpu) == 3:
+        # ktls and gnutls served the same clients besides the benchmark
+        print(f"bench: daemon CPU in the guest (user+system, whole run): "
+              f"plain {cpu['plain']:.2f}s, ktls {cpu['ktls']:.2f}s, gnutls "
+              f"{cpu['gnutls']:.2f}s; kTLS/GnuTLS "
+              f"{cpu['ktls'] / max(cpu['gnutls'], 0.01):.2f}")
 
+    # Each connection's lines: TLS 1.2 ends on kTLS tx+rx, TLS 1.3 on kTLS
+    # tx (its receive side stays with GnuTLS: a peer's KeyUpdate).
     klog = guest_logs(serial, "ktls")
-    established = len(re.findall(r"TLS established", klog))
-    both = len(re.findall(r"TLS path kTLS tx\+rx", klog))
-    H.check_hard(established > 0 and both == established,
-                 f"ktls: {established} TLS connection(s), {both} on kTLS "
-                 f"tx+rx:\n{klog[-6000:]}")
-    H.check_hard("TLS path GnuTLS" not in klog,
-                 f"ktls: a connection stayed on GnuTLS:\n{klog[-6000:]}")
+    conns = {}
+    for line in klog.splitlines():
+        m = re.search(r"conn (\d+): (.*)", line)
+        if m:
+            conns.setdefault(m.group(1), []).append(m.group(2))
+    seen = {"TLS1.2": 0, "TLS1.3": 0}
+    suites = set()
+    for cid, lines in conns.items():
+        est = [m for m in lines if m.startswith("TLS established (")]
+        if not est:
+            continue
+        suite = est[0].split("(")[1].split(")")[0]
+        suites.add(suite)
+        paths = [m for m in lines if m.startswith("TLS path ")]
+        want = ("TLS path kTLS tx+rx" if suite.startswith("TLS1.2")
+                else "TLS path kTLS tx")
+        H.check_hard(paths and paths[-1] == want,
+                     f"ktls: conn {cid} ({suite}) took {paths}, not "
+                     f"'{want}':\n" + "\n".join(lines))
+        seen[suite.split()[0]] += 1
+    H.check_hard(seen["TLS1.2"] > 0 and seen["TLS1.3"] > 0,
+                 f"ktls: connections by version {seen}:\n{klog[-6000:]}")
     for _, _, suite, _, _, _ in WRITES:
         if suite:
-            H.check_hard(suite in klog, f"ktls: no connection with {suite}")
-    H.ok(f"ktls: all {established} TLS connections moved to kTLS tx+rx "
-         "(TLS 1.3 AES-GCM, TLS 1.2 AES-128-GCM, TLS 1.3 CHACHA20-POLY1305)")
+            H.check_hard(suite in suites, f"ktls: no connection with {suite} "
+                         f"(only {sorted(suites)})")
+    H.ok(f"ktls: {seen['TLS1.2']} TLS 1.2 connection(s) on kTLS tx+rx, "
+         f"{seen['TLS1.3']} TLS 1.3 on kTLS tx (suites: "
+         f"{', '.join(sorted(suites))})")
     glog = guest_logs(serial, "gnutls")
     established = len(re.findall(r"TLS established", glog))
     gnutls = len(re.findall(r"TLS path GnuTLS \(kernel TLS: --tls-ktls=off\)",
