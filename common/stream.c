@@ -1,6 +1,7 @@
 /* strata — socket byte streams on the loop (see stream.h). */
 #include <assert.h>
 #include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -22,9 +23,10 @@ static void tls_start_send(struct stream *s);
 static bool tls_send_done(struct stream *s, int res);
 static bool tls_established(const struct stream *s);
 static void tls_start_raw_recv(struct stream *s);
-static void tls_start_recv(struct stream *s, uint8_t *dst, size_t len,
+static bool tls_start_recv(struct stream *s, uint8_t *dst, size_t len,
                            bool direct);
-static void tls_recv_done(struct stream *s, int res);
+static bool tls_recv_done(struct stream *s, int *res);
+static void tls_idle_send(struct stream *s);
 
 void stream_init(struct stream *s, struct loop *loop, int fd, uint8_t *rbuf,
                  size_t rcap, const struct stream_ops *ops, void *owner)
@@ -98,6 +100,8 @@ void stream_start_send(struct stream *s)
             tls_start_send(s);
             return;
         }
+        if (!s->sq_head)
+            tls_idle_send(s); /* kernel TLS: the close_notify */
     }
     if (!s->sq_head)
         return;
@@ -205,10 +209,9 @@ bool stream_start_recv(struct stream *s)
     }
     if (s->rend == s->rcap)
         return false; /* full of unparsed data: parsing must catch up */
-    if (s->tls) {
-        tls_start_recv(s, s->rbuf + s->rend, s->rcap - s->rend, false);
+    if (s->tls &&
+        tls_start_recv(s, s->rbuf + s->rend, s->rcap - s->rend, false))
         return true;
-    }
     struct io_uring_sqe *sqe = loop_get_sqe(s->loop, &s->recv_op);
     io_uring_prep_recv(sqe, s->fd, s->rbuf + s->rend, s->rcap - s->rend, 0);
     s->recv_pending = true;
@@ -221,10 +224,8 @@ void stream_start_recv_into(struct stream *s, void *dst, size_t len)
     if (s->recv_pending)
         return;
     assert(len > 0);
-    if (s->tls) {
-        tls_start_recv(s, dst, len, true);
+    if (s->tls && tls_start_recv(s, dst, len, true))
         return;
-    }
     struct io_uring_sqe *sqe = loop_get_sqe(s->loop, &s->recv_op);
     io_uring_prep_recv(sqe, s->fd, dst, len, 0);
     s->recv_pending = true;
@@ -240,10 +241,8 @@ static void recv_done(struct loop_op *op, int res, uint32_t flags)
         s->ops->kick(s);
         return;
     }
-    if (s->tls) {
-        tls_recv_done(s, res);
+    if (s->tls && tls_recv_done(s, &res))
         return;
-    }
     if (res > 0 && !s->recv_direct) {
         assert((size_t)res <= s->rcap - s->rend);
         s->rend += (size_t)res;
@@ -263,10 +262,33 @@ static void recv_done(struct loop_op *op, int res, uint32_t flags)
  * header and its payload share records) and the push function appends
  * them to tls->out, which one send at a time drains; sealing stops while
  * TLS_OUT_HIGH bytes wait, which bounds the buffer.
+ *
+ * Kernel TLS (stream_tls_offload): a direction the kernel's tls ULP
+ * carries is the plaintext path above (io_uring sends from the queue,
+ * recvs into the owner's targets); the kernel seals and opens its records.
+ * Sending moves once tls->out is empty (no record GnuTLS sealed is still
+ * unsent, so the sequence number handed over is the next one on the
+ * wire); receiving moves only when tls->in is empty and GnuTLS holds no
+ * decrypted bytes (GnuTLS reads a record's header, then exactly its body:
+ * with tls->in empty the socket's next byte starts a record).  A record
+ * the kernel cannot give as data (an alert, a post-handshake message)
+ * makes the recv fail with EIO; it is then read with its record type and
+ * judged (ktls_control_record).
  */
 
 #if STRATA_HAVE_TLS
 #include <gnutls/gnutls.h>
+#include <linux/tls.h>
+
+#include "log.h"
+
+#ifndef SOL_TLS
+#define SOL_TLS 282
+#endif
+#define TLS_CT_ALERT 21
+#define TLS_CT_HANDSHAKE 22
+#define TLS_CT_APPLICATION_DATA 23
+#define TLS_HS_KEY_UPDATE 24
 
 #define TLS_IN_SIZE (256u << 10)
 #define TLS_IN_MIN_TAIL (17u << 10)   /* one whole record fits */
@@ -298,12 +320,27 @@ struct stream_tls {
 
     uint8_t *dst;                  /* the owner's plaintext target */
     size_t dst_len;
+
+    bool ktls_tx_wanted, ktls_rx_wanted; /* stream_tls_offload asked */
+    bool ktls_tx, ktls_rx;         /* the kernel carries the direction */
+    char errbuf[128];              /* err, when it is ours */
 };
 
 static ssize_t tls_push(gnutls_transport_ptr_t p, const void *data, size_t len)
 {
     struct stream *s = p;
     struct stream_tls *t = s->tls;
+    if (t->ktls_tx) {
+        /* The kernel holds the send key and sequence number: a record from
+         * GnuTLS now would be out of sequence.  Nothing makes GnuTLS send
+         * once the handshake ended but an answer to a peer's request (a
+         * key update): refuse it, the connection fails. */
+        if (!t->err)
+            t->err = "GnuTLS had a record to send after the kernel took the "
+                     "send direction";
+        gnutls_transport_set_errno(t->sess, EIO);
+        return -1;
+    }
     if (t->out_cap - t->out_end < len && t->out_start > 0 && !t->out_sending) {
         memmove(t->out, t->out + t->out_start, t->out_end - t->out_start);
         t->out_end -= t->out_start;
@@ -441,16 +478,109 @@ static void tls_fail(struct stream *s, int gerr)
 {
     struct stream_tls *t = s->tls;
     t->phase = TLS_FAILED;
-    t->err = gnutls_strerror(gerr);
+    if (!t->err)
+        t->err = gnutls_strerror(gerr);
+}
+
+void stream_tls_offload(struct stream *s, bool rx)
+{
+    struct stream_tls *t = s->tls;
+    if (!t || t->phase != TLS_ON || !s->ops->tls_offload)
+        return;
+    t->ktls_tx_wanted = true;
+    t->ktls_rx_wanted = rx;
+}
+
+unsigned stream_tls_offloaded(const struct stream *s)
+{
+    const struct stream_tls *t = s->tls;
+    return t ? (t->ktls_tx ? 1u : 0u) | (t->ktls_rx ? 2u : 0u) : 0u;
+}
+
+/* No queued item and no send in flight: with the kernel sending, the
+ * close_notify alert stream_tls_bye asked for goes out as a record of its
+ * own type (a control message), without waiting: two bytes into a socket
+ * whose queue drained.  Should it not fit, the peer sees the close
+ * without it, as after any abrupt close. */
+static void tls_idle_send(struct stream *s)
+{
+    struct stream_tls *t = s->tls;
+    if (!t->ktls_tx || !t->bye_wanted || t->bye_done)
+        return;
+    t->bye_done = true;
+    uint8_t alert[2] = {1, 0}; /* warning, close_notify */
+    union {
+        char buf[CMSG_SPACE(sizeof(uint8_t))];
+        struct cmsghdr align;
+    } cm;
+    memset(&cm, 0, sizeof(cm));
+    struct iovec iov = {.iov_base = alert, .iov_len = sizeof(alert)};
+    struct msghdr m = {.msg_iov = &iov, .msg_iovlen = 1,
+                       .msg_control = cm.buf, .msg_controllen = sizeof(cm.buf)};
+    struct cmsghdr *c = CMSG_FIRSTHDR(&m);
+    c->cmsg_level = SOL_TLS;
+    c->cmsg_type = TLS_SET_RECORD_TYPE;
+    c->cmsg_len = CMSG_LEN(sizeof(uint8_t));
+    *CMSG_DATA(c) = TLS_CT_ALERT;
+    if (sendmsg(s->fd, &m, MSG_DONTWAIT | MSG_NOSIGNAL) != (ssize_t)sizeof(alert))
+        log_debug("kernel TLS: close_notify not sent: %s", strerror(errno));
+}
+
+/* The kernel's recv said EIO: the next record is not application data.
+ * Reads it with its type: a close_notify is the end of the stream; any
+ * other alert, a key update (this kernel interface takes no new receive
+ * key) or anything else fails the stream with a reason. */
+static int ktls_control_record(struct stream *s)
+{
+    struct stream_tls *t = s->tls;
+    uint8_t buf[256];
+    union {
+        char buf[CMSG_SPACE(sizeof(uint8_t))];
+        struct cmsghdr align;
+    } cm;
+    struct iovec iov = {.iov_base = buf, .iov_len = sizeof(buf)};
+    struct msghdr m = {.msg_iov = &iov, .msg_iovlen = 1,
+                       .msg_control = cm.buf, .msg_controllen = sizeof(cm.buf)};
+    ssize_t n = recvmsg(s->fd, &m, MSG_DONTWAIT);
+    if (n < 0) {
+        snprintf(t->errbuf, sizeof(t->errbuf), "kernel TLS: %s",
+                 strerror(errno));
+        t->err = t->errbuf;
+        return -EPROTO;
+    }
+    if (n == 0)
+        return 0;
+    unsigned type = TLS_CT_APPLICATION_DATA;
+    struct cmsghdr *c = CMSG_FIRSTHDR(&m);
+    if (c && c->cmsg_level == SOL_TLS && c->cmsg_type == TLS_GET_RECORD_TYPE)
+        type = *CMSG_DATA(c);
+    if (type == TLS_CT_ALERT && n >= 2 && buf[1] == 0) {
+        t->eof_seen = true;
+        return 0; /* close_notify */
+    }
+    if (type == TLS_CT_ALERT && n >= 2)
+        snprintf(t->errbuf, sizeof(t->errbuf), "the peer sent TLS alert %u",
+                 buf[1]);
+    else if (type == TLS_CT_HANDSHAKE && buf[0] == TLS_HS_KEY_UPDATE)
+        snprintf(t->errbuf, sizeof(t->errbuf), "the peer sent a TLS 1.3 "
+                 "KeyUpdate: the kernel's TLS cannot take a new receive key, "
+                 "closing");
+    else
+        snprintf(t->errbuf, sizeof(t->errbuf), "kernel TLS: unexpected record "
+                 "of type %u from the peer", type);
+    t->err = t->errbuf;
+    return -EPROTO;
 }
 
 static size_t tls_plain_limit(const struct stream *s)
 {
-    return s->tls->plain_left;
+    return s->tls->ktls_tx ? SIZE_MAX : s->tls->plain_left;
 }
 
 static void tls_plain_sent(struct stream *s, size_t n)
 {
+    if (s->tls->ktls_tx)
+        return;
     assert(n <= s->tls->plain_left);
     s->tls->plain_left -= n;
 }
@@ -521,6 +651,17 @@ static bool tls_seal(struct stream *s)
 static void tls_start_send(struct stream *s)
 {
     struct stream_tls *t = s->tls;
+    if (t->phase == TLS_ON && t->ktls_tx_wanted && t->out_end == t->out_start) {
+        /* every record GnuTLS sealed went out: the kernel goes on from
+         * the next sequence number */
+        t->ktls_tx_wanted = false;
+        if (s->ops->tls_offload(s, false) == 0) {
+            t->ktls_tx = true;
+            stream_start_send(s); /* the queue, in plaintext */
+            return;
+        }
+        t->ktls_rx_wanted = false;
+    }
     if (t->phase == TLS_ON) {
         if (!tls_seal(s)) {
             s->ops->send_failed(s, -EPROTO);
@@ -655,10 +796,22 @@ static void tls_hook_fn(struct loop_hook *h)
     tls_decrypt(s);
 }
 
-static void tls_start_recv(struct stream *s, uint8_t *dst, size_t len,
+/* false: the kernel receives, the caller starts a plain recv. */
+static bool tls_start_recv(struct stream *s, uint8_t *dst, size_t len,
                            bool direct)
 {
     struct stream_tls *t = s->tls;
+    if (t->ktls_rx)
+        return false;
+    if (t->ktls_rx_wanted && t->ktls_tx && t->phase == TLS_ON &&
+        t->in_end == t->in_start && !t->in_eof && !t->eof_seen &&
+        gnutls_record_check_pending(t->sess) == 0) {
+        t->ktls_rx_wanted = false;
+        if (s->ops->tls_offload(s, true) == 0) {
+            t->ktls_rx = true;
+            return false;
+        }
+    }
     t->dst = dst;
     t->dst_len = len;
     s->recv_direct = direct;
@@ -667,10 +820,11 @@ static void tls_start_recv(struct stream *s, uint8_t *dst, size_t len,
         gnutls_record_check_pending(t->sess) > 0) {
         s->tls_hook.fn = tls_hook_fn;
         loop_defer(s->loop, &s->tls_hook);
-        return;
+        return true;
     }
     s->recv_pending = false;
     tls_start_raw_recv(s);
+    return true;
 }
 
 /* Runs the handshake as far as the buffered records let it. */
@@ -694,9 +848,21 @@ static void tls_handshake_step(struct stream *s)
     }
 }
 
-static void tls_recv_done(struct stream *s, int res)
+/* false: the kernel received plaintext (*res may turn an EIO into the
+ * end of the stream or -EPROTO): the caller goes on as without TLS. */
+static bool tls_recv_done(struct stream *s, int *resp)
 {
     struct stream_tls *t = s->tls;
+    int res = *resp;
+    if (t->ktls_rx) {
+        if (res == -EIO) {
+            *resp = ktls_control_record(s);
+        } else if (res == -EBADMSG) {
+            t->err = "a TLS record failed authentication (kernel TLS)";
+            *resp = -EPROTO;
+        }
+        return false;
+    }
     if (res > 0) {
         assert((size_t)res <= TLS_IN_SIZE - t->in_end);
         t->in_end += (size_t)res;
@@ -709,20 +875,21 @@ static void tls_recv_done(struct stream *s, int res)
         else
             tls_handshake_step(s);
         s->ops->kick(s);
-        return;
+        return true;
     }
     if (t->phase == TLS_FAILED) {
         s->ops->received(s, res < 0 ? res : -EPROTO, s->recv_direct);
         s->ops->kick(s);
-        return;
+        return true;
     }
     if (res < 0) {
         s->ops->received(s, res, s->recv_direct);
         s->ops->kick(s);
-        return;
+        return true;
     }
     s->recv_pending = true; /* the owner's recv goes on: decrypt into it */
     tls_decrypt(s);
+    return true;
 }
 
 void stream_fini(struct stream *s)
@@ -752,6 +919,8 @@ const char *stream_tls_error(const struct stream *s) { (void)s; return NULL; }
 bool stream_tls_established(const struct stream *s) { (void)s; return false; }
 size_t stream_tls_backlog(const struct stream *s) { (void)s; return 0; }
 void stream_tls_bye(struct stream *s) { (void)s; }
+void stream_tls_offload(struct stream *s, bool rx) { (void)s; (void)rx; }
+unsigned stream_tls_offloaded(const struct stream *s) { (void)s; return 0; }
 void stream_fini(struct stream *s) { (void)s; }
 static size_t tls_plain_limit(const struct stream *s) { (void)s; return SIZE_MAX; }
 static void tls_plain_sent(struct stream *s, size_t n) { (void)s; (void)n; }
@@ -759,10 +928,16 @@ static void tls_start_send(struct stream *s) { (void)s; }
 static bool tls_send_done(struct stream *s, int res) { (void)s; (void)res; return false; }
 static bool tls_established(const struct stream *s) { (void)s; return false; }
 static void tls_start_raw_recv(struct stream *s) { (void)s; }
-static void tls_start_recv(struct stream *s, uint8_t *dst, size_t len,
+static bool tls_start_recv(struct stream *s, uint8_t *dst, size_t len,
                            bool direct)
 {
     (void)s; (void)dst; (void)len; (void)direct;
+    return false;
 }
-static void tls_recv_done(struct stream *s, int res) { (void)s; (void)res; }
+static bool tls_recv_done(struct stream *s, int *res)
+{
+    (void)s; (void)res;
+    return false;
+}
+static void tls_idle_send(struct stream *s) { (void)s; }
 #endif

@@ -62,6 +62,12 @@ struct stream_ops {
      * from now on) or -EPROTO (GnuTLS said why: stream_tls_error).  Only
      * owners that start TLS set it. */
     void (*tls_done)(struct stream *s, int res);
+    /* Kernel TLS (stream_tls_offload): hand the session's keys for one
+     * direction (rx: receive, else send) to the socket's tls ULP.  0, and
+     * from then on that direction of the socket carries plaintext; -errno
+     * and the direction stays with GnuTLS.  The stream calls it only at a
+     * record boundary, with nothing of that direction buffered. */
+    int (*tls_offload)(struct stream *s, bool rx);
 };
 
 struct stream_tls;                         /* stream.c: the record layer */
@@ -140,6 +146,16 @@ const char *stream_tls_error(const struct stream *s);
 bool stream_tls_established(const struct stream *s);
 /* Queues a close_notify alert after the queued output (graceful close). */
 void stream_tls_bye(struct stream *s);
+/* Once the handshake ended: moves the send direction (and the receive
+ * one too if rx) to the kernel's TLS through ops->tls_offload, each at
+ * the first point where that is exact: sending once every record GnuTLS
+ * sealed (the session tickets) went out; receiving once no ciphertext is
+ * buffered in user space.  From then on that direction is plain io_uring
+ * sends or recvs and GnuTLS never touches it again; the receive side
+ * moves only after the send side did. */
+void stream_tls_offload(struct stream *s, bool rx);
+/* Which directions the kernel's TLS carries: bit 0 send, bit 1 receive. */
+unsigned stream_tls_offloaded(const struct stream *s);
 
 /* No recv and no send in flight. */
 static inline bool stream_busy(const struct stream *s)

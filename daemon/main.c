@@ -206,14 +206,18 @@ int main(int argc, char **argv)
         fprintf(stderr, "stratad: %s\n", err->msg);
         rc = 1;
     } else if (opts.tls.mode != TLS_MODE_OFF) {
-        char why[128];
-        bool kernel = tls_kernel_offload_available(why, sizeof(why));
+        const char *why;
+        bool kernel = tls_server_ktls(tls, &why);
         log_info("TLS %s (%s)%s", opts.tls.mode == TLS_MODE_REQUIRE ? "required"
                  : "offered", opts.tls.psk_file ? "PSK" : "X.509",
                  opts.tls.allow ? ", --tls-allow" : "");
-        log_debug("kernel TLS: %s; records are sealed and opened by GnuTLS in "
-                  "userspace over the io_uring stream", kernel ? "the tls ULP "
-                  "is available but not used" : why);
+        if (kernel)
+            log_debug("kernel TLS: the tls ULP is available: after each "
+                      "handshake the kernel seals and opens the records of "
+                      "TLS 1.2/1.3 AES-GCM and ChaCha20-Poly1305 sessions");
+        else
+            log_debug("kernel TLS: %s; records are sealed and opened by "
+                      "GnuTLS in userspace over the io_uring stream", why);
     }
     srv->tls = tls;
     struct state *state = NULL;

@@ -70,6 +70,9 @@ void stratad_usage(FILE *fp)
 "      --tls-allow LIST       only these TLS identities may connect: X.509\n"
 "                             DNs or PSK usernames, exact or fnmatch globs,\n"
 "                             separated by ';' (needs --tls=require)\n"
+"      --tls-ktls=auto|off    auto: hand TLS 1.2/1.3 AES-GCM and ChaCha20\n"
+"                             records to the kernel's TLS (the tls module)\n"
+"                             after the handshake (default auto)\n"
 "\n"
 "Export SPEC keys (comma separated, ',,' for a literal comma):\n"
 "  name=NAME           export name (default: empty)\n"
@@ -107,6 +110,7 @@ enum {
     OPT_TLS_VERIFY_PEER,
     OPT_TLS_PRIORITY,
     OPT_TLS_ALLOW,
+    OPT_TLS_KTLS,
     OPT_CONTROL_GROUP,
     OPT_MAX_MEMORY,
     OPT_MAX_PER_PEER,
@@ -150,6 +154,17 @@ static enum opts_result parse_tls_option(int ch, const char *arg,
         return OPTS_OK;
     case OPT_TLS_ALLOW:
         o->tls.allow = arg;
+        return OPTS_OK;
+    case OPT_TLS_KTLS:
+        if (!strcmp(arg, "auto"))
+            o->tls.ktls = TLS_KTLS_AUTO;
+        else if (!strcmp(arg, "off"))
+            o->tls.ktls = TLS_KTLS_OFF;
+        else {
+            fprintf(stderr, "stratad: --tls-ktls=%s: expected auto or off\n",
+                    arg);
+            return OPTS_ERROR;
+        }
         return OPTS_OK;
     case OPT_CONTROL_GROUP: {
         struct group *g = getgrnam(arg);
@@ -274,6 +289,7 @@ enum opts_result stratad_options_parse(int argc, char **argv,
         {"tls-psk", required_argument, NULL, OPT_TLS_PSK},
         {"tls-verify-peer", no_argument, NULL, OPT_TLS_VERIFY_PEER},
         {"tls-priority", required_argument, NULL, OPT_TLS_PRIORITY},
+        {"tls-ktls", required_argument, NULL, OPT_TLS_KTLS},
         {"tls-allow", required_argument, NULL, OPT_TLS_ALLOW},
         {"control-group", required_argument, NULL, OPT_CONTROL_GROUP},
         {"max-memory", required_argument, NULL, OPT_MAX_MEMORY},
@@ -409,6 +425,7 @@ enum opts_result stratad_options_parse(int argc, char **argv,
         case OPT_TLS_VERIFY_PEER:
         case OPT_TLS_PRIORITY:
         case OPT_TLS_ALLOW:
+        case OPT_TLS_KTLS:
         case OPT_CONTROL_GROUP:
             if (parse_tls_option(ch, optarg, o) != OPTS_OK)
                 return stratad_options_fail(o);

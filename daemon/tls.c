@@ -18,6 +18,7 @@
 #if STRATA_HAVE_TLS
 #include <gnutls/gnutls.h>
 #include <gnutls/x509.h>
+#include <linux/tls.h>
 #endif
 
 /* ---- allow lists (no GnuTLS needed) ---- */
@@ -146,6 +147,8 @@ struct tls_server {
     gnutls_psk_server_credentials_t pskc;
     gnutls_priority_t prio;
     struct tls_allow allow;
+    bool ktls;                     /* --tls-ktls=auto and the ULP is there */
+    char ktls_why[128];            /* if not, why */
 };
 
 static bool file_exists(const char *path)
@@ -236,7 +239,179 @@ int tls_server_new(const struct tls_options *o, struct tls_server **out,
         tls_server_free(ts);
         return ret;
     }
+    if (o->mode != TLS_MODE_OFF && o->ktls == TLS_KTLS_AUTO)
+        ts->ktls = tls_kernel_offload_available(ts->ktls_why,
+                                                sizeof(ts->ktls_why));
+    else
+        snprintf(ts->ktls_why, sizeof(ts->ktls_why), "--tls-ktls=off");
     *out = ts;
+    return 0;
+}
+
+bool tls_server_ktls(const struct tls_server *ts, const char **why)
+{
+    *why = ts->ktls_why;
+    return ts->ktls;
+}
+
+bool tls_session_ktls_possible(struct tls_server *ts, void *session,
+                               char *why, size_t len)
+{
+    gnutls_session_t sess = session;
+    if (!ts->ktls) {
+        snprintf(why, len, "%s", ts->ktls_why);
+        return false;
+    }
+    gnutls_protocol_t v = gnutls_protocol_get_version(sess);
+    gnutls_cipher_algorithm_t c = gnutls_cipher_get(sess);
+    if (v != GNUTLS_TLS1_2 && v != GNUTLS_TLS1_3) {
+        snprintf(why, len, "the kernel takes TLS 1.2 and 1.3 only");
+        return false;
+    }
+    if (c != GNUTLS_CIPHER_AES_128_GCM && c != GNUTLS_CIPHER_AES_256_GCM &&
+        c != GNUTLS_CIPHER_CHACHA20_POLY1305) {
+        snprintf(why, len, "the kernel does not take cipher %s",
+                 gnutls_cipher_get_name(c) ? gnutls_cipher_get_name(c) : "?");
+        return false;
+    }
+    return true;
+}
+
+bool tls_session_ktls_rx(void *session, char *why, size_t len)
+{
+    gnutls_session_t sess = session;
+    if (gnutls_protocol_get_version(sess) == GNUTLS_TLS1_2)
+        return true;
+    snprintf(why, len, "TLS 1.3: the kernel's TLS cannot take the new key of "
+             "a peer's KeyUpdate");
+    return false;
+}
+
+/* Fills one of linux/tls.h's crypto_info structures from the session's
+ * state for a direction.  The kernel wants the AEAD nonce base split as
+ * RFC 5288 and RFC 8446 build it: AES-GCM in TLS 1.3 has a 12-byte IV,
+ * its first 4 bytes the salt and the other 8 the iv field; AES-GCM in
+ * TLS 1.2 has only the 4-byte implicit salt, and the iv field is the
+ * first explicit nonce the records carry (GnuTLS uses the sequence number
+ * for it; the kernel counts on from there); CHACHA20-POLY1305 has no
+ * salt and the whole 12-byte IV in both versions (RFC 7905). */
+static int ktls_fill(bool tls13, const gnutls_datum_t *key,
+                     const gnutls_datum_t *iv, const unsigned char seq[8],
+                     uint8_t *k, size_t klen, uint8_t *salt, size_t saltlen,
+                     uint8_t *ivf, size_t ivlen, uint8_t *rec_seq)
+{
+    if (key->size != klen)
+        return -EINVAL;
+    if (saltlen == 0) {
+        if (iv->size != ivlen)
+            return -EINVAL;
+        memcpy(ivf, iv->data, ivlen);
+    } else if (tls13) {
+        if (iv->size != saltlen + ivlen)
+            return -EINVAL;
+        memcpy(salt, iv->data, saltlen);
+        memcpy(ivf, iv->data + saltlen, ivlen);
+    } else {
+        if (iv->size < saltlen || ivlen != 8)
+            return -EINVAL;
+        memcpy(salt, iv->data, saltlen);
+        memcpy(ivf, seq, ivlen);
+    }
+    memcpy(k, key->data, klen);
+    memcpy(rec_seq, seq, 8);
+    return 0;
+}
+
+/* Once the kernel sends: a KeyUpdate from the peer asking for ours (its
+ * last byte, request_update, is 1) would need GnuTLS to send a record
+ * under a new key; refusing it fails the session, and the connection
+ * closes with this reason in the log. */
+static int ktls_key_update_hook(gnutls_session_t sess, unsigned htype,
+                                unsigned when, unsigned incoming,
+                                const gnutls_datum_t *msg)
+{
+    (void)sess;
+    (void)when;
+    if (htype != GNUTLS_HANDSHAKE_KEY_UPDATE || !incoming)
+        return 0;
+    if (msg && msg->size >= 1 && msg->data[msg->size - 1] == 0)
+        return 0; /* only the peer's key changes: GnuTLS receives */
+    log_info("TLS 1.3 KeyUpdate from the peer asks for a new send key, but "
+             "the kernel's TLS holds it: closing the connection");
+    return GNUTLS_E_UNIMPLEMENTED_FEATURE;
+}
+
+int tls_session_ktls_install(void *session, int fd, bool rx, char *why,
+                             size_t len)
+{
+    gnutls_session_t sess = session;
+    bool tls13 = gnutls_protocol_get_version(sess) == GNUTLS_TLS1_3;
+    gnutls_cipher_algorithm_t c = gnutls_cipher_get(sess);
+    if (setsockopt(fd, IPPROTO_TCP, TCP_ULP, "tls", sizeof("tls")) < 0 &&
+        errno != EEXIST) {
+        int e = errno;
+        snprintf(why, len, "TCP_ULP tls: %s", strerror(e));
+        return -e;
+    }
+    gnutls_datum_t mac, iv, key;
+    unsigned char seq[8];
+    int r = gnutls_record_get_state(sess, rx ? 1 : 0, &mac, &iv, &key, seq);
+    if (r < 0) {
+        snprintf(why, len, "gnutls_record_get_state: %s", gnutls_strerror(r));
+        return -EINVAL;
+    }
+    union {
+        struct tls12_crypto_info_aes_gcm_128 g128;
+        struct tls12_crypto_info_aes_gcm_256 g256;
+        struct tls12_crypto_info_chacha20_poly1305 cc;
+    } ci;
+    memset(&ci, 0, sizeof(ci));
+    struct tls_crypto_info *info = &ci.g128.info;
+    size_t size;
+    switch (c) {
+    case GNUTLS_CIPHER_AES_128_GCM:
+        info->cipher_type = TLS_CIPHER_AES_GCM_128;
+        size = sizeof(ci.g128);
+        r = ktls_fill(tls13, &key, &iv, seq, ci.g128.key, sizeof(ci.g128.key),
+                      ci.g128.salt, sizeof(ci.g128.salt), ci.g128.iv,
+                      sizeof(ci.g128.iv), ci.g128.rec_seq);
+        break;
+    case GNUTLS_CIPHER_AES_256_GCM:
+        info->cipher_type = TLS_CIPHER_AES_GCM_256;
+        size = sizeof(ci.g256);
+        r = ktls_fill(tls13, &key, &iv, seq, ci.g256.key, sizeof(ci.g256.key),
+                      ci.g256.salt, sizeof(ci.g256.salt), ci.g256.iv,
+                      sizeof(ci.g256.iv), ci.g256.rec_seq);
+        break;
+    case GNUTLS_CIPHER_CHACHA20_POLY1305:
+        info->cipher_type = TLS_CIPHER_CHACHA20_POLY1305;
+        size = sizeof(ci.cc);
+        r = ktls_fill(tls13, &key, &iv, seq, ci.cc.key, sizeof(ci.cc.key),
+                      NULL, 0, ci.cc.iv, sizeof(ci.cc.iv), ci.cc.rec_seq);
+        break;
+    default:
+        r = -EINVAL;
+        size = 0;
+    }
+    if (r < 0) {
+        explicit_bzero(&ci, sizeof(ci));
+        snprintf(why, len, "unexpected key or IV size for %s",
+                 gnutls_cipher_get_name(c) ? gnutls_cipher_get_name(c) : "?");
+        return r;
+    }
+    info->version = tls13 ? TLS_1_3_VERSION : TLS_1_2_VERSION;
+    r = setsockopt(fd, SOL_TLS, rx ? TLS_RX : TLS_TX, &ci, (socklen_t)size);
+    int e = errno;
+    explicit_bzero(&ci, sizeof(ci));
+    if (r < 0) {
+        snprintf(why, len, "SOL_TLS %s: %s", rx ? "TLS_RX" : "TLS_TX",
+                 strerror(e));
+        return -e;
+    }
+    if (!rx && tls13)
+        gnutls_handshake_set_hook_function(sess, GNUTLS_HANDSHAKE_KEY_UPDATE,
+                                           GNUTLS_HOOK_PRE,
+                                           ktls_key_update_hook);
     return 0;
 }
 
@@ -400,6 +575,39 @@ void tls_session_describe(void *session, char *buf, size_t len)
 {
     (void)session;
     snprintf(buf, len, "none");
+}
+
+bool tls_server_ktls(const struct tls_server *ts, const char **why)
+{
+    (void)ts;
+    *why = "built without TLS";
+    return false;
+}
+
+bool tls_session_ktls_possible(struct tls_server *ts, void *session,
+                               char *why, size_t len)
+{
+    (void)ts;
+    (void)session;
+    snprintf(why, len, "built without TLS");
+    return false;
+}
+
+bool tls_session_ktls_rx(void *session, char *why, size_t len)
+{
+    (void)session;
+    snprintf(why, len, "built without TLS");
+    return false;
+}
+
+int tls_session_ktls_install(void *session, int fd, bool rx, char *why,
+                             size_t len)
+{
+    (void)session;
+    (void)fd;
+    (void)rx;
+    snprintf(why, len, "built without TLS");
+    return -ENOTSUP;
 }
 
 #endif

@@ -35,8 +35,14 @@ struct tls_allow {
     size_t n;
 };
 
+enum tls_ktls {
+    TLS_KTLS_AUTO,                 /* the kernel's TLS where it can */
+    TLS_KTLS_OFF,                  /* GnuTLS in user space only */
+};
+
 struct tls_options {
     enum tls_mode mode;
+    enum tls_ktls ktls;            /* --tls-ktls */
     const char *certificates;      /* --tls-certificates DIR */
     const char *psk_file;          /* --tls-psk FILE */
     bool verify_peer;              /* --tls-verify-peer */
@@ -70,6 +76,28 @@ void tls_session_describe(void *session, char *buf, size_t len);
 /* Kernel TLS: whether this kernel lets sockets take the "tls" ULP, and
  * if not why (for the log). */
 bool tls_kernel_offload_available(char *why, size_t len);
+/* Whether --tls-ktls=auto found the ULP at start; if not, why. */
+bool tls_server_ktls(const struct tls_server *ts, const char **why);
+/* Whether this session's records may go to the kernel's TLS: --tls-ktls
+ * is auto, the ULP was there at start, and the session negotiated TLS 1.2
+ * or 1.3 with AES-128-GCM, AES-256-GCM or CHACHA20-POLY1305.  If not, why
+ * (for the log). */
+bool tls_session_ktls_possible(struct tls_server *ts, void *session,
+                               char *why, size_t len);
+/* Whether the receive side may go to the kernel too, once the send side
+ * did; if not, why.  TLS 1.2: yes.  TLS 1.3: no, the peer may update its
+ * key (GnuTLS does on its own after 2^24 records, which a busy client
+ * reaches in hours of small requests), and the kernel's receive side
+ * cannot take a new key: the connection would have to close. */
+bool tls_session_ktls_rx(void *session, char *why, size_t len);
+/* Attaches the tls ULP to fd (once) and hands it the session's key, IV
+ * and next record sequence number for one direction (rx: receiving,
+ * else sending): SOL_TLS TLS_RX or TLS_TX.  Call only at a record
+ * boundary of that direction.  Once sending is the kernel's, a TLS 1.3
+ * KeyUpdate from the peer that asks for ours fails the session (GnuTLS
+ * could not send it).  0, or -errno with why. */
+int tls_session_ktls_install(void *session, int fd, bool rx, char *why,
+                             size_t len);
 
 /* LIST: entries separated by ';' (a DN has commas).  Empty entries are
  * skipped; an empty LIST gives an empty list (nobody). */

@@ -8,6 +8,7 @@
 
 #include "conn.h"
 #include "log.h"
+#include "tls.h"
 #include "util.h"
 
 #define CONN_RBUF_SIZE (128u << 10)
@@ -28,12 +29,14 @@ static void stream_received(struct stream *s, int res, bool direct);
 static void stream_send_failed(struct stream *s, int res);
 static void stream_kick(struct stream *s);
 static void stream_tls_done(struct stream *s, int res);
+static int stream_tls_to_kernel(struct stream *s, bool rx);
 
 static const struct stream_ops conn_stream_ops = {
     .received = stream_received,
     .send_failed = stream_send_failed,
     .kick = stream_kick,
     .tls_done = stream_tls_done,
+    .tls_offload = stream_tls_to_kernel,
 };
 
 struct conn *conn_new(struct server *srv, int fd, bool is_tcp)
@@ -78,6 +81,30 @@ static void stream_tls_done(struct stream *s, int res)
     struct conn *c = s->owner;
     if (c->state == CONN_TLS_HANDSHAKE)
         nbd_handshake_tls_done(c, res);
+}
+
+/* Which path a connection's records take, for the log. */
+static const char *tls_path_name(unsigned offloaded)
+{
+    return offloaded == 3 ? "kTLS tx+rx" : offloaded == 1 ? "kTLS tx"
+         : offloaded == 2 ? "kTLS rx" : "GnuTLS";
+}
+
+static int stream_tls_to_kernel(struct stream *s, bool rx)
+{
+    struct conn *c = s->owner;
+    char why[160];
+    int r = tls_session_ktls_install(stream_tls_session(s), c->fd, rx, why,
+                                     sizeof(why));
+    unsigned now = stream_tls_offloaded(s) | (r == 0 ? (rx ? 2u : 1u) : 0u);
+    if (r == 0)
+        log_debug("conn %llu: TLS path %s", (unsigned long long)c->id,
+                  tls_path_name(now));
+    else
+        log_debug("conn %llu: TLS path %s (the kernel's TLS refused the %s "
+                  "side: %s)", (unsigned long long)c->id, tls_path_name(now),
+                  rx ? "receive" : "send", why);
+    return r;
 }
 
 /* ---- output ---- */
@@ -150,6 +177,9 @@ static void stream_received(struct stream *s, int res, bool direct)
             log_info("conn %llu: client went away in state %s%s",
                      (unsigned long long)c->id, conn_state_name(c->state),
                      c->payload_req ? " (in the middle of a write payload)" : "");
+        if (res < 0 && stream_tls_error(s))
+            log_info("conn %llu: TLS: %s", (unsigned long long)c->id,
+                     stream_tls_error(s));
         conn_abort(c, res == 0 ? "end of stream" : strerror(-res));
         return;
     }

@@ -418,9 +418,21 @@ void nbd_handshake_tls_done(struct conn *c, int res)
     c->tls = true;
     c->tls_identity = id;
     c->state = CONN_HS_OPTION;
-    log_debug("conn %llu: TLS established (%s), peer '%s'; records sealed "
-              "and opened by GnuTLS in userspace", (unsigned long long)c->id,
-              desc, id ? id : "(no identity)");
+    log_debug("conn %llu: TLS established (%s), peer '%s'",
+              (unsigned long long)c->id, desc, id ? id : "(no identity)");
+    char why[160];
+    void *sess = stream_tls_session(&c->st);
+    if (tls_session_ktls_possible(c->srv->tls, sess, why, sizeof(why))) {
+        /* the stream moves each side at its first record boundary; the
+         * path is logged as it changes */
+        bool rx = tls_session_ktls_rx(sess, why, sizeof(why));
+        if (!rx)
+            log_debug("conn %llu: receiving stays with GnuTLS (%s)",
+                      (unsigned long long)c->id, why);
+        stream_tls_offload(&c->st, rx);
+    } else
+        log_debug("conn %llu: TLS path GnuTLS (kernel TLS: %s)",
+                  (unsigned long long)c->id, why);
 }
 
 static void handle_option(struct conn *c, const uint8_t *data, uint32_t len)

@@ -38,6 +38,8 @@ for args, what in (
          "--tls-verify-peer with PSK"),
         (["--tls=on", "--tls-certificates", certs.server, "--tls-allow", "x"],
          "--tls-allow without --tls=require (plaintext has no identity)"),
+        (["--tls=on", "--tls-certificates", certs.server, "--tls-ktls=maybe"],
+         "--tls-ktls=maybe"),
         (["--control-group", "no-such-group-here", "--control", "/nonexistent/x"],
          "an unknown --control-group")):
     r = subprocess.run([STRATAD, "--export", f"file={disk}", *args],
@@ -116,4 +118,29 @@ srv = harness.Daemon([f"name=open,file={disk}"], extra=extra)
 check_views("after a restart from the state file")
 ok("the allow list survives a restart (state file)")
 check(srv.stop() == 0, "stratad exit status")
+
+# ---- --tls-ktls: the path each connection takes is logged ------------------
+# This host may or may not have the kernel's tls module: with auto, each TLS
+# connection names one path; with off, always GnuTLS (tests/vm/test-ktls.py
+# runs both paths on a kernel that has the module).
+for mode in ("auto", "off"):
+    srv = harness.Daemon([f"name=open,file={disk}"],
+                         extra=["--tls=require", "--tls-certificates",
+                                certs.server, f"--tls-ktls={mode}", "-v"])
+    for _ in range(2):
+        r = subprocess.run(["nbdinfo", "--size", tls_uri("open", "alice")],
+                           capture_output=True, text=True, timeout=30)
+        check(r.returncode == 0 and r.stdout.strip() == str(MiB),
+              f"--tls-ktls={mode}: nbdinfo: {r.stdout}{r.stderr}")
+    check(srv.stop() == 0, "stratad exit status")
+    log = srv.logtext()
+    paths = [m for m in log.splitlines() if "TLS path " in m]
+    final = [m for m in paths if "TLS path kTLS tx+rx" in m or
+             "TLS path GnuTLS" in m or "(the kernel's TLS refused" in m]
+    check(len(final) == 2, f"--tls-ktls={mode}: paths logged: {paths}")
+    if mode == "off":
+        check(all("TLS path GnuTLS (kernel TLS: --tls-ktls=off)" in m
+                  for m in paths), f"--tls-ktls=off: {paths}")
+    print(f"  --tls-ktls={mode}: {final[0].split('TLS path ')[1]}")
+ok("--tls-ktls=auto and off: each TLS connection's path is logged with -v")
 print("PASS")

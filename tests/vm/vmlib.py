@@ -86,6 +86,16 @@ MODULES = [
     "virtio_pci", "virtio_net", "virtio_blk",
 ]
 
+# Modules shipped in the image but loaded only by the tests that want them,
+# from lib/modules/strata/extra/ in the order of its file `order`: the
+# kernel's TLS (the tls ULP) and the AEADs it asks the crypto API for, the
+# generic ones and the x86 ones (test-ktls.py; an x86 one may fail to load
+# where the virtual CPU lacks its instructions).
+EXTRA_MODULES = [
+    "tls", "gcm", "ctr", "ghash_generic", "chacha20poly1305",
+    "chacha_generic", "poly1305_generic", "aesni_intel", "ghash_clmulni_intel",
+]
+
 SERIAL_RESULT = re.compile(r"STRATA-VM: (PASS|FAIL)(?: (.*))?$")
 
 
@@ -436,7 +446,8 @@ def _build(debs, pkgs, out):
 
     cpio = Cpio(os.path.join(out, "initramfs.cpio"))
     for d in ("proc", "sys", "dev", "mnt", "tmp", "run", "root", "etc",
-              "bin", "sbin", "usr/bin", "usr/sbin", "lib/modules/strata"):
+              "bin", "sbin", "usr/bin", "usr/sbin", "lib/modules/strata",
+              "lib/modules/strata/extra"):
         cpio.dir(d)
     cpio.chardev("dev/console", 5, 1)
     cpio.chardev("dev/null", 1, 3, 0o666)
@@ -485,10 +496,17 @@ def _build(debs, pkgs, out):
                   os.path.join(moddir, rel))
     cpio.file("lib/modules/strata/order",
               "".join(os.path.basename(r) + "\n" for r in order).encode())
+    extra = [r for r in module_order(moddir, EXTRA_MODULES) if r not in order]
+    for rel in extra:
+        cpio.copy("lib/modules/strata/extra/" + os.path.basename(rel),
+                  os.path.join(moddir, rel))
+    cpio.file("lib/modules/strata/extra/order",
+              "".join(os.path.basename(r) + "\n" for r in extra).encode())
     cpio.close()
     shutil.rmtree(root)
     manifest = {"kernel": kver, "packages": pkgs,
                 "modules": [os.path.basename(r) for r in order],
+                "extra_modules": [os.path.basename(r) for r in extra],
                 "binaries": BINARIES, "libraries": sorted(guest_libs),
                 "busybox_applets": nlinks}
     with open(os.path.join(out, "manifest.json"), "w") as f:
@@ -520,9 +538,13 @@ class VM:
 
     init:      the /init script's text (a #!/bin/sh script that sources
                /lib/strata-vm/common.sh and ends in vm_pass / vm_fail);
-    files:     {guest path: bytes} added to the initramfs;
+    files:     {guest path: bytes, or (bytes, mode)} added to the
+               initramfs (host_binary_files() for a host program);
     guestfwd:  [(guest port, host port)]: rule i makes guestfwd_addr(i):
                guest port reach 127.0.0.1:host port, dialled per connection;
+    hostfwd:   [(host port, guest port)]: 127.0.0.1:host port on the host
+               reaches the guest's 10.0.2.15:guest port (a server in the
+               guest);
     cmdline:   extra kernel command-line words (the init reads /proc/cmdline);
     qemu_args: extra QEMU arguments (e.g. an NBD drive);
     memory:    guest RAM in MiB;
@@ -532,7 +554,7 @@ class VM:
     """
 
     def __init__(self, image, workdir, name, init, files=None, guestfwd=(),
-                 cmdline="", qemu_args=(), memory=512, smp=1):
+                 cmdline="", qemu_args=(), memory=512, smp=1, hostfwd=()):
         self.image = image
         self.name = name
         self.dir = os.path.join(workdir, "vm-" + name)
@@ -542,7 +564,8 @@ class VM:
         self.socat_log = os.path.join(self.dir, "socat.log")
         self.initrd = os.path.join(self.dir, "initrd.cpio")
         self._make_initrd(init, files or {})
-        self.args = self._qemu_args(guestfwd, cmdline, qemu_args, memory, smp)
+        self.args = self._qemu_args(guestfwd, cmdline, qemu_args, memory, smp,
+                                    hostfwd)
         self.proc = None
         self.t0 = None
 
@@ -553,7 +576,10 @@ class VM:
         with open(os.path.join(GUEST_DIR, "common.sh"), "rb") as f:
             c.file("lib/strata-vm/common.sh", f.read(), 0o644)
         for path, data in sorted(files.items()):
-            c.file(path, data, 0o644)
+            if isinstance(data, tuple):
+                c.file(path, data[0], data[1])
+            else:
+                c.file(path, data, 0o644)
         c.close()
         # The kernel unpacks concatenated archives in order.
         with open(self.initrd, "wb") as out:
@@ -562,8 +588,10 @@ class VM:
                     shutil.copyfileobj(f, out, 1 << 20)
         os.unlink(extra)
 
-    def _qemu_args(self, guestfwd, cmdline, qemu_args, memory, smp):
+    def _qemu_args(self, guestfwd, cmdline, qemu_args, memory, smp, hostfwd):
         net = "user,id=n0,restrict=on"
+        for hport, gport in hostfwd:
+            net += f",hostfwd=tcp:127.0.0.1:{int(hport)}-:{int(gport)}"
         for i, (gport, hport) in enumerate(guestfwd):
             # QEMU runs the command each time the guest connects; so the
             # server sees a connection only when the guest makes one.  The
@@ -685,6 +713,19 @@ class VM:
                 if text:
                     out += f"\n--- {what} ---\n" + text[-6000:]
         return out
+
+
+def host_binary_files(binary, guest_path):
+    """{guest path: (bytes, mode)} for a program built on the host and the
+    shared libraries it loads (from the host, as ldd finds them), for
+    VM(files=...): e.g. stratad, run in the guest."""
+    files = {guest_path: (open(binary, "rb").read(), 0o755)}
+    for lib in _ldd(binary, []):
+        name = lib
+        if name.startswith("/usr/lib/"):
+            name = name[len("/usr"):]
+        files[name] = (open(os.path.realpath(lib), "rb").read(), 0o755)
+    return files
 
 
 def nbd_drive_args(port=None, export="", drive_id="d0", host="127.0.0.1",
