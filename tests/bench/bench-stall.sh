@@ -20,7 +20,10 @@
 # Environment: STRATAD, BENCH_DIR, BENCH_RUNTIME (default 6 s; 4 with
 # BENCH_QUICK), BENCH_ROUNDS (default 3; 1 with BENCH_QUICK),
 # BENCH_QUICK=1 (64 MiB base, short: a smoke test), BENCH_SERVERS
-# (default "stratad qsd"), BENCH_EVENTS (default "snapshot flush").
+# (default "stratad qsd", plus "stratad-ref" when STRATAD_REF names a
+# second build to compare with), BENCH_EVENTS (default "snapshot flush"),
+# BENCH_KEEP=DIR (keep each run's fio latency log and server log there,
+# named ROUND-SERVER-EVENT.*, for a closer look).
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -33,7 +36,7 @@ if [ "${BENCH_QUICK:-0}" = 1 ]; then
 else
     runtime=${BENCH_RUNTIME:-6}
 fi
-servers=${BENCH_SERVERS:-stratad qsd}
+servers=${BENCH_SERVERS:-stratad${STRATAD_REF:+ stratad-ref} qsd}
 events=${BENCH_EVENTS:-snapshot flush}
 event_at=2.5
 
@@ -56,9 +59,11 @@ bench_workdir
 start_server() {                # server sock ctl -> sets server_pid, uri
     local s=$1 sock=$2 ctl=$3 log=$work/$1.log t=$work/top.qcow2
     case $s in
-    stratad)
-        [ -x "$STRATAD" ] || { echo "bench: $STRATAD not found (build first)" >&2; return 1; }
-        cmd=("$STRATAD" --listen "unix:$sock" --pid-file "$work/$s.pid" --control "$ctl"
+    stratad|stratad-ref)
+        local bin
+        bin=$(stratad_bin "$s")
+        [ -x "$bin" ] || { echo "bench: $bin not found (build first)" >&2; return 1; }
+        cmd=("$bin" --listen "unix:$sock" --pid-file "$work/$s.pid" --control "$ctl"
              --verbose
              --export "name=bench,file=$t,format=qcow2,cache=writeback,backing-root=$BENCH_DIR") ;;
     qsd)
@@ -113,14 +118,14 @@ else:
                 return r
     json.loads(f.readline())                     # greeting
     call("qmp_capabilities")
-    who = ({"device": "bench"} if server == "stratad"
+    who = ({"device": "bench"} if server.startswith("stratad")
            else {"node-name": "top", "snapshot-node-name": "snap"})
     t0 = time.monotonic()
     r = call("blockdev-snapshot-sync", dict(who, **{"snapshot-file": snap, "format": "qcow2"}))
     t1 = time.monotonic()
     if "error" in r:
         sys.exit(f"snapshot failed: {r['error']}")
-print(f"event {event} took {(t1 - t0) * 1e3:.1f} ms")
+print(f"event {event} took {(t1 - t0) * 1e3:.1f} ms (monotonic {t0 * 1e3:.1f} ms)")
 PYEOF
 }
 
@@ -161,8 +166,8 @@ for ((round = 0; round < rounds; round++)); do
             failed=1
         fi
         stop_server "$s" 30
-        if [ "$s" = stratad ]; then
-            grep -h "snapshot:" "$work/stratad.log" | tail -1 || true
+        if [ "$s" != qsd ]; then
+            grep -h "snapshot:" "$work/$s.log" | tail -1 || true
             for img in "$work/top.qcow2" "$work/snap.qcow2"; do
                 [ -f "$img" ] || continue
                 if ! qemu-img check -q "$img"; then
@@ -195,6 +200,11 @@ PYEOF
             failed=1
         fi
         tail -1 "$work/stall.txt"
+        if [ -n "${BENCH_KEEP:-}" ]; then
+            mkdir -p "$BENCH_KEEP"
+            cat "$work"/lat_lat.*.log > "$BENCH_KEEP/$((round + 1))-$s-$ev.lat.log"
+            cp "$work/$s.log" "$BENCH_KEEP/$((round + 1))-$s-$ev.server.log"
+        fi
     done
   done
 done
