@@ -39,7 +39,7 @@ meson test -C build-san --print-errorlogs --num-processes 2 "$@" || rc=$?
 
 # The benchmark must keep working: a short run on the optimised build.
 if [[ $rc == 0 ]]; then
-    for b in raw chain rbd; do
+    for b in raw chain rbd stall; do
         STRATAD=$PWD/build-ci/daemon/stratad BENCH_QUICK=1 tests/bench/bench-$b.sh || {
             rc=$?
             echo "strata: the $b benchmark (smoke mode) failed with status $rc: its output is above; run it alone with 'STRATAD=build-ci/daemon/stratad BENCH_QUICK=1 tests/bench/bench-$b.sh'" >&2
