@@ -20,7 +20,10 @@ Then an acknowledged FUA write into a new L2 range survives a kill -9
 right after its reply.
 
 4 KiB clusters (an L2 table covers 2 MiB, a refcount block 8 MiB of the
-file), so the flushes write several new tables and refcount blocks.
+file), so the flushes write several new tables and refcount blocks.  The
+overlay ends in 4 MiB of random bytes (free clusters): an L1 entry that
+reached the file before its table would point at garbage, which
+qemu-img check reports (an empty file hole would pass as a table).
 Needs a build with -Dfault_injection=true (skips otherwise).
 """
 import os
@@ -76,13 +79,20 @@ with open(BASE, "wb") as f:
     f.write(rng.randbytes(SIZE))
 with open(BASE, "rb") as f:
     BASE_DATA = f.read()
+GARBAGE = rng.randbytes(4 * MiB)
 
 
 def fresh_top(tag):
+    """A new overlay followed by 4 MiB of garbage: free clusters (refcount
+    0) that new tables and data are allocated in, so a table linked
+    before it was written would read as garbage, not as an empty table
+    (a file hole), and qemu-img check would see it."""
     top = os.path.join(WORK, f"top-{tag}.qcow2")
     p = qimg("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096",
              "-b", BASE, "-F", "raw", top)
     check(p.returncode == 0, f"qemu-img create: {p.stderr}")
+    with open(top, "ab") as f:
+        f.write(GARBAGE)
     return top
 
 
