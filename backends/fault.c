@@ -1,5 +1,6 @@
 /* strata — fault injection for tests (see fault.h). */
 #include <errno.h>
+#include <signal.h>
 
 #include "fault.h"
 #include "log.h"
@@ -16,7 +17,8 @@ static struct {
 
 int backend_fault_arm(const struct backend_fault_plan *p)
 {
-    if (p->nth > 0 && (!(p->ops & BACKEND_FAULT_ALL) || p->error > 0 ||
+    if (p->nth > 0 && (!(p->ops & BACKEND_FAULT_ALL) ||
+                       (p->error > 0 && p->error != BACKEND_FAULT_KILL) ||
                        (p->error == 0 &&
                         (p->ops & ~(BACKEND_FAULT_READ | BACKEND_FAULT_WRITE)))))
         return -EINVAL;
@@ -45,6 +47,11 @@ int backend_fault_hit(unsigned op, bool *short_io)
         return 0;
     fault.armed = false;
     fault.fired = true;
+    if (fault.plan.error == BACKEND_FAULT_KILL) {
+        log_info("fault injection: killed at backend operation %llu",
+                 (unsigned long long)fault.seen);
+        raise(SIGKILL);
+    }
     if (fault.plan.error == 0) {
         log_info("fault injection: backend operation %llu: short transfer",
                  (unsigned long long)fault.seen);

@@ -7,9 +7,10 @@
  * A plan names the kinds of operations it counts (a mask of
  * BACKEND_FAULT_*), which one of them fails (the nth, counted from 1
  * after arming, across every backend of the process) and how: with an
- * error (-EIO, -ENOSPC, ...) or as a short transfer (the backend sees
+ * error (-EIO, -ENOSPC, ...), as a short transfer (the backend sees
  * only part of the bytes moved and must resubmit the rest; the operation
- * then succeeds).  A plan fires once.  The contract wrappers of backend.c
+ * then succeeds), or as a crash (SIGKILL to the process, before the
+ * operation).  A plan fires once.  The contract wrappers of backend.c
  * (the only way into a backend) run the hook; a short transfer is
  * simulated inside the backend (file.c).
  *
@@ -32,11 +33,16 @@
 #define BACKEND_FAULT_TRUNCATE (1u << 5)
 #define BACKEND_FAULT_ALL      0x3fu
 
+/* plan.error: instead of failing, the process kills itself (SIGKILL)
+ * before the operation runs: a crash at an exact step. */
+#define BACKEND_FAULT_KILL 1
+
 struct backend_fault_plan {
     unsigned ops;              /* BACKEND_FAULT_* counted */
     uint64_t nth;              /* >= 1; 0 disarms */
     int error;                 /* -errno to fail with; 0: short transfer
-                                  (reads and writes only) */
+                                  (reads and writes only);
+                                  BACKEND_FAULT_KILL: crash */
 };
 
 struct backend_fault_stats {

@@ -118,28 +118,54 @@ static int file_preadv_co(struct backend *b, struct coro *co,
     return file_rw_co(fb(b), co, false, iov, iovcnt, off, 0);
 }
 
+/* fdatasync of host bytes [off, off + len) (len 0: the whole file): the
+ * range's data and whatever metadata reading it back needs. */
+static int file_sync_range_co(struct file_backend *f, struct coro *co,
+                              uint64_t off, uint64_t len)
+{
+    struct loop_wait w;
+    loop_wait_init(&w, co);
+    struct io_uring_sqe *sqe = loop_get_sqe(f->b.loop, &w.op);
+    io_uring_prep_fsync(sqe, f->fd, IORING_FSYNC_DATASYNC);
+    if (len && len <= UINT32_MAX) {
+        sqe->off = off;
+        sqe->len = (uint32_t)len;
+    }
+    return loop_wait_co(&w);
+}
+
+/* A FUA write to a regular file through the page cache is a plain write
+ * followed by an fdatasync of its range, which is what RWF_DSYNC does in
+ * the kernel, but in two requests: io_uring runs the buffered writes to
+ * one file one after another on a single worker, so a write carrying
+ * RWF_DSYNC would hold every later write to the file behind its sync (a
+ * device cache flush, long while other files are written back).  The
+ * sync runs on a worker of its own.  With O_DIRECT (and on block
+ * devices) RWF_DSYNC stays: the device gets the write with FUA and
+ * nothing is serialised. */
 static int file_pwritev_co(struct backend *b, struct coro *co,
                            const struct iovec *iov, int iovcnt, uint64_t off,
                            unsigned flags)
 {
     struct file_backend *f = fb(b);
+    bool fua = flags & BACKEND_FUA;
+    bool split = fua && !f->direct && !f->is_blockdev;
+    uint64_t len = iov_size(iov, iovcnt);
     int r = file_rw_co(f, co, true, iov, iovcnt, off,
-                       (flags & BACKEND_FUA) ? RWF_DSYNC : 0);
+                       fua && !split ? RWF_DSYNC : 0);
     if (r == 0) {
-        uint64_t end = off + iov_size(iov, iovcnt);
+        uint64_t end = off + len;
         if (end > b->size && !f->is_blockdev)
             b->size = end;
     }
+    if (r == 0 && split)
+        r = file_sync_range_co(f, co, off, len);
     return r;
 }
 
 static int file_flush_co(struct backend *b, struct coro *co)
 {
-    struct loop_wait w;
-    loop_wait_init(&w, co);
-    struct io_uring_sqe *sqe = loop_get_sqe(b->loop, &w.op);
-    io_uring_prep_fsync(sqe, fb(b)->fd, IORING_FSYNC_DATASYNC);
-    return loop_wait_co(&w);
+    return file_sync_range_co(fb(b), co, 0, 0);
 }
 
 static int file_fallocate_co(struct file_backend *f, struct coro *co, int mode,

@@ -44,7 +44,7 @@ meson test -C build-san --print-errorlogs --num-processes 2 \
 
 # The benchmark must keep working: a short run on the optimised build.
 if [[ $rc == 0 ]]; then
-    benches=(raw chain rbd)
+    benches=(raw chain rbd stall)
     [[ -f build-ci/nbdkit/nbdkit-strata-plugin.so ]] && benches+=(nbdkit)
     for b in "${benches[@]}"; do
         STRATAD=$PWD/build-ci/daemon/stratad STRATA_NBDKIT_PLUGIN=$PWD/build-ci/nbdkit/nbdkit-strata-plugin.so \

@@ -138,6 +138,13 @@ int qcow2_defer_free_locked_co(struct qcow2 *s, struct coro *co,
     default:
         return 0;
     }
+    return qcow2_defer_free_range_locked(s, off, len);
+}
+
+int qcow2_defer_free_range_locked(struct qcow2 *s, uint64_t off,
+                                  uint64_t len)
+{
+    assert(co_mutex_locked(&s->lock));
     if (s->n_frees == s->cap_frees) {
         size_t cap = s->cap_frees ? s->cap_frees * 2 : 64;
         struct qcow2_pending_free *nf = realloc(s->frees, cap * sizeof(*nf));

@@ -133,6 +133,11 @@ static struct qcow2_cache_entry *find(struct qcow2_cache *c, uint64_t off)
     return NULL;
 }
 
+bool qcow2_cache_contains(const struct qcow2_cache *c, uint64_t off)
+{
+    return find((struct qcow2_cache *)c, off) != NULL;
+}
+
 /* Waits (lock held) until the write-back of e is done.  That write needs
  * no lock to finish. */
 static void wait_wb_co(struct qcow2_cache *c, struct coro *co,

@@ -1,10 +1,13 @@
 /* strata — qcow2 cluster map: guest offset -> L1 entry -> L2 table -> host.
  *
  * Everything here runs with the image lock held.  L2 tables come from the
- * metadata cache; the active L1 table lives in memory and is written
- * through.  A new L2 table (or the private copy of a table shared with an
- * internal snapshot) is written with FUA (durable) before the L1 entry
- * that points at it.
+ * metadata cache; the active L1 table lives in memory.  A new L2 table (or
+ * the private copy of a table shared with an internal snapshot) is only
+ * created in the cache and linked in the in-memory L1: no write, no
+ * sync.  The next flush writes the table, syncs, and only then writes the
+ * L1 entry (see qcow2_flush_co), so the L1 table on disk never points at
+ * a table that is not durable; a crash before that flush loses the
+ * unflushed writes through the table and leaks its cluster at worst.
  */
 #include <assert.h>
 #include <errno.h>
@@ -44,9 +47,13 @@ static int l1_lookup(struct qcow2 *s, uint64_t off, uint64_t *l1i,
         return qcow2_corrupt(s, "L1 entry %llu (%#llx) is not aligned",
                              (unsigned long long)*l1i,
                              (unsigned long long)raw);
+    /* A new table not written yet may lie past the end of the file: it
+     * lives in the cache until its write (which a flush does before the
+     * L1 entry goes to disk, and an eviction before it leaves the cache). */
     if (l1e->l2_offset &&
         (l1e->l2_offset < qcow2_cs(s) ||
-         l1e->l2_offset >= s->node.file->size))
+         (l1e->l2_offset >= s->node.file->size &&
+          !qcow2_cache_contains(&s->l2_cache, l1e->l2_offset))))
         return qcow2_corrupt(s, "L2 table %llu at %#llx is outside the "
                              "image file", (unsigned long long)*l1i,
                              (unsigned long long)l1e->l2_offset);
@@ -151,14 +158,18 @@ int qcow2_map_get_co(struct qcow2 *s, struct coro *co, uint64_t off,
     return 0;
 }
 
-static int l1_write_co(struct qcow2 *s, struct coro *co, uint64_t l1i)
+void qcow2_l1_mark_dirty_locked(struct qcow2 *s, uint64_t i)
 {
-    int r = qcow2_write_meta_co(s, co, s->l1, s->h.l1_table_offset,
-                                s->l1_bytes, l1i * 8, 8, 0);
-    if (r < 0)
-        log_error("%s: writing L1 entry %llu: %s", s->node.filename,
-                  (unsigned long long)l1i, strerror(-r));
-    return r;
+    assert(co_mutex_locked(&s->lock));
+    if (s->l1_dirty_lo == s->l1_dirty_hi) {
+        s->l1_dirty_lo = i;
+        s->l1_dirty_hi = i + 1;
+        return;
+    }
+    if (i < s->l1_dirty_lo)
+        s->l1_dirty_lo = i;
+    if (i + 1 > s->l1_dirty_hi)
+        s->l1_dirty_hi = i + 1;
 }
 
 int qcow2_l2_for_write_co(struct qcow2 *s, struct coro *co, uint64_t off,
@@ -192,25 +203,16 @@ int qcow2_l2_for_write_co(struct qcow2 *s, struct coro *co, uint64_t off,
         memcpy(ne->table, oe->table, cs);
         qcow2_cache_put(&s->l2_cache, oe);
     }
+    /* Written by the next flush (or an eviction) after the refcount
+     * blocks, and synced before that flush writes the L1 entry. */
     qcow2_cache_mark_dirty(&s->l2_cache, ne);
-    r = qcow2_cache_write_now_co(&s->l2_cache, co, ne); /* durable */
-    if (r < 0)
-        goto drop;
-
-    uint64_t old_raw = be_get64(s->l1 + l1i * 8);
     be_put64(s->l1 + l1i * 8, new_off | QCOW2_OFLAG_COPIED);
-    r = l1_write_co(s, co, l1i);
-    if (r < 0) {
-        be_put64(s->l1 + l1i * 8, old_raw);
-        goto drop;
-    }
+    qcow2_l1_mark_dirty_locked(s, l1i);
     if (l1e.l2_offset) {
-        /* The snapshot keeps the old table. */
-        r = qcow2_refcount_update_co(s, co, l1e.l2_offset, cs, -1);
-        if (r < 0) {
-            qcow2_cache_put(&s->l2_cache, ne);
-            return r;
-        }
+        /* The snapshot keeps the old table; our reference to it goes
+         * once the L1 entry on disk no longer names it.  A failure here
+         * only leaks it. */
+        qcow2_defer_free_range_locked(s, l1e.l2_offset, cs);
     }
     *l2 = ne;
     return 0;

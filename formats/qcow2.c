@@ -225,23 +225,27 @@ static int qcow2_preadv_co(struct fmt_node *n, struct coro *co,
  *
  *  1. under the lock, without I/O: wait until no earlier flush is still
  *     writing tables back (our sync must cover those writes), then take
- *     copies of every dirty refcount block and L2 table, and the list of
- *     pending frees;
+ *     copies of every dirty refcount block and L2 table, the L1 entries
+ *     that changed (into l1_disk) and the list of pending frees;
  *  2. without the lock: write the refcount blocks (with FUA: durable when
  *     done), then the L2 tables, then sync the file, which also covers
- *     the guest data acknowledged before the flush;
- *  3. under the lock: release the pending frees (the L2 tables that
- *     dropped them are on disk now), and write the refcount blocks that
- *     changed, without the lock again.
+ *     the guest data acknowledged before the flush; then, if L1 entries
+ *     changed (new L2 tables), write them with FUA;
+ *  3. under the lock: release the pending frees (the L2 tables and the
+ *     L1 entries that dropped them are on disk now), and write the
+ *     refcount blocks that changed, without the lock again.
  *
  * The crash order holds: every L2 entry in a copy points at clusters whose
  * refcount was raised before the copy was taken, so that refcount is in
  * the refcount copies written first, or was written through already, or
- * is in a write-back that step 1 waited for.  Requests that run
- * meanwhile change the cached tables, not the copies; a table changed
- * again is dirty again and goes out with the next flush, after this one's
- * write of it (an entry under write-back is neither evicted nor written
- * by anyone else until that write ends). */
+ * is in a write-back that step 1 waited for.  Every L1 entry taken points
+ * at a table in the L2 copies or written back (by an eviction) before
+ * step 1, so the sync made it durable before the entry is written.
+ * Requests that run meanwhile change the cached tables and the in-memory
+ * L1, not the copies; a table changed again is dirty again and goes out
+ * with the next flush, after this one's write of it (an entry under
+ * write-back is neither evicted nor written by anyone else until that
+ * write ends). */
 
 /* Puts frees back on the pending list (a flush that failed). */
 static void requeue_frees_locked(struct qcow2 *s,
@@ -260,12 +264,62 @@ static void requeue_frees_locked(struct qcow2 *s,
     s->n_frees += n;
 }
 
+/* Step 1 for the L1 table: moves the changed entries into l1_disk (their
+ * old values saved in *saved, to put back if the write fails) and marks
+ * the write in progress.  [*lo, *hi) empty: nothing to write. */
+static int l1_wb_begin_locked(struct qcow2 *s, uint64_t *lo, uint64_t *hi,
+                              uint8_t **saved)
+{
+    assert(co_mutex_locked(&s->lock));
+    assert(!s->l1_wb);
+    *lo = s->l1_dirty_lo;
+    *hi = s->l1_dirty_hi;
+    *saved = NULL;
+    if (*lo == *hi)
+        return 0;
+    size_t bytes = (size_t)(*hi - *lo) * 8;
+    *saved = malloc(bytes);
+    if (!*saved)
+        return -ENOMEM;
+    memcpy(*saved, s->l1_disk + *lo * 8, bytes);
+    memcpy(s->l1_disk + *lo * 8, s->l1 + *lo * 8, bytes);
+    s->l1_dirty_lo = s->l1_dirty_hi = 0;
+    s->l1_wb = true;
+    return 0;
+}
+
+/* Ends the L1 write-back: on failure the entries go back to l1_disk's
+ * old values and are dirty again.  Needs no lock (no yield). */
+static void l1_wb_end(struct qcow2 *s, uint64_t lo, uint64_t hi,
+                      uint8_t *saved, bool written)
+{
+    if (lo == hi)
+        return;
+    if (!written) {
+        memcpy(s->l1_disk + lo * 8, saved, (size_t)(hi - lo) * 8);
+        if (s->l1_dirty_lo == s->l1_dirty_hi) {
+            s->l1_dirty_lo = lo;
+            s->l1_dirty_hi = hi;
+        } else {
+            if (lo < s->l1_dirty_lo)
+                s->l1_dirty_lo = lo;
+            if (hi > s->l1_dirty_hi)
+                s->l1_dirty_hi = hi;
+        }
+    }
+    free(saved);
+    s->l1_wb = false;
+    co_queue_wake_all(&s->l1_wb_waiters);
+}
+
 int qcow2_flush_co(struct fmt_node *n, struct coro *co)
 {
     struct qcow2 *s = qcow2_of(n);
     struct qcow2_cache_wb rb = {0}, l2 = {0};
     struct qcow2_pending_free *frees = NULL;
     size_t n_frees = 0;
+    uint64_t l1_lo = 0, l1_hi = 0;
+    uint8_t *l1_saved = NULL;
 
     /* A writable backing node right below holds data that reads through
      * this one show (a snapshot's old top until it is made read-only, a
@@ -277,14 +331,28 @@ int qcow2_flush_co(struct fmt_node *n, struct coro *co)
     }
 
     co_mutex_lock_co(&s->lock, co);
-    while (qcow2_cache_wait_wb_locked_co(&s->rb_cache, co) ||
-           qcow2_cache_wait_wb_locked_co(&s->l2_cache, co))
-        ;
+    for (;;) {
+        if (qcow2_cache_wait_wb_locked_co(&s->rb_cache, co) ||
+            qcow2_cache_wait_wb_locked_co(&s->l2_cache, co))
+            continue;
+        if (!s->l1_wb)
+            break;
+        co_mutex_unlock(&s->lock, co);
+        co_queue_wait_co(&s->l1_wb_waiters, co);
+        co_mutex_lock_co(&s->lock, co);
+    }
     int r = qcow2_cache_wb_begin_locked(&s->rb_cache, co, &rb);
     if (r == 0) {
         r = qcow2_cache_wb_begin_locked(&s->l2_cache, co, &l2);
         if (r < 0)
             qcow2_cache_wb_abort(&s->rb_cache, &rb);
+    }
+    if (r == 0) {
+        r = l1_wb_begin_locked(s, &l1_lo, &l1_hi, &l1_saved);
+        if (r < 0) {
+            qcow2_cache_wb_abort(&s->rb_cache, &rb);
+            qcow2_cache_wb_abort(&s->l2_cache, &l2);
+        }
     }
     if (r == 0) {
         frees = s->frees;
@@ -303,6 +371,17 @@ int qcow2_flush_co(struct fmt_node *n, struct coro *co)
         qcow2_cache_wb_abort(&s->l2_cache, &l2);
     if (r == 0)
         r = backend_flush_co(s->node.file, co);
+    if (r == 0 && l1_lo != l1_hi) {
+        /* The tables these entries point at are durable now. */
+        r = qcow2_write_meta_co(s, co, s->l1_disk, s->h.l1_table_offset,
+                                s->l1_bytes, l1_lo * 8, (l1_hi - l1_lo) * 8,
+                                BACKEND_FUA);
+        if (r < 0)
+            log_error("%s: writing L1 entries %llu-%llu: %s", n->filename,
+                      (unsigned long long)l1_lo,
+                      (unsigned long long)(l1_hi - 1), strerror(-r));
+    }
+    l1_wb_end(s, l1_lo, l1_hi, l1_saved, r == 0);
 
     if (n_frees) {
         co_mutex_lock_co(&s->lock, co);
@@ -389,7 +468,8 @@ static void qcow2_close(struct fmt_node *n)
     struct qcow2 *s = qcow2_of(n);
     if (!n->read_only &&
         (qcow2_cache_has_dirty(&s->l2_cache) ||
-         qcow2_cache_has_dirty(&s->rb_cache)))
+         qcow2_cache_has_dirty(&s->rb_cache) ||
+         s->l1_dirty_lo != s->l1_dirty_hi))
         log_warn("%s: closed with unwritten metadata (writes since the last "
                  "flush are lost; the image stays consistent)", n->filename);
     qcow2_cache_destroy(&s->l2_cache);
@@ -399,6 +479,7 @@ static void qcow2_close(struct fmt_node *n)
     free(s->zeros);
     free(s->hdr);
     free(s->l1);
+    free(s->l1_disk);
     free(s->reftable);
     free(n->filename);
     free(s);
@@ -595,25 +676,37 @@ static int qcow2_grow_co(struct fmt_node *n, struct coro *co, uint64_t size,
         return error_setf(errp, EFBIG, "%s: the L1 table would be too large",
                           n->filename);
     co_mutex_lock_co(&s->lock, co);
+    /* l1_disk is what goes to disk; a flush may be writing it. */
+    while (s->l1_wb) {
+        co_mutex_unlock(&s->lock, co);
+        co_queue_wait_co(&s->l1_wb_waiters, co);
+        co_mutex_lock_co(&s->lock, co);
+    }
     int r = 0;
     struct qcow2_header h = s->h;
     uint64_t old_off = 0, old_bytes = 0;
-    uint8_t *nl1 = NULL;
+    uint8_t *nl1 = NULL, *nl1_disk = NULL;
     if (new_l1 > s->h.l1_size) {
         uint64_t need = (new_l1 * 8 + cs - 1) / cs * cs;
         if (s->h.l1_size && need <= s->l1_bytes) {
             /* Room in the current clusters: zero the new entries on disk. */
-            r = qcow2_write_meta_co(s, co, s->l1, s->h.l1_table_offset,
+            r = qcow2_write_meta_co(s, co, s->l1_disk, s->h.l1_table_offset,
                                     s->l1_bytes, (uint64_t)s->h.l1_size * 8,
                                     (new_l1 - s->h.l1_size) * 8, BACKEND_FUA);
         } else {
+            /* The new table on disk holds what the old one holds; entries
+             * not written yet stay for the next flush. */
             uint64_t host;
             nl1 = qcow2_buf_alloc(s, need);
-            r = nl1 ? qcow2_alloc_exact_co(s, co, need / cs, &host) : -ENOMEM;
+            nl1_disk = qcow2_buf_alloc(s, need);
+            r = nl1 && nl1_disk ? qcow2_alloc_exact_co(s, co, need / cs, &host)
+                                : -ENOMEM;
             if (r == 0) {
                 memset(nl1, 0, need);
                 memcpy(nl1, s->l1, (uint64_t)s->h.l1_size * 8);
-                r = backend_pwrite_co(n->file, co, nl1, need, host,
+                memset(nl1_disk, 0, need);
+                memcpy(nl1_disk, s->l1_disk, (uint64_t)s->h.l1_size * 8);
+                r = backend_pwrite_co(n->file, co, nl1_disk, need, host,
                                       BACKEND_FUA);
                 if (r < 0)
                     qcow2_refcount_update_co(s, co, host, need, -1);
@@ -647,14 +740,17 @@ static int qcow2_grow_co(struct fmt_node *n, struct coro *co, uint64_t size,
         n->size = size;
         if (nl1) {
             free(s->l1);
+            free(s->l1_disk);
             s->l1 = nl1;
+            s->l1_disk = nl1_disk;
             s->l1_bytes = (new_l1 * 8 + cs - 1) / cs * cs;
-            nl1 = NULL;
+            nl1 = nl1_disk = NULL;
             if (old_bytes)
                 r = qcow2_refcount_update_co(s, co, old_off, old_bytes, -1);
         }
     }
     free(nl1);
+    free(nl1_disk);
     co_mutex_unlock(&s->lock, co);
     if (r < 0)
         return error_setf(errp, -r, "%s: growing to %llu bytes: %s",
@@ -774,6 +870,10 @@ struct fmt_node *qcow2_open_co(struct loop *loop, struct coro *co,
         memset(s->l1 + (uint64_t)s->h.l1_size * 8, 0,
                s->l1_bytes - (uint64_t)s->h.l1_size * 8);
     }
+    s->l1_disk = qcow2_buf_alloc(s, s->l1_bytes);
+    if (!s->l1_disk)
+        goto nomem;
+    memcpy(s->l1_disk, s->l1, s->l1_bytes);
     uint64_t rt_bytes = (uint64_t)s->h.refcount_table_clusters * cs;
     s->reftable_entries = rt_bytes / 8;
     s->reftable = qcow2_buf_alloc(s, rt_bytes);
@@ -828,6 +928,7 @@ fail:
     qcow2_cache_destroy(&s->rb_cache);
     free(s->hdr);
     free(s->l1);
+    free(s->l1_disk);
     free(s->reftable);
     free(n->filename);
     free(s);

@@ -28,12 +28,16 @@
  *   refcount block (durable)  before  the L2 entry that points at the cluster
  *   new L2 table (durable)    before  the L1 entry that points at it
  *   new refcount block/table (durable) before the table/header pointing at it
- * enforced by the cache dependency (L2 cache -> refcount cache) and by
- * write-through of the L1 table, the refcount table and the header.
- * "Durable" is a write with FUA (RWF_DSYNC on a file): refcount blocks,
- * the refcount table, new L2 tables and header switches are written that
- * way, so that no step needs a sync of the whole file — which, with much
- * guest data in the page cache, takes long — while it holds the lock.
+ * enforced by the cache dependency (L2 cache -> refcount cache), by
+ * write-through of the refcount table and the header, and by the flush,
+ * which alone writes L1 entries that point at new L2 tables: after the
+ * sync that made those tables durable.  "Durable" is a write with FUA
+ * (RWF_DSYNC semantics): refcount blocks, the refcount table and header
+ * switches are written that way, so that no step needs a sync of the
+ * whole file — which, with much guest data in the page cache, takes long
+ * — while it holds the lock.  An allocating write does no durable write
+ * at all unless it creates a refcount block: a new L2 table stays in the
+ * cache, its L1 entry in memory (see l1_disk), until the next flush.
  * The lock is never held across a backend flush; see qcow2_flush_co for
  * how a flush keeps the order without it.
  */
@@ -119,6 +123,8 @@ void qcow2_cache_wb_abort(struct qcow2_cache *c, struct qcow2_cache_wb *wb);
  * returns 1 (the caller looks again); 0 if none is running. */
 int qcow2_cache_wait_wb_locked_co(struct qcow2_cache *c, struct coro *co);
 bool qcow2_cache_has_dirty(const struct qcow2_cache *c);
+/* Whether the table at host offset off is in the cache. */
+bool qcow2_cache_contains(const struct qcow2_cache *c, uint64_t off);
 /* Forgets a pinned table (pinned once) without writing it: the cluster is
  * being freed after a failed allocation. */
 void qcow2_cache_drop(struct qcow2_cache *c, struct qcow2_cache_entry *e);
@@ -157,6 +163,16 @@ struct qcow2 {
     uint8_t *l1;                   /* active L1, on-disk format, rounded up
                                       to whole clusters */
     uint64_t l1_bytes;             /* allocated bytes of s->l1 */
+    /* The active L1 as the file holds it, or will once the write of a
+     * flush in progress ends (same size as l1).  An entry that points at
+     * a new L2 table differs between the two until a flush has made the
+     * table durable and written the entry: every L1 write goes out of
+     * l1_disk (also the neighbours a rounded write takes along). */
+    uint8_t *l1_disk;
+    uint64_t l1_dirty_lo, l1_dirty_hi; /* l1 entries [lo, hi) may differ
+                                          from l1_disk; lo == hi: none */
+    bool l1_wb;                    /* a flush is writing l1_disk */
+    struct co_queue l1_wb_waiters;
     uint8_t *reftable;             /* refcount table, on-disk format */
     uint64_t reftable_entries;
 
@@ -274,6 +290,10 @@ struct qcow2_map {
     bool copied;                   /* NORMAL run: every cluster copied */
 };
 
+/* Records that active L1 entry i changed in memory (written by the next
+ * flush). */
+void qcow2_l1_mark_dirty_locked(struct qcow2 *s, uint64_t i);
+
 /* Looks up the run starting at guest offset off, at most len bytes, never
  * crossing an L2 table. */
 int qcow2_map_get_co(struct qcow2 *s, struct coro *co, uint64_t off,
@@ -318,6 +338,10 @@ int qcow2_discard_co(struct fmt_node *n, struct coro *co, uint64_t off,
  * runs when QCOW2_MAX_PENDING_FREES are queued). */
 int qcow2_defer_free_locked_co(struct qcow2 *s, struct coro *co,
                                const struct qcow2_l2_entry *e);
+/* The same for host bytes [off, off + len) that stop being referenced
+ * (an L2 table an L1 entry no longer points at). */
+int qcow2_defer_free_range_locked(struct qcow2 *s, uint64_t off,
+                                  uint64_t len);
 
 /* ---------------- persistent bitmaps (qcow2-bitmap.c) ---------------- */
 

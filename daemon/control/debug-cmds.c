@@ -24,7 +24,7 @@ static const struct {
     int error;
 } fault_errors[] = {
     {"EIO", -EIO}, {"ENOSPC", -ENOSPC}, {"EDQUOT", -EDQUOT},
-    {"EROFS", -EROFS}, {"short", 0},
+    {"EROFS", -EROFS}, {"short", 0}, {"kill", BACKEND_FAULT_KILL},
 };
 
 struct json_object *cmd_x_debug_fault_inject(struct ctl_cmd_ctx *cx,
@@ -69,7 +69,7 @@ struct json_object *cmd_x_debug_fault_inject(struct ctl_cmd_ctx *cx,
             k++;
         if (k == sizeof(fault_errors) / sizeof(fault_errors[0])) {
             error_setf(errp, EINVAL, "Parameter 'error' expects EIO, ENOSPC, "
-                       "EDQUOT, EROFS or short, not '%s'", s);
+                       "EDQUOT, EROFS, short or kill, not '%s'", s);
             return NULL;
         }
         p.error = fault_errors[k].error;
