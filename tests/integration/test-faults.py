@@ -192,9 +192,16 @@ class Scenario:
         ok(f"{self.name}: {k} backend operations without a fault")
         for error in self.errors:
             for n in range(1, k + 1):
-                st, errs = self.once(n, error, f"{error}-{n}")
+                # A scenario's count may vary by an operation or two: the
+                # snapshot flushes the old top again while a flush still
+                # takes long (a loaded machine).  An index not reached is
+                # tried again, and must be reached within three tries.
+                for attempt in range(3):
+                    st, errs = self.once(n, error, f"{error}-{n}-{attempt}")
+                    if st["fired"]:
+                        break
                 check(st["fired"], f"{self.name}: operation {n} of {k} was "
-                      f"not reached on a second run (not deterministic?)")
+                      f"not reached in three runs (not deterministic?)")
                 check(len(errs) <= 1,
                       f"{self.name}, {error} at operation {n}: more than the "
                       f"request that met it failed: {errs}")
