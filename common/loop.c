@@ -54,7 +54,7 @@ struct loop {
 struct loop_bufring {
     struct loop *l;
     struct io_uring_buf_ring *ring;  /* shared with the kernel */
-    uint8_t *bufs;                   /* nbufs * bufsize */
+    uint8_t *bufs;                   /* nbufs * bufsize, after the ring */
     unsigned nbufs;
     size_t bufsize;
     uint16_t bgid;
@@ -248,12 +248,14 @@ struct loop_bufring *loop_bufring_new(struct loop *l, unsigned nbufs,
     else
         return NULL;
     struct loop_bufring *br = calloc(1, sizeof(*br));
-    void *ring = NULL, *bufs = NULL;
-    size_t ring_size = (sizeof(struct io_uring_buf) * nbufs + 4095) & ~(size_t)4095;
-    if (!br || posix_memalign(&ring, 4096, ring_size) != 0 ||
-        posix_memalign(&bufs, 4096, nbufs * bufsize) != 0)
+    /* One allocation: the ring (page-aligned, as the kernel wants), the
+     * buffers right after it. */
+    void *ring = NULL;
+    size_t ring_size = (sizeof(struct io_uring_buf) * nbufs + 63) & ~(size_t)63;
+    if (!br || posix_memalign(&ring, 4096, ring_size + nbufs * bufsize) != 0)
         goto fail;
     memset(ring, 0, ring_size);
+    uint8_t *bufs = (uint8_t *)ring + ring_size;
     struct io_uring_buf_reg reg;
     memset(&reg, 0, sizeof(reg));
     reg.ring_addr = (uint64_t)(uintptr_t)ring;
@@ -276,7 +278,6 @@ struct loop_bufring *loop_bufring_new(struct loop *l, unsigned nbufs,
     return br;
 fail:
     free(ring);
-    free(bufs);
     free(br);
     if (l->n_free_bgids < l->cap_free_bgids)
         l->free_bgids[l->n_free_bgids++] = bgid;
@@ -302,8 +303,7 @@ void loop_bufring_free(struct loop_bufring *br)
     if (l->n_free_bgids < l->cap_free_bgids)
         l->free_bgids[l->n_free_bgids++] = br->bgid;
     /* else: the id is lost (out of memory), never reused twice */
-    free(br->ring);
-    free(br->bufs);
+    free(br->ring); /* the buffers too */
     free(br);
 }
 

@@ -262,8 +262,9 @@ void stream_start_recv_into(struct stream *s, void *dst, size_t len)
 static void recv_done(struct loop_op *op, int res, uint32_t flags)
 {
     struct stream *s = container_of(op, struct stream, recv_op);
-    if (s->br && ms_recv_done(s, res, flags))
+    if (s->br && !s->single_pending && ms_recv_done(s, res, flags))
         return;
+    s->single_pending = false;
     s->recv_pending = false;
     if (res == -EINTR || res == -EAGAIN) {
         s->ops->kick(s);
@@ -372,8 +373,16 @@ static void ms_want(struct stream *s)
         loop_defer(s->loop, &s->ms_hook);
         return;
     }
-    if (!s->ms_armed)
-        ms_arm(s);
+    if (s->ms_armed || s->single_pending)
+        return;
+    if (s->recv_direct && s->want_len >= STREAM_DIRECT_MIN) {
+        /* a large payload: straight into its buffer, no copy */
+        struct io_uring_sqe *sqe = loop_get_sqe(s->loop, &s->recv_op);
+        io_uring_prep_recv(sqe, s->fd, s->want_dst, s->want_len, 0);
+        s->single_pending = true;
+        return;
+    }
+    ms_arm(s);
 }
 
 /* A completion of the multishot recv.  false: it was refused before it
@@ -416,7 +425,7 @@ static bool ms_recv_done(struct stream *s, int res, uint32_t flags)
     }
     ms_deliver(s);
     if (!s->ms_armed && s->recv_pending && s->held_n == 0 && !s->ms_final_set)
-        ms_arm(s);
+        ms_want(s);
     s->ops->kick(s); /* the owner may be waiting for the recv to end */
     return true;
 }

@@ -33,7 +33,9 @@
  * fill and stay held; with none left the kernel ends the receive
  * (-ENOBUFS) and reads no more from the socket, so at most the ring's
  * bytes (STREAM_MS_BUFS * STREAM_MS_BUFSIZE) wait beyond rbuf.  It is
- * armed again when the owner asks and nothing is held.
+ * armed again when the owner asks and nothing is held.  A large direct
+ * target asked for while it is not armed gets a plain recv instead (a big
+ * write payload lands in its buffer with no copy).
  *
  * Everything runs on the owning loop's thread; nothing here yields.
  */
@@ -58,8 +60,12 @@ struct stream_item {
 };
 
 #define STREAM_SEND_IOV 64                 /* iovecs gathered per sendmsg */
-#define STREAM_MS_BUFS 8                   /* provided buffers per stream */
-#define STREAM_MS_BUFSIZE (32u << 10)
+#define STREAM_MS_BUFS 4                   /* provided buffers per stream */
+#define STREAM_MS_BUFSIZE (8u << 10)
+/* A direct target at least this large (a big write payload) is received
+ * with a plain recv straight into it while the multishot receive is not
+ * armed, rather than copied out of provided buffers. */
+#define STREAM_DIRECT_MIN (64u << 10)
 
 struct stream;
 
@@ -110,6 +116,8 @@ struct stream {
     /* multishot receive (NULL br: one recv per stream_start_recv*) */
     struct loop_bufring *br;
     bool ms_armed;                 /* the multishot recv is in flight */
+    bool single_pending;           /* a plain recv (into a large direct
+                                      target) is in flight instead */
     bool ms_got_data;              /* it delivered bytes (it works) */
     bool ms_final_set;             /* end of stream or an error to report */
     int ms_final;                  /* ... once the held bytes were taken */
@@ -183,7 +191,8 @@ void stream_tls_bye(struct stream *s);
  * is in flight.) */
 static inline bool stream_busy(const struct stream *s)
 {
-    return (s->br ? s->ms_armed : s->recv_pending) || s->send_pending;
+    return (s->br ? s->ms_armed || s->single_pending : s->recv_pending) ||
+           s->send_pending;
 }
 /* Bytes sealed into TLS records and not yet sent. */
 size_t stream_tls_backlog(const struct stream *s);

@@ -258,10 +258,11 @@ cpus = {k: median(v) for k, v in cpus.items()}
 servers = [s for s in servers if any(k[0] == s for k in res)]
 ratios = [o for o in ratio_to if o in servers and "stratad" in servers]
 
-print("IOPS (median) and server CPU per request in microseconds (median)")
+print("IOPS and MiB/s (medians), server CPU per request in microseconds "
+      "(median; user+system, all threads), wq: most io_uring workers seen")
 hdr = f"{'workload':<16}"
 for s in servers:
-    hdr += f" | {s + ' IOPS':>14} {'MiB/s':>8} {'CPU us':>7}"
+    hdr += f" | {s + ' IOPS':>14} {'MiB/s':>8} {'CPU us':>7} {'wq':>3}"
 print(hdr)
 print("-" * len(hdr))
 for name in order:
@@ -270,6 +271,8 @@ for name in order:
         v = res.get((s, name))
         c = cpus.get((s, name))
         cs = f"{c:>7.2f}" if c is not None else f"{'-':>7}"
+        q = iowq.get((s, name))
+        cs += f" {q:>3}" if q is not None else f" {'-':>3}"
         row += (f" | {'FAIL':>14} {'FAIL':>8} {cs}" if v is None
                 else f" | {v[0]:>14.0f} {v[1]:>8.1f} {cs}")
     print(row)
@@ -292,11 +295,6 @@ if ratios:
             row += (f" {'-':>22}" if ca is None or not cb
                     else f" {ca / cb:>22.2f}")
         print(row)
-if iowq:
-    print()
-    print("io_uring worker threads (iou-wrk), most seen in any job: " + ", ".join(
-        f"{s} {max(v for (k, _), v in iowq.items() if k == s)}"
-        for s in servers if any(k == s for (k, _) in iowq)))
 peak = {}
 for line in open(rss):
     srv, hwm = line.split()
