@@ -375,11 +375,17 @@ static void ms_want(struct stream *s)
     }
     if (s->ms_armed || s->single_pending)
         return;
-    if (s->recv_direct && s->want_len >= STREAM_DIRECT_MIN) {
-        /* a large payload: straight into its buffer, no copy */
+    if (s->ms_dry || (s->recv_direct && s->want_len >= STREAM_DIRECT_MIN)) {
+        /* Bulk input: a large payload straight into its buffer, or, with
+         * the ring run dry, all that waits into rbuf at once. */
         struct io_uring_sqe *sqe = loop_get_sqe(s->loop, &s->recv_op);
-        io_uring_prep_recv(sqe, s->fd, s->want_dst, s->want_len, 0);
+        if (s->recv_direct)
+            io_uring_prep_recv(sqe, s->fd, s->want_dst, s->want_len, 0);
+        else
+            io_uring_prep_recv(sqe, s->fd, s->rbuf + s->rend,
+                               s->rcap - s->rend, 0);
         s->single_pending = true;
+        s->ms_dry = false;
         return;
     }
     ms_arm(s);
@@ -416,8 +422,10 @@ static bool ms_recv_done(struct stream *s, int res, uint32_t flags)
         }
         s->ops->kick(s);
         return true;
-    } else if (res == -ENOBUFS || res == -EINTR || res == -EAGAIN) {
-        /* every buffer held (or interrupted): armed again on demand */
+    } else if (res == -ENOBUFS) {
+        s->ms_dry = true; /* every buffer held: armed again on demand */
+    } else if (res == -EINTR || res == -EAGAIN) {
+        /* interrupted: armed again on demand */
     } else if (!s->ms_final_set) {
         /* end of stream or an error: reported after the held bytes */
         s->ms_final_set = true;

@@ -33,9 +33,11 @@
  * fill and stay held; with none left the kernel ends the receive
  * (-ENOBUFS) and reads no more from the socket, so at most the ring's
  * bytes (STREAM_MS_BUFS * STREAM_MS_BUFSIZE) wait beyond rbuf.  It is
- * armed again when the owner asks and nothing is held.  A large direct
- * target asked for while it is not armed gets a plain recv instead (a big
- * write payload lands in its buffer with no copy).
+ * armed again when the owner asks and nothing is held.  While it is not
+ * armed, two kinds of input get one plain recv instead: a large direct
+ * target (a big write payload lands in its buffer with no copy), and the
+ * first input after the ring ran dry (more bytes wait than the ring
+ * holds: one recv into the free tail of rbuf takes them all at once).
  *
  * Everything runs on the owning loop's thread; nothing here yields.
  */
@@ -116,8 +118,8 @@ struct stream {
     /* multishot receive (NULL br: one recv per stream_start_recv*) */
     struct loop_bufring *br;
     bool ms_armed;                 /* the multishot recv is in flight */
-    bool single_pending;           /* a plain recv (into a large direct
-                                      target) is in flight instead */
+    bool single_pending;           /* a plain recv is in flight instead */
+    bool ms_dry;                   /* it ended for want of buffers */
     bool ms_got_data;              /* it delivered bytes (it works) */
     bool ms_final_set;             /* end of stream or an error to report */
     int ms_final;                  /* ... once the held bytes were taken */
