@@ -391,9 +391,10 @@ static void ms_want(struct stream *s)
     ms_arm(s);
 }
 
-/* A completion of the multishot recv.  false: it was refused before it
- * delivered anything, the stream went back to single receives, and
- * recv_done goes on with res as for one of those. */
+/* A completion of the multishot recv: bytes to hold, the ring run dry,
+ * the end of the stream (reported once the held bytes were taken), or the
+ * kernel refusing multishot receives (the stream goes back to one recv at
+ * a time).  Always handled here: returns true. */
 static bool ms_recv_done(struct stream *s, int res, uint32_t flags)
 {
     if (!(flags & IORING_CQE_F_MORE))
