@@ -639,8 +639,14 @@ static int qcow2_grow_co(struct fmt_node *n, struct coro *co, uint64_t size,
             s->l1 = nl1;
             s->l1_bytes = (new_l1 * 8 + cs - 1) / cs * cs;
             nl1 = NULL;
-            if (old_bytes)
-                r = qcow2_refcount_update_co(s, co, old_off, old_bytes, -1);
+            /* The disk has grown: a failure to free the old table only
+             * leaks its clusters (as QEMU does), it does not undo that. */
+            if (old_bytes &&
+                qcow2_refcount_update_co(s, co, old_off, old_bytes, -1) < 0)
+                log_warn("%s: the old L1 table at %#llx could not be freed "
+                         "(%llu bytes leaked)", n->filename,
+                         (unsigned long long)old_off,
+                         (unsigned long long)old_bytes);
         }
     }
     free(nl1);

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Writes the seed inputs of corpus/TARGET/ (the files named seed-*).
 
-    tests/fuzz/seeds.py
+    tests/fuzz/seeds.py [TARGET...]
 
 The seeds are well-formed messages, specs and image headers, so that the
 fuzzer starts from inputs that get past the magic numbers; the files
@@ -11,6 +11,7 @@ kept when they cover something new.  qemu-img makes the qcow2 headers.
 import os
 import struct
 import subprocess
+import sys
 import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -128,7 +129,112 @@ def qcow2_header():
             write("qcow2-header", name + "-ro", bytes([0x40 | 20]) + data)
 
 
+# ---- qcow2 image: flags, op count, 8 bytes per operation, the image ----
+QOP = {"read": 0, "write": 1, "zero": 2, "discard": 3, "status": 4,
+       "flush": 5, "cache": 6, "reopen": 7, "grow": 8}
+
+
+def qop(name, sector, sectors, pattern=0, mod=0):
+    """One operation of fuzz-qcow2-image: offset and length in sectors."""
+    return struct.pack("<BI", QOP[name], sector)[:4] + \
+        struct.pack("<HBB", max(sectors - 1, 0), pattern, mod)
+
+
+def qcow2_image():
+    ops_rw = [qop("write", 0, 8, 1), qop("read", 0, 16),
+              qop("write", 100, 300, 2, mod=1), qop("status", 0, 2048),
+              qop("zero", 8, 64, mod=2), qop("read", 0, 256),
+              qop("discard", 100, 50), qop("status", 90, 100),
+              qop("flush", 0, 0), qop("write", 1500, 40, 3),
+              qop("zero", 0, 2048, mod=4), qop("read", 1490, 60),
+              qop("cache", 0, 2048)]
+    ops_grow = [qop("write", 2040, 8, 4), qop("grow", 0, 4096),
+                qop("read", 2040, 256), qop("write", 4000, 16, 5),
+                qop("reopen", 0, 0), qop("read", 4000, 16),
+                qop("reopen", 0, 0), qop("zero", 0, 0, mod=0x22),
+                qop("status", 0, 8192)]
+    ops_ro = [qop("read", 0, 256), qop("status", 0, 0, mod=0x20),
+              qop("read", 0x300, 256, mod=0x10), qop("cache", 0, 2048)]
+    with tempfile.TemporaryDirectory() as tmp:
+        def qi(*args):
+            subprocess.run(["qemu-img"] + list(args), check=True,
+                           stdout=subprocess.DEVNULL)
+
+        def qio(img, *cmds):
+            args = ["qemu-io", "-f", "qcow2"]
+            for c in cmds:
+                args += ["-c", c]
+            subprocess.run(args + [img], check=True,
+                           stdout=subprocess.DEVNULL)
+
+        def img(name, opts, size="1M"):
+            path = os.path.join(tmp, name + ".qcow2")
+            qi("create", "-q", "-f", "qcow2", "-o", opts, path, size)
+            return path
+
+        images = {}
+        p = img("c512", "cluster_size=512")
+        qio(p, "write -P 0x11 0 4k", "write -z 8k 4k", "write -P 0x22 64k 1k")
+        images["c512"] = p
+        p = img("c16k-extl2", "cluster_size=16384,extended_l2=on")
+        qio(p, "write -P 0x33 0 6k", "write -z 16k 2k", "discard 2k 1k")
+        images["c16k-extl2"] = p
+        p = img("c512-rc1", "cluster_size=512,refcount_bits=1")
+        qio(p, "write -P 0x44 1k 3k")
+        images["c512-rc1"] = p
+        p = img("c512-rc64", "cluster_size=512,refcount_bits=64")
+        qio(p, "write -P 0x45 0 2k")
+        images["c512-rc64"] = p
+        p = img("c512-snap", "cluster_size=512")
+        qio(p, "write -P 0x55 0 8k")
+        qi("snapshot", "-c", "s1", p)
+        qio(p, "write -P 0x66 2k 2k")
+        images["c512-snap"] = p
+        p = img("v2", "compat=0.10,cluster_size=512")
+        qio(p, "write -P 0x77 0 4k", "write -z 4k 1k")
+        images["v2"] = p
+        p = img("lazy-dirty", "cluster_size=512,lazy_refcounts=on")
+        # killed with the image open: the dirty bit stays set
+        subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x88 0 4k",
+                        "-c", "sigraise 9", p],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        images["lazy-dirty"] = p
+        raw = os.path.join(tmp, "data.raw")
+        with open(raw, "wb") as f:
+            f.write(bytes(range(256)) * 64 + b"\0" * 16384 +
+                    b"compressible " * 1000)
+        for ctype in ("zlib", "zstd"):
+            p = os.path.join(tmp, "z-" + ctype + ".qcow2")
+            qi("convert", "-c", "-f", "raw", "-O", "qcow2", "-o",
+               "cluster_size=4096,compression_type=" + ctype, raw, p)
+            images["compressed-" + ctype] = p
+        base = os.path.join(tmp, "base.qcow2")
+        qi("create", "-q", "-f", "qcow2", base, "1M")
+        p = os.path.join(tmp, "overlay.qcow2")
+        qi("create", "-q", "-f", "qcow2", "-o", "cluster_size=512", "-b",
+           base, "-F", "qcow2", p)
+        qio(p, "write -P 0x99 4k 4k")
+        images["overlay"] = p
+        p = img("bitmap", "cluster_size=4096")
+        qi("bitmap", "--add", p, "b0")
+        qio(p, "write -P 0xaa 0 8k")
+        images["bitmap"] = p
+
+        for name, path in images.items():
+            # bytes past the end of the file read as zeros
+            data = open(path, "rb").read().rstrip(b"\0")
+            assert len(data) <= 120000, (name, len(data))
+            for tag, flags, ops in (("rw", 0, ops_rw), ("grow", 6, ops_grow),
+                                    ("ro", 1, ops_ro)):
+                write("qcow2-image", name + "-" + tag,
+                      bytes([flags, len(ops)]) + b"".join(ops) + data)
+
+
+TARGETS = {"nbd-codec": nbd_codec, "rbd-spec": rbd_spec,
+           "qcow2-header": qcow2_header, "qcow2-image": qcow2_image}
+
 if __name__ == "__main__":
-    nbd_codec()
-    rbd_spec()
-    qcow2_header()
+    # The targets named (default: all).  qcow2 seeds hold temporary paths
+    # (backing names): regenerate them only when they are meant to change.
+    for t in sys.argv[1:] or TARGETS:
+        TARGETS[t]()
