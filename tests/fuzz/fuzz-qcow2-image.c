@@ -188,6 +188,21 @@ static void fill(uint8_t *buf, uint64_t off, uint64_t len, unsigned op,
         buf[i] = (uint8_t)(pattern + op * 37 + ((off + i) / SECTOR) * 13 + i);
 }
 
+/* FUZZ_VERBOSE=1 in the environment: each operation and its result on
+ * stderr (to read what a failing input does). */
+static bool verbose(void)
+{
+    static int v = -1;
+    if (v < 0)
+        v = getenv("FUZZ_VERBOSE") != NULL;
+    return v;
+}
+
+static const char *const op_names[] = {
+    "read", "write", "zero", "discard", "block-status", "flush", "cache",
+    "reopen", "grow",
+};
+
 static uint64_t rd24(const uint8_t *p)
 {
     return (uint64_t)p[0] | (uint64_t)p[1] << 8 | (uint64_t)p[2] << 16;
@@ -219,7 +234,7 @@ static void run_ops(struct run *rn, struct coro *co, struct fmt_node **np)
         if (len > size - off)
             len = size - off;
         len &= ~(uint64_t)(n->align - 1);
-        int r;
+        int r = 0;
 
         switch (type) {
         case OP_READ: {
@@ -347,6 +362,11 @@ static void run_ops(struct run *rn, struct coro *co, struct fmt_node **np)
         case OP_TYPES:
             break;
         }
+        if (verbose())
+            fprintf(stderr, "op %zu: %s off %llu len %llu mod %#x: %d%s\n", i,
+                    op_names[type], (unsigned long long)off,
+                    (unsigned long long)len, mod, r,
+                    qcow2_of(n)->broken ? " (broken)" : "");
     }
     *np = n;
 }

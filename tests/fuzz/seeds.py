@@ -230,8 +230,110 @@ def qcow2_image():
                       bytes([flags, len(ops)]) + b"".join(ops) + data)
 
 
+# ---- NBD connection: 1 byte of server config, then the client's bytes ----
+IHAVEOPT = 0x49484156454F5054
+OPT = {"export_name": 1, "abort": 2, "list": 3, "starttls": 5, "info": 6,
+       "go": 7, "structured": 8, "list_meta": 9, "set_meta": 10,
+       "extended": 11}
+CMD = {"read": 0, "write": 1, "disc": 2, "flush": 3, "trim": 4, "cache": 5,
+       "zeroes": 6, "block_status": 7}
+
+
+def opt(name, data=b""):
+    return struct.pack(">QII", IHAVEOPT, OPT[name], len(data)) + data
+
+
+def name_infos(name, infos=()):
+    return (struct.pack(">I", len(name)) + name +
+            struct.pack(">H", len(infos)) +
+            b"".join(struct.pack(">H", i) for i in infos))
+
+
+def meta(name, queries):
+    d = struct.pack(">I", len(name)) + name + struct.pack(">I", len(queries))
+    for q in queries:
+        d += struct.pack(">I", len(q)) + q
+    return d
+
+
+def nbd_conn():
+    hello = struct.pack(">I", 3)  # FIXED_NEWSTYLE | NO_ZEROES
+    ctx = [b"base:allocation", b"qemu:allocation-depth"]
+    ops = [request(CMD["write"], 0, 4096, cookie=1) + bytes([0x5a]) * 4096,
+           request(CMD["read"], 0, 8192, cookie=2),
+           request(CMD["block_status"], 0, 1 << 20, cookie=3),
+           request(CMD["zeroes"], 4096, 65536, flags=2, cookie=4),
+           request(CMD["trim"], 65536, 65536, cookie=5),
+           request(CMD["cache"], 0, 4096, cookie=6),
+           request(CMD["write"], 8192, 512, flags=1, cookie=7) +
+           bytes(range(256)) * 2,
+           request(CMD["read"], 8192, 1024, flags=4, cookie=8),
+           request(CMD["block_status"], 0, 4096, flags=8, cookie=9),
+           request(CMD["flush"], 0, 0, cookie=10)]
+    disc = request(CMD["disc"], 0, 0, cookie=11)
+    sessions = {
+        "structured-go": hello + opt("structured") +
+        opt("set_meta", meta(b"exp", ctx)) +
+        opt("go", name_infos(b"exp", [3, 2, 1])) + b"".join(ops) + disc,
+        "list-info-abort": hello + opt("list") +
+        opt("info", name_infos(b"ro", [0, 1, 2, 3])) +
+        opt("info", name_infos(b"secret")) +
+        opt("info", name_infos(b"nosuch", [3])) +
+        opt("list_meta", meta(b"exp", [b"base:", b"qemu:"])) +
+        opt("list_meta", meta(b"", [])) + opt("abort"),
+        "export-name-ro": struct.pack(">I", 1) + opt("export_name", b"ro") +
+        request(CMD["read"], 0, 4096) +
+        request(CMD["write"], 0, 512) + bytes(512) + disc,
+        "simple-replies": hello + opt("go", name_infos(b"")) +
+        b"".join(ops) + request(CMD["read"], (1 << 20) - 512, 1024) +
+        request(CMD["write"], 1, 511) + bytes(511) + disc,
+        "bad-magic": hello + opt("go", name_infos(b"exp")) +
+        request(CMD["read"], 0, 512) + b"\xde\xad\xbe\xef" * 7,
+        "unknown-option-then-go": hello + opt("structured") +
+        struct.pack(">QII", IHAVEOPT, 42, 3) + b"xyz" +
+        opt("structured", b"x") + opt("go", name_infos(b"exp")) + disc,
+        "eof-in-payload": hello + opt("go", name_infos(b"exp")) +
+        request(CMD["write"], 0, 65536) + bytes(1000),
+    }
+    ext_ops = [ext_request(CMD["write"], 0, 4096, flags=0x20, cookie=1) +
+               bytes([0xa5]) * 4096,
+               ext_request(CMD["read"], 0, 4096, cookie=2),
+               ext_request(CMD["block_status"], 0, 1 << 20, cookie=3),
+               ext_request(CMD["block_status"], 0, 1 << 20, flags=0x20,
+                           cookie=4) + struct.pack(">QI", 1 << 20, 1),
+               ext_request(CMD["zeroes"], 0, 1 << 20, flags=0x12, cookie=5),
+               ext_request(CMD["trim"], 0, 8 << 30, cookie=6)]
+    sessions["extended"] = (hello + opt("extended") +
+                            opt("set_meta", meta(b"exp", ctx)) +
+                            opt("go", name_infos(b"exp", [3])) +
+                            b"".join(ext_ops) + ext_request(CMD["disc"], 0, 0))
+    for name, data in sessions.items():
+        write("nbd-conn", name, bytes([0]) + data)
+    # Back-pressure: 2 requests in flight, 8 KiB buffered per connection.
+    many = b"".join(request(CMD["write"], i * 4096, 4096, cookie=i) +
+                    bytes([i]) * 4096 for i in range(3))
+    many += b"".join(request(CMD["read"], 0, 65536, cookie=100 + i)
+                     for i in range(8))
+    write("nbd-conn", "back-pressure",
+          bytes([4]) + hello + opt("structured") +
+          opt("go", name_infos(b"exp")) + many + disc)
+    # TLS on: STARTTLS accepted, then bytes that are not a TLS handshake;
+    # TLS required: options refused until STARTTLS.
+    write("nbd-conn", "starttls-garbage",
+          bytes([1]) + hello + opt("starttls") +
+          b"\x16\x03\x01\x00\x40\x01\x00\x00\x3c\x03\x03" + bytes(60))
+    write("nbd-conn", "tls-required",
+          bytes([2]) + hello + opt("list") +
+          opt("go", name_infos(b"exp")) + opt("starttls", b"x") +
+          opt("abort"))
+    write("nbd-conn", "starttls-off",
+          bytes([0]) + hello + opt("starttls") + opt("go", name_infos(b"")) +
+          disc)
+
+
 TARGETS = {"nbd-codec": nbd_codec, "rbd-spec": rbd_spec,
-           "qcow2-header": qcow2_header, "qcow2-image": qcow2_image}
+           "qcow2-header": qcow2_header, "qcow2-image": qcow2_image,
+           "nbd-conn": nbd_conn}
 
 if __name__ == "__main__":
     # The targets named (default: all).  qcow2 seeds hold temporary paths
