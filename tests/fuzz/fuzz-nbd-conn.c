@@ -42,7 +42,7 @@
 #include "fuzz.h"
 #include "log.h"
 #include "loop.h"
-#include "mem-backend.h"
+#include "mem-export.h"
 #include "server.h"
 #include "tls.h"
 
@@ -67,51 +67,13 @@ static void die(const char *what, struct error *err)
     abort();
 }
 
-/* A block node over store i, raw format, named name (the QMP node name
- * and export id too). */
-static void add_export_co(struct coro *co, unsigned i, const char *name,
-                          const char *nbd_name, bool writable,
-                          const char *allow, struct error **errp)
-{
-    struct backend *b = mem_backend_open(fx.loop, &fx.store[i], name,
-                                         !writable);
-    struct fmt_open_opts o = {.format = "raw", .read_only = !writable};
-    struct fmt_node *n = raw_open_co(fx.loop, co, b, &o, errp);
-    if (!n)
-        die("raw_open_co", *errp);
-    n->drv = &raw_driver;
-    struct blockdev *bd = calloc(1, sizeof(*bd));
-    void *arr = realloc(fx.srv->bdevs,
-                        sizeof(*fx.srv->bdevs) * (fx.srv->n_bdevs + 1));
-    if (!bd || !arr)
-        abort();
-    fx.srv->bdevs = arr;
-    bd->node_name = strdup(name);
-    bd->driver = strdup("raw");
-    bd->filename = strdup(name);
-    bd->read_only = !writable;
-    bd->root = n;
-    fx.srv->bdevs[fx.srv->n_bdevs++] = bd;
-
-    struct tls_allow al = {0};
-    if (allow && tls_allow_parse(allow, &al, errp) < 0)
-        die("tls_allow_parse", *errp);
-    struct export_add_config ec = {
-        .id = name, .node_name = name, .name = nbd_name,
-        .description = "fuzzed", .writable = writable,
-        .allow = allow ? &al : NULL,
-    };
-    if (!server_export_add(fx.srv, &ec, errp))
-        die("server_export_add", *errp);
-    tls_allow_clear(&al);
-}
-
 static void setup_co(struct coro *co, void *arg)
 {
-    struct error **errp = arg;
-    add_export_co(co, 0, "exp", "exp", true, NULL, errp);
-    add_export_co(co, 1, "ro", "ro", false, NULL, errp);
-    add_export_co(co, 2, "secret", "secret", true, "fuzz", errp);
+    (void)arg;
+    mem_export_add_co(fx.srv, co, &fx.store[0], "exp", "exp", true, NULL);
+    mem_export_add_co(fx.srv, co, &fx.store[1], "ro", "ro", false, NULL);
+    mem_export_add_co(fx.srv, co, &fx.store[2], "secret", "secret", true,
+                      "fuzz");
 }
 
 static void setup(void)

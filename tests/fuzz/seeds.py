@@ -8,6 +8,7 @@ fuzzer starts from inputs that get past the magic numbers; the files
 libFuzzer adds next to them during a campaign (named by their hash) are
 kept when they cover something new.  qemu-img makes the qcow2 headers.
 """
+import json
 import os
 import struct
 import subprocess
@@ -331,9 +332,111 @@ def nbd_conn():
           disc)
 
 
+# ---- QMP: what a client sends on the control socket ----
+def qmp():
+    caps = {"execute": "qmp_capabilities"}
+
+    def j(*msgs):
+        return "".join(json.dumps(m) + "\r\n" for m in msgs).encode()
+
+    seeds = {
+        "queries": j(caps, {"execute": "query-version", "id": 1},
+                     {"execute": "query-commands", "id": "two"},
+                     {"execute": "query-block-exports"},
+                     {"execute": "query-blockstats",
+                      "arguments": {"query-nodes": True}},
+                     {"execute": "query-named-block-nodes",
+                      "arguments": {"flat": True}},
+                     {"execute": "query-jobs"},
+                     {"execute": "query-block-jobs"}),
+        "no-negotiation": j({"execute": "query-version"}, caps, caps),
+        "export-del-add": j(caps,
+                            {"execute": "block-export-del",
+                             "arguments": {"id": "mem", "mode": "hard"}},
+                            {"execute": "block-export-add",
+                             "arguments": {"type": "nbd", "id": "e2",
+                                           "node-name": "mem",
+                                           "writable": True, "name": "x",
+                                           "description": "d",
+                                           "allocation-depth": True,
+                                           "allow": ["CN=a", "b"]}},
+                            {"execute": "blockdev-del",
+                             "arguments": {"node-name": "mem"}},
+                            {"execute": "block-export-del",
+                             "arguments": {"id": "e2"}},
+                            {"execute": "blockdev-del",
+                             "arguments": {"node-name": "mem"}}),
+        "blockdev-add": j(caps,
+                          {"execute": "blockdev-add",
+                           "arguments": {"driver": "qcow2",
+                                         "node-name": "n1",
+                                         "file": {"driver": "file",
+                                                  "filename":
+                                                  "/dev/shm/none.qcow2"},
+                                         "read-only": True,
+                                         "cache": {"direct": False,
+                                                   "no-flush": False}}},
+                          {"execute": "blockdev-add",
+                           "arguments": {"driver": "raw", "node-name": "n2",
+                                         "file": "mem"}},
+                          {"execute": "blockdev-add",
+                           "arguments": {"driver": "raw", "node-name": "n3",
+                                         "file": {"driver": "rbd",
+                                                  "pool": "p",
+                                                  "image": "i"}}}),
+        "snapshot-commit": j(caps,
+                             {"execute": "blockdev-snapshot-sync",
+                              "arguments": {"node-name": "mem",
+                                            "snapshot-file":
+                                            "/dev/shm/s1.qcow2",
+                                            "snapshot-node-name": "s1",
+                                            "format": "qcow2"}},
+                             {"execute": "block-commit",
+                              "arguments": {"job-id": "c1", "device": "mem",
+                                            "on-error": "report",
+                                            "auto-finalize": False}},
+                             {"execute": "query-jobs"},
+                             {"execute": "job-pause", "arguments":
+                              {"id": "c1"}},
+                             {"execute": "block-job-set-speed",
+                              "arguments": {"device": "c1", "speed": 1}},
+                             {"execute": "job-resume", "arguments":
+                              {"id": "c1"}},
+                             {"execute": "job-complete", "arguments":
+                              {"id": "c1"}},
+                             {"execute": "job-finalize", "arguments":
+                              {"id": "c1"}},
+                             {"execute": "job-dismiss", "arguments":
+                              {"id": "c1"}}),
+        "quiesce-fault": j(caps,
+                           {"execute": "x-debug-quiesce",
+                            "arguments": {"id": "mem", "duration-ms": 5}},
+                           {"execute": "x-debug-fault-query"},
+                           {"execute": "x-debug-fault-inject",
+                            "arguments": {"nth": 0}}),
+        "quit": j(caps, {"execute": "quit"}, {"execute": "query-version"}),
+    }
+    bad = {
+        "syntax-errors": b'{"execute": "qmp_capabilities"}\r\n{"execute": '
+                         b'\r\n[1,2]\r\n"str"\r\nnull\r\n{"execute": 5}'
+                         b'\r\n{"execute":"query-version","extra":1}\r\n'
+                         b'{"arguments":{}}\r\n{"execute":"nope"}\r\n',
+        "bad-args": j(caps, {"execute": "blockdev-del"},
+                      {"execute": "blockdev-del", "arguments": []},
+                      {"execute": "blockdev-del",
+                       "arguments": {"node-name": 7}},
+                      {"execute": "query-version",
+                       "arguments": {"x": 1}}),
+        "unfinished": b'{"execute": "qmp_capabilities"}{"execute": "query-',
+    }
+    seeds.update(bad)
+    for name, data in seeds.items():
+        write("qmp", name, data)
+
+
 TARGETS = {"nbd-codec": nbd_codec, "rbd-spec": rbd_spec,
            "qcow2-header": qcow2_header, "qcow2-image": qcow2_image,
-           "nbd-conn": nbd_conn}
+           "nbd-conn": nbd_conn, "qmp": qmp}
 
 if __name__ == "__main__":
     # The targets named (default: all).  qcow2 seeds hold temporary paths
