@@ -13,18 +13,29 @@ contrib/deps.sh test
 
 # Every test and the man pages are required here (-Dtests=enabled,
 # -Ddocs=enabled): a missing dependency is an error, not a skipped test.
+# CC=NAME before the directory picks its compiler; a directory configured
+# with another one is made again.
 setup() {
+    local cc=${CC:-cc}
     local dir=$1
     shift
-    [[ -f $dir/build.ninja ]] && return 0
+    if [[ -f $dir/build.ninja ]]; then
+        grep -q "^CC=$cc\$" "$dir/.strata-cc" 2>/dev/null && return 0
+        [[ ! -f $dir/.strata-cc && $cc == cc ]] && return 0
+        rm -rf "$dir"
+    fi
     local wipe=()
     [[ -f $dir/meson-private/coredata.dat ]] && wipe=(--wipe)
     step "meson-setup-$dir" "the configuration of $dir failed (see the lines above); 'contrib/deps.sh test' installs what the tests need" \
-        meson setup "$dir" -Dwerror=true -Drbd=enabled -Dtests=enabled -Ddocs=enabled "${wipe[@]}" "$@"
+        env CC="$cc" meson setup "$dir" -Dwerror=true -Drbd=enabled -Dtests=enabled -Ddocs=enabled "${wipe[@]}" "$@"
+    echo "CC=$cc" >"$dir/.strata-cc"
 }
 setup build-ci --buildtype=debugoptimized
-setup build-san -Db_sanitize=address,undefined -Db_lundef=false --buildtype=debug \
-    -Dfault_injection=true
+# The sanitizer build is clang's, with the libFuzzer targets: the suite
+# replays every corpus and fuzzes each target for a few seconds
+# (tests/fuzz, suite 'fuzz').
+CC=clang setup build-san -Db_sanitize=address,undefined -Db_lundef=false --buildtype=debug \
+    -Dfault_injection=true -Dfuzzing=enabled
 step ninja-build-ci "the optimised build failed (see the compiler's messages above)" ninja -C build-ci
 step ninja-build-san "the sanitizer build failed (see the compiler's messages above)" ninja -C build-san
 
