@@ -17,9 +17,10 @@
  * read-only except a private tmpfs for the control socket and the
  * directories libFuzzer writes to (the first corpus directory, and the one
  * of -artifact_prefix=, which must hold a slash: the working directory
- * stays read-only), and a network namespace with no interface up.  A
- * fuzzed command can neither change a file of the
- * machine nor reach another host.
+ * stays read-only), and a network namespace with no interface up; the
+ * Ceph client libraries read as empty files there, so an rbd: node fails
+ * as on a host without librbd.  A fuzzed command can neither change a file
+ * of the machine nor reach another host.
  *
  * Properties:
  *  - no crash, no sanitizer report, no leak (over the whole lifetime);
@@ -29,7 +30,6 @@
  *  - the connection ends once the client's input has ended, and the
  *    shutdown completes (libFuzzer's -timeout bounds both).
  */
-#define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
 #include <json-c/json.h>
@@ -182,6 +182,27 @@ static void sandbox(int argc, char **argv)
     for (size_t i = 0; i < n_keep; i++)
         if (mount(keep[i], keep[i], NULL, MS_BIND, NULL) < 0)
             sandbox_fail(keep[i]);
+    /* No Ceph client either: an rbd: node fails as on a host without
+     * librbd (the daemon loads it with dlopen), rather than talk to DNS
+     * and monitors (there is no network) with C++ exceptions and resolver
+     * state that the sanitizers of a C program do not follow. */
+    static const char *const libdirs[] = {
+        "/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib64",
+        "/usr/lib64", "/lib", "/usr/lib",
+    };
+    static const char *const cephlibs[] = {"librados.so.2", "librbd.so.1"};
+    for (size_t d = 0; d < sizeof(libdirs) / sizeof(libdirs[0]); d++)
+        for (size_t i = 0; i < 2; i++) {
+            char path[PATH_MAX], *real;
+            snprintf(path, sizeof(path), "%s/%s", libdirs[d], cephlibs[i]);
+            if (!(real = realpath(path, NULL)))
+                continue;
+            /* several names may lead to one file: once is enough */
+            if (mount("/dev/null", real, NULL, MS_BIND, NULL) < 0 &&
+                errno != EBUSY)
+                sandbox_fail(real);
+            free(real);
+        }
     if (set_mount_attr("/", AT_RECURSIVE, MOUNT_ATTR_RDONLY) < 0)
         sandbox_fail("read-only /");
     for (size_t i = 0; i < n_keep; i++) {
