@@ -1007,10 +1007,8 @@ static void create_co(struct coro *co, void *arg)
 {
     struct create_job *c = arg;
     if (!strcmp(c->format, "qcow2")) {
-        /* qcow2_create_co makes DEFAULT_CLUSTER_SIZE clusters (cmd_create
-         * refuses any other c->cluster_size until it takes one) */
-        c->ret = qcow2_create_co(c->loop, co, c->path, c->size, c->backing,
-                                 c->backing_fmt, &c->err);
+        c->ret = qcow2_create_cs_co(c->loop, co, c->path, c->size, c->backing,
+                                    c->backing_fmt, c->cluster_size, &c->err);
         return;
     }
     /* raw: a sparse file (or a new RBD image) of the size, synced */
@@ -1059,12 +1057,6 @@ static int cmd_create(const char *file, const char *size_arg, const char *format
                 "to 2M", cluster_arg);
         if (strcmp(format, "qcow2"))
             die(2, "create: --cluster-size is for qcow2 images");
-        /* The image creator of the formats library makes 64 KiB clusters
-         * only: qcow2_create_co has no cluster size parameter. */
-        if (cs != DEFAULT_CLUSTER_SIZE)
-            die(2, "create: --cluster-size %s: this version creates qcow2 images "
-                "with 64 KiB clusters only (use qemu-img create -o cluster_size=%s "
-                "for other sizes)", cluster_arg, cluster_arg);
     }
     if (!backend_spec_is_remote(file) && access(file, F_OK) == 0)
         die(1, "create: %s already exists (strata never overwrites an image)", file);

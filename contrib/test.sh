@@ -50,8 +50,11 @@ meson test -C build-san --print-errorlogs --num-processes 2 "$@" || rc=$?
 
 # The benchmark must keep working: a short run on the optimised build.
 if [[ $rc == 0 ]]; then
-    for b in raw chain rbd; do
-        STRATAD=$PWD/build-ci/daemon/stratad BENCH_QUICK=1 tests/bench/bench-$b.sh || {
+    benches=(raw chain rbd)
+    [[ -f build-ci/nbdkit/nbdkit-strata-plugin.so ]] && benches+=(nbdkit)
+    for b in "${benches[@]}"; do
+        STRATAD=$PWD/build-ci/daemon/stratad STRATA_NBDKIT_PLUGIN=$PWD/build-ci/nbdkit/nbdkit-strata-plugin.so \
+            BENCH_QUICK=1 tests/bench/bench-$b.sh || {
             rc=$?
             echo "strata: the $b benchmark (smoke mode) failed with status $rc: its output is above; run it alone with 'STRATAD=build-ci/daemon/stratad BENCH_QUICK=1 tests/bench/bench-$b.sh'" >&2
         }

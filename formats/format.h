@@ -337,6 +337,19 @@ const char *qcow2_backing_format(struct fmt_node *n);
 int qcow2_create_co(struct loop *loop, struct coro *co, const char *path,
                     uint64_t size, const char *backing_name,
                     const char *backing_fmt, struct error **errp);
+/* The same with CLUSTER_SIZE-byte clusters (a power of two from 512 to
+ * 2 MiB; 0 for the default of 64 KiB).  Fails with EINVAL for another
+ * size, ENAMETOOLONG when the header and backing name do not fit in one
+ * cluster, EFBIG when the L1 table would pass QEMU's limit. */
+int qcow2_create_cs_co(struct loop *loop, struct coro *co, const char *path,
+                       uint64_t size, const char *backing_name,
+                       const char *backing_fmt, uint64_t cluster_size,
+                       struct error **errp);
+/* Writes a new empty image of size bytes (no backing file) at the start
+ * of file, an open blank storage that cannot grow (a disk), and flushes
+ * it; -ENOSPC when the storage cannot hold the image's metadata. */
+int qcow2_format_backend_co(struct backend *file, struct coro *co,
+                            uint64_t size, struct error **errp);
 int qcow2_set_backing_co(struct fmt_node *n, struct coro *co,
                          const char *backing_name, const char *backing_fmt,
                          struct error **errp);

@@ -1,10 +1,12 @@
 /* strata — creating qcow2 images (overlays for external snapshots) and
  * rewriting an image's backing link (after block-commit).
  *
- * A new image is version 3, 64 KiB clusters, 16-bit refcounts, laid out
+ * A new image is version 3, 16-bit refcounts, 64 KiB clusters unless the
+ * caller asks for another power of two from 512 bytes to 2 MiB, laid out
  * like qemu-img's: header (with the backing format extension and the
- * backing name) in cluster 0, the refcount table in cluster 1, one
- * refcount block in cluster 2, the L1 table from cluster 3.  It is written
+ * backing name) in cluster 0, the refcount table from cluster 1, the
+ * refcount blocks after it, then the L1 table.  With 64 KiB clusters that
+ * is one cluster of refcount table and one refcount block.  It is written
  * in one go and synced (with its directory) before anyone points at it.
  */
 #include <errno.h>
@@ -53,11 +55,29 @@ static int fsync_dir_of(const char *path)
     return r;
 }
 
-int qcow2_create_co(struct loop *loop, struct coro *co, const char *path,
-                    uint64_t size, const char *backing_name,
-                    const char *backing_fmt, struct error **errp)
+/* The metadata of a new empty image (header, refcount table and blocks,
+ * L1 table) with CLUSTER_SIZE-byte clusters (0: the default) in *pimg,
+ * *ptotal bytes, and the cluster size in *pcs.  0 or -errno with *errp
+ * set. */
+static int build_image(const char *path, uint64_t size,
+                       const char *backing_name, const char *backing_fmt,
+                       uint64_t cluster_size, uint8_t **pimg,
+                       uint64_t *ptotal, uint64_t *pcs, struct error **errp)
 {
-    const uint64_t cs = UINT64_C(1) << NEW_CLUSTER_BITS;
+    unsigned bits = NEW_CLUSTER_BITS;
+    if (cluster_size) {
+        bits = 0;
+        while (bits < 63 && (UINT64_C(1) << bits) < cluster_size)
+            bits++;
+        if ((UINT64_C(1) << bits) != cluster_size ||
+            bits < QCOW2_MIN_CLUSTER_BITS || bits > QCOW2_MAX_CLUSTER_BITS)
+            return error_setf(errp, EINVAL, "%s: cluster size %llu: expected "
+                              "a power of two from %u to %u bytes", path,
+                              (unsigned long long)cluster_size,
+                              1u << QCOW2_MIN_CLUSTER_BITS,
+                              1u << QCOW2_MAX_CLUSTER_BITS);
+    }
+    const uint64_t cs = UINT64_C(1) << bits;
     const uint64_t l2_entries = cs / 8;
     if (size == 0 || size > QCOW2_MAX_SIZE)
         return error_setf(errp, EINVAL, "%s: invalid virtual size %llu", path,
@@ -72,8 +92,25 @@ int qcow2_create_co(struct loop *loop, struct coro *co, const char *path,
     uint64_t l1_size = (size + cs * l2_entries - 1) / (cs * l2_entries);
     uint64_t l1_clusters = (l1_size * 8 + cs - 1) / cs;
     if (l1_size * 8 > QCOW2_MAX_L1_BYTES)
-        return error_setf(errp, EFBIG, "%s: virtual size too large", path);
-    uint64_t nclusters = 3 + l1_clusters;
+        return error_setf(errp, EFBIG, "%s: virtual size too large for "
+                          "%llu-byte clusters (a larger cluster size takes "
+                          "it)", path, (unsigned long long)cs);
+    /* Enough refcount blocks (cs / 2 16-bit entries each) for every
+     * cluster of the new file, themselves and the table included, and
+     * enough table clusters (cs / 8 entries each) for the blocks. */
+    const uint64_t rb_entries = cs / 2;
+    uint64_t rt_clusters = 1, rb_count = 1, nclusters;
+    for (;;) {
+        nclusters = 1 + rt_clusters + rb_count + l1_clusters;
+        uint64_t rb_need = (nclusters + rb_entries - 1) / rb_entries;
+        uint64_t rt_need = (rb_need * 8 + cs - 1) / cs;
+        if (rb_need <= rb_count && rt_need <= rt_clusters)
+            break;
+        rb_count = rb_need > rb_count ? rb_need : rb_count;
+        rt_clusters = rt_need > rt_clusters ? rt_need : rt_clusters;
+    }
+    const uint64_t rt_off = cs, rb_off = (1 + rt_clusters) * cs;
+    const uint64_t l1_off = rb_off + rb_count * cs;
     uint64_t total = nclusters * cs;
 
     uint8_t *img = NULL;
@@ -85,15 +122,24 @@ int qcow2_create_co(struct loop *loop, struct coro *co, const char *path,
     memset(&h, 0, sizeof(h));
     h.magic = QCOW2_MAGIC;
     h.version = 3;
-    h.cluster_bits = NEW_CLUSTER_BITS;
+    h.cluster_bits = bits;
     h.size = size;
     h.l1_size = (uint32_t)l1_size;
-    h.l1_table_offset = 3 * cs;
-    h.refcount_table_offset = cs;
-    h.refcount_table_clusters = 1;
+    h.l1_table_offset = l1_off;
+    h.refcount_table_offset = rt_off;
+    h.refcount_table_clusters = (uint32_t)rt_clusters;
     h.refcount_order = 4;
     h.header_length = NEW_HEADER_LENGTH;
     h.compression_type = QCOW2_COMPRESSION_ZLIB;
+    size_t need = NEW_HEADER_LENGTH + 8 + 8 +
+                  (backing_fmt ? (strlen(backing_fmt) + 7) & ~(size_t)7 : 0) +
+                  (backing_name ? strlen(backing_name) : 0);
+    if (need > cs) {
+        free(img);
+        return error_setf(errp, ENAMETOOLONG, "%s: the header and the backing "
+                          "name take %zu bytes, more than one %llu-byte "
+                          "cluster", path, need, (unsigned long long)cs);
+    }
     size_t ext_len = put_extensions(img + NEW_HEADER_LENGTH, backing_fmt);
     if (backing_name) {
         h.backing_file_offset = NEW_HEADER_LENGTH + ext_len;
@@ -102,9 +148,65 @@ int qcow2_create_co(struct loop *loop, struct coro *co, const char *path,
                h.backing_file_size);
     }
     qcow2_header_serialize(&h, img, cs);
-    be_put64(img + cs, 2 * cs);                  /* reftable[0] */
-    for (uint64_t c = 0; c < nclusters; c++)     /* refcount block */
-        qcow2_refcount_set(img + 2 * cs, 4, c, 1);
+    for (uint64_t i = 0; i < rb_count; i++)      /* the refcount table */
+        be_put64(img + rt_off + i * 8, rb_off + i * cs);
+    for (uint64_t c = 0; c < nclusters; c++)     /* the refcount blocks */
+        qcow2_refcount_set(img + rb_off + (c / rb_entries) * cs, 4,
+                           c % rb_entries, 1);
+
+    *pimg = img;
+    *ptotal = total;
+    *pcs = cs;
+    return 0;
+}
+
+int qcow2_format_backend_co(struct backend *file, struct coro *co,
+                            uint64_t size, struct error **errp)
+{
+    uint8_t *img;
+    uint64_t total, cs;
+    int r = build_image(file->name, size, NULL, NULL, 0, &img, &total, &cs,
+                        errp);
+    if (r < 0)
+        return r;
+    if (total > file->size) {
+        free(img);
+        return error_setf(errp, ENOSPC, "%s: %llu bytes of storage cannot "
+                          "hold a new image's %llu bytes of metadata",
+                          file->name, (unsigned long long)file->size,
+                          (unsigned long long)total);
+    }
+    r = backend_pwrite_co(file, co, img, total, 0, 0);
+    if (r == 0)
+        r = backend_flush_co(file, co);
+    free(img);
+    if (r < 0)
+        return error_setf(errp, -r, "%s: writing the new image: %s",
+                          file->name, strerror(-r));
+    log_info("%s: formatted (qcow2, %llu bytes)", file->name,
+             (unsigned long long)size);
+    return 0;
+}
+
+int qcow2_create_co(struct loop *loop, struct coro *co, const char *path,
+                    uint64_t size, const char *backing_name,
+                    const char *backing_fmt, struct error **errp)
+{
+    return qcow2_create_cs_co(loop, co, path, size, backing_name, backing_fmt,
+                              0, errp);
+}
+
+int qcow2_create_cs_co(struct loop *loop, struct coro *co, const char *path,
+                       uint64_t size, const char *backing_name,
+                       const char *backing_fmt, uint64_t cluster_size,
+                       struct error **errp)
+{
+    uint8_t *img;
+    uint64_t total, cs;
+    int r0 = build_image(path, size, backing_name, backing_fmt, cluster_size,
+                         &img, &total, &cs, errp);
+    if (r0 < 0)
+        return r0;
 
     /* An RBD image is made at its final size (writing past its end would
      * resize it); a file grows with the write. */
@@ -133,8 +235,9 @@ int qcow2_create_co(struct loop *loop, struct coro *co, const char *path,
         }
         return r;
     }
-    log_info("%s: created (qcow2, %llu bytes%s%s)", path,
-             (unsigned long long)size, backing_name ? ", backing " : "",
+    log_info("%s: created (qcow2, %llu bytes, %llu-byte clusters%s%s)", path,
+             (unsigned long long)size, (unsigned long long)cs,
+             backing_name ? ", backing " : "",
              backing_name ? backing_name : "");
     return 0;
 }

@@ -468,7 +468,15 @@ static struct json_object *cmd_blockdev_add(struct ctl_cmd_ctx *cx,
         .filename = spec,
         .read_only = arg_bool(args, "read-only", false),
         .direct = direct,
+        .backing_root = arg_str(args, "backing-root"),
+        .backing_remote = arg_str(args, "backing-remote"),
     };
+    if (bc.backing_root && bc.backing_root[0] != '/') {
+        error_setf(errp, EINVAL, "Parameter 'backing-root' must be an absolute "
+                   "directory path");
+        free(spec);
+        return NULL;
+    }
     bool added = server_blockdev_add_co(cx->ctl->srv, &bc, cx->co, errp);
     free(spec);
     if (!added)
@@ -818,6 +826,8 @@ static const struct ctl_cmd commands[] = {
                               {"discard", CTL_ARG_STR, false},
                               {"detect-zeroes", CTL_ARG_STR, false},
                               {"auto-read-only", CTL_ARG_BOOL, false},
+                              {"backing-root", CTL_ARG_STR, false},
+                              {"backing-remote", CTL_ARG_STR, false},
                               {NULL, 0, false}}},
     {"blockdev-del", cmd_blockdev_del,
      (const struct ctl_arg[]){{"node-name", CTL_ARG_STR, true}, {NULL, 0, false}}},

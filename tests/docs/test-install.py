@@ -1,6 +1,7 @@
 #!/usr/bin/python3
-"""meson install: the daemon, the CLI, the man pages and the systemd units,
-nothing else, and nothing written into the source tree.
+"""meson install: the daemon, the CLI, the man pages, the systemd units and
+(when built) the nbdkit plugin and filter, nothing else, and nothing
+written into the source tree.
 
 Installs the build into a temporary DESTDIR (meson install --no-rebuild
 --destdir) and checks the exact list of files, that each binary runs
@@ -71,6 +72,21 @@ try:
     got = {os.path.relpath(f, prefix) for f in files}
     have_docs = os.path.exists(os.path.join(BUILD, "docs", "stratad.8"))
     want = WANT if have_docs else WANT_NO_DOCS
+    # the nbdkit plugin and filter (built with nbdkit-plugin-dev), in
+    # nbdkit's plugin and filter directories under the prefix
+    if os.path.exists(os.path.join(BUILD, "nbdkit", "nbdkit-strata-plugin.so")):
+        p = subprocess.run(["pkg-config", "--variable=plugindir",
+                            "--define-variable=prefix=/" + prefix, "nbdkit"],
+                           capture_output=True, text=True, timeout=30)
+        q = subprocess.run(["pkg-config", "--variable=filterdir",
+                            "--define-variable=prefix=/" + prefix, "nbdkit"],
+                           capture_output=True, text=True, timeout=30)
+        want = want | {
+            os.path.relpath(p.stdout.strip(), "/" + prefix) + "/nbdkit-strata-plugin.so",
+            os.path.relpath(q.stdout.strip(), "/" + prefix) + "/nbdkit-strata-qcow2-filter.so"}
+        if have_docs:
+            want |= {"share/man/man1/nbdkit-strata-plugin.1",
+                     "share/man/man1/nbdkit-strata-qcow2-filter.1"}
     if got != want:
         fail(f"installed under /{prefix}: {sorted(got)}, wanted {sorted(want)}")
     print(f"ok   installed under /{prefix}: {' '.join(sorted(got))}", flush=True)

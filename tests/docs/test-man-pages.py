@@ -32,6 +32,9 @@ MAN = os.environ.get("STRATA_MAN_DIR") or os.path.join(SRC, "build", "docs")
 STRATAD = os.environ.get("STRATAD") or os.path.join(SRC, "build", "daemon", "stratad")
 CLI = os.environ.get("STRATA_CLI") or os.path.join(SRC, "build", "contrib", "strata")
 PAGES = {"stratad": "8", "strata": "1", "strata-qmp": "7"}
+# the nbdkit plugin's and filter's pages, built with the modules
+if os.path.exists(os.path.join(MAN, "nbdkit-strata-plugin.1")):
+    PAGES.update({"nbdkit-strata-plugin": "1", "nbdkit-strata-qcow2-filter": "1"})
 failures = []
 
 

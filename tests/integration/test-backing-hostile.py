@@ -22,6 +22,10 @@ before any connection.
    starts again and again; every start either refuses or serves the data
    inside the root, never the file outside (the open itself cannot leave
    the root: openat2 RESOLVE_BENEATH).
+4. QMP blockdev-add follows the same rules with the same two settings
+   (backing-root, backing-remote): refused without them, a relative
+   backing-root refused, served with them, and kept across a restart
+   through the state file.
 
 Run:  STRATAD=build/daemon/stratad /usr/bin/python3 tests/integration/test-backing-hostile.py
 """
@@ -231,3 +235,64 @@ stop.set()
 th.join()
 ok(f"{ROUNDS} starts while the backing directory was swapped {swaps[0]} times with "
    f"a symlink out of the root: {outcomes}; the file outside was never served")
+
+# ---------------------------------------------------------------------------
+# 4. The same rules for nodes added over QMP, with the same two settings.
+
+qd = harness.tmpdir()
+ctl = os.path.join(qd, "ctl.sock")
+state = os.path.join(qd, "state.json")
+dmn = harness.Daemon([], extra=["--control", ctl, "--state-file", state])
+q = harness.QMP(ctl)
+# a backing file one directory up from the top: outside the top's directory
+updir = os.path.join(qd, "images")
+os.makedirs(os.path.join(updir, "vm"))
+ubase = os.path.join(updir, "base.raw")
+harness.make_file(ubase, MiB, b"\x22")
+utop = overlay("top.qcow2", "../base.raw", directory=os.path.join(updir, "vm"))
+
+
+def qmp_refused(args, phrases):
+    try:
+        q.cmd("blockdev-add", **args)
+    except harness.QMPError as e:
+        for ph in phrases:
+            check(ph in e.desc, f"blockdev-add {args}: {e.desc!r} lacks {ph!r}")
+        return e.desc
+    fail(f"blockdev-add {args} was accepted")
+
+
+fileobj = {"driver": "file", "filename": utop}
+d1 = qmp_refused({"driver": "qcow2", "node-name": "n1", "file": fileobj},
+                 ["backing root"])
+d2 = qmp_refused({"driver": "qcow2", "node-name": "n1", "file": fileobj,
+                  "backing-root": "images"}, ["'backing-root' must be an absolute"])
+q.cmd("blockdev-add", driver="qcow2", node_name="n1", file=fileobj,
+      backing_root=updir)
+q.cmd("block-export-add", type="nbd", id="e1", node_name="n1")
+h = nbd.NBD()
+h.connect_uri(dmn.uri("n1"))
+check(h.pread(4096, 0) == b"\x22" * 4096, "the backing file under backing-root")
+h.shutdown()
+rtop = overlay("rclean.qcow2", "rbd:pool/img", directory=qd)
+d3 = qmp_refused({"driver": "qcow2", "node-name": "n2", "read-only": True,
+                  "file": {"driver": "file", "filename": rtop}},
+                 ["names an RBD image under a local image", "backing-remote"])
+d4 = qmp_refused({"driver": "qcow2", "node-name": "n2", "read-only": True,
+                  "file": {"driver": "file", "filename": rtop},
+                  "backing-remote": "/srv"}, ["prefix of remote storage"])
+ptop = overlay("rprobe.qcow2", "rbd:pool/img:conf=/etc/passwd", directory=qd)
+d5 = qmp_refused({"driver": "qcow2", "node-name": "n3", "read-only": True,
+                  "file": {"driver": "file", "filename": ptop},
+                  "backing-remote": "rbd:"}, ["sets 'conf'"])
+# the setting survives a restart through the state file
+dmn.stop()
+dmn = harness.Daemon([], extra=["--control", ctl, "--state-file", state])
+h = nbd.NBD()
+h.connect_uri(dmn.uri("n1"))
+check(h.pread(4096, 0) == b"\x22" * 4096, "after a restart from the state file")
+h.shutdown()
+check(dmn.stop() == 0, "stratad did not stop cleanly")
+ok("blockdev-add: a backing file outside the top's directory needs an absolute "
+   "backing-root, kept across a restart; an RBD backing under a local image needs "
+   "backing-remote, and the header still may not set Ceph keys")

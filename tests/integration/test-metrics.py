@@ -10,7 +10,10 @@ accepts the page; the histograms are consistent (cumulative buckets,
 +Inf = _count = requests); a scrape during a qemu-img convert sees the
 counters grow and the client connected; a running block-commit shows its
 progress; idle and half-open HTTP clients beyond the connection limit do
-not stall NBD clients nor later scrapes.
+not stall NBD clients nor later scrapes; malformed requests (wrong
+methods, paths outside /metrics, oversized lines and headers, garbage,
+bad versions and lengths) and 100 seeded random mutations of a valid
+request each get an error status or a close, and the daemon serves on.
 
 Run:  STRATAD=build/daemon/stratad STRATA_CLI=build/contrib/strata \
       /usr/bin/python3 tests/integration/test-metrics.py
@@ -271,6 +274,81 @@ while True:
     check(time.time() < deadline, f"no scrape after idle clients left: {p.stdout} {p.stderr}")
     time.sleep(0.2)
 ok("21 idle or half-open HTTP clients: NBD reads still served, scrapes work after")
+
+
+# ---- 6b. hostile HTTP: malformed requests get an error or a close ----
+def raw_http(data, timeout=10):
+    """Sends DATA, half-closes, returns everything the server answers
+    (b"" when it only closes)."""
+    c = socket.create_connection(("127.0.0.1", mport), timeout=timeout)
+    try:
+        c.sendall(data)
+        c.shutdown(socket.SHUT_WR)
+        out = b""
+        while True:
+            try:
+                b = c.recv(65536)
+            except (ConnectionResetError, socket.timeout):
+                break
+            if not b:
+                break
+            out += b
+        return out
+    finally:
+        c.close()
+
+
+def status(resp):
+    line = resp.split(b"\r\n", 1)[0]
+    return int(line.split()[1]) if line.startswith(b"HTTP/1.") and len(line.split()) > 1 else None
+
+
+cases = [
+    (b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc", {405}),
+    (b"DELETE /metrics HTTP/1.1\r\nHost: x\r\n\r\n", {405}),
+    (b"GET /../../etc/passwd HTTP/1.1\r\nHost: x\r\n\r\n", {404}),
+    (b"GET /metrics?x=" + b"A" * 100000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", {None, 414, 400, 431}),
+    (b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Big: " + b"B" * 200000 + b"\r\n\r\n",
+     {None, 400, 413, 431}),
+    (b"GET /metrics HTTP/1.1\r\n" + b"".join(b"H%d: v\r\n" % i for i in range(5000)) + b"\r\n",
+     {None, 400, 413, 431}),
+    (b"\x00\xff\x16\x03\x01garbage\r\n\r\n", {None, 400}),
+    (b"GET /metrics HTTP/9.9\r\n\r\n", {None, 400, 505}),
+    (b"GET /metrics HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", {None, 400, 200}),
+    (b"GET /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n", {None, 400}),
+    (b"\r\n" * 5000, {None, 400}),
+]
+for data, want in cases:
+    got = status(raw_http(data))
+    check(got in want, f"{data[:60]!r}...: status {got}, wanted one of {want}")
+    check(dmn.proc.poll() is None, f"stratad exited after {data[:60]!r}")
+# seeded random mutations of a valid request, bounded in number
+import random  # noqa: E402
+rng = random.Random(20261203)
+valid = b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: */*\r\n\r\n"
+for i in range(100):
+    b = bytearray(valid)
+    for _ in range(rng.randint(1, 8)):
+        op = rng.randrange(3)
+        pos = rng.randrange(len(b) + 1)
+        if op == 0 and len(b) > 1:
+            del b[min(pos, len(b) - 1)]
+        elif op == 1:
+            b[pos:pos] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 16)))
+        else:
+            b[min(pos, len(b) - 1)] = rng.randrange(256)
+    got = status(raw_http(bytes(b), timeout=5))
+    check(got in (None, 200, 400, 404, 405, 413, 414, 431, 501, 505),
+          f"mutation {i} {bytes(b)!r}: status {got}")
+check(dmn.proc.poll() is None, "stratad exited during the mutated requests")
+p = subprocess.run(["qemu-io", "-f", "raw", "-c", "read 0 4096", uri],
+                   capture_output=True, text=True, timeout=30)
+check(p.returncode == 0, p.stdout + p.stderr)
+head, body = scrape()
+check(head.startswith("HTTP/1.1 200") and "strata_request_bytes_total" in body,
+      f"scrape after hostile requests: {head}")
+ok(f"{len(cases)} malformed HTTP requests and 100 seeded mutations: each answered "
+   "with an error status or closed; NBD and scrapes still served")
 
 # ---- 7. a job's progress ----
 base = os.path.join(d, "base.qcow2")

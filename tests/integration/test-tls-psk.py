@@ -54,7 +54,10 @@ def uri(name, user, psk=keys, tcp=False):
 
 
 def run(args, timeout=60):
-    return subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+    # errors="replace": a client may print bytes that are not UTF-8 (seen
+    # once in nbdinfo's uri line); the checks look for ASCII words
+    return subprocess.run(args, capture_output=True, text=True, errors="replace",
+                          timeout=timeout)
 
 
 def libnbd(user, name="disk", psk=keys):

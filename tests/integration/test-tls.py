@@ -70,7 +70,10 @@ def libnbd(who, name="disk", tcp=False):
 
 
 def run(args, timeout=60):
-    return subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+    # errors="replace": a client may print bytes that are not UTF-8 (seen
+    # once in nbdinfo's uri line); the checks look for ASCII words
+    return subprocess.run(args, capture_output=True, text=True, errors="replace",
+                          timeout=timeout)
 
 
 # A client connected through all the refusals below.
