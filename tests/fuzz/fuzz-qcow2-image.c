@@ -17,7 +17,7 @@
  * most 128 KiB; modifier bit 5: to the end of the disk for the others).
  * Types: read, write, write-zeroes, discard, block status, flush, cache,
  * reopen (read-only <-> read-write), grow.  Modifier bits 0..2 are
- * FUA, MAY_TRIM and FAST.
+ * FUA, MAY_TRIM and FAST; bit 3 splits a read into two iovecs.
  *
  * Properties:
  *  - no crash, no sanitizer report, no leak; the contract wrappers'
