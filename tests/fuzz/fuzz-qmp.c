@@ -141,6 +141,14 @@ static int by_length(const void *a, const void *b)
 
 static void sandbox(int argc, char **argv)
 {
+    /* A child of a sandboxed process (libFuzzer's -merge runs the target
+     * in one) is inside already: namespaces are inherited. */
+    const char *sandboxed = getenv("STRATA_FUZZ_QMP_SANDBOX");
+    if (sandboxed) {
+        snprintf(ctl_path, sizeof(ctl_path), "%s/ctl-%d.sock", sandboxed,
+                 (int)getpid());
+        return;
+    }
     char *keep[8];
     size_t n_keep = writable_dirs(argc, argv, keep, 8);
     /* Parents first; a directory inside one already kept is covered. */
@@ -212,7 +220,11 @@ static void sandbox(int argc, char **argv)
     }
     if (mount("strata-fuzz", work, "tmpfs", 0, "size=64m,mode=0700") < 0)
         sandbox_fail("tmpfs");
-    snprintf(ctl_path, sizeof(ctl_path), "%s/ctl.sock", work);
+    snprintf(ctl_path, sizeof(ctl_path), "%s/ctl-%d.sock", work,
+             (int)getpid());
+    /* libFuzzer's own temporary files (-merge) go to the tmpfs too. */
+    setenv("STRATA_FUZZ_QMP_SANDBOX", work, 1);
+    setenv("TMPDIR", work, 1);
     /* Checked, not assumed: nothing outside may be written. */
     if (mkdir("/tmp/strata-fuzz-qmp-escape", 0700) == 0 || errno != EROFS ||
         strlen(ctl_path) + 1 > sizeof(ctl_path))
