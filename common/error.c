@@ -6,6 +6,7 @@
 
 #include "error.h"
 
+__attribute__((format(printf, 2, 0)))
 static struct error *error_vnew(int code, const char *fmt, va_list ap)
 {
     va_list ap2;

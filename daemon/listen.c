@@ -356,25 +356,29 @@ static void accept_done(struct loop_op *op, int res, uint32_t flags)
 /* Admits (or refuses) the client on fd and starts its handshake. */
 static void start_client(struct listener *l, int fd)
 {
-    struct server *srv = l->srv;
+    server_start_client(l->srv, fd, l->is_tcp, l->desc);
+}
+
+struct conn *server_start_client(struct server *srv, int fd, bool tcp,
+                                 const char *desc)
+{
     if (srv->n_conns >= srv->cfg.max_connections) {
         log_warn("%s: refusing a client: %u connections is the limit",
-                 l->desc, srv->cfg.max_connections);
+                 desc, srv->cfg.max_connections);
         close(fd);
-        return;
+        return NULL;
     }
-    bool tcp = l->is_tcp;
     struct peer *peer = NULL;
     enum admit_verdict v = peer_admit(srv, fd, tcp, &peer);
     if (v != ADMIT_OK) {
         if (v == ADMIT_NOMEM) {
             log_error("out of memory accepting a client");
         } else {
-            log_warn("%s: refusing a client from %s: %s", l->desc,
+            log_warn("%s: refusing a client from %s: %s", desc,
                      peer_desc(peer), admit_verdict_str(v));
         }
         close(fd);
-        return;
+        return NULL;
     }
     if (tcp) {
         int one = 1;
@@ -385,7 +389,7 @@ static void start_client(struct listener *l, int fd)
         log_error("out of memory accepting a client");
         peer_release(srv, peer, true);
         close(fd);
-        return;
+        return NULL;
     }
     c->peer = peer;
     c->in_handshake = true;
@@ -394,8 +398,9 @@ static void start_client(struct listener *l, int fd)
         srv->conns->prev = c;
     srv->conns = c;
     srv->n_conns++;
-    log_debug("%s: client %llu connected from %s", l->desc,
+    log_debug("%s: client %llu connected from %s", desc,
               (unsigned long long)c->id, peer_desc(peer));
+    return c;
 }
 
 void server_listeners_rearm(struct server *srv)

@@ -352,6 +352,7 @@ static void tick(struct loop_timer *t, uint64_t now)
         run_mhd(m); /* connection timeouts */
 }
 
+__attribute__((format(printf, 2, 0)))
 static void mhd_log(void *cls, const char *fmt, va_list ap)
 {
     (void)cls;

@@ -144,6 +144,13 @@ int server_add_listener(struct server *srv, const char *addr,
 int server_adopt_activated(struct server *srv, int *control_fd,
                            struct error **errp);
 
+/* Admits the client connected on fd (a socket: accepted by a listener,
+ * or any other connected stream socket) and starts its NBD handshake, as
+ * a listener does with what it accepts: the connection and peer limits
+ * apply (a refused client's fd is closed).  desc names where it came
+ * from, for messages.  Returns the connection, or NULL when refused. */
+struct conn *server_start_client(struct server *srv, int fd, bool tcp,
+                                 const char *desc);
 /* Arms every listener's accept that is not armed (start, and again after
  * a failed accept such as EMFILE). */
 void server_listeners_rearm(struct server *srv);

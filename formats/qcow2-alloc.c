@@ -91,30 +91,6 @@ static bool wait_allocs_locked_co(struct qcow2 *s, struct coro *co,
     return true;
 }
 
-/* Host range [off, off+len) must not hit the header or the active L1 or
- * refcount tables: a data write there would destroy the image. */
-static int check_data_overlap_locked(struct qcow2 *s, uint64_t off,
-                                     uint64_t len)
-{
-    assert(co_mutex_locked(&s->lock));
-    const uint64_t cs = qcow2_cs(s);
-    struct {
-        uint64_t start, len;
-        const char *what;
-    } meta[] = {
-        {0, cs, "the header"},
-        {s->h.l1_table_offset, s->l1_bytes, "the L1 table"},
-        {s->h.refcount_table_offset,
-         (uint64_t)s->h.refcount_table_clusters * cs, "the refcount table"},
-    };
-    for (size_t i = 0; i < sizeof(meta) / sizeof(meta[0]); i++)
-        if (meta[i].len && off < meta[i].start + meta[i].len &&
-            meta[i].start < off + len)
-            return qcow2_corrupt(s, "a data cluster at %#llx overlaps %s",
-                                 (unsigned long long)off, meta[i].what);
-    return 0;
-}
-
 /* ====================== pending frees ====================== */
 
 int qcow2_defer_free_locked_co(struct qcow2 *s, struct coro *co,
@@ -244,7 +220,7 @@ static int overwrite_in_place_locked_co(struct qcow2 *s, struct coro *co,
     assert(co_mutex_held(&s->lock, co));
     assert(m->type == QCOW2_CLUSTER_NORMAL && m->copied);
     uint64_t n = m->len < len ? m->len : len;
-    int r = check_data_overlap_locked(s, m->host, n);
+    int r = qcow2_check_meta_overlap_locked(s, m->host, n, "a data cluster");
     if (r < 0) {
         co_mutex_unlock(&s->lock, co);
         return r;
@@ -405,7 +381,8 @@ static int plan_alloc_locked_co(struct qcow2 *s, struct coro *co, uint64_t off,
                 return r;
             }
         }
-        r = check_data_overlap_locked(s, p->host, p->nclusters * cs);
+        r = qcow2_check_meta_overlap_locked(s, p->host, p->nclusters * cs,
+                                            "a data cluster");
         if (r < 0)
             return r;
     }

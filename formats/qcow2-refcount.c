@@ -283,6 +283,45 @@ int qcow2_refcount_update_co(struct qcow2 *s, struct coro *co, uint64_t off,
     return r < 0 ? r : 0;
 }
 
+int qcow2_check_meta_overlap_locked(struct qcow2 *s, uint64_t off,
+                                    uint64_t len, const char *what)
+{
+    assert(co_mutex_locked(&s->lock));
+    const uint64_t cs = qcow2_cs(s);
+    const uint64_t end = off + len;
+    struct {
+        uint64_t start, len;
+        const char *what;
+    } meta[] = {
+        {0, cs, "the header"},
+        {s->h.l1_table_offset, s->l1_bytes, "the L1 table"},
+        {s->h.refcount_table_offset,
+         (uint64_t)s->h.refcount_table_clusters * cs, "the refcount table"},
+    };
+    for (size_t i = 0; i < sizeof(meta) / sizeof(meta[0]); i++)
+        if (meta[i].len && off < meta[i].start + meta[i].len &&
+            meta[i].start < end)
+            return qcow2_corrupt(s, "%s at %#llx overlaps %s", what,
+                                 (unsigned long long)off, meta[i].what);
+    /* Refcount blocks and active L2 tables: one cluster each, aligned
+     * (entries that are not were refused when read, or never are). */
+    for (uint64_t i = 0; i < s->reftable_entries; i++) {
+        uint64_t b = reftable_get(s, i);
+        if (b && off < b + cs && b < end)
+            return qcow2_corrupt(s, "%s at %#llx overlaps refcount block "
+                                 "%llu", what, (unsigned long long)off,
+                                 (unsigned long long)i);
+    }
+    for (uint64_t i = 0; i < s->h.l1_size; i++) {
+        uint64_t t = be_get64(s->l1 + i * 8) & QCOW2_L1E_OFFSET_MASK;
+        if (t && off < t + cs && t < end)
+            return qcow2_corrupt(s, "%s at %#llx overlaps L2 table %llu",
+                                 what, (unsigned long long)off,
+                                 (unsigned long long)i);
+    }
+    return 0;
+}
+
 /* Finds a run of free, not busy clusters from the hint: at most want of
  * them, exactly want with exact. */
 static int find_free_co(struct qcow2 *s, struct coro *co, uint64_t want,
@@ -351,6 +390,11 @@ static int alloc_co(struct qcow2 *s, struct coro *co, uint64_t want,
         }
         if (changed)
             continue;
+        /* A free cluster that holds metadata: the refcounts lie. */
+        r = qcow2_check_meta_overlap_locked(s, start * cs, n * cs,
+                                            "a free cluster");
+        if (r < 0)
+            return r;
         r = qcow2_refcount_update_co(s, co, start * cs, n * cs, +1);
         if (r < 0)
             return r;

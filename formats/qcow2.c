@@ -660,6 +660,73 @@ static int qcow2_reopen_co(struct fmt_node *n, struct coro *co, bool read_only,
  * zeroed on disk first), else moved to new clusters; then the header.
  * Every step is durable before the next (FUA writes; refcount blocks are
  * written through), so no sync of the whole file runs under the lock. */
+/* Growing makes guest bytes [old, size) visible.  Whatever the image
+ * maps there (entries of its last L2 table past the old end, left by
+ * corruption or by a tool that shrank it without clearing them; data in
+ * the rest of the last cluster when the old size is not a multiple of the
+ * cluster size) would show up where the new bytes must read as zeros.
+ * Such an image is not grown: -EIO with the reason, nothing changed.
+ * Zeros in the rest of the last cluster (what QEMU writes there) are
+ * fine.  Called with the lock. */
+static int grow_tail_clean_locked_co(struct qcow2 *s, struct coro *co,
+                                     uint64_t old, uint64_t size,
+                                     struct error **errp)
+{
+    const uint64_t cs = qcow2_cs(s);
+    const uint64_t span = cs << s->h.l2_bits;
+    if (old % span == 0 || old / span >= s->h.l1_size)
+        return 0; /* no table reaches past the old end */
+    uint64_t end = (old / span + 1) * span;
+    if (end > size)
+        end = size;
+    const uint64_t cend = (old + cs - 1) / cs * cs; /* old last cluster */
+    uint64_t off = old;
+    int r = 0;
+    while (off < end && r == 0) {
+        struct qcow2_map m;
+        r = qcow2_map_get_co(s, co, off, end - off, &m);
+        if (r < 0)
+            break;
+        uint64_t len = m.len < end - off ? m.len : end - off;
+        if (m.type != QCOW2_CLUSTER_NORMAL &&
+            m.type != QCOW2_CLUSTER_COMPRESSED) {
+            off += len;
+            continue;
+        }
+        if (m.type == QCOW2_CLUSTER_NORMAL && off < cend) {
+            /* the old last cluster: its bytes past the end must be zeros */
+            uint64_t n = len < cend - off ? len : cend - off;
+            uint64_t a = s->io_align;
+            uint64_t rs = m.host & ~(a - 1);
+            uint64_t re = (m.host + n + a - 1) & ~(a - 1);
+            uint8_t *buf = qcow2_buf_alloc(s, re - rs);
+            if (!buf) {
+                r = -ENOMEM;
+                break;
+            }
+            r = backend_pread_co(s->node.file, co, buf, re - rs, rs);
+            bool zero = r == 0;
+            for (uint64_t i = 0; zero && i < n; i++)
+                zero = buf[m.host - rs + i] == 0;
+            free(buf);
+            if (r < 0)
+                break;
+            if (zero) {
+                off += n;
+                continue;
+            }
+        }
+        error_setf(errp, EIO, "%s: cannot grow: the image maps data at "
+                   "guest offset %#llx, past its end (%llu bytes), which "
+                   "would show in the new bytes (repair it with qemu-img "
+                   "check -r all, or copy it with qemu-img convert)",
+                   s->node.filename, (unsigned long long)off,
+                   (unsigned long long)old);
+        r = -EIO;
+    }
+    return r;
+}
+
 static int qcow2_grow_co(struct fmt_node *n, struct coro *co, uint64_t size,
                          struct error **errp)
 {
@@ -682,11 +749,13 @@ static int qcow2_grow_co(struct fmt_node *n, struct coro *co, uint64_t size,
         co_queue_wait_co(&s->l1_wb_waiters, co);
         co_mutex_lock_co(&s->lock, co);
     }
-    int r = 0;
+    int r = s->broken ? error_setf(errp, EIO, "%s: the image is corrupt: "
+                                   "no more writes to it", n->filename)
+                      : grow_tail_clean_locked_co(s, co, n->size, size, errp);
     struct qcow2_header h = s->h;
     uint64_t old_off = 0, old_bytes = 0;
     uint8_t *nl1 = NULL, *nl1_disk = NULL;
-    if (new_l1 > s->h.l1_size) {
+    if (r == 0 && new_l1 > s->h.l1_size) {
         uint64_t need = (new_l1 * 8 + cs - 1) / cs * cs;
         if (s->h.l1_size && need <= s->l1_bytes) {
             /* Room in the current clusters: zero the new entries on disk. */
@@ -745,8 +814,14 @@ static int qcow2_grow_co(struct fmt_node *n, struct coro *co, uint64_t size,
             s->l1_disk = nl1_disk;
             s->l1_bytes = (new_l1 * 8 + cs - 1) / cs * cs;
             nl1 = nl1_disk = NULL;
-            if (old_bytes)
-                r = qcow2_refcount_update_co(s, co, old_off, old_bytes, -1);
+            /* The disk has grown: a failure to free the old table only
+             * leaks its clusters (as QEMU does), it does not undo that. */
+            if (old_bytes &&
+                qcow2_refcount_update_co(s, co, old_off, old_bytes, -1) < 0)
+                log_warn("%s: the old L1 table at %#llx could not be freed "
+                         "(%llu bytes leaked)", n->filename,
+                         (unsigned long long)old_off,
+                         (unsigned long long)old_bytes);
         }
     }
     free(nl1);

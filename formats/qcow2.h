@@ -263,6 +263,15 @@ int qcow2_refcount_get_co(struct qcow2 *s, struct coro *co, uint64_t cluster,
  * bytes [off, off+len). */
 int qcow2_refcount_update_co(struct qcow2 *s, struct coro *co, uint64_t off,
                              uint64_t len, int addend);
+/* Host range [off, off+len) about to be written as what ("a data
+ * cluster") must not hit metadata in use: the header, the active L1 and
+ * refcount tables, a refcount block or an active L2 table.  Otherwise the
+ * image is corrupt (its refcounts or L2 entries lie) and writing would
+ * destroy the metadata or the data: qcow2_corrupt.  Checked for data
+ * written in place and for every allocated run (a cluster with refcount 0
+ * that holds metadata). */
+int qcow2_check_meta_overlap_locked(struct qcow2 *s, uint64_t off,
+                                    uint64_t len, const char *what);
 /* Allocates between 1 and want contiguous free clusters (refcount 1).
  * Returns their host offset in *host and their number in *got. */
 int qcow2_alloc_clusters_co(struct qcow2 *s, struct coro *co, uint64_t want,

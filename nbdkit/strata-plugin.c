@@ -420,4 +420,7 @@ static struct nbdkit_plugin plugin = {
     .errno_is_preserved = 0,
 };
 
+/* The entry point the macro defines (declared for -Wmissing-prototypes,
+ * which clang applies to macros from system headers too). */
+struct nbdkit_plugin *plugin_init(void);
 NBDKIT_REGISTER_PLUGIN(plugin)

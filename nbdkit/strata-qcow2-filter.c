@@ -597,4 +597,7 @@ static struct nbdkit_filter filter = {
     .cache = strata_qcow2_cache,
 };
 
+/* The entry point the macro defines (declared for -Wmissing-prototypes,
+ * which clang applies to macros from system headers too). */
+struct nbdkit_filter *filter_init(void);
 NBDKIT_REGISTER_FILTER(filter)

@@ -468,8 +468,10 @@ static struct json_object *cmd_blockdev_add(struct ctl_cmd_ctx *cx,
     bool direct = false;
     struct json_object *cache;
     if (json_object_object_get_ex(args, "cache", &cache)) {
-        if (ctl_args_check(cache, cache_args, "cache.", errp) < 0)
+        if (ctl_args_check(cache, cache_args, "cache.", errp) < 0) {
+            free(spec);
             return NULL;
+        }
         direct = arg_bool(cache, "direct", false);
         if (arg_bool(cache, "no-flush", false)) {
             error_setf(errp, EINVAL, "Parameter 'cache.no-flush' must be false: "

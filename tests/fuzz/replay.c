@@ -117,10 +117,17 @@ static int replay_dir(const char *path, unsigned long *count)
     return rc;
 }
 
+/* As libFuzzer does: a target may set itself up before the first input
+ * (fuzz-qmp shuts itself in). */
+int LLVMFuzzerInitialize(int *argc, char ***argv) __attribute__((weak));
+
 int main(int argc, char **argv)
 {
     unsigned long count = 0;
     int rc = 0, i;
+
+    if (LLVMFuzzerInitialize)
+        LLVMFuzzerInitialize(&argc, &argv);
 
     if (argc < 2) {
         fprintf(stderr, "usage: %s FILE|DIR...\n", argv[0]);

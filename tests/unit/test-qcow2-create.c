@@ -23,6 +23,7 @@
 
 static char dir[256];
 
+__attribute__((format(printf, 1, 2)))
 static int sh(const char *fmt, ...)
 {
     char cmd[2048];

@@ -190,8 +190,8 @@ static void test_format_round_trip(void **state)
         "rbd:rbd/disk",
         "rbd:p/ns/i@snap",
         "rbd:p\\/x/i\\:j\\@k@s\\:t",
-        "rbd:p/i:conf=/etc/ceph/c\\:d.conf:id=u:keyring=/k:timeout=0"
-        ":connect_timeout=3:mon_host=127.0.0.1\\:3300:rbd_cache=false",
+        ("rbd:p/i:conf=/etc/ceph/c\\:d.conf:id=u:keyring=/k:timeout=0"
+         ":connect_timeout=3:mon_host=127.0.0.1\\:3300:rbd_cache=false"),
         "rbd:p/a\\\\b",
     };
     for (size_t i = 0; i < ARRAY_SIZE(specs); i++) {
