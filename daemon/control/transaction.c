@@ -111,11 +111,11 @@ struct json_object *cmd_transaction(struct ctl_cmd_ctx *cx, struct json_object *
     size_t nexps = 0;
     struct json_object *ret = NULL;
     size_t done = 0;
+    bool quiesced = false;
     if (!acts || !exps) {
         error_setf(errp, ENOMEM, "out of memory");
         goto out;
     }
-    bool quiesced = false;
 
     /* 1. arguments */
     static const struct ctl_arg aspec[] = {{"type", CTL_ARG_STR, true},
