@@ -45,10 +45,9 @@ if [[ $level == test || $level == bench ]]; then
     pkgs+=(systemd curl prometheus)
     # static analysis of the C sources (contrib/cppcheck.sh)
     pkgs+=(cppcheck)
-    # the sanitizer build is made with clang, and with it the libFuzzer
-    # targets of tests/fuzz, fuzzed for a few seconds each by the suite:
-    # libFuzzer's runtime is in libclang-rt-14-dev, which clang only
-    # recommends
+    # the libFuzzer targets of tests/fuzz, built with clang (build-fuzz)
+    # and fuzzed briefly by the suite: libFuzzer's runtime is in
+    # libclang-rt-14-dev, which clang only recommends
     pkgs+=(clang libclang-rt-14-dev)
     # the rbd backend, and a throw-away Ceph cluster to test it against
     # (contrib/ceph-cluster.sh); qemu's rbd driver for the comparisons
