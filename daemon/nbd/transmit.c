@@ -216,7 +216,7 @@ static int do_block_status_co(struct nbd_req *r, struct coro *co)
     uint64_t end = off + h->length;
     unsigned max = one ? 1 : BS_MAX_EXTENTS;
 
-    unsigned ids[META_MAX_ID];
+    unsigned ids[META_MAX_ID] = {0}; /* ids 1..META_MAX_ID: nctx <= META_MAX_ID */
     unsigned nctx = 0;
     for (unsigned id = META_BASE_ALLOCATION; id <= META_MAX_ID; id++)
         if (c->meta & (1u << id))
