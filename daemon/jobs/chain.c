@@ -156,6 +156,17 @@ int chain_check_backing_root(const struct blockdev *b, struct fmt_node *n,
 
 /* ---- blockdev-snapshot-sync ---- */
 
+/* Removes an overlay file that a failed snapshot made; a failure to
+ * remove it is logged (the file is empty, backed by the old top). */
+static void remove_overlay(const char *path)
+{
+    struct error *rm = NULL;
+    if (backend_remove(path, &rm) < 0) {
+        log_warn("%s", rm->msg);
+        error_free(rm);
+    }
+}
+
 int snapshot_prepare_co(struct server *srv, struct export *e,
                         const struct snapshot_args *a, struct coro *co,
                         struct snapshot_prep *p, struct error **errp)
@@ -277,6 +288,11 @@ int snapshot_prepare_co(struct server *srv, struct export *e,
     return 0;
 
 fail:
+    if (p->created && !p->named) {
+        /* made but never named: the overlay's path is still ours */
+        remove_overlay(path);
+        p->created = false;
+    }
     free(path);
     snapshot_abort_co(p, co);
     return r;
@@ -378,13 +394,8 @@ void snapshot_abort_co(struct snapshot_prep *p, struct coro *co)
         p->n->backing = NULL; /* the old chain is not its to close */
         fmt_close(p->n);
     }
-    if (created && path) {
-        struct error *rm = NULL;
-        if (backend_remove(path, &rm) < 0) {
-            log_warn("%s", rm->msg);
-            error_free(rm);
-        }
-    }
+    if (created && path)
+        remove_overlay(path);
     if (p->watching)
         export_watch_end(p->e);
     if (p->busy)
