@@ -282,13 +282,16 @@ def raw_http(data, timeout=10):
     (b"" when it only closes)."""
     c = socket.create_connection(("127.0.0.1", mport), timeout=timeout)
     try:
-        c.sendall(data)
-        c.shutdown(socket.SHUT_WR)
+        try:
+            c.sendall(data)
+            c.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # the server closed first (a request it refused early)
         out = b""
         while True:
             try:
                 b = c.recv(65536)
-            except (ConnectionResetError, socket.timeout):
+            except (OSError, socket.timeout):
                 break
             if not b:
                 break
