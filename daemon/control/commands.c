@@ -445,14 +445,47 @@ static struct json_object *cmd_blockdev_add(struct ctl_cmd_ctx *cx,
                                             struct error **errp)
 {
     const char *driver = arg_str(args, "driver");
+    struct json_object *file;
+    json_object_object_get_ex(args, "file", &file);
+    if (!strcmp(driver, "snapshot-access")) {
+        json_object_object_foreach(args, key, val) {
+            (void)val;
+            if (strcmp(key, "driver") && strcmp(key, "node-name") &&
+                strcmp(key, "file") && strcmp(key, "read-only")) {
+                error_setf(errp, EINVAL, "Parameter '%.64s' is unexpected", key);
+                return NULL;
+            }
+        }
+        const char *nn = arg_str(args, "node-name");
+        struct fmt_node *sa = ctl_snapshot_access_open(cx, file, nn, errp);
+        if (!sa)
+            return NULL;
+        char desc[256];
+        snprintf(desc, sizeof(desc), "snapshot-access:%s", json_object_get_string(file));
+        if (!server_blockdev_add_node(cx->ctl->srv, nn, sa, desc, errp)) {
+            fmt_close(sa);
+            return NULL;
+        }
+        return ret_empty();
+    }
+    if (!strcmp(driver, "copy-before-write")) {
+        error_setf(errp, ENOTSUP, "Parameter 'driver': strata inserts the "
+                   "copy-before-write filter with blockdev-backup (sync 'none', "
+                   "filter-node-name), as libvirt does on QEMU; a filter added "
+                   "with blockdev-add would not see the writes of the node's "
+                   "export");
+        return NULL;
+    }
+    if (arg_has(args, "target")) {
+        error_setf(errp, EINVAL, "Parameter 'target' is unexpected");
+        return NULL;
+    }
     if (!fmt_find_driver(driver)) {
         error_setf(errp, EINVAL, "Parameter 'driver' does not accept value '%s' "
                    "(strata supports %s nodes over a file)", driver,
                    fmt_driver_names());
         return NULL;
     }
-    struct json_object *file;
-    json_object_object_get_ex(args, "file", &file);
     if (json_object_is_type(file, json_type_string)) {
         error_setf(errp, EINVAL, "Parameter 'file': references to other nodes are "
                    "not supported; give {\"driver\": \"file\", \"filename\": PATH}");
@@ -539,6 +572,12 @@ static struct json_object *cmd_block_export_add(struct ctl_cmd_ctx *cx,
     if (arg_bool(args, "writethrough", false)) {
         error_setf(errp, EINVAL, "Parameter 'writethrough' must be false: clients "
                    "ask for durability with FUA and FLUSH");
+        return NULL;
+    }
+    struct blockdev *tb = server_find_blockdev(cx->ctl->srv, arg_str(args, "node-name"));
+    if (tb && tb->chain_busy) {
+        error_setf(errp, EBUSY, "Node '%s' is busy: a job works on it (a backup "
+                   "writes the old data of the guest's disk into it)", tb->node_name);
         return NULL;
     }
     /* "allow" (a strata extension): the TLS identities that may see and
@@ -716,8 +755,8 @@ JOB_CMD(cmd_job_dismiss, "id", false, job_dismiss(job, errp))
 /* ---- the chain jobs (chain.h) ---- */
 
 /* The export a chain command acts on: by export id or by node name. */
-static struct export *job_target(struct ctl_cmd_ctx *cx, const char *device,
-                                 struct error **errp)
+struct export *ctl_job_target(struct ctl_cmd_ctx *cx, const char *device,
+                              struct error **errp)
 {
     struct export *e = server_find_export_id(cx->ctl->srv, device);
     if (!e) {
@@ -767,7 +806,7 @@ struct export *ctl_snapshot_args(struct ctl_cmd_ctx *cx, struct json_object *arg
         error_setf(errp, EEXIST, "Duplicate nodes with node-name='%s'", snode);
         return NULL;
     }
-    struct export *e = job_target(cx, dev ? dev : node, errp);
+    struct export *e = ctl_job_target(cx, dev ? dev : node, errp);
     if (!e)
         return NULL;
     *sa = (struct snapshot_args){
@@ -830,7 +869,7 @@ static struct json_object *cmd_block_commit(struct ctl_cmd_ctx *cx,
                    "strata inserts no filter node");
         return NULL;
     }
-    struct export *e = job_target(cx, arg_str(args, "device"), errp);
+    struct export *e = ctl_job_target(cx, arg_str(args, "device"), errp);
     if (!e)
         return NULL;
     struct commit_args ca = {
@@ -895,6 +934,8 @@ static const struct ctl_cmd commands[] = {
                               {"auto-read-only", CTL_ARG_BOOL, false},
                               {"backing-root", CTL_ARG_STR, false},
                               {"backing-remote", CTL_ARG_STR, false},
+                              /* copy-before-write (refused with a reason) */
+                              {"target", CTL_ARG_ANY, false},
                               {NULL, 0, false}}},
     {"blockdev-del", cmd_blockdev_del,
      (const struct ctl_arg[]){{"node-name", CTL_ARG_STR, true}, {NULL, 0, false}}},
@@ -938,6 +979,22 @@ static const struct ctl_cmd commands[] = {
                               {"on-error", CTL_ARG_STR, false},
                               {"auto-finalize", CTL_ARG_BOOL, false},
                               {"auto-dismiss", CTL_ARG_BOOL, false},
+                              {NULL, 0, false}}},
+    {"blockdev-backup", cmd_blockdev_backup,
+     (const struct ctl_arg[]){{"job-id", CTL_ARG_STR, false},
+                              {"device", CTL_ARG_STR, true},
+                              {"target", CTL_ARG_STR, true},
+                              {"sync", CTL_ARG_STR, true},
+                              {"speed", CTL_ARG_INT, false},
+                              {"bitmap", CTL_ARG_STR, false},
+                              {"bitmap-mode", CTL_ARG_STR, false},
+                              {"compress", CTL_ARG_BOOL, false},
+                              {"on-source-error", CTL_ARG_STR, false},
+                              {"on-target-error", CTL_ARG_STR, false},
+                              {"auto-finalize", CTL_ARG_BOOL, false},
+                              {"auto-dismiss", CTL_ARG_BOOL, false},
+                              {"filter-node-name", CTL_ARG_STR, false},
+                              {"x-perf", CTL_ARG_OBJ, false},
                               {NULL, 0, false}}},
     {"block-dirty-bitmap-add", cmd_block_dirty_bitmap_add,
      (const struct ctl_arg[]){{"node", CTL_ARG_STR, true},
