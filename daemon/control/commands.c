@@ -16,6 +16,7 @@
 #include "jobs.h"
 #include "log.h"
 #include "state.h"
+#include "tls.h"
 #include "util.h"
 
 /* ---- argument checking ---- */
@@ -274,6 +275,43 @@ static struct json_object *cmd_query_block(struct ctl_cmd_ctx *cx,
     return r;
 }
 
+/* The NBD URIs (RFC-style, as libnbd and qemu read them) of an export on
+ * every listener: a strata extension, so that tools (strata backup start)
+ * can print what to read. */
+static struct json_object *export_uris(const struct server *srv, const char *name)
+{
+    char enc[3 * 4096 + 1];
+    size_t k = 0;
+    for (const unsigned char *p = (const unsigned char *)name; *p && k + 4 < sizeof(enc); p++) {
+        if ((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') ||
+            (*p >= '0' && *p <= '9') || strchr("-._~", *p))
+            enc[k++] = (char)*p;
+        else
+            k += (size_t)snprintf(enc + k, sizeof(enc) - k, "%%%02X", *p);
+    }
+    enc[k] = 0;
+    bool tls = srv->tls && tls_server_mode(srv->tls) == TLS_MODE_REQUIRE;
+    struct json_object *a = json_object_new_array();
+    for (size_t i = 0; i < srv->n_listeners; i++) {
+        const struct listener *l = &srv->listeners[i];
+        char *u = NULL;
+        if (l->closed || !l->desc)
+            continue;
+        if (!strncmp(l->desc, "unix:", 5) && l->desc[5] != '@') {
+            if (asprintf(&u, "nbd%s+unix:///%s?socket=%s", tls ? "s" : "", enc,
+                         l->desc + 5) < 0)
+                u = NULL;
+        } else if (l->is_tcp) {
+            if (asprintf(&u, "nbd%s://%s/%s", tls ? "s" : "", l->desc, enc) < 0)
+                u = NULL;
+        }
+        if (u)
+            json_object_array_add(a, json_object_new_string(u));
+        free(u);
+    }
+    return a;
+}
+
 static struct json_object *cmd_query_block_exports(struct ctl_cmd_ctx *cx,
                                                    struct json_object *args,
                                                    struct error **errp)
@@ -292,6 +330,7 @@ static struct json_object *cmd_query_block_exports(struct ctl_cmd_ctx *cx,
         if (e->cfg.description)
             json_object_object_add(o, "description", json_object_new_string(e->cfg.description));
         json_object_object_add(o, "writable", json_object_new_boolean(e->writable));
+        json_object_object_add(o, "x-uris", export_uris(srv, e->cfg.name));
         json_object_object_add(o, "clients", json_object_new_int((int)e->n_conns));
         json_object_object_add(o, "virtual-size", json_object_new_int64((int64_t)export_root(e)->size));
         json_object_object_add(o, "file", json_object_new_string(e->bdev->filename));
