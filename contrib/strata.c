@@ -1551,6 +1551,40 @@ static char *backup_field(const char *desc, const char *key)
     return NULL;
 }
 
+/* No backup export: a backup interrupted by a restart leaves its scratch
+ * node (the state file keeps it) and file; remove them. */
+static int backup_leftover(struct qmp *q, const char *exp, const char *base)
+{
+    char scratch_node[192];
+    snprintf(scratch_node, sizeof(scratch_node), "%s-scratch", base);
+    struct json_object *nodes = qmp_run(q, "query-named-block-nodes", NULL);
+    char *file = NULL;
+    for (size_t i = 0; i < json_object_array_length(nodes); i++) {
+        struct json_object *n = json_object_array_get_idx(nodes, i);
+        if (!strcmp(jstr(n, "node-name"), scratch_node) && jstr(n, "file"))
+            file = strdup(jstr(n, "file"));
+    }
+    json_object_put(nodes);
+    if (!file)
+        die(1, "backup end: no backup of %s is running (no export %s made by "
+            "strata backup start)", exp, base);
+    json_object_put(qmp_run(q, "blockdev-del", obj("node-name", jss(scratch_node))));
+    if (unlink(file) < 0 && errno != ENOENT)
+        fprintf(stderr, "strata: backup end: removing %s: %s\n", file, strerror(errno));
+    if (opt_json) {
+        struct json_object *o = obj("export", jss(base));
+        json_object_object_add(o, "leftover", jss(file));
+        print_json(o);
+        json_object_put(o);
+    } else {
+        printf("backup %s was interrupted (restart): its scratch image %s is removed; "
+               "its bitmaps are gone or inconsistent: remove them and take a full "
+               "backup\n", base, file);
+    }
+    free(file);
+    return 0;
+}
+
 static int cmd_backup_end(struct qmp *q, const char *exp, bool abort_it, bool hard)
 {
     struct json_object *e = find_export(q, exp);
@@ -1567,8 +1601,7 @@ static int cmd_backup_end(struct qmp *q, const char *exp, bool abort_it, bool ha
     }
     json_object_put(list);
     if (!desc)
-        die(1, "backup end: no backup of %s is running (no export %s made by "
-            "strata backup start)", exp, base);
+        return backup_leftover(q, exp, base);
     char *node = backup_field(desc, "node"), *newbm = backup_field(desc, "new");
     char *inc = backup_field(desc, "inc"), *scratch = backup_field(desc, "scratch");
     if (!node || !newbm || !inc || !scratch)

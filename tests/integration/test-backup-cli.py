@@ -5,7 +5,8 @@ reads the disk of the instant while the guest overwrites it) and the
 bitmap for the next incremental; an incremental's view offers the
 meta context of what changed; end removes the view, its scratch image
 and the exported bitmap; --abort merges the new bitmap back into the old
-one, which records again; a second start on a running backup, an end
+one, which records again; after a kill -9 and restart, end removes the
+scratch node and image the interrupted backup left; a second start on a running backup, an end
 without one and an unknown verb fail with exit 1 / 2 and a message.
 
 Run:  STRATAD=build/daemon/stratad STRATA_CLI=build/contrib/strata \\
@@ -13,6 +14,7 @@ Run:  STRATAD=build/daemon/stratad STRATA_CLI=build/contrib/strata \\
 """
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -34,7 +36,15 @@ subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", disk, str(SIZE)], che
 subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -P 0x33 0 {SIZE}", disk],
                check=True, capture_output=True)
 ctl = os.path.join(d, "ctl.sock")
-dmn = harness.Daemon([f"name=disk,file={disk},format=qcow2"], extra=["--control", ctl])
+state = os.path.join(d, "state.json")
+
+
+def start():
+    return harness.Daemon([f"name=disk,file={disk},format=qcow2"],
+                          extra=["--control", ctl, "--state-file", state])
+
+
+dmn = start()
 S = QMP(ctl)
 
 
@@ -95,8 +105,22 @@ out = cli("backup", "end", "disk", rc=1)
 check("no backup of disk is running" in out, out)
 out = cli("backup", "stop", "disk", rc=2)
 check("expected start or end" in out, out)
-h.shutdown()
-check(dmn.stop() == 0, "stratad did not stop cleanly")
-p = subprocess.run(["qemu-img", "check", disk], capture_output=True, text=True)
-check(p.returncode == 0, p.stdout + p.stderr)
 ok("the next incremental after --abort holds both changes; errors exit 1 and 2")
+
+# a restart interrupts a backup: end removes what it left
+r = json.loads(cli("--json", "backup", "start", "disk", "--bitmap", "bm4"))
+h.shutdown()
+dmn.proc.send_signal(signal.SIGKILL)
+dmn.proc.wait()
+dmn = start()
+S = QMP(ctl)
+out = cli("backup", "end", "disk")
+check("interrupted" in out, out)
+check(not os.path.exists(r["scratch"]), "scratch image left behind after the restart")
+check(not any(n["node-name"].startswith("backup-") for n in S.cmd("query-named-block-nodes")),
+      "scratch node left behind")
+cli("backup", "start", "disk")
+cli("backup", "end", "disk")
+p = subprocess.run(["qemu-img", "check", disk], capture_output=True, text=True)
+check(p.returncode in (0, 3), p.stdout + p.stderr)
+ok("after a restart interrupted a backup, end removes its scratch node and image")
