@@ -7,8 +7,10 @@
 # clusters) as a writable export; the QEMU 7.2 backup sequence starts a
 # backup (scratch qcow2, transaction of block-dirty-bitmap-add and
 # blockdev-backup sync=none, snapshot-access view exported read-only);
-# then for BENCH_RUNTIME seconds fio's nbd engine runs 4k random writes
-# (iodepth 32, one connection) on the guest export while nbdcopy reads the
+# fio's nbd engine first runs BENCH_RUNTIME seconds of 4k random writes
+# (iodepth 32, one connection) without a backup (the baseline of each
+# server); then for BENCH_RUNTIME seconds the same writes run
+# on the guest export while nbdcopy reads the
 # whole view to null: again and again (every guest write to a cluster not
 # copied yet pays the copy-before-write).  The table gives the guest's
 # median IOPS, the median of per-round ratios stratad / qemu-storage-
@@ -111,6 +113,14 @@ for rd in range(rounds):
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", f"{d}/scratch.qcow2",
                         str(size)], check=True)
         p, q, nbd = start(name, d)
+        guest = f"nbd+unix:///disk?socket={nbd}"
+        # the same writes without a backup: what the backup costs each server
+        subprocess.run(["fio", "--name=w", "--ioengine=nbd", f"--uri={guest}",
+                        "--rw=randwrite", "--bs=4k", "--iodepth=32", "--direct=1",
+                        "--time_based", f"--runtime={runtime}", "--randrepeat=0",
+                        "--output-format=json", f"--output={d}/fio0.json"],
+                       stdout=subprocess.DEVNULL, check=True, timeout=runtime + 120)
+        iops0 = json.load(open(f"{d}/fio0.json"))["jobs"][0]["write"]["iops"]
         q.cmd("blockdev-add", driver="qcow2", **{"node-name": "tmp"},
               file={"driver": "file", "filename": f"{d}/scratch.qcow2"})
         q.cmd("transaction", actions=[
@@ -119,7 +129,6 @@ for rd in range(rounds):
              "target": "tmp", "sync": "none", "filter-node-name": "cbw"}}])
         q.cmd("blockdev-add", driver="snapshot-access", **{"node-name": "view"}, file="cbw")
         q.cmd("block-export-add", type="nbd", id="view", **{"node-name": "view"}, name="view")
-        guest = f"nbd+unix:///disk?socket={nbd}"
         view = f"nbd+unix:///view?socket={nbd}"
         fio = subprocess.Popen(["fio", "--name=w", "--ioengine=nbd", f"--uri={guest}",
                                 "--rw=randwrite", "--bs=4k", "--iodepth=32", "--direct=1",
@@ -143,8 +152,9 @@ for rd in range(rounds):
         q.cmd("block-export-del", id="view")
         p.terminate()
         p.wait(30)
-        got[name] = (iops, mibs, copies, copied)
-        print(f"round {rd + 1} {name}: guest 4k randwrite {iops:.0f} IOPS, view read "
+        got[name] = (iops, mibs, copies, copied, iops0)
+        print(f"round {rd + 1} {name}: guest 4k randwrite {iops0:.0f} IOPS without a "
+              f"backup, {iops:.0f} IOPS during it; view read "
               f"{mibs:.0f} MiB/s ({copies} full reads), job offset {copied >> 20} MiB",
               flush=True)
         shutil.rmtree(d)
@@ -155,11 +165,14 @@ def med(v):
     return v[len(v) // 2]
 print()
 print(f"load average: {open('/proc/loadavg').read().split()[:3]}  nproc: {os.cpu_count()}")
-print(f"{'server':<20} | {'guest IOPS (median)':>19} | {'view MiB/s (median)':>19} | runs (IOPS / MiB/s)")
+print(f"{'server':<20} | {'IOPS, no backup':>15} | {'IOPS during backup':>18} | "
+      f"{'during / no backup':>18} | {'view MiB/s':>10} | runs (no backup / during / MiB/s)")
 for n in ("stratad", "qemu-storage-daemon"):
-    print(f"{n:<20} | {med([r[n][0] for r in results]):>19.0f} | "
-          f"{med([r[n][1] for r in results]):>19.0f} | "
-          + " ".join(f"{r[n][0]:.0f}/{r[n][1]:.0f}" for r in results))
+    print(f"{n:<20} | {med([r[n][4] for r in results]):>15.0f} | "
+          f"{med([r[n][0] for r in results]):>18.0f} | "
+          f"{med([r[n][0] / r[n][4] for r in results]):>18.2f} | "
+          f"{med([r[n][1] for r in results]):>10.0f} | "
+          + " ".join(f"{r[n][4]:.0f}/{r[n][0]:.0f}/{r[n][1]:.0f}" for r in results))
 ratio = med([r["stratad"][0] / r["qemu-storage-daemon"][0] for r in results])
 rratio = med([r["stratad"][1] / r["qemu-storage-daemon"][1] for r in results
               if r["qemu-storage-daemon"][1] > 0] or [0])
