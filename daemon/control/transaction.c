@@ -103,8 +103,9 @@ struct json_object *cmd_transaction(struct ctl_cmd_ctx *cx, struct json_object *
         if (json_object_object_get_ex(props, "completion-mode", &cm) &&
             strcmp(json_object_get_string(cm), "individual")) {
             error_setf(errp, ENOTSUP, "Parameter 'completion-mode' does not accept "
-                       "value '%s' (strata's transactions start no jobs: "
-                       "'individual')", json_object_get_string(cm));
+                       "value '%s' (only 'individual': the backup jobs a "
+                       "transaction starts never complete together, they run "
+                       "until cancelled)", json_object_get_string(cm));
             return NULL;
         }
     }
