@@ -58,10 +58,11 @@ rng = random.Random(13)
 
 def io(count, zeroes=False):
     """The same writes (and write-zeroes) through both, into the model.
-    No write-zeroes while a backup runs: qemu-storage-daemon 7.2 lets a
-    write-zeroes through its NBD export change what its snapshot-access
-    view reads (the old data is lost; test-backup-incremental checks
-    strata's write-zeroes under a backup against a model)."""
+    No write-zeroes while a backup runs: after a write-zeroes not
+    aligned to clusters (200704 bytes) through its NBD export,
+    qemu-storage-daemon 7.2's snapshot-access view reads zeros in the
+    whole clusters inside it (the old data is lost; test-backup-incremental
+    checks strata's write-zeroes under a backup against a model)."""
     for _ in range(count):
         n = rng.choice((4096, 65536, 200704))
         off = rng.randrange((SIZE - n) // 4096 + 1) * 4096
