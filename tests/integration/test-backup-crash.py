@@ -135,5 +135,6 @@ full = bl.read_all(dmn.uri(name), SIZE)
 check(full == live, f"new full backup differs from the disk at {harness.first_diff(full, live)}")
 bl.backup_end(S, "disk", 2)
 check(dmn.stop() == 0, "stratad did not stop cleanly")
-jobsutil.check_images([disk, os.path.join(d, "scratch2.qcow2")])
+# leaks the kill -9 left stay leaks (qemu-img check exit 3): never corruption
+jobsutil.check_images([disk, os.path.join(d, "scratch2.qcow2")], leaks_ok=True)
 ok("a new full backup after the crash reads exactly the disk")
