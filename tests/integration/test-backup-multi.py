@@ -92,7 +92,9 @@ seen = count[0]
 views = {x: bl.read_all(dmn.uri(f"v{x}"), SIZE) for x in ("a", "b")}
 sa, sb = last_seq(views["a"]), last_seq(views["b"])
 check(sa == sb or sa == sb + 1, f"inconsistent instant: disk a at {sa}, disk b at {sb}")
-time.sleep(0.3)
+deadline = time.time() + 20
+while count[0] <= seen + SLOTS and time.time() < deadline:
+    time.sleep(0.05)
 check(count[0] > seen + SLOTS, f"the writer did not overwrite every slot ({seen} -> {count[0]})")
 again = {x: bl.read_all(dmn.uri(f"v{x}"), SIZE) for x in ("a", "b")}
 check(again == views, "a view changed while the writer overwrote the disks")
