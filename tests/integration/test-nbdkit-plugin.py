@@ -53,7 +53,7 @@ workload.configure(SIZE, DEPTH, 300)   # bounds a hang only; meson's timeout is 
 
 def run(*args, timeout=120):
     p = subprocess.run(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                       text=True, timeout=timeout)
+                       text=True, errors="replace", timeout=timeout)
     return p.returncode, p.stdout
 
 
