@@ -28,6 +28,20 @@ void mem_store_init(struct mem_store *m, const void *data, size_t len,
     m->limit = limit > len ? limit : len;
 }
 
+void mem_store_load(struct mem_store *m, const void *data, size_t len,
+                    uint64_t limit)
+{
+    if (!m->data || m->cap < len) {
+        mem_store_fini(m);
+        mem_store_init(m, data, len, limit);
+        return;
+    }
+    if (len)
+        memcpy(m->data, data, len);
+    m->size = len;
+    m->limit = limit > len ? limit : len;
+}
+
 void mem_store_fini(struct mem_store *m)
 {
     free(m->data);

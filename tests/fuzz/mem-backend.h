@@ -29,6 +29,12 @@ struct mem_store {
  * Aborts when out of memory. */
 void mem_store_init(struct mem_store *m, const void *data, size_t len,
                     uint64_t limit);
+/* The same for a store that may hold bytes already (zero-filled before
+ * its first use): its allocation is kept when large enough, so that a
+ * target reloading it for every input does not map, fault in and unmap
+ * fresh memory each time.  Bytes past len read as zeros as before. */
+void mem_store_load(struct mem_store *m, const void *data, size_t len,
+                    uint64_t limit);
 void mem_store_fini(struct mem_store *m);
 
 /* A backend on m (which must outlive it), named name; closed with
