@@ -430,6 +430,29 @@ def refcount0_case():
     ok("refcount 0 for a data cluster in use: never handed out again; "
        + (line[0].strip()[-120:] if line else ""))
 
+    # Two L2 entries that both hold one cluster alone (COPIED, refcount 1):
+    # a write in place to one would show in the other.
+    p = make("alias.qcow2")
+    put(p, l2_entry_pos(p, 2), ">Q", COPIED | host1)  # guest 128k -> guest 64k's
+    want = read_raw(p, tmp=os.path.join(D, "alias"))
+    srv = harness.Daemon([spec(p, "alias")])
+    h = nbd.NBD()
+    h.connect_uri(srv.uri("alias"))
+    try:
+        h.pwrite(b"\x44" * 4096, 64 * KiB)
+        check_soft(False, "two COPIED entries for one cluster: the write succeeded, expected EIO")
+    except nbd.Error as e:
+        check_soft(e.errnum == errno.EIO,
+                   f"two COPIED entries for one cluster: the write failed with {e}, expected EIO")
+    check_soft(h.pread(SIZE, 0) == want,
+               "two COPIED entries for one cluster: the content changed")
+    h.shutdown()
+    log = srv.logtext()
+    srv.stop()
+    check_soft(f"cluster {host1:#x}, which something else uses too" in log,
+               f"two COPIED entries for one cluster: no message naming the cluster:\n{log[-2000:]}")
+    ok("two COPIED entries for one cluster: writes refused, reads served")
+
 
 # ---------------------------------------------------------------------------
 # dirty images
