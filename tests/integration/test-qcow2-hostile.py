@@ -24,10 +24,12 @@ the healthy export still reads and writes.
 Refcount 0 for a data cluster in use (qemu-img check: "refcount=0
 reference=1"): the allocator must not hand that cluster out for another
 guest cluster, where a write to one would show in the other.  Reads of
-the image go on (what the L2 tables map reads as QEMU reads it); the
-first write that needs a new cluster, and every write after it, gets
-EIO, with a message naming the cluster and 'qemu-img check -r all'; the
-cluster's bytes are unchanged and no other guest offset shows them.
+the image go on (what the L2 tables map reads as QEMU reads it); every
+write, allocating or in place, gets EIO, with a message naming the
+cluster and 'qemu-img check -r all'; the cluster's bytes are unchanged
+and no other guest offset shows them.  The same for two L2 entries that
+both hold one cluster alone (COPIED, refcount 1), where a write in place
+to one would show in the other.
 
 Dirty images (incompatible bit 0, left by a qemu-io that aborted while
 writing a lazy_refcounts image): readonly=on is served as QEMU reads it;
