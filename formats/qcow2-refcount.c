@@ -460,6 +460,12 @@ static int audit_range(struct recount *rc, uint64_t off, uint64_t len,
 {
     const unsigned cb = rc->s->h.cluster_bits;
     uint64_t first = off >> cb, last = (off + len - 1) >> cb;
+    /* Past the end of the file: once a write grows the file there, the
+     * entry would name what the allocator placed there. */
+    if (first >= rc->nclusters)
+        return error_setf(rc->errp, EIO, "%s at %#llx lies past the end of "
+                          "the file; repair the image with 'qemu-img check "
+                          "-r all'", what, (unsigned long long)off);
     for (uint64_t c = first; c <= last; c++) {
         uint8_t m = rc->marks && c < rc->nclusters ? rc->marks[c] : 0;
         if ((m & AUDIT_COUNT_MAX) && (rc->excl || (m & AUDIT_EXCL)))
