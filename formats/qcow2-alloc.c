@@ -532,6 +532,11 @@ static int write_step_co(struct qcow2 *s, struct coro *co,
 
     co_mutex_lock_co(&s->lock, co);
     for (;;) {
+        if (!s->broken && !s->refcounts_audited) {
+            r = qcow2_audit_refcounts_co(s, co);
+            if (r < 0)
+                goto out_unlock;
+        }
         if (s->broken) {
             r = -EIO;
             goto out_unlock;
@@ -647,6 +652,11 @@ static int zero_clusters_co(struct qcow2 *s, struct coro *co, uint64_t off,
     co_mutex_lock_co(&s->lock, co);
     while (wait_allocs_locked_co(s, co, off, off + n * cs))
         ;
+    if (!s->broken && !s->refcounts_audited) {
+        r = qcow2_audit_refcounts_co(s, co);
+        if (r < 0)
+            goto out;
+    }
     if (s->broken) {
         r = -EIO;
         goto out;

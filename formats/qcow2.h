@@ -201,6 +201,7 @@ struct qcow2 {
     uint32_t io_align;             /* backend alignment for metadata I/O */
     bool has_zero_flag;            /* version 3 */
     bool broken;                   /* corruption seen: no more writes */
+    bool refcounts_audited;        /* qcow2_audit_refcounts_co ran */
 
     uint8_t *zbuf;                 /* last decompressed cluster */
     uint64_t zkey;                 /* its raw L2 entry; 0 = none */
@@ -279,6 +280,18 @@ int qcow2_alloc_clusters_co(struct qcow2 *s, struct coro *co, uint64_t want,
 /* Allocates exactly n contiguous clusters. */
 int qcow2_alloc_exact_co(struct qcow2 *s, struct coro *co, uint64_t n,
                          uint64_t *host);
+/* Checks the refcounts against what the metadata uses (header, L1, L2
+ * and refcount tables, refcount blocks, data and compressed clusters,
+ * snapshots, bitmaps), as 'qemu-img check' does: every cluster in use has
+ * a refcount, at least as many as its users, and one that a user holds
+ * alone (metadata, an entry with the COPIED flag) has no other user.
+ * Otherwise two users would end up sharing a cluster: the allocator hands
+ * out clusters whose refcount is 0, a free drops a refcount, a write in
+ * place changes what both see.  Runs once, before the first write of an
+ * open image; what it finds marks the image corrupt (qcow2_corrupt:
+ * reads go on, writes fail with EIO).  Reads each L2 table once and
+ * holds one byte per cluster of the file meanwhile. */
+int qcow2_audit_refcounts_co(struct qcow2 *s, struct coro *co);
 /* Rebuilds every refcount from the metadata (dirty image, lazy
  * refcounts).  Leaves the image consistent on disk. */
 int qcow2_rebuild_refcounts_co(struct qcow2 *s, struct coro *co,

@@ -359,7 +359,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     static uint8_t *zeros;
     if (!zeros && !(zeros = calloc(1, EXPORT_BYTES)))
         abort();
-    mem_store_init(&store, zeros, EXPORT_BYTES, EXPORT_BYTES);
+    mem_store_load(&store, zeros, EXPORT_BYTES, EXPORT_BYTES);
 
     char *msg = NULL;
     struct loop *l = loop_new(64, 256 << 10, &msg);
@@ -414,6 +414,5 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     tls_server_free(tls);
     loop_free(l);
     close(s.done_fd);
-    mem_store_fini(&store);
     return 0;
 }
