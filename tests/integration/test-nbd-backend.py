@@ -15,6 +15,10 @@
    writes, zeroes, trims and FUA reach the server (the bytes equal a model
    and the server's own base:allocation map equals stratad's: block
    status passes through).
+6. A base exported by another stratad; a qcow2 image stored on an NBD
+   export (nbdkit memory), added over QMP as QEMU's driver=nbd file node:
+   the same workload as on a local image under qemu-nbd gives the same
+   bytes, and qemu-img check (over NBD) passes.
 5. The base's server killed and restarted under load (nbdkit, and
    qemu-nbd): requests that need the base fail with EIO while it is gone,
    an export on a local file keeps being served meanwhile (the loop never
@@ -289,6 +293,49 @@ check(any(not fl & 1 for _, _, fl in want), "the workload left data")
 mk.shutdown()
 ok("raw over nbd: writes, zeroes, trims and FUA reach the server; block "
    "status passes through")
+
+# ---- 6. another stratad as the base's server; a qcow2 image stored on an
+# NBD export, added over QMP (QEMU's driver=nbd file node) ----
+dmb = harness.Daemon([f"name=golden,file={base},format=raw,readonly=on"])
+top3 = os.path.join(D, "top3.qcow2")
+overlay(top3, dmb.uri("golden"))
+ctl = os.path.join(D, "ctl.sock")
+dm6 = harness.Daemon([f"name=top3,file={top3},format=qcow2,"
+                      f"backing-remote=nbd:unix:{dmb.sock}"],
+                     extra=["--control", ctl])
+qemu_img_compare(dm6.uri("top3"), base)
+msock3 = os.path.join(D, "mem3.sock")
+mem3 = Server(["nbdkit", "-f", "--exit-with-parent", "-U", msock3, "memory",
+               str(2 * SIZE)], ready_path=msock3)
+mem3.start()
+m3uri = f"nbd+unix:///?socket={msock3}"
+run("qemu-img", "create", "-f", "qcow2", m3uri, str(SIZE))
+q = harness.QMP(ctl)
+q.cmd("blockdev-add", driver="qcow2", node_name="onnbd",
+      file={"driver": "nbd", "server": {"type": "unix", "path": msock3}})
+q.cmd("block-export-add", type="nbd", id="onnbd", node_name="onnbd",
+      writable=True)
+h6 = connect(dm6.uri("onnbd"))
+workload(h6, 6, span=SIZE // 2, trims=False)
+h6.shutdown()
+# the same workload on a local qcow2 image served by qemu-nbd
+ref6 = os.path.join(D, "ref6.qcow2")
+run("qemu-img", "create", "-f", "qcow2", ref6, str(SIZE))
+qsock6 = os.path.join(D, "qemu-nbd6.sock")
+qn6 = Server(["qemu-nbd", "-t", "-k", qsock6, "-f", "qcow2", ref6],
+             ready_path=qsock6)
+qn6.start()
+h6q = connect(f"nbd+unix:///?socket={qsock6}")
+workload(h6q, 6, span=SIZE // 2, trims=False)
+h6q.shutdown()
+qemu_img_compare(dm6.uri("onnbd"), f"nbd+unix:///?socket={qsock6}")
+qn6.kill()
+check(dm6.stop() == 0, "stratad exited with an error")
+p6 = subprocess.run(["qemu-img", "check", "-f", "qcow2", m3uri],
+                    capture_output=True, timeout=60)
+check(p6.returncode == 0, f"qemu-img check over NBD: {p6.stdout.decode()}")
+ok("a base on another stratad; a qcow2 image on an NBD export (QMP "
+   "driver=nbd) written like QEMU writes it, and qemu-img check passes")
 
 # ---- 5. the base's server killed and restarted under load ----
 LOAD_SPAN = 8 * MiB
