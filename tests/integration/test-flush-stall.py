@@ -31,8 +31,9 @@ the event).  A flush that held the image's metadata lock across its sync
 of the file, or a snapshot that synced the old top while the guest still
 wrote into it, made writes wait for that sync (0.4-0.7 s with this much
 dirty data).  The daemon's own figure (query-block-exports
-last-request-stall-ns, the snapshot's request-stall-ns) must be there
-and within the same bound.
+last-request-stall-ns, the snapshot's request-stall-ns; FLUSH and FUA
+requests, which wait for their own sync, do not count in it) must be
+there and within the same bound.
 
 Afterwards the image passes qemu-img check and the filled half reads back
 as written.
