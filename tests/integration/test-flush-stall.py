@@ -133,7 +133,7 @@ class Writers:
         longest write in flight at any time in [t0, t1], count before)."""
         before = sorted(b - a for a, b in lat if t0 - 1.5 <= b < t0)
         during = [b - a for a, b in lat if a <= t1 and b >= t0]
-        check(len(before) > 100, f"only {len(before)} writes before the event")
+        check(len(before) >= 20, f"only {len(before)} writes before the event")
         p99 = before[int(len(before) * 0.99)]
         return p99, before[-1], max(during) if during else 0.0, len(before)
 
