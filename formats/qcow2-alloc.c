@@ -141,7 +141,7 @@ static int flush_if_frees_full_co(struct qcow2 *s, struct coro *co)
 {
     if (s->n_frees < QCOW2_MAX_PENDING_FREES)
         return 0;
-    return qcow2_flush_co(&s->node, co);
+    return qcow2_flush_own_co(&s->node, co);
 }
 
 /* ====================== copy-on-write source ====================== */
@@ -600,7 +600,7 @@ int qcow2_pwritev_co(struct fmt_node *n, struct coro *co,
     /* In-place pieces were written with FUA already; new clusters need
      * their metadata on disk too. */
     if ((flags & FMT_FUA) && meta_changed)
-        return qcow2_flush_co(n, co);
+        return qcow2_flush_own_co(n, co);
     return 0;
 }
 
@@ -777,7 +777,7 @@ static int zero_or_discard_co(struct qcow2 *s, struct coro *co, uint64_t off,
         off = c0 + n * cs;
     }
     if (flags & FMT_FUA)
-        return qcow2_flush_co(&s->node, co);
+        return qcow2_flush_own_co(&s->node, co);
     return 0;
 }
 

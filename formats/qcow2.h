@@ -345,6 +345,12 @@ int qcow2_load_compressed_co(struct qcow2 *s, struct coro *co,
 /* The ops-table flush: everything acknowledged before it is on disk.
  * Takes the lock only to start and to end, never across I/O. */
 int qcow2_flush_co(struct fmt_node *n, struct coro *co);
+/* The same for this image alone, not a writable backing node: what a FUA
+ * write needs (its data and the metadata that finds it; what it copied
+ * from the backing chain is in its own clusters).  A snapshot's old top
+ * is flushed for a guest FLUSH only, never for a FUA write on the new
+ * top, which would wait for the old top's sync. */
+int qcow2_flush_own_co(struct fmt_node *n, struct coro *co);
 
 /* ---------------- writes (qcow2-alloc.c), without the lock ---------------- */
 
