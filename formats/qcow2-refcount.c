@@ -446,6 +446,7 @@ struct recount {
     bool audit;
     bool excl;                    /* the next range is claimed alone */
     uint8_t *marks;               /* audit; NULL: too large a file */
+    bool io_failed;               /* a read failed: nothing was proven */
 };
 
 #define AUDIT_EXCL 0x80
@@ -485,10 +486,12 @@ static int audit_range(struct recount *rc, uint64_t off, uint64_t len,
         }
         uint64_t ref;
         int r = qcow2_refcount_get_co(rc->s, rc->co, c, &ref);
-        if (r < 0)
+        if (r < 0) {
+            rc->io_failed = r != -ENOMEM;
             return error_setf(rc->errp, -r, "reading the refcount of "
                               "cluster %#llx: %s", (unsigned long long)(c << cb),
                               strerror(-r));
+        }
         if (ref == 0)
             return error_setf(rc->errp, EIO, "%s at %#llx is in use but "
                               "cluster %#llx has refcount 0 (it would be "
@@ -549,6 +552,7 @@ static int recount_l1(struct recount *rc, uint64_t l1_off, uint32_t l1_size)
         if (!l1)
             return error_setf(rc->errp, ENOMEM, "out of memory");
         r = backend_pread_co(s->node.file, rc->co, l1, l1len, l1_off);
+        rc->io_failed |= r < 0;
     }
     for (uint32_t i = 0; r == 0 && i < l1_size; i++) {
         struct qcow2_l1_entry l1e;
@@ -576,6 +580,9 @@ static int recount_l1(struct recount *rc, uint64_t l1_off, uint32_t l1_size)
         } else if (r == 0) {
             r = backend_pread_co(s->node.file, rc->co, rc->l2buf, cs,
                                  l1e.l2_offset);
+            rc->io_failed |= r < 0;
+        } else if (r < 0 && r != -ENOMEM && !*rc->errp) {
+            rc->io_failed = true; /* the L2 cache could not read the table */
         }
         for (uint32_t j = 0; r == 0 && j < s->h.l2_entries; j++) {
             uint64_t raw, bitmap;
@@ -616,6 +623,7 @@ static uint8_t *read_meta(struct recount *rc, uint64_t off, uint64_t len)
     }
     int r = backend_pread_co(rc->s->node.file, rc->co, buf, rl, off);
     if (r < 0) {
+        rc->io_failed = true;
         error_setf(rc->errp, -r, "%s: reading metadata: %s",
                    rc->s->node.filename, strerror(-r));
         free(buf);
@@ -844,9 +852,11 @@ int qcow2_audit_refcounts_co(struct qcow2 *s, struct coro *co)
         if (refs < 2)
             continue;
         r = qcow2_refcount_get_co(s, co, c, &ref);
-        if (r < 0)
+        if (r < 0) {
+            rc.io_failed = r != -ENOMEM;
             error_setf(&err, -r, "reading the refcount of cluster %#llx: %s",
                        (unsigned long long)(c * cs), strerror(-r));
+        }
         else if (ref < refs)
             r = error_setf(&err, EIO, "cluster %#llx is used %llu times but "
                            "its refcount is %llu (freeing one use would "
@@ -859,6 +869,13 @@ int qcow2_audit_refcounts_co(struct qcow2 *s, struct coro *co)
     free(rc.l2buf);
     if (r == -ENOMEM)
         return r;
+    if (r < 0 && rc.io_failed) {
+        /* A failed read proves nothing about the image: the request that
+         * met it fails, and the next write audits again. */
+        log_error("%s: checking the refcounts before the first write: %s",
+                  s->node.filename, err ? err->msg : strerror(-r));
+        return r;
+    }
     s->refcounts_audited = true;
     if (r < 0)
         return qcow2_corrupt(s, "%s", err ? err->msg : strerror(-r));
