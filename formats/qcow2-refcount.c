@@ -716,6 +716,33 @@ static int recount_bitmaps(struct recount *rc,
     return r;
 }
 
+/* Walks every piece of metadata and every cluster it references: the
+ * header, L1/L2 tables and data, the refcount table and blocks, snapshots
+ * and bitmaps (the rebuild counts them, the audit checks them). */
+static int recount_all(struct recount *rc,
+                       const struct qcow2_extensions *ext)
+{
+    struct qcow2 *s = rc->s;
+    const uint64_t cs = qcow2_cs(s);
+    int r = recount_range(rc, 0, cs, "the header");
+    if (r == 0)
+        r = recount_l1(rc, s->h.l1_table_offset, s->h.l1_size);
+    if (r == 0)
+        r = recount_range(rc, s->h.refcount_table_offset,
+                          (uint64_t)s->h.refcount_table_clusters * cs,
+                          "the refcount table");
+    for (uint64_t i = 0; r == 0 && i < s->reftable_entries; i++) {
+        uint64_t off = reftable_get(s, i);
+        if (off)
+            r = recount_range(rc, off, cs, "a refcount block");
+    }
+    if (r == 0)
+        r = recount_snapshots(rc);
+    if (r == 0)
+        r = recount_bitmaps(rc, ext);
+    return r;
+}
+
 int qcow2_rebuild_refcounts_co(struct qcow2 *s, struct coro *co,
                                const struct qcow2_extensions *ext,
                                struct error **errp)
@@ -736,22 +763,7 @@ int qcow2_rebuild_refcounts_co(struct qcow2 *s, struct coro *co,
     if (!rc.counts || !rc.l2buf)
         r = error_setf(errp, ENOMEM, "out of memory");
     if (r == 0)
-        r = recount_range(&rc, 0, cs, "the header");
-    if (r == 0)
-        r = recount_l1(&rc, s->h.l1_table_offset, s->h.l1_size);
-    if (r == 0)
-        r = recount_range(&rc, s->h.refcount_table_offset,
-                          (uint64_t)s->h.refcount_table_clusters * cs,
-                          "the refcount table");
-    for (uint64_t i = 0; r == 0 && i < s->reftable_entries; i++) {
-        uint64_t off = reftable_get(s, i);
-        if (off)
-            r = recount_range(&rc, off, cs, "a refcount block");
-    }
-    if (r == 0)
-        r = recount_snapshots(&rc);
-    if (r == 0)
-        r = recount_bitmaps(&rc, ext);
+        r = recount_all(&rc, ext);
 
     /* Every counted cluster must have a refcount block; then fix the
      * values that differ. */
@@ -829,22 +841,7 @@ int qcow2_audit_refcounts_co(struct qcow2 *s, struct coro *co)
     rc.nclusters = (s->node.file->size + cs - 1) / cs;
     if (rc.nclusters <= AUDIT_MAX_CLUSTERS)
         rc.marks = calloc(rc.nclusters ? rc.nclusters : 1, 1);
-    int r = recount_range(&rc, 0, cs, "the header");
-    if (r == 0)
-        r = recount_l1(&rc, s->h.l1_table_offset, s->h.l1_size);
-    if (r == 0)
-        r = recount_range(&rc, s->h.refcount_table_offset,
-                          (uint64_t)s->h.refcount_table_clusters * cs,
-                          "the refcount table");
-    for (uint64_t i = 0; r == 0 && i < s->reftable_entries; i++) {
-        uint64_t off = reftable_get(s, i);
-        if (off)
-            r = recount_range(&rc, off, cs, "a refcount block");
-    }
-    if (r == 0)
-        r = recount_snapshots(&rc);
-    if (r == 0)
-        r = recount_bitmaps(&rc, &ext);
+    int r = recount_all(&rc, &ext);
     /* More references than the refcount: freeing one of them would make
      * the cluster free while the others use it. */
     for (uint64_t c = 0; r == 0 && rc.marks && c < rc.nclusters; c++) {
