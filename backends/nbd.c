@@ -45,6 +45,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "backend.h"
 #include "log.h"
@@ -109,6 +110,48 @@ static struct nbdbe *nb(struct backend *b)
 
 /* ---- connecting (blocking: offload thread or control path) ---- */
 
+static int nbdbe_set_error(const char *where, struct error **errp)
+{
+    int e = nbd_get_errno();
+    const char *msg = nbd_get_error();
+    return error_setf(errp, e ? e : EIO, "%s: %s", where,
+                      msg ? msg : "connection failed");
+}
+
+/* Runs the connection h was told to make (TCP connect, NBD handshake,
+ * TLS) until the export is ready, for at most timeout_s seconds (0: no
+ * limit).  A server that accepts and then says nothing fails here with
+ * ETIMEDOUT instead of holding the layer for ever. */
+static int nbdbe_connect_wait(struct nbd_handle *h, unsigned timeout_s,
+                              const char *where, struct error **errp)
+{
+    struct timespec t0;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (;;) {
+        if (nbd_aio_is_ready(h) == 1)
+            return 0;
+        if (nbd_aio_is_dead(h) == 1 || nbd_aio_is_closed(h) == 1)
+            return nbdbe_set_error(where, errp);
+        int wait_ms = -1;
+        if (timeout_s) {
+            struct timespec t;
+            clock_gettime(CLOCK_MONOTONIC, &t);
+            int64_t spent_ms = (t.tv_sec - t0.tv_sec) * 1000 +
+                               (t.tv_nsec - t0.tv_nsec) / 1000000;
+            int64_t left = (int64_t)timeout_s * 1000 - spent_ms;
+            if (left <= 0)
+                return error_setf(errp, ETIMEDOUT, "%s: the export was not "
+                                  "ready after %u s (connect-timeout): the "
+                                  "TCP connect, the NBD handshake or the TLS "
+                                  "negotiation did not finish", where,
+                                  timeout_s);
+            wait_ms = (int)MIN(left, 1000);
+        }
+        if (nbd_poll(h, wait_ms) < 0 && nbd_aio_is_dead(h) != 1)
+            return nbdbe_set_error(where, errp);
+    }
+}
+
 static struct nbd_handle *nbdbe_connect(const struct nbd_spec *s,
                                         const char *where,
                                         struct nbdbe_info *info,
@@ -124,12 +167,24 @@ static struct nbd_handle *nbdbe_connect(const struct nbd_spec *s,
         r = nbd_add_meta_context(h, LIBNBD_CONTEXT_BASE_ALLOCATION);
     if (r == 0)
         r = nbd_set_pread_initialize(h, false);
+    if (r == 0 && s->tls)
+        r = nbd_set_tls(h, LIBNBD_TLS_REQUIRE);
+    if (r == 0 && s->tls_certificates)
+        r = nbd_set_tls_certificates(h, s->tls_certificates);
+    if (r == 0 && s->tls_psk_file)
+        r = nbd_set_tls_psk_file(h, s->tls_psk_file);
+    if (r == 0 && s->tls_username)
+        r = nbd_set_tls_username(h, s->tls_username);
+    if (r == 0 && s->tls_verify_peer_set)
+        r = nbd_set_tls_verify_peer(h, s->tls_verify_peer);
     if (r == 0)
-        r = s->socket ? nbd_connect_unix(h, s->socket)
-                      : nbd_connect_tcp(h, s->host, s->port);
+        r = s->socket ? nbd_aio_connect_unix(h, s->socket)
+                      : nbd_aio_connect_tcp(h, s->host, s->port);
+    if (r == 0)
+        r = nbdbe_connect_wait(h, s->connect_timeout, where, errp);
+    else
+        nbdbe_set_error(where, errp);
     if (r < 0) {
-        int e = nbd_get_errno();
-        error_setf(errp, e ? e : EIO, "%s: %s", where, nbd_get_error());
         nbd_close(h);
         return NULL;
     }
