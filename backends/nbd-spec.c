@@ -210,10 +210,24 @@ static int parse_hostport(const char *p, size_t n, struct nbd_spec *s,
     if (hn == 0)
         return error_setf(errp, EINVAL, "%s: no host (for a Unix socket "
                           "write nbd+unix:///EXPORT?socket=PATH)", spec);
-    for (size_t i = 0; i < hn; i++)
-        if (strchr("/?#@%[] \t", h[i]))
+    /* A name, an IPv4 address, or an IPv6 one in brackets: letters,
+     * digits, "-._~" (and ':' in brackets), which the canonical form
+     * writes as they are. */
+    bool bracketed = h != p;
+    for (size_t i = 0; i < hn; i++) {
+        unsigned char c = (unsigned char)h[i];
+        bool fine = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+                    (c >= '0' && c <= '9') || (c && strchr("-._~", c)) ||
+                    (c == ':' && bracketed);
+        if (!fine && c > ' ' && c < 0x7f)
             return error_setf(errp, EINVAL, "%s: invalid character '%c' in "
-                              "the host", spec, h[i]);
+                              "the host (a name, an IPv4 address or "
+                              "[IPv6])", spec, c);
+        if (!fine)
+            return error_setf(errp, EINVAL, "%s: invalid byte 0x%02x in the "
+                              "host (a name, an IPv4 address or [IPv6])",
+                              spec, c);
+    }
     size_t pn = colon ? (size_t)(p + n - colon - 1) : 0;
     if (colon && !valid_port(colon + 1, pn))
         return error_setf(errp, EINVAL, "%s: invalid port '%.*s' (1 to "
