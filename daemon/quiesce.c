@@ -34,8 +34,10 @@ void export_leave(struct export *e, uint64_t start_ns, bool synced)
 
 void export_quiesce_co(struct export *e, struct coro *co)
 {
-    if (e->quiesce_count++ == 0)
+    if (e->quiesce_count++ == 0) {
         e->quiesce_start_ns = loop_now_ns();
+        log_debug("export '%s': quiescing", e->cfg.name);
+    }
     while (e->inflight > 0)
         co_queue_wait_co(&e->drained_q, co);
 }

@@ -418,6 +418,12 @@ struct fmt_node *fmt_open(struct loop *loop, const char *spec,
     return so.result;
 }
 
+void fmt_prepare_writable_co(struct fmt_node *n, struct coro *co)
+{
+    if (n->ops->prepare_writable_co)
+        n->ops->prepare_writable_co(n, co);
+}
+
 int fmt_reopen_co(struct fmt_node *n, struct coro *co, bool read_only,
                   struct error **errp)
 {

@@ -447,7 +447,43 @@ struct recount {
     bool excl;                    /* the next range is claimed alone */
     uint8_t *marks;               /* audit; NULL: too large a file */
     bool io_failed;               /* a read failed: nothing was proven */
+    bool unlocked;                /* the caller does not hold the lock:
+                                     each cache lookup takes it alone */
 };
+
+/* The refcount of cluster c, through the refcount block cache (under the
+ * lock: held by the caller, or taken for this lookup only). */
+static int rc_refcount_get(struct recount *rc, uint64_t c, uint64_t *ref)
+{
+    if (!rc->unlocked)
+        return qcow2_refcount_get_co(rc->s, rc->co, c, ref);
+    co_mutex_lock_co(&rc->s->lock, rc->co);
+    int r = qcow2_refcount_get_co(rc->s, rc->co, c, ref);
+    co_mutex_unlock(&rc->s->lock, rc->co);
+    return r;
+}
+
+/* Copies the L2 table at off out of the L2 cache if it is there (it may
+ * be ahead of the file): 1 if copied, 0 if not cached, or -errno. */
+static int rc_l2_cached(struct recount *rc, uint64_t off)
+{
+    struct qcow2 *s = rc->s;
+    if (rc->unlocked)
+        co_mutex_lock_co(&s->lock, rc->co);
+    int r = 0;
+    if (qcow2_cache_contains(&s->l2_cache, off)) {
+        struct qcow2_cache_entry *ce;
+        r = qcow2_cache_get_co(&s->l2_cache, rc->co, off, false, &ce);
+        if (r == 0) {
+            memcpy(rc->l2buf, ce->table, qcow2_cs(s));
+            qcow2_cache_put(&s->l2_cache, ce);
+            r = 1;
+        }
+    }
+    if (rc->unlocked)
+        co_mutex_unlock(&s->lock, rc->co);
+    return r;
+}
 
 #define AUDIT_EXCL 0x80
 #define AUDIT_MAX_CLUSTERS (UINT64_C(1) << 26)
@@ -485,7 +521,7 @@ static int audit_range(struct recount *rc, uint64_t off, uint64_t len,
                 continue; /* the refcount was seen at the first one */
         }
         uint64_t ref;
-        int r = qcow2_refcount_get_co(rc->s, rc->co, c, &ref);
+        int r = rc_refcount_get(rc, c, &ref);
         if (r < 0) {
             rc->io_failed = r != -ENOMEM;
             return error_setf(rc->errp, -r, "reading the refcount of "
@@ -567,22 +603,22 @@ static int recount_l1(struct recount *rc, uint64_t l1_off, uint32_t l1_size)
         rc->excl = l1e.copied;
         r = recount_range(rc, l1e.l2_offset, cs, "an L2 table");
         rc->excl = true;
-        if (r == 0 && rc->audit &&
-            qcow2_cache_contains(&s->l2_cache, l1e.l2_offset)) {
+        if (r == 0 && rc->audit) {
             /* Cached tables may be ahead of the file. */
-            struct qcow2_cache_entry *ce;
-            r = qcow2_cache_get_co(&s->l2_cache, rc->co, l1e.l2_offset,
-                                   false, &ce);
-            if (r == 0) {
-                memcpy(rc->l2buf, ce->table, cs);
-                qcow2_cache_put(&s->l2_cache, ce);
-            }
+            r = rc_l2_cached(rc, l1e.l2_offset);
+            if (r < 0 && r != -ENOMEM)
+                rc->io_failed = true; /* the cache could not read it */
+            else if (r == 1)
+                r = 0;
+            else if (r == 0)
+                r = 1; /* not cached: read below */
         } else if (r == 0) {
+            r = 1;
+        }
+        if (r == 1) {
             r = backend_pread_co(s->node.file, rc->co, rc->l2buf, cs,
                                  l1e.l2_offset);
             rc->io_failed |= r < 0;
-        } else if (r < 0 && r != -ENOMEM && !*rc->errp) {
-            rc->io_failed = true; /* the L2 cache could not read the table */
         }
         for (uint32_t j = 0; r == 0 && j < s->h.l2_entries; j++) {
             uint64_t raw, bitmap;
@@ -819,13 +855,12 @@ int qcow2_rebuild_refcounts_co(struct qcow2 *s, struct coro *co,
     return r < 0 ? r : 0;
 }
 
-int qcow2_audit_refcounts_co(struct qcow2 *s, struct coro *co)
+static int audit_co(struct qcow2 *s, struct coro *co, bool unlocked)
 {
-    assert(co_mutex_held(&s->lock, co));
     const uint64_t cs = qcow2_cs(s);
     CLEANUP_ERROR struct error *err = NULL;
     struct recount rc = {.s = s, .co = co, .errp = &err, .audit = true,
-                         .excl = true};
+                         .excl = true, .unlocked = unlocked};
     struct qcow2_extensions ext = {
         .has_bitmaps = s->bm_nb > 0,
         .bitmaps_consistent = s->bm_nb > 0,
@@ -848,7 +883,7 @@ int qcow2_audit_refcounts_co(struct qcow2 *s, struct coro *co)
         uint64_t refs = rc.marks[c] & AUDIT_COUNT_MAX, ref;
         if (refs < 2)
             continue;
-        r = qcow2_refcount_get_co(s, co, c, &ref);
+        r = rc_refcount_get(&rc, c, &ref);
         if (r < 0) {
             rc.io_failed = r != -ENOMEM;
             error_setf(&err, -r, "reading the refcount of cluster %#llx: %s",
@@ -876,5 +911,18 @@ int qcow2_audit_refcounts_co(struct qcow2 *s, struct coro *co)
     s->refcounts_audited = true;
     if (r < 0)
         return qcow2_corrupt(s, "%s", err ? err->msg : strerror(-r));
+    log_debug("%s: refcounts checked", s->node.filename);
     return 0;
+}
+
+int qcow2_audit_refcounts_co(struct qcow2 *s, struct coro *co)
+{
+    assert(co_mutex_held(&s->lock, co));
+    return audit_co(s, co, false);
+}
+
+int qcow2_audit_refcounts_unlocked_co(struct qcow2 *s, struct coro *co)
+{
+    assert(!co_mutex_held(&s->lock, co));
+    return audit_co(s, co, true);
 }

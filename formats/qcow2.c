@@ -491,6 +491,7 @@ static void qcow2_close(struct fmt_node *n)
 
 static int qcow2_reopen_co(struct fmt_node *n, struct coro *co, bool read_only,
                            struct error **errp);
+static void qcow2_prepare_writable_co(struct fmt_node *n, struct coro *co);
 static int qcow2_grow_co(struct fmt_node *n, struct coro *co, uint64_t size,
                          struct error **errp);
 
@@ -502,6 +503,7 @@ static const struct fmt_ops qcow2_ops = {
     .zero_co = qcow2_zero_co,
     .discard_co = qcow2_discard_co,
     .block_status_co = qcow2_block_status_co,
+    .prepare_writable_co = qcow2_prepare_writable_co,
     .reopen_co = qcow2_reopen_co,
     .grow_co = qcow2_grow_co,
     .close = qcow2_close,
@@ -603,7 +605,19 @@ static int prepare_write_co(struct qcow2 *s, struct coro *co,
             return error_setf(errp, -r, "%s: updating the header: %s",
                               file->name, strerror(-r));
     }
+    /* Before any write can come, so that none waits for it. */
+    qcow2_prepare_writable_co(&s->node, co);
     return 0;
+}
+
+/* The refcount audit, without the lock: the node takes no writes yet
+ * (being opened, or read-only), reads go on.  Its findings mark the image
+ * corrupt; a failed read leaves it to the first write. */
+static void qcow2_prepare_writable_co(struct fmt_node *n, struct coro *co)
+{
+    struct qcow2 *s = qcow2_of(n);
+    if (!s->refcounts_audited && !s->broken)
+        (void)qcow2_audit_refcounts_unlocked_co(s, co);
 }
 
 /* Switches the node between read-only and read-write (block-commit writes

@@ -201,7 +201,7 @@ struct qcow2 {
     uint32_t io_align;             /* backend alignment for metadata I/O */
     bool has_zero_flag;            /* version 3 */
     bool broken;                   /* corruption seen: no more writes */
-    bool refcounts_audited;        /* qcow2_audit_refcounts_co ran */
+    bool refcounts_audited;        /* the refcount audit ran */
 
     uint8_t *zbuf;                 /* last decompressed cluster */
     uint64_t zkey;                 /* its raw L2 entry; 0 = none */
@@ -287,11 +287,18 @@ int qcow2_alloc_exact_co(struct qcow2 *s, struct coro *co, uint64_t n,
  * alone (metadata, an entry with the COPIED flag) has no other user.
  * Otherwise two users would end up sharing a cluster: the allocator hands
  * out clusters whose refcount is 0, a free drops a refcount, a write in
- * place changes what both see.  Runs once, before the first write of an
- * open image; what it finds marks the image corrupt (qcow2_corrupt:
- * reads go on, writes fail with EIO).  Reads each L2 table once and
- * holds one byte per cluster of the file meanwhile. */
+ * place changes what both see.  Runs once per open image, before it takes
+ * writes: when it is opened or reopened writable, or before (commit:
+ * qcow2_prepare_writable_co, outside the quiesce); what it finds marks
+ * the image corrupt (qcow2_corrupt: reads go on, writes fail with EIO).
+ * A read that fails leaves it undone (logged): the first write runs it
+ * again, under the lock, and fails if it fails.  Reads each L2 table
+ * once and holds one byte per cluster of the file meanwhile. */
 int qcow2_audit_refcounts_co(struct qcow2 *s, struct coro *co);
+/* The same without the lock, for an image that takes no writes until it
+ * returns (being opened, or read-only): the lock is taken around each
+ * cache lookup only, so requests that read go on meanwhile. */
+int qcow2_audit_refcounts_unlocked_co(struct qcow2 *s, struct coro *co);
 /* Rebuilds every refcount from the metadata (dirty image, lazy
  * refcounts).  Leaves the image consistent on disk. */
 int qcow2_rebuild_refcounts_co(struct qcow2 *s, struct coro *co,
