@@ -563,6 +563,7 @@ int fmt_discard_co(struct fmt_node *n, struct coro *co, uint64_t off,
                    uint64_t len, unsigned flags)
 {
     assert(!n->read_only);
+    assert(!(flags & ~FMT_FUA));
     check_range(n, off, len);
     /* a trim may change what reads return: marked whatever happens */
     fmt_bitmaps_mark(n->bitmaps, off, len);

@@ -94,7 +94,9 @@ struct fmt_ops {
                    uint64_t len, unsigned flags);
     /* Advisory: [off, off+len) may be deallocated; content afterwards is
      * unspecified (reads may see old data, zeros or the backing node).
-     * Only called when n->caps has FMT_CAN_TRIM; flags: none yet. */
+     * Only called when n->caps has FMT_CAN_TRIM.  flags: FMT_FUA only;
+     * with it, the deallocation (the metadata that records it) is
+     * durable on return, in this node's image (as for a FUA write). */
     int (*discard_co)(struct fmt_node *n, struct coro *co, uint64_t off,
                       uint64_t len, unsigned flags);
     /* Describes the extent starting at off (0 < ext->len <= len; len is
