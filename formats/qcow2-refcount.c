@@ -77,18 +77,6 @@ int qcow2_refcount_get_co(struct qcow2 *s, struct coro *co, uint64_t cluster,
     return 0;
 }
 
-/* Writes the bytes of the in-memory refcount table for entries
- * [first, first + n), durable on return (whatever L2 entry comes next
- * must find them on disk first). */
-static int reftable_write_co(struct qcow2 *s, struct coro *co, uint64_t first,
-                             uint64_t n)
-{
-    return qcow2_write_meta_co(s, co, s->reftable, s->h.refcount_table_offset,
-                               (uint64_t)s->h.refcount_table_clusters *
-                                   qcow2_cs(s),
-                               first * 8, n * 8, BACKEND_FUA);
-}
-
 /* Replaces the refcount table by one with at least min_entries entries
  * that also covers the clusters it and its new blocks occupy. */
 static int grow_reftable_co(struct qcow2 *s, struct coro *co,
@@ -189,43 +177,82 @@ static int grow_reftable_co(struct qcow2 *s, struct coro *co,
     return qcow2_refcount_update_co(s, co, old_off, old_clusters * cs, -1);
 }
 
-/* Makes sure refcount block idx exists.  Returns 1 if it had to be created
- * (clusters were used for it), 0 if it was there, or -errno. */
-static int ensure_block_co(struct qcow2 *s, struct coro *co, uint64_t idx)
+/* Creates refcount block idx (absent) at the first cluster of its range,
+ * describing itself.  The block and then its refcount table entry are
+ * written with FUA without the lock: meanwhile the table in memory still
+ * has no entry for it, so nothing is allocated in its range, and
+ * rb_creating keeps other creations and the table's growth out (the
+ * entry's neighbours, written along with it, do not change). */
+static int create_block_co(struct qcow2 *s, struct coro *co, uint64_t idx)
 {
-    bool changed = false;
-    if (idx >= s->reftable_entries) {
-        int r = grow_reftable_co(s, co, idx + 1);
-        if (r < 0)
-            return r;
-        changed = true;
-    }
-    if (reftable_get(s, idx) != 0)
-        return changed;
-
     const uint64_t cs = qcow2_cs(s);
     uint64_t x0 = idx * per_block(s);
     if (x0 == 0)
         return qcow2_corrupt(s, "no refcount block for the header cluster");
-    struct qcow2_cache_entry *e;
-    int r = qcow2_cache_get_co(&s->rb_cache, co, x0 * cs, true, &e);
+    /* The refcount table entry's aligned neighbourhood, as it will be. */
+    uint64_t a = s->io_align;
+    uint64_t tbytes = (uint64_t)s->h.refcount_table_clusters * cs;
+    uint64_t tstart = (idx * 8) & ~(a - 1);
+    uint64_t tend = (idx * 8 + 8 + a - 1) & ~(a - 1);
+    if (tend > tbytes)
+        tend = tbytes;
+    uint64_t toff = s->h.refcount_table_offset;
+    uint8_t *blk = qcow2_buf_alloc(s, cs);
+    uint8_t *tcopy = qcow2_buf_alloc(s, tend - tstart);
+    if (!blk || !tcopy) {
+        free(blk);
+        free(tcopy);
+        return -ENOMEM;
+    }
+    memset(blk, 0, cs);
+    qcow2_refcount_set(blk, s->h.refcount_order, 0, 1);
+    memcpy(tcopy, s->reftable + tstart, tend - tstart);
+    be_put64(tcopy + idx * 8 - tstart, x0 * cs);
+    s->rb_creating = true;
+    co_mutex_unlock(&s->lock, co);
+
+    int r = backend_pwrite_co(s->node.file, co, blk, cs, x0 * cs,
+                              BACKEND_FUA);
+    if (r == 0)
+        r = backend_pwrite_co(s->node.file, co, tcopy, tend - tstart,
+                              toff + tstart, BACKEND_FUA);
     if (r < 0)
-        return r;
-    qcow2_refcount_set(e->table, s->h.refcount_order, 0, 1);
-    qcow2_cache_mark_dirty(&s->rb_cache, e);
-    r = qcow2_cache_write_now_co(&s->rb_cache, co, e); /* durable */
-    qcow2_cache_put(&s->rb_cache, e);
+        log_error("%s: creating refcount block %llu: %s", s->node.filename,
+                  (unsigned long long)idx, strerror(-r));
+    free(blk);
+    free(tcopy);
+
+    qcow2_lock_co(s, co);
+    s->rb_creating = false;
+    co_queue_wake_all(&s->rb_create_waiters);
     if (r < 0)
         return r;
     be_put64(s->reftable + idx * 8, x0 * cs);
-    r = reftable_write_co(s, co, idx, 1);
-    if (r < 0) {
-        be_put64(s->reftable + idx * 8, 0);
-        return r;
-    }
     if (s->free_cluster_index == x0)
         s->free_cluster_index = x0 + 1;
     return 1;
+}
+
+/* Makes sure refcount block idx exists.  Returns 1 if it had to be created
+ * (clusters were used for it) or the lock was dropped (anything may have
+ * changed: search again), 0 if it was there, or -errno. */
+static int ensure_block_co(struct qcow2 *s, struct coro *co, uint64_t idx)
+{
+    if (idx < s->reftable_entries && reftable_get(s, idx) != 0)
+        return 0;
+    if (s->rb_creating) {
+        co_mutex_unlock(&s->lock, co);
+        co_queue_wait_co(&s->rb_create_waiters, co);
+        qcow2_lock_co(s, co);
+        return 1;
+    }
+    if (idx >= s->reftable_entries) {
+        int r = grow_reftable_co(s, co, idx + 1);
+        if (r < 0)
+            return r;
+        return 1;
+    }
+    return create_block_co(s, co, idx);
 }
 
 int qcow2_refcount_update_co(struct qcow2 *s, struct coro *co, uint64_t off,

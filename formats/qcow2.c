@@ -12,6 +12,7 @@
 
 #include "byteorder.h"
 #include "log.h"
+#include "loop.h"
 #include "qcow2.h"
 
 /* ====================== small helpers ====================== */
@@ -28,6 +29,30 @@ int qcow2_corrupt(struct qcow2 *s, const char *fmt, ...)
                   s->node.filename, msg);
     s->broken = true;
     return -EIO;
+}
+
+void qcow2_lock_co(struct qcow2 *s, struct coro *co)
+{
+    if (!co_mutex_locked(&s->lock)) {
+        co_mutex_lock_co(&s->lock, co);
+        return;
+    }
+    uint64_t t0 = loop_now_ns();
+    co_mutex_lock_co(&s->lock, co);
+    uint64_t waited = loop_now_ns() - t0;
+    if (waited >= QCOW2_LOCK_WAIT_LOG_NS)
+        log_debug("%s: waited %.3f ms for the image lock", s->node.filename,
+                  waited / 1e6);
+}
+
+int qcow2_make_room_locked_co(struct qcow2 *s, struct coro *co)
+{
+    /* A write looks up an L2 table, may allocate one and copy a shared
+     * one; the refcounts of a run may span two blocks. */
+    int r = qcow2_cache_make_room_locked_co(&s->l2_cache, co, 3);
+    if (r >= 0)
+        r = qcow2_cache_make_room_locked_co(&s->rb_cache, co, 2);
+    return r < 0 ? r : 0;
 }
 
 void *qcow2_buf_alloc(const struct qcow2 *s, size_t len)
@@ -167,8 +192,10 @@ static int qcow2_preadv_co(struct fmt_node *n, struct coro *co,
     while (pos < total) {
         struct qcow2_map m;
         struct qcow2_busy busy;
-        co_mutex_lock_co(&s->lock, co);
-        int r = qcow2_map_get_co(s, co, off + pos, total - pos, &m);
+        qcow2_lock_co(s, co);
+        int r = qcow2_make_room_locked_co(s, co);
+        if (r == 0)
+            r = qcow2_map_get_co(s, co, off + pos, total - pos, &m);
         bool is_busy = r == 0 && (m.type == QCOW2_CLUSTER_NORMAL ||
                                   m.type == QCOW2_CLUSTER_COMPRESSED);
         if (is_busy)
@@ -334,7 +361,7 @@ int qcow2_flush_own_co(struct fmt_node *n, struct coro *co)
     uint64_t l1_lo = 0, l1_hi = 0;
     uint8_t *l1_saved = NULL;
 
-    co_mutex_lock_co(&s->lock, co);
+    qcow2_lock_co(s, co);
     for (;;) {
         if (qcow2_cache_wait_wb_locked_co(&s->rb_cache, co) ||
             qcow2_cache_wait_wb_locked_co(&s->l2_cache, co))
@@ -343,7 +370,7 @@ int qcow2_flush_own_co(struct fmt_node *n, struct coro *co)
             break;
         co_mutex_unlock(&s->lock, co);
         co_queue_wait_co(&s->l1_wb_waiters, co);
-        co_mutex_lock_co(&s->lock, co);
+        qcow2_lock_co(s, co);
     }
     int r = qcow2_cache_wb_begin_locked(&s->rb_cache, co, &rb);
     if (r == 0) {
@@ -388,7 +415,7 @@ int qcow2_flush_own_co(struct fmt_node *n, struct coro *co)
     l1_wb_end(s, l1_lo, l1_hi, l1_saved, r == 0);
 
     if (n_frees) {
-        co_mutex_lock_co(&s->lock, co);
+        qcow2_lock_co(s, co);
         if (r < 0) {
             requeue_frees_locked(s, frees, n_frees);
         } else {
@@ -422,8 +449,10 @@ static int qcow2_block_status_co(struct fmt_node *n, struct coro *co,
 {
     struct qcow2 *s = qcow2_of(n);
     struct qcow2_map m;
-    co_mutex_lock_co(&s->lock, co);
-    int r = qcow2_map_get_co(s, co, off, len, &m);
+    qcow2_lock_co(s, co);
+    int r = qcow2_make_room_locked_co(s, co);
+    if (r == 0)
+        r = qcow2_map_get_co(s, co, off, len, &m);
     co_mutex_unlock(&s->lock, co);
     if (r < 0)
         return r;
@@ -576,7 +605,7 @@ static int prepare_write_co(struct qcow2 *s, struct coro *co,
     int r;
     bool hdr_changed = false;
     if (s->h.dirty) {
-        co_mutex_lock_co(&s->lock, co);
+        qcow2_lock_co(s, co);
         r = qcow2_rebuild_refcounts_co(s, co, ext, errp);
         co_mutex_unlock(&s->lock, co);
         if (r < 0)
@@ -760,12 +789,12 @@ static int qcow2_grow_co(struct fmt_node *n, struct coro *co, uint64_t size,
     if (new_l1 * 8 > QCOW2_MAX_L1_BYTES)
         return error_setf(errp, EFBIG, "%s: the L1 table would be too large",
                           n->filename);
-    co_mutex_lock_co(&s->lock, co);
+    qcow2_lock_co(s, co);
     /* l1_disk is what goes to disk; a flush may be writing it. */
     while (s->l1_wb) {
         co_mutex_unlock(&s->lock, co);
         co_queue_wait_co(&s->l1_wb_waiters, co);
-        co_mutex_lock_co(&s->lock, co);
+        qcow2_lock_co(s, co);
     }
     int r = s->broken ? error_setf(errp, EIO, "%s: the image is corrupt: "
                                    "no more writes to it", n->filename)
