@@ -532,7 +532,7 @@ static int write_step_co(struct qcow2 *s, struct coro *co,
 
     qcow2_lock_co(s, co);
     for (;;) {
-        r = qcow2_make_room_locked_co(s, co);
+        r = qcow2_make_room_locked_co(s, co, off, true);
         if (r < 0)
             goto out_unlock;
         if (!s->broken && !s->refcounts_audited) {
@@ -570,7 +570,7 @@ static int write_step_co(struct qcow2 *s, struct coro *co,
 
     qcow2_lock_co(s, co);
     if (r == 0)
-        r = qcow2_make_room_locked_co(s, co);
+        r = qcow2_make_room_locked_co(s, co, off, true);
     if (r == 0)
         r = link_l2_locked_co(s, co, &plan);
     if (r == 0)
@@ -655,7 +655,7 @@ static int zero_clusters_co(struct qcow2 *s, struct coro *co, uint64_t off,
     const bool backing = s->node.backing != NULL;
     int r = 0;
     qcow2_lock_co(s, co);
-    r = qcow2_make_room_locked_co(s, co);
+    r = qcow2_make_room_locked_co(s, co, off, true);
     if (r < 0)
         goto out;
     while (wait_allocs_locked_co(s, co, off, off + n * cs))

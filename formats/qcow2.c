@@ -45,12 +45,23 @@ void qcow2_lock_co(struct qcow2 *s, struct coro *co)
                   waited / 1e6);
 }
 
-int qcow2_make_room_locked_co(struct qcow2 *s, struct coro *co)
+int qcow2_make_room_locked_co(struct qcow2 *s, struct coro *co, uint64_t off,
+                              bool write)
 {
-    /* A write looks up an L2 table, may allocate one and copy a shared
-     * one; the refcounts of a run may span two blocks. */
-    int r = qcow2_cache_make_room_locked_co(&s->l2_cache, co, 3);
-    if (r >= 0)
+    /* Only a request whose L2 table is not cached takes an entry (a read
+     * where there is no table needs none): one that hits the cache does
+     * not wait for anyone's write-back.  A write may allocate a table
+     * and copy a shared one; the refcounts of a run may span two
+     * blocks. */
+    uint64_t l1i = qcow2_l1_index(&s->h, off);
+    uint64_t l2 = l1i < s->h.l1_size
+                      ? be_get64(s->l1 + l1i * 8) & QCOW2_L1E_OFFSET_MASK
+                      : 0;
+    bool miss = l2 ? !qcow2_cache_contains(&s->l2_cache, l2) : write;
+    int r = miss ? qcow2_cache_make_room_locked_co(&s->l2_cache, co,
+                                                   write ? 3 : 1)
+                 : 0;
+    if (r >= 0 && write)
         r = qcow2_cache_make_room_locked_co(&s->rb_cache, co, 2);
     return r < 0 ? r : 0;
 }
@@ -193,7 +204,7 @@ static int qcow2_preadv_co(struct fmt_node *n, struct coro *co,
         struct qcow2_map m;
         struct qcow2_busy busy;
         qcow2_lock_co(s, co);
-        int r = qcow2_make_room_locked_co(s, co);
+        int r = qcow2_make_room_locked_co(s, co, off + pos, false);
         if (r == 0)
             r = qcow2_map_get_co(s, co, off + pos, total - pos, &m);
         bool is_busy = r == 0 && (m.type == QCOW2_CLUSTER_NORMAL ||
@@ -450,7 +461,7 @@ static int qcow2_block_status_co(struct fmt_node *n, struct coro *co,
     struct qcow2 *s = qcow2_of(n);
     struct qcow2_map m;
     qcow2_lock_co(s, co);
-    int r = qcow2_make_room_locked_co(s, co);
+    int r = qcow2_make_room_locked_co(s, co, off, false);
     if (r == 0)
         r = qcow2_map_get_co(s, co, off, len, &m);
     co_mutex_unlock(&s->lock, co);

@@ -260,11 +260,12 @@ static inline uint64_t qcow2_start_of_cluster(const struct qcow2 *s,
 #define QCOW2_LOCK_WAIT_LOG_NS 5000000
 void qcow2_lock_co(struct qcow2 *s, struct coro *co);
 
-/* Room in both caches for one request's lookups and changes, written
- * back without the lock (qcow2_cache_make_room_locked_co).  Called with
- * the lock held before anything is looked up: it may drop it.  Returns
- * 0 or -errno. */
-int qcow2_make_room_locked_co(struct qcow2 *s, struct coro *co);
+/* Room in the caches for the lookups and changes of one request at
+ * guest offset off (a write with write), written back without the lock
+ * (qcow2_cache_make_room_locked_co).  Called with the lock held before
+ * anything is looked up: it may drop it.  Returns 0 or -errno. */
+int qcow2_make_room_locked_co(struct qcow2 *s, struct coro *co, uint64_t off,
+                              bool write);
 
 /* Reports metadata corruption: logs it, marks the image broken (no more
  * writes) and returns -EIO. */
