@@ -11,7 +11,8 @@
 #   pivot      an active block-commit of the overlay into a qcow2 layer
 #              between it and the base (empty at the start), then, at
 #              BLOCK_JOB_READY, block-job-complete: the commit's copy, its
-#              mirrored writes and the pivot all fall after the event
+#              mirrored writes and the pivot all fall after the event (the
+#              run lasts BENCH_PIVOT_EXTRA, default 6, seconds longer)
 # Servers, one after another, a fresh overlay and process per run:
 #   stratad    format=qcow2, cache=writeback, --control socket
 #   qsd        qemu-storage-daemon: qcow2 over file (aio=io_uring), QMP
@@ -196,13 +197,16 @@ for ((round = 0; round < rounds; round++)); do
             failed=1
             continue
         fi
+        rt=$runtime
+        # the commit copies what 2.5 s of writes put in the overlay first
+        [ "$ev" = pivot ] && rt=$((runtime + ${BENCH_PIVOT_EXTRA:-6}))
         fcmd=(fio --name=stall --ioengine=nbd --uri="$uri" --rw=randwrite --bs=4k
-              --iodepth=32 --numjobs=1 --runtime="$runtime" --time_based
+              --iodepth=32 --numjobs=1 --runtime="$rt" --time_based
               --write_lat_log="$work/lat" --log_avg_msec=0
               --output-format=json --output="$work/fio.json")
         echo "fio: ${fcmd[*]}  (event: $ev at ${event_at}s)"
         sync
-        timeout $((runtime + 60)) "${fcmd[@]}" >"$work/fio.out" 2>&1 &
+        timeout $((rt + 60)) "${fcmd[@]}" >"$work/fio.out" 2>&1 &
         fio_pid=$!
         if ! fire_event "$s" "$ev" "$ctl"; then
             echo "bench: the $ev event failed on $s" >&2
