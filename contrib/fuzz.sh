@@ -21,8 +21,8 @@
 # niced (19): the machine stays usable.  Exits 1 if a target finds an input that
 # crashes or breaks a property (the input is saved as
 # build-fuzz/findings/TARGET-crash-*; replay it with
-# build-fuzz/tests/fuzz/fuzz-TARGET FILE, FUZZ_VERBOSE=1 for qcow2-image and
-# qmp to see what it does), 0 otherwise.  Without clang or libFuzzer
+# build-fuzz/tests/fuzz/fuzz-TARGET FILE, FUZZ_VERBOSE=1 for qcow2-image, qmp and
+# qmp-dispatch to see what it does), 0 otherwise.  Without clang or libFuzzer
 # (Debian: clang libclang-rt-14-dev) it says so and exits 0: the corpus is
 # still replayed by every meson test run.
 set -euo pipefail

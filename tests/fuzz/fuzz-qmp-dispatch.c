@@ -53,6 +53,7 @@
 #include <json-c/json.h>
 #include <stdbool.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
@@ -94,13 +95,20 @@ static struct {
     struct export *exp;
     /* the answers of the queries after set-up */
     char *initial;
+    off_t tmpfs_size;          /* of FUZZ_QMP_WORK after set-up */
     unsigned long inputs, resets, rebuilds;
+    /* the clients' receive buffers, kept from one input to the next */
+    struct {
+        char *buf;
+        size_t cap;
+    } bufs[2];
 } g;
 
 /* ---- the client: nonblocking, driven between loop iterations ---- */
 
 struct client {
     int fd;
+    int slot;                  /* of g.bufs: 0 the input's, 1 the reset's */
     const uint8_t *in;         /* what is left to send */
     size_t in_len;
     bool wr_shut;
@@ -110,9 +118,10 @@ struct client {
     size_t line_pos;           /* start of the first line not consumed */
 };
 
-static void client_open(struct client *c)
+static void client_open(struct client *c, int slot)
 {
     memset(c, 0, sizeof(*c));
+    c->slot = slot;
     c->fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     struct sockaddr_un sa = {.sun_family = AF_UNIX};
     snprintf(sa.sun_path, sizeof(sa.sun_path), "%s", ctl_path);
@@ -122,17 +131,21 @@ static void client_open(struct client *c)
         perror("fuzz-qmp-dispatch: connect");
         abort();
     }
-    c->out_cap = 4096;
-    c->out = malloc(c->out_cap);
-    if (!c->out)
-        abort();
+    if (!g.bufs[slot].buf) {
+        g.bufs[slot].cap = 128 << 10;
+        if (!(g.bufs[slot].buf = malloc(g.bufs[slot].cap)))
+            abort();
+    }
+    c->out = g.bufs[slot].buf;
+    c->out_cap = g.bufs[slot].cap;
     c->out[0] = '\0';
 }
 
 static void client_close(struct client *c)
 {
     close(c->fd);
-    free(c->out);
+    g.bufs[c->slot].buf = c->out; /* grown, maybe */
+    g.bufs[c->slot].cap = c->out_cap;
 }
 
 /* Sends what the socket takes and reads what has arrived, without
@@ -276,7 +289,7 @@ static void try(struct client *c, const char *name, struct json_object *args)
 
 static void admin_open(struct client *c)
 {
-    client_open(c);
+    client_open(c, 1);
     c->wr_shut = true; /* the client sends more than one batch */
     struct json_object *r = call(c, command("qmp_capabilities", NULL));
     FUZZ_CHECK(json_object_object_get_ex(r, "return", NULL));
@@ -368,6 +381,9 @@ static void setup(void)
     admin_open(&c);
     char *s = snapshot_state(&c);
     admin_close(&c);
+    struct stat st;
+    FUZZ_CHECK(stat(FUZZ_QMP_WORK, &st) == 0);
+    g.tmpfs_size = st.st_size;
     if (!g.initial)
         g.initial = s;
     else {
@@ -403,6 +419,8 @@ static void teardown_at_exit(void)
     mem_store_fini(&g.store);
     free(g.zeros);
     free(g.initial);
+    free(g.bufs[0].buf);
+    free(g.bufs[1].buf);
     if (verbose)
         fprintf(stderr, "fuzz-qmp-dispatch: %lu inputs, %lu resets, %lu "
                 "rebuilds\n", g.inputs, g.resets, g.rebuilds);
@@ -413,6 +431,11 @@ static void teardown_at_exit(void)
 /* Files in the tmpfs besides the control socket: unlinked if rm. */
 static bool tmpfs_extra(bool rm)
 {
+    /* The size of a tmpfs directory grows with each entry: unchanged, no
+     * file was made (commands make files; none removes one). */
+    struct stat st;
+    if (!rm && stat(FUZZ_QMP_WORK, &st) == 0 && st.st_size == g.tmpfs_size)
+        return false;
     DIR *d = opendir(FUZZ_QMP_WORK);
     FUZZ_CHECK(d != NULL);
     bool found = false;
@@ -648,7 +671,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         setup();
     g.inputs++;
     struct client c;
-    client_open(&c);
+    client_open(&c, 0);
     c.in = data;
     c.in_len = size;
     client_run_to_end(&c);
