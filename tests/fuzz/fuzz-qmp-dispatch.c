@@ -21,8 +21,8 @@
  * Otherwise a second client undoes what the input did, with the commands
  * a user would use (jobs cancelled, finalized and dismissed, exports and
  * nodes other than "mem" deleted, bitmaps removed, fault injection
- * disarmed), the tmpfs is emptied and the store's written bytes are
- * cleared; then query-named-block-nodes, query-block-exports, query-jobs,
+ * disarmed), the tmpfs is emptied, the store's written bytes and the
+ * export's quiesce statistics (which no command clears) are cleared; then query-named-block-nodes, query-block-exports, query-jobs,
  * query-block-jobs and x-debug-fault-query must answer what they answered
  * after the set-up, and the structures must be as clean as before: state
  * an input leaves behind that the server's own commands cannot remove is
@@ -36,7 +36,8 @@
  * `qmp` does (qmp-common.h).
  *
  * Properties, for every input:
- *  - no crash, no sanitizer report, no leak;
+ *  - no crash, no sanitizer report, no leak (nothing unreachable after an
+ *    input; everything freed at exit, where the server is shut down);
  *  - the server greets first; everything it sends on the connection is
  *    CRLF-terminated lines, each a JSON object that is a greeting, a
  *    return, an error (with class and desc) or an event;
@@ -55,7 +56,6 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "control-int.h"
