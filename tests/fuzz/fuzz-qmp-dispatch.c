@@ -13,11 +13,19 @@
  * between iterations of the loop (loop_run_once()), so no thread is made
  * per input.
  *
+ * With FUZZ_QMP_IMG=1 the set-up also makes a qcow2 image in the tmpfs and
+ * adds it (node and export "img") through the control socket, so that
+ * snapshots, commits, backups and persistent bitmaps are reached, at
+ * several times the cost of an input (the test fuzz-replay-qmp-dispatch-img
+ * replays the corpus so).
+ *
  * Between inputs the server is brought back to the state it had after the
  * set-up, so that every input meets the same server and replays the same
  * way.  An input that changed nothing leaves nothing to do (checked from
  * the server's structures: nodes, exports, jobs, bitmaps, backups, clients,
- * holds, fault injection, the store's written bytes, files in the tmpfs).
+ * holds, fault injection, the store's written bytes, img's file, files in
+ * the tmpfs; a deleted export of the fixture is seen through the server's
+ * change hook, since a new one may have the old one's address).
  * Otherwise a second client undoes what the input did, with the commands
  * a user would use (jobs cancelled, finalized and dismissed, exports and
  * nodes other than "mem" deleted, bitmaps removed, fault injection
@@ -26,11 +34,11 @@
  * query-block-jobs and x-debug-fault-query must answer what they answered
  * after the set-up, and the structures must be as clean as before: state
  * an input leaves behind that the server's own commands cannot remove is
- * a finding.  Only what cannot be undone through the control socket by
- * design is rebuilt instead of reset: after "quit" (the server shut down;
- * its shutdown is checked as `qmp` checks it) and when "mem" itself was
- * deleted, replaced or snapshotted (its chain changed), the server is shut
- * down and a new one is set up for the next input.
+ * a finding.  A fixture export or node that was deleted, replaced or
+ * snapshotted is deleted with the rest and added again ("mem" as the
+ * set-up adds it, "img" from a new image).  Only after "quit" (the server
+ * shut down; its shutdown is checked as `qmp` checks it) is a new server
+ * set up for the next input.
  *
  * Commands act on real storage by name, so the target shuts itself in as
  * `qmp` does (qmp-common.h).
@@ -59,6 +67,8 @@
 #include <unistd.h>
 
 #include "control-int.h"
+#include "exports.h"
+#include "format.h"
 #include "fault.h"
 #include "fuzz.h"
 #include "jobs.h"
@@ -71,6 +81,14 @@
 #include "util.h"
 
 #define EXPORT_BYTES (UINT64_C(1) << 20)
+/* The second fixture, with FUZZ_QMP_IMG=1: a qcow2 image in the tmpfs,
+ * node and export "img", so that snapshots, commits, backups and
+ * persistent bitmaps have an image to work on (and the files they make a
+ * directory they may use).  It makes an input several times dearer on
+ * average (qcow2 opens, jobs, a new image after each input that changed
+ * it), so it is not the default. */
+#define IMG_FILE "img.qcow2"
+#define IMG_PATH FUZZ_QMP_WORK "/" IMG_FILE
 #define MAX_OUT (UINT64_C(16) << 20)
 /* Bounds the reset: rounds of queries while jobs wind down. */
 #define RESET_ROUNDS 2000
@@ -80,6 +98,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv);
 static const char *ctl_path;
 static const char *ctl_name;   /* its name in FUZZ_QMP_WORK */
 static bool verbose;
+static bool with_img;          /* FUZZ_QMP_IMG=1: the fixture "img" too */
 
 /* The server, kept from one input to the next. */
 static struct {
@@ -93,6 +112,16 @@ static struct {
     struct blockdev *bd;
     struct fmt_node *root;
     struct export *exp;
+    struct blockdev *img_bd;
+    struct fmt_node *img_root;
+    struct export *img_exp;
+    struct timespec img_mtime; /* of its file, as made */
+    off_t img_size;
+    /* The control socket's change hook, and ours in front of it: an
+     * export of the fixture deleted (and maybe made again, at the same
+     * address) is seen here, not from pointers. */
+    struct server_change_hook *ctl_hook, hook;
+    bool mem_deleted, img_deleted;
     /* the answers of the queries after set-up */
     char *initial;
     off_t tmpfs_size;          /* of FUZZ_QMP_WORK after set-up */
@@ -347,6 +376,83 @@ static void setup_co(struct coro *co, void *arg)
     mem_export_add_co(g.srv, co, &g.store, "mem", "mem", true, NULL);
 }
 
+static void img_create_co(struct coro *co, void *arg)
+{
+    (void)arg;
+    struct error *err = NULL;
+    if (qcow2_create_co(g.l, co, IMG_PATH, EXPORT_BYTES, NULL, NULL,
+                        &err) < 0) {
+        fprintf(stderr, "qcow2_create_co: %s\n", err ? err->msg : "?");
+        abort();
+    }
+}
+
+/* Makes the image and adds node and export "img" through c, as a user
+ * would. */
+static void img_add(struct client *c)
+{
+    if (loop_run_sync(g.l, img_create_co, NULL) < 0)
+        abort();
+    struct json_object *file = json_object_new_object();
+    json_object_object_add(file, "driver", json_object_new_string("file"));
+    json_object_object_add(file, "filename", json_object_new_string(IMG_PATH));
+    struct json_object *a = arg1("driver", "qcow2");
+    json_object_object_add(a, "node-name", json_object_new_string("img"));
+    json_object_object_add(a, "file", file);
+    struct json_object *reply;
+    query(c, "blockdev-add", a, &reply);
+    json_object_put(reply);
+    a = arg1("type", "nbd");
+    json_object_object_add(a, "id", json_object_new_string("img"));
+    json_object_object_add(a, "node-name", json_object_new_string("img"));
+    json_object_object_add(a, "name", json_object_new_string("img"));
+    json_object_object_add(a, "writable", json_object_new_boolean(1));
+    query(c, "block-export-add", a, &reply);
+    json_object_put(reply);
+    FUZZ_CHECK(g.srv->n_bdevs == 2 && g.srv->n_exports == 2);
+    g.img_bd = g.srv->bdevs[1];
+    g.img_root = g.img_bd->root;
+    g.img_exp = g.srv->exports[1];
+    FUZZ_CHECK(!strcmp(g.img_bd->node_name, "img") &&
+               g.img_exp->bdev == g.img_bd);
+    struct stat st;
+    FUZZ_CHECK(stat(IMG_PATH, &st) == 0);
+    g.img_mtime = st.st_mtim;
+    g.img_size = st.st_size;
+}
+
+/* Node and export "mem" over the store, as stratad's start-up adds its
+ * exports. */
+static void mem_add(void)
+{
+    if (loop_run_sync(g.l, setup_co, NULL) < 0)
+        abort();
+    FUZZ_CHECK(g.srv->n_bdevs == 1 && g.srv->n_exports == 1);
+    g.bd = g.srv->bdevs[0];
+    g.root = g.bd->root;
+    g.exp = g.srv->exports[0];
+}
+
+static void hook_changed(struct server_change_hook *h)
+{
+    (void)h;
+    g.ctl_hook->changed(g.ctl_hook);
+}
+
+static int hook_sync_co(struct server_change_hook *h, struct coro *co)
+{
+    (void)h;
+    return g.ctl_hook->sync_co(g.ctl_hook, co);
+}
+
+static void hook_export_deleted(struct server_change_hook *h, const char *id)
+{
+    (void)h;
+    g.mem_deleted |= !strcmp(id, "mem");
+    g.img_deleted |= !strcmp(id, "img");
+    g.ctl_hook->export_deleted(g.ctl_hook, id);
+}
+
 static void setup(void)
 {
     if (!g.zeros && !(g.zeros = calloc(1, EXPORT_BYTES)))
@@ -367,18 +473,22 @@ static void setup(void)
         abort();
     g.srv->tls = g.tls;
     g.srv->allow_no_exports = true;
-    if (loop_run_sync(g.l, setup_co, NULL) < 0)
-        abort();
     g.ctl = control_new(g.srv, ctl_path, 0600, (gid_t)-1, NULL, &err);
     if (!g.ctl) {
         fprintf(stderr, "control_new: %s\n", err ? err->msg : "?");
         abort();
     }
-    g.bd = g.srv->bdevs[0];
-    g.root = g.bd->root;
-    g.exp = g.srv->exports[0];
+    g.ctl_hook = g.srv->change_hook;
+    g.hook.changed = hook_changed;
+    g.hook.sync_co = hook_sync_co;
+    g.hook.export_deleted = hook_export_deleted;
+    g.srv->change_hook = &g.hook;
+    g.mem_deleted = g.img_deleted = false;
+    mem_add();
     struct client c;
     admin_open(&c);
+    if (with_img)
+        img_add(&c);
     char *s = snapshot_state(&c);
     admin_close(&c);
     struct stat st;
@@ -403,6 +513,7 @@ static void teardown(void)
     while (!loop_stopping(g.l))
         FUZZ_CHECK(loop_run_once(g.l) == 0);
     FUZZ_CHECK(g.srv->conns == NULL && g.srv->holds == 0);
+    g.srv->change_hook = g.ctl_hook;
     control_free(g.ctl);
     server_free(g.srv);
     tls_server_free(g.tls);
@@ -428,13 +539,15 @@ static void teardown_at_exit(void)
 
 /* ---- the state between inputs ---- */
 
-/* Files in the tmpfs besides the control socket: unlinked if rm. */
-static bool tmpfs_extra(bool rm)
+/* Files in the tmpfs besides the control socket and (unless all) the
+ * image: unlinked if rm. */
+static bool tmpfs_extra(bool rm, bool all)
 {
     /* The size of a tmpfs directory grows with each entry: unchanged, no
      * file was made (commands make files; none removes one). */
     struct stat st;
-    if (!rm && stat(FUZZ_QMP_WORK, &st) == 0 && st.st_size == g.tmpfs_size)
+    if (!rm && !all && stat(FUZZ_QMP_WORK, &st) == 0 &&
+        st.st_size == g.tmpfs_size)
         return false;
     DIR *d = opendir(FUZZ_QMP_WORK);
     FUZZ_CHECK(d != NULL);
@@ -449,6 +562,8 @@ static bool tmpfs_extra(bool rm)
         if ((!strncmp(de->d_name, "ctl-", 4) && de->d_type == DT_SOCK) ||
             !strncmp(de->d_name, "libFuzzerTemp", 13))
             continue;
+        if (!all && !strcmp(de->d_name, IMG_FILE))
+            continue;
         found = true;
         if (rm)
             FUZZ_CHECK(unlinkat(dirfd(d), de->d_name, 0) == 0 ||
@@ -459,22 +574,49 @@ static bool tmpfs_extra(bool rm)
     return found;
 }
 
+/* An export as made: idle, never quiesced. */
+static bool export_clean(const struct export *e, const struct blockdev *bd)
+{
+    return e->bdev == bd && e->quiesce_count == 0 && e->inflight == 0 &&
+           e->watching == 0 && e->n_quiesces == 0 && e->max_stall_ns == 0 &&
+           e->max_request_stall_ns == 0;
+}
+
+/* "img" as made: its node (the same chain, no bitmap), its export, its
+ * file unchanged. */
+static bool img_intact(void)
+{
+    bool bd = false, exp = false;
+    for (size_t i = 0; i < g.srv->n_bdevs; i++)
+        bd |= g.srv->bdevs[i] == g.img_bd;
+    for (size_t i = 0; i < g.srv->n_exports; i++)
+        exp |= g.srv->exports[i] == g.img_exp;
+    struct stat st;
+    return bd && exp && !g.img_deleted && g.img_root &&
+           g.img_bd->root == g.img_root &&
+           !g.img_root->bitmaps && export_clean(g.img_exp, g.img_bd) &&
+           stat(IMG_PATH, &st) == 0 && st.st_size == g.img_size &&
+           st.st_mtim.tv_sec == g.img_mtime.tv_sec &&
+           st.st_mtim.tv_nsec == g.img_mtime.tv_nsec;
+}
+
 /* The server is as the set-up left it (read from its structures). */
 static bool state_clean(void)
 {
     struct backend_fault_stats fs;
     backend_fault_get_stats(&fs);
-    return !g.srv->shutting_down && g.srv->n_bdevs == 1 &&
-           g.srv->bdevs[0] == g.bd && g.bd->root == g.root &&
-           !g.root->bitmaps && g.srv->n_exports == 1 &&
-           g.srv->exports[0] == g.exp && g.exp->bdev == g.bd &&
-           g.exp->quiesce_count == 0 && g.exp->inflight == 0 &&
-           g.exp->watching == 0 && g.exp->n_quiesces == 0 &&
-           g.exp->max_stall_ns == 0 && g.exp->max_request_stall_ns == 0 &&
+    size_t n = with_img ? 2 : 1;
+    return !g.srv->shutting_down && g.srv->n_bdevs == n &&
+           !g.mem_deleted && g.srv->bdevs[0] == g.bd &&
+           g.bd->root == g.root &&
+           !g.root->bitmaps && g.srv->n_exports == n &&
+           g.srv->exports[0] == g.exp && export_clean(g.exp, g.bd) &&
+           (!with_img || (g.srv->bdevs[1] == g.img_bd &&
+                          g.srv->exports[1] == g.img_exp && img_intact())) &&
            !job_first(control_jobs(g.ctl)) && !g.ctl->backups &&
            !g.ctl->clients && !g.srv->conns && g.srv->holds == 0 &&
            !fs.armed && g.store.written_lo == g.store.written_hi &&
-           !tmpfs_extra(false);
+           !tmpfs_extra(false, !with_img);
 }
 
 /* Is the fixture itself ("mem": its node, chain and export) as set up?
@@ -488,6 +630,7 @@ static bool fixture_intact(void)
     for (size_t i = 0; i < g.srv->n_exports; i++)
         exp |= g.srv->exports[i] == g.exp;
     return !g.srv->shutting_down && !loop_stopping(g.l) && bd && exp &&
+           !g.mem_deleted &&
            g.bd->root == g.root && g.exp->bdev == g.bd;
 }
 
@@ -539,13 +682,21 @@ static void reset_jobs(struct client *c)
 }
 
 /* Deletes every export but "mem", and removes every bitmap. */
-static void reset_exports_bitmaps(struct client *c)
+/* Is node or export name one the reset keeps? */
+static bool kept(const char *name, bool keep_mem, bool keep_img)
+{
+    return (keep_mem && !strcmp(name, "mem")) ||
+           (keep_img && !strcmp(name, "img"));
+}
+
+static void reset_exports_bitmaps(struct client *c, bool keep_mem,
+                                  bool keep_img)
 {
     struct json_object *reply;
     struct json_object *exps = query(c, "query-block-exports", NULL, &reply);
     for (size_t i = 0; i < json_object_array_length(exps); i++) {
         const char *id = str_member(json_object_array_get_idx(exps, i), "id");
-        if (id && strcmp(id, "mem")) {
+        if (id && !kept(id, keep_mem, keep_img)) {
             struct json_object *a = arg1("id", id);
             json_object_object_add(a, "mode", json_object_new_string("hard"));
             try(c, "block-export-del", a);
@@ -576,7 +727,7 @@ static void reset_exports_bitmaps(struct client *c)
 }
 
 /* Deletes every node but "mem", users before what they use. */
-static void reset_nodes(struct client *c)
+static void reset_nodes(struct client *c, bool keep_mem, bool keep_img)
 {
     for (;;) {
         struct json_object *reply;
@@ -588,11 +739,11 @@ static void reset_nodes(struct client *c)
         for (size_t i = 0; i < json_object_array_length(nodes); i++) {
             const char *node = str_member(json_object_array_get_idx(nodes, i),
                                           "node-name");
-            if (node && strcmp(node, "mem"))
+            if (node && !kept(node, keep_mem, keep_img))
                 try(c, "blockdev-del", arg1("node-name", node));
         }
         json_object_put(reply);
-        if (g.srv->n_bdevs == before || g.srv->n_bdevs <= 1)
+        if (g.srv->n_bdevs == before)
             return;
     }
 }
@@ -603,7 +754,7 @@ static void rebuild(void)
     if (verbose)
         fprintf(stderr, "reset: a new server\n");
     teardown();
-    tmpfs_extra(true);
+    tmpfs_extra(true, true);
     (void)backend_fault_arm(&(struct backend_fault_plan){.nth = 0});
 }
 
@@ -620,8 +771,13 @@ static void reset(void)
     struct client c;
     admin_open(&c);
     reset_jobs(&c);
-    reset_exports_bitmaps(&c);
-    reset_nodes(&c);
+    /* "mem" and "img" untouched (the same node, chain and export, no
+     * bitmap; img's file unchanged) are kept; otherwise they are deleted
+     * with the rest and made again, in the order of the set-up. */
+    bool keep_mem = fixture_intact();
+    bool keep_img = with_img && keep_mem && img_intact();
+    reset_exports_bitmaps(&c, keep_mem, keep_img);
+    reset_nodes(&c, keep_mem, keep_img);
     struct backend_fault_stats fs;
     backend_fault_get_stats(&fs);
     if (fs.armed) {
@@ -629,11 +785,25 @@ static void reset(void)
         json_object_object_add(a, "nth", json_object_new_int(0));
         try(&c, "x-debug-fault-inject", a);
     }
-    if (!fixture_intact()) {
+    if (loop_stopping(g.l) || g.srv->shutting_down) {
         admin_close(&c);
         rebuild();
         return;
     }
+    if (!keep_mem) {
+        /* Everything deleted: what no command removes is a finding. */
+        if (g.srv->n_bdevs || g.srv->n_exports)
+            fprintf(stderr, "fuzz-qmp-dispatch: %zu nodes, %zu exports left "
+                    "(%s)\n", g.srv->n_bdevs, g.srv->n_exports,
+                    g.srv->n_bdevs ? g.srv->bdevs[0]->node_name : "");
+        FUZZ_CHECK(g.srv->n_bdevs == 0 && g.srv->n_exports == 0);
+        mem_store_clear_written(&g.store);
+        mem_add();
+    }
+    tmpfs_extra(true, !keep_img);
+    if (with_img && !keep_img)
+        img_add(&c);
+    g.mem_deleted = g.img_deleted = false;
     /* The export's quiesce statistics (query-block-exports) count what
      * happened to it; no command clears them, and every input must see
      * the same answers. */
@@ -642,7 +812,6 @@ static void reset(void)
     g.exp->last_request_stall_ns = g.exp->max_request_stall_ns = 0;
     char *s = snapshot_state(&c);
     admin_close(&c);
-    tmpfs_extra(true);
     mem_store_clear_written(&g.store);
     if (strcmp(s, g.initial)) {
         fprintf(stderr, "fuzz-qmp-dispatch: state left after the reset:\n"
@@ -660,6 +829,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
     ctl_path = fuzz_qmp_sandbox(*argc, *argv, "fuzz-qmp-dispatch");
     ctl_name = strrchr(ctl_path, '/') + 1;
     verbose = getenv("FUZZ_VERBOSE") != NULL;
+    with_img = getenv("FUZZ_QMP_IMG") && !strcmp(getenv("FUZZ_QMP_IMG"), "1");
     log_set_level(LOG_ERROR); /* a client's every mistake is logged */
     atexit(teardown_at_exit);
     return 0;

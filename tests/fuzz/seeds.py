@@ -445,6 +445,25 @@ def qmp(targets=("qmp",)):
                               {"type": "block-dirty-bitmap-clear",
                                "data": {"node": "mem", "name": "b1"}}]}},
                          {"execute": "query-block-jobs"}),
+        # qmp-dispatch has a qcow2 image (node and export "img") in its
+        # tmpfs: a persistent bitmap, a snapshot, a commit job left running
+        # at 1 byte/s, a pull-mode backup into the snapshot's file
+        "img-jobs": j(caps,
+                      {"execute": "block-dirty-bitmap-add",
+                       "arguments": {"node": "img", "name": "b",
+                                     "persistent": True}},
+                      {"execute": "blockdev-snapshot-sync",
+                       "arguments": {"node-name": "img",
+                                     "snapshot-file": "/dev/shm/s1.qcow2",
+                                     "snapshot-node-name": "s1",
+                                     "format": "qcow2"}},
+                      {"execute": "block-commit",
+                       "arguments": {"job-id": "c1", "device": "img",
+                                     "auto-finalize": False,
+                                     "auto-dismiss": False, "speed": 1}},
+                      {"execute": "query-jobs"},
+                      {"execute": "job-pause", "arguments": {"id": "c1"}},
+                      {"execute": "query-block-jobs"}),
     }
     bad = {
         "syntax-errors": b'{"execute": "qmp_capabilities"}\r\n{"execute": '
