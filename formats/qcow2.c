@@ -201,7 +201,7 @@ static int qcow2_preadv_co(struct fmt_node *n, struct coro *co,
     struct qcow2 *s = qcow2_of(n);
     uint64_t total = iov_size(iov, iovcnt), pos = 0;
     while (pos < total) {
-        struct qcow2_map m;
+        struct qcow2_map m = {0}; /* set by qcow2_map_get_co when r == 0 */
         struct qcow2_busy busy;
         qcow2_lock_co(s, co);
         int r = qcow2_make_room_locked_co(s, co, off + pos, false);
