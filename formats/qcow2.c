@@ -719,28 +719,32 @@ static int qcow2_reopen_co(struct fmt_node *n, struct coro *co, bool read_only,
  * Every step is durable before the next (FUA writes; refcount blocks are
  * written through), so no sync of the whole file runs under the lock. */
 /* Growing makes guest bytes [old, size) visible.  Whatever the image
- * maps there (entries of its last L2 table past the old end, left by
- * corruption or by a tool that shrank it without clearing them; data in
- * the rest of the last cluster when the old size is not a multiple of the
- * cluster size) would show up where the new bytes must read as zeros.
- * Such an image is not grown: -EIO with the reason, nothing changed.
- * Zeros in the rest of the last cluster (what QEMU writes there) are
- * fine.  Called with the lock. */
+ * maps there (entries of an L2 table past the old end, in the last one or
+ * in tables of L1 entries past it, left by corruption or by a tool that
+ * shrank the disk without clearing them; data in the rest of the last
+ * cluster when the old size is not a multiple of the cluster size) would
+ * show up where the new bytes must read as zeros.  Such an image is not
+ * grown: -EIO with the reason, nothing changed.  Zeros in the rest of the
+ * last cluster (what QEMU writes there) are fine.  Called with the lock. */
 static int grow_tail_clean_locked_co(struct qcow2 *s, struct coro *co,
                                      uint64_t old, uint64_t size,
                                      struct error **errp)
 {
     const uint64_t cs = qcow2_cs(s);
     const uint64_t span = cs << s->h.l2_bits;
-    if (old % span == 0 || old / span >= s->h.l1_size)
-        return 0; /* no table reaches past the old end */
-    uint64_t end = (old / span + 1) * span;
+    /* what the current L1 table's entries can map at all */
+    uint64_t end = (uint64_t)s->h.l1_size * span;
     if (end > size)
         end = size;
     const uint64_t cend = (old + cs - 1) / cs * cs; /* old last cluster */
     uint64_t off = old;
     int r = 0;
     while (off < end && r == 0) {
+        if (off % span == 0 &&
+            !(be_get64(s->l1 + off / span * 8) & QCOW2_L1E_OFFSET_MASK)) {
+            off += span; /* no L2 table: nothing mapped in this span */
+            continue;
+        }
         struct qcow2_map m;
         r = qcow2_map_get_co(s, co, off, end - off, &m);
         if (r < 0)
