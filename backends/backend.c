@@ -305,6 +305,7 @@ int backend_discard_co(struct backend *b, struct coro *co, uint64_t off,
                        uint64_t len, unsigned flags)
 {
     assert(!b->read_only);
+    assert(!(flags & ~BACKEND_FUA));
     check_range(b, off, len);
     if (!(b->caps & BACKEND_CAN_TRIM))
         return 0;

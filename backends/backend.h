@@ -63,7 +63,8 @@ struct backend_ops {
     int (*zero_co)(struct backend *b, struct coro *co, uint64_t off,
                    uint64_t len, unsigned flags);
     /* Advisory deallocation; content afterwards is unspecified (files: reads
-     * as zeros).  May yield. */
+     * as zeros).  BACKEND_FUA: whatever it changed is durable on return,
+     * as for writes.  May yield. */
     int (*discard_co)(struct backend *b, struct coro *co, uint64_t off,
                       uint64_t len, unsigned flags);
     /* Status of the extent starting at off: *pnum (> 0, <= len) bytes share
