@@ -2,10 +2,12 @@
 """The QMP transaction: snapshots of two exports and bitmap changes at one
 instant, all or nothing.
 
-1. Under a writer on both disks: [disable b0 on d1 and d2, snapshot d1 and
-   d2, add b1 on each new top] succeeds; each old top keeps b0 (disabled),
-   each new top has b1 (recording); the writer saw no error and every
-   byte it wrote reads back.
+1. Under a FUA writer on both disks (half its writes to a few hot blocks,
+   so that blocks are written again, in place and into new overlays):
+   [disable b0 on d1 and d2, snapshot d1 and d2, add b1 on each new top]
+   succeeds; each old top keeps b0 (disabled), each new top has b1
+   (recording); the writer saw no error and every byte it wrote reads
+   back.
 2. A transaction whose last action fails (after a snapshot, a clear, a
    disable, a merge, an add and a remove) changes nothing: same chains,
    no overlay file left, same bitmaps with the same bits; the error is the
@@ -17,8 +19,8 @@ instant, all or nothing.
    opens, qemu-img check finds no corruption, every acknowledged write is
    there, and the bitmap is either absent, consistent, or inconsistent.
    The write in flight at the kill was not acknowledged: its block may
-   hold its data or the last acknowledged data, nothing else (the writer
-   reuses blocks, so that write may cover one acknowledged earlier).
+   hold its data or the last acknowledged data, nothing else (with the hot
+   blocks, that write often covers one acknowledged earlier).
 
 Run:  STRATAD=build/daemon/stratad /usr/bin/python3 tests/integration/test-bitmaps-transaction.py
 """
@@ -42,6 +44,7 @@ import jobsutil  # noqa: E402
 from jobsutil import MiB, qimg  # noqa: E402
 
 SIZE = 16 * MiB
+HOT = 32  # blocks [0, HOT) of each disk take half the writes
 d = harness.tmpdir()
 ctl = os.path.join(d, "ctl.sock")
 state = os.path.join(d, "state.json")
@@ -86,7 +89,11 @@ class Writer:
     def run(self):
         while not self.stop_:
             x = self.rng.choice(("d1", "d2"))
-            blk = self.rng.randrange(SIZE // 4096)
+            # Half the writes go to a few hot blocks: overwrites of
+            # acknowledged blocks, in place or into a new overlay, and a
+            # write in flight at a kill that often covers one.
+            hot = self.rng.random() < 0.5
+            blk = self.rng.randrange(HOT if hot else SIZE // 4096)
             data = bytes([self.rng.randrange(1, 256)]) * 4096
             self.pending = (x, blk, data)
             try:
