@@ -152,6 +152,16 @@ static void start_recv(struct conn *c)
 {
     if (c->st.recv_pending || !wants_input(c))
         return;
+    /* Transmission without TLS: one multishot receive for the whole
+     * phase instead of a recv (and a poll armed on the socket) per
+     * request.  The handshake and TLS streams receive one recv at a
+     * time. */
+    if (!c->ms_tried && c->state == CONN_TRANSMIT && !c->st.tls) {
+        c->ms_tried = true;
+        if (stream_use_multishot(&c->st))
+            log_debug("conn %llu: multishot receive",
+                      (unsigned long long)c->id);
+    }
     if (c->payload_req && stream_unparsed(&c->st) == 0) {
         /* straight into the request's buffer: no copy */
         struct nbd_req *r = c->payload_req;

@@ -120,6 +120,7 @@ struct conn {
     struct nbd_req *payload_req;   /* receiving a write payload into it */
     uint64_t payload_got;
     uint64_t discard_left;         /* payload bytes of a refused request */
+    bool ms_tried;                 /* stream_use_multishot was asked */
 
     /* requests */
     struct nbd_req *slots;
