@@ -167,12 +167,18 @@ static int ring_setup(struct loop *l, unsigned entries, unsigned dis,
 
 struct loop *loop_new(unsigned entries, size_t coro_stack, char **errmsg)
 {
+    return loop_new_without(entries, coro_stack, 0, errmsg);
+}
+
+struct loop *loop_new_without(unsigned entries, size_t coro_stack,
+                              unsigned disable, char **errmsg)
+{
     struct loop *l = calloc(1, sizeof(*l));
     if (!l) {
         *errmsg = strdup("out of memory");
         return NULL;
     }
-    unsigned dis = disabled_features();
+    unsigned dis = disabled_features() | disable;
     struct io_uring_params p;
     int r = ring_setup(l, entries, dis, &p);
     if (r < 0) {

@@ -57,7 +57,15 @@ enum {
     LOOP_F_RECV_MULTISHOT = 1u << 5, /* one recv armed for many messages */
 };
 
+/* The features that tie a ring to the thread that made it: a loop made on
+ * one thread and run on another (nbdkit's plugin) goes without them. */
+#define LOOP_F_THREAD_BOUND \
+    (LOOP_F_SINGLE_ISSUER | LOOP_F_DEFER_TASKRUN | LOOP_F_RING_FD)
+
 struct loop *loop_new(unsigned entries, size_t coro_stack, char **errmsg);
+/* loop_new() without the features in disable (LOOP_F_* bits). */
+struct loop *loop_new_without(unsigned entries, size_t coro_stack,
+                              unsigned disable, char **errmsg);
 void loop_free(struct loop *l);
 
 /* LOOP_F_* in use.  LOOP_F_RECV_MULTISHOT is an optimistic guess until a
