@@ -121,7 +121,24 @@ int conn_send_copy(struct conn *c, const void *buf, size_t len)
 
 static void stream_send_failed(struct stream *s, int res)
 {
-    conn_abort(s->owner, res == 0 ? "send made no progress" : strerror(-res));
+    struct conn *c = s->owner;
+    if ((res == -EPIPE || res == -ECONNRESET) && !s->tls &&
+        (c->state == CONN_TRANSMIT || c->state == CONN_DRAINING)) {
+        /* The client stopped reading (it closed, or shut its side down)
+         * but what it sent before is still to be taken: its writes up to
+         * its NBD_CMD_DISC are applied, as if it had waited for the
+         * replies.  Replies are dropped from now on; the connection ends
+         * at its DISC or at the end of its input.  How much input came in
+         * before the first reply must not decide that. */
+        if (!s->dead)
+            log_debug("conn %llu: the client reads no more replies (%s): "
+                      "taking its input to the end",
+                      (unsigned long long)c->id, strerror(-res));
+        s->dead = true;
+        stream_drop_queue(s);
+        return;
+    }
+    conn_abort(c, res == 0 ? "send made no progress" : strerror(-res));
 }
 
 /* ---- input ---- */
