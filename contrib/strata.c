@@ -1313,6 +1313,361 @@ static bool is_image_arg(const char *arg)
     return stat(arg, &st) == 0 && !S_ISDIR(st.st_mode);
 }
 
+/* ---- backup: QEMU 7.2's pull-mode sequence, as libvirt runs it ----
+ *
+ * strata backup start EXPORT: a scratch qcow2 next to the image; one
+ * transaction adds a new bitmap (what changes from now on), disables the
+ * --incremental one (what changed since the backup it started) and
+ * inserts the copy-before-write filter; a snapshot-access view of that
+ * instant is exported read-only as "backup-ID" with the --incremental
+ * bitmap.  What end needs is kept in the export's description.
+ * strata backup end EXPORT: the export, view, job and scratch go; the
+ * --incremental bitmap is removed (its changes are in this backup), or
+ * with --abort the new bitmap is merged back into it and it records
+ * again, as if no backup had been taken. */
+
+#define BACKUP_TAG "strata backup;"
+
+static struct json_object *obj(const char *k1, struct json_object *v1)
+{
+    struct json_object *o = json_object_new_object();
+    json_object_object_add(o, k1, v1);
+    return o;
+}
+
+static struct json_object *jss(const char *s)
+{
+    return json_object_new_string(s);
+}
+
+static struct json_object *bitmap_ref(const char *node, const char *name)
+{
+    struct json_object *o = json_object_new_object();
+    json_object_object_add(o, "node", jss(node));
+    json_object_object_add(o, "name", jss(name));
+    return o;
+}
+
+static struct json_object *action(const char *type, struct json_object *data)
+{
+    struct json_object *o = json_object_new_object();
+    json_object_object_add(o, "type", jss(type));
+    json_object_object_add(o, "data", data);
+    return o;
+}
+
+/* Best effort (undoing a failed start): errors are ignored. */
+static void qmp_quiet(struct qmp *q, const char *cmd, struct json_object *args)
+{
+    struct json_object *err = NULL;
+    struct json_object *r = qmp_try(q, cmd, args, &err);
+    json_object_put(r);
+    json_object_put(err);
+}
+
+static void wait_job_gone(struct qmp *q, const char *id)
+{
+    for (int i = 0; i < 500; i++) {
+        struct json_object *jobs = qmp_run(q, "query-block-jobs", NULL);
+        bool found = false;
+        for (size_t k = 0; k < json_object_array_length(jobs); k++)
+            found |= !strcmp(jstr(json_object_array_get_idx(jobs, k), "device"), id);
+        json_object_put(jobs);
+        if (!found)
+            return;
+        usleep(20000);
+    }
+    die(1, "backup job %s did not end", id);
+}
+
+static int cmd_backup_start(struct qmp *q, const char *exp, const char *inc,
+                            const char *scratch_arg, const char *new_bitmap)
+{
+    struct json_object *e = find_export(q, exp);
+    char *id = strdup(jstr(e, "id")), *node = strdup(jstr(e, "node-name"));
+    const char *file = jstr(e, "file"), *format = jstr(e, "format");
+    uint64_t size = (uint64_t)jint(e, "virtual-size");
+    if (!jbool(e, "writable"))
+        die(1, "backup: export %s is read-only: read it directly", exp);
+    char base[160], scratch_node[192], cbw[192], view[192], newbm[192];
+    snprintf(base, sizeof(base), "backup-%s", id);
+    snprintf(scratch_node, sizeof(scratch_node), "%s-scratch", base);
+    snprintf(cbw, sizeof(cbw), "%s-cbw", base);
+    snprintf(view, sizeof(view), "%s-view", base);
+    if (new_bitmap) {
+        snprintf(newbm, sizeof(newbm), "%s", new_bitmap);
+    } else {
+        time_t t = time(NULL);
+        struct tm tm;
+        gmtime_r(&t, &tm);
+        strftime(newbm, sizeof(newbm), "backup-%Y%m%dT%H%M%SZ", &tm);
+    }
+    char *scratch = NULL;
+    if (scratch_arg)
+        scratch = abs_path(scratch_arg);
+    else if (file && file[0] == '/' && asprintf(&scratch, "%s.%s.qcow2", file, base) < 0)
+        die(1, "out of memory");
+    if (!scratch)
+        die(2, "backup start: the image of %s is not a local file: give --scratch FILE "
+            "(a qcow2 image the old data is copied to while the backup runs)", exp);
+    if (access(scratch, F_OK) == 0)
+        die(1, "backup start: %s exists: a backup of %s is running or was left "
+            "behind (strata backup end %s)", scratch, exp, exp);
+    struct loop *l = img_loop();
+    struct create_job c = {.loop = l, .path = scratch, .format = "qcow2", .size = size};
+    int r = loop_run_sync(l, create_co, &c);
+    if (r < 0 && c.ret == 0)
+        c.ret = r;
+    if (c.ret < 0)
+        die(1, "backup start: %s", c.err ? c.err->msg : strerror(-c.ret));
+    error_free(c.err);
+    loop_free(l);
+
+    struct json_object *err = NULL;
+    struct json_object *a = json_object_new_object();
+    json_object_object_add(a, "driver", jss("qcow2"));
+    json_object_object_add(a, "node-name", jss(scratch_node));
+    struct json_object *f = obj("driver", jss("file"));
+    json_object_object_add(f, "filename", jss(scratch));
+    json_object_object_add(a, "file", f);
+    struct json_object *res = qmp_try(q, "blockdev-add", a, &err);
+    const char *step = "blockdev-add";
+    int undo = 0;
+    if (res) {
+        undo = 1;
+        json_object_put(res);
+        struct json_object *acts = json_object_new_array();
+        struct json_object *add = bitmap_ref(node, newbm);
+        json_object_object_add(add, "persistent", json_object_new_boolean(!strcmp(format, "qcow2")));
+        json_object_array_add(acts, action("block-dirty-bitmap-add", add));
+        if (inc)
+            json_object_array_add(acts, action("block-dirty-bitmap-disable", bitmap_ref(node, inc)));
+        struct json_object *bk = json_object_new_object();
+        json_object_object_add(bk, "job-id", jss(base));
+        json_object_object_add(bk, "device", jss(node));
+        json_object_object_add(bk, "target", jss(scratch_node));
+        json_object_object_add(bk, "sync", jss("none"));
+        json_object_object_add(bk, "filter-node-name", jss(cbw));
+        json_object_array_add(acts, action("blockdev-backup", bk));
+        res = qmp_try(q, "transaction", obj("actions", acts), &err);
+        step = "transaction";
+    }
+    if (res) {
+        undo = 2;
+        json_object_put(res);
+        a = obj("driver", jss("snapshot-access"));
+        json_object_object_add(a, "node-name", jss(view));
+        json_object_object_add(a, "file", jss(cbw));
+        res = qmp_try(q, "blockdev-add", a, &err);
+        step = "blockdev-add snapshot-access";
+    }
+    if (res) {
+        undo = 3;
+        json_object_put(res);
+        char desc[1024];
+        snprintf(desc, sizeof(desc), BACKUP_TAG "export=%s;node=%s;new=%s;inc=%s;scratch=%s",
+                 id, node, newbm, inc ? inc : "", scratch);
+        a = obj("type", jss("nbd"));
+        json_object_object_add(a, "id", jss(base));
+        json_object_object_add(a, "node-name", jss(view));
+        json_object_object_add(a, "name", jss(base));
+        json_object_object_add(a, "description", jss(desc));
+        if (inc) {
+            struct json_object *bl = json_object_new_array();
+            json_object_array_add(bl, bitmap_ref(node, inc));
+            json_object_object_add(a, "bitmaps", bl);
+        }
+        res = qmp_try(q, "block-export-add", a, &err);
+        step = "block-export-add";
+    }
+    if (!res) {
+        char msg[1024];
+        snprintf(msg, sizeof(msg), "%s", error_desc(err));
+        json_object_put(err);
+        if (undo >= 3)
+            qmp_quiet(q, "blockdev-del", obj("node-name", jss(view)));
+        if (undo >= 2) {
+            qmp_quiet(q, "block-job-cancel", obj("device", jss(base)));
+            wait_job_gone(q, base);
+            qmp_quiet(q, "block-dirty-bitmap-remove", bitmap_ref(node, newbm));
+            if (inc)
+                qmp_quiet(q, "block-dirty-bitmap-enable", bitmap_ref(node, inc));
+        }
+        if (undo >= 1)
+            qmp_quiet(q, "blockdev-del", obj("node-name", jss(scratch_node)));
+        unlink(scratch);
+        die(1, "backup start: %s: %s", step, msg);
+    }
+    json_object_put(res);
+    struct json_object *list = qmp_run(q, "query-block-exports", NULL), *uris = NULL;
+    for (size_t i = 0; i < json_object_array_length(list); i++) {
+        struct json_object *x = json_object_array_get_idx(list, i);
+        if (!strcmp(jstr(x, "id"), base) && json_object_object_get_ex(x, "x-uris", &uris))
+            json_object_get(uris);
+    }
+    json_object_put(list);
+    if (opt_json) {
+        struct json_object *o = obj("export", jss(base));
+        json_object_object_add(o, "uris", uris ? uris : json_object_new_array());
+        json_object_object_add(o, "bitmap", jss(newbm));
+        if (inc) {
+            char ctx[256];
+            snprintf(ctx, sizeof(ctx), "qemu:dirty-bitmap:%s", inc);
+            json_object_object_add(o, "incremental", jss(inc));
+            json_object_object_add(o, "meta-context", jss(ctx));
+        }
+        json_object_object_add(o, "scratch", jss(scratch));
+        print_json(o);
+        json_object_put(o);
+    } else {
+        printf("backup of %s frozen; read it (read-only export %s) at:\n", exp, base);
+        for (size_t i = 0; uris && i < json_object_array_length(uris); i++)
+            printf("  %s\n", json_object_get_string(json_object_array_get_idx(uris, i)));
+        if (inc)
+            printf("changed since the backup that started bitmap %s: meta context "
+                   "qemu:dirty-bitmap:%s\n", inc, inc);
+        printf("next incremental: strata backup start %s --incremental %s\n", exp, newbm);
+        printf("when done: strata backup end %s\n", exp);
+        json_object_put(uris);
+    }
+    json_object_put(e);
+    free(scratch);
+    free(id);
+    free(node);
+    return 0;
+}
+
+/* The value of key in a backup export's description, malloc'ed. */
+static char *backup_field(const char *desc, const char *key)
+{
+    size_t kl = strlen(key);
+    for (const char *p = desc; p && *p;) {
+        const char *end = strchr(p, ';');
+        size_t n = end ? (size_t)(end - p) : strlen(p);
+        if (n > kl && !strncmp(p, key, kl) && p[kl] == '=')
+            return strndup(p + kl + 1, n - kl - 1);
+        p = end ? end + 1 : NULL;
+    }
+    return NULL;
+}
+
+/* No backup export: a backup interrupted by a restart leaves its scratch
+ * node (the state file keeps it) and file; remove them. */
+static int backup_leftover(struct qmp *q, const char *exp, const char *base)
+{
+    char scratch_node[192];
+    snprintf(scratch_node, sizeof(scratch_node), "%s-scratch", base);
+    struct json_object *nodes = qmp_run(q, "query-named-block-nodes", NULL);
+    char *file = NULL;
+    for (size_t i = 0; i < json_object_array_length(nodes); i++) {
+        struct json_object *n = json_object_array_get_idx(nodes, i);
+        if (!strcmp(jstr(n, "node-name"), scratch_node) && jstr(n, "file"))
+            file = strdup(jstr(n, "file"));
+    }
+    json_object_put(nodes);
+    if (!file)
+        die(1, "backup end: no backup of %s is running (no export %s made by "
+            "strata backup start)", exp, base);
+    json_object_put(qmp_run(q, "blockdev-del", obj("node-name", jss(scratch_node))));
+    if (unlink(file) < 0 && errno != ENOENT)
+        fprintf(stderr, "strata: backup end: removing %s: %s\n", file, strerror(errno));
+    if (opt_json) {
+        struct json_object *o = obj("export", jss(base));
+        json_object_object_add(o, "leftover", jss(file));
+        print_json(o);
+        json_object_put(o);
+    } else {
+        printf("backup %s was interrupted (restart): its scratch image %s is removed; "
+               "its bitmaps are gone or inconsistent: remove them and take a full "
+               "backup\n", base, file);
+    }
+    free(file);
+    return 0;
+}
+
+static int cmd_backup_end(struct qmp *q, const char *exp, bool abort_it, bool hard)
+{
+    struct json_object *e = find_export(q, exp);
+    char base[160];
+    snprintf(base, sizeof(base), "backup-%s", jstr(e, "id"));
+    json_object_put(e);
+    struct json_object *list = qmp_run(q, "query-block-exports", NULL);
+    char *desc = NULL;
+    for (size_t i = 0; i < json_object_array_length(list); i++) {
+        struct json_object *x = json_object_array_get_idx(list, i);
+        if (!strcmp(jstr(x, "id"), base) && jstr(x, "description") &&
+            !strncmp(jstr(x, "description"), BACKUP_TAG, strlen(BACKUP_TAG)))
+            desc = strdup(jstr(x, "description") + strlen(BACKUP_TAG));
+    }
+    json_object_put(list);
+    if (!desc)
+        return backup_leftover(q, exp, base);
+    char *node = backup_field(desc, "node"), *newbm = backup_field(desc, "new");
+    char *inc = backup_field(desc, "inc"), *scratch = backup_field(desc, "scratch");
+    if (!node || !newbm || !inc || !scratch)
+        die(1, "backup end: export %s: unreadable description", base);
+    char view[192], scratch_node[192];
+    snprintf(view, sizeof(view), "%s-view", base);
+    snprintf(scratch_node, sizeof(scratch_node), "%s-scratch", base);
+    struct json_object *a = obj("id", jss(base));
+    json_object_object_add(a, "mode", jss(hard ? "hard" : "safe"));
+    json_object_put(qmp_run(q, "block-export-del", a));
+    /* the node is freed once the export's last client is gone */
+    for (int i = 0;; i++) {
+        struct json_object *err = NULL;
+        struct json_object *r = qmp_try(q, "blockdev-del", obj("node-name", jss(view)), &err);
+        if (r) {
+            json_object_put(r);
+            break;
+        }
+        if (i == 500)
+            die(1, "backup end: blockdev-del %s: %s", view, error_desc(err));
+        json_object_put(err);
+        usleep(20000);
+    }
+    json_object_put(qmp_run(q, "block-job-cancel", obj("device", jss(base))));
+    wait_job_gone(q, base);
+    json_object_put(qmp_run(q, "blockdev-del", obj("node-name", jss(scratch_node))));
+    if (unlink(scratch) < 0 && errno != ENOENT)
+        fprintf(stderr, "strata: backup end: removing %s: %s\n", scratch, strerror(errno));
+    if (*inc && abort_it) {
+        struct json_object *srcs = json_object_new_array();
+        json_object_array_add(srcs, jss(newbm));
+        a = obj("node", jss(node));
+        json_object_object_add(a, "target", jss(inc));
+        json_object_object_add(a, "bitmaps", srcs);
+        struct json_object *acts = json_object_new_array();
+        json_object_array_add(acts, action("block-dirty-bitmap-enable", bitmap_ref(node, inc)));
+        json_object_array_add(acts, action("block-dirty-bitmap-merge", a));
+        json_object_array_add(acts, action("block-dirty-bitmap-remove", bitmap_ref(node, newbm)));
+        json_object_put(qmp_run(q, "transaction", obj("actions", acts)));
+    } else if (abort_it) {
+        json_object_put(qmp_run(q, "block-dirty-bitmap-remove", bitmap_ref(node, newbm)));
+    } else if (*inc) {
+        json_object_put(qmp_run(q, "block-dirty-bitmap-remove", bitmap_ref(node, inc)));
+    }
+    if (opt_json) {
+        struct json_object *o = obj("export", jss(base));
+        json_object_object_add(o, "bitmap", jss(abort_it ? inc : newbm));
+        print_json(o);
+        json_object_put(o);
+    } else if (abort_it) {
+        printf("backup %s abandoned%s%s\n", base, *inc ? "; bitmap " : "",
+               *inc ? inc : "");
+        if (*inc)
+            printf("(records again, with the changes since: take the next incremental "
+                   "with --incremental %s)\n", inc);
+    } else {
+        printf("backup %s ended; the next incremental: --incremental %s\n", base, newbm);
+    }
+    free(desc);
+    free(node);
+    free(newbm);
+    free(inc);
+    free(scratch);
+    return 0;
+}
+
 static void usage(FILE *fp)
 {
     fprintf(fp,
@@ -1344,6 +1699,19 @@ static void usage(FILE *fp)
 "  commit EXPORT [--top FILE] [--base FILE] [--speed BYTES/S] [--job-id ID]\n"
 "         [--wait]               --wait shows progress until the job ends\n"
 "                                (an active commit is completed when ready)\n"
+"  backup start EXPORT [--incremental BITMAP] [--scratch FILE] [--bitmap NAME]\n"
+"                                freeze EXPORT's disk at this instant for a\n"
+"                                pull-mode backup while the guest writes; print\n"
+"                                the NBD URIs of the frozen view (export\n"
+"                                backup-ID) and, with --incremental, the meta\n"
+"                                context of what changed since that bitmap's\n"
+"                                backup; a new bitmap (--bitmap, default\n"
+"                                backup-DATE) records from the instant on\n"
+"  backup end EXPORT [--abort] [--hard]\n"
+"                                drop the view and its scratch image; remove\n"
+"                                the --incremental bitmap (its changes are\n"
+"                                backed up), or with --abort merge the new one\n"
+"                                back into it\n"
 "  stats [EXPORT] [--watch]      I/O statistics: requests, bytes, failures,\n"
 "                                latency (average, p50/p99 bins); --watch\n"
 "                                samples every second with rates\n"
@@ -1382,13 +1750,18 @@ int main(int argc, char **argv)
         {"watch", no_argument, NULL, 'W'},
         {"backing", required_argument, NULL, 'B'},
         {"cluster-size", required_argument, NULL, 'C'},
+        {"incremental", required_argument, NULL, 'I'},
+        {"scratch", required_argument, NULL, 'X'},
+        {"bitmap", required_argument, NULL, 'M'},
+        {"abort", no_argument, NULL, 'A'},
         {NULL, 0, NULL, 0},
     };
     const char *format = NULL, *desc = NULL, *id = NULL, *node = NULL;
     const char *backing = NULL, *cluster_size = NULL;
     const char *top = NULL, *base = NULL, *job_id = NULL;
     bool readonly = false, direct = false, hard = false, keep_node = false, wait = false;
-    bool relative = false, watch = false;
+    bool relative = false, watch = false, abort_it = false;
+    const char *incremental = NULL, *scratch = NULL, *new_bitmap = NULL;
     long long speed = 0;
     signal(SIGPIPE, SIG_IGN); /* a closed socket is reported by write() */
     sock_path = getenv("STRATA_SOCKET");
@@ -1430,6 +1803,10 @@ int main(int argc, char **argv)
         case 'W': watch = true; break;
         case 'B': backing = optarg; break;
         case 'C': cluster_size = optarg; break;
+        case 'I': incremental = optarg; break;
+        case 'X': scratch = optarg; break;
+        case 'M': new_bitmap = optarg; break;
+        case 'A': abort_it = true; break;
         default: usage(stderr); return 2;
         }
     }
@@ -1446,7 +1823,7 @@ int main(int argc, char **argv)
     } const table[] = {
         {"version", 1}, {"exports", 1}, {"chain", 2}, {"jobs", 1}, {"job", 3},
         {"add-export", 3}, {"del-export", 2}, {"snapshot", 3}, {"commit", 2},
-        {"quit", 1}, {"create", 3}, {"info", 2},
+        {"quit", 1}, {"create", 3}, {"info", 2}, {"backup", 3},
         {"stats", -2},             /* negative: up to that many */
     };
     size_t k;
@@ -1492,6 +1869,12 @@ int main(int argc, char **argv)
         rc = cmd_snapshot(&q, args[1], args[2], node, relative);
     else if (!strcmp(cmd, "commit"))
         rc = cmd_commit(&q, args[1], top, base, speed, job_id, wait);
+    else if (!strcmp(cmd, "backup") && !strcmp(args[1], "start"))
+        rc = cmd_backup_start(&q, args[2], incremental, scratch, new_bitmap);
+    else if (!strcmp(cmd, "backup") && !strcmp(args[1], "end"))
+        rc = cmd_backup_end(&q, args[2], abort_it, hard);
+    else if (!strcmp(cmd, "backup"))
+        die(2, "backup: expected start or end, not '%s'", args[1]);
     else if (!strcmp(cmd, "stats"))
         rc = cmd_stats(&q, nargs > 1 ? args[1] : NULL, watch);
     else {

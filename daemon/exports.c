@@ -192,6 +192,50 @@ static struct blockdev *blockdev_add(struct server *srv,
     return b;
 }
 
+struct blockdev *server_blockdev_add_node(struct server *srv,
+                                          const char *node_name,
+                                          struct fmt_node *root,
+                                          const char *desc,
+                                          struct error **errp)
+{
+    if (!qmp_id_wellformed(node_name)) {
+        error_setf(errp, EINVAL, "Invalid node-name: '%s'", node_name);
+        return NULL;
+    }
+    if (server_find_blockdev(srv, node_name)) {
+        error_setf(errp, EEXIST, "Duplicate nodes with node-name='%s'",
+                   node_name);
+        return NULL;
+    }
+    struct blockdev *b = calloc(1, sizeof(*b));
+    void *arr = realloc(srv->bdevs, sizeof(*srv->bdevs) * (srv->n_bdevs + 1));
+    if (arr)
+        srv->bdevs = arr;
+    if (b) {
+        b->node_name = strdup(node_name);
+        b->driver = strdup(root->ops->name);
+        b->filename = strdup(desc);
+    }
+    if (!b || !arr || !b->node_name || !b->driver || !b->filename) {
+        if (b) {
+            free(b->node_name);
+            free(b->driver);
+            free(b->filename);
+            free(b);
+        }
+        error_setf(errp, ENOMEM, "out of memory");
+        return NULL;
+    }
+    b->root = root;
+    b->read_only = root->read_only;
+    b->transient = true;
+    srv->bdevs[srv->n_bdevs++] = b;
+    log_info("node '%s': %s (%s, %llu bytes%s)", b->node_name, b->filename,
+             b->driver, (unsigned long long)root->size,
+             b->read_only ? ", read-only" : "");
+    return b;
+}
+
 /* Does an export (of this node or another) offer a bitmap of b's chain? */
 static bool chain_bitmap_busy(const struct blockdev *b, struct error **errp)
 {

@@ -72,6 +72,9 @@ struct blockdev {
     bool chain_busy;           /* a snapshot or commit is changing the
                                   chain (chain.h): no other may start, and
                                   the node and its export stay */
+    bool transient;            /* a view that lives only in this process
+                                  (snapshot-access of a backup): not
+                                  recorded in the state file */
 };
 
 /* What a write notifier sees: a guest write, write-zeroes or trim. */
@@ -197,6 +200,15 @@ struct blockdev *server_blockdev_add(struct server *srv,
 struct blockdev *server_blockdev_add_co(struct server *srv,
                                         const struct blockdev_config *cfg,
                                         struct coro *co, struct error **errp);
+/* Adds a node made by the caller (a filter view such as snapshot-access,
+ * no image file of its own) under node_name; desc names it for messages
+ * and query-named-block-nodes' "file".  Takes root on success.  Transient:
+ * not recorded in the state file. */
+struct blockdev *server_blockdev_add_node(struct server *srv,
+                                          const char *node_name,
+                                          struct fmt_node *root,
+                                          const char *desc,
+                                          struct error **errp);
 /* Closes a node that no export uses.  With co (a running QMP command),
  * its chain is flushed first, and a failed flush keeps the node; co NULL
  * only for a node nothing was written to. */

@@ -493,7 +493,7 @@ void fmt_close_co(struct fmt_node *n, struct loop *loop, struct coro *co)
     fmt_store_bitmaps_co(n, co);
     bool offload = false;
     for (struct fmt_node *x = n; x; x = x->backing)
-        offload |= backend_needs_offload(x->file);
+        offload |= x->file && backend_needs_offload(x->file);
     if (offload)
         loop_offload_co(loop, co, close_call, n);
     else

@@ -16,6 +16,7 @@
 #include "jobs.h"
 #include "log.h"
 #include "state.h"
+#include "tls.h"
 #include "util.h"
 
 /* ---- argument checking ---- */
@@ -274,6 +275,43 @@ static struct json_object *cmd_query_block(struct ctl_cmd_ctx *cx,
     return r;
 }
 
+/* The NBD URIs (RFC-style, as libnbd and qemu read them) of an export on
+ * every listener: a strata extension, so that tools (strata backup start)
+ * can print what to read. */
+static struct json_object *export_uris(const struct server *srv, const char *name)
+{
+    char enc[3 * 4096 + 1];
+    size_t k = 0;
+    for (const unsigned char *p = (const unsigned char *)name; *p && k + 4 < sizeof(enc); p++) {
+        if ((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') ||
+            (*p >= '0' && *p <= '9') || strchr("-._~", *p))
+            enc[k++] = (char)*p;
+        else
+            k += (size_t)snprintf(enc + k, sizeof(enc) - k, "%%%02X", *p);
+    }
+    enc[k] = 0;
+    bool tls = srv->tls && tls_server_mode(srv->tls) == TLS_MODE_REQUIRE;
+    struct json_object *a = json_object_new_array();
+    for (size_t i = 0; i < srv->n_listeners; i++) {
+        const struct listener *l = &srv->listeners[i];
+        char *u = NULL;
+        if (l->closed || !l->desc)
+            continue;
+        if (!strncmp(l->desc, "unix:", 5) && l->desc[5] != '@') {
+            if (asprintf(&u, "nbd%s+unix:///%s?socket=%s", tls ? "s" : "", enc,
+                         l->desc + 5) < 0)
+                u = NULL;
+        } else if (l->is_tcp) {
+            if (asprintf(&u, "nbd%s://%s/%s", tls ? "s" : "", l->desc, enc) < 0)
+                u = NULL;
+        }
+        if (u)
+            json_object_array_add(a, json_object_new_string(u));
+        free(u);
+    }
+    return a;
+}
+
 static struct json_object *cmd_query_block_exports(struct ctl_cmd_ctx *cx,
                                                    struct json_object *args,
                                                    struct error **errp)
@@ -292,6 +330,7 @@ static struct json_object *cmd_query_block_exports(struct ctl_cmd_ctx *cx,
         if (e->cfg.description)
             json_object_object_add(o, "description", json_object_new_string(e->cfg.description));
         json_object_object_add(o, "writable", json_object_new_boolean(e->writable));
+        json_object_object_add(o, "x-uris", export_uris(srv, e->cfg.name));
         json_object_object_add(o, "clients", json_object_new_int((int)e->n_conns));
         json_object_object_add(o, "virtual-size", json_object_new_int64((int64_t)export_root(e)->size));
         json_object_object_add(o, "file", json_object_new_string(e->bdev->filename));
@@ -445,14 +484,47 @@ static struct json_object *cmd_blockdev_add(struct ctl_cmd_ctx *cx,
                                             struct error **errp)
 {
     const char *driver = arg_str(args, "driver");
+    struct json_object *file;
+    json_object_object_get_ex(args, "file", &file);
+    if (!strcmp(driver, "snapshot-access")) {
+        json_object_object_foreach(args, key, val) {
+            (void)val;
+            if (strcmp(key, "driver") && strcmp(key, "node-name") &&
+                strcmp(key, "file") && strcmp(key, "read-only")) {
+                error_setf(errp, EINVAL, "Parameter '%.64s' is unexpected", key);
+                return NULL;
+            }
+        }
+        const char *nn = arg_str(args, "node-name");
+        struct fmt_node *sa = ctl_snapshot_access_open(cx, file, nn, errp);
+        if (!sa)
+            return NULL;
+        char desc[256];
+        snprintf(desc, sizeof(desc), "snapshot-access:%s", json_object_get_string(file));
+        if (!server_blockdev_add_node(cx->ctl->srv, nn, sa, desc, errp)) {
+            fmt_close(sa);
+            return NULL;
+        }
+        return ret_empty();
+    }
+    if (!strcmp(driver, "copy-before-write")) {
+        error_setf(errp, ENOTSUP, "Parameter 'driver': strata inserts the "
+                   "copy-before-write filter with blockdev-backup (sync 'none', "
+                   "filter-node-name), as libvirt does on QEMU; a filter added "
+                   "with blockdev-add would not see the writes of the node's "
+                   "export");
+        return NULL;
+    }
+    if (arg_has(args, "target")) {
+        error_setf(errp, EINVAL, "Parameter 'target' is unexpected");
+        return NULL;
+    }
     if (!fmt_find_driver(driver)) {
         error_setf(errp, EINVAL, "Parameter 'driver' does not accept value '%s' "
                    "(strata supports %s nodes over a file)", driver,
                    fmt_driver_names());
         return NULL;
     }
-    struct json_object *file;
-    json_object_object_get_ex(args, "file", &file);
     if (json_object_is_type(file, json_type_string)) {
         error_setf(errp, EINVAL, "Parameter 'file': references to other nodes are "
                    "not supported; give {\"driver\": \"file\", \"filename\": PATH}");
@@ -539,6 +611,12 @@ static struct json_object *cmd_block_export_add(struct ctl_cmd_ctx *cx,
     if (arg_bool(args, "writethrough", false)) {
         error_setf(errp, EINVAL, "Parameter 'writethrough' must be false: clients "
                    "ask for durability with FUA and FLUSH");
+        return NULL;
+    }
+    struct blockdev *tb = server_find_blockdev(cx->ctl->srv, arg_str(args, "node-name"));
+    if (tb && tb->chain_busy) {
+        error_setf(errp, EBUSY, "Node '%s' is busy: a job works on it (a backup "
+                   "writes the old data of the guest's disk into it)", tb->node_name);
         return NULL;
     }
     /* "allow" (a strata extension): the TLS identities that may see and
@@ -716,8 +794,8 @@ JOB_CMD(cmd_job_dismiss, "id", false, job_dismiss(job, errp))
 /* ---- the chain jobs (chain.h) ---- */
 
 /* The export a chain command acts on: by export id or by node name. */
-static struct export *job_target(struct ctl_cmd_ctx *cx, const char *device,
-                                 struct error **errp)
+struct export *ctl_job_target(struct ctl_cmd_ctx *cx, const char *device,
+                              struct error **errp)
 {
     struct export *e = server_find_export_id(cx->ctl->srv, device);
     if (!e) {
@@ -767,7 +845,7 @@ struct export *ctl_snapshot_args(struct ctl_cmd_ctx *cx, struct json_object *arg
         error_setf(errp, EEXIST, "Duplicate nodes with node-name='%s'", snode);
         return NULL;
     }
-    struct export *e = job_target(cx, dev ? dev : node, errp);
+    struct export *e = ctl_job_target(cx, dev ? dev : node, errp);
     if (!e)
         return NULL;
     *sa = (struct snapshot_args){
@@ -830,7 +908,7 @@ static struct json_object *cmd_block_commit(struct ctl_cmd_ctx *cx,
                    "strata inserts no filter node");
         return NULL;
     }
-    struct export *e = job_target(cx, arg_str(args, "device"), errp);
+    struct export *e = ctl_job_target(cx, arg_str(args, "device"), errp);
     if (!e)
         return NULL;
     struct commit_args ca = {
@@ -895,6 +973,8 @@ static const struct ctl_cmd commands[] = {
                               {"auto-read-only", CTL_ARG_BOOL, false},
                               {"backing-root", CTL_ARG_STR, false},
                               {"backing-remote", CTL_ARG_STR, false},
+                              /* copy-before-write (refused with a reason) */
+                              {"target", CTL_ARG_ANY, false},
                               {NULL, 0, false}}},
     {"blockdev-del", cmd_blockdev_del,
      (const struct ctl_arg[]){{"node-name", CTL_ARG_STR, true}, {NULL, 0, false}}},
@@ -938,6 +1018,22 @@ static const struct ctl_cmd commands[] = {
                               {"on-error", CTL_ARG_STR, false},
                               {"auto-finalize", CTL_ARG_BOOL, false},
                               {"auto-dismiss", CTL_ARG_BOOL, false},
+                              {NULL, 0, false}}},
+    {"blockdev-backup", cmd_blockdev_backup,
+     (const struct ctl_arg[]){{"job-id", CTL_ARG_STR, false},
+                              {"device", CTL_ARG_STR, true},
+                              {"target", CTL_ARG_STR, true},
+                              {"sync", CTL_ARG_STR, true},
+                              {"speed", CTL_ARG_INT, false},
+                              {"bitmap", CTL_ARG_STR, false},
+                              {"bitmap-mode", CTL_ARG_STR, false},
+                              {"compress", CTL_ARG_BOOL, false},
+                              {"on-source-error", CTL_ARG_STR, false},
+                              {"on-target-error", CTL_ARG_STR, false},
+                              {"auto-finalize", CTL_ARG_BOOL, false},
+                              {"auto-dismiss", CTL_ARG_BOOL, false},
+                              {"filter-node-name", CTL_ARG_STR, false},
+                              {"x-perf", CTL_ARG_OBJ, false},
                               {NULL, 0, false}}},
     {"block-dirty-bitmap-add", cmd_block_dirty_bitmap_add,
      (const struct ctl_arg[]){{"node", CTL_ARG_STR, true},

@@ -72,6 +72,8 @@ struct control {
      * at the end of the loop iteration. */
     struct ctl_event *deferred_head, *deferred_tail;
     struct loop_hook deferred_hook;
+    struct ctl_backup *backups;    /* pull-mode backups attached
+                                      (backup-cmds.c) */
 };
 
 struct ctl_event {
@@ -166,6 +168,41 @@ struct export;
  * (commands.c): the export to snapshot and *sa, or NULL with *errp. */
 struct export *ctl_snapshot_args(struct ctl_cmd_ctx *cx, struct json_object *args,
                                  struct snapshot_args *sa, struct error **errp);
+
+/* backup-cmds.c */
+ctl_cmd_fn cmd_blockdev_backup;
+struct ctl_backup;
+/* The export a job on device (an export id or a node name) works on:
+ * found, and no job or chain change on it; else NULL with *errp
+ * (commands.c). */
+struct export *ctl_job_target(struct ctl_cmd_ctx *cx, const char *device,
+                              struct error **errp);
+/* blockdev-backup's arguments checked and its filter made (not attached
+ * yet); NULL with *errp. */
+struct ctl_backup *ctl_backup_prepare(struct ctl_cmd_ctx *cx,
+                                      struct json_object *args,
+                                      struct error **errp);
+/* With the export quiesced: the filter sees every guest write from now
+ * on / no more (undo of a transaction). */
+void ctl_backup_attach(struct ctl_backup *bk);
+void ctl_backup_unattach(struct ctl_backup *bk);
+/* Frees a prepared backup that was never attached, or unattached. */
+void ctl_backup_discard(struct ctl_backup *bk);
+/* The export a prepared backup works on. */
+struct export *ctl_backup_export(struct ctl_backup *bk);
+/* Would two prepared backups clash (job id, target, filter name)? */
+bool ctl_backup_same(const struct ctl_backup *a, const struct ctl_backup *b);
+/* Starts the job of an attached backup (it owns bk from then on). */
+int ctl_backup_start(struct ctl_backup *bk, struct json_object *args,
+                     struct error **errp);
+/* The copy-before-write filter called name, or NULL. */
+struct fmt_node *ctl_backup_filter(struct control *ctl, const char *name);
+/* blockdev-add driver=snapshot-access: the view over the filter file
+ * names; NULL with *errp. */
+struct fmt_node *ctl_snapshot_access_open(struct ctl_cmd_ctx *cx,
+                                          struct json_object *file,
+                                          const char *node_name,
+                                          struct error **errp);
 
 /* debug-cmds.c */
 ctl_cmd_fn cmd_x_debug_fault_inject, cmd_x_debug_fault_query;

@@ -89,6 +89,8 @@ static struct json_object *state_build(struct server *srv)
     struct json_object *nodes = json_object_new_array();
     for (size_t i = 0; i < srv->n_bdevs; i++) {
         const struct blockdev *b = srv->bdevs[i];
+        if (b->transient)
+            continue;
         struct json_object *o = json_object_new_object();
         json_object_object_add(o, "node-name", json_object_new_string(b->node_name));
         json_object_object_add(o, "driver", json_object_new_string(b->driver));
@@ -113,6 +115,8 @@ static struct json_object *state_build(struct server *srv)
     struct json_object *exports = json_object_new_array();
     for (size_t i = 0; i < srv->n_exports; i++) {
         const struct export *e = srv->exports[i];
+        if (e->bdev->transient)
+            continue;
         struct json_object *o = json_object_new_object();
         json_object_object_add(o, "id", json_object_new_string(e->cfg.id));
         json_object_object_add(o, "node-name", json_object_new_string(e->bdev->node_name));

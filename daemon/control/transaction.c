@@ -1,9 +1,10 @@
 /* strata — the QMP transaction command: several actions at one instant,
  * all or nothing (qapi/transaction.json).
  *
- * Actions: blockdev-snapshot-sync and block-dirty-bitmap-add, -remove,
- * -clear, -enable, -disable, -merge, with the arguments and checks of
- * the commands of those names.  They run in order, each seeing what the
+ * Actions: blockdev-snapshot-sync, blockdev-backup (sync 'none': the
+ * start of a pull-mode backup, backup-cmds.c) and block-dirty-bitmap-add,
+ * -remove, -clear, -enable, -disable, -merge, with the arguments and
+ * checks of the commands of those names.  They run in order, each seeing what the
  * ones before it did (after a snapshot of NODE, "NODE" is the new overlay
  * and "NODE.backing" the old top, as query-named-block-nodes shows).
  *
@@ -18,9 +19,13 @@
  *      before it in reverse order (a switched snapshot is switched back:
  *      nothing was written to its overlay) and the prepared snapshots are
  *      aborted;
- *   4. else the actions are committed (removals deleted for good), the
- *      exports resume (the guests see every change at once), and each
- *      snapshot makes its old top read-only.
+ *   4. else the actions are committed (removals deleted for good, backup
+ *      jobs started), the exports resume (the guests see every change at
+ *      once), and each snapshot makes its old top read-only.
+ *
+ * A backup's filter is made in step 1 and attached to its export in
+ * step 3 (a write notifier: cannot fail), so the instant it freezes is
+ * the instant of the bitmap actions beside it.
  */
 #include <errno.h>
 #include <stdlib.h>
@@ -45,6 +50,8 @@ struct tx_action {
     struct snapshot_prep prep;        /* snapshot, once prepared */
     bool prepared;
     struct ctl_bitmap_undo undo;      /* bitmap action, once done */
+    struct ctl_backup *backup;        /* blockdev-backup, once prepared */
+    bool attached;                    /* backup attached in step 3 */
 };
 
 /* Adds e to the set of exports to quiesce (room for every export of the
@@ -96,8 +103,9 @@ struct json_object *cmd_transaction(struct ctl_cmd_ctx *cx, struct json_object *
         if (json_object_object_get_ex(props, "completion-mode", &cm) &&
             strcmp(json_object_get_string(cm), "individual")) {
             error_setf(errp, ENOTSUP, "Parameter 'completion-mode' does not accept "
-                       "value '%s' (strata's transactions start no jobs: "
-                       "'individual')", json_object_get_string(cm));
+                       "value '%s' (only 'individual': the backup jobs a "
+                       "transaction starts never complete together, they run "
+                       "until cancelled)", json_object_get_string(cm));
             return NULL;
         }
     }
@@ -134,11 +142,13 @@ struct json_object *cmd_transaction(struct ctl_cmd_ctx *cx, struct json_object *
         json_object_object_get_ex(a, "data", &acts[i].data);
         acts[i].type = json_object_get_string(t);
         acts[i].snapshot = !strcmp(acts[i].type, "blockdev-snapshot-sync");
-        if (!acts[i].snapshot && !ctl_bitmap_action_known(acts[i].type)) {
+        bool is_backup = !strcmp(acts[i].type, "blockdev-backup");
+        if (!acts[i].snapshot && !is_backup &&
+            !ctl_bitmap_action_known(acts[i].type)) {
             error_setf(errp, EINVAL, "Parameter 'type' does not accept value '%s' "
-                       "(strata's transactions take blockdev-snapshot-sync and "
-                       "block-dirty-bitmap-add, -remove, -clear, -enable, "
-                       "-disable and -merge)", acts[i].type);
+                       "(strata's transactions take blockdev-snapshot-sync, "
+                       "blockdev-backup and block-dirty-bitmap-add, -remove, "
+                       "-clear, -enable, -disable and -merge)", acts[i].type);
             goto out;
         }
         const struct ctl_cmd *c = ctl_cmd_find(acts[i].type);
@@ -152,6 +162,26 @@ struct json_object *cmd_transaction(struct ctl_cmd_ctx *cx, struct json_object *
                 if (acts[j].snapshot && acts[j].e == acts[i].e) {
                     error_setf(errp, EINVAL, "two snapshots of export '%s' in one "
                                "transaction", acts[i].e->cfg.id);
+                    goto out;
+                }
+            }
+            add_export(exps, &nexps, acts[i].e);
+        } else if (is_backup) {
+            acts[i].backup = ctl_backup_prepare(cx, acts[i].data, errp);
+            if (!acts[i].backup)
+                goto out;
+            acts[i].e = ctl_backup_export(acts[i].backup);
+            for (size_t j = 0; j < i; j++) {
+                if ((acts[j].backup || acts[j].snapshot) && acts[j].e == acts[i].e) {
+                    error_setf(errp, EINVAL, "export '%s' is the device of two "
+                               "actions that change it in one transaction",
+                               acts[i].e->cfg.id);
+                    goto out;
+                }
+                if (acts[j].backup &&
+                    ctl_backup_same(acts[j].backup, acts[i].backup)) {
+                    error_setf(errp, EINVAL, "two backups in one transaction "
+                               "share a job id, a target or a filter name");
                     goto out;
                 }
             }
@@ -179,6 +209,9 @@ struct json_object *cmd_transaction(struct ctl_cmd_ctx *cx, struct json_object *
         struct tx_action *a = &acts[done];
         if (a->snapshot) {
             snapshot_switch(&a->prep);
+        } else if (a->backup) {
+            ctl_backup_attach(a->backup);
+            a->attached = true;
         } else if (ctl_bitmap_action_co(cx, a->type, a->data, &a->undo, errp) < 0) {
             break;
         }
@@ -187,18 +220,34 @@ struct json_object *cmd_transaction(struct ctl_cmd_ctx *cx, struct json_object *
         /* undo, newest first */
         while (done-- > 0) {
             struct tx_action *a = &acts[done];
-            if (a->snapshot)
+            if (a->snapshot) {
                 snapshot_unswitch(&a->prep);
-            else
+            } else if (a->backup) {
+                ctl_backup_unattach(a->backup);
+                a->attached = false;
+            } else {
                 ctl_bitmap_undo_co(cx, &a->undo);
+            }
         }
         goto out;
     }
 
     /* 4. commit */
-    for (size_t i = 0; i < n; i++)
-        if (!acts[i].snapshot)
+    for (size_t i = 0; i < n; i++) {
+        if (acts[i].backup) {
+            struct error *err = NULL;
+            if (ctl_backup_start(acts[i].backup, acts[i].data, &err) < 0) {
+                /* only when the server is stopping: the backup is dropped */
+                log_error("transaction: backup job not started: %s", err->msg);
+                error_free(err);
+                ctl_backup_unattach(acts[i].backup);
+                ctl_backup_discard(acts[i].backup);
+            }
+            acts[i].backup = NULL;
+        } else if (!acts[i].snapshot) {
             ctl_bitmap_commit_co(cx, &acts[i].undo);
+        }
+    }
     for (size_t i = 0; i < nexps; i++)
         export_resume(exps[i]);
     quiesced = false;
@@ -223,9 +272,12 @@ out:
     if (quiesced)
         for (size_t i = 0; i < nexps; i++)
             export_resume(exps[i]);
-    for (size_t i = 0; acts && i < n; i++)
+    for (size_t i = 0; acts && i < n; i++) {
         if (acts[i].prepared)
             snapshot_abort_co(&acts[i].prep, cx->co);
+        if (acts[i].backup)
+            ctl_backup_discard(acts[i].backup);
+    }
     free(acts);
     free(exps);
     return ret;
