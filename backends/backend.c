@@ -15,6 +15,7 @@
  * prefix, takes what no other driver claims) last. */
 static const struct backend_driver *const backend_drivers[] = {
     &rbd_driver,
+    &nbd_driver,
     &file_driver,
 };
 
@@ -23,7 +24,8 @@ const struct backend_driver *backend_driver_of(const char *spec)
     for (size_t i = 0; i < ARRAY_SIZE(backend_drivers); i++) {
         const struct backend_driver *d = backend_drivers[i];
         assert(d->api_version == BACKEND_API_VERSION);
-        if (!strncmp(spec, d->prefix, strlen(d->prefix)))
+        if (d->claims ? d->claims(spec)
+                      : !strncmp(spec, d->prefix, strlen(d->prefix)))
             return d;
     }
     assert(!"no local backend driver registered");

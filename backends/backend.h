@@ -195,6 +195,11 @@ struct backend_driver {
      * when the option is just the prefix).  NULL op: the driver takes no
      * such settings (local files). */
     int (*check_settings)(const char *settings, struct error **errp);
+    /* Is spec one of this driver's?  Optional: without it the specs that
+     * start with prefix are (a driver whose specs have several prefixes,
+     * nbd:// and nbd+unix://, says so here; prefix is then the one an
+     * export's backing-remote= option names it by). */
+    bool (*claims)(const char *spec);
 };
 
 /* Stamps the API version on a driver's table:
@@ -300,6 +305,7 @@ int backend_cache_co(struct backend *b, struct coro *co, uint64_t off,
 /* The registered drivers (listed in backend.c). */
 extern const struct backend_driver file_driver;
 extern const struct backend_driver rbd_driver;
+extern const struct backend_driver nbd_driver;
 
 /* Constructors of the concrete backends, for their drivers. */
 struct backend *file_backend_open(struct loop *loop, const char *path,
@@ -314,5 +320,10 @@ struct backend *rbd_backend_open(struct loop *loop, const char *spec,
                                  const struct backend_open_opts *opts,
                                  struct error **errp);
 int rbd_backend_remove(const char *spec, struct error **errp);
+/* Only when built with libnbd (STRATA_HAVE_NBD): a layer served by another
+ * NBD server (syntax in nbd-spec.h).  create needs a writable export. */
+struct backend *nbd_backend_open(struct loop *loop, const char *spec,
+                                 const struct backend_open_opts *opts,
+                                 struct error **errp);
 
 #endif

@@ -19,8 +19,9 @@ pkgs+=(libgnutls28-dev)
 # optional at build time: sd_notify through libsystemd (stratad speaks the
 # protocol itself without it), the Prometheus endpoint (--metrics)
 pkgs+=(libsystemd-dev libmicrohttpd-dev)
-# optional at build time: the nbdkit plugin and filter (nbdkit/)
-pkgs+=(nbdkit-plugin-dev)
+# optional at build time: the nbdkit plugin and filter (nbdkit/), the
+# nbd backend (libnbd)
+pkgs+=(nbdkit-plugin-dev libnbd-dev)
 if [[ $level == demo ]]; then
     pkgs+=(qemu-utils)
 fi

@@ -17,7 +17,7 @@
 #             (default: all)
 #
 # One target at a time, one process each (-jobs/-workers are not used),
-# niced: the machine stays usable.  Exits 1 if a target finds an input that
+# niced (19): the machine stays usable.  Exits 1 if a target finds an input that
 # crashes or breaks a property (the input is saved as
 # build-fuzz/findings/TARGET-crash-*; replay it with
 # build-fuzz/tests/fuzz/fuzz-TARGET FILE, FUZZ_VERBOSE=1 for qcow2-image and
@@ -80,7 +80,7 @@ for t in "${targets[@]}"; do
     log=$build/fuzz-$t.log
     extra=()
     [[ -n $runs ]] && extra=(-runs="$runs")
-    if nice -n 10 tests/fuzz/fuzz-run.sh "$build/tests/fuzz/fuzz-$t" \
+    if nice -n 19 tests/fuzz/fuzz-run.sh "$build/tests/fuzz/fuzz-$t" \
         "$seconds" "$t" "${max_len[$t]:-8192}" tests/fuzz "$scratch" \
         "$PWD/$build/findings" "${extra[@]}" >"$log" 2>&1; then
         result=ok

@@ -136,7 +136,9 @@ struct export {
      * export_watch_end): the longest time one request took (from
      * export_enter_co to export_leave) among those in flight at any time
      * while one ran — waits for the quiesce, for the metadata lock, for
-     * anything the event made requests wait for. */
+     * anything the event made requests wait for.  Requests that make
+     * data durable (FLUSH, FUA) do not count: they wait for their own
+     * sync, which takes as long as the dirty data it writes. */
     unsigned watching;             /* > 0: an event is running */
     uint64_t watch_start_ns, watch_end_ns;
     uint64_t last_request_stall_ns; /* during the last event */
@@ -273,9 +275,11 @@ uint64_t export_resume(struct export *e);
 void export_set_root(struct export *e, struct fmt_node *root);
 
 /* Requests call these around their work on the chain (nbd-transmit.c). */
-/* Returns the request's start time, for export_leave. */
+/* Returns the request's start time, for export_leave; synced: the
+ * request made data durable (FLUSH, FUA), which export_watch_end does not
+ * count. */
 uint64_t export_enter_co(struct export *e, struct coro *co);
-void export_leave(struct export *e, uint64_t start_ns);
+void export_leave(struct export *e, uint64_t start_ns, bool synced);
 /* Brackets a snapshot or pivot whose guest-visible stall is measured
  * (see struct export).  export_watch_end returns the longest request time
  * seen so far; requests still in flight update last_request_stall_ns

@@ -15,10 +15,10 @@ uint64_t export_enter_co(struct export *e, struct coro *co)
     return t0;
 }
 
-void export_leave(struct export *e, uint64_t start_ns)
+void export_leave(struct export *e, uint64_t start_ns, bool synced)
 {
     assert(e->inflight > 0);
-    if (e->watching || start_ns <= e->watch_end_ns) {
+    if (!synced && (e->watching || start_ns <= e->watch_end_ns)) {
         uint64_t now = loop_now_ns();
         if (now >= e->watch_start_ns) {
             uint64_t t = now - start_ns;

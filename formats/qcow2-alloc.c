@@ -141,7 +141,7 @@ static int flush_if_frees_full_co(struct qcow2 *s, struct coro *co)
 {
     if (s->n_frees < QCOW2_MAX_PENDING_FREES)
         return 0;
-    return qcow2_flush_co(&s->node, co);
+    return qcow2_flush_own_co(&s->node, co);
 }
 
 /* ====================== copy-on-write source ====================== */
@@ -532,6 +532,11 @@ static int write_step_co(struct qcow2 *s, struct coro *co,
 
     co_mutex_lock_co(&s->lock, co);
     for (;;) {
+        if (!s->broken && !s->refcounts_audited) {
+            r = qcow2_audit_refcounts_co(s, co);
+            if (r < 0)
+                goto out_unlock;
+        }
         if (s->broken) {
             r = -EIO;
             goto out_unlock;
@@ -595,7 +600,7 @@ int qcow2_pwritev_co(struct fmt_node *n, struct coro *co,
     /* In-place pieces were written with FUA already; new clusters need
      * their metadata on disk too. */
     if ((flags & FMT_FUA) && meta_changed)
-        return qcow2_flush_co(n, co);
+        return qcow2_flush_own_co(n, co);
     return 0;
 }
 
@@ -647,6 +652,11 @@ static int zero_clusters_co(struct qcow2 *s, struct coro *co, uint64_t off,
     co_mutex_lock_co(&s->lock, co);
     while (wait_allocs_locked_co(s, co, off, off + n * cs))
         ;
+    if (!s->broken && !s->refcounts_audited) {
+        r = qcow2_audit_refcounts_co(s, co);
+        if (r < 0)
+            goto out;
+    }
     if (s->broken) {
         r = -EIO;
         goto out;
@@ -767,7 +777,7 @@ static int zero_or_discard_co(struct qcow2 *s, struct coro *co, uint64_t off,
         off = c0 + n * cs;
     }
     if (flags & FMT_FUA)
-        return qcow2_flush_co(&s->node, co);
+        return qcow2_flush_own_co(&s->node, co);
     return 0;
 }
 

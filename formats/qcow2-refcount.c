@@ -371,6 +371,14 @@ static int alloc_co(struct qcow2 *s, struct coro *co, uint64_t want,
 {
     assert(co_mutex_held(&s->lock, co));
     const uint64_t cs = qcow2_cs(s);
+    /* The allocator trusts refcount 0 to mean free: before it hands out
+     * its first cluster, make sure no cluster in use says so (writes
+     * audit first too; this covers allocations without a guest write). */
+    if (!s->refcounts_audited) {
+        int r = qcow2_audit_refcounts_co(s, co);
+        if (r < 0)
+            return r;
+    }
     for (int tries = 0; tries < 64; tries++) {
         uint64_t start, n;
         int r = find_free_co(s, co, want, exact, &start, &n);
@@ -422,7 +430,12 @@ int qcow2_alloc_exact_co(struct qcow2 *s, struct coro *co, uint64_t n,
 
 /* ---- rebuilding refcounts (dirty image) ---- */
 
-/* Reference counts gathered by walking all metadata. */
+/* A walk over all metadata and every cluster it references.  It either
+ * gathers reference counts (counts, for a rebuild) or, with audit, checks
+ * them against the refcounts (qcow2_audit_refcounts_co): marks holds, per
+ * cluster of the file, the references seen (low 7 bits, saturating) and
+ * whether one of them claims the cluster alone (AUDIT_EXCL: metadata, or
+ * an entry with the COPIED flag, whose cluster a write changes in place). */
 struct recount {
     struct qcow2 *s;
     struct coro *co;
@@ -430,13 +443,73 @@ struct recount {
     uint32_t *counts;
     uint64_t nclusters;
     uint8_t *l2buf;
+    bool audit;
+    bool excl;                    /* the next range is claimed alone */
+    uint8_t *marks;               /* audit; NULL: too large a file */
+    bool io_failed;               /* a read failed: nothing was proven */
 };
+
+#define AUDIT_EXCL 0x80
+#define AUDIT_MAX_CLUSTERS (UINT64_C(1) << 26)
+#define AUDIT_COUNT_MAX 0x7f
+
+/* Audit: every cluster of host bytes [off, off + len), used as what,
+ * must have a refcount, and must not be shared with another user if
+ * either claims it alone. */
+static int audit_range(struct recount *rc, uint64_t off, uint64_t len,
+                       const char *what)
+{
+    const unsigned cb = rc->s->h.cluster_bits;
+    uint64_t first = off >> cb, last = (off + len - 1) >> cb;
+    /* Past the end of the file: once a write grows the file there, the
+     * entry would name what the allocator placed there. */
+    if (first >= rc->nclusters)
+        return error_setf(rc->errp, EIO, "%s at %#llx lies past the end of "
+                          "the file; repair the image with 'qemu-img check "
+                          "-r all'", what, (unsigned long long)off);
+    for (uint64_t c = first; c <= last; c++) {
+        uint8_t m = rc->marks && c < rc->nclusters ? rc->marks[c] : 0;
+        if ((m & AUDIT_COUNT_MAX) && (rc->excl || (m & AUDIT_EXCL)))
+            return error_setf(rc->errp, EIO, "%s at %#llx uses cluster "
+                              "%#llx, which something else uses too, and "
+                              "one of the two holds it alone (a write to "
+                              "one would change the other); repair the "
+                              "image with 'qemu-img check -r all'", what,
+                              (unsigned long long)off,
+                              (unsigned long long)(c << cb));
+        if (rc->marks && c < rc->nclusters) {
+            if ((m & AUDIT_COUNT_MAX) < AUDIT_COUNT_MAX)
+                m++;
+            rc->marks[c] = m | (rc->excl ? AUDIT_EXCL : 0);
+            if ((m & AUDIT_COUNT_MAX) > 1)
+                continue; /* the refcount was seen at the first one */
+        }
+        uint64_t ref;
+        int r = qcow2_refcount_get_co(rc->s, rc->co, c, &ref);
+        if (r < 0) {
+            rc->io_failed = r != -ENOMEM;
+            return error_setf(rc->errp, -r, "reading the refcount of "
+                              "cluster %#llx: %s", (unsigned long long)(c << cb),
+                              strerror(-r));
+        }
+        if (ref == 0)
+            return error_setf(rc->errp, EIO, "%s at %#llx is in use but "
+                              "cluster %#llx has refcount 0 (it would be "
+                              "handed out again and shared); repair the "
+                              "image with 'qemu-img check -r all'", what,
+                              (unsigned long long)off,
+                              (unsigned long long)(c << cb));
+    }
+    return 0;
+}
 
 static int recount_range(struct recount *rc, uint64_t off, uint64_t len,
                          const char *what)
 {
     if (len == 0)
         return 0;
+    if (rc->audit)
+        return audit_range(rc, off, len, what);
     const unsigned cb = rc->s->h.cluster_bits;
     uint64_t first = off >> cb, last = (off + len - 1) >> cb;
     if (last >= rc->nclusters)
@@ -467,12 +540,20 @@ static int recount_l1(struct recount *rc, uint64_t l1_off, uint32_t l1_size)
     int r = recount_range(rc, l1_off, (uint64_t)l1_size * 8, "an L1 table");
     if (r < 0)
         return r;
-    uint64_t a = s->io_align;
-    uint64_t l1len = ((uint64_t)l1_size * 8 + a - 1) & ~(a - 1);
-    uint8_t *l1 = qcow2_buf_alloc(s, l1len);
-    if (!l1)
-        return error_setf(rc->errp, ENOMEM, "out of memory");
-    r = backend_pread_co(s->node.file, rc->co, l1, l1len, l1_off);
+    uint8_t *l1 = NULL;
+    if (rc->audit && l1_off == s->h.l1_table_offset &&
+        l1_size <= s->h.l1_size) {
+        /* The active table: as in memory (ahead of the file). */
+        l1 = s->l1;
+    } else {
+        uint64_t a = s->io_align;
+        uint64_t l1len = ((uint64_t)l1_size * 8 + a - 1) & ~(a - 1);
+        l1 = qcow2_buf_alloc(s, l1len);
+        if (!l1)
+            return error_setf(rc->errp, ENOMEM, "out of memory");
+        r = backend_pread_co(s->node.file, rc->co, l1, l1len, l1_off);
+        rc->io_failed |= r < 0;
+    }
     for (uint32_t i = 0; r == 0 && i < l1_size; i++) {
         struct qcow2_l1_entry l1e;
         if (qcow2_l1_entry_decode(&s->h, be_get64(l1 + (uint64_t)i * 8),
@@ -483,10 +564,26 @@ static int recount_l1(struct recount *rc, uint64_t l1_off, uint32_t l1_size)
         }
         if (!l1e.l2_offset)
             continue;
+        rc->excl = l1e.copied;
         r = recount_range(rc, l1e.l2_offset, cs, "an L2 table");
-        if (r == 0)
+        rc->excl = true;
+        if (r == 0 && rc->audit &&
+            qcow2_cache_contains(&s->l2_cache, l1e.l2_offset)) {
+            /* Cached tables may be ahead of the file. */
+            struct qcow2_cache_entry *ce;
+            r = qcow2_cache_get_co(&s->l2_cache, rc->co, l1e.l2_offset,
+                                   false, &ce);
+            if (r == 0) {
+                memcpy(rc->l2buf, ce->table, cs);
+                qcow2_cache_put(&s->l2_cache, ce);
+            }
+        } else if (r == 0) {
             r = backend_pread_co(s->node.file, rc->co, rc->l2buf, cs,
                                  l1e.l2_offset);
+            rc->io_failed |= r < 0;
+        } else if (r < 0 && r != -ENOMEM && !*rc->errp) {
+            rc->io_failed = true; /* the L2 cache could not read the table */
+        }
         for (uint32_t j = 0; r == 0 && j < s->h.l2_entries; j++) {
             uint64_t raw, bitmap;
             struct qcow2_l2_entry e;
@@ -496,15 +593,18 @@ static int recount_l1(struct recount *rc, uint64_t l1_off, uint32_t l1_size)
                                s->node.filename, (unsigned long long)raw);
                 break;
             }
+            rc->excl = e.type != QCOW2_CLUSTER_COMPRESSED && e.copied;
             if (e.type == QCOW2_CLUSTER_COMPRESSED)
                 r = recount_range(rc, e.host_offset & ~UINT64_C(511),
                                   (uint64_t)e.nb_sectors * 512,
                                   "a compressed cluster");
             else if (e.host_offset)
                 r = recount_range(rc, e.host_offset, cs, "a data cluster");
+            rc->excl = true;
         }
     }
-    free(l1);
+    if (l1 != s->l1)
+        free(l1);
     if (r < 0 && !*rc->errp)
         error_setf(rc->errp, -r, "%s: reading metadata: %s", s->node.filename,
                    strerror(-r));
@@ -523,6 +623,7 @@ static uint8_t *read_meta(struct recount *rc, uint64_t off, uint64_t len)
     }
     int r = backend_pread_co(rc->s->node.file, rc->co, buf, rl, off);
     if (r < 0) {
+        rc->io_failed = true;
         error_setf(rc->errp, -r, "%s: reading metadata: %s",
                    rc->s->node.filename, strerror(-r));
         free(buf);
@@ -615,6 +716,33 @@ static int recount_bitmaps(struct recount *rc,
     return r;
 }
 
+/* Walks every piece of metadata and every cluster it references: the
+ * header, L1/L2 tables and data, the refcount table and blocks, snapshots
+ * and bitmaps (the rebuild counts them, the audit checks them). */
+static int recount_all(struct recount *rc,
+                       const struct qcow2_extensions *ext)
+{
+    struct qcow2 *s = rc->s;
+    const uint64_t cs = qcow2_cs(s);
+    int r = recount_range(rc, 0, cs, "the header");
+    if (r == 0)
+        r = recount_l1(rc, s->h.l1_table_offset, s->h.l1_size);
+    if (r == 0)
+        r = recount_range(rc, s->h.refcount_table_offset,
+                          (uint64_t)s->h.refcount_table_clusters * cs,
+                          "the refcount table");
+    for (uint64_t i = 0; r == 0 && i < s->reftable_entries; i++) {
+        uint64_t off = reftable_get(s, i);
+        if (off)
+            r = recount_range(rc, off, cs, "a refcount block");
+    }
+    if (r == 0)
+        r = recount_snapshots(rc);
+    if (r == 0)
+        r = recount_bitmaps(rc, ext);
+    return r;
+}
+
 int qcow2_rebuild_refcounts_co(struct qcow2 *s, struct coro *co,
                                const struct qcow2_extensions *ext,
                                struct error **errp)
@@ -635,22 +763,7 @@ int qcow2_rebuild_refcounts_co(struct qcow2 *s, struct coro *co,
     if (!rc.counts || !rc.l2buf)
         r = error_setf(errp, ENOMEM, "out of memory");
     if (r == 0)
-        r = recount_range(&rc, 0, cs, "the header");
-    if (r == 0)
-        r = recount_l1(&rc, s->h.l1_table_offset, s->h.l1_size);
-    if (r == 0)
-        r = recount_range(&rc, s->h.refcount_table_offset,
-                          (uint64_t)s->h.refcount_table_clusters * cs,
-                          "the refcount table");
-    for (uint64_t i = 0; r == 0 && i < s->reftable_entries; i++) {
-        uint64_t off = reftable_get(s, i);
-        if (off)
-            r = recount_range(&rc, off, cs, "a refcount block");
-    }
-    if (r == 0)
-        r = recount_snapshots(&rc);
-    if (r == 0)
-        r = recount_bitmaps(&rc, ext);
+        r = recount_all(&rc, ext);
 
     /* Every counted cluster must have a refcount block; then fix the
      * values that differ. */
@@ -704,4 +817,64 @@ int qcow2_rebuild_refcounts_co(struct qcow2 *s, struct coro *co,
     free(rc.l2buf);
     s->free_cluster_index = 0;
     return r < 0 ? r : 0;
+}
+
+int qcow2_audit_refcounts_co(struct qcow2 *s, struct coro *co)
+{
+    assert(co_mutex_held(&s->lock, co));
+    const uint64_t cs = qcow2_cs(s);
+    CLEANUP_ERROR struct error *err = NULL;
+    struct recount rc = {.s = s, .co = co, .errp = &err, .audit = true,
+                         .excl = true};
+    struct qcow2_extensions ext = {
+        .has_bitmaps = s->bm_nb > 0,
+        .bitmaps_consistent = s->bm_nb > 0,
+        .nb_bitmaps = s->bm_nb,
+        .bitmap_directory_offset = s->bm_dir_offset,
+        .bitmap_directory_size = s->bm_dir_size,
+    };
+    rc.l2buf = qcow2_buf_alloc(s, cs);
+    if (!rc.l2buf)
+        return -ENOMEM; /* not audited: the next write tries again */
+    /* One byte per cluster of the file; past AUDIT_MAX_CLUSTERS only the
+     * refcount of each reference is checked (not sharing). */
+    rc.nclusters = (s->node.file->size + cs - 1) / cs;
+    if (rc.nclusters <= AUDIT_MAX_CLUSTERS)
+        rc.marks = calloc(rc.nclusters ? rc.nclusters : 1, 1);
+    int r = recount_all(&rc, &ext);
+    /* More references than the refcount: freeing one of them would make
+     * the cluster free while the others use it. */
+    for (uint64_t c = 0; r == 0 && rc.marks && c < rc.nclusters; c++) {
+        uint64_t refs = rc.marks[c] & AUDIT_COUNT_MAX, ref;
+        if (refs < 2)
+            continue;
+        r = qcow2_refcount_get_co(s, co, c, &ref);
+        if (r < 0) {
+            rc.io_failed = r != -ENOMEM;
+            error_setf(&err, -r, "reading the refcount of cluster %#llx: %s",
+                       (unsigned long long)(c * cs), strerror(-r));
+        }
+        else if (ref < refs)
+            r = error_setf(&err, EIO, "cluster %#llx is used %llu times but "
+                           "its refcount is %llu (freeing one use would "
+                           "free it for the others); repair the image "
+                           "with 'qemu-img check -r all'",
+                           (unsigned long long)(c * cs),
+                           (unsigned long long)refs, (unsigned long long)ref);
+    }
+    free(rc.marks);
+    free(rc.l2buf);
+    if (r == -ENOMEM)
+        return r;
+    if (r < 0 && rc.io_failed) {
+        /* A failed read proves nothing about the image: the request that
+         * met it fails, and the next write audits again. */
+        log_error("%s: checking the refcounts before the first write: %s",
+                  s->node.filename, err ? err->msg : strerror(-r));
+        return r;
+    }
+    s->refcounts_audited = true;
+    if (r < 0)
+        return qcow2_corrupt(s, "%s", err ? err->msg : strerror(-r));
+    return 0;
 }

@@ -314,13 +314,6 @@ static void l1_wb_end(struct qcow2 *s, uint64_t lo, uint64_t hi,
 
 int qcow2_flush_co(struct fmt_node *n, struct coro *co)
 {
-    struct qcow2 *s = qcow2_of(n);
-    struct qcow2_cache_wb rb = {0}, l2 = {0};
-    struct qcow2_pending_free *frees = NULL;
-    size_t n_frees = 0;
-    uint64_t l1_lo = 0, l1_hi = 0;
-    uint8_t *l1_saved = NULL;
-
     /* A writable backing node right below holds data that reads through
      * this one show (a snapshot's old top until it is made read-only, a
      * commit's base): a FLUSH here covers it too. */
@@ -329,6 +322,17 @@ int qcow2_flush_co(struct fmt_node *n, struct coro *co)
         if (r < 0)
             return r;
     }
+    return qcow2_flush_own_co(n, co);
+}
+
+int qcow2_flush_own_co(struct fmt_node *n, struct coro *co)
+{
+    struct qcow2 *s = qcow2_of(n);
+    struct qcow2_cache_wb rb = {0}, l2 = {0};
+    struct qcow2_pending_free *frees = NULL;
+    size_t n_frees = 0;
+    uint64_t l1_lo = 0, l1_hi = 0;
+    uint8_t *l1_saved = NULL;
 
     co_mutex_lock_co(&s->lock, co);
     for (;;) {

@@ -201,6 +201,7 @@ struct qcow2 {
     uint32_t io_align;             /* backend alignment for metadata I/O */
     bool has_zero_flag;            /* version 3 */
     bool broken;                   /* corruption seen: no more writes */
+    bool refcounts_audited;        /* qcow2_audit_refcounts_co ran */
 
     uint8_t *zbuf;                 /* last decompressed cluster */
     uint64_t zkey;                 /* its raw L2 entry; 0 = none */
@@ -279,6 +280,18 @@ int qcow2_alloc_clusters_co(struct qcow2 *s, struct coro *co, uint64_t want,
 /* Allocates exactly n contiguous clusters. */
 int qcow2_alloc_exact_co(struct qcow2 *s, struct coro *co, uint64_t n,
                          uint64_t *host);
+/* Checks the refcounts against what the metadata uses (header, L1, L2
+ * and refcount tables, refcount blocks, data and compressed clusters,
+ * snapshots, bitmaps), as 'qemu-img check' does: every cluster in use has
+ * a refcount, at least as many as its users, and one that a user holds
+ * alone (metadata, an entry with the COPIED flag) has no other user.
+ * Otherwise two users would end up sharing a cluster: the allocator hands
+ * out clusters whose refcount is 0, a free drops a refcount, a write in
+ * place changes what both see.  Runs once, before the first write of an
+ * open image; what it finds marks the image corrupt (qcow2_corrupt:
+ * reads go on, writes fail with EIO).  Reads each L2 table once and
+ * holds one byte per cluster of the file meanwhile. */
+int qcow2_audit_refcounts_co(struct qcow2 *s, struct coro *co);
 /* Rebuilds every refcount from the metadata (dirty image, lazy
  * refcounts).  Leaves the image consistent on disk. */
 int qcow2_rebuild_refcounts_co(struct qcow2 *s, struct coro *co,
@@ -332,6 +345,12 @@ int qcow2_load_compressed_co(struct qcow2 *s, struct coro *co,
 /* The ops-table flush: everything acknowledged before it is on disk.
  * Takes the lock only to start and to end, never across I/O. */
 int qcow2_flush_co(struct fmt_node *n, struct coro *co);
+/* The same for this image alone, not a writable backing node: what a FUA
+ * write needs (its data and the metadata that finds it; what it copied
+ * from the backing chain is in its own clusters).  A snapshot's old top
+ * is flushed for a guest FLUSH only, never for a FUA write on the new
+ * top, which would wait for the old top's sync. */
+int qcow2_flush_own_co(struct fmt_node *n, struct coro *co);
 
 /* ---------------- writes (qcow2-alloc.c), without the lock ---------------- */
 

@@ -224,19 +224,10 @@ int snapshot_prepare_co(struct server *srv, struct export *e,
     p->busy = true;
     export_watch_begin(e);
     p->watching = true;
-    /* The bulk of the old top's dirty data goes out before the quiesce
-     * (again while a flush still takes long, as under load); what guests
-     * write meanwhile is flushed again inside it. */
-    for (int i = 0; i < 3; i++) {
-        uint64_t f0 = loop_now_ns();
-        r = fmt_flush_co(old, co);
-        if (r < 0) {
-            error_setf(errp, -r, "%s: flush: %s", old->filename, strerror(-r));
-            goto fail;
-        }
-        if (loop_now_ns() - f0 < 2000000)
-            break;
-    }
+    /* No flush of the old top here: the guest is still writing into it,
+     * and a sync of a file makes the writes to it wait (the file system
+     * holds the pages under write-back locked).  The old top is flushed
+     * after the switch, while the guest writes into the overlay. */
     p->c0 = loop_now_ns();
     const struct fmt_driver *drv = a->format ? fmt_find_driver(a->format)
                                              : fmt_default_overlay_driver();
@@ -323,17 +314,18 @@ void snapshot_finish_co(struct snapshot_prep *p, struct coro *co,
     struct blockdev *b = p->e->bdev;
     struct export *e = p->e;
     assert(p->switched);
-    log_debug("node '%s': snapshot: old top flushed in %.3f ms, overlay "
-              "created and opened in %.3f ms", b->node_name,
+    log_debug("node '%s': snapshot: checks in %.3f ms, overlay created, "
+              "opened and named in the state file in %.3f ms", b->node_name,
               (p->c0 - p->t0) / 1e6, (p->qs - p->c0) / 1e6);
-    /* What was acknowledged on the old top since the flush before the
-     * switch is flushed now, while the guest goes on: until the old top
-     * is read-only, a guest FLUSH on the new top flushes it too (a qcow2
-     * node flushes a writable backing node first), so no FLUSH is
-     * answered before what it covers is durable.  Then a second, short
-     * quiesce makes the old top read-only (its reopen may not run beside
-     * requests that read through it; its flush finds little left to
-     * sync). */
+    /* What was acknowledged on the old top is flushed now, while the
+     * guest goes on writing into the overlay, another file: until the
+     * old top is read-only, a guest FLUSH on the new top flushes it too
+     * (a qcow2 node flushes a writable backing node first), so no FLUSH
+     * is answered before what it covers is durable; a FUA write on the
+     * new top does not wait for it (it needs only the overlay).  Then a
+     * second, short quiesce makes the old top read-only (its reopen may
+     * not run beside requests that read through it; nothing was written
+     * to it since this flush, so its own flush finds nothing to write). */
     uint64_t f0 = loop_now_ns();
     struct error *ferr = NULL;
     int r = fmt_flush_co(p->old, co);

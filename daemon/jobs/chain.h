@@ -96,9 +96,9 @@ struct snapshot_prep {
     bool busy, watching, switched;
     uint64_t t0, c0, qs;
 };
-/* Checks, flushes the old top, creates and opens the overlay and records
- * it in the state file; the export keeps running on the old top.  On
- * failure everything is undone. */
+/* Checks, creates and opens the overlay and records it in the state
+ * file; the export keeps running on the old top, which is not flushed
+ * here (see snapshot_finish_co).  On failure everything is undone. */
 int snapshot_prepare_co(struct server *srv, struct export *e,
                         const struct snapshot_args *a, struct coro *co,
                         struct snapshot_prep *p, struct error **errp);
@@ -108,9 +108,10 @@ void snapshot_switch(struct snapshot_prep *p);
 /* Undoes the switch (still quiesced, nothing written to the overlay),
  * for snapshot_abort_co. */
 void snapshot_unswitch(struct snapshot_prep *p);
-/* After the export resumed: the old top flushed and made read-only;
- * fills res's total and request stall (res->stall_ns: the caller's
- * quiesce, to which the second one is added). */
+/* After the export resumed: the old top flushed (the guest writing into
+ * the overlay meanwhile) and made read-only; fills res's total and
+ * request stall (res->stall_ns: the caller's quiesce, to which the second
+ * one is added). */
 void snapshot_finish_co(struct snapshot_prep *p, struct coro *co,
                         struct snapshot_result *res);
 /* Undoes a prepared snapshot that was not switched (the overlay closed

@@ -25,6 +25,7 @@ const char *conn_state_name(enum conn_state s)
 
 static void kick_fn(struct loop_hook *h);
 static void drain_done(struct loop_op *op, int res, uint32_t flags);
+static void linger_cancel_done(struct loop_op *op, int res, uint32_t flags);
 static void stream_received(struct stream *s, int res, bool direct);
 static void stream_send_failed(struct stream *s, int res);
 static void stream_kick(struct stream *s);
@@ -58,6 +59,7 @@ struct conn *conn_new(struct server *srv, int fd, bool is_tcp)
                 &conn_stream_ops, c);
     c->kick.fn = kick_fn;
     c->drain_op.done = drain_done;
+    c->linger_cancel_op.done = linger_cancel_done;
     c->state = CONN_HS_FLAGS;
     c->deadline_ns = loop_now_ns() +
                      (uint64_t)srv->cfg.handshake_timeout_s * 1000000000u;
@@ -158,6 +160,8 @@ static bool wants_input(const struct conn *c)
             return true;
         return c->inflight < c->srv->cfg.max_inflight &&
                c->buffered < c->srv->cfg.max_buffered;
+    case CONN_LINGER:
+        return true;
     case CONN_CLOSING:
     case CONN_DEAD:
         return false;
@@ -195,6 +199,20 @@ static void stream_received(struct stream *s, int res, bool direct)
     struct conn *c = s->owner;
     if (c->state == CONN_DEAD || c->state == CONN_CLOSING)
         return;
+    if (c->state == CONN_LINGER) {
+        if (res <= 0) {
+            c->state = CONN_DEAD; /* the client closed (or reset): done */
+            shutdown(c->fd, SHUT_RDWR);
+            if (c->drain_timer_pending && !c->linger_cancel_pending) {
+                struct io_uring_sqe *sqe =
+                    loop_get_sqe(c->loop, &c->linger_cancel_op);
+                io_uring_prep_timeout_remove(
+                    sqe, (uint64_t)(uintptr_t)&c->drain_op, 0);
+                c->linger_cancel_pending = true;
+            }
+        }
+        return; /* what it sent is dropped by process_input */
+    }
     if (res <= 0) {
         if (res == 0 && c->state == CONN_TRANSMIT && !c->payload_req &&
             stream_unparsed(s) == 0 && !c->discard_left)
@@ -233,6 +251,9 @@ static void process_input(struct conn *c)
         case CONN_DRAINING:
             progress = nbd_transmit_input(c);
             break;
+        case CONN_LINGER:
+            c->st.rstart = c->st.rend = 0; /* nobody answers it any more */
+            return;
         default:
             return;
         }
@@ -323,10 +344,38 @@ static void drain_done(struct loop_op *op, int res, uint32_t flags)
     c->drain_timer_pending = false;
     if (c->state == CONN_DRAINING && conn_idle(c) &&
         c->requests_seen == c->drain_mark) {
-        c->state = CONN_DEAD; /* quiet for DRAIN_QUIET_MS: close */
+        /* Quiet for DRAIN_QUIET_MS.  Over TLS: close now.  In plaintext:
+         * FIN first, and keep reading what the client still sends until
+         * it closes.  Closed at once, a client slow to read (a loaded
+         * host) that sends one more request fails that send, and libnbd
+         * then fails every command in flight with ENOTCONN, also those
+         * whose replies (to writes that were done) it has not read yet. */
         c->st.dead = true;
+        if (c->st.tls) {
+            c->state = CONN_DEAD;
+            shutdown(c->fd, SHUT_RDWR);
+        } else {
+            c->state = CONN_LINGER;
+            shutdown(c->fd, SHUT_WR);
+            c->drain_ts.tv_sec = DRAIN_LINGER_MS / 1000;
+            c->drain_ts.tv_nsec = (DRAIN_LINGER_MS % 1000) * 1000000LL;
+            struct io_uring_sqe *sqe = loop_get_sqe(c->loop, &c->drain_op);
+            io_uring_prep_timeout(sqe, &c->drain_ts, 0, 0);
+            c->drain_timer_pending = true;
+        }
+    } else if (c->state == CONN_LINGER) {
+        c->state = CONN_DEAD; /* the client did not close in time */
         shutdown(c->fd, SHUT_RDWR);
     }
+    conn_kick(c);
+}
+
+static void linger_cancel_done(struct loop_op *op, int res, uint32_t flags)
+{
+    struct conn *c = container_of(op, struct conn, linger_cancel_op);
+    (void)res;
+    (void)flags;
+    c->linger_cancel_pending = false;
     conn_kick(c);
 }
 
@@ -358,6 +407,7 @@ static void kick_fn(struct loop_hook *h)
     if (c->state == CONN_DRAINING && conn_idle(c))
         arm_drain_timer(c);
     if (c->state == CONN_DEAD && !stream_busy(&c->st) &&
-        !c->drain_timer_pending && c->running == 0)
+        !c->drain_timer_pending && !c->linger_cancel_pending &&
+        c->running == 0)
         conn_free(c);
 }

@@ -41,6 +41,8 @@
     X(DRAINING)   /* server stopping: in-flight requests finish and are  */  \
                   /* answered, new ones get NBD_ESHUTDOWN; then close    */  \
     X(CLOSING)    /* no more input; finish in-flight, send, then close */    \
+    X(LINGER)     /* drained: FIN sent; input read and dropped until the */  \
+                  /* client closes or DRAIN_LINGER_MS passes             */  \
     X(DEAD)       /* socket shut; waiting for outstanding work to return */
 
 enum conn_state {
@@ -52,6 +54,11 @@ enum conn_state {
 const char *conn_state_name(enum conn_state s);
 
 #define DRAIN_QUIET_MS 250
+/* After a drain, how long the client may take to read its last replies
+ * and close: requests it sends meanwhile are read and dropped, so its
+ * sends do not fail (a client such as libnbd that fails to send gives up
+ * the replies it has not read yet, to writes that were done). */
+#define DRAIN_LINGER_MS 2000
 /* Handshake input is not read while more than this many reply bytes wait
  * to be sent: a client that sends options without reading the replies
  * cannot grow the send queue without bound.  (In transmission the request
@@ -142,6 +149,8 @@ struct conn {
      * drop replies already in its receive buffer). */
     struct loop_op drain_op;
     struct __kernel_timespec drain_ts;
+    struct loop_op linger_cancel_op; /* LINGER ended early: timer removed */
+    bool linger_cancel_pending;
     bool drain_timer_pending;
     uint64_t requests_seen;        /* requests parsed; drain quiet check */
     uint64_t drain_mark;           /* requests_seen when the timer was armed */

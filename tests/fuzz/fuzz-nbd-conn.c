@@ -203,8 +203,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         fx.srv->cfg.max_inflight = fx.cfg.max_inflight;
         fx.srv->cfg.max_buffered = fx.cfg.max_buffered;
     }
-    for (unsigned i = 0; i < N_EXPORTS; i++)
-        memset(fx.store[i].data, 0, EXPORT_BYTES);
+    for (unsigned i = 0; i < N_EXPORTS; i++) {
+        mem_store_clear_written(&fx.store[i]);
+        FUZZ_CHECK(fx.store[i].size == EXPORT_BYTES);
+    }
     s->in = data + 1;
     s->len = size - 1;
     s->got = 0;

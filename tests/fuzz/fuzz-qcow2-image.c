@@ -85,7 +85,7 @@ struct run {
     const uint8_t *image;
     size_t image_len;
     uint8_t flags;
-    struct mem_store store;
+    struct mem_store *store;
     struct model *model;
     uint8_t *buf;              /* MAX_RW bytes */
 };
@@ -117,7 +117,7 @@ static struct fmt_node *open_image(struct run *rn, struct coro *co,
         o.l2_cache_bytes = 1; /* rounded up by the driver to its minimum */
     if (rn->flags & 4)
         o.refcount_cache_bytes = 1;
-    struct backend *b = mem_backend_open(fuzz_loop(), &rn->store, "fuzz.qcow2",
+    struct backend *b = mem_backend_open(fuzz_loop(), rn->store, "fuzz.qcow2",
                                          read_only);
     struct fmt_node *n = qcow2_open_co(fuzz_loop(), co, b, &o, &err);
     if (!n) {
@@ -433,9 +433,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     rn.image = data + 2 + n_ops * OP_BYTES;
     rn.image_len = size - 2 - n_ops * OP_BYTES;
     memset(model->known, 0, sizeof(model->known));
-    mem_store_init(&rn.store, rn.image, rn.image_len, STORE_LIMIT);
+    /* One store for every input (its memory reused). */
+    static struct mem_store store;
+    mem_store_load(&store, rn.image, rn.image_len, STORE_LIMIT);
+    rn.store = &store;
     int r = loop_run_sync(fuzz_loop(), fuzz_co, &rn);
     FUZZ_CHECK(r == 0);
-    mem_store_fini(&rn.store);
     return 0;
 }

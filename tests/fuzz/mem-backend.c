@@ -26,6 +26,30 @@ void mem_store_init(struct mem_store *m, const void *data, size_t len,
         memcpy(m->data, data, len);
     m->size = len;
     m->limit = limit > len ? limit : len;
+    m->written_lo = m->written_hi = 0;
+}
+
+void mem_store_load(struct mem_store *m, const void *data, size_t len,
+                    uint64_t limit)
+{
+    if (!m->data || m->cap < len) {
+        mem_store_fini(m);
+        mem_store_init(m, data, len, limit);
+        return;
+    }
+    if (len)
+        memcpy(m->data, data, len);
+    m->size = len;
+    m->limit = limit > len ? limit : len;
+    m->written_lo = m->written_hi = 0;
+}
+
+void mem_store_clear_written(struct mem_store *m)
+{
+    uint64_t hi = m->written_hi < m->size ? m->written_hi : m->size;
+    if (m->written_lo < hi)
+        memset(m->data + m->written_lo, 0, hi - m->written_lo);
+    m->written_lo = m->written_hi = 0;
 }
 
 void mem_store_fini(struct mem_store *m)
@@ -86,6 +110,17 @@ static int mem_pwritev_co(struct backend *b, struct coro *co,
     int r = mem_grow(m, off + total);
     if (r < 0)
         return r;
+    if (total) {
+        if (m->written_lo == m->written_hi) {
+            m->written_lo = off;
+            m->written_hi = off + total;
+        } else {
+            if (off < m->written_lo)
+                m->written_lo = off;
+            if (off + total > m->written_hi)
+                m->written_hi = off + total;
+        }
+    }
     for (int i = 0; i < iovcnt; i++) {
         memcpy(m->data + off, iov[i].iov_base, iov[i].iov_len);
         off += iov[i].iov_len;

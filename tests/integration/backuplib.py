@@ -19,7 +19,7 @@ MiB = 1 << 20
 
 def make_scratch(path, size):
     p = subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", path, str(size)],
-                       capture_output=True, text=True, timeout=60)
+                       capture_output=True, text=True, errors="replace", timeout=60)
     check(p.returncode == 0, f"qemu-img create {path}: {p.stderr}")
 
 
@@ -96,14 +96,14 @@ def read_all(uri, size, chunk=MiB, between=None):
 def dirty_extents(uri, bitmap):
     """[(off, len)] of the dirty extents nbdinfo reads from bitmap."""
     p = subprocess.run(["nbdinfo", "--json", f"--map=qemu:dirty-bitmap:{bitmap}", uri],
-                       capture_output=True, text=True, timeout=60)
+                       capture_output=True, text=True, errors="replace", timeout=60)
     check(p.returncode == 0, f"nbdinfo --map {uri}: {p.stderr}")
     return [(e["offset"], e["length"]) for e in json.loads(p.stdout) if e["type"] & 1]
 
 
 def nbdinfo_map(uri, bitmap):
     p = subprocess.run(["nbdinfo", f"--map=qemu:dirty-bitmap:{bitmap}", uri],
-                       capture_output=True, text=True, timeout=60)
+                       capture_output=True, text=True, errors="replace", timeout=60)
     check(p.returncode == 0, f"nbdinfo --map {uri}: {p.stderr}")
     return p.stdout
 

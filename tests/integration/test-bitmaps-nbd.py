@@ -166,7 +166,7 @@ ok("nbdinfo --map=qemu:dirty-bitmap:b0 / b1: identical to qemu-storage-daemon's 
 
 # the context list
 p = subprocess.run(["nbdinfo", "--json", uri_s("backup")], capture_output=True,
-                   text=True, timeout=30)
+                   text=True, errors="replace", timeout=30)
 ctxs = json.loads(p.stdout)["exports"][0]["contexts"]
 check("qemu:dirty-bitmap:b0" in ctxs and "qemu:dirty-bitmap:b1" in ctxs, f"contexts {ctxs}")
 ok("NBD_OPT_LIST_META_CONTEXT lists both bitmaps")

@@ -272,7 +272,7 @@ dm.stop()
 dm = start(None, state=state)
 S = QMP(ctl)
 p = subprocess.run(["nbdinfo", "--json", dm.uri("disk")], capture_output=True, text=True,
-                   timeout=30)
+                   errors="replace", timeout=30)
 check("qemu:dirty-bitmap:s0" in json.loads(p.stdout)["exports"][0]["contexts"],
       f"after restart the export offers s0: {p.stdout}")
 S.close()
@@ -280,7 +280,7 @@ dm.proc.send_signal(signal.SIGKILL)
 dm.proc.wait()
 dm = start(None, state=state)
 p = subprocess.run(["nbdinfo", "--json", dm.uri("disk")], capture_output=True, text=True,
-                   timeout=30)
+                   errors="replace", timeout=30)
 check("qemu:dirty-bitmap:s0" not in json.loads(p.stdout)["exports"][0]["contexts"]
       and "restored without its dirty bitmaps" in dm.logtext(),
       "after kill -9 the export comes back without the inconsistent bitmap")

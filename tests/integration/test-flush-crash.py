@@ -17,7 +17,10 @@ step per round, until a round's flush completes:
   - stratad opens the image again and a clean stop leaves it clean.
 
 Then an acknowledged FUA write into a new L2 range survives a kill -9
-right after its reply.
+right after its reply.  Last, over a writable backing node (an active
+commit's base, as a snapshot's old top is until it is read-only), an
+allocating FUA write syncs its own image only (it must not wait for the
+backing node's sync), a FLUSH both.
 
 4 KiB clusters (an L2 table covers 2 MiB, a refcount block 8 MiB of the
 file), so the flushes write several new tables and refcount blocks.  The
@@ -246,4 +249,28 @@ got = offline(top)
 check(got[off:off + len(data)] == data, "an acknowledged FUA write into a "
       "new L2 range was lost by kill -9")
 ok("an acknowledged FUA write into a new L2 range survives kill -9")
+# A FUA write syncs only the image it writes to, a FLUSH also a writable
+# backing node below (a snapshot's old top until it is read-only, here an
+# active commit's base): counted as backend flushes, with the injector
+# armed for an operation that never comes.
+top = fresh_top("backing")
+g = Guest(top)
+g.q.cmd("block-commit", device="disk", job_id="c")
+g.q.wait_event("BLOCK_JOB_READY", timeout=60, match=lambda x: x["device"] == "c")
+g.q.cmd("x-debug-fault-inject", ops=["flush"], nth=1 << 40, error="EIO")
+g.write(12 * MiB + 5 * BLOCK, rng.randbytes(BLOCK), flags=w.CMD_FLAG_FUA)
+fua_flushes = g.q.cmd("x-debug-fault-query")["seen"]
+check(g.flush() == 0, "FLUSH failed")
+flush_flushes = g.q.cmd("x-debug-fault-query")["seen"] - fua_flushes
+g.q.cmd("x-debug-fault-inject", nth=0)
+check(fua_flushes == 1, f"an allocating FUA write over a writable backing node "
+      f"made {fua_flushes} backend flushes, not 1 (its own image's)")
+check(flush_flushes == 2, f"a FLUSH over a writable backing node made "
+      f"{flush_flushes} backend flushes, not 2 (the backing node's, its own)")
+g.q.cmd("block-job-cancel", device="c")
+g.q.wait_event("BLOCK_JOB_COMPLETED", timeout=60, match=lambda x: x["device"] == "c")
+check(g.d.stop() == 0, "stratad exit status")
+g.close()
+check_clean(top, "after the FUA and FLUSH over a writable backing node", leaks_ok=False)
+ok("a FUA write syncs its own image only, a FLUSH the writable backing node too")
 ok(f"done in {time.monotonic() - t0:.1f} s")

@@ -575,7 +575,7 @@ hs.shutdown()
 # nbdinfo --map and qemu-img map walk the whole export in block status
 # requests sized to what is left: both succeed and cover the export exactly.
 p = subprocess.run(["nbdinfo", "--map", "--json", dm.uri("sparse")], capture_output=True,
-                   text=True, timeout=60)
+                   text=True, errors="replace", timeout=60)
 check(p.returncode == 0, f"nbdinfo --map: exit {p.returncode}: {p.stderr}")
 m = json.loads(p.stdout)
 check(m and m[0]["offset"] == 0 and m[-1]["offset"] + m[-1]["length"] == SPARSE_SIZE and

@@ -33,7 +33,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
-from harness import check  # noqa: E402
+from harness import check, fail  # noqa: E402
 
 harness.need("qemu-nbd", "qemu-img", "qemu-io", "nbdinfo")
 import nbdkitlib  # noqa: E402
@@ -53,7 +53,7 @@ workload.configure(SIZE, DEPTH, 300)   # bounds a hang only; meson's timeout is 
 
 def run(*args, timeout=120):
     p = subprocess.run(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                       text=True, timeout=timeout)
+                       text=True, errors="replace", timeout=timeout)
     return p.returncode, p.stdout
 
 
@@ -61,6 +61,20 @@ def must(*args):
     rc, out = run(*args)
     check(rc == 0, f"{' '.join(args)}: exit {rc}: {out.strip()}")
     return out
+
+
+def must_json(*args, timeout=120):
+    """Runs args and parses its standard output as JSON (what it says on
+    standard error, e.g. a warning, stays out of the parse)."""
+    p = subprocess.run(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       text=True, errors="replace", timeout=timeout)
+    check(p.returncode == 0,
+          f"{' '.join(args)}: exit {p.returncode}: {p.stderr.strip()}")
+    try:
+        return json.loads(p.stdout)
+    except ValueError as e:
+        fail(f"{' '.join(args)}: not JSON ({e}): {p.stdout[:500]!r} "
+             f"stderr: {p.stderr[:500]!r}")
 
 
 def make_chain(d):
@@ -170,14 +184,12 @@ CAP_KEYS = ("is_rotational", "is_read_only", "can_cache", "can_df", "can_fast_ze
 
 
 def info(uri):
-    out = must("nbdinfo", "--json", uri)
-    e = json.loads(out)["exports"][0]
+    e = must_json("nbdinfo", "--json", uri)["exports"][0]
     return {k: e.get(k) for k in CAP_KEYS}
 
 
 def extent_map(uri):
-    out = must("nbdinfo", "--map", "--json", uri)
-    m = json.loads(out)
+    m = must_json("nbdinfo", "--map", "--json", uri)
     # neighbours of equal type merged: servers may split extents differently
     merged = []
     for x in m:

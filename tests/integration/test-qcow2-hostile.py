@@ -21,6 +21,16 @@ in the L1 table, a compressed cluster holding garbage, a data cluster over
 the L1 table (written to).  The request gets EIO, the daemon lives on and
 the healthy export still reads and writes.
 
+Refcount 0 for a data cluster in use (qemu-img check: "refcount=0
+reference=1"): the allocator must not hand that cluster out for another
+guest cluster, where a write to one would show in the other.  Reads of
+the image go on (what the L2 tables map reads as QEMU reads it); every
+write, allocating or in place, gets EIO, with a message naming the
+cluster and 'qemu-img check -r all'; the cluster's bytes are unchanged
+and no other guest offset shows them.  The same for two L2 entries that
+both hold one cluster alone (COPIED, refcount 1), where a write in place
+to one would show in the other.
+
 Dirty images (incompatible bit 0, left by a qemu-io that aborted while
 writing a lazy_refcounts image): readonly=on is served as QEMU reads it;
 readonly=off is either refused with a message pointing at
@@ -370,6 +380,83 @@ def io_cases():
 
 
 # ---------------------------------------------------------------------------
+# refcount 0 for a cluster in use
+
+def refcount0_case():
+    p = make("rc0.qcow2")  # guest [0, 128k) = 0x11, [1M, 1M+64k) = 0x22
+    host1 = get(p, l2_entry_pos(p, 1), ">Q") & OFFSET_MASK  # guest 64k
+    order = get(p, 96, ">I") if hget(p, "header_length") >= 100 else 4
+    if order != 4:
+        fail(f"expected 16-bit refcounts, the image has refcount_order {order}")
+    rb = get(p, hget(p, "refcount_table_offset"), ">Q") & OFFSET_MASK
+    put(p, rb + 2 * (host1 // CS), ">H", 0)
+    code, out = qcow2lib.qemu_img_check(p)
+    check_soft(code == 2 and "refcount=0 reference=1" in out,
+               f"refcount 0 case: qemu-img check should call it corrupt, exit {code}:\n{out}")
+    want = read_raw(p, tmp=os.path.join(D, "rc0"))
+    with open(p, "rb") as f:
+        f.seek(host1)
+        cluster_before = f.read(CS)
+
+    srv = harness.Daemon([spec(p, "rc0")])
+    h = nbd.NBD()
+    h.connect_uri(srv.uri("rc0"))
+    check_soft(h.pread(SIZE, 0) == want, "refcount 0: reads before a write differ from QEMU's")
+    # 2M: unallocated, the write needs a new cluster; 0: in place
+    for what, off in (("an allocating write", 2 * MiB), ("a write in place", 0),
+                      ("another allocating write", 3 * MiB)):
+        try:
+            h.pwrite(b"\x33" * CS, off)
+            h.flush()
+            check_soft(False, f"refcount 0: {what} succeeded, expected EIO")
+        except nbd.Error as e:
+            if check_soft(e.errnum == errno.EIO,
+                          f"refcount 0: {what} failed with {e}, expected EIO"):
+                ok(f"refcount 0: {what} gets EIO")
+    got = h.pread(SIZE, 0)
+    check_soft(got == want, "refcount 0: the guest content changed after the refused writes")
+    check_soft(b"\x33" * 512 not in got, "refcount 0: a refused write shows somewhere")
+    h.shutdown()
+    log = srv.logtext()
+    rc = srv.stop()
+    check_soft(rc == 0, f"refcount 0: stratad exit status {rc}")
+    needle = f"cluster {host1:#x} has refcount 0"
+    check_soft(needle in log and "qemu-img check -r all" in log,
+               f"refcount 0: the log lacks '{needle}' or the repair hint:\n{log[-2000:]}")
+    with open(p, "rb") as f:
+        f.seek(host1)
+        check_soft(f.read(CS) == cluster_before, "refcount 0: the cluster's bytes changed")
+    check_soft(read_raw(p, tmp=os.path.join(D, "rc0b")) == want,
+               "refcount 0: QEMU reads other content after the run")
+    line = [ln for ln in log.splitlines() if "corrupt qcow2 image" in ln]
+    ok("refcount 0 for a data cluster in use: never handed out again; "
+       + (line[0].strip()[-120:] if line else ""))
+
+    # Two L2 entries that both hold one cluster alone (COPIED, refcount 1):
+    # a write in place to one would show in the other.
+    p = make("alias.qcow2")
+    put(p, l2_entry_pos(p, 2), ">Q", COPIED | host1)  # guest 128k -> guest 64k's
+    want = read_raw(p, tmp=os.path.join(D, "alias"))
+    srv = harness.Daemon([spec(p, "alias")])
+    h = nbd.NBD()
+    h.connect_uri(srv.uri("alias"))
+    try:
+        h.pwrite(b"\x44" * 4096, 64 * KiB)
+        check_soft(False, "two COPIED entries for one cluster: the write succeeded, expected EIO")
+    except nbd.Error as e:
+        check_soft(e.errnum == errno.EIO,
+                   f"two COPIED entries for one cluster: the write failed with {e}, expected EIO")
+    check_soft(h.pread(SIZE, 0) == want,
+               "two COPIED entries for one cluster: the content changed")
+    h.shutdown()
+    log = srv.logtext()
+    srv.stop()
+    check_soft(f"cluster {host1:#x}, which something else uses too" in log,
+               f"two COPIED entries for one cluster: no message naming the cluster:\n{log[-2000:]}")
+    ok("two COPIED entries for one cluster: writes refused, reads served")
+
+
+# ---------------------------------------------------------------------------
 # dirty images
 
 def dirty_case():
@@ -428,6 +515,7 @@ def dirty_case():
 def main():
     startup_cases()
     io_cases()
+    refcount0_case()
     dirty_case()
     harness.finish_soft_checks()
     print("PASS")

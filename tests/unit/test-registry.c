@@ -34,7 +34,13 @@ static void test_backend_by_prefix(void **state)
     assert_ptr_equal(backend_find_driver("rbd"), &rbd_driver);
     assert_ptr_equal(backend_find_driver("file"), &file_driver);
     assert_null(backend_find_driver("nfs"));
-    assert_string_equal(backend_driver_names(), "'file' and 'rbd'");
+    assert_string_equal(backend_driver_names(), "'file', 'nbd' and 'rbd'");
+    assert_string_equal(backend_driver_of("nbd://h/e")->name, "nbd");
+    assert_string_equal(backend_driver_of("nbd+unix:///e?socket=/s")->name,
+                        "nbd");
+    assert_string_equal(backend_driver_of("nbd:h:10809")->name, "nbd");
+    assert_string_equal(backend_driver_of("nbdimage.raw")->name, "file");
+    assert_ptr_equal(backend_find_driver("nbd"), &nbd_driver);
     assert_int_equal(file_driver.api_version, BACKEND_API_VERSION);
     assert_int_equal(rbd_driver.api_version, BACKEND_API_VERSION);
     struct error *err = NULL;
@@ -178,7 +184,7 @@ static void test_spec_from_options(void **state)
     } bad[] = {
         {NULL, {{"filename", "/x"}}, 1, "Parameter 'file.driver' is missing"},
         {"nfs", {{"filename", "/x"}}, 1, "Parameter 'file.driver' does not "
-         "accept value 'nfs' (strata supports 'file' and 'rbd')"},
+         "accept value 'nfs' (strata supports 'file', 'nbd' and 'rbd')"},
         {"file", {{"colour", "red"}}, 1, "Parameter 'file.colour' is unexpected"},
         {"file", {{"aio", "native"}}, 1, "Parameter 'file.filename' is missing"},
         {"rbd", {{"image", "i"}}, 1, "Parameter 'file.pool' is missing"},
