@@ -14,9 +14,6 @@
 #include "loop.h"
 #include "util.h"
 
-/* How long the loop waits past lazy completions for another one. */
-#define LOOP_LAZY_WAIT_NS 500000
-
 /* A completion reaped while the submission queue had to be flushed in
  * loop_get_sqe(): kept here and delivered by loop_run(). */
 struct loop_backlog_entry {
@@ -44,8 +41,6 @@ struct loop {
     size_t backlog_len, backlog_cap;
 
     unsigned features;               /* LOOP_F_* */
-    bool ext_arg;                    /* IORING_FEAT_EXT_ARG: wait timeouts */
-    unsigned lazy;                   /* lazy SQEs queued this iteration */
     uint16_t *free_bgids;            /* buffer group ids given back */
     size_t n_free_bgids, cap_free_bgids;
     unsigned next_bgid;
@@ -193,7 +188,6 @@ struct loop *loop_new_without(unsigned entries, size_t coro_stack,
         free(l);
         return NULL;
     }
-    l->ext_arg = p.features & IORING_FEAT_EXT_ARG;
     /* io_uring_enter with a registered index instead of an fd (5.18): no
      * file lookup and reference on every call. */
     if (!(dis & LOOP_F_RING_FD) && io_uring_register_ring_fd(&l->ring) == 1)
@@ -406,16 +400,6 @@ struct io_uring_sqe *loop_get_sqe(struct loop *l, struct loop_op *op)
     return sqe;
 }
 
-void loop_sqe_lazy(struct loop *l)
-{
-    l->lazy++;
-}
-
-bool loop_lazy_ok(const struct loop *l)
-{
-    return l->ext_arg && (l->features & LOOP_F_DEFER_TASKRUN);
-}
-
 void loop_defer(struct loop *l, struct loop_hook *h)
 {
     if (h->queued)
@@ -527,26 +511,18 @@ static int loop_iterate(struct loop *l, const bool *until)
 
     /* One io_uring_enter: submits what the handlers queued and, with
      * DEFER_TASKRUN, runs the completion work the kernel kept for us.
-     * It blocks only when no completion is ready yet.  Lazy SQEs (sends
-     * that carry all a stream had to send) usually complete inline during
-     * the submission itself; their completions alone are no reason to
-     * come back, so the wait is for one completion more than them (with
-     * DEFER_TASKRUN the kernel does not even wake us before), bounded by
-     * LOOP_LAZY_WAIT_NS in case nothing else happens. */
-    unsigned lazy = l->lazy;
-    l->lazy = 0;
+     * It blocks only when no completion is ready yet.  A send usually
+     * completes during the submission itself, so an iteration that sent
+     * replies comes straight back for that completion and sleeps in the
+     * next one.  The wait is for one completion, with no timeout: a wait
+     * for more (past the sends) needs a timer to bound it, and arming and
+     * cancelling a timer at every sleep costs more than the extra
+     * io_uring_enter (docs/io_uring.md). */
     int r;
-    if (io_uring_cq_ready(&l->ring)) {
+    if (io_uring_cq_ready(&l->ring))
         r = io_uring_submit_and_get_events(&l->ring);
-    } else if (lazy && l->ext_arg && (l->features & LOOP_F_DEFER_TASKRUN)) {
-        struct __kernel_timespec ts = {.tv_sec = 0,
-                                       .tv_nsec = LOOP_LAZY_WAIT_NS};
-        struct io_uring_cqe *cqe;
-        r = io_uring_submit_and_wait_timeout(&l->ring, &cqe,
-                                             1 + MIN(lazy, 64u), &ts, NULL);
-    } else {
+    else
         r = io_uring_submit_and_wait(&l->ring, 1);
-    }
     if (r < 0 && r != -EINTR && r != -EAGAIN && r != -EBUSY && r != -ETIME)
         return r;
 

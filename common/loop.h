@@ -107,15 +107,6 @@ bool loop_stopping(const struct loop *l);
  * delivered yet are kept in the loop's backlog). */
 struct io_uring_sqe *loop_get_sqe(struct loop *l, struct loop_op *op);
 
-/* The SQE just got (loop_get_sqe) is lazy: its completion alone needs no
- * prompt handling (a send that carries everything its stream had queued,
- * with MSG_WAITALL, so that it completes whole).  The loop then sleeps
- * until another completion arrives, or briefly (at most half a
- * millisecond) when none does.  Only when loop_lazy_ok(). */
-void loop_sqe_lazy(struct loop *l);
-/* Lazy waits are supported (DEFER_TASKRUN and wait timeouts). */
-bool loop_lazy_ok(const struct loop *l);
-
 /* Queues h to run at the end of this iteration (once, however often asked). */
 void loop_defer(struct loop *l, struct loop_hook *h);
 /* Removes h from the queue (before freeing its owner). */

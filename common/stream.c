@@ -131,19 +131,8 @@ void stream_start_send(struct stream *s)
     memset(&s->msg, 0, sizeof(s->msg));
     s->msg.msg_iov = s->siov;
     s->msg.msg_iovlen = (size_t)k;
-    size_t bytes = 0;
-    for (int i = 0; i < k; i++)
-        bytes += s->siov[i].iov_len;
     struct io_uring_sqe *sqe = loop_get_sqe(s->loop, &s->send_op);
-    /* All that is queued, sent whole (MSG_WAITALL: the kernel waits for
-     * room rather than completing short): nothing waits on its completion
-     * but the release of the items, so the loop need not wake for it. */
-    bool lazy = !s->tls && bytes == s->sq_bytes &&
-                loop_lazy_ok(s->loop);
-    io_uring_prep_sendmsg(sqe, s->fd, &s->msg,
-                          MSG_NOSIGNAL | (lazy ? MSG_WAITALL : 0));
-    if (lazy)
-        loop_sqe_lazy(s->loop);
+    io_uring_prep_sendmsg(sqe, s->fd, &s->msg, MSG_NOSIGNAL);
     s->send_pending = true;
 }
 
