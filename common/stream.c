@@ -254,6 +254,13 @@ static void recv_done(struct loop_op *op, int res, uint32_t flags)
     struct stream *s = container_of(op, struct stream, recv_op);
     if (s->br && !s->single_pending && ms_recv_done(s, res, flags))
         return;
+    if (s->single_pending && !s->recv_direct) {
+        /* Input in bulk (a plain recv into rbuf took at least a provided
+         * buffer's worth) goes on with plain recvs, each taking all that
+         * waits; sparse input (small requests, one or two per wake-up)
+         * arms the multishot receive again. */
+        s->ms_dry = res >= (int)STREAM_MS_BUFSIZE;
+    }
     s->single_pending = false;
     s->recv_pending = false;
     if (res == -EINTR || res == -EAGAIN) {
@@ -364,8 +371,9 @@ static void ms_want(struct stream *s)
     if (s->ms_armed || s->single_pending)
         return;
     if (s->ms_dry || (s->recv_direct && s->want_len >= STREAM_DIRECT_MIN)) {
-        /* Bulk input: a large payload straight into its buffer, or, with
-         * the ring run dry, all that waits into rbuf at once. */
+        /* Bulk input: a large payload straight into its buffer, or, once
+         * the ring ran dry and while input keeps coming in bulk, all that
+         * waits into rbuf at once. */
         struct io_uring_sqe *sqe = loop_get_sqe(s->loop, &s->recv_op);
         if (s->recv_direct)
             io_uring_prep_recv(sqe, s->fd, s->want_dst, s->want_len, 0);
@@ -373,7 +381,6 @@ static void ms_want(struct stream *s)
             io_uring_prep_recv(sqe, s->fd, s->rbuf + s->rend,
                                s->rcap - s->rend, 0);
         s->single_pending = true;
-        s->ms_dry = false;
         return;
     }
     ms_arm(s);
@@ -412,7 +419,7 @@ static bool ms_recv_done(struct stream *s, int res, uint32_t flags)
         s->ops->kick(s);
         return true;
     } else if (res == -ENOBUFS) {
-        s->ms_dry = true; /* every buffer held: armed again on demand */
+        s->ms_dry = true; /* every buffer held: plain recvs (recv_done) */
     } else if (res == -EINTR || res == -EAGAIN) {
         /* interrupted: armed again on demand */
     } else if (!s->ms_final_set) {

@@ -125,7 +125,7 @@ struct stream {
     struct loop_bufring *br;
     bool ms_armed;                 /* the multishot recv is in flight */
     bool single_pending;           /* a plain recv is in flight instead */
-    bool ms_dry;                   /* it ended for want of buffers */
+    bool ms_dry;                   /* input in bulk: plain recvs into rbuf */
     bool ms_got_data;              /* it delivered bytes (it works) */
     bool ms_final_set;             /* end of stream or an error to report */
     int ms_final;                  /* ... once the held bytes were taken */
