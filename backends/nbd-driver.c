@@ -135,8 +135,13 @@ static char *nbd_spec_from_options(const struct backend_kv *kv, size_t n,
             ok |= !strcmp(k, known[j]);
         if (ok)
             continue;
-        if (!strcmp(k, "tls-creds") || !strcmp(k, "tls-hostname") ||
-            !strcmp(k, "x-dirty-bitmap") || !strcmp(k, "open-timeout"))
+        if (!strcmp(k, "tls-creds") || !strcmp(k, "tls-hostname"))
+            error_setf(errp, EINVAL, "Parameter '%s%s' is not supported by "
+                       "strata's nbd backend (no QMP credential objects): "
+                       "give {\"driver\": \"file\", \"filename\": "
+                       "\"nbds://HOST/EXPORT?tls-certificates=DIR\"}",
+                       prefix, k);
+        else if (!strcmp(k, "x-dirty-bitmap") || !strcmp(k, "open-timeout"))
             error_setf(errp, EINVAL, "Parameter '%s%s' is not supported by "
                        "strata's nbd backend", prefix, k);
         else

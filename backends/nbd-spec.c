@@ -14,14 +14,73 @@ bool nbd_spec_claims(const char *spec)
            !strncmp(spec, "nbds:", 5) || !strncmp(spec, "nbds+", 5);
 }
 
+/* The option fields of *s, freed and set to their defaults. */
+static void clear_options(struct nbd_spec *s)
+{
+    free(s->tls_certificates);
+    free(s->tls_psk_file);
+    free(s->tls_username);
+    s->tls_certificates = s->tls_psk_file = s->tls_username = NULL;
+    s->reconnect_delay = NBD_SPEC_DEFAULT_RECONNECT_DELAY;
+    s->reconnect_delay_set = false;
+    s->connect_timeout = NBD_SPEC_DEFAULT_CONNECT_TIMEOUT;
+    s->connect_timeout_set = false;
+    s->tls_verify_peer = s->tls_verify_peer_set = false;
+}
+
 void nbd_spec_clear(struct nbd_spec *s)
 {
+    clear_options(s);
     free(s->host);
     free(s->port);
     free(s->socket);
     free(s->export);
     memset(s, 0, sizeof(*s));
-    s->reconnect_delay = NBD_SPEC_DEFAULT_RECONNECT_DELAY;
+    clear_options(s);
+}
+
+static bool has_tls_options(const struct nbd_spec *s)
+{
+    return s->tls_certificates || s->tls_psk_file || s->tls_username ||
+           s->tls_verify_peer_set;
+}
+
+bool nbd_spec_has_options(const struct nbd_spec *s)
+{
+    return s->reconnect_delay_set || s->connect_timeout_set ||
+           has_tls_options(s);
+}
+
+static int dup_or_null(char **dst, const char *src)
+{
+    free(*dst);
+    *dst = src ? strdup(src) : NULL;
+    return src && !*dst ? -ENOMEM : 0;
+}
+
+/* The options src sets, copied into dst (those src leaves unset stay). */
+static int copy_options(struct nbd_spec *dst, const struct nbd_spec *src)
+{
+    if (src->reconnect_delay_set) {
+        dst->reconnect_delay = src->reconnect_delay;
+        dst->reconnect_delay_set = true;
+    }
+    if (src->connect_timeout_set) {
+        dst->connect_timeout = src->connect_timeout;
+        dst->connect_timeout_set = true;
+    }
+    if (src->tls_verify_peer_set) {
+        dst->tls_verify_peer = src->tls_verify_peer;
+        dst->tls_verify_peer_set = true;
+    }
+    int r = 0;
+    if (src->tls_certificates)
+        r = dup_or_null(&dst->tls_certificates, src->tls_certificates);
+    if (r == 0 && src->tls_psk_file)
+        r = dup_or_null(&dst->tls_psk_file, src->tls_psk_file);
+    if (r == 0 && src->tls_username)
+        r = dup_or_null(&dst->tls_username, src->tls_username);
+    return r;
 }
 
 static int hexval(char c)
@@ -96,14 +155,14 @@ static int parse_seconds(const char *key, const char *val, unsigned *out,
         if (*p < '0' || *p > '9')
             goto bad;
         v = v * 10 + (unsigned long)(*p - '0');
-        if (v > NBD_SPEC_MAX_RECONNECT_DELAY)
+        if (v > NBD_SPEC_MAX_SECONDS)
             goto bad;
     }
     *out = (unsigned)v;
     return 0;
 bad:
     return error_setf(errp, EINVAL, "%s=%s: expected whole seconds from 0 "
-                      "to %u", key, val, NBD_SPEC_MAX_RECONNECT_DELAY);
+                      "to %u", key, val, NBD_SPEC_MAX_SECONDS);
 }
 
 static bool valid_port(const char *p, size_t n)
@@ -151,10 +210,24 @@ static int parse_hostport(const char *p, size_t n, struct nbd_spec *s,
     if (hn == 0)
         return error_setf(errp, EINVAL, "%s: no host (for a Unix socket "
                           "write nbd+unix:///EXPORT?socket=PATH)", spec);
-    for (size_t i = 0; i < hn; i++)
-        if (strchr("/?#@%[] \t", h[i]))
+    /* A name, an IPv4 address, or an IPv6 one in brackets: letters,
+     * digits, "-._~" (and ':' in brackets), which the canonical form
+     * writes as they are. */
+    bool bracketed = h != p;
+    for (size_t i = 0; i < hn; i++) {
+        unsigned char c = (unsigned char)h[i];
+        bool fine = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+                    (c >= '0' && c <= '9') || (c && strchr("-._~", c)) ||
+                    (c == ':' && bracketed);
+        if (!fine && c > ' ' && c < 0x7f)
             return error_setf(errp, EINVAL, "%s: invalid character '%c' in "
-                              "the host", spec, h[i]);
+                              "the host (a name, an IPv4 address or "
+                              "[IPv6])", spec, c);
+        if (!fine)
+            return error_setf(errp, EINVAL, "%s: invalid byte 0x%02x in the "
+                              "host (a name, an IPv4 address or [IPv6])",
+                              spec, c);
+    }
     size_t pn = colon ? (size_t)(p + n - colon - 1) : 0;
     if (colon && !valid_port(colon + 1, pn))
         return error_setf(errp, EINVAL, "%s: invalid port '%.*s' (1 to "
@@ -165,6 +238,77 @@ static int parse_hostport(const char *p, size_t n, struct nbd_spec *s,
     s->port = colon ? strndup(colon + 1, pn) : strdup(NBD_SPEC_DEFAULT_PORT);
     if (!s->host || !s->port)
         return error_setf(errp, ENOMEM, "out of memory");
+    return 0;
+}
+
+#define NBD_SPEC_OPTION_NAMES "reconnect-delay, connect-timeout, " \
+    "tls-certificates, tls-psk-file, tls-username, tls-verify-peer"
+
+/* Sets the option KEY (kn bytes at key) of *s to val, which it takes.
+ * Returns 1 when KEY is an option, 0 when not (val untouched), or -errno
+ * (val freed). */
+static int set_option(struct nbd_spec *s, const char *key, size_t kn,
+                      char *val, struct error **errp)
+{
+#define KEY_IS(name) (kn == sizeof(name) - 1 && !strncmp(key, name, kn))
+    char **str = KEY_IS("tls-certificates") ? &s->tls_certificates
+               : KEY_IS("tls-psk-file") ? &s->tls_psk_file
+               : KEY_IS("tls-username") ? &s->tls_username : NULL;
+    int r = 1;
+    if (str) {
+        if (!*val)
+            r = error_setf(errp, EINVAL, "%.*s= is empty", (int)kn, key);
+        else if (str != &s->tls_username && val[0] != '/')
+            r = error_setf(errp, EINVAL, "%.*s=%s: expected an absolute "
+                           "path", (int)kn, key, val);
+        if (r < 0) {
+            free(val);
+            return r;
+        }
+        free(*str);
+        *str = val;
+        return 1;
+    }
+    if (KEY_IS("reconnect-delay")) {
+        r = parse_seconds("reconnect-delay", val, &s->reconnect_delay, errp);
+        s->reconnect_delay_set = true;
+    } else if (KEY_IS("connect-timeout")) {
+        r = parse_seconds("connect-timeout", val, &s->connect_timeout, errp);
+        s->connect_timeout_set = true;
+    } else if (KEY_IS("tls-verify-peer")) {
+        bool yes = !strcmp(val, "true") || !strcmp(val, "on") ||
+                   !strcmp(val, "1");
+        bool no = !strcmp(val, "false") || !strcmp(val, "off") ||
+                  !strcmp(val, "0");
+        if (yes || no) {
+            s->tls_verify_peer = yes;
+            s->tls_verify_peer_set = true;
+        } else {
+            r = error_setf(errp, EINVAL, "tls-verify-peer=%s: expected true "
+                           "or false", val);
+        }
+    } else {
+        return 0;
+    }
+#undef KEY_IS
+    free(val);
+    return r < 0 ? r : 1;
+}
+
+/* The TLS options of *s fit together and with its scheme (tls: they make
+ * TLS required, as in backing-remote settings). */
+static int check_tls_options(const struct nbd_spec *s, bool tls,
+                             const char *spec, struct error **errp)
+{
+    if (!tls && has_tls_options(s))
+        return error_setf(errp, EINVAL, "%s: tls- options need TLS: write "
+                          "nbds:// (or nbds+unix://)", spec);
+    if (s->tls_certificates && s->tls_psk_file)
+        return error_setf(errp, EINVAL, "%s: tls-certificates= (X.509) and "
+                          "tls-psk-file= (PSK) exclude each other", spec);
+    if (s->tls_username && !s->tls_psk_file)
+        return error_setf(errp, EINVAL, "%s: tls-username= is the PSK "
+                          "identity: it needs tls-psk-file=", spec);
     return 0;
 }
 
@@ -191,17 +335,19 @@ static int parse_query(const char *q, struct nbd_spec *s, bool unix_socket,
             val = NULL;
             if (!s->socket[0])
                 r = error_setf(errp, EINVAL, "%s: socket= is empty", spec);
-        } else if (kn == 15 && !strncmp(q, "reconnect-delay", 15)) {
-            r = parse_seconds("reconnect-delay", val, &s->reconnect_delay,
-                              errp);
-            s->reconnect_delay_set = true;
         } else if (kn == 6 && !strncmp(q, "socket", 6)) {
             r = error_setf(errp, EINVAL, "%s: socket= is for nbd+unix:// "
                            "URIs", spec);
         } else {
-            r = error_setf(errp, EINVAL, "%s: unknown option '%.*s' (known: "
-                           "%sreconnect-delay)", spec, (int)kn, q,
-                           unix_socket ? "socket, " : "");
+            r = set_option(s, q, kn, val, errp);
+            if (r != 0)
+                val = NULL;     /* taken, or freed */
+            if (r < 0)
+                error_prefix(errp, "%s: ", spec);
+            else if (r == 0)
+                r = error_setf(errp, EINVAL, "%s: unknown option '%.*s' "
+                               "(known: %s" NBD_SPEC_OPTION_NAMES ")", spec,
+                               (int)kn, q, unix_socket ? "socket, " : "");
         }
         free(val);
         if (r < 0)
@@ -275,22 +421,28 @@ static int parse_legacy(const char *spec, struct nbd_spec *s,
 int nbd_spec_parse(const char *spec, struct nbd_spec *s, struct error **errp)
 {
     memset(s, 0, sizeof(*s));
-    s->reconnect_delay = NBD_SPEC_DEFAULT_RECONNECT_DELAY;
+    clear_options(s);
     int r;
-    if (!strncmp(spec, "nbds:", 5) || !strncmp(spec, "nbds+", 5))
-        r = error_setf(errp, ENOTSUP, "%s: NBD over TLS (nbds://) is not "
-                       "supported by strata's nbd backend", spec);
-    else if (!strncmp(spec, "nbd://", 6))
-        r = parse_uri(spec, spec + 6, false, s, errp);
-    else if (!strncmp(spec, "nbd+tcp://", 10))
-        r = parse_uri(spec, spec + 10, false, s, errp);
-    else if (!strncmp(spec, "nbd+unix://", 11))
-        r = parse_uri(spec, spec + 11, true, s, errp);
-    else if (!strncmp(spec, "nbd:", 4) && spec[4] != '/')
+    const char *rest = NULL;    /* after "nbd" or "nbds" */
+    if (!strncmp(spec, "nbds", 4) && (spec[4] == ':' || spec[4] == '+')) {
+        s->tls = true;
+        rest = spec + 4;
+    } else if (!strncmp(spec, "nbd", 3)) {
+        rest = spec + 3;
+    }
+    if (rest && !strncmp(rest, "://", 3))
+        r = parse_uri(spec, rest + 3, false, s, errp);
+    else if (rest && !strncmp(rest, "+tcp://", 7))
+        r = parse_uri(spec, rest + 7, false, s, errp);
+    else if (rest && !strncmp(rest, "+unix://", 8))
+        r = parse_uri(spec, rest + 8, true, s, errp);
+    else if (rest && !s->tls && rest[0] == ':' && rest[1] != '/')
         r = parse_legacy(spec, s, errp);
     else
-        r = error_setf(errp, EINVAL, "%s: expected nbd://HOST[:PORT]/EXPORT "
-                       "or nbd+unix:///EXPORT?socket=PATH", spec);
+        r = error_setf(errp, EINVAL, "%s: expected nbd[s]://HOST[:PORT]/"
+                       "EXPORT or nbd[s]+unix:///EXPORT?socket=PATH", spec);
+    if (r == 0)
+        r = check_tls_options(s, s->tls, spec, errp);
     if (r < 0)
         nbd_spec_clear(s);
     return r;
@@ -302,13 +454,14 @@ char *nbd_spec_format(const struct nbd_spec *s, bool with_options)
     size_t len = 0;
     bool ok;
     if (s->socket) {
-        ok = append(&buf, &len, "nbd+unix:///", ":/+") &&
+        ok = append(&buf, &len, s->tls ? "nbds+unix:///" : "nbd+unix:///",
+                    ":/+") &&
              append(&buf, &len, s->export, "/:@!$'()*+,;") &&
              append(&buf, &len, "?socket=", "?=") &&
              append(&buf, &len, s->socket, "/:@!$'()*+,;");
     } else {
         bool v6 = strchr(s->host, ':') != NULL;
-        ok = append(&buf, &len, "nbd://", ":/") &&
+        ok = append(&buf, &len, s->tls ? "nbds://" : "nbd://", ":/") &&
              append(&buf, &len, v6 ? "[" : "", "[") &&
              append(&buf, &len, s->host, v6 ? ":" : NULL) &&
              append(&buf, &len, v6 ? "]:" : ":", "]:") &&
@@ -317,11 +470,37 @@ char *nbd_spec_format(const struct nbd_spec *s, bool with_options)
             ok = append(&buf, &len, "/", "/") &&
                  append(&buf, &len, s->export, "/:@!$'()*+,;");
     }
-    if (ok && with_options && s->reconnect_delay_set) {
-        char opt[48];
-        snprintf(opt, sizeof(opt), "%creconnect-delay=%u",
-                 s->socket ? '&' : '?', s->reconnect_delay);
-        ok = append(&buf, &len, opt, "?&=");
+    if (ok && with_options) {
+        char sep = s->socket ? '&' : '?';
+        char num[48];
+        if (s->reconnect_delay_set) {
+            snprintf(num, sizeof(num), "%creconnect-delay=%u", sep,
+                     s->reconnect_delay);
+            ok = append(&buf, &len, num, "?&=");
+            sep = '&';
+        }
+        if (ok && s->connect_timeout_set) {
+            snprintf(num, sizeof(num), "%cconnect-timeout=%u", sep,
+                     s->connect_timeout);
+            ok = append(&buf, &len, num, "?&=");
+            sep = '&';
+        }
+        const struct { const char *key; const char *val; } strs[] = {
+            {"tls-certificates=", s->tls_certificates},
+            {"tls-psk-file=", s->tls_psk_file},
+            {"tls-username=", s->tls_username},
+            {"tls-verify-peer=", !s->tls_verify_peer_set ? NULL :
+                                 s->tls_verify_peer ? "true" : "false"},
+        };
+        for (size_t i = 0; ok && i < sizeof(strs) / sizeof(*strs); i++) {
+            if (!strs[i].val)
+                continue;
+            char lead[2] = {sep, '\0'};
+            ok = append(&buf, &len, lead, "?&") &&
+                 append(&buf, &len, strs[i].key, "=") &&
+                 append(&buf, &len, strs[i].val, "/:@!$'()*+,;");
+            sep = '&';
+        }
     }
     if (!ok) {
         free(buf);
@@ -341,9 +520,14 @@ bool nbd_spec_same_server(const struct nbd_spec *a, const struct nbd_spec *b)
 
 struct nbd_allow {
     bool any;
-    unsigned reconnect_delay;
-    bool reconnect_delay_set;
+    struct nbd_spec opt;        /* the options of the settings */
 };
+
+static void allow_clear(struct nbd_allow *a)
+{
+    nbd_spec_clear(&a->opt);
+    a->any = false;
+}
 
 /* Does the path have a ".." component? */
 static bool has_dotdot(const char *p)
@@ -363,10 +547,17 @@ static int allow_item(const char *item, const struct nbd_spec *s,
         a->any = true;
         return 1;
     }
-    if (!strncmp(item, "reconnect-delay=", 16)) {
-        a->reconnect_delay_set = true;
-        int r = parse_seconds("reconnect-delay", item + 16,
-                              &a->reconnect_delay, errp);
+    const char *eq = strchr(item, '=');
+    if (eq) {
+        char *val = strdup(eq + 1);
+        if (!val)
+            return error_setf(errp, ENOMEM, "out of memory");
+        int r = set_option(&a->opt, item, (size_t)(eq - item), val, errp);
+        if (r == 0) {
+            free(val);
+            return error_setf(errp, EINVAL, "'%s': unknown option (known: "
+                              NBD_SPEC_OPTION_NAMES ")", item);
+        }
         return r < 0 ? r : 0;
     }
     if (!strncmp(item, "unix:", 5)) {
@@ -386,7 +577,7 @@ static int allow_item(const char *item, const struct nbd_spec *s,
     if (r < 0) {
         nbd_spec_clear(&p);
         error_prefix(errp, "expected HOST[:PORT], [ADDR][:PORT], unix:PATH, "
-                     "* or reconnect-delay=SECONDS: ");
+                     "* or OPTION=VALUE: ");
         return r;
     }
     bool port_given = strchr(item[0] == '[' ? strchr(item, ']') : item, ':');
@@ -402,6 +593,7 @@ static int walk_settings(const char *settings, const struct nbd_spec *s,
                          struct error **errp)
 {
     memset(a, 0, sizeof(*a));
+    clear_options(&a->opt);
     *allowed = false;
     bool any_server = false;
     char *copy = strdup(settings);
@@ -415,7 +607,7 @@ static int walk_settings(const char *settings, const struct nbd_spec *s,
             ret = r;
             break;
         }
-        any_server |= strncmp(item, "reconnect-delay=", 16) != 0;
+        any_server |= strchr(item, '=') == NULL;
         *allowed |= r > 0;
     }
     free(copy);
@@ -423,6 +615,10 @@ static int walk_settings(const char *settings, const struct nbd_spec *s,
         ret = error_setf(errp, EINVAL, "no server allowed: name them, as "
                          "HOST[:PORT], [ADDR][:PORT] or unix:PATH joined "
                          "with ';' (or * for any)");
+    if (ret == 0)
+        ret = check_tls_options(&a->opt, true, "the settings", errp);
+    if (ret < 0)
+        allow_clear(a);
     return ret;
 }
 
@@ -430,7 +626,10 @@ int nbd_spec_check_settings(const char *settings, struct error **errp)
 {
     struct nbd_allow a;
     bool allowed;
-    return walk_settings(settings ? settings : "", NULL, &a, &allowed, errp);
+    int r = walk_settings(settings ? settings : "", NULL, &a, &allowed, errp);
+    if (r == 0)
+        allow_clear(&a);
+    return r;
 }
 
 /* A name without a prefix under an NBD overlay: an export on the overlay's
@@ -453,6 +652,8 @@ static int parse_relative(const struct nbd_spec *o, const char *name,
         return error_setf(errp, ENOMEM, "out of memory");
     memcpy(s->export, o->export, dn);
     strcpy(s->export + dn, name);
+    s->tls = o->tls;
+    clear_options(s);
     return 0;
 }
 
@@ -484,18 +685,26 @@ int nbd_spec_resolve_backing(const char *overlay, const char *settings,
         r = error_setf(errp, EINVAL, "%s: not an nbd: spec", name);
         goto out;
     }
-    if (s.reconnect_delay_set) {
-        r = error_setf(errp, EPERM, "backing name %s sets 'reconnect-delay': "
-                       "an image header may only name the server and export "
-                       "of its backing image; the options come from the "
-                       "export (its spec, or backing-remote=nbd:...)", name);
+    if (nbd_spec_has_options(&s)) {
+        r = error_setf(errp, EPERM, "backing name %s sets options: an image "
+                       "header may only name the server and export of its "
+                       "backing image; the options (files, identities, "
+                       "timeouts) come from the export (its spec, or "
+                       "backing-remote=nbd:...)", name);
         goto out;
     }
+    bool wants_tls = s.tls;
+    const char *tls_from;
     if (have_o && nbd_spec_same_server(&o, &s)) {
-        s.reconnect_delay = o.reconnect_delay;
-        s.reconnect_delay_set = o.reconnect_delay_set;
+        s.tls = o.tls;          /* a header cannot turn TLS off */
+        tls_from = "its overlay is reached without TLS";
+        if (copy_options(&s, &o) < 0) {
+            r = error_setf(errp, ENOMEM, "out of memory");
+            goto out;
+        }
     } else {
         struct nbd_allow a = {0};
+        clear_options(&a.opt);
         bool allowed = false;
         if (settings) {
             r = walk_settings(settings, &s, &a, &allowed, errp);
@@ -505,6 +714,7 @@ int nbd_spec_resolve_backing(const char *overlay, const char *settings,
             }
         }
         if (!allowed && !a.any) {
+            allow_clear(&a);
             bool v6 = s.host && strchr(s.host, ':');
             r = error_setf(errp, EACCES, "backing name %s names the NBD "
                            "server %s%s%s%s%s, which the export does not "
@@ -518,10 +728,21 @@ int nbd_spec_resolve_backing(const char *overlay, const char *settings,
                                   : "under an image that is not on NBD");
             goto out;
         }
-        if (a.reconnect_delay_set) {
-            s.reconnect_delay = a.reconnect_delay;
-            s.reconnect_delay_set = true;
+        s.tls = has_tls_options(&a.opt);
+        tls_from = "backing-remote=nbd:... gives no tls- option";
+        r = copy_options(&s, &a.opt);
+        allow_clear(&a);
+        if (r < 0) {
+            r = error_setf(errp, ENOMEM, "out of memory");
+            goto out;
         }
+    }
+    if (wants_tls && !s.tls) {
+        r = error_setf(errp, EACCES, "backing name %s asks for TLS, but %s: "
+                       "the credentials are the operator's to choose (add "
+                       "tls-certificates=DIR or tls-psk-file=FILE to the "
+                       "export's backing-remote=nbd:...)", name, tls_from);
+        goto out;
     }
     *out = nbd_spec_format(&s, true);
     r = *out ? 0 : error_setf(errp, ENOMEM, "out of memory");

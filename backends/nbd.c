@@ -45,6 +45,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "backend.h"
 #include "log.h"
@@ -109,6 +110,48 @@ static struct nbdbe *nb(struct backend *b)
 
 /* ---- connecting (blocking: offload thread or control path) ---- */
 
+static int nbdbe_set_error(const char *where, struct error **errp)
+{
+    int e = nbd_get_errno();
+    const char *msg = nbd_get_error();
+    return error_setf(errp, e ? e : EIO, "%s: %s", where,
+                      msg ? msg : "connection failed");
+}
+
+/* Runs the connection h was told to make (TCP connect, NBD handshake,
+ * TLS) until the export is ready, for at most timeout_s seconds (0: no
+ * limit).  A server that accepts and then says nothing fails here with
+ * ETIMEDOUT instead of holding the layer for ever. */
+static int nbdbe_connect_wait(struct nbd_handle *h, unsigned timeout_s,
+                              const char *where, struct error **errp)
+{
+    struct timespec t0;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (;;) {
+        if (nbd_aio_is_ready(h) == 1)
+            return 0;
+        if (nbd_aio_is_dead(h) == 1 || nbd_aio_is_closed(h) == 1)
+            return nbdbe_set_error(where, errp);
+        int wait_ms = -1;
+        if (timeout_s) {
+            struct timespec t;
+            clock_gettime(CLOCK_MONOTONIC, &t);
+            int64_t spent_ms = (t.tv_sec - t0.tv_sec) * 1000 +
+                               (t.tv_nsec - t0.tv_nsec) / 1000000;
+            int64_t left = (int64_t)timeout_s * 1000 - spent_ms;
+            if (left <= 0)
+                return error_setf(errp, ETIMEDOUT, "%s: the export was not "
+                                  "ready after %u s (connect-timeout): the "
+                                  "TCP connect, the NBD handshake or the TLS "
+                                  "negotiation did not finish", where,
+                                  timeout_s);
+            wait_ms = (int)MIN(left, 1000);
+        }
+        if (nbd_poll(h, wait_ms) < 0 && nbd_aio_is_dead(h) != 1)
+            return nbdbe_set_error(where, errp);
+    }
+}
+
 static struct nbd_handle *nbdbe_connect(const struct nbd_spec *s,
                                         const char *where,
                                         struct nbdbe_info *info,
@@ -124,12 +167,24 @@ static struct nbd_handle *nbdbe_connect(const struct nbd_spec *s,
         r = nbd_add_meta_context(h, LIBNBD_CONTEXT_BASE_ALLOCATION);
     if (r == 0)
         r = nbd_set_pread_initialize(h, false);
+    if (r == 0 && s->tls)
+        r = nbd_set_tls(h, LIBNBD_TLS_REQUIRE);
+    if (r == 0 && s->tls_certificates)
+        r = nbd_set_tls_certificates(h, s->tls_certificates);
+    if (r == 0 && s->tls_psk_file)
+        r = nbd_set_tls_psk_file(h, s->tls_psk_file);
+    if (r == 0 && s->tls_username)
+        r = nbd_set_tls_username(h, s->tls_username);
+    if (r == 0 && s->tls_verify_peer_set)
+        r = nbd_set_tls_verify_peer(h, s->tls_verify_peer);
     if (r == 0)
-        r = s->socket ? nbd_connect_unix(h, s->socket)
-                      : nbd_connect_tcp(h, s->host, s->port);
+        r = s->socket ? nbd_aio_connect_unix(h, s->socket)
+                      : nbd_aio_connect_tcp(h, s->host, s->port);
+    if (r == 0)
+        r = nbdbe_connect_wait(h, s->connect_timeout, where, errp);
+    else
+        nbdbe_set_error(where, errp);
     if (r < 0) {
-        int e = nbd_get_errno();
-        error_setf(errp, e ? e : EIO, "%s: %s", where, nbd_get_error());
         nbd_close(h);
         return NULL;
     }
@@ -447,6 +502,62 @@ static int nbdbe_wait_co(struct nbdbe_wait *w)
     }
 }
 
+/* The commands a request is split into. */
+enum nbdbe_cmd {
+    NBDBE_PREAD,
+    NBDBE_PWRITE,
+    NBDBE_ZERO,
+    NBDBE_TRIM,
+    NBDBE_CACHE,
+};
+
+/* Splits [off, off + len) into commands cmd of at most chunk bytes,
+ * issues them all and waits for them: the request's result.  buf is the
+ * data of a read or a write, advanced piece by piece unless same_buf (the
+ * zeros written for every piece); f the command flags. */
+static int nbdbe_run_co(struct nbdbe *n, struct coro *co, enum nbdbe_cmd cmd,
+                        uint8_t *buf, bool same_buf, uint64_t off,
+                        uint64_t len, uint64_t chunk, uint32_t f)
+{
+    struct nbdbe_wait w;
+    nbdbe_wait_init(&w, n, co);
+    for (uint64_t done = 0; done < len;) {
+        uint64_t c = MIN(len - done, chunk);
+        uint8_t *p = same_buf ? buf : buf + done;
+        nbd_completion_callback cb = nbdbe_cb(&w);
+        int64_t cookie = -1;
+        nbdbe_issuing(&w);
+        switch (cmd) {
+        case NBDBE_PREAD:
+            cookie = nbd_aio_pread(n->h, p, c, off + done, cb, f);
+            break;
+        case NBDBE_PWRITE:
+            cookie = nbd_aio_pwrite(n->h, p, c, off + done, cb, f);
+            break;
+        case NBDBE_ZERO:
+            cookie = nbd_aio_zero(n->h, c, off + done, cb, f);
+            break;
+        case NBDBE_TRIM:
+            cookie = nbd_aio_trim(n->h, c, off + done, cb, f);
+            break;
+        case NBDBE_CACHE:
+            cookie = nbd_aio_cache(n->h, c, off + done, cb, f);
+            break;
+        }
+        if (!nbdbe_issued(&w, cookie))
+            break;
+        done += c;
+    }
+    return nbdbe_wait_co(&w);
+}
+
+/* The largest piece of an effect command (zero, trim, cache, status):
+ * under NBDBE_MAX_EFFECT, a multiple of the minimum block size. */
+static uint64_t nbdbe_effect_max(const struct nbdbe *n)
+{
+    return NBDBE_MAX_EFFECT - NBDBE_MAX_EFFECT % n->info.min_block;
+}
+
 static int nbdbe_preadv_co(struct backend *b, struct coro *co,
                            const struct iovec *iov, int iovcnt, uint64_t off)
 {
@@ -463,17 +574,8 @@ static int nbdbe_preadv_co(struct backend *b, struct coro *co,
     uint8_t *buf = iovcnt == 1 ? iov[0].iov_base : malloc(avail);
     if (!buf)
         return -ENOMEM;
-    struct nbdbe_wait w;
-    nbdbe_wait_init(&w, n, co);
-    for (uint64_t done = 0; done < avail;) {
-        uint64_t c = MIN(avail - done, n->info.max_chunk);
-        nbdbe_issuing(&w);
-        if (!nbdbe_issued(&w, nbd_aio_pread(n->h, buf + done, c, off + done,
-                                            nbdbe_cb(&w), 0)))
-            break;
-        done += c;
-    }
-    r = nbdbe_wait_co(&w);
+    r = nbdbe_run_co(n, co, NBDBE_PREAD, buf, false, off, avail,
+                     n->info.max_chunk, 0);
     if (iovcnt != 1) {
         if (r == 0) {
             struct iov_slice sl;
@@ -527,18 +629,8 @@ static int nbdbe_pwritev_co(struct backend *b, struct coro *co,
     if (iovcnt != 1)
         iov_to_buf(iov, iovcnt, buf);
     bool fua = (flags & BACKEND_FUA) && n->info.can_fua;
-    struct nbdbe_wait w;
-    nbdbe_wait_init(&w, n, co);
-    for (uint64_t done = 0; done < len;) {
-        uint64_t c = MIN(len - done, n->info.max_chunk);
-        nbdbe_issuing(&w);
-        if (!nbdbe_issued(&w, nbd_aio_pwrite(n->h, buf + done, c, off + done,
-                                             nbdbe_cb(&w),
-                                             fua ? LIBNBD_CMD_FLAG_FUA : 0)))
-            break;
-        done += c;
-    }
-    r = nbdbe_wait_co(&w);
+    r = nbdbe_run_co(n, co, NBDBE_PWRITE, buf, false, off, len,
+                     n->info.max_chunk, fua ? LIBNBD_CMD_FLAG_FUA : 0);
     if (iovcnt != 1)
         free(buf);
     if (r == 0 && (flags & BACKEND_FUA) && !fua)
@@ -559,25 +651,8 @@ static int nbdbe_write_zeros_co(struct nbdbe *n, struct coro *co,
 {
     if (!n->zeros && !(n->zeros = calloc(1, NBDBE_ZERO_BUF)))
         return -ENOMEM;
-    struct nbdbe_wait w;
-    nbdbe_wait_init(&w, n, co);
-    for (uint64_t done = 0; done < len;) {
-        uint64_t c = MIN(len - done, MIN(NBDBE_ZERO_BUF, n->info.max_chunk));
-        nbdbe_issuing(&w);
-        if (!nbdbe_issued(&w, nbd_aio_pwrite(n->h, n->zeros, c, off + done,
-                                             nbdbe_cb(&w), 0)))
-            break;
-        done += c;
-    }
-    return nbdbe_wait_co(&w);
-}
-
-/* The largest piece of an effect command (zero, trim, status): under
- * NBDBE_MAX_EFFECT, a multiple of the minimum block size. */
-static uint64_t nbdbe_effect_chunk(const struct nbdbe *n, uint64_t left)
-{
-    uint64_t max = NBDBE_MAX_EFFECT - NBDBE_MAX_EFFECT % n->info.min_block;
-    return MIN(left, max);
+    return nbdbe_run_co(n, co, NBDBE_PWRITE, n->zeros, true, off, len,
+                        MIN(NBDBE_ZERO_BUF, n->info.max_chunk), 0);
 }
 
 static int nbdbe_zero_co(struct backend *b, struct coro *co, uint64_t off,
@@ -603,17 +678,8 @@ static int nbdbe_zero_co(struct backend *b, struct coro *co, uint64_t off,
     uint32_t f = (fua ? LIBNBD_CMD_FLAG_FUA : 0) |
                  (flags & BACKEND_MAY_TRIM ? 0 : LIBNBD_CMD_FLAG_NO_HOLE) |
                  (flags & BACKEND_FAST ? LIBNBD_CMD_FLAG_FAST_ZERO : 0);
-    struct nbdbe_wait w;
-    nbdbe_wait_init(&w, n, co);
-    for (uint64_t done = 0; done < len;) {
-        uint64_t c = nbdbe_effect_chunk(n, len - done);
-        nbdbe_issuing(&w);
-        if (!nbdbe_issued(&w, nbd_aio_zero(n->h, c, off + done, nbdbe_cb(&w),
-                                           f)))
-            break;
-        done += c;
-    }
-    r = nbdbe_wait_co(&w);
+    r = nbdbe_run_co(n, co, NBDBE_ZERO, NULL, true, off, len,
+                     nbdbe_effect_max(n), f);
     if (r == -ENOTSUP && (flags & BACKEND_FAST))
         return r;
     if (r == 0 && (flags & BACKEND_FUA) && !fua)
@@ -632,17 +698,8 @@ static int nbdbe_discard_co(struct backend *b, struct coro *co, uint64_t off,
     if (r < 0 || !n->info.can_trim)
         return r;
     bool fua = (flags & BACKEND_FUA) && n->info.can_fua;
-    struct nbdbe_wait w;
-    nbdbe_wait_init(&w, n, co);
-    for (uint64_t done = 0; done < len;) {
-        uint64_t c = nbdbe_effect_chunk(n, len - done);
-        nbdbe_issuing(&w);
-        if (!nbdbe_issued(&w, nbd_aio_trim(n->h, c, off + done, nbdbe_cb(&w),
-                                           fua ? LIBNBD_CMD_FLAG_FUA : 0)))
-            break;
-        done += c;
-    }
-    return nbdbe_wait_co(&w);
+    return nbdbe_run_co(n, co, NBDBE_TRIM, NULL, true, off, len,
+                        nbdbe_effect_max(n), fua ? LIBNBD_CMD_FLAG_FUA : 0);
 }
 
 /* The first run of extents with one status, from base:allocation. */
@@ -692,7 +749,7 @@ static int nbdbe_block_status_co(struct backend *b, struct coro *co,
         *status = BACKEND_STATUS_DATA;
         return 0;
     }
-    struct nbdbe_extents x = {.len = nbdbe_effect_chunk(n, len)};
+    struct nbdbe_extents x = {.len = MIN(len, nbdbe_effect_max(n))};
     struct nbdbe_wait w;
     nbdbe_wait_init(&w, n, co);
     nbdbe_issuing(&w);
@@ -730,17 +787,8 @@ static int nbdbe_cache_co(struct backend *b, struct coro *co, uint64_t off,
     if (!n->info.can_cache || n->state != NBDBE_READY || off >= n->info.size)
         return 0;
     len = MIN(len, n->info.size - off);
-    struct nbdbe_wait w;
-    nbdbe_wait_init(&w, n, co);
-    for (uint64_t done = 0; done < len;) {
-        uint64_t c = nbdbe_effect_chunk(n, len - done);
-        nbdbe_issuing(&w);
-        if (!nbdbe_issued(&w, nbd_aio_cache(n->h, c, off + done,
-                                            nbdbe_cb(&w), 0)))
-            break;
-        done += c;
-    }
-    nbdbe_wait_co(&w);
+    nbdbe_run_co(n, co, NBDBE_CACHE, NULL, true, off, len,
+                 nbdbe_effect_max(n), 0);
     return 0; /* a hint */
 }
 

@@ -13,7 +13,8 @@
 #             the tree (tests/fuzz/corpus/TARGET/), minimised; otherwise
 #             they stay in build-fuzz/corpus/TARGET/ and the tree is not
 #             touched
-#   TARGET    nbd-codec, rbd-spec, qcow2-header, qcow2-image, nbd-conn, qmp
+#   TARGET    nbd-codec, rbd-spec, nbd-spec, qcow2-header, qcow2-image,
+#             nbd-conn, qmp
 #             (default: all)
 #
 # One target at a time, one process each (-jobs/-workers are not used),
@@ -27,7 +28,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-all=(nbd-codec rbd-spec qcow2-header qcow2-image nbd-conn qmp)
+all=(nbd-codec rbd-spec nbd-spec qcow2-header qcow2-image nbd-conn qmp)
 seconds=
 runs=
 keep=false

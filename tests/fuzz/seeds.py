@@ -79,6 +79,29 @@ def nbd_codec():
     write("nbd-codec", "extents", s + extents)
 
 
+# ---- nbd: specs; then backing-remote=nbd: settings; then a backing name ----
+def nbd_spec():
+    for name, text in {
+        "uri": "nbd://golden.example:10810/base",
+        "unix-options": "nbd+unix:///e?socket=/run/s.sock&reconnect-delay=0"
+                        "&connect-timeout=5",
+        "tls-x509": "nbds://[::1]/img?tls-certificates=/etc/pki/c"
+                    "&tls-verify-peer=false",
+        "tls-psk": "nbds+unix:///e?socket=/s&tls-psk-file=/k.psk"
+                   "&tls-username=alice",
+        "legacy": "nbd:h:10809:exportname=x%20y",
+        "relative-backing": "nbds://h:4000/dir/top?tls-certificates=/c\n"
+                            "\nbase",
+        "other-server": "nbd://h/top\nevil;h2:99;reconnect-delay=3\n"
+                        "nbd://evil/base",
+        "local-overlay-tls": "nbd:/x\nh;tls-psk-file=/k;tls-username=u"
+                             ";connect-timeout=9\nnbds://h/b",
+        "header-options": "nbd:/x\n*;tls-certificates=/c\n"
+                          "nbds://h/b?tls-certificates=/etc",
+    }.items():
+        write("nbd-spec", name, text.encode())
+
+
 # ---- rbd: specs; after a newline, a backing name ----
 def rbd_spec():
     seeds = {
@@ -435,6 +458,7 @@ def qmp():
 
 
 TARGETS = {"nbd-codec": nbd_codec, "rbd-spec": rbd_spec,
+           "nbd-spec": nbd_spec,
            "qcow2-header": qcow2_header, "qcow2-image": qcow2_image,
            "nbd-conn": nbd_conn, "qmp": qmp}
 

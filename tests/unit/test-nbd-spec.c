@@ -46,6 +46,20 @@ static void check_parse(const char *text, const char *host, const char *port,
     assert_true(nbd_spec_same_server(&s, &t));
     assert_string_equal(s.export, t.export);
     assert_int_equal(s.reconnect_delay, t.reconnect_delay);
+    assert_int_equal(s.connect_timeout, t.connect_timeout);
+    assert_int_equal(s.tls, t.tls);
+    assert_int_equal(s.tls_verify_peer, t.tls_verify_peer);
+    assert_int_equal(s.tls_verify_peer_set, t.tls_verify_peer_set);
+    const char *const so[] = {s.tls_certificates, s.tls_psk_file,
+                              s.tls_username};
+    const char *const to[] = {t.tls_certificates, t.tls_psk_file,
+                              t.tls_username};
+    for (size_t i = 0; i < ARRAY_SIZE(so); i++) {
+        if (so[i])
+            assert_string_equal(so[i], to[i]);
+        else
+            assert_null(to[i]);
+    }
     nbd_spec_clear(&t);
     free(c);
     nbd_spec_clear(&s);
@@ -76,10 +90,35 @@ static void test_parse_good(void **state)
                 "nbd://h:99/base");
     check_parse("nbd:unix:/tmp/a:b.sock:exportname=e", NULL, NULL,
                 "/tmp/a:b.sock", "e", "nbd+unix:///e?socket=/tmp/a:b.sock");
+    /* TLS and the other options */
+    check_parse("nbds://h/e", "h", "10809", NULL, "e", "nbds://h:10809/e");
+    check_parse("nbds+tcp://h/e?tls-certificates=/etc/pki/a%20b", "h",
+                "10809", NULL, "e",
+                "nbds://h:10809/e?tls-certificates=/etc/pki/a%20b");
+    check_parse("nbds+unix:///e?tls-psk-file=/k.psk&socket=/s&"
+                "tls-username=alice", NULL, NULL, "/s", "e",
+                "nbds+unix:///e?socket=/s&tls-psk-file=/k.psk&"
+                "tls-username=alice");
+    check_parse("nbds://h/e?tls-verify-peer=false&connect-timeout=5", "h",
+                "10809", NULL, "e",
+                "nbds://h:10809/e?connect-timeout=5&tls-verify-peer=false");
+    check_parse("nbd://h/e?connect-timeout=0&reconnect-delay=3", "h",
+                "10809", NULL, "e",
+                "nbd://h:10809/e?reconnect-delay=3&connect-timeout=0");
     struct nbd_spec s;
     assert_int_equal(nbd_spec_parse("nbd://h", &s, NULL), 0);
     assert_int_equal(s.reconnect_delay, NBD_SPEC_DEFAULT_RECONNECT_DELAY);
     assert_false(s.reconnect_delay_set);
+    assert_int_equal(s.connect_timeout, NBD_SPEC_DEFAULT_CONNECT_TIMEOUT);
+    assert_false(s.tls);
+    assert_false(s.tls_verify_peer_set);
+    assert_false(nbd_spec_has_options(&s));
+    nbd_spec_clear(&s);
+    assert_int_equal(nbd_spec_parse("nbds://h?tls-verify-peer=on", &s, NULL),
+                     0);
+    assert_true(s.tls);
+    assert_true(s.tls_verify_peer && s.tls_verify_peer_set);
+    assert_true(nbd_spec_has_options(&s));
     nbd_spec_clear(&s);
 }
 
@@ -90,7 +129,17 @@ static void test_parse_bad(void **state)
         const char *spec, *msg;
         int code;
     } bad[] = {
-        {"nbds://h/e", "TLS", ENOTSUP},
+        {"nbd://h/e?tls-certificates=/d", "need TLS: write nbds://", EINVAL},
+        {"nbd+unix:///e?socket=/s&tls-psk-file=/k", "need TLS", EINVAL},
+        {"nbds://h/e?tls-certificates=/d&tls-psk-file=/k",
+         "exclude each other", EINVAL},
+        {"nbds://h/e?tls-username=u", "needs tls-psk-file=", EINVAL},
+        {"nbds://h/e?tls-certificates=pki", "absolute path", EINVAL},
+        {"nbds://h/e?tls-psk-file=", "is empty", EINVAL},
+        {"nbds://h/e?tls-verify-peer=maybe", "true or false", EINVAL},
+        {"nbds://h/e?connect-timeout=-1", "whole seconds", EINVAL},
+        {"nbds:h:10809", "expected nbd[s]://", EINVAL},
+        {"nbdsx://h/e", "expected nbd[s]://", EINVAL},
         {"nbd+unix:///e", "needs ?socket=PATH", EINVAL},
         {"nbd+unix://h/e?socket=/s", "takes no host", EINVAL},
         {"nbd://h/e?socket=/s", "socket= is for nbd+unix", EINVAL},
@@ -100,6 +149,10 @@ static void test_parse_bad(void **state)
         {"nbd:///e", "no host", EINVAL},
         {"nbd://::1/e", "brackets", EINVAL},
         {"nbd://[::1/e", "without ']'", EINVAL},
+        {"nbd://a&b/e", "invalid character '&' in the host", EINVAL},
+        {"nbd://a%20b/e", "invalid character '%' in the host", EINVAL},
+        {"nbd://[a b]/e", "invalid byte 0x20 in the host", EINVAL},
+        {"nbd://\xc3\xa9t\xc3\xa9/e", "invalid byte 0xc3", EINVAL},
         {"nbd://h/e?colour=red", "unknown option 'colour'", EINVAL},
         {"nbd://h/e?reconnect-delay=x", "whole seconds", EINVAL},
         {"nbd://h/e?reconnect-delay=99999", "whole seconds", EINVAL},
@@ -108,7 +161,7 @@ static void test_parse_bad(void **state)
         {"nbd://h/e#frag", "fragment", EINVAL},
         {"nbd:h", "expected nbd:HOST:PORT", EINVAL},
         {"nbd:unix:", "expected nbd:unix:PATH", EINVAL},
-        {"nbd+vsock://1/e", "expected nbd://", EINVAL},
+        {"nbd+vsock://1/e", "expected nbd[s]://", EINVAL},
     };
     for (size_t i = 0; i < ARRAY_SIZE(bad); i++) {
         struct nbd_spec s;
@@ -183,6 +236,25 @@ static void test_resolve_backing(void **state)
     /* a header never sets options */
     resolve(ov, NULL, "nbd://h:4000/b?reconnect-delay=0", NULL, EPERM);
     resolve(NULL, "*", "nbd://h/b?reconnect-delay=0", NULL, EPERM);
+    /* TLS: the operator's, never the header's */
+    const char *ovt = "nbds://h:4000/dir/top?tls-certificates=/c";
+    resolve(ovt, NULL, "nbd://h:4000/base",
+            "nbds://h:4000/base?tls-certificates=/c", 0);
+    resolve(ovt, NULL, "base", "nbds://h:4000/dir/base?tls-certificates=/c",
+            0);
+    resolve(ov, NULL, "nbds://h:4000/base", NULL, EACCES);
+    resolve(NULL, "h", "nbds://h/b", NULL, EACCES);
+    resolve(NULL, "h;tls-certificates=/c", "nbd://h/b",
+            "nbds://h:10809/b?tls-certificates=/c", 0);
+    resolve(NULL, "h;tls-psk-file=/k;tls-username=u;connect-timeout=5",
+            "nbds://h/b",
+            "nbds://h:10809/b?connect-timeout=5&tls-psk-file=/k&"
+            "tls-username=u", 0);
+    resolve(NULL, "*;tls-certificates=/c", "nbds://h/b?tls-certificates=/etc",
+            NULL, EPERM);
+    resolve(ovt, NULL, "nbds://h:4000/b?connect-timeout=1", NULL, EPERM);
+    resolve(NULL, "h;tls-username=u", "nbds://h/b", NULL, EINVAL);
+    resolve(NULL, "h;tls-certificates=rel", "nbds://h/b", NULL, EINVAL);
     /* bad settings */
     resolve(NULL, "reconnect-delay=1", "nbd://h/b", NULL, EINVAL);
     resolve(NULL, "unix:relative", "nbd://h/b", NULL, EINVAL);
@@ -195,6 +267,17 @@ static void test_settings(void **state)
     assert_int_equal(nbd_spec_check_settings("h", NULL), 0);
     assert_int_equal(nbd_spec_check_settings("*;reconnect-delay=3", NULL), 0);
     assert_int_equal(nbd_spec_check_settings("a:1;[::1];unix:/r/", NULL), 0);
+    assert_int_equal(nbd_spec_check_settings("h;tls-certificates=/c;"
+                                             "connect-timeout=9", NULL), 0);
+    struct error *e2 = NULL;
+    assert_int_equal(nbd_spec_check_settings("h;colour=red", &e2), -EINVAL);
+    assert_non_null(strstr(e2->msg, "unknown option"));
+    error_free(e2);
+    e2 = NULL;
+    assert_int_equal(nbd_spec_check_settings("h;tls-certificates=/c;"
+                                             "tls-psk-file=/k", &e2), -EINVAL);
+    assert_non_null(strstr(e2->msg, "exclude each other"));
+    error_free(e2);
     struct error *err = NULL;
     assert_int_equal(nbd_spec_check_settings(NULL, &err), -EINVAL);
     assert_non_null(strstr(err->msg, "no server allowed"));
@@ -214,6 +297,11 @@ static void test_driver(void **state)
                                    "nbd://h/base?reconnect-delay=3", false,
                                    NULL);
     assert_string_equal(p, "nbd://h:10809/base");
+    free(p);
+    p = backend_backing_name("/x/top.qcow2",
+                             "nbds://h/base?tls-psk-file=/k&connect-timeout=1",
+                             false, NULL);
+    assert_string_equal(p, "nbds://h:10809/base");
     free(p);
     p = backend_backing_name("nbd://h/d/top", "nbd://h:10809/d/base", true,
                              NULL);

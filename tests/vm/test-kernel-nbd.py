@@ -19,11 +19,18 @@ file.  Base and mid hold junk patterns that the guest's mkfs overwrites.
                    image; base and mid unchanged; the image flattened and
                    checked with the host's e2fsck -fn and every file read
                    back with debugfs against its checksum.
-  boot 2 (verify): stratad restarted with readonly=on; one connection, the
-                   default 1 KiB block size; the device must be read-only;
-                   mount -o ro, every checksum, e2fsck -fn, a write refused.
-  host:            no WRITE or TRIM reached stratad; qemu-img check again;
-                   the image content unchanged.
+  boot 2 (verify): stratad restarted with readonly=on and --tls=require
+                   --tls-verify-peer (X.509 certificates made by certtool);
+                   the guest's nbd-client connects over TLS with a client
+                   certificate (-cacertfile -certfile -keyfile
+                   -tlshostname: Debian's nbd-client relays the kernel's
+                   socket through its own GnuTLS proxy); one connection,
+                   the default 1 KiB block size; the device must be
+                   read-only; mount -o ro, every checksum, e2fsck -fn, a
+                   write refused.
+  host:            no WRITE or TRIM reached stratad; the connection took
+                   the TLS path (stratad's log); qemu-img check again; the
+                   image content unchanged.
   boot 3 (rewrite): like boot 1 over the same export with one connection,
                    1 KiB device blocks and mke2fs's own choice of 1 KiB file
                    system blocks, so stratad gets 1 KiB requests; the host
@@ -55,6 +62,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                 "..", "integration"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as H  # noqa: E402
+import tlscerts  # noqa: E402
 import vmlib  # noqa: E402
 import vmtest  # noqa: E402
 from vmtest import file_sha, sh, workdir  # noqa: E402
@@ -76,7 +84,7 @@ MIN_REQUESTS = 20
 # choice (1 KiB blocks on a device this small: 1 KiB requests to stratad).
 BOOTS = [
     dict(name="write", mode="write", conns=2, bs=4096, fsbs=4096),
-    dict(name="verify", mode="verify", conns=1, bs=1024),
+    dict(name="verify", mode="verify", conns=1, bs=1024, tls=True),
     dict(name="rewrite", mode="write", conns=1, bs=1024, fsbs=None),
 ]
 
@@ -219,9 +227,14 @@ def connections(logtext):
     return conns
 
 
-def probe(daemon, readonly):
-    """What the export advertises, seen by libnbd on the unix socket."""
+def probe(daemon, readonly, certs=None):
+    """What the export advertises, seen by libnbd on the unix socket (over
+    TLS with the client certificate when certs is given)."""
     h = H.nbd_handle()
+    if certs:
+        import nbd
+        h.set_tls(nbd.TLS_REQUIRE)
+        h.set_tls_certificates(certs.path("alice"))
     h.connect_uri(daemon.uri(EXPORT))
     size = h.get_size()
     mc = h.can_multi_conn()
@@ -233,10 +246,14 @@ def probe(daemon, readonly):
     return mc
 
 
-def boot(image, d, daemon, b, files, sums):
+def boot(image, d, daemon, b, files, sums, certs):
     name, conns, bs = b["name"], b["conns"], b["bs"]
     init = open(INIT).read()
     guest_files = {"SHA256SUMS": sums.encode()}
+    if b.get("tls"):
+        for f in ("ca-cert.pem", "client-cert.pem", "client-key.pem"):
+            with open(os.path.join(certs.path("alice"), f), "rb") as fh:
+                guest_files["tls/" + f] = fh.read()
     if b["mode"] == "write":
         guest_files.update(files)
         guest_files["scratch"] = random.Random(SEED + 1).randbytes(8 << 20)
@@ -244,7 +261,8 @@ def boot(image, d, daemon, b, files, sums):
                f"strata.fsbs={b.get('fsbs') or 'default'} "
                f"strata.export={EXPORT} strata.size={SIZE} "
                f"strata.server={vmlib.guestfwd_addr(0)} "
-               f"strata.port={GUEST_PORT}"
+               f"strata.port={GUEST_PORT} "
+               f"strata.tls={1 if b.get('tls') else 0}"
                + (f" strata.hostport={daemon.port}" if b["mode"] == "write"
                   and b["conns"] > 1 else ""))
     before = len(daemon.logtext())
@@ -257,16 +275,25 @@ def boot(image, d, daemon, b, files, sums):
         print("--- stratad log ---\n" + daemon.logtext()[before:][-4000:])
         H.fail(f"boot '{name}': {r.reason} (serial log: {r.log}; "
                "STRATA_VM_KEEP=1 keeps it)")
-    H.ok(f"boot '{name}' ({conns} connection(s), block size {bs}): guest "
-         f"says PASS in {r.seconds:.1f}s")
+    H.ok(f"boot '{name}' ({conns} connection(s), block size {bs}"
+         f"{', TLS' if b.get('tls') else ''}): guest says PASS in "
+         f"{r.seconds:.1f}s")
     return before
 
 
 def check_connections(daemon, b, before):
     """After stratad stopped: the boot's connections, each with its share
     of the requests and a clean NBD_CMD_DISC; what the kernel sent."""
-    seen = connections(daemon.logtext()[before:])
+    log = daemon.logtext()[before:]
+    seen = connections(log)
     name = b["name"]
+    tls = set(int(m.group(1)) for m in re.finditer(
+        r"conn (\d+): TLS path", log))
+    if b.get("tls"):
+        H.check_soft(seen and set(seen) <= tls, f"boot '{name}': connections "
+                     f"{sorted(set(seen) - tls)} did not take the TLS path")
+    else:
+        H.check_soft(not tls, f"boot '{name}': TLS on a plaintext boot")
     H.check_soft(len(seen) == b["conns"], f"boot '{name}': stratad saw "
                  f"{len(seen)} connection(s) on '{EXPORT}', expected "
                  f"{b['conns']}")
@@ -293,9 +320,11 @@ def check_connections(daemon, b, before):
         ", ".join(f"{k} {total[k]}" for k in COUNTS[1:]))
 
 
-def start_daemon(export_file, readonly):
+def start_daemon(export_file, readonly, certs=None):
+    tls = (["--tls=require", "--tls-certificates", certs.server,
+            "--tls-verify-peer"] if certs else [])
     return H.Daemon([export_spec(export_file, readonly)], tcp=True,
-                    extra=["--verbose"])
+                    extra=["--verbose", *tls])
 
 
 def stop_daemon(daemon, d, name):
@@ -307,7 +336,7 @@ def stop_daemon(daemon, d, name):
 
 
 def main():
-    vmtest.begin("qemu-img", "qemu-io", "socat")
+    vmtest.begin("qemu-img", "qemu-io", "socat", "certtool", "psktool")
     if FORMAT not in ("qcow2", "raw"):
         H.fail(f"STRATA_VM_FORMAT={FORMAT}: expected qcow2 or raw")
     H.ok(f"format: {FORMAT} (STRATA_VM_FORMAT)")
@@ -323,16 +352,17 @@ def main():
     H.ok("images: " + ", ".join(os.path.basename(p)
                                 for p in images or [export_file]))
 
+    certs = tlscerts.Certs()
     written = None
     for b in BOOTS:
         ro = b["mode"] == "verify"
-        daemon = start_daemon(export_file, ro)
-        mc = probe(daemon, ro)
+        daemon = start_daemon(export_file, ro, certs if b.get("tls") else None)
+        mc = probe(daemon, ro, certs if b.get("tls") else None)
         if b["conns"] > 1:
             H.check_hard(mc, "the export does not advertise CAN_MULTI_CONN; "
                          f"nbd-client -C {b['conns']} needs it")
             H.ok("export advertises CAN_MULTI_CONN")
-        before = boot(image, d, daemon, b, files, sums)
+        before = boot(image, d, daemon, b, files, sums, certs)
         stop_daemon(daemon, d, b["name"])
         check_connections(daemon, b, before)
         qemu_img_check(images)

@@ -4,7 +4,8 @@
 # strata.fsbs=N|default (mkfs block size) strata.export=NAME
 # strata.size=BYTES (strata.server / strata.port: where the host's guestfwd
 # rule forwards to stratad; strata.hostport: stratad's port on the host,
-# which the guest must not reach any other way).
+# which the guest must not reach any other way) strata.tls=0|1 (1: over
+# TLS with the client certificate in /tls, the server's name localhost).
 #
 # write:  connect, mkfs.ext4, mount, copy /data, sync, fstrim, re-read after
 #         dropping caches, umount, e2fsck -fn, disconnect.
@@ -26,6 +27,7 @@ size=$(vm_arg strata.size)
 server=$(vm_arg strata.server 10.0.2.100)
 port=$(vm_arg strata.port 10809)
 hostport=$(vm_arg strata.hostport)
+tls=$(vm_arg strata.tls 0)
 dev=/dev/nbd0
 
 check_sums() {
@@ -54,8 +56,15 @@ if [ -n "$hostport" ]; then
     vm_log "$(cat /tmp/nc.out)"
 fi
 
-vm_run "nbd-client: $conns connection(s), block size $bs, export '$name'" \
-    "$NBD_CLIENT" "$server" "$port" $dev -N "$name" -b "$bs" -C "$conns" -t 120
+set --
+if [ "$tls" = 1 ]; then
+    # nbd-client does the TLS in a proxy of its own and hands the kernel
+    # the plaintext end of a socket pair
+    set -- -cacertfile /tls/ca-cert.pem -certfile /tls/client-cert.pem \
+        -keyfile /tls/client-key.pem -tlshostname localhost
+fi
+vm_run "nbd-client: $conns connection(s), block size $bs, export '$name'${*:+, TLS}" \
+    "$NBD_CLIENT" "$server" "$port" $dev -N "$name" -b "$bs" -C "$conns" -t 120 "$@"
 vm_expect "device size" "$size" blockdev --getsize64 $dev
 vm_expect "logical block size" "$bs" blockdev --getss $dev
 
