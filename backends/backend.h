@@ -96,11 +96,6 @@ struct backend {
                               buffers (1 unless direct I/O) */
     unsigned caps;         /* BACKEND_CAN_* */
     bool read_only;
-    /* Writes (write, zero, discard, truncate) completed, and how many of
-     * them the last successful flush covered: equal, a flush has nothing
-     * to make durable and is not sent (backend_flush_co).  Maintained by
-     * the wrappers; zero when the driver allocates the backend. */
-    uint64_t writes_done, writes_flushed;
 };
 
 struct backend_open_opts {

@@ -562,6 +562,22 @@ int loop_run(struct loop *l)
     return r;
 }
 
+int loop_run_once(struct loop *l)
+{
+    assert(!l->running);
+    l->running = true;
+    tick_arm(l);
+    int r = loop_iterate(l, NULL);
+    /* What the completions set off (hooks: sends, closes) is done before
+     * returning, so the caller sees its effect on the sockets. */
+    if (r == 0 && !l->stopping) {
+        run_coroutines(l);
+        run_hooks(l);
+    }
+    l->running = false;
+    return r;
+}
+
 /* Runs fn(co, arg) in a coroutine and iterates the loop until it returns. */
 struct sync_call {
     coro_fn *fn;

@@ -93,6 +93,12 @@ void loop_bufring_put(struct loop_bufring *br, unsigned bid);
 
 /* Runs until loop_stop(); returns 0 or -errno for a fatal ring error. */
 int loop_run(struct loop *l);
+/* One iteration of loop_run(): runs what is ready, then waits for at least
+ * one completion (the tick's, about a second, at the latest), delivers
+ * what has arrived and runs what that made ready.  For a caller that drives the other side of a socket
+ * between iterations (a test's client on the same thread).  Returns at
+ * once after loop_stop(). */
+int loop_run_once(struct loop *l);
 void loop_stop(struct loop *l);
 
 /* Control path outside loop_run() (start-up): runs fn(co, arg) in a

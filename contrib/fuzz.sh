@@ -14,21 +14,21 @@
 #             they stay in build-fuzz/corpus/TARGET/ and the tree is not
 #             touched
 #   TARGET    nbd-codec, rbd-spec, nbd-spec, qcow2-header, qcow2-image,
-#             nbd-conn, qmp
+#             nbd-conn, qmp, qmp-dispatch
 #             (default: all)
 #
 # One target at a time, one process each (-jobs/-workers are not used),
 # niced (19): the machine stays usable.  Exits 1 if a target finds an input that
 # crashes or breaks a property (the input is saved as
 # build-fuzz/findings/TARGET-crash-*; replay it with
-# build-fuzz/tests/fuzz/fuzz-TARGET FILE, FUZZ_VERBOSE=1 for qcow2-image and
-# qmp to see what it does), 0 otherwise.  Without clang or libFuzzer
+# build-fuzz/tests/fuzz/fuzz-TARGET FILE, FUZZ_VERBOSE=1 for qcow2-image, qmp and
+# qmp-dispatch to see what it does), 0 otherwise.  Without clang or libFuzzer
 # (Debian: clang libclang-rt-14-dev) it says so and exits 0: the corpus is
 # still replayed by every meson test run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-all=(nbd-codec rbd-spec nbd-spec qcow2-header qcow2-image nbd-conn qmp)
+all=(nbd-codec rbd-spec nbd-spec qcow2-header qcow2-image nbd-conn qmp qmp-dispatch)
 seconds=
 runs=
 keep=false

@@ -87,7 +87,7 @@ static bool wait_allocs_locked_co(struct qcow2 *s, struct coro *co,
         return false;
     co_mutex_unlock(&s->lock, co);
     co_queue_wait_co(&a->waiters, co);
-    qcow2_lock_co(s, co);
+    co_mutex_lock_co(&s->lock, co);
     return true;
 }
 
@@ -530,11 +530,8 @@ static int write_step_co(struct qcow2 *s, struct coro *co,
     struct alloc_plan plan;
     int r;
 
-    qcow2_lock_co(s, co);
+    co_mutex_lock_co(&s->lock, co);
     for (;;) {
-        r = qcow2_make_room_locked_co(s, co, off, true);
-        if (r < 0)
-            goto out_unlock;
         if (!s->broken && !s->refcounts_audited) {
             r = qcow2_audit_refcounts_co(s, co);
             if (r < 0)
@@ -568,9 +565,7 @@ static int write_step_co(struct qcow2 *s, struct coro *co,
 
     r = cow_write_co(s, co, &plan, iov, iovcnt, skip);
 
-    qcow2_lock_co(s, co);
-    if (r == 0)
-        r = qcow2_make_room_locked_co(s, co, off, true);
+    co_mutex_lock_co(&s->lock, co);
     if (r == 0)
         r = link_l2_locked_co(s, co, &plan);
     if (r == 0)
@@ -654,10 +649,7 @@ static int zero_clusters_co(struct qcow2 *s, struct coro *co, uint64_t off,
     const uint64_t cs = qcow2_cs(s);
     const bool backing = s->node.backing != NULL;
     int r = 0;
-    qcow2_lock_co(s, co);
-    r = qcow2_make_room_locked_co(s, co, off, true);
-    if (r < 0)
-        goto out;
+    co_mutex_lock_co(&s->lock, co);
     while (wait_allocs_locked_co(s, co, off, off + n * cs))
         ;
     if (!s->broken && !s->refcounts_audited) {

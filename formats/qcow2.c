@@ -12,7 +12,6 @@
 
 #include "byteorder.h"
 #include "log.h"
-#include "loop.h"
 #include "qcow2.h"
 
 /* ====================== small helpers ====================== */
@@ -29,41 +28,6 @@ int qcow2_corrupt(struct qcow2 *s, const char *fmt, ...)
                   s->node.filename, msg);
     s->broken = true;
     return -EIO;
-}
-
-void qcow2_lock_co(struct qcow2 *s, struct coro *co)
-{
-    if (!co_mutex_locked(&s->lock)) {
-        co_mutex_lock_co(&s->lock, co);
-        return;
-    }
-    uint64_t t0 = loop_now_ns();
-    co_mutex_lock_co(&s->lock, co);
-    uint64_t waited = loop_now_ns() - t0;
-    if (waited >= QCOW2_LOCK_WAIT_LOG_NS)
-        log_debug("%s: waited %.3f ms for the image lock", s->node.filename,
-                  waited / 1e6);
-}
-
-int qcow2_make_room_locked_co(struct qcow2 *s, struct coro *co, uint64_t off,
-                              bool write)
-{
-    /* Only a request whose L2 table is not cached takes an entry (a read
-     * where there is no table needs none): one that hits the cache does
-     * not wait for anyone's write-back.  A write may allocate a table
-     * and copy a shared one; the refcounts of a run may span two
-     * blocks. */
-    uint64_t l1i = qcow2_l1_index(&s->h, off);
-    uint64_t l2 = l1i < s->h.l1_size
-                      ? be_get64(s->l1 + l1i * 8) & QCOW2_L1E_OFFSET_MASK
-                      : 0;
-    bool miss = l2 ? !qcow2_cache_contains(&s->l2_cache, l2) : write;
-    int r = miss ? qcow2_cache_make_room_locked_co(&s->l2_cache, co,
-                                                   write ? 3 : 1)
-                 : 0;
-    if (r >= 0 && write)
-        r = qcow2_cache_make_room_locked_co(&s->rb_cache, co, 2);
-    return r < 0 ? r : 0;
 }
 
 void *qcow2_buf_alloc(const struct qcow2 *s, size_t len)
@@ -201,12 +165,10 @@ static int qcow2_preadv_co(struct fmt_node *n, struct coro *co,
     struct qcow2 *s = qcow2_of(n);
     uint64_t total = iov_size(iov, iovcnt), pos = 0;
     while (pos < total) {
-        struct qcow2_map m;
+        struct qcow2_map m = {0}; /* set by qcow2_map_get_co when r == 0 */
         struct qcow2_busy busy;
-        qcow2_lock_co(s, co);
-        int r = qcow2_make_room_locked_co(s, co, off + pos, false);
-        if (r == 0)
-            r = qcow2_map_get_co(s, co, off + pos, total - pos, &m);
+        co_mutex_lock_co(&s->lock, co);
+        int r = qcow2_map_get_co(s, co, off + pos, total - pos, &m);
         bool is_busy = r == 0 && (m.type == QCOW2_CLUSTER_NORMAL ||
                                   m.type == QCOW2_CLUSTER_COMPRESSED);
         if (is_busy)
@@ -372,7 +334,7 @@ int qcow2_flush_own_co(struct fmt_node *n, struct coro *co)
     uint64_t l1_lo = 0, l1_hi = 0;
     uint8_t *l1_saved = NULL;
 
-    qcow2_lock_co(s, co);
+    co_mutex_lock_co(&s->lock, co);
     for (;;) {
         if (qcow2_cache_wait_wb_locked_co(&s->rb_cache, co) ||
             qcow2_cache_wait_wb_locked_co(&s->l2_cache, co))
@@ -381,7 +343,7 @@ int qcow2_flush_own_co(struct fmt_node *n, struct coro *co)
             break;
         co_mutex_unlock(&s->lock, co);
         co_queue_wait_co(&s->l1_wb_waiters, co);
-        qcow2_lock_co(s, co);
+        co_mutex_lock_co(&s->lock, co);
     }
     int r = qcow2_cache_wb_begin_locked(&s->rb_cache, co, &rb);
     if (r == 0) {
@@ -426,7 +388,7 @@ int qcow2_flush_own_co(struct fmt_node *n, struct coro *co)
     l1_wb_end(s, l1_lo, l1_hi, l1_saved, r == 0);
 
     if (n_frees) {
-        qcow2_lock_co(s, co);
+        co_mutex_lock_co(&s->lock, co);
         if (r < 0) {
             requeue_frees_locked(s, frees, n_frees);
         } else {
@@ -460,10 +422,8 @@ static int qcow2_block_status_co(struct fmt_node *n, struct coro *co,
 {
     struct qcow2 *s = qcow2_of(n);
     struct qcow2_map m;
-    qcow2_lock_co(s, co);
-    int r = qcow2_make_room_locked_co(s, co, off, false);
-    if (r == 0)
-        r = qcow2_map_get_co(s, co, off, len, &m);
+    co_mutex_lock_co(&s->lock, co);
+    int r = qcow2_map_get_co(s, co, off, len, &m);
     co_mutex_unlock(&s->lock, co);
     if (r < 0)
         return r;
@@ -531,7 +491,6 @@ static void qcow2_close(struct fmt_node *n)
 
 static int qcow2_reopen_co(struct fmt_node *n, struct coro *co, bool read_only,
                            struct error **errp);
-static void qcow2_prepare_writable_co(struct fmt_node *n, struct coro *co);
 static int qcow2_grow_co(struct fmt_node *n, struct coro *co, uint64_t size,
                          struct error **errp);
 
@@ -543,7 +502,6 @@ static const struct fmt_ops qcow2_ops = {
     .zero_co = qcow2_zero_co,
     .discard_co = qcow2_discard_co,
     .block_status_co = qcow2_block_status_co,
-    .prepare_writable_co = qcow2_prepare_writable_co,
     .reopen_co = qcow2_reopen_co,
     .grow_co = qcow2_grow_co,
     .close = qcow2_close,
@@ -616,7 +574,7 @@ static int prepare_write_co(struct qcow2 *s, struct coro *co,
     int r;
     bool hdr_changed = false;
     if (s->h.dirty) {
-        qcow2_lock_co(s, co);
+        co_mutex_lock_co(&s->lock, co);
         r = qcow2_rebuild_refcounts_co(s, co, ext, errp);
         co_mutex_unlock(&s->lock, co);
         if (r < 0)
@@ -645,19 +603,7 @@ static int prepare_write_co(struct qcow2 *s, struct coro *co,
             return error_setf(errp, -r, "%s: updating the header: %s",
                               file->name, strerror(-r));
     }
-    /* Before any write can come, so that none waits for it. */
-    qcow2_prepare_writable_co(&s->node, co);
     return 0;
-}
-
-/* The refcount audit, without the lock: the node takes no writes yet
- * (being opened, or read-only), reads go on.  Its findings mark the image
- * corrupt; a failed read leaves it to the first write. */
-static void qcow2_prepare_writable_co(struct fmt_node *n, struct coro *co)
-{
-    struct qcow2 *s = qcow2_of(n);
-    if (!s->refcounts_audited && !s->broken)
-        (void)qcow2_audit_refcounts_unlocked_co(s, co);
 }
 
 /* Switches the node between read-only and read-write (block-commit writes
@@ -719,28 +665,32 @@ static int qcow2_reopen_co(struct fmt_node *n, struct coro *co, bool read_only,
  * Every step is durable before the next (FUA writes; refcount blocks are
  * written through), so no sync of the whole file runs under the lock. */
 /* Growing makes guest bytes [old, size) visible.  Whatever the image
- * maps there (entries of its last L2 table past the old end, left by
- * corruption or by a tool that shrank it without clearing them; data in
- * the rest of the last cluster when the old size is not a multiple of the
- * cluster size) would show up where the new bytes must read as zeros.
- * Such an image is not grown: -EIO with the reason, nothing changed.
- * Zeros in the rest of the last cluster (what QEMU writes there) are
- * fine.  Called with the lock. */
+ * maps there (entries of an L2 table past the old end, in the last one or
+ * in tables of L1 entries past it, left by corruption or by a tool that
+ * shrank the disk without clearing them; data in the rest of the last
+ * cluster when the old size is not a multiple of the cluster size) would
+ * show up where the new bytes must read as zeros.  Such an image is not
+ * grown: -EIO with the reason, nothing changed.  Zeros in the rest of the
+ * last cluster (what QEMU writes there) are fine.  Called with the lock. */
 static int grow_tail_clean_locked_co(struct qcow2 *s, struct coro *co,
                                      uint64_t old, uint64_t size,
                                      struct error **errp)
 {
     const uint64_t cs = qcow2_cs(s);
     const uint64_t span = cs << s->h.l2_bits;
-    if (old % span == 0 || old / span >= s->h.l1_size)
-        return 0; /* no table reaches past the old end */
-    uint64_t end = (old / span + 1) * span;
+    /* what the current L1 table's entries can map at all */
+    uint64_t end = (uint64_t)s->h.l1_size * span;
     if (end > size)
         end = size;
     const uint64_t cend = (old + cs - 1) / cs * cs; /* old last cluster */
     uint64_t off = old;
     int r = 0;
     while (off < end && r == 0) {
+        if (off % span == 0 &&
+            !(be_get64(s->l1 + off / span * 8) & QCOW2_L1E_OFFSET_MASK)) {
+            off += span; /* no L2 table: nothing mapped in this span */
+            continue;
+        }
         struct qcow2_map m;
         r = qcow2_map_get_co(s, co, off, end - off, &m);
         if (r < 0)
@@ -800,12 +750,12 @@ static int qcow2_grow_co(struct fmt_node *n, struct coro *co, uint64_t size,
     if (new_l1 * 8 > QCOW2_MAX_L1_BYTES)
         return error_setf(errp, EFBIG, "%s: the L1 table would be too large",
                           n->filename);
-    qcow2_lock_co(s, co);
+    co_mutex_lock_co(&s->lock, co);
     /* l1_disk is what goes to disk; a flush may be writing it. */
     while (s->l1_wb) {
         co_mutex_unlock(&s->lock, co);
         co_queue_wait_co(&s->l1_wb_waiters, co);
-        qcow2_lock_co(s, co);
+        co_mutex_lock_co(&s->lock, co);
     }
     int r = s->broken ? error_setf(errp, EIO, "%s: the image is corrupt: "
                                    "no more writes to it", n->filename)

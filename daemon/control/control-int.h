@@ -42,9 +42,12 @@ struct ctl_client {
     /* socket I/O; st.sq_bytes (queued, unsent) is bounded by
      * CONTROL_MAX_OUT */
     struct stream st;
-    uint8_t rbuf[CTL_RBUF_SIZE];
 
     struct loop_hook kick;
+
+    /* Last, and not cleared when a client is made: only what a read put
+     * there is ever looked at. */
+    uint8_t rbuf[CTL_RBUF_SIZE];
 };
 
 struct control {

@@ -442,7 +442,11 @@ static void accept_done(struct loop_op *op, int res, uint32_t flags)
         close(res);
         return;
     }
-    struct ctl_client *cl = calloc(1, sizeof(*cl));
+    /* Everything but the receive buffer is cleared (64 KiB that only
+     * reads fill). */
+    struct ctl_client *cl = malloc(sizeof(*cl));
+    if (cl)
+        memset(cl, 0, offsetof(struct ctl_client, rbuf));
     if (!cl || !(cl->tok = json_tokener_new_ex(64))) {
         free(cl);
         close(res);

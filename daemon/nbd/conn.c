@@ -275,6 +275,10 @@ static void conn_free(struct conn *c)
         nbd_req_release(c->payload_req);
         c->payload_req = NULL;
     }
+    if (c->discard_req) {
+        nbd_req_release(c->discard_req); /* its payload never came */
+        c->discard_req = NULL;
+    }
     assert(c->inflight == 0);
     nbd_budget_forget(c);
     nbd_slots_free(c);
@@ -333,7 +337,8 @@ void conn_drain(struct conn *c)
 
 static bool conn_idle(const struct conn *c)
 {
-    return c->running == 0 && stream_output_idle(&c->st) && !c->payload_req;
+    return c->running == 0 && stream_output_idle(&c->st) && !c->payload_req &&
+           !c->discard_left;
 }
 
 static void drain_done(struct loop_op *op, int res, uint32_t flags)

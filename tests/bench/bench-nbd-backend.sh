@@ -62,32 +62,14 @@ base_uri="nbd+unix:///?socket=$base_sock"
 # 127.0.0.1) and a client's, which nbdkit requires (--tls-verify-peer).
 tls_port=
 if [[ " $servers " == *-tls* ]]; then
-    command -v certtool >/dev/null || { echo "bench: certtool (gnutls-bin) is not installed" >&2; exit 1; }
-    pki=$work/pki
-    mkdir -p "$pki" "$work/tls-server" "$work/tls-client"
-    printf 'cn = bench CA\nca\ncert_signing_key\nexpiration_days = 2\n' > "$pki/ca.info"
-    printf 'cn = localhost\ndns_name = localhost\nip_address = 127.0.0.1\ntls_www_server\nencryption_key\nsigning_key\nexpiration_days = 2\n' > "$pki/server.info"
-    printf 'cn = bench client\ntls_www_client\nencryption_key\nsigning_key\nexpiration_days = 2\n' > "$pki/client.info"
-    certtool --generate-privkey --key-type ecdsa --outfile "$pki/ca-key.pem" 2>/dev/null
-    certtool --generate-self-signed --load-privkey "$pki/ca-key.pem" \
-        --template "$pki/ca.info" --outfile "$pki/ca-cert.pem" 2>/dev/null
-    for who in server client; do
-        certtool --generate-privkey --key-type ecdsa --outfile "$work/tls-$who/$who-key.pem" 2>/dev/null
-        certtool --generate-certificate --load-ca-certificate "$pki/ca-cert.pem" \
-            --load-ca-privkey "$pki/ca-key.pem" --load-privkey "$work/tls-$who/$who-key.pem" \
-            --template "$pki/$who.info" --outfile "$work/tls-$who/$who-cert.pem" 2>/dev/null
-        cp "$pki/ca-cert.pem" "$work/tls-$who/"
-    done
-    tls_port=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    bench_certs "$work/tls-server" "$work/tls-client" || exit 1
+    tls_port=$(free_port)
     echo "TLS base server: nbdkit -r -i 127.0.0.1 -p $tls_port --tls=require --tls-verify-peer -f file $base"
     nbdkit -r -i 127.0.0.1 -p "$tls_port" --tls=require --tls-verify-peer \
         --tls-certificates "$work/tls-server" -f file "$base" >"$work/tls-base.log" 2>&1 &
     tls_pid=$!
-    for _ in $(seq 1 200); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$tls_port") 2>/dev/null && break
-        kill -0 "$tls_pid" 2>/dev/null || { echo "bench: the TLS nbdkit did not start" >&2; cat "$work/tls-base.log" >&2; exit 1; }
-        sleep 0.05
-    done
+    wait_port "$tls_port" "$tls_pid" ||
+        { echo "bench: the TLS nbdkit did not start" >&2; cat "$work/tls-base.log" >&2; exit 1; }
 fi
 
 workloads=(

@@ -35,41 +35,11 @@ fi
 
 bench_workdir
 
-# Certificates: a CA, the server's (CN=localhost, IP 127.0.0.1) in
-# $work/server, the client's in $work/home/.pki/libnbd where libnbd looks.
-certs() {
-    local d=$work/pki
-    mkdir -p "$d" "$work/server" "$work/home/.pki/libnbd"
-    printf 'cn = bench CA\nca\ncert_signing_key\nexpiration_days = 2\n' > "$d/ca.info"
-    printf 'cn = localhost\ndns_name = localhost\nip_address = 127.0.0.1\ntls_www_server\nencryption_key\nsigning_key\nexpiration_days = 2\n' > "$d/server.info"
-    printf 'cn = bench client\ntls_www_client\nencryption_key\nsigning_key\nexpiration_days = 2\n' > "$d/client.info"
-    certtool --generate-privkey --key-type ecdsa --outfile "$d/ca-key.pem" 2>/dev/null
-    certtool --generate-self-signed --load-privkey "$d/ca-key.pem" \
-        --template "$d/ca.info" --outfile "$d/ca-cert.pem" 2>/dev/null
-    for who in server client; do
-        certtool --generate-privkey --key-type ecdsa --outfile "$d/$who-key.pem" 2>/dev/null
-        certtool --generate-certificate --load-ca-certificate "$d/ca-cert.pem" \
-            --load-ca-privkey "$d/ca-key.pem" --load-privkey "$d/$who-key.pem" \
-            --template "$d/$who.info" --outfile "$d/$who-cert.pem" 2>/dev/null
-    done
-    cp "$d/ca-cert.pem" "$d/server-cert.pem" "$d/server-key.pem" "$work/server/"
-    cp "$d/ca-cert.pem" "$d/client-cert.pem" "$d/client-key.pem" "$work/home/.pki/libnbd/"
-}
-certs
+# Certificates: the server's in $work/server, the client's in
+# $work/home/.pki/libnbd where libnbd looks.
+bench_certs "$work/server" "$work/home/.pki/libnbd" || exit 1
 export HOME=$work/home          # fio's libnbd reads ~/.pki/libnbd
 
-wait_port() {                   # port pid
-    for _ in $(seq 1 200); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-        kill -0 "$2" 2>/dev/null || return 1
-        sleep 0.05
-    done
-    return 1
-}
-
-free_port() {
-    "$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
 
 start_server() {                # server sock(unused) -> sets server_pid, uri
     local s=$1 log=$work/$1.log port

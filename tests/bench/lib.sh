@@ -63,6 +63,46 @@ bench_workdir() {
     failed=0
 }
 
+# Waits until 127.0.0.1:PORT accepts (1: PID exited or 10 s passed);
+# free_port prints a TCP port of 127.0.0.1 nothing listens on.
+wait_port() {                   # port pid
+    for _ in $(seq 1 200); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+        kill -0 "$2" 2>/dev/null || return 1
+        sleep 0.05
+    done
+    return 1
+}
+
+free_port() {
+    "$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# A CA, a server certificate (CN=localhost, IP 127.0.0.1) and a client's,
+# made with certtool (ECDSA keys) under $work/pki; then SERVER_DIR gets
+# ca-cert.pem server-cert.pem server-key.pem (what stratad, qemu-nbd and
+# nbdkit read) and CLIENT_DIR ca-cert.pem client-cert.pem client-key.pem
+# (what libnbd and QEMU's tls-creds-x509 endpoint=client read).
+bench_certs() {                 # server_dir client_dir
+    local d=$work/pki who
+    command -v certtool >/dev/null || { echo "bench: certtool (gnutls-bin) is not installed" >&2; return 1; }
+    mkdir -p "$d" "$1" "$2"
+    printf 'cn = bench CA\nca\ncert_signing_key\nexpiration_days = 2\n' > "$d/ca.info"
+    printf 'cn = localhost\ndns_name = localhost\nip_address = 127.0.0.1\ntls_www_server\nencryption_key\nsigning_key\nexpiration_days = 2\n' > "$d/server.info"
+    printf 'cn = bench client\ntls_www_client\nencryption_key\nsigning_key\nexpiration_days = 2\n' > "$d/client.info"
+    certtool --generate-privkey --key-type ecdsa --outfile "$d/ca-key.pem" 2>/dev/null
+    certtool --generate-self-signed --load-privkey "$d/ca-key.pem" \
+        --template "$d/ca.info" --outfile "$d/ca-cert.pem" 2>/dev/null
+    for who in server client; do
+        certtool --generate-privkey --key-type ecdsa --outfile "$d/$who-key.pem" 2>/dev/null
+        certtool --generate-certificate --load-ca-certificate "$d/ca-cert.pem" \
+            --load-ca-privkey "$d/ca-key.pem" --load-privkey "$d/$who-key.pem" \
+            --template "$d/$who.info" --outfile "$d/$who-cert.pem" 2>/dev/null
+    done
+    cp "$d/ca-cert.pem" "$d/server-cert.pem" "$d/server-key.pem" "$1/"
+    cp "$d/ca-cert.pem" "$d/client-cert.pem" "$d/client-key.pem" "$2/"
+}
+
 wait_socket() {                 # sock pid [seconds, default 10]
     for _ in $(seq 1 $((${3:-10} * 20))); do
         [ -S "$1" ] && return 0

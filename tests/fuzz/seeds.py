@@ -355,8 +355,10 @@ def nbd_conn():
           disc)
 
 
-# ---- QMP: what a client sends on the control socket ----
-def qmp():
+# ---- QMP: what a client sends on the control socket (the same seeds for
+# qmp, a daemon lifetime per input, and qmp-dispatch, a connection per
+# input) ----
+def qmp(targets=("qmp",)):
     caps = {"execute": "qmp_capabilities"}
 
     def j(*msgs):
@@ -438,6 +440,53 @@ def qmp():
                            {"execute": "x-debug-fault-inject",
                             "arguments": {"nth": 0}}),
         "quit": j(caps, {"execute": "quit"}, {"execute": "query-version"}),
+        # What a connection leaves behind: a bitmap on mem, a node, a second
+        # export, a backup job (refused: no scratch target), a transaction
+        # (qmp-dispatch undoes all of it before the next input)
+        "leave-state": j(caps,
+                         {"execute": "block-dirty-bitmap-add",
+                          "arguments": {"node": "mem", "name": "b1",
+                                        "granularity": 65536}},
+                         {"execute": "blockdev-add",
+                          "arguments": {"driver": "raw", "node-name": "n2",
+                                        "file": {"driver": "file",
+                                                 "filename": "/etc/hostname"},
+                                        "read-only": True}},
+                         {"execute": "block-export-add",
+                          "arguments": {"type": "nbd", "id": "e2",
+                                        "node-name": "n2", "name": "e2"}},
+                         {"execute": "blockdev-backup",
+                          "arguments": {"job-id": "bk", "device": "mem",
+                                        "target": "n2", "sync": "full",
+                                        "auto-finalize": False,
+                                        "auto-dismiss": False,
+                                        "speed": 4096}},
+                         {"execute": "transaction",
+                          "arguments": {"actions": [
+                              {"type": "block-dirty-bitmap-add",
+                               "data": {"node": "mem", "name": "b2"}},
+                              {"type": "block-dirty-bitmap-clear",
+                               "data": {"node": "mem", "name": "b1"}}]}},
+                         {"execute": "query-block-jobs"}),
+        # qmp-dispatch has a qcow2 image (node and export "img") in its
+        # tmpfs: a persistent bitmap, a snapshot, a commit job left running
+        # at 1 byte/s, a pull-mode backup into the snapshot's file
+        "img-jobs": j(caps,
+                      {"execute": "block-dirty-bitmap-add",
+                       "arguments": {"node": "img", "name": "b",
+                                     "persistent": True}},
+                      {"execute": "blockdev-snapshot-sync",
+                       "arguments": {"node-name": "img",
+                                     "snapshot-file": "/dev/shm/s1.qcow2",
+                                     "snapshot-node-name": "s1",
+                                     "format": "qcow2"}},
+                      {"execute": "block-commit",
+                       "arguments": {"job-id": "c1", "device": "img",
+                                     "auto-finalize": False,
+                                     "auto-dismiss": False, "speed": 1}},
+                      {"execute": "query-jobs"},
+                      {"execute": "job-pause", "arguments": {"id": "c1"}},
+                      {"execute": "query-block-jobs"}),
     }
     bad = {
         "syntax-errors": b'{"execute": "qmp_capabilities"}\r\n{"execute": '
@@ -454,13 +503,15 @@ def qmp():
     }
     seeds.update(bad)
     for name, data in seeds.items():
-        write("qmp", name, data)
+        for t in targets:
+            write(t, name, data)
 
 
 TARGETS = {"nbd-codec": nbd_codec, "rbd-spec": rbd_spec,
            "nbd-spec": nbd_spec,
            "qcow2-header": qcow2_header, "qcow2-image": qcow2_image,
-           "nbd-conn": nbd_conn, "qmp": qmp}
+           "nbd-conn": nbd_conn, "qmp": qmp,
+           "qmp-dispatch": lambda: qmp(("qmp-dispatch",))}
 
 if __name__ == "__main__":
     # The targets named (default: all).  qcow2 seeds hold temporary paths

@@ -37,6 +37,7 @@ import time
 sys.path.insert(0, os.path.dirname(__file__))
 import harness  # noqa: E402
 from harness import QMP, QMPError, check, fail, ok  # noqa: E402
+from nbdserver import Server  # noqa: E402
 
 harness.require_built()
 harness.report_unexpected_exceptions()
@@ -58,43 +59,13 @@ def run(*args, timeout=60):
     return p.stdout.decode()
 
 
-class Server:
-    """A TLS server on 127.0.0.1:port in the foreground; start() again
-    after kill()."""
-
-    def __init__(self, argv, port):
-        self.argv, self.port, self.proc = argv, port, None
-        harness.atexit.register(self.kill)
-
-    def start(self, timeout=20):
-        self.proc = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE,
-                                     preexec_fn=harness._die_with_parent)
-        deadline = time.time() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                fail(f"{self.argv[0]} exited: "
-                     f"{self.proc.stderr.read().decode(errors='replace')}")
-            s = socket.socket()
-            try:
-                s.connect(("127.0.0.1", self.port))
-                return self
-            except OSError:
-                pass
-            finally:
-                s.close()
-            check(time.time() < deadline, f"{self.argv[0]} did not start")
-            time.sleep(0.05)
-
-    def kill(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
 
 
 def nbdkit_tls(port, *args):
-    return Server(["nbdkit", "-f", "--exit-with-parent", "-i", "127.0.0.1",
-                   "-p", str(port), "--tls=require", *args], port).start()
+    s = Server(["nbdkit", "-f", "--exit-with-parent", "-i", "127.0.0.1",
+                "-p", str(port), "--tls=require", *args], port=port)
+    s.start()
+    return s
 
 
 rnd = random.Random(11)
@@ -116,7 +87,8 @@ kp = nbdkit_tls(p_psk, *kp_argv)
 qn = Server(["qemu-nbd", "-t", "-r", "-f", "raw", "-b", "127.0.0.1", "-p",
              str(p_qemu), "-x", "base", "--object",
              f"tls-creds-x509,id=tls0,dir={certs.server},endpoint=server,"
-             "verify-peer=on", "--tls-creds", "tls0", base], p_qemu).start()
+             "verify-peer=on", "--tls-creds", "tls0", base], port=p_qemu)
+qn.start()
 
 # a server that accepts and then says nothing
 silent = socket.socket()

@@ -38,6 +38,7 @@ import time
 sys.path.insert(0, os.path.dirname(__file__))
 import harness  # noqa: E402
 from harness import check, fail, ok, skip  # noqa: E402
+from nbdserver import Server  # noqa: E402
 
 harness.require_built()
 harness.need("nbdkit", "qemu-nbd", "qemu-img", "qemu-io")
@@ -56,44 +57,6 @@ def run(*args, timeout=60):
     return p.stdout.decode()
 
 
-class Server:
-    """nbdkit or qemu-nbd in the foreground; start() again after kill()."""
-
-    def __init__(self, argv, ready_path=None, port=None):
-        self.argv, self.ready_path, self.port = argv, ready_path, port
-        self.proc = None
-        harness.atexit.register(self.kill)
-
-    def start(self, timeout=20):
-        if self.ready_path and os.path.exists(self.ready_path):
-            os.unlink(self.ready_path)
-        self.proc = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE,
-                                     preexec_fn=harness._die_with_parent)
-        deadline = time.time() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                fail(f"{self.argv[0]} exited: "
-                     f"{self.proc.stderr.read().decode(errors='replace')}")
-            if self.ready_path and os.path.exists(self.ready_path):
-                break
-            if self.port:
-                import socket
-                s = socket.socket()
-                try:
-                    s.connect(("127.0.0.1", self.port))
-                    break
-                except OSError:
-                    pass
-                finally:
-                    s.close()
-            check(time.time() < deadline, f"{self.argv[0]} did not start")
-            time.sleep(0.05)
-
-    def kill(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
 
 
 def nbdkit_file(path, sock, readonly=True):
