@@ -74,8 +74,16 @@ static int file_rw_co(struct file_backend *f, struct coro *co, bool write,
         uint64_t t0 = loop_now_ns();
         loop_wait_init(&w, co);
         struct io_uring_sqe *sqe = loop_get_sqe(f->b.loop, &w.op);
-        if (write)
+        /* One buffer: READ/WRITE, which spare the kernel the iovec copy. */
+        bool one = n == 1 && cur->iov_len <= INT_MAX;
+        if (write && one)
+            io_uring_prep_write(sqe, f->fd, cur->iov_base,
+                                (unsigned)cur->iov_len, off);
+        else if (write)
             io_uring_prep_writev(sqe, f->fd, cur, (unsigned)n, off);
+        else if (one)
+            io_uring_prep_read(sqe, f->fd, cur->iov_base,
+                               (unsigned)cur->iov_len, off);
         else
             io_uring_prep_readv(sqe, f->fd, cur, (unsigned)n, off);
         sqe->rw_flags = rw_flags;

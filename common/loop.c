@@ -10,6 +10,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "log.h"
 #include "loop.h"
 #include "util.h"
 
@@ -38,6 +39,20 @@ struct loop {
 
     struct loop_backlog_entry *backlog;
     size_t backlog_len, backlog_cap;
+
+    unsigned features;               /* LOOP_F_* */
+    uint16_t *free_bgids;            /* buffer group ids given back */
+    size_t n_free_bgids, cap_free_bgids;
+    unsigned next_bgid;
+};
+
+struct loop_bufring {
+    struct loop *l;
+    struct io_uring_buf_ring *ring;  /* shared with the kernel */
+    uint8_t *bufs;                   /* nbufs * bufsize, after the ring */
+    unsigned nbufs;
+    size_t bufsize;
+    uint16_t bgid;
 };
 
 uint64_t loop_now_ns(void)
@@ -60,21 +75,107 @@ static void loop_schedule(void *opaque, struct coro *co)
 
 static void tick_done(struct loop_op *op, int res, uint32_t flags);
 
+static const char *const feature_names[] = {
+    "single_issuer", "defer_taskrun", "coop_taskrun", "ring_fd",
+    "buf_ring", "recv_multishot",
+};
+
+const char *loop_feature_names(unsigned features, char *buf, size_t len)
+{
+    size_t off = 0;
+    buf[0] = '\0';
+    for (size_t i = 0; i < sizeof(feature_names) / sizeof(*feature_names); i++) {
+        if (!(features & (1u << i)))
+            continue;
+        int n = snprintf(buf + off, len - off, "%s%s", off ? "," : "",
+                         feature_names[i]);
+        if (n < 0 || (size_t)n >= len - off)
+            break;
+        off += (size_t)n;
+    }
+    if (off == 0)
+        snprintf(buf, len, "none");
+    return buf;
+}
+
+/* The features STRATA_URING_DISABLE names. */
+static unsigned disabled_features(void)
+{
+    const char *env = getenv("STRATA_URING_DISABLE");
+    if (!env || !*env)
+        return 0;
+    unsigned dis = 0;
+    char *copy = strdup(env);
+    if (!copy)
+        return 0;
+    char *save = NULL;
+    for (char *t = strtok_r(copy, ",", &save); t; t = strtok_r(NULL, ",", &save)) {
+        if (strcmp(t, "all") == 0)
+            dis = ~0u;
+        for (size_t i = 0; i < sizeof(feature_names) / sizeof(*feature_names); i++)
+            if (strcmp(t, feature_names[i]) == 0)
+                dis |= 1u << i;
+    }
+    free(copy);
+    return dis;
+}
+
+/* Creates the ring with the most useful setup flags the kernel accepts:
+ * DEFER_TASKRUN (6.1) needs SINGLE_ISSUER (6.0); COOP_TASKRUN is 5.19.
+ * Older kernels refuse unknown flags with -EINVAL: try the next set. */
+static int ring_setup(struct loop *l, unsigned entries, unsigned dis,
+                      struct io_uring_params *p)
+{
+    static const unsigned tries[] = {
+        LOOP_F_SINGLE_ISSUER | LOOP_F_DEFER_TASKRUN,
+        LOOP_F_SINGLE_ISSUER | LOOP_F_COOP_TASKRUN,
+        LOOP_F_COOP_TASKRUN,
+        0,
+    };
+    int r = -EINVAL;
+    for (size_t i = 0; i < sizeof(tries) / sizeof(*tries); i++) {
+        unsigned f = tries[i];
+        if (f & dis)
+            continue;
+        memset(p, 0, sizeof(*p));
+        /* A large completion queue: requests of many connections complete
+         * between two reaps.  The kernel keeps overflowing CQEs anyway
+         * (IORING_FEAT_NODROP); this keeps that path cold. */
+        p->flags = IORING_SETUP_CQSIZE;
+        p->cq_entries = entries * 8;
+        if (f & LOOP_F_SINGLE_ISSUER)
+            p->flags |= IORING_SETUP_SINGLE_ISSUER;
+        if (f & LOOP_F_DEFER_TASKRUN)
+            p->flags |= IORING_SETUP_DEFER_TASKRUN;
+        if (f & LOOP_F_COOP_TASKRUN)
+            p->flags |= IORING_SETUP_COOP_TASKRUN;
+        r = io_uring_queue_init_params(entries, &l->ring, p);
+        if (r == 0) {
+            l->features = f;
+            return 0;
+        }
+        if (r != -EINVAL)
+            return r;
+    }
+    return r;
+}
+
 struct loop *loop_new(unsigned entries, size_t coro_stack, char **errmsg)
+{
+    return loop_new_without(entries, coro_stack, 0, errmsg);
+}
+
+struct loop *loop_new_without(unsigned entries, size_t coro_stack,
+                              unsigned disable, char **errmsg)
 {
     struct loop *l = calloc(1, sizeof(*l));
     if (!l) {
         *errmsg = strdup("out of memory");
         return NULL;
     }
+    unsigned dis = disabled_features() | disable;
     struct io_uring_params p;
-    memset(&p, 0, sizeof(p));
-    /* A large completion queue: requests of many connections complete
-     * between two reaps.  The kernel keeps overflowing CQEs anyway
-     * (IORING_FEAT_NODROP); this keeps that path cold. */
-    p.flags = IORING_SETUP_CQSIZE;
-    p.cq_entries = entries * 8;
-    int r = io_uring_queue_init_params(entries, &l->ring, &p);
+    int r = ring_setup(l, entries, dis, &p);
     if (r < 0) {
         if (asprintf(errmsg, "io_uring_queue_init: %s", strerror(-r)) < 0)
             *errmsg = NULL;
@@ -87,15 +188,148 @@ struct loop *loop_new(unsigned entries, size_t coro_stack, char **errmsg)
         free(l);
         return NULL;
     }
+    /* io_uring_enter with a registered index instead of an fd (5.18): no
+     * file lookup and reference on every call. */
+    if (!(dis & LOOP_F_RING_FD) && io_uring_register_ring_fd(&l->ring) == 1)
+        l->features |= LOOP_F_RING_FD;
+    /* Buffer rings (5.19): probe with a one-buffer ring. */
+    if (!(dis & LOOP_F_BUF_RING)) {
+        struct loop_bufring *br = loop_bufring_new(l, 1, 64);
+        if (br) {
+            loop_bufring_free(br);
+            l->features |= LOOP_F_BUF_RING;
+            /* Multishot receive came with 6.0, as SINGLE_ISSUER did; with
+             * that flag refused or disabled it is a guess that the first
+             * receive confirms or refutes. */
+            if (!(dis & LOOP_F_RECV_MULTISHOT))
+                l->features |= LOOP_F_RECV_MULTISHOT;
+        }
+    }
     l->pool = coro_pool_new(coro_stack, 256, loop_schedule, l);
     if (!l->pool) {
         *errmsg = strdup("out of memory");
         io_uring_queue_exit(&l->ring);
+        free(l->free_bgids);
         free(l);
         return NULL;
     }
     l->tick_op.done = tick_done;
+    char names[128];
+    log_debug("io_uring: %s", loop_feature_names(l->features, names,
+                                                  sizeof(names)));
     return l;
+}
+
+unsigned loop_features(const struct loop *l)
+{
+    return l->features;
+}
+
+void loop_no_multishot(struct loop *l)
+{
+    if (!(l->features & LOOP_F_RECV_MULTISHOT))
+        return;
+    l->features &= ~LOOP_F_RECV_MULTISHOT;
+    log_debug("io_uring: the kernel refused a multishot receive: one "
+              "receive per message from now on");
+}
+
+/* ---- provided-buffer rings ---- */
+
+struct loop_bufring *loop_bufring_new(struct loop *l, unsigned nbufs,
+                                      size_t bufsize)
+{
+    assert(nbufs > 0 && nbufs <= 32768 && (nbufs & (nbufs - 1)) == 0);
+    uint16_t bgid;
+    if (l->n_free_bgids)
+        bgid = l->free_bgids[--l->n_free_bgids];
+    else if (l->next_bgid <= UINT16_MAX)
+        bgid = (uint16_t)l->next_bgid++;
+    else
+        return NULL;
+    struct loop_bufring *br = calloc(1, sizeof(*br));
+    /* One allocation: the ring (page-aligned, as the kernel wants), the
+     * buffers right after it. */
+    void *ring = NULL;
+    size_t ring_size = (sizeof(struct io_uring_buf) * nbufs + 63) & ~(size_t)63;
+    if (!br || posix_memalign(&ring, 4096, ring_size + nbufs * bufsize) != 0)
+        goto fail;
+    memset(ring, 0, ring_size);
+    uint8_t *bufs = (uint8_t *)ring + ring_size;
+    struct io_uring_buf_reg reg;
+    memset(&reg, 0, sizeof(reg));
+    reg.ring_addr = (uint64_t)(uintptr_t)ring;
+    reg.ring_entries = nbufs;
+    reg.bgid = bgid;
+    if (io_uring_register_buf_ring(&l->ring, &reg, 0) != 0)
+        goto fail;
+    br->l = l;
+    br->ring = ring;
+    br->bufs = bufs;
+    br->nbufs = nbufs;
+    br->bufsize = bufsize;
+    br->bgid = bgid;
+    io_uring_buf_ring_init(br->ring);
+    int mask = io_uring_buf_ring_mask(nbufs);
+    for (unsigned i = 0; i < nbufs; i++)
+        io_uring_buf_ring_add(br->ring, br->bufs + i * bufsize,
+                              (unsigned)bufsize, (unsigned short)i, mask, (int)i);
+    io_uring_buf_ring_advance(br->ring, (int)nbufs);
+    return br;
+fail:
+    free(ring);
+    free(br);
+    if (l->n_free_bgids < l->cap_free_bgids)
+        l->free_bgids[l->n_free_bgids++] = bgid;
+    else if (bgid + 1u == l->next_bgid)
+        l->next_bgid--;
+    return NULL;
+}
+
+void loop_bufring_free(struct loop_bufring *br)
+{
+    if (!br)
+        return;
+    struct loop *l = br->l;
+    (void)io_uring_unregister_buf_ring(&l->ring, br->bgid);
+    if (l->n_free_bgids == l->cap_free_bgids) {
+        size_t cap = l->cap_free_bgids ? l->cap_free_bgids * 2 : 64;
+        uint16_t *n = realloc(l->free_bgids, cap * sizeof(*n));
+        if (n) {
+            l->free_bgids = n;
+            l->cap_free_bgids = cap;
+        }
+    }
+    if (l->n_free_bgids < l->cap_free_bgids)
+        l->free_bgids[l->n_free_bgids++] = br->bgid;
+    /* else: the id is lost (out of memory), never reused twice */
+    free(br->ring); /* the buffers too */
+    free(br);
+}
+
+uint16_t loop_bufring_bgid(const struct loop_bufring *br)
+{
+    return br->bgid;
+}
+
+uint8_t *loop_bufring_buf(const struct loop_bufring *br, unsigned bid)
+{
+    assert(bid < br->nbufs);
+    return br->bufs + bid * br->bufsize;
+}
+
+unsigned loop_bufring_count(const struct loop_bufring *br)
+{
+    return br->nbufs;
+}
+
+void loop_bufring_put(struct loop_bufring *br, unsigned bid)
+{
+    assert(bid < br->nbufs);
+    io_uring_buf_ring_add(br->ring, br->bufs + bid * br->bufsize,
+                          (unsigned)br->bufsize, (unsigned short)bid,
+                          io_uring_buf_ring_mask(br->nbufs), 0);
+    io_uring_buf_ring_advance(br->ring, 1);
 }
 
 void loop_free(struct loop *l)
@@ -105,6 +339,7 @@ void loop_free(struct loop *l)
     io_uring_queue_exit(&l->ring);
     coro_pool_free(l->pool);
     free(l->backlog);
+    free(l->free_bgids);
     free(l);
 }
 
@@ -274,7 +509,20 @@ static int loop_iterate(struct loop *l, const bool *until)
     if (l->stopping || (until && *until))
         return 0;
 
-    int r = io_uring_submit_and_wait(&l->ring, 1);
+    /* One io_uring_enter: submits what the handlers queued and, with
+     * DEFER_TASKRUN, runs the completion work the kernel kept for us.
+     * It blocks only when no completion is ready yet.  A send usually
+     * completes during the submission itself, so an iteration that sent
+     * replies comes straight back for that completion and sleeps in the
+     * next one.  The wait is for one completion, with no timeout: a wait
+     * for more (past the sends) needs a timer to bound it, and arming and
+     * cancelling a timer at every sleep costs more than the extra
+     * io_uring_enter (docs/io_uring.md). */
+    int r;
+    if (io_uring_cq_ready(&l->ring))
+        r = io_uring_submit_and_get_events(&l->ring);
+    else
+        r = io_uring_submit_and_wait(&l->ring, 1);
     if (r < 0 && r != -EINTR && r != -EAGAIN && r != -EBUSY && r != -ETIME)
         return r;
 

@@ -43,8 +43,53 @@ struct loop_timer {
     struct loop_timer *next, *prev;
 };
 
+/* Ring features, probed once in loop_new() and fallen back from one by
+ * one when the kernel lacks them (docs/io_uring.md says which kernel gives
+ * what).  STRATA_URING_DISABLE (a comma-separated list of the names below,
+ * or "all") turns features off, to test the fallbacks on a kernel that has
+ * them all. */
+enum {
+    LOOP_F_SINGLE_ISSUER = 1u << 0,  /* IORING_SETUP_SINGLE_ISSUER */
+    LOOP_F_DEFER_TASKRUN = 1u << 1,  /* completions run only when we wait */
+    LOOP_F_COOP_TASKRUN = 1u << 2,   /* no IPI to interrupt the loop */
+    LOOP_F_RING_FD = 1u << 3,        /* the ring fd is registered */
+    LOOP_F_BUF_RING = 1u << 4,       /* provided-buffer rings */
+    LOOP_F_RECV_MULTISHOT = 1u << 5, /* one recv armed for many messages */
+};
+
+/* The features that tie a ring to the thread that made it: a loop made on
+ * one thread and run on another (nbdkit's plugin) goes without them. */
+#define LOOP_F_THREAD_BOUND \
+    (LOOP_F_SINGLE_ISSUER | LOOP_F_DEFER_TASKRUN | LOOP_F_RING_FD)
+
 struct loop *loop_new(unsigned entries, size_t coro_stack, char **errmsg);
+/* loop_new() without the features in disable (LOOP_F_* bits). */
+struct loop *loop_new_without(unsigned entries, size_t coro_stack,
+                              unsigned disable, char **errmsg);
 void loop_free(struct loop *l);
+
+/* LOOP_F_* in use.  LOOP_F_RECV_MULTISHOT is an optimistic guess until a
+ * receive proved otherwise (loop_no_multishot). */
+unsigned loop_features(const struct loop *l);
+/* A multishot receive was refused (-EINVAL): the kernel lacks it. */
+void loop_no_multishot(struct loop *l);
+/* "single_issuer,defer_taskrun,..." for the log. */
+const char *loop_feature_names(unsigned features, char *buf, size_t len);
+
+/* A ring of provided buffers (IORING_REGISTER_PBUF_RING) that one
+ * multishot receive picks from: nbufs (a power of two) buffers of bufsize
+ * bytes each, in buffer group loop_bufring_bgid().  A buffer the kernel
+ * filled belongs to the caller until loop_bufring_put() gives it back. */
+struct loop_bufring;
+/* NULL when the kernel lacks buffer rings or memory is short. */
+struct loop_bufring *loop_bufring_new(struct loop *l, unsigned nbufs,
+                                      size_t bufsize);
+/* Unregisters it: no receive may be in flight on its group. */
+void loop_bufring_free(struct loop_bufring *br);
+uint16_t loop_bufring_bgid(const struct loop_bufring *br);
+uint8_t *loop_bufring_buf(const struct loop_bufring *br, unsigned bid);
+unsigned loop_bufring_count(const struct loop_bufring *br);
+void loop_bufring_put(struct loop_bufring *br, unsigned bid);
 
 /* Runs until loop_stop(); returns 0 or -errno for a fatal ring error. */
 int loop_run(struct loop *l);

@@ -15,6 +15,8 @@
 static void recv_done(struct loop_op *op, int res, uint32_t flags);
 static void send_done(struct loop_op *op, int res, uint32_t flags);
 static void sq_advance(struct stream *s, size_t n);
+static void ms_want(struct stream *s);
+static bool ms_recv_done(struct stream *s, int res, uint32_t flags);
 
 /* The TLS record layer (at the end of this file). */
 static size_t tls_plain_limit(const struct stream *s);
@@ -27,6 +29,7 @@ static bool tls_start_recv(struct stream *s, uint8_t *dst, size_t len,
                            bool direct);
 static bool tls_recv_done(struct stream *s, int *res);
 static void tls_idle_send(struct stream *s);
+static void tls_fini(struct stream *s);
 
 void stream_init(struct stream *s, struct loop *loop, int fd, uint8_t *rbuf,
                  size_t rcap, const struct stream_ops *ops, void *owner)
@@ -209,6 +212,12 @@ bool stream_start_recv(struct stream *s)
     }
     if (s->rend == s->rcap)
         return false; /* full of unparsed data: parsing must catch up */
+    if (s->br) {
+        s->recv_pending = true;
+        s->recv_direct = false;
+        ms_want(s);
+        return true;
+    }
     if (s->tls &&
         tls_start_recv(s, s->rbuf + s->rend, s->rcap - s->rend, false))
         return true;
@@ -224,6 +233,14 @@ void stream_start_recv_into(struct stream *s, void *dst, size_t len)
     if (s->recv_pending)
         return;
     assert(len > 0);
+    if (s->br) {
+        s->recv_pending = true;
+        s->recv_direct = true;
+        s->want_dst = dst;
+        s->want_len = len;
+        ms_want(s);
+        return;
+    }
     if (s->tls && tls_start_recv(s, dst, len, true))
         return;
     struct io_uring_sqe *sqe = loop_get_sqe(s->loop, &s->recv_op);
@@ -235,7 +252,16 @@ void stream_start_recv_into(struct stream *s, void *dst, size_t len)
 static void recv_done(struct loop_op *op, int res, uint32_t flags)
 {
     struct stream *s = container_of(op, struct stream, recv_op);
-    (void)flags;
+    if (s->br && !s->single_pending && ms_recv_done(s, res, flags))
+        return;
+    if (s->single_pending && !s->recv_direct) {
+        /* Input in bulk (a plain recv into rbuf took at least a provided
+         * buffer's worth) goes on with plain recvs, each taking all that
+         * waits; sparse input (small requests, one or two per wake-up)
+         * arms the multishot receive again. */
+        s->ms_dry = res >= (int)STREAM_MS_BUFSIZE;
+    }
+    s->single_pending = false;
     s->recv_pending = false;
     if (res == -EINTR || res == -EAGAIN) {
         s->ops->kick(s);
@@ -249,6 +275,175 @@ static void recv_done(struct loop_op *op, int res, uint32_t flags)
     }
     s->ops->received(s, res, s->recv_direct);
     s->ops->kick(s);
+}
+
+/* ---- multishot receive into provided buffers ---- */
+
+bool stream_use_multishot(struct stream *s)
+{
+    if (s->br)
+        return true;
+    if (s->tls || s->recv_pending ||
+        !(loop_features(s->loop) & LOOP_F_RECV_MULTISHOT))
+        return false;
+    s->br = loop_bufring_new(s->loop, STREAM_MS_BUFS, STREAM_MS_BUFSIZE);
+    return s->br != NULL;
+}
+
+/* Gives the provided buffers back and goes on one recv at a time (the
+ * kernel refused a multishot receive).  Nothing is held then. */
+static void ms_stop(struct stream *s)
+{
+    assert(!s->ms_armed && s->held_n == 0);
+    loop_undefer(s->loop, &s->ms_hook);
+    loop_bufring_free(s->br);
+    s->br = NULL;
+}
+
+static void ms_arm(struct stream *s)
+{
+    struct io_uring_sqe *sqe = loop_get_sqe(s->loop, &s->recv_op);
+    io_uring_prep_recv_multishot(sqe, s->fd, NULL, 0, 0);
+    sqe->flags |= IOSQE_BUFFER_SELECT;
+    sqe->buf_group = loop_bufring_bgid(s->br);
+    s->ms_armed = true;
+}
+
+/* Copies held bytes to the owner's target and tells it; or reports the
+ * end of the stream once nothing is held.  Only while the owner asks. */
+static void ms_deliver(struct stream *s)
+{
+    if (!s->recv_pending)
+        return;
+    uint8_t *dst;
+    size_t room;
+    if (s->recv_direct) {
+        dst = s->want_dst;
+        room = s->want_len;
+    } else {
+        dst = s->rbuf + s->rend;
+        room = s->rcap - s->rend;
+    }
+    size_t got = 0;
+    while (s->held_n > 0 && got < room) {
+        unsigned i = s->held_head;
+        uint8_t *src = loop_bufring_buf(s->br, s->held[i].bid);
+        size_t n = MIN((size_t)(s->held[i].len - s->held[i].off), room - got);
+        memcpy(dst + got, src + s->held[i].off, n);
+        got += n;
+        s->held[i].off += (uint32_t)n;
+        if (s->held[i].off == s->held[i].len) {
+            /* every byte taken: the kernel may fill it again */
+            loop_bufring_put(s->br, s->held[i].bid);
+            s->held_head = (i + 1) % STREAM_MS_BUFS;
+            s->held_n--;
+        }
+    }
+    int res;
+    if (got > 0)
+        res = (int)MIN(got, (size_t)INT32_MAX); /* room <= rcap or a payload */
+    else if (s->ms_final_set)
+        res = s->ms_final;
+    else
+        return;
+    s->recv_pending = false;
+    if (res > 0 && !s->recv_direct)
+        s->rend += (size_t)res;
+    s->ops->received(s, res, s->recv_direct);
+    s->ops->kick(s);
+}
+
+static void ms_hook_fn(struct loop_hook *h)
+{
+    struct stream *s = container_of(h, struct stream, ms_hook);
+    ms_deliver(s);
+}
+
+/* The owner asks for input (recv_pending is set). */
+static void ms_want(struct stream *s)
+{
+    if (s->held_n > 0 || s->ms_final_set) {
+        /* answered from the loop, never from inside the owner's call */
+        s->ms_hook.fn = ms_hook_fn;
+        loop_defer(s->loop, &s->ms_hook);
+        return;
+    }
+    if (s->ms_armed || s->single_pending)
+        return;
+    if (s->ms_dry || (s->recv_direct && s->want_len >= STREAM_DIRECT_MIN)) {
+        /* Bulk input: a large payload straight into its buffer, or, once
+         * the ring ran dry and while input keeps coming in bulk, all that
+         * waits into rbuf at once. */
+        struct io_uring_sqe *sqe = loop_get_sqe(s->loop, &s->recv_op);
+        if (s->recv_direct)
+            io_uring_prep_recv(sqe, s->fd, s->want_dst, s->want_len, 0);
+        else
+            io_uring_prep_recv(sqe, s->fd, s->rbuf + s->rend,
+                               s->rcap - s->rend, 0);
+        s->single_pending = true;
+        return;
+    }
+    ms_arm(s);
+}
+
+/* A completion of the multishot recv: bytes to hold, the ring run dry,
+ * the end of the stream (reported once the held bytes were taken), or the
+ * kernel refusing multishot receives (the stream goes back to one recv at
+ * a time).  Always handled here: returns true. */
+static bool ms_recv_done(struct stream *s, int res, uint32_t flags)
+{
+    if (!(flags & IORING_CQE_F_MORE))
+        s->ms_armed = false;
+    if (res > 0) {
+        assert(flags & IORING_CQE_F_BUFFER);
+        assert(s->held_n < STREAM_MS_BUFS);
+        unsigned i = (s->held_head + s->held_n) % STREAM_MS_BUFS;
+        s->held[i].bid = (uint16_t)(flags >> IORING_CQE_BUFFER_SHIFT);
+        s->held[i].off = 0;
+        s->held[i].len = (uint32_t)res;
+        s->held_n++;
+        s->ms_got_data = true;
+    } else if (res == -EINVAL && !s->ms_got_data && !s->ms_armed &&
+               s->held_n == 0 && !s->ms_final_set) {
+        /* a kernel without multishot receive (before 6.0) */
+        loop_no_multishot(s->loop);
+        ms_stop(s);
+        if (s->recv_pending) {
+            /* ask again, with a plain recv */
+            s->recv_pending = false;
+            if (s->recv_direct)
+                stream_start_recv_into(s, s->want_dst, s->want_len);
+            else
+                (void)stream_start_recv(s);
+        }
+        s->ops->kick(s);
+        return true;
+    } else if (res == -ENOBUFS) {
+        s->ms_dry = true; /* every buffer held: plain recvs (recv_done) */
+    } else if (res == -EINTR || res == -EAGAIN) {
+        /* interrupted: armed again on demand */
+    } else if (!s->ms_final_set) {
+        /* end of stream or an error: reported after the held bytes */
+        s->ms_final_set = true;
+        s->ms_final = res;
+    }
+    ms_deliver(s);
+    if (!s->ms_armed && s->recv_pending && s->held_n == 0 && !s->ms_final_set)
+        ms_want(s);
+    s->ops->kick(s); /* the owner may be waiting for the recv to end */
+    return true;
+}
+
+void stream_fini(struct stream *s)
+{
+    assert(!stream_busy(s));
+    if (s->br) {
+        loop_undefer(s->loop, &s->ms_hook);
+        loop_bufring_free(s->br);
+        s->br = NULL;
+        s->held_n = 0;
+    }
+    tls_fini(s);
 }
 
 /* ---- TLS ----
@@ -892,9 +1087,8 @@ static bool tls_recv_done(struct stream *s, int *resp)
     return true;
 }
 
-void stream_fini(struct stream *s)
+static void tls_fini(struct stream *s)
 {
-    assert(!stream_busy(s));
     struct stream_tls *t = s->tls;
     if (!t)
         return;
@@ -921,7 +1115,7 @@ size_t stream_tls_backlog(const struct stream *s) { (void)s; return 0; }
 void stream_tls_bye(struct stream *s) { (void)s; }
 void stream_tls_offload(struct stream *s, bool rx) { (void)s; (void)rx; }
 unsigned stream_tls_offloaded(const struct stream *s) { (void)s; return 0; }
-void stream_fini(struct stream *s) { (void)s; }
+static void tls_fini(struct stream *s) { (void)s; }
 static size_t tls_plain_limit(const struct stream *s) { (void)s; return SIZE_MAX; }
 static void tls_plain_sent(struct stream *s, size_t n) { (void)s; (void)n; }
 static void tls_start_send(struct stream *s) { (void)s; }

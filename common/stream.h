@@ -20,6 +20,25 @@
  * as before (rbuf, direct targets, the send queue); a queued item is done
  * once its bytes are sealed into records.  No call blocks.
  *
+ * Multishot receive (stream_use_multishot): one recv stays armed on the
+ * socket and the kernel fills buffers of a per-stream provided-buffer ring
+ * as bytes arrive, one completion each, with no receive to submit per
+ * message.  Filled buffers are held, in arrival order, until their bytes
+ * were copied to where the owner asked for input (the free tail of rbuf,
+ * or a direct target); a buffer goes back to the ring only once all its
+ * bytes were taken, so a header or payload spanning buffers is taken
+ * piece by piece.  The API is unchanged: the owner asks with
+ * stream_start_recv / stream_start_recv_into and hears of input through
+ * received().  Back-pressure: while the owner asks for nothing, buffers
+ * fill and stay held; with none left the kernel ends the receive
+ * (-ENOBUFS) and reads no more from the socket, so at most the ring's
+ * bytes (STREAM_MS_BUFS * STREAM_MS_BUFSIZE) wait beyond rbuf.  It is
+ * armed again when the owner asks and nothing is held.  While it is not
+ * armed, two kinds of input get one plain recv instead: a large direct
+ * target (a big write payload lands in its buffer with no copy), and the
+ * first input after the ring ran dry (more bytes wait than the ring
+ * holds: one recv into the free tail of rbuf takes them all at once).
+ *
  * Everything runs on the owning loop's thread; nothing here yields.
  */
 #ifndef STRATA_STREAM_H
@@ -43,6 +62,12 @@ struct stream_item {
 };
 
 #define STREAM_SEND_IOV 64                 /* iovecs gathered per sendmsg */
+#define STREAM_MS_BUFS 4                   /* provided buffers per stream */
+#define STREAM_MS_BUFSIZE (8u << 10)
+/* A direct target at least this large (a big write payload) is received
+ * with a plain recv straight into it while the multishot receive is not
+ * armed, rather than copied out of provided buffers. */
+#define STREAM_DIRECT_MIN (64u << 10)
 
 struct stream;
 
@@ -96,6 +121,23 @@ struct stream {
     struct msghdr msg;
     struct iovec siov[STREAM_SEND_IOV];
 
+    /* multishot receive (NULL br: one recv per stream_start_recv*) */
+    struct loop_bufring *br;
+    bool ms_armed;                 /* the multishot recv is in flight */
+    bool single_pending;           /* a plain recv is in flight instead */
+    bool ms_dry;                   /* input in bulk: plain recvs into rbuf */
+    bool ms_got_data;              /* it delivered bytes (it works) */
+    bool ms_final_set;             /* end of stream or an error to report */
+    int ms_final;                  /* ... once the held bytes were taken */
+    uint8_t *want_dst;             /* the owner's direct target */
+    size_t want_len;
+    struct {                       /* filled buffers, oldest first */
+        uint16_t bid;
+        uint32_t off, len;         /* bytes [off, len) not yet taken */
+    } held[STREAM_MS_BUFS];
+    unsigned held_head, held_n;
+    struct loop_hook ms_hook;      /* hands held bytes over (deferred) */
+
     struct stream_tls *tls;        /* NULL: plaintext */
     struct loop_hook tls_hook;     /* decrypts buffered records (deferred:
                                       the owner hears of it as of a recv) */
@@ -123,8 +165,13 @@ bool stream_start_recv(struct stream *s);
  * received callback. */
 void stream_start_recv_into(struct stream *s, void *dst, size_t len);
 
-/* Releases what the stream holds besides the owner's (the TLS session).
- * Only when !stream_busy(). */
+/* Switches input to a multishot receive into provided buffers.  Only on
+ * a plaintext stream with no recv in flight.  false: not available (the
+ * kernel lacks it, or no memory): input goes on one recv at a time. */
+bool stream_use_multishot(struct stream *s);
+
+/* Releases what the stream holds besides the owner's (the TLS session,
+ * the provided buffers).  Only when !stream_busy(). */
 void stream_fini(struct stream *s);
 
 /* ---- TLS ---- */
@@ -157,10 +204,13 @@ void stream_tls_offload(struct stream *s, bool rx);
 /* Which directions the kernel's TLS carries: bit 0 send, bit 1 receive. */
 unsigned stream_tls_offloaded(const struct stream *s);
 
-/* No recv and no send in flight. */
+/* No recv and no send in flight.  (With a multishot receive,
+ * recv_pending says that the owner asked for input, not that a recv
+ * is in flight.) */
 static inline bool stream_busy(const struct stream *s)
 {
-    return s->recv_pending || s->send_pending;
+    return (s->br ? s->ms_armed || s->single_pending : s->recv_pending) ||
+           s->send_pending;
 }
 /* Bytes sealed into TLS records and not yet sent. */
 size_t stream_tls_backlog(const struct stream *s);

@@ -255,6 +255,13 @@ int server_blockdev_del(struct server *srv, const char *node_name,
                         struct coro *co, struct error **errp)
 {
     struct blockdev *b = server_find_blockdev(srv, node_name);
+    struct blockdev *owner = NULL;
+    if (!b && server_find_node(srv, node_name, &owner))
+        /* as QEMU answers for a node it opened itself (a backing file) */
+        return error_setf(errp, EPERM, "Node '%s' is not owned by the monitor: "
+                          "it is a backing layer of node '%s', closed with it "
+                          "(blockdev-del '%s'), or merged away by block-commit",
+                          node_name, owner->node_name, owner->node_name);
     if (!b)
         return error_setf(errp, ENOENT, "Failed to find node with node-name='%s'",
                           node_name);

@@ -121,7 +121,11 @@ struct engine *engine_new(char **errmsg)
         free(e);
         return NULL;
     }
-    e->loop = loop_new(ENGINE_RING_ENTRIES, ENGINE_CORO_STACK, errmsg);
+    /* made here, run first here (the chain opens before nbdkit forks)
+     * and then on the loop thread: no feature that binds the ring to
+     * one thread */
+    e->loop = loop_new_without(ENGINE_RING_ENTRIES, ENGINE_CORO_STACK,
+                               LOOP_F_THREAD_BOUND, errmsg);
     if (!e->loop) {
         close(e->efd);
         free(e);

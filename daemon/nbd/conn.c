@@ -123,7 +123,24 @@ int conn_send_copy(struct conn *c, const void *buf, size_t len)
 
 static void stream_send_failed(struct stream *s, int res)
 {
-    conn_abort(s->owner, res == 0 ? "send made no progress" : strerror(-res));
+    struct conn *c = s->owner;
+    if ((res == -EPIPE || res == -ECONNRESET) && !s->tls &&
+        (c->state == CONN_TRANSMIT || c->state == CONN_DRAINING)) {
+        /* The client stopped reading (it closed, or shut its side down)
+         * but what it sent before is still to be taken: its writes up to
+         * its NBD_CMD_DISC are applied, as if it had waited for the
+         * replies.  Replies are dropped from now on; the connection ends
+         * at its DISC or at the end of its input.  How much input came in
+         * before the first reply must not decide that. */
+        if (!s->dead)
+            log_debug("conn %llu: the client reads no more replies (%s): "
+                      "taking its input to the end",
+                      (unsigned long long)c->id, strerror(-res));
+        s->dead = true;
+        stream_drop_queue(s);
+        return;
+    }
+    conn_abort(c, res == 0 ? "send made no progress" : strerror(-res));
 }
 
 /* ---- input ---- */
@@ -156,6 +173,16 @@ static void start_recv(struct conn *c)
 {
     if (c->st.recv_pending || !wants_input(c))
         return;
+    /* Transmission without TLS: one multishot receive for the whole
+     * phase instead of a recv (and a poll armed on the socket) per
+     * request.  The handshake and TLS streams receive one recv at a
+     * time. */
+    if (!c->ms_tried && c->state == CONN_TRANSMIT && !c->st.tls) {
+        c->ms_tried = true;
+        if (stream_use_multishot(&c->st))
+            log_debug("conn %llu: multishot receive",
+                      (unsigned long long)c->id);
+    }
     if (c->payload_req && stream_unparsed(&c->st) == 0) {
         /* straight into the request's buffer: no copy */
         struct nbd_req *r = c->payload_req;
@@ -248,6 +275,10 @@ static void conn_free(struct conn *c)
         nbd_req_release(c->payload_req);
         c->payload_req = NULL;
     }
+    if (c->discard_req) {
+        nbd_req_release(c->discard_req); /* its payload never came */
+        c->discard_req = NULL;
+    }
     assert(c->inflight == 0);
     nbd_budget_forget(c);
     nbd_slots_free(c);
@@ -306,7 +337,8 @@ void conn_drain(struct conn *c)
 
 static bool conn_idle(const struct conn *c)
 {
-    return c->running == 0 && stream_output_idle(&c->st) && !c->payload_req;
+    return c->running == 0 && stream_output_idle(&c->st) && !c->payload_req &&
+           !c->discard_left;
 }
 
 static void drain_done(struct loop_op *op, int res, uint32_t flags)

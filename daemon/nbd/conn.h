@@ -127,6 +127,11 @@ struct conn {
     struct nbd_req *payload_req;   /* receiving a write payload into it */
     uint64_t payload_got;
     uint64_t discard_left;         /* payload bytes of a refused request */
+    bool ms_tried;                 /* stream_use_multishot was asked */
+    struct nbd_req *discard_req;   /* its error reply, sent once the payload
+                                    * is read: a client (libnbd) that gets a
+                                    * reply to a write it is still sending
+                                    * knows no such cookie and hangs up */
 
     /* requests */
     struct nbd_req *slots;

@@ -459,18 +459,37 @@ void nbd_payload_complete(struct conn *c)
     dispatch(c, r);
 }
 
+/* Refuses r.  A request with a payload (a write) is answered only after
+ * its payload has been read and dropped: the reply must not overtake the
+ * client's own send of that request. */
+static void refuse(struct conn *c, struct nbd_req *r, uint64_t payload_len)
+{
+    if (payload_len == 0) {
+        reply_error(r);
+        return;
+    }
+    assert(!c->discard_left && !c->discard_req);
+    c->discard_left = payload_len;
+    c->discard_req = r;
+}
+
 /* Parses and starts as many requests as the bounds allow.  Returns true if
  * it made progress and may be called again. */
 bool nbd_transmit_input(struct conn *c)
 {
     const struct server_config *cfg = &c->srv->cfg;
 
-    /* Payload of a refused request: read and drop. */
+    /* Payload of a refused request: read and drop, then answer. */
     if (c->discard_left) {
         size_t avail = c->st.rend - c->st.rstart;
         size_t n = avail < c->discard_left ? avail : (size_t)c->discard_left;
         c->st.rstart += n;
         c->discard_left -= n;
+        if (c->discard_left == 0 && c->discard_req) {
+            struct nbd_req *r = c->discard_req;
+            c->discard_req = NULL;
+            reply_error(r);
+        }
         return c->discard_left == 0 && n > 0;
     }
     if (c->payload_req)
@@ -536,8 +555,7 @@ bool nbd_transmit_input(struct conn *c)
         r->errmsg = v.reason;
         log_debug("conn %llu: %s refused: %s", (unsigned long long)c->id,
                   nbd_cmd_name(h.type), v.reason);
-        c->discard_left = v.payload_len;
-        reply_error(r);
+        refuse(c, r, v.payload_len);
         return true;
     }
     case NBD_VERDICT_OK:
@@ -545,8 +563,7 @@ bool nbd_transmit_input(struct conn *c)
             struct nbd_req *r = req_alloc(c, &h);
             r->error = NBD_ESHUTDOWN;
             r->errmsg = "the server is shutting down";
-            c->discard_left = v.payload_len;
-            reply_error(r);
+            refuse(c, r, v.payload_len);
             return true;
         }
         break;
@@ -560,8 +577,7 @@ bool nbd_transmit_input(struct conn *c)
         if (req_buffer(r, need) < 0) {
             r->error = NBD_ENOMEM;
             r->errmsg = "out of memory";
-            c->discard_left = v.payload_len;
-            reply_error(r);
+            refuse(c, r, v.payload_len);
             return true;
         }
         r->accounted = need;

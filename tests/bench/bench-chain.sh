@@ -16,11 +16,11 @@
 # Prints IOPS, MiB/s, stratad's ratio to each other server, peak RSS.
 #
 # Environment: STRATAD, BENCH_DIR, BENCH_RUNTIME, BENCH_RAMP, BENCH_QUICK,
-# BENCH_SERVERS, BENCH_ROUNDS (default 1) as for bench-raw.sh.
+# BENCH_SERVERS, BENCH_ROUNDS (default 3) as for bench-raw.sh.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
-default_rounds=1
+default_rounds=3
 # shellcheck source=tests/bench/lib.sh
 . "$here/lib.sh"
 servers=${BENCH_SERVERS:-stratad${STRATAD_REF:+ stratad-ref} qsd qemu-nbd nbdkit-memory}
@@ -51,11 +51,14 @@ fi
 
 bench_workdir
 
+# name rw bs iodepth [fio jobs, each its own connection; default 1]
 workloads=(
-    "4k-randread   randread  4k 32"
-    "4k-randwrite  randwrite 4k 32"
-    "1M-seqread    read      1M 8"
-    "1M-seqwrite   write     1M 8"
+    "4k-randread     randread  4k 32"
+    "4k-randwrite    randwrite 4k 32"
+    "1M-seqread      read      1M 8"
+    "1M-seqwrite     write     1M 8"
+    "4k-randread-4c  randread  4k 16 4"
+    "4k-randwrite-4c randwrite 4k 16 4"
 )
 
 new_top() {
@@ -103,7 +106,9 @@ start_server() {                # server sock -> sets server_pid, uri
 read -r -a server_list <<<"$servers"
 for ((round = 0; round < rounds; round++)); do
   echo "round $((round + 1)) of $rounds"
-  for s in "${server_list[@]}"; do
+  # each round starts with a different server (see run_rounds in lib.sh)
+  for ((k = 0; k < ${#server_list[@]}; k++)); do
+    s=${server_list[$(((k + round) % ${#server_list[@]}))]}
     case $s in
     qsd) bin=qemu-storage-daemon ;;
     nbdkit-memory) bin=nbdkit ;;
@@ -114,7 +119,7 @@ for ((round = 0; round < rounds; round++)); do
         continue
     fi
     for w in "${workloads[@]}"; do
-        read -r name rw bs depth <<<"$w"
+        read -r name rw bs depth jobs <<<"$w"
         # A fresh empty top per job: reads fall through the chain, writes
         # allocate.  One server process per job.
         new_top
@@ -122,10 +127,10 @@ for ((round = 0; round < rounds; round++)); do
         rm -f "$sock"
         if ! start_server "$s" "$sock"; then
             failed=1
-            echo "$s $name FAIL FAIL" >> "$results"
+            echo "$s $name FAIL FAIL - -" >> "$results"
             continue
         fi
-        run_fio "$s" "$name" "$rw" "$bs" "$depth"
+        run_fio "$s" "$name" "$rw" "$bs" "$depth" "${jobs:-1}"
         stop_server "$s"
         if [ "$s" = stratad ] && ! qemu-img check -q "$work/top.qcow2"; then
             echo "bench: qemu-img check found errors in the top stratad wrote" >&2
@@ -138,7 +143,7 @@ done
 echo
 echo "chain: $base <- $mid <- top.qcow2 (${size_mib} MiB), runtime ${runtime}s per job" \
      "(+${ramp}s ramp), $(nproc) CPUs, $(uname -r)"
-echo "median of $rounds round(s); a fresh top and server process per job"
+echo "median of $rounds round(s), server order rotated each round; a fresh top and server process per job"
 ratio_to="${STRATAD_REF:+stratad-ref }qsd qemu-nbd nbdkit-memory"
 summary
 

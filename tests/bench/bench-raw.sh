@@ -42,12 +42,14 @@ fi
 
 bench_workdir
 
-# name rw bs iodepth
+# name rw bs iodepth [fio jobs, each its own connection; default 1]
 workloads=(
-    "4k-randread   randread  4k 32"
-    "4k-randwrite  randwrite 4k 32"
-    "1M-seqread    read      1M 8"
-    "1M-seqwrite   write     1M 8"
+    "4k-randread     randread  4k 32"
+    "4k-randwrite    randwrite 4k 32"
+    "1M-seqread      read      1M 8"
+    "1M-seqwrite     write     1M 8"
+    "4k-randread-4c  randread  4k 16 4"
+    "4k-randwrite-4c randwrite 4k 16 4"
 )
 
 start_server() {                # server sock -> sets server_pid, uri

@@ -146,7 +146,7 @@ stop_server() {                 # server [seconds to stop, default 10]
 # nbdkit are skipped with a note when not installed.
 # Args: stop-timeout-seconds server...
 run_rounds() {
-    local stop_s=$1 round k s sock w name rw bs depth
+    local stop_s=$1 round k s sock w name rw bs depth jobs
     shift
     local list=("$@")
     for ((round = 0; round < rounds; round++)); do
@@ -167,25 +167,60 @@ run_rounds() {
                 continue
             fi
             for w in "${workloads[@]}"; do
-                read -r name rw bs depth <<<"$w"
-                run_fio "$s" "$name" "$rw" "$bs" "$depth"
+                read -r name rw bs depth jobs <<<"$w"
+                run_fio "$s" "$name" "$rw" "$bs" "$depth" "${jobs:-1}"
             done
             stop_server "$s" "$stop_s"
         done
     done
 }
 
-run_fio() {                     # server name rw bs depth
-    local s=$1 name=$2 rw=$3 bs=$4 depth=$5
+# CPU time (user + system) the server process has used so far, in clock
+# ticks: every thread, io_uring's workers (iou-wrk-*) included, and the
+# threads that have exited already.
+server_ticks() {
+    awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo "?"
+}
+
+# io_uring worker threads (iou-wrk-*) the server has right now.
+server_iowq() {
+    { grep -l '^iou-wrk' /proc/"$1"/task/*/comm 2>/dev/null || true; } | wc -l
+}
+
+# Runs one fio job against $uri (jobs > 1: that many fio jobs, each with a
+# connection of its own, reported as one group) and appends "server
+# workload iops bw cpu_us_per_request io-wq_peak" to $results (FAIL on
+# failure).  The server's CPU is sampled after the ramp and when fio ends:
+# CPU per request is that CPU time over the requests fio counted (which
+# exclude the ramp).  io-wq_peak: the most io_uring worker threads seen in
+# samples every half second.
+run_fio() {                     # server name rw bs depth [jobs]
+    local s=$1 name=$2 rw=$3 bs=$4 depth=$5 jobs=${6:-1}
     local json=$work/$s-$name.json
     fcmd=(fio --name="$name" --ioengine=nbd --uri="$uri" --rw="$rw" --bs="$bs"
-          --iodepth="$depth" --numjobs=1 --runtime="$runtime" --ramp_time="$ramp"
+          --iodepth="$depth" --numjobs="$jobs" --group_reporting
+          --runtime="$runtime" --ramp_time="$ramp"
           --time_based --output-format=json --output="$json")
     echo "fio: ${fcmd[*]}"
     # Earlier write jobs leave GiBs of dirty page cache; without this
     # their writeback lands on whichever job runs next.
     sync
-    if ! timeout $((runtime + ramp + 60)) "${fcmd[@]}" >"$work/$s-$name.out" 2>&1; then
+    timeout $((runtime + ramp + 60)) "${fcmd[@]}" >"$work/$s-$name.out" 2>&1 &
+    local fio_pid=$! t0 t1 iowq=0 n fio_status=0
+    # the ramp (whole half seconds), then the measured part
+    for _ in $(seq 1 $((ramp * 2))); do
+        kill -0 "$fio_pid" 2>/dev/null || break
+        sleep 0.5
+    done
+    t0=$(server_ticks "$server_pid")
+    while kill -0 "$fio_pid" 2>/dev/null; do
+        n=$(server_iowq "$server_pid")
+        [ "$n" -gt "$iowq" ] && iowq=$n
+        sleep 0.5
+    done
+    t1=$(server_ticks "$server_pid")
+    wait "$fio_pid" || fio_status=$?
+    if [ "$fio_status" != 0 ]; then
         echo "bench: fio failed for $s $name:" >&2
         cat "$work/$s-$name.out" >&2
         if [ -f "$work/$s.log" ]; then
@@ -193,12 +228,13 @@ run_fio() {                     # server name rw bs depth
             tail -30 "$work/$s.log" >&2
         fi
         failed=1
-        echo "$s $name FAIL FAIL" >> "$results"
+        echo "$s $name FAIL FAIL - -" >> "$results"
         return 0
     fi
-    if ! "$PY" - "$json" "$s" "$name" "$rw" >> "$results" <<'PYEOF'
+    if ! "$PY" - "$json" "$s" "$name" "$rw" "$t0" "$t1" "$(getconf CLK_TCK)" "$iowq" \
+            >> "$results" <<'PYEOF'
 import json, sys
-path, server, name, rw = sys.argv[1:5]
+path, server, name, rw, t0, t1, hz, iowq = sys.argv[1:9]
 text = open(path).read()
 j = json.loads(text[text.index("{"):])
 job = j["jobs"][0]
@@ -207,32 +243,47 @@ if job.get("error", 0) != 0:
 d = job["write" if "write" in rw else "read"]
 if d["io_bytes"] == 0:
     sys.exit("fio moved no data")
-print(server, name, round(d["iops"], 1), d["bw_bytes"])
+reqs = job["read"]["total_ios"] + job["write"]["total_ios"]
+try:
+    us = (float(t1) - float(t0)) / float(hz) * 1e6 / reqs
+    cpu = f"{us:.2f}"
+except (ValueError, ZeroDivisionError):
+    cpu = "-"
+print(server, name, round(d["iops"], 1), d["bw_bytes"], cpu, iowq)
 PYEOF
     then
         echo "bench: cannot use fio's output for $s $name" >&2
         failed=1
-        echo "$s $name FAIL FAIL" >> "$results"
+        echo "$s $name FAIL FAIL - -" >> "$results"
     fi
 }
 
-# Prints the table: medians per server and workload, the ratios of stratad
-# to each server named in $ratio_to, and the peak RSS and CPU time of each
-# server process.
+# Prints the table: medians per server and workload (IOPS, MiB/s, server
+# CPU per request), the IOPS ratios of stratad to each server named in
+# $ratio_to, the ratios of their CPU per request, the io_uring workers seen,
+# the load average, and the peak RSS and CPU time of each server process.
 summary() {
+echo "load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
 "$PY" - "$results" "$rss" "$servers" "$ratio_to" "$cpu" <<'PYEOF'
 import sys
 results, rss, servers = sys.argv[1], sys.argv[2], sys.argv[3].split()
 ratio_to = sys.argv[4].split()
 cpu_file = sys.argv[5]
 res = {}
+cpus = {}
+iowq = {}
 order = []
 for line in open(results):
-    s, name, iops, bw = line.split()
+    f = line.split()
+    s, name, iops, bw = f[:4]
     if name not in order:
         order.append(name)
     res.setdefault((s, name), []).append(
         None if iops == "FAIL" else (float(iops), float(bw) / (1 << 20)))
+    if len(f) >= 5 and f[4] not in ("-", "FAIL"):
+        cpus.setdefault((s, name), []).append(float(f[4]))
+    if len(f) >= 6 and f[5].isdigit():
+        iowq[(s, name)] = max(iowq.get((s, name), 0), int(f[5]))
 
 
 def median(vals):
@@ -243,24 +294,47 @@ def median(vals):
 
 
 res = {k: median(v) for k, v in res.items()}
+cpus = {k: median(v) for k, v in cpus.items()}
 servers = [s for s in servers if any(k[0] == s for k in res)]
-hdr = f"{'workload':<14}"
-for s in servers:
-    hdr += f" | {s + ' IOPS':>15} {s + ' MiB/s':>15}"
 ratios = [o for o in ratio_to if o in servers and "stratad" in servers]
-for o in ratios:
-    hdr += f" | {'stratad/' + o:>16}"
+
+print("IOPS and MiB/s (medians), server CPU per request in microseconds "
+      "(median; user+system, all threads), wq: most io_uring workers seen")
+hdr = f"{'workload':<16}"
+for s in servers:
+    hdr += f" | {s + ' IOPS':>14} {'MiB/s':>8} {'CPU us':>7} {'wq':>3}"
 print(hdr)
 print("-" * len(hdr))
 for name in order:
-    row = f"{name:<14}"
+    row = f"{name:<16}"
     for s in servers:
         v = res.get((s, name))
-        row += f" | {'FAIL':>15} {'FAIL':>15}" if v is None else f" | {v[0]:>15.0f} {v[1]:>15.1f}"
-    for o in ratios:
-        a, b = res.get(("stratad", name)), res.get((o, name))
-        row += f" | {'-':>16}" if not a or not b or b[0] == 0 else f" | {a[0] / b[0]:>16.2f}"
+        c = cpus.get((s, name))
+        cs = f"{c:>7.2f}" if c is not None else f"{'-':>7}"
+        q = iowq.get((s, name))
+        cs += f" {q:>3}" if q is not None else f" {'-':>3}"
+        row += (f" | {'FAIL':>14} {'FAIL':>8} {cs}" if v is None
+                else f" | {v[0]:>14.0f} {v[1]:>8.1f} {cs}")
     print(row)
+if ratios:
+    print()
+    print("ratios: stratad's IOPS / the other's (above 1: stratad faster), and "
+          "stratad's CPU per request / the other's (below 1: stratad cheaper)")
+    hdr = f"{'workload':<16}"
+    for o in ratios:
+        hdr += f" | {'IOPS vs ' + o:>22} {'CPU vs ' + o:>22}"
+    print(hdr)
+    print("-" * len(hdr))
+    for name in order:
+        row = f"{name:<16}"
+        for o in ratios:
+            a, b = res.get(("stratad", name)), res.get((o, name))
+            row += (f" | {'-':>22}" if not a or not b or b[0] == 0
+                    else f" | {a[0] / b[0]:>22.2f}")
+            ca, cb = cpus.get(("stratad", name)), cpus.get((o, name))
+            row += (f" {'-':>22}" if ca is None or not cb
+                    else f" {ca / cb:>22.2f}")
+        print(row)
 peak = {}
 for line in open(rss):
     srv, hwm = line.split()

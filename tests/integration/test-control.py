@@ -26,6 +26,7 @@ Run:  STRATAD=build/daemon/stratad /usr/bin/python3 tests/integration/test-contr
 import os
 import socket
 import stat
+import subprocess
 import sys
 import threading
 import time
@@ -245,8 +246,24 @@ cls, desc = q.error("blockdev-del", node_name="two-node")
 check("Failed to find node" in desc, desc)
 cls, desc = q.error("blockdev-del", node_name="one")
 check("in use by export 'one'" in desc, desc)
+# a backing layer, listed by query-named-block-nodes, is not the monitor's
+ovl = os.path.join(d, "ovl.qcow2")
+subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", img2, ovl],
+               check=True)
+q.cmd("blockdev-add", driver="qcow2", node_name="ovl",
+      file={"driver": "file", "filename": ovl})
+names = [n["node-name"] for n in q.cmd("query-named-block-nodes")]
+check("ovl.backing" in names, f"query-named-block-nodes: no ovl.backing in {names}")
+cls, desc = q.error("blockdev-del", node_name="ovl.backing")
+check(cls == "GenericError" and "not owned by the monitor" in desc and "'ovl'" in desc,
+      f"blockdev-del of a backing layer: {cls}: {desc}")
+check("ovl.backing" in [n["node-name"] for n in q.cmd("query-named-block-nodes")],
+      "the refused blockdev-del of ovl.backing removed it")
+q.cmd("blockdev-del", node_name="ovl")
+check(not any(n["node-name"].startswith("ovl") for n in q.cmd("query-named-block-nodes")),
+      "blockdev-del ovl left its layers listed")
 ok("block-export-del: safe refuses with clients, hard drops them; "
-   "BLOCK_EXPORT_DELETED to negotiated clients only; blockdev-del")
+   "BLOCK_EXPORT_DELETED to negotiated clients only; blockdev-del (a backing layer: not owned by the monitor)")
 
 # ---- 6. jobs and the chain jobs ----
 check(q.cmd("query-jobs") == [] and q.cmd("query-block-jobs") == [], "no jobs")

@@ -9,7 +9,10 @@ fails, also those whose replies it has not read yet; so the daemon, done
 draining, half-closes (FIN) and keeps reading and dropping input until the
 client closes (or DRAIN_LINGER_MS passes) instead of closing at once.
 Expected: all 8 writes reported done, exit status 0.  Plaintext only (a
-TLS connection closes at once)."""
+TLS connection closes at once).
+
+Second case: a write refused while draining is answered (NBD_ESHUTDOWN)
+only once its whole payload has been read."""
 import os
 import signal
 import sys
@@ -17,6 +20,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
+import nbdwire as w  # noqa: E402
 from harness import check, ok  # noqa: E402
 
 harness.nbd_handle()
@@ -74,7 +78,56 @@ def main():
           f"{res} (errno; missing = no reply), not all done")
     ok("slow reader at shutdown: a client that reads its replies after the "
        "drain and sends once more still gets all 8 (the daemon half-closes)")
+    half_sent_write(d)
 
+
+def half_sent_write(d):
+    """A write whose header arrives while the daemon drains (after SIGTERM)
+    and whose payload comes in two parts: the daemon answers it with
+    NBD_ESHUTDOWN only after reading the rest, never while the client is
+    still sending it (libnbd would see a cookie it has not filed yet and
+    hang up, failing its other requests).  The header must arrive within
+    DRAIN_QUIET_MS of the signal; a round where this host was too slow for
+    that (the daemon already half-closed) is repeated, up to 3 times."""
+    for rnd in range(3):
+        path = harness.make_file(os.path.join(d, f"half{rnd}.img"), 4 * MiB)
+        daemon = harness.Daemon([f"name=half,file={path},format=raw"])
+        c = w.Conn(daemon.sock)
+        c.handshake("half", structured=True)
+        payload = b"\x66" * (256 * KiB)
+        cookie = 0x4841_4c46
+        daemon.proc.send_signal(signal.SIGTERM)
+        deadline = time.time() + 10
+        while "shutting down" not in daemon.logtext():
+            check(time.time() < deadline, "SIGTERM: no 'shutting down' in the log within 10 s")
+            time.sleep(0.005)
+        try:
+            c.send(c.header(w.CMD_WRITE, cookie, 0, len(payload)) + payload[:64 * KiB])
+            early = c.pending(2 * DRAIN_QUIET_S)
+        except (w.Closed, OSError):
+            c.close()
+            daemon.proc.wait(30)
+            print(f"note: round {rnd}: the header came after the drain ended; again")
+            continue
+        check(early == b"", f"write sent while draining: {len(early)} bytes came back "
+              f"before the client had sent the whole payload (expected: nothing yet)")
+        c.send(payload[64 * KiB:])
+        reps = c.reply_for(cookie)
+        errs = [r.error for r in reps if r.is_error]
+        with open(path, "rb") as f:
+            written = f.read(len(payload)) == payload
+        check(errs == [w.ESHUTDOWN] and not written,
+              f"write sent while draining: replies {reps}, data in the file: {written}; "
+              f"expected NBD_ESHUTDOWN and nothing written")
+        c.disc()
+        c.close()
+        rc = daemon.proc.wait(30)
+        check(rc == 0, f"write sent while draining: exit status {rc}")
+        ok("write sent while draining, payload in two parts: NBD_ESHUTDOWN after the "
+           "whole payload, nothing written, exit 0")
+        return
+    print("note: the write-while-draining case did not run: this host was slower than "
+          "DRAIN_QUIET_MS three times")
 
 
 if __name__ == "__main__":

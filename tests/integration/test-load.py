@@ -43,7 +43,9 @@ REGION = SIZE // PER                   # 256 KiB per client
 SECONDS = float(os.environ.get("STRATA_LOAD_SECONDS", "60"))
 BUDGET = 64 * MiB
 GRANT = 256 * KiB                      # NBD_BUDGET_MIN_GRANT
-SLACK = 96 * MiB                       # 512 receive buffers, slots, stacks
+# 512 receive buffers, slots, stacks, and each connection's ring of
+# provided buffers (STREAM_MS_BUFS x STREAM_MS_BUFSIZE, common/stream.h)
+SLACK = 96 * MiB + CLIENTS * 32 * KiB
 
 harness.require_built()
 harness.report_unexpected_exceptions()

@@ -1117,6 +1117,30 @@ check(err == 0 and got == bytes(disk[12 * MiB:13 * MiB]), "fresh wire client (TC
 c.disc()
 c.close()
 ok("fresh wire client over TCP with extended headers works")
+# A refused write is answered only after its whole payload was read: a
+# client still sending the payload has not yet filed the request as sent
+# (libnbd puts it in flight when the send is done), so an early reply
+# carries a cookie it does not know, and libnbd hangs up, failing every
+# other request in flight, also writes the server did and answered after.
+for what, export, woff, werr in (("read-only export", "ro", 0, w.EPERM),
+                                 ("write past the end", "disk", DISK_SIZE - 4096, w.ENOSPC)):
+    c = conn()
+    c.handshake(export, structured=True)
+    payload = b"\x77" * (256 * KiB)
+    cookie = 0xdd00000000000001
+    c.send(c.header(w.CMD_WRITE, cookie, woff, len(payload)) + payload[:100 * KiB])
+    early = c.pending(0.5)
+    check(early == b"", f"{what}: the daemon answered a refused write before its payload was "
+          f"all sent ({len(early)} bytes came back after 100 of 256 KiB); expected the reply "
+          f"after the payload")
+    c.send(payload[100 * KiB:])
+    expect_error_chunk(c, c.reply_for(cookie), werr, cookie, woff, what + " (payload in two parts)")
+    got, err = c.read(cookie + 1, 0, 4096)
+    check(err == 0, f"{what}: a read after the refused write failed ({err}): payload not consumed?")
+    c.disc()
+    c.close()
+    ok(f"{what}: refused write (error {werr}) answered after its whole payload")
+
 # A client that sends options but never reads the replies: the daemon must
 # stop reading it (its sends block) instead of queueing replies without
 # bound, and keep serving others.
