@@ -222,21 +222,32 @@ check(err == 0 and data == d3, "dribbled ciphertext: 1 MiB read back")
 ok("records split across recvs (ciphertext in pieces of 1, 2, 3, 5 bytes "
    "and odd sizes, 2 ms apart): a 1 MiB and a 4 KiB write landed")
 
-# 3. Many requests in one record, a write's header and payload in one
-# record, then a record holding a payload's tail and three headers.
+# 3. Seventeen flushes, then thirteen writes and a flush (about 56 KiB)
+# handed to one SSL write: OpenSSL cuts it into 16 KiB records, so a
+# record holds many whole requests, the first cut falls 8 bytes into the
+# second write's header and the others inside payloads.
 ms, cookies = b"", []
+for k in range(17):
+    ms += c.header(w.CMD_FLUSH, 100 + k)
+    cookies.append(100 + k)
+ms += write(c, 9, 8 * MiB - 15872, rng.randbytes(15872))
+cookies.append(9)
+cut_in_header = len(ms)          # 16376: this header spans byte 16384
 for k in range(12):
     dk = rng.randbytes(512 * (k + 1))
     ms += write(c, 10 + k, 8 * MiB + k * 65536, dk)
     cookies.append(10 + k)
 ms += c.header(w.CMD_FLUSH, 30)
 cookies.append(30)
+check(cut_in_header < 16384 < cut_in_header + 28, "case 3 layout")
 t.cuts = [len(ms)]              # OpenSSL still cuts at 16 KiB
 t.sendall(ms)
+plain = [n - 17 for n in t.records]
+check(len(plain) == 4 and plain[0] == 16384, f"records as cut: {plain}")
 check_replies(c, cookies, "many requests per record")
 t.cuts = [0]
-ok("twelve writes and a flush sealed together (several requests per "
-   "record, headers straddling records)")
+ok("seventeen flushes and thirteen writes sealed together: many requests "
+   "per record, a header and payloads straddling records")
 
 # 4. Large reads at depth: eight 1 MiB reads and odd-sized ones sent in
 # one batch, then writes to other regions pipelined behind them before
