@@ -35,6 +35,25 @@ fi
 
 bench_workdir
 
+# The client's side: fio's job thread runs libnbd and GnuTLS, so its CPU
+# time (user+system, from fio's JSON) is what decrypting the replies and
+# sealing the requests costs the client.  Appended per job to
+# $clientcpu as "server workload cpu_seconds bytes".
+clientcpu=$work/client-cpu.txt
+: > "$clientcpu"
+bench_after_fio() {             # server name json (lib.sh's hook)
+    "$PY" - "$3" "$1" "$2" >> "$clientcpu" 2>/dev/null <<'PYEOF' || true
+import json, sys
+path, server, name = sys.argv[1:4]
+text = open(path).read()
+job = json.loads(text[text.index("{"):])["jobs"][0]
+moved = job["read"]["io_bytes"] + job["write"]["io_bytes"]
+secs = (job["usr_cpu"] + job["sys_cpu"]) / 100 * job["job_runtime"] / 1000
+if moved:
+    print(server, name, round(secs, 3), moved)
+PYEOF
+}
+
 # Certificates: the server's in $work/server, the client's in
 # $work/home/.pki/libnbd where libnbd looks.
 bench_certs "$work/server" "$work/home/.pki/libnbd" || exit 1
@@ -93,10 +112,11 @@ echo
 echo "image: $img (${size_mib} MiB), runtime ${runtime}s per job (+${ramp}s ramp), $(nproc) CPUs, $(uname -r)"
 echo "median of $rounds round(s), server order rotated each round; TCP loopback"
 echo "load average before the summary: $(cut -d' ' -f1-3 /proc/loadavg)"
-"$PY" - "$results" "$servers" "$cpu" "$runtime" <<'PYEOF'
+"$PY" - "$results" "$servers" "$cpu" "$runtime" "$clientcpu" <<'PYEOF'
 import sys
 results, servers, cpu_file = sys.argv[1], sys.argv[2].split(), sys.argv[3]
 runtime = float(sys.argv[4])
+client_file = sys.argv[5]
 moved = {}                               # server -> bytes over all runs
 for line in open(results):
     s, name, iops, bw = line.split()
@@ -147,6 +167,25 @@ print()
 print("server CPU time, all jobs (user+system), and per GiB moved: " + ", ".join(
     f"{s} {cpu[s]:.1f} s ({cpu[s] / (moved[s] / (1 << 30)):.2f} s/GiB)"
     if moved.get(s) else f"{s} {cpu[s]:.1f} s" for s in servers if s in cpu))
+# The client (fio: libnbd + GnuTLS) per GiB it moved, each workload over
+# all rounds: with TLS the client decrypts every read on the same cores,
+# and one fio job is one thread, so 1 / (client s/GiB) bounds its rate.
+ccpu = {}
+for line in open(client_file):
+    srv, name, secs, nbytes = line.split()
+    c = ccpu.setdefault((srv, name), [0.0, 0])
+    c[0] += float(secs)
+    c[1] += int(nbytes)
+if ccpu:
+    print()
+    print("client (fio) CPU time per GiB moved (user+system of the job thread):")
+    print(f"{'workload':<14}" + "".join(f" | {s:>12}" for s in servers))
+    for name in order:
+        row = f"{name:<14}"
+        for s in servers:
+            c = ccpu.get((s, name))
+            row += f" | {c[0] / (c[1] / (1 << 30)):>12.2f}" if c and c[1] else f" | {'-':>12}"
+        print(row)
 PYEOF
 
 if [ "$failed" != 0 ]; then

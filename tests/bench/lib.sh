@@ -2,7 +2,8 @@
 # share.  Sourced first (needs $here, $default_rounds and, optionally,
 # $default_size_mib); the caller's start_server sets $server_pid and $uri
 # and logs the server to $work/SERVER.log; an optional bench_cleanup_extra
-# runs at exit.
+# runs at exit, an optional bench_after_fio SERVER WORKLOAD JSON after each
+# fio job.
 
 # The settings both benchmarks take from the environment (see
 # bench-raw.sh's header).  $default_rounds is the caller's.
@@ -255,6 +256,10 @@ PYEOF
         echo "bench: cannot use fio's output for $s $name" >&2
         failed=1
         echo "$s $name FAIL FAIL - -" >> "$results"
+    fi
+    # an optional hook of the caller's, given each successful job's JSON
+    if declare -F bench_after_fio >/dev/null; then
+        bench_after_fio "$s" "$name" "$json"
     fi
 }
 
