@@ -247,6 +247,7 @@ int backend_pwritev_co(struct backend *b, struct coro *co,
         return r;
     r = b->ops->pwritev_co(b, co, iov, iovcnt, off, flags);
     assert(r <= 0);
+    b->writes_done++; /* even failed: part of it may have changed */
     return r;
 }
 
@@ -268,11 +269,21 @@ int backend_flush_co(struct backend *b, struct coro *co)
 {
     if (b->read_only)
         return 0;
+    /* Nothing completed since the last flush: nothing to make durable
+     * (a sync of the file would still cost a device cache flush, and
+     * whoever waits for it, for nothing).  Writes in flight are not
+     * covered by a flush anyway. */
+    if (b->writes_done == b->writes_flushed)
+        return 0;
+    uint64_t covers = b->writes_done;
     bool short_io;
     int r = backend_fault_hit(BACKEND_FAULT_FLUSH, &short_io);
     if (r < 0)
         return r;
-    return b->ops->flush_co(b, co);
+    r = b->ops->flush_co(b, co);
+    if (r == 0 && covers > b->writes_flushed)
+        b->writes_flushed = covers;
+    return r;
 }
 
 int backend_zero_co(struct backend *b, struct coro *co, uint64_t off,
@@ -285,13 +296,16 @@ int backend_zero_co(struct backend *b, struct coro *co, uint64_t off,
     int r = backend_fault_hit(BACKEND_FAULT_ZERO, &short_io);
     if (r < 0)
         return r;
-    return b->ops->zero_co(b, co, off, len, flags);
+    r = b->ops->zero_co(b, co, off, len, flags);
+    b->writes_done++;
+    return r;
 }
 
 int backend_discard_co(struct backend *b, struct coro *co, uint64_t off,
                        uint64_t len, unsigned flags)
 {
     assert(!b->read_only);
+    assert(!(flags & ~BACKEND_FUA));
     check_range(b, off, len);
     if (!(b->caps & BACKEND_CAN_TRIM))
         return 0;
@@ -299,7 +313,9 @@ int backend_discard_co(struct backend *b, struct coro *co, uint64_t off,
     int r = backend_fault_hit(BACKEND_FAULT_DISCARD, &short_io);
     if (r < 0)
         return r;
-    return b->ops->discard_co(b, co, off, len, flags);
+    r = b->ops->discard_co(b, co, off, len, flags);
+    b->writes_done++;
+    return r;
 }
 
 int backend_block_status_co(struct backend *b, struct coro *co, uint64_t off,
@@ -359,7 +375,9 @@ int backend_truncate_co(struct backend *b, struct coro *co, uint64_t size)
     int r = backend_fault_hit(BACKEND_FAULT_TRUNCATE, &short_io);
     if (r < 0)
         return r;
-    return b->ops->truncate_co(b, co, size);
+    r = b->ops->truncate_co(b, co, size);
+    b->writes_done++;
+    return r;
 }
 
 int backend_cache_co(struct backend *b, struct coro *co, uint64_t off,

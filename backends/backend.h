@@ -63,7 +63,8 @@ struct backend_ops {
     int (*zero_co)(struct backend *b, struct coro *co, uint64_t off,
                    uint64_t len, unsigned flags);
     /* Advisory deallocation; content afterwards is unspecified (files: reads
-     * as zeros).  May yield. */
+     * as zeros).  BACKEND_FUA: whatever it changed is durable on return,
+     * as for writes.  May yield. */
     int (*discard_co)(struct backend *b, struct coro *co, uint64_t off,
                       uint64_t len, unsigned flags);
     /* Status of the extent starting at off: *pnum (> 0, <= len) bytes share
@@ -96,6 +97,11 @@ struct backend {
                               buffers (1 unless direct I/O) */
     unsigned caps;         /* BACKEND_CAN_* */
     bool read_only;
+    /* Writes (write, zero, discard, truncate) completed, and how many of
+     * them the last successful flush covered: equal, a flush has nothing
+     * to make durable and is not sent (backend_flush_co).  Maintained by
+     * the wrappers; zero when the driver allocates the backend. */
+    uint64_t writes_done, writes_flushed;
 };
 
 struct backend_open_opts {

@@ -22,6 +22,7 @@
 
 #include "backend.h"
 #include "fault.h"
+#include "log.h"
 #include "loop.h"
 
 #define FILE_MAX_IOV 64             /* iovecs per request (bounded copy) */
@@ -30,6 +31,9 @@
  * (IOSQE_ASYNC): the page-cache copy then runs on another core instead of
  * inline on the loop thread. */
 #define FILE_ASYNC_MIN (256u << 10)
+/* A read or write that takes this long (submission to completion) is
+ * logged (debug): what requests wait for when they wait in the kernel. */
+#define FILE_SLOW_LOG_NS 5000000
 
 struct file_backend {
     struct backend b;
@@ -67,6 +71,7 @@ static int file_rw_co(struct file_backend *f, struct coro *co, bool write,
 
     while (n > 0) {
         struct loop_wait w;
+        uint64_t t0 = loop_now_ns();
         loop_wait_init(&w, co);
         struct io_uring_sqe *sqe = loop_get_sqe(f->b.loop, &w.op);
         /* One buffer: READ/WRITE, which spare the kernel the iovec copy. */
@@ -85,6 +90,12 @@ static int file_rw_co(struct file_backend *f, struct coro *co, bool write,
         if (total >= FILE_ASYNC_MIN)
             sqe->flags |= IOSQE_ASYNC;
         int r = loop_wait_co(&w);
+        uint64_t took = loop_now_ns() - t0;
+        if (took >= FILE_SLOW_LOG_NS)
+            log_debug("%s: a %s of %llu bytes at %#llx took %.3f ms",
+                      f->b.name, write ? "write" : "read",
+                      (unsigned long long)iov_size(cur, n),
+                      (unsigned long long)off, took / 1e6);
         if (r == -EINTR || r == -EAGAIN)
             continue;
         if (r > 0)

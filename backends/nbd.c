@@ -698,8 +698,13 @@ static int nbdbe_discard_co(struct backend *b, struct coro *co, uint64_t off,
     if (r < 0 || !n->info.can_trim)
         return r;
     bool fua = (flags & BACKEND_FUA) && n->info.can_fua;
-    return nbdbe_run_co(n, co, NBDBE_TRIM, NULL, true, off, len,
-                        nbdbe_effect_max(n), fua ? LIBNBD_CMD_FLAG_FUA : 0);
+    r = nbdbe_run_co(n, co, NBDBE_TRIM, NULL, true, off, len,
+                     nbdbe_effect_max(n), fua ? LIBNBD_CMD_FLAG_FUA : 0);
+    /* A server without FUA: the trim is made durable by a flush, as a
+     * write is. */
+    if (r == 0 && (flags & BACKEND_FUA) && !fua)
+        r = nbdbe_flush_now_co(n, co);
+    return r;
 }
 
 /* The first run of extents with one status, from base:allocation. */

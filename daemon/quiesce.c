@@ -6,11 +6,20 @@
 #include "log.h"
 #include "loop.h"
 
+/* A request that waits this long for a quiesce is logged (debug). */
+#define QUIESCE_WAIT_LOG_NS 5000000
+
 uint64_t export_enter_co(struct export *e, struct coro *co)
 {
     uint64_t t0 = loop_now_ns();
-    while (e->quiesce_count > 0)
-        co_queue_wait_co(&e->resume_q, co);
+    if (e->quiesce_count > 0) {
+        while (e->quiesce_count > 0)
+            co_queue_wait_co(&e->resume_q, co);
+        uint64_t waited = loop_now_ns() - t0;
+        if (waited >= QUIESCE_WAIT_LOG_NS)
+            log_debug("export '%s': a request waited %.3f ms for a quiesce",
+                      e->cfg.name, waited / 1e6);
+    }
     e->inflight++;
     return t0;
 }
@@ -34,8 +43,10 @@ void export_leave(struct export *e, uint64_t start_ns, bool synced)
 
 void export_quiesce_co(struct export *e, struct coro *co)
 {
-    if (e->quiesce_count++ == 0)
+    if (e->quiesce_count++ == 0) {
         e->quiesce_start_ns = loop_now_ns();
+        log_debug("export '%s': quiescing", e->cfg.name);
+    }
     while (e->inflight > 0)
         co_queue_wait_co(&e->drained_q, co);
 }

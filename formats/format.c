@@ -418,6 +418,12 @@ struct fmt_node *fmt_open(struct loop *loop, const char *spec,
     return so.result;
 }
 
+void fmt_prepare_writable_co(struct fmt_node *n, struct coro *co)
+{
+    if (n->ops->prepare_writable_co)
+        n->ops->prepare_writable_co(n, co);
+}
+
 int fmt_reopen_co(struct fmt_node *n, struct coro *co, bool read_only,
                   struct error **errp)
 {
@@ -557,6 +563,7 @@ int fmt_discard_co(struct fmt_node *n, struct coro *co, uint64_t off,
                    uint64_t len, unsigned flags)
 {
     assert(!n->read_only);
+    assert(!(flags & ~FMT_FUA));
     check_range(n, off, len);
     /* a trim may change what reads return: marked whatever happens */
     fmt_bitmaps_mark(n->bitmaps, off, len);

@@ -94,7 +94,9 @@ struct fmt_ops {
                    uint64_t len, unsigned flags);
     /* Advisory: [off, off+len) may be deallocated; content afterwards is
      * unspecified (reads may see old data, zeros or the backing node).
-     * Only called when n->caps has FMT_CAN_TRIM; flags: none yet. */
+     * Only called when n->caps has FMT_CAN_TRIM.  flags: FMT_FUA only;
+     * with it, the deallocation (the metadata that records it) is
+     * durable on return, in this node's image (as for a FUA write). */
     int (*discard_co)(struct fmt_node *n, struct coro *co, uint64_t off,
                       uint64_t len, unsigned flags);
     /* Describes the extent starting at off (0 < ext->len <= len; len is
@@ -105,6 +107,13 @@ struct fmt_ops {
      * wrapper answers 0 without it.  Never changes content. */
     int (*cache_co)(struct fmt_node *n, struct coro *co, uint64_t off,
                     uint64_t len);
+    /* Optional, control path, with requests in flight (reads only: the
+     * node is read-only or not yet served): the checks a node runs
+     * before it takes writes, done ahead so that the reopen that makes
+     * it writable, under a quiesce, finds them done (qcow2: the refcount
+     * audit).  What they find is logged and handled by the node (a
+     * corrupt image refuses writes); they do not fail. */
+    void (*prepare_writable_co)(struct fmt_node *n, struct coro *co);
     /* Control path, no request in flight on the node (both optional). */
     /* Switches between read-only and read-write; going read-only flushes
      * first.  Errors in *errp as well. */
@@ -247,6 +256,10 @@ int fmt_preadv_co(struct fmt_node *n, struct coro *co, const struct iovec *iov,
 int fmt_pwritev_co(struct fmt_node *n, struct coro *co, const struct iovec *iov,
                    int iovcnt, uint64_t off, unsigned flags);
 int fmt_flush_co(struct fmt_node *n, struct coro *co);
+/* Runs the node's checks before it takes writes (ops.prepare_writable_co)
+ * while requests go on; the reopen that makes it writable finds them
+ * done. */
+void fmt_prepare_writable_co(struct fmt_node *n, struct coro *co);
 int fmt_zero_co(struct fmt_node *n, struct coro *co, uint64_t off,
                 uint64_t len, unsigned flags);
 int fmt_discard_co(struct fmt_node *n, struct coro *co, uint64_t off,

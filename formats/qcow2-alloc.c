@@ -87,7 +87,7 @@ static bool wait_allocs_locked_co(struct qcow2 *s, struct coro *co,
         return false;
     co_mutex_unlock(&s->lock, co);
     co_queue_wait_co(&a->waiters, co);
-    co_mutex_lock_co(&s->lock, co);
+    qcow2_lock_co(s, co);
     return true;
 }
 
@@ -530,8 +530,11 @@ static int write_step_co(struct qcow2 *s, struct coro *co,
     struct alloc_plan plan;
     int r;
 
-    co_mutex_lock_co(&s->lock, co);
+    qcow2_lock_co(s, co);
     for (;;) {
+        r = qcow2_make_room_locked_co(s, co, off, true);
+        if (r < 0)
+            goto out_unlock;
         if (!s->broken && !s->refcounts_audited) {
             r = qcow2_audit_refcounts_co(s, co);
             if (r < 0)
@@ -565,7 +568,9 @@ static int write_step_co(struct qcow2 *s, struct coro *co,
 
     r = cow_write_co(s, co, &plan, iov, iovcnt, skip);
 
-    co_mutex_lock_co(&s->lock, co);
+    qcow2_lock_co(s, co);
+    if (r == 0)
+        r = qcow2_make_room_locked_co(s, co, off, true);
     if (r == 0)
         r = link_l2_locked_co(s, co, &plan);
     if (r == 0)
@@ -649,7 +654,10 @@ static int zero_clusters_co(struct qcow2 *s, struct coro *co, uint64_t off,
     const uint64_t cs = qcow2_cs(s);
     const bool backing = s->node.backing != NULL;
     int r = 0;
-    co_mutex_lock_co(&s->lock, co);
+    qcow2_lock_co(s, co);
+    r = qcow2_make_room_locked_co(s, co, off, true);
+    if (r < 0)
+        goto out;
     while (wait_allocs_locked_co(s, co, off, off + n * cs))
         ;
     if (!s->broken && !s->refcounts_audited) {

@@ -548,7 +548,7 @@ int qcow2_bitmaps_write_co(struct fmt_node *n, struct coro *co,
                           n->filename);
     struct ranges old = {0}, fresh = {0};
     bool switched = false;
-    co_mutex_lock_co(&s->lock, co);
+    qcow2_lock_co(s, co);
     int r = old_clusters_co(s, co, &old);
     if (r == 0) {
         r = write_locked_co(s, co, store_data, &fresh, &switched);

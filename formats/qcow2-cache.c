@@ -10,6 +10,14 @@
  * (refcount blocks) writes each entry with FUA, so what it wrote is on
  * disk when the write completes.
  *
+ * A miss takes the least recently used entry; if that one is dirty, it
+ * is written back first, with the lock held.  To keep that write (and the
+ * refcount blocks it waits for) from stopping every other request, the
+ * request paths make room before they look anything up
+ * (qcow2_cache_make_room_locked_co): the dirty entries at the LRU end are
+ * written back through copies, like a flush's, with the lock dropped, so
+ * that the misses that follow find clean entries to take.
+ *
  * An entry under write-back (wb) has a copy of it on its way to disk: it
  * may be read and changed (the copy is what gets written), but it is not
  * evicted, and no other write of it starts, until that write is done — so
@@ -286,6 +294,69 @@ int qcow2_cache_wb_write_co(struct qcow2_cache *c, struct coro *co,
     free(wb->items);
     memset(wb, 0, sizeof(*wb));
     return ret;
+}
+
+#define ROOM_MAX 8
+
+int qcow2_cache_make_room_locked_co(struct qcow2_cache *c, struct coro *co,
+                                    unsigned want)
+{
+    struct qcow2 *s = c->s;
+    assert(co_mutex_held(&s->lock, co));
+    if (want > ROOM_MAX)
+        want = ROOM_MAX;
+    /* From the LRU end: the entries a miss would take next. */
+    struct qcow2_cache_entry *dirty[ROOM_MAX];
+    unsigned clean = 0, ndirty = 0;
+    for (struct qcow2_cache_entry *e = c->lru_tail;
+         e && clean + ndirty < want; e = e->lru_prev) {
+        if (e->pins || e->wb)
+            continue;
+        if (e->dirty)
+            dirty[ndirty++] = e;
+        else
+            clean++;
+    }
+    if (ndirty == 0)
+        return 0;
+    /* The tables depend on every dirty entry of the dependency (durable
+     * first): its write-backs in progress end, then it is written. */
+    struct qcow2_cache *d = c->depends;
+    if (d && d->n_wb)
+        return qcow2_cache_wait_wb_locked_co(d, co);
+    struct qcow2_cache_wb dwb = {0}, wb = {0};
+    int r = d ? qcow2_cache_wb_begin_locked(d, co, &dwb) : 0;
+    if (r < 0)
+        return r;
+    const uint64_t cs = qcow2_cs(s);
+    wb.items = calloc(ndirty, sizeof(*wb.items));
+    if (!wb.items) {
+        if (d)
+            qcow2_cache_wb_abort(d, &dwb);
+        return -ENOMEM;
+    }
+    for (unsigned i = 0; i < ndirty; i++) {
+        struct qcow2_cache_entry *e = dirty[i];
+        uint8_t *copy = qcow2_buf_alloc(s, cs);
+        if (!copy)
+            break; /* fewer: the rest stays dirty */
+        memcpy(copy, e->table, cs);
+        wb.items[wb.n].e = e;
+        wb.items[wb.n].copy = copy;
+        wb.items[wb.n].offset = e->offset;
+        wb.n++;
+        e->dirty = false;
+        e->wb = true;
+        c->n_wb++;
+    }
+    co_mutex_unlock(&s->lock, co);
+    r = d ? qcow2_cache_wb_write_co(d, co, &dwb) : 0;
+    if (r == 0)
+        r = qcow2_cache_wb_write_co(c, co, &wb);
+    else
+        qcow2_cache_wb_abort(c, &wb);
+    qcow2_lock_co(s, co);
+    return r < 0 ? r : 1;
 }
 
 int qcow2_cache_wait_wb_locked_co(struct qcow2_cache *c, struct coro *co)

@@ -278,7 +278,7 @@ int qcow2_set_backing_co(struct fmt_node *n, struct coro *co,
      * that grows the refcount table rewrites them (under the lock) while
      * guest I/O goes on, and a copy taken before waiting for the lock
      * would put the old refcount table offset back on disk. */
-    co_mutex_lock_co(&s->lock, co);
+    qcow2_lock_co(s, co);
     char err[256];
     r = qcow2_header_parse_extensions(s->hdr, cs, &s->h, ext, err,
                                           sizeof(err));

@@ -77,18 +77,6 @@ int qcow2_refcount_get_co(struct qcow2 *s, struct coro *co, uint64_t cluster,
     return 0;
 }
 
-/* Writes the bytes of the in-memory refcount table for entries
- * [first, first + n), durable on return (whatever L2 entry comes next
- * must find them on disk first). */
-static int reftable_write_co(struct qcow2 *s, struct coro *co, uint64_t first,
-                             uint64_t n)
-{
-    return qcow2_write_meta_co(s, co, s->reftable, s->h.refcount_table_offset,
-                               (uint64_t)s->h.refcount_table_clusters *
-                                   qcow2_cs(s),
-                               first * 8, n * 8, BACKEND_FUA);
-}
-
 /* Replaces the refcount table by one with at least min_entries entries
  * that also covers the clusters it and its new blocks occupy. */
 static int grow_reftable_co(struct qcow2 *s, struct coro *co,
@@ -189,43 +177,82 @@ static int grow_reftable_co(struct qcow2 *s, struct coro *co,
     return qcow2_refcount_update_co(s, co, old_off, old_clusters * cs, -1);
 }
 
-/* Makes sure refcount block idx exists.  Returns 1 if it had to be created
- * (clusters were used for it), 0 if it was there, or -errno. */
-static int ensure_block_co(struct qcow2 *s, struct coro *co, uint64_t idx)
+/* Creates refcount block idx (absent) at the first cluster of its range,
+ * describing itself.  The block and then its refcount table entry are
+ * written with FUA without the lock: meanwhile the table in memory still
+ * has no entry for it, so nothing is allocated in its range, and
+ * rb_creating keeps other creations and the table's growth out (the
+ * entry's neighbours, written along with it, do not change). */
+static int create_block_co(struct qcow2 *s, struct coro *co, uint64_t idx)
 {
-    bool changed = false;
-    if (idx >= s->reftable_entries) {
-        int r = grow_reftable_co(s, co, idx + 1);
-        if (r < 0)
-            return r;
-        changed = true;
-    }
-    if (reftable_get(s, idx) != 0)
-        return changed;
-
     const uint64_t cs = qcow2_cs(s);
     uint64_t x0 = idx * per_block(s);
     if (x0 == 0)
         return qcow2_corrupt(s, "no refcount block for the header cluster");
-    struct qcow2_cache_entry *e;
-    int r = qcow2_cache_get_co(&s->rb_cache, co, x0 * cs, true, &e);
+    /* The refcount table entry's aligned neighbourhood, as it will be. */
+    uint64_t a = s->io_align;
+    uint64_t tbytes = (uint64_t)s->h.refcount_table_clusters * cs;
+    uint64_t tstart = (idx * 8) & ~(a - 1);
+    uint64_t tend = (idx * 8 + 8 + a - 1) & ~(a - 1);
+    if (tend > tbytes)
+        tend = tbytes;
+    uint64_t toff = s->h.refcount_table_offset;
+    uint8_t *blk = qcow2_buf_alloc(s, cs);
+    uint8_t *tcopy = qcow2_buf_alloc(s, tend - tstart);
+    if (!blk || !tcopy) {
+        free(blk);
+        free(tcopy);
+        return -ENOMEM;
+    }
+    memset(blk, 0, cs);
+    qcow2_refcount_set(blk, s->h.refcount_order, 0, 1);
+    memcpy(tcopy, s->reftable + tstart, tend - tstart);
+    be_put64(tcopy + idx * 8 - tstart, x0 * cs);
+    s->rb_creating = true;
+    co_mutex_unlock(&s->lock, co);
+
+    int r = backend_pwrite_co(s->node.file, co, blk, cs, x0 * cs,
+                              BACKEND_FUA);
+    if (r == 0)
+        r = backend_pwrite_co(s->node.file, co, tcopy, tend - tstart,
+                              toff + tstart, BACKEND_FUA);
     if (r < 0)
-        return r;
-    qcow2_refcount_set(e->table, s->h.refcount_order, 0, 1);
-    qcow2_cache_mark_dirty(&s->rb_cache, e);
-    r = qcow2_cache_write_now_co(&s->rb_cache, co, e); /* durable */
-    qcow2_cache_put(&s->rb_cache, e);
+        log_error("%s: creating refcount block %llu: %s", s->node.filename,
+                  (unsigned long long)idx, strerror(-r));
+    free(blk);
+    free(tcopy);
+
+    qcow2_lock_co(s, co);
+    s->rb_creating = false;
+    co_queue_wake_all(&s->rb_create_waiters);
     if (r < 0)
         return r;
     be_put64(s->reftable + idx * 8, x0 * cs);
-    r = reftable_write_co(s, co, idx, 1);
-    if (r < 0) {
-        be_put64(s->reftable + idx * 8, 0);
-        return r;
-    }
     if (s->free_cluster_index == x0)
         s->free_cluster_index = x0 + 1;
     return 1;
+}
+
+/* Makes sure refcount block idx exists.  Returns 1 if it had to be created
+ * (clusters were used for it) or the lock was dropped (anything may have
+ * changed: search again), 0 if it was there, or -errno. */
+static int ensure_block_co(struct qcow2 *s, struct coro *co, uint64_t idx)
+{
+    if (idx < s->reftable_entries && reftable_get(s, idx) != 0)
+        return 0;
+    if (s->rb_creating) {
+        co_mutex_unlock(&s->lock, co);
+        co_queue_wait_co(&s->rb_create_waiters, co);
+        qcow2_lock_co(s, co);
+        return 1;
+    }
+    if (idx >= s->reftable_entries) {
+        int r = grow_reftable_co(s, co, idx + 1);
+        if (r < 0)
+            return r;
+        return 1;
+    }
+    return create_block_co(s, co, idx);
 }
 
 int qcow2_refcount_update_co(struct qcow2 *s, struct coro *co, uint64_t off,
@@ -447,7 +474,43 @@ struct recount {
     bool excl;                    /* the next range is claimed alone */
     uint8_t *marks;               /* audit; NULL: too large a file */
     bool io_failed;               /* a read failed: nothing was proven */
+    bool unlocked;                /* the caller does not hold the lock:
+                                     each cache lookup takes it alone */
 };
+
+/* The refcount of cluster c, through the refcount block cache (under the
+ * lock: held by the caller, or taken for this lookup only). */
+static int rc_refcount_get(struct recount *rc, uint64_t c, uint64_t *ref)
+{
+    if (!rc->unlocked)
+        return qcow2_refcount_get_co(rc->s, rc->co, c, ref);
+    co_mutex_lock_co(&rc->s->lock, rc->co);
+    int r = qcow2_refcount_get_co(rc->s, rc->co, c, ref);
+    co_mutex_unlock(&rc->s->lock, rc->co);
+    return r;
+}
+
+/* Copies the L2 table at off out of the L2 cache if it is there (it may
+ * be ahead of the file): 1 if copied, 0 if not cached, or -errno. */
+static int rc_l2_cached(struct recount *rc, uint64_t off)
+{
+    struct qcow2 *s = rc->s;
+    if (rc->unlocked)
+        co_mutex_lock_co(&s->lock, rc->co);
+    int r = 0;
+    if (qcow2_cache_contains(&s->l2_cache, off)) {
+        struct qcow2_cache_entry *ce;
+        r = qcow2_cache_get_co(&s->l2_cache, rc->co, off, false, &ce);
+        if (r == 0) {
+            memcpy(rc->l2buf, ce->table, qcow2_cs(s));
+            qcow2_cache_put(&s->l2_cache, ce);
+            r = 1;
+        }
+    }
+    if (rc->unlocked)
+        co_mutex_unlock(&s->lock, rc->co);
+    return r;
+}
 
 #define AUDIT_EXCL 0x80
 #define AUDIT_MAX_CLUSTERS (UINT64_C(1) << 26)
@@ -485,7 +548,7 @@ static int audit_range(struct recount *rc, uint64_t off, uint64_t len,
                 continue; /* the refcount was seen at the first one */
         }
         uint64_t ref;
-        int r = qcow2_refcount_get_co(rc->s, rc->co, c, &ref);
+        int r = rc_refcount_get(rc, c, &ref);
         if (r < 0) {
             rc->io_failed = r != -ENOMEM;
             return error_setf(rc->errp, -r, "reading the refcount of "
@@ -567,22 +630,22 @@ static int recount_l1(struct recount *rc, uint64_t l1_off, uint32_t l1_size)
         rc->excl = l1e.copied;
         r = recount_range(rc, l1e.l2_offset, cs, "an L2 table");
         rc->excl = true;
-        if (r == 0 && rc->audit &&
-            qcow2_cache_contains(&s->l2_cache, l1e.l2_offset)) {
+        if (r == 0 && rc->audit) {
             /* Cached tables may be ahead of the file. */
-            struct qcow2_cache_entry *ce;
-            r = qcow2_cache_get_co(&s->l2_cache, rc->co, l1e.l2_offset,
-                                   false, &ce);
-            if (r == 0) {
-                memcpy(rc->l2buf, ce->table, cs);
-                qcow2_cache_put(&s->l2_cache, ce);
-            }
+            r = rc_l2_cached(rc, l1e.l2_offset);
+            if (r < 0 && r != -ENOMEM)
+                rc->io_failed = true; /* the cache could not read it */
+            else if (r == 1)
+                r = 0;
+            else if (r == 0)
+                r = 1; /* not cached: read below */
         } else if (r == 0) {
+            r = 1;
+        }
+        if (r == 1) {
             r = backend_pread_co(s->node.file, rc->co, rc->l2buf, cs,
                                  l1e.l2_offset);
             rc->io_failed |= r < 0;
-        } else if (r < 0 && r != -ENOMEM && !*rc->errp) {
-            rc->io_failed = true; /* the L2 cache could not read the table */
         }
         for (uint32_t j = 0; r == 0 && j < s->h.l2_entries; j++) {
             uint64_t raw, bitmap;
@@ -819,13 +882,12 @@ int qcow2_rebuild_refcounts_co(struct qcow2 *s, struct coro *co,
     return r < 0 ? r : 0;
 }
 
-int qcow2_audit_refcounts_co(struct qcow2 *s, struct coro *co)
+static int audit_co(struct qcow2 *s, struct coro *co, bool unlocked)
 {
-    assert(co_mutex_held(&s->lock, co));
     const uint64_t cs = qcow2_cs(s);
     CLEANUP_ERROR struct error *err = NULL;
     struct recount rc = {.s = s, .co = co, .errp = &err, .audit = true,
-                         .excl = true};
+                         .excl = true, .unlocked = unlocked};
     struct qcow2_extensions ext = {
         .has_bitmaps = s->bm_nb > 0,
         .bitmaps_consistent = s->bm_nb > 0,
@@ -848,7 +910,7 @@ int qcow2_audit_refcounts_co(struct qcow2 *s, struct coro *co)
         uint64_t refs = rc.marks[c] & AUDIT_COUNT_MAX, ref;
         if (refs < 2)
             continue;
-        r = qcow2_refcount_get_co(s, co, c, &ref);
+        r = rc_refcount_get(&rc, c, &ref);
         if (r < 0) {
             rc.io_failed = r != -ENOMEM;
             error_setf(&err, -r, "reading the refcount of cluster %#llx: %s",
@@ -876,5 +938,18 @@ int qcow2_audit_refcounts_co(struct qcow2 *s, struct coro *co)
     s->refcounts_audited = true;
     if (r < 0)
         return qcow2_corrupt(s, "%s", err ? err->msg : strerror(-r));
+    log_debug("%s: refcounts checked", s->node.filename);
     return 0;
+}
+
+int qcow2_audit_refcounts_co(struct qcow2 *s, struct coro *co)
+{
+    assert(co_mutex_held(&s->lock, co));
+    return audit_co(s, co, false);
+}
+
+int qcow2_audit_refcounts_unlocked_co(struct qcow2 *s, struct coro *co)
+{
+    assert(!co_mutex_held(&s->lock, co));
+    return audit_co(s, co, true);
 }

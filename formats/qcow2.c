@@ -12,6 +12,7 @@
 
 #include "byteorder.h"
 #include "log.h"
+#include "loop.h"
 #include "qcow2.h"
 
 /* ====================== small helpers ====================== */
@@ -28,6 +29,41 @@ int qcow2_corrupt(struct qcow2 *s, const char *fmt, ...)
                   s->node.filename, msg);
     s->broken = true;
     return -EIO;
+}
+
+void qcow2_lock_co(struct qcow2 *s, struct coro *co)
+{
+    if (!co_mutex_locked(&s->lock)) {
+        co_mutex_lock_co(&s->lock, co);
+        return;
+    }
+    uint64_t t0 = loop_now_ns();
+    co_mutex_lock_co(&s->lock, co);
+    uint64_t waited = loop_now_ns() - t0;
+    if (waited >= QCOW2_LOCK_WAIT_LOG_NS)
+        log_debug("%s: waited %.3f ms for the image lock", s->node.filename,
+                  waited / 1e6);
+}
+
+int qcow2_make_room_locked_co(struct qcow2 *s, struct coro *co, uint64_t off,
+                              bool write)
+{
+    /* Only a request whose L2 table is not cached takes an entry (a read
+     * where there is no table needs none): one that hits the cache does
+     * not wait for anyone's write-back.  A write may allocate a table
+     * and copy a shared one; the refcounts of a run may span two
+     * blocks. */
+    uint64_t l1i = qcow2_l1_index(&s->h, off);
+    uint64_t l2 = l1i < s->h.l1_size
+                      ? be_get64(s->l1 + l1i * 8) & QCOW2_L1E_OFFSET_MASK
+                      : 0;
+    bool miss = l2 ? !qcow2_cache_contains(&s->l2_cache, l2) : write;
+    int r = miss ? qcow2_cache_make_room_locked_co(&s->l2_cache, co,
+                                                   write ? 3 : 1)
+                 : 0;
+    if (r >= 0 && write)
+        r = qcow2_cache_make_room_locked_co(&s->rb_cache, co, 2);
+    return r < 0 ? r : 0;
 }
 
 void *qcow2_buf_alloc(const struct qcow2 *s, size_t len)
@@ -167,8 +203,10 @@ static int qcow2_preadv_co(struct fmt_node *n, struct coro *co,
     while (pos < total) {
         struct qcow2_map m = {0}; /* set by qcow2_map_get_co when r == 0 */
         struct qcow2_busy busy;
-        co_mutex_lock_co(&s->lock, co);
-        int r = qcow2_map_get_co(s, co, off + pos, total - pos, &m);
+        qcow2_lock_co(s, co);
+        int r = qcow2_make_room_locked_co(s, co, off + pos, false);
+        if (r == 0)
+            r = qcow2_map_get_co(s, co, off + pos, total - pos, &m);
         bool is_busy = r == 0 && (m.type == QCOW2_CLUSTER_NORMAL ||
                                   m.type == QCOW2_CLUSTER_COMPRESSED);
         if (is_busy)
@@ -334,7 +372,7 @@ int qcow2_flush_own_co(struct fmt_node *n, struct coro *co)
     uint64_t l1_lo = 0, l1_hi = 0;
     uint8_t *l1_saved = NULL;
 
-    co_mutex_lock_co(&s->lock, co);
+    qcow2_lock_co(s, co);
     for (;;) {
         if (qcow2_cache_wait_wb_locked_co(&s->rb_cache, co) ||
             qcow2_cache_wait_wb_locked_co(&s->l2_cache, co))
@@ -343,7 +381,7 @@ int qcow2_flush_own_co(struct fmt_node *n, struct coro *co)
             break;
         co_mutex_unlock(&s->lock, co);
         co_queue_wait_co(&s->l1_wb_waiters, co);
-        co_mutex_lock_co(&s->lock, co);
+        qcow2_lock_co(s, co);
     }
     int r = qcow2_cache_wb_begin_locked(&s->rb_cache, co, &rb);
     if (r == 0) {
@@ -388,7 +426,7 @@ int qcow2_flush_own_co(struct fmt_node *n, struct coro *co)
     l1_wb_end(s, l1_lo, l1_hi, l1_saved, r == 0);
 
     if (n_frees) {
-        co_mutex_lock_co(&s->lock, co);
+        qcow2_lock_co(s, co);
         if (r < 0) {
             requeue_frees_locked(s, frees, n_frees);
         } else {
@@ -422,8 +460,10 @@ static int qcow2_block_status_co(struct fmt_node *n, struct coro *co,
 {
     struct qcow2 *s = qcow2_of(n);
     struct qcow2_map m;
-    co_mutex_lock_co(&s->lock, co);
-    int r = qcow2_map_get_co(s, co, off, len, &m);
+    qcow2_lock_co(s, co);
+    int r = qcow2_make_room_locked_co(s, co, off, false);
+    if (r == 0)
+        r = qcow2_map_get_co(s, co, off, len, &m);
     co_mutex_unlock(&s->lock, co);
     if (r < 0)
         return r;
@@ -491,6 +531,7 @@ static void qcow2_close(struct fmt_node *n)
 
 static int qcow2_reopen_co(struct fmt_node *n, struct coro *co, bool read_only,
                            struct error **errp);
+static void qcow2_prepare_writable_co(struct fmt_node *n, struct coro *co);
 static int qcow2_grow_co(struct fmt_node *n, struct coro *co, uint64_t size,
                          struct error **errp);
 
@@ -502,6 +543,7 @@ static const struct fmt_ops qcow2_ops = {
     .zero_co = qcow2_zero_co,
     .discard_co = qcow2_discard_co,
     .block_status_co = qcow2_block_status_co,
+    .prepare_writable_co = qcow2_prepare_writable_co,
     .reopen_co = qcow2_reopen_co,
     .grow_co = qcow2_grow_co,
     .close = qcow2_close,
@@ -574,7 +616,7 @@ static int prepare_write_co(struct qcow2 *s, struct coro *co,
     int r;
     bool hdr_changed = false;
     if (s->h.dirty) {
-        co_mutex_lock_co(&s->lock, co);
+        qcow2_lock_co(s, co);
         r = qcow2_rebuild_refcounts_co(s, co, ext, errp);
         co_mutex_unlock(&s->lock, co);
         if (r < 0)
@@ -603,7 +645,19 @@ static int prepare_write_co(struct qcow2 *s, struct coro *co,
             return error_setf(errp, -r, "%s: updating the header: %s",
                               file->name, strerror(-r));
     }
+    /* Before any write can come, so that none waits for it. */
+    qcow2_prepare_writable_co(&s->node, co);
     return 0;
+}
+
+/* The refcount audit, without the lock: the node takes no writes yet
+ * (being opened, or read-only), reads go on.  Its findings mark the image
+ * corrupt; a failed read leaves it to the first write. */
+static void qcow2_prepare_writable_co(struct fmt_node *n, struct coro *co)
+{
+    struct qcow2 *s = qcow2_of(n);
+    if (!s->refcounts_audited && !s->broken)
+        (void)qcow2_audit_refcounts_unlocked_co(s, co);
 }
 
 /* Switches the node between read-only and read-write (block-commit writes
@@ -750,12 +804,12 @@ static int qcow2_grow_co(struct fmt_node *n, struct coro *co, uint64_t size,
     if (new_l1 * 8 > QCOW2_MAX_L1_BYTES)
         return error_setf(errp, EFBIG, "%s: the L1 table would be too large",
                           n->filename);
-    co_mutex_lock_co(&s->lock, co);
+    qcow2_lock_co(s, co);
     /* l1_disk is what goes to disk; a flush may be writing it. */
     while (s->l1_wb) {
         co_mutex_unlock(&s->lock, co);
         co_queue_wait_co(&s->l1_wb_waiters, co);
-        co_mutex_lock_co(&s->lock, co);
+        qcow2_lock_co(s, co);
     }
     int r = s->broken ? error_setf(errp, EIO, "%s: the image is corrupt: "
                                    "no more writes to it", n->filename)

@@ -39,7 +39,14 @@
  * at all unless it creates a refcount block: a new L2 table stays in the
  * cache, its L1 entry in memory (see l1_disk), until the next flush.
  * The lock is never held across a backend flush; see qcow2_flush_co for
- * how a flush keeps the order without it.
+ * how a flush keeps the order without it.  Nor across the durable writes
+ * of a new refcount block and its refcount table entry (the block's
+ * clusters are handed out only once both are done), nor across the
+ * write-back of dirty cache entries that a request needs room for
+ * (qcow2_make_room_locked_co).  Still under it: the growth of the
+ * refcount table (its new table, blocks and header, with FUA) and a
+ * write-back the room could not prevent (a cache whose every entry is
+ * pinned or dirty again).
  */
 #ifndef STRATA_QCOW2_H
 #define STRATA_QCOW2_H
@@ -122,6 +129,15 @@ void qcow2_cache_wb_abort(struct qcow2_cache *c, struct qcow2_cache_wb *wb);
 /* If a write-back is running, waits (dropping the lock) for one to end and
  * returns 1 (the caller looks again); 0 if none is running. */
 int qcow2_cache_wait_wb_locked_co(struct qcow2_cache *c, struct coro *co);
+/* Makes sure the next want misses (at most 8) find a clean entry to
+ * take instead of one they would have to write back under the lock: the
+ * dirty ones at the LRU end are written back with the lock dropped
+ * (after the dependency, as any write-back).  Returns 0 if it kept the
+ * lock throughout, 1 if it dropped it (whatever the caller looked up
+ * before must be looked up again), or -errno.  Best effort: entries
+ * pinned or changed meanwhile are left to the miss. */
+int qcow2_cache_make_room_locked_co(struct qcow2_cache *c, struct coro *co,
+                                    unsigned want);
 bool qcow2_cache_has_dirty(const struct qcow2_cache *c);
 /* Whether the table at host offset off is in the cache. */
 bool qcow2_cache_contains(const struct qcow2_cache *c, uint64_t off);
@@ -197,11 +213,17 @@ struct qcow2 {
     struct qcow2_pending_free *frees;
     size_t n_frees, cap_frees;
 
+    /* A refcount block is being created, its writes in flight without
+     * the lock (ensure_block_co): nobody else creates one or grows the
+     * refcount table meanwhile; they wait here and search again. */
+    bool rb_creating;
+    struct co_queue rb_create_waiters;
+
     uint64_t free_cluster_index;   /* no free cluster below this one */
     uint32_t io_align;             /* backend alignment for metadata I/O */
     bool has_zero_flag;            /* version 3 */
     bool broken;                   /* corruption seen: no more writes */
-    bool refcounts_audited;        /* qcow2_audit_refcounts_co ran */
+    bool refcounts_audited;        /* the refcount audit ran */
 
     uint8_t *zbuf;                 /* last decompressed cluster */
     uint64_t zkey;                 /* its raw L2 entry; 0 = none */
@@ -232,6 +254,18 @@ static inline uint64_t qcow2_start_of_cluster(const struct qcow2 *s,
 {
     return off & ~(qcow2_cs(s) - 1);
 }
+
+/* Takes s->lock.  A wait of QCOW2_LOCK_WAIT_LOG_NS or more is logged
+ * (debug): what the requests of an image wait for. */
+#define QCOW2_LOCK_WAIT_LOG_NS 5000000
+void qcow2_lock_co(struct qcow2 *s, struct coro *co);
+
+/* Room in the caches for the lookups and changes of one request at
+ * guest offset off (a write with write), written back without the lock
+ * (qcow2_cache_make_room_locked_co).  Called with the lock held before
+ * anything is looked up: it may drop it.  Returns 0 or -errno. */
+int qcow2_make_room_locked_co(struct qcow2 *s, struct coro *co, uint64_t off,
+                              bool write);
 
 /* Reports metadata corruption: logs it, marks the image broken (no more
  * writes) and returns -EIO. */
@@ -287,11 +321,18 @@ int qcow2_alloc_exact_co(struct qcow2 *s, struct coro *co, uint64_t n,
  * alone (metadata, an entry with the COPIED flag) has no other user.
  * Otherwise two users would end up sharing a cluster: the allocator hands
  * out clusters whose refcount is 0, a free drops a refcount, a write in
- * place changes what both see.  Runs once, before the first write of an
- * open image; what it finds marks the image corrupt (qcow2_corrupt:
- * reads go on, writes fail with EIO).  Reads each L2 table once and
- * holds one byte per cluster of the file meanwhile. */
+ * place changes what both see.  Runs once per open image, before it takes
+ * writes: when it is opened or reopened writable, or before (commit:
+ * qcow2_prepare_writable_co, outside the quiesce); what it finds marks
+ * the image corrupt (qcow2_corrupt: reads go on, writes fail with EIO).
+ * A read that fails leaves it undone (logged): the first write runs it
+ * again, under the lock, and fails if it fails.  Reads each L2 table
+ * once and holds one byte per cluster of the file meanwhile. */
 int qcow2_audit_refcounts_co(struct qcow2 *s, struct coro *co);
+/* The same without the lock, for an image that takes no writes until it
+ * returns (being opened, or read-only): the lock is taken around each
+ * cache lookup only, so requests that read go on meanwhile. */
+int qcow2_audit_refcounts_unlocked_co(struct qcow2 *s, struct coro *co);
 /* Rebuilds every refcount from the metadata (dirty image, lazy
  * refcounts).  Leaves the image consistent on disk. */
 int qcow2_rebuild_refcounts_co(struct qcow2 *s, struct coro *co,

@@ -297,6 +297,10 @@ static int commit_setup_co(struct commit *c, struct coro *co,
                            struct error **errp)
 {
     int r = 0;
+    /* The checks before the base takes writes (qcow2: reading all its
+     * metadata) run first, while the guest goes on. */
+    if (c->base->read_only)
+        fmt_prepare_writable_co(c->base, co);
     export_quiesce_co(c->e, co);
     if (c->base->read_only) {
         r = fmt_reopen_co(c->base, co, false, errp);
@@ -468,6 +472,8 @@ static int commit_relink_co(struct commit *c, struct coro *co,
         r = fmt_set_backing_co(c->above, co, c->backing_name, fmt, errp);
         if (r < 0)
             return r;
+    } else {
+        fmt_prepare_writable_co(c->above, co);
     }
     export_quiesce_co(c->e, co);
     if (!live) {

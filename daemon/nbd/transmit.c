@@ -321,9 +321,10 @@ static int guest_write_co(struct nbd_req *r, struct coro *co,
             ret = fmt_zero_co(n, co, wr->offset, wr->length, wr->flags);
             break;
         case EXPORT_TRIM:
-            ret = fmt_discard_co(n, co, wr->offset, wr->length, 0);
-            if (ret == 0 && (wr->flags & FMT_FUA))
-                ret = fmt_flush_co(n, co);
+            /* With FUA the node makes the trim durable itself, in its
+             * own image (not a writable backing node below). */
+            ret = fmt_discard_co(n, co, wr->offset, wr->length,
+                                 wr->flags & FMT_FUA);
             break;
         }
     }

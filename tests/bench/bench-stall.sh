@@ -8,6 +8,11 @@
 # event:
 #   snapshot   blockdev-snapshot-sync of the overlay (QMP)
 #   flush      an NBD FLUSH on a second connection, no snapshot
+#   pivot      an active block-commit of the overlay into a qcow2 layer
+#              between it and the base (empty at the start), then, at
+#              BLOCK_JOB_READY, block-job-complete: the commit's copy, its
+#              mirrored writes and the pivot all fall after the event (the
+#              run lasts BENCH_PIVOT_EXTRA, default 6, seconds longer)
 # Servers, one after another, a fresh overlay and process per run:
 #   stratad    format=qcow2, cache=writeback, --control socket
 #   qsd        qemu-storage-daemon: qcow2 over file (aio=io_uring), QMP
@@ -23,7 +28,8 @@
 # BENCH_QUICK), BENCH_ROUNDS (default 3; 1 with BENCH_QUICK),
 # BENCH_QUICK=1 (64 MiB base, short: a smoke test), BENCH_SERVERS
 # (default "stratad qsd", plus "stratad-ref" when STRATAD_REF names a
-# second build to compare with), BENCH_EVENTS (default "snapshot flush"),
+# second build to compare with), BENCH_EVENTS (default "snapshot flush
+# pivot"),
 # BENCH_KEEP=DIR (keep each run's fio latency log and server log there,
 # named ROUND-SERVER-EVENT.*, for a closer look).
 set -euo pipefail
@@ -39,7 +45,7 @@ else
     runtime=${BENCH_RUNTIME:-6}
 fi
 servers=${BENCH_SERVERS:-stratad${STRATAD_REF:+ stratad-ref} qsd}
-events=${BENCH_EVENTS:-snapshot flush}
+events=${BENCH_EVENTS:-snapshot flush pivot}
 event_at=2.5
 
 for tool in fio timeout dd qemu-img; do
@@ -58,8 +64,8 @@ fi
 bench_workdir
 : > "$work/stall.txt"               # server event p99_before worst_after samples worst_1s (ms)
 
-start_server() {                # server sock ctl -> sets server_pid, uri
-    local s=$1 sock=$2 ctl=$3 log=$work/$1.log t=$work/top.qcow2
+start_server() {                # server sock ctl ev -> sets server_pid, uri
+    local s=$1 sock=$2 ctl=$3 ev=$4 log=$work/$1.log t=$work/top.qcow2
     case $s in
     stratad|stratad-ref)
         local bin
@@ -70,9 +76,14 @@ start_server() {                # server sock ctl -> sets server_pid, uri
              --export "name=bench,file=$t,format=qcow2,cache=writeback,backing-root=$BENCH_DIR") ;;
     qsd)
         local f='"driver":"file","aio":"io_uring","filename"'
+        local below="{\"driver\":\"raw\",\"file\":{$f:\"$base\"}}"
+        if [ "$ev" = pivot ]; then
+            below="{\"driver\":\"qcow2\",\"node-name\":\"mid\",\"file\":{$f:\"$work/mid.qcow2\"},\
+\"backing\":$below}"
+        fi
         cmd=(qemu-storage-daemon
              --blockdev "{\"driver\":\"qcow2\",\"node-name\":\"top\",\"file\":{$f:\"$t\"},\
-\"backing\":{\"driver\":\"raw\",\"file\":{$f:\"$base\"}}}"
+\"backing\":$below}"
              --chardev "socket,id=mon,path=$ctl,server=on,wait=off"
              --monitor "chardev=mon"
              --nbd-server "addr.type=unix,addr.path=$sock,max-connections=4"
@@ -91,11 +102,12 @@ start_server() {                # server sock ctl -> sets server_pid, uri
 }
 
 # Fires the event at $event_at s: a QMP snapshot (stratad names the export,
-# QEMU the node) or an NBD FLUSH.  Prints how long it took.
+# QEMU the node), an NBD FLUSH, or an active commit and its completion.
+# Prints how long it took.
 fire_event() {                  # server event ctl
-    "$PY" - "$1" "$2" "$3" "$uri" "$work/snap.qcow2" "$event_at" <<'PYEOF'
+    "$PY" - "$1" "$2" "$3" "$uri" "$work/snap.qcow2" "$event_at" "$work/mid.qcow2" <<'PYEOF'
 import json, socket, sys, time
-server, event, ctl, uri, snap, at = sys.argv[1:7]
+server, event, ctl, uri, snap, at, mid = sys.argv[1:8]
 time.sleep(float(at))
 t0 = time.monotonic()
 if event == "flush":
@@ -111,6 +123,7 @@ else:
     s.settimeout(90)
     s.connect(ctl)
     f = s.makefile("rw")
+    events = []
     def call(cmd, args=None):
         f.write(json.dumps({"execute": cmd, "arguments": args or {}}) + "\n")
         f.flush()
@@ -118,15 +131,44 @@ else:
             r = json.loads(f.readline())
             if "return" in r or "error" in r:
                 return r
+            if "event" in r:
+                events.append(r)
+    def wait_event(name):
+        while True:
+            while events:
+                e = events.pop(0)
+                if e["event"] == name:
+                    return e
+            line = f.readline()
+            if not line:
+                sys.exit(f"the monitor closed while waiting for {name}")
+            events.append(json.loads(line))
     json.loads(f.readline())                     # greeting
     call("qmp_capabilities")
-    who = ({"device": "bench"} if server.startswith("stratad")
-           else {"node-name": "top", "snapshot-node-name": "snap"})
+    stratad = server.startswith("stratad")
     t0 = time.monotonic()
-    r = call("blockdev-snapshot-sync", dict(who, **{"snapshot-file": snap, "format": "qcow2"}))
+    if event == "snapshot":
+        who = ({"device": "bench"} if stratad
+               else {"node-name": "top", "snapshot-node-name": "snap"})
+        r = call("blockdev-snapshot-sync", dict(who, **{"snapshot-file": snap, "format": "qcow2"}))
+        if "error" in r:
+            sys.exit(f"snapshot failed: {r['error']}")
+    else:
+        args = ({"device": "bench", "job-id": "c", "base": mid} if stratad
+                else {"device": "top", "job-id": "c", "base-node": "mid"})
+        r = call("block-commit", args)
+        if "error" in r:
+            sys.exit(f"block-commit failed: {r['error']}")
+        wait_event("BLOCK_JOB_READY")
+        tr = time.monotonic()
+        r = call("block-job-complete", {"device": "c"})
+        if "error" in r:
+            sys.exit(f"block-job-complete failed: {r['error']}")
+        e = wait_event("BLOCK_JOB_COMPLETED")
+        if "error" in e.get("data", {}):
+            sys.exit(f"the commit failed: {e['data']['error']}")
+        print(f"commit ready after {(tr - t0) * 1e3:.1f} ms")
     t1 = time.monotonic()
-    if "error" in r:
-        sys.exit(f"snapshot failed: {r['error']}")
 print(f"event {event} took {(t1 - t0) * 1e3:.1f} ms (monotonic {t0 * 1e3:.1f} ms)")
 PYEOF
 }
@@ -142,21 +184,29 @@ for ((round = 0; round < rounds; round++)); do
             echo "note: qemu-storage-daemon is not installed; skipping qsd"
             continue
         fi
-        rm -f "$work/top.qcow2" "$work/snap.qcow2" "$work"/lat_*.log
-        qemu-img create -q -f qcow2 -b "$base" -F raw "$work/top.qcow2"
+        rm -f "$work/top.qcow2" "$work/snap.qcow2" "$work/mid.qcow2" "$work"/lat_*.log
+        if [ "$ev" = pivot ]; then
+            qemu-img create -q -f qcow2 -b "$base" -F raw "$work/mid.qcow2"
+            qemu-img create -q -f qcow2 -b "$work/mid.qcow2" -F qcow2 "$work/top.qcow2"
+        else
+            qemu-img create -q -f qcow2 -b "$base" -F raw "$work/top.qcow2"
+        fi
         sock=$work/$s.sock ctl=$work/$s.ctl
         rm -f "$sock" "$ctl"
-        if ! start_server "$s" "$sock" "$ctl"; then
+        if ! start_server "$s" "$sock" "$ctl" "$ev"; then
             failed=1
             continue
         fi
+        rt=$runtime
+        # the commit copies what 2.5 s of writes put in the overlay first
+        [ "$ev" = pivot ] && rt=$((runtime + ${BENCH_PIVOT_EXTRA:-6}))
         fcmd=(fio --name=stall --ioengine=nbd --uri="$uri" --rw=randwrite --bs=4k
-              --iodepth=32 --numjobs=1 --runtime="$runtime" --time_based
+              --iodepth=32 --numjobs=1 --runtime="$rt" --time_based
               --write_lat_log="$work/lat" --log_avg_msec=0
               --output-format=json --output="$work/fio.json")
         echo "fio: ${fcmd[*]}  (event: $ev at ${event_at}s)"
         sync
-        timeout $((runtime + 60)) "${fcmd[@]}" >"$work/fio.out" 2>&1 &
+        timeout $((rt + 60)) "${fcmd[@]}" >"$work/fio.out" 2>&1 &
         fio_pid=$!
         if ! fire_event "$s" "$ev" "$ctl"; then
             echo "bench: the $ev event failed on $s" >&2
@@ -169,8 +219,8 @@ for ((round = 0; round < rounds; round++)); do
         fi
         stop_server "$s" 30
         if [ "$s" != qsd ]; then
-            grep -h "snapshot:" "$work/$s.log" | tail -1 || true
-            for img in "$work/top.qcow2" "$work/snap.qcow2"; do
+            grep -h "snapshot:\|is the top of" "$work/$s.log" | tail -1 || true
+            for img in "$work/top.qcow2" "$work/snap.qcow2" "$work/mid.qcow2"; do
                 [ -f "$img" ] || continue
                 if ! qemu-img check -q "$img"; then
                     echo "bench: qemu-img check found errors in $img" >&2

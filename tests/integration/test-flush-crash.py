@@ -19,8 +19,9 @@ step per round, until a round's flush completes:
 Then an acknowledged FUA write into a new L2 range survives a kill -9
 right after its reply.  Last, over a writable backing node (an active
 commit's base, as a snapshot's old top is until it is read-only), an
-allocating FUA write syncs its own image only (it must not wait for the
-backing node's sync), a FLUSH both.
+allocating FUA write and a TRIM with FUA sync their own image only (they
+must not wait for the backing node's sync), a FLUSH both, and a FLUSH
+with nothing written since the last one syncs nothing.
 
 4 KiB clusters (an L2 table covers 2 MiB, a refcount block 8 MiB of the
 file), so the flushes write several new tables and refcount blocks.  The
@@ -262,15 +263,27 @@ g.write(12 * MiB + 5 * BLOCK, rng.randbytes(BLOCK), flags=w.CMD_FLAG_FUA)
 fua_flushes = g.q.cmd("x-debug-fault-query")["seen"]
 check(g.flush() == 0, "FLUSH failed")
 flush_flushes = g.q.cmd("x-debug-fault-query")["seen"] - fua_flushes
+check(g.flush() == 0, "the second FLUSH failed")
+again = (g.q.cmd("x-debug-fault-query")["seen"] - fua_flushes -
+         flush_flushes)
+check(again == 0, f"a FLUSH with nothing written since the last one made "
+      f"{again} backend flushes, not 0")
+e = g.cmd(w.CMD_TRIM, 12 * MiB + 5 * BLOCK, BLOCK, flags=w.CMD_FLAG_FUA)
+check(e == 0, f"TRIM with FUA: error {e}")
+trim_flushes = (g.q.cmd("x-debug-fault-query")["seen"] - fua_flushes -
+                flush_flushes)
 g.q.cmd("x-debug-fault-inject", nth=0)
 check(fua_flushes == 1, f"an allocating FUA write over a writable backing node "
       f"made {fua_flushes} backend flushes, not 1 (its own image's)")
 check(flush_flushes == 2, f"a FLUSH over a writable backing node made "
       f"{flush_flushes} backend flushes, not 2 (the backing node's, its own)")
+check(trim_flushes == 1, f"a TRIM with FUA over a writable backing node made "
+      f"{trim_flushes} backend flushes, not 1 (its own image's)")
 g.q.cmd("block-job-cancel", device="c")
 g.q.wait_event("BLOCK_JOB_COMPLETED", timeout=60, match=lambda x: x["device"] == "c")
 check(g.d.stop() == 0, "stratad exit status")
 g.close()
 check_clean(top, "after the FUA and FLUSH over a writable backing node", leaks_ok=False)
-ok("a FUA write syncs its own image only, a FLUSH the writable backing node too")
+ok("a FUA write or TRIM syncs its own image only, a FLUSH the writable "
+   "backing node too, a FLUSH after nothing new none")
 ok(f"done in {time.monotonic() - t0:.1f} s")

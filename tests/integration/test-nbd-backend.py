@@ -14,7 +14,8 @@
 4. raw over nbd: as the top (writable) layer, on nbdkit's memory plugin:
    writes, zeroes, trims and FUA reach the server (the bytes equal a model
    and the server's own base:allocation map equals stratad's: block
-   status passes through).
+   status passes through); over a server without FUA, a TRIM with FUA is
+   followed by a flush before its reply.
 6. A base exported by another stratad; a qcow2 image stored on an NBD
    export (nbdkit memory), added over QMP as QEMU's driver=nbd file node:
    the same workload as on a local image under qemu-nbd gives the same
@@ -256,6 +257,29 @@ check(any(not fl & 1 for _, _, fl in want), "the workload left data")
 mk.shutdown()
 ok("raw over nbd: writes, zeroes, trims and FUA reach the server; block "
    "status passes through")
+
+# A server without FUA: a TRIM with FUA is followed by a flush before the
+# reply (as a FUA write is), so that it is durable when acknowledged.
+nsock, nlog = os.path.join(D, "nofua.sock"), os.path.join(D, "nofua.log")
+nofua = Server(["nbdkit", "-f", "--exit-with-parent", "-U", nsock, "--filter=log",
+                "--filter=fua", "memory", str(SIZE), f"logfile={nlog}"],
+               ready_path=nsock)
+nofua.start()
+dm4 = harness.Daemon([f"file=nbd+unix:///?socket={nsock},format=raw"])
+h4 = connect(dm4.uri())
+check(h4.can_trim() and h4.can_fua(), "stratad offers trim and FUA over a server without FUA")
+h4.pwrite(b"\x5a" * (1 * MiB), 0)
+h4.flush()
+mark = os.path.getsize(nlog)
+h4.trim(256 * 1024, 0, nbd.CMD_FLAG_FUA)
+with open(nlog) as f:
+    f.seek(mark)
+    ops = [w for line in f for w in line.split()[3:4] if w in ("Trim", "Flush", "Write", "Zero")]
+check("Trim" in ops and "Flush" in ops[ops.index("Trim"):],
+      f"a TRIM with FUA over a server without FUA sent {ops}, not a trim then a flush")
+h4.shutdown()
+dm4.stop()
+ok("raw over nbd: a TRIM with FUA over a server without FUA is followed by a flush")
 
 # ---- 6. another stratad as the base's server; a qcow2 image stored on an
 # NBD export, added over QMP (QEMU's driver=nbd file node) ----
