@@ -23,6 +23,9 @@
 #            iodepth 4, at most 1000 IOPS, BENCH_LOAD_IOS (default 4000)
 #            of them, fixed offsets and data (a fixed seed and pattern), so
 #            both servers end with the same guest-visible bytes
+#   heavy    the same with iodepth 32 and no rate limit, BENCH_HEAVY_IOS
+#            (default 50000) writes (a guest rewriting its disk while the
+#            commit copies: what the copy must converge against)
 # Timed from sending block-commit, on the monotonic clock of the QMP
 # client.  Every run gets a fresh copy of the chain and a fresh process;
 # the servers' order rotates every round.  After each run: qemu-img check
@@ -43,7 +46,7 @@
 # none: a smoke test of a few seconds), BENCH_SIZE_MIB, BENCH_TOP_MIB,
 # BENCH_MID_MIB, BENCH_SERVERS (default "stratad qsd", plus stratad-ref
 # with STRATAD_REF), BENCH_CASES (default "inter active"), BENCH_LOADS
-# (default "none light"), BENCH_LOAD_IOS, BENCH_KEEP=DIR (keeps each
+# (default "none light heavy"), BENCH_LOAD_IOS, BENCH_HEAVY_IOS, BENCH_KEEP=DIR (keeps each
 # run's server log there, named ROUND-SERVER-CASE-LOAD.log).
 set -euo pipefail
 
@@ -59,13 +62,14 @@ if [ "${BENCH_QUICK:-0}" = 1 ]; then
 else
     top_mib=${BENCH_TOP_MIB:-384}
     mid_mib=${BENCH_MID_MIB:-128}
-    loads=${BENCH_LOADS:-none light}
+    loads=${BENCH_LOADS:-none light heavy}
 fi
 servers=${BENCH_SERVERS:-stratad${STRATAD_REF:+ stratad-ref} qsd}
 cases=${BENCH_CASES:-inter active}
 load_ios=${BENCH_LOAD_IOS:-4000}
+heavy_ios=${BENCH_HEAVY_IOS:-50000}
 echo "env: BENCH_TOP_MIB=${BENCH_TOP_MIB-} BENCH_MID_MIB=${BENCH_MID_MIB-} BENCH_CASES=${BENCH_CASES-}" \
-     "BENCH_LOADS=${BENCH_LOADS-} BENCH_LOAD_IOS=${BENCH_LOAD_IOS-} BENCH_KEEP=${BENCH_KEEP-}"
+     "BENCH_LOADS=${BENCH_LOADS-} BENCH_LOAD_IOS=${BENCH_LOAD_IOS-} BENCH_HEAVY_IOS=${BENCH_HEAVY_IOS-} BENCH_KEEP=${BENCH_KEEP-}"
 
 for tool in qemu-img qemu-io qemu-storage-daemon fio timeout; do
     command -v "$tool" >/dev/null || { echo "bench: $tool is not installed" >&2; exit 1; }
@@ -134,10 +138,10 @@ done
 
 export STRATAD STRATAD_REF
 timeout $((rounds * 3600)) "$PY" - "$work" "$tpl" "$rounds" "$servers" "$cases" "$loads" \
-    "$load_ios" "${BENCH_KEEP:-}" <<'PYEOF'
+    "$load_ios" "$heavy_ios" "${BENCH_KEEP:-}" <<'PYEOF'
 import json, os, shutil, signal, socket, subprocess, sys, time
-work, tpl, rounds, servers, cases, loads, load_ios, keep = sys.argv[1:9]
-rounds, load_ios = int(rounds), int(load_ios)
+work, tpl, rounds, servers, cases, loads, load_ios, heavy_ios, keep = sys.argv[1:10]
+rounds, load_ios, heavy_ios = int(rounds), int(load_ios), int(heavy_ios)
 servers, cases, loads = servers.split(), cases.split(), loads.split()
 failed = False
 
@@ -225,11 +229,13 @@ def one_run(name, case, load, d):
     p, q, cmd, uri = start(name, d)
     fio = None
     try:
-        if load == "light":
+        if load != "none":
+            shape = (["--iodepth=4", "--rate_iops=1000", f"--number_ios={load_ios}"]
+                     if load == "light" else ["--iodepth=32", f"--number_ios={heavy_ios}"])
             fio = subprocess.Popen(
                 ["fio", "--name=load", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite",
-                 "--bs=4k", "--iodepth=4", "--rate_iops=1000", f"--number_ios={load_ios}",
-                 "--randrepeat=1", "--randseed=7", "--buffer_pattern=0x5a17c3e1",
+                 "--bs=4k"] + shape +
+                ["--randrepeat=1", "--randseed=7", "--buffer_pattern=0x5a17c3e1",
                  "--size=100%", "--output-format=json", f"--output={d}/fio.json"],
                 stdout=subprocess.DEVNULL, stderr=open(f"{d}/fio.err", "w"))
             time.sleep(0.5)
