@@ -20,11 +20,12 @@
 # with one of two loads:
 #   none     nothing else
 #   light    fio's nbd engine on the export meanwhile: 4k random writes,
-#            iodepth 4, at most 1000 IOPS, BENCH_LOAD_IOS (default 4000)
+#            iodepth 4, at most 1000 IOPS, BENCH_LOAD_IOS (default 5000)
 #            of them, fixed offsets and data (a fixed seed and pattern), so
-#            both servers end with the same guest-visible bytes
+#            both servers end with the same guest-visible bytes; started
+#            1.5 s before block-commit
 #   heavy    the same with iodepth 32 and no rate limit, BENCH_HEAVY_IOS
-#            (default 50000) writes (a guest rewriting its disk while the
+#            (default 100000) writes (a guest rewriting its disk while the
 #            commit copies: what the copy must converge against)
 # Timed from sending block-commit, on the monotonic clock of the QMP
 # client.  Every run gets a fresh copy of the chain and a fresh process;
@@ -66,8 +67,8 @@ else
 fi
 servers=${BENCH_SERVERS:-stratad${STRATAD_REF:+ stratad-ref} qsd}
 cases=${BENCH_CASES:-inter active}
-load_ios=${BENCH_LOAD_IOS:-4000}
-heavy_ios=${BENCH_HEAVY_IOS:-50000}
+load_ios=${BENCH_LOAD_IOS:-5000}
+heavy_ios=${BENCH_HEAVY_IOS:-100000}
 echo "env: BENCH_TOP_MIB=${BENCH_TOP_MIB-} BENCH_MID_MIB=${BENCH_MID_MIB-} BENCH_CASES=${BENCH_CASES-}" \
      "BENCH_LOADS=${BENCH_LOADS-} BENCH_LOAD_IOS=${BENCH_LOAD_IOS-} BENCH_HEAVY_IOS=${BENCH_HEAVY_IOS-} BENCH_KEEP=${BENCH_KEEP-}"
 
@@ -238,7 +239,9 @@ def one_run(name, case, load, d):
                 ["--randrepeat=1", "--randseed=7", "--buffer_pattern=0x5a17c3e1",
                  "--size=100%", "--output-format=json", f"--output={d}/fio.json"],
                 stdout=subprocess.DEVNULL, stderr=open(f"{d}/fio.err", "w"))
-            time.sleep(0.5)
+            # the writes are under way when the commit starts (fio takes a
+            # while to start on a loaded host)
+            time.sleep(1.5)
         stratad = name.startswith("stratad")
         if case == "inter":
             args = ({"device": "bench", "top": f"{d}/mid.qcow2", "base": f"{d}/base.qcow2"}
