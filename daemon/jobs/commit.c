@@ -28,9 +28,9 @@
  * read the old data always leaves its bit set behind that copy.
  *
  * Parallelism: the job coroutine walks the bitmap and hands runs of up to
- * COMMIT_CHUNK bytes to up to COMMIT_WORKERS copy coroutines, each with
- * its own bounce buffer; the speed limit is applied as runs are handed
- * out.  Copies done by guest requests (synchronous mode) are not rate
+ * COMMIT_CHUNK bytes to up to COMMIT_WORKERS copy coroutines, which take
+ * their bounce buffers from the job's pool; the speed limit is applied as
+ * runs are handed out.  Copies done by guest requests (synchronous mode) are not rate
  * limited: they are part of the guest's write.
  */
 #include <assert.h>
