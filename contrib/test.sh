@@ -64,7 +64,7 @@ fi
 
 # The benchmark must keep working: a short run on the optimised build.
 if [[ $rc == 0 ]]; then
-    benches=(raw chain rbd stall nbd-backend)
+    benches=(raw chain rbd stall nbd-backend commit)
     [[ -f build-ci/nbdkit/nbdkit-strata-plugin.so ]] && benches+=(nbdkit)
     for b in "${benches[@]}"; do
         STRATAD=$PWD/build-ci/daemon/stratad STRATA_NBDKIT_PLUGIN=$PWD/build-ci/nbdkit/nbdkit-strata-plugin.so \

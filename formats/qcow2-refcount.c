@@ -171,6 +171,8 @@ static int grow_reftable_co(struct qcow2 *s, struct coro *co,
     free(s->reftable);
     s->reftable = table;
     s->reftable_entries = entries;
+    if (s->reftable_used < old + blocks)
+        s->reftable_used = old + blocks;
     log_debug("%s: refcount table grown to %llu entries at %#llx",
               s->node.filename, (unsigned long long)entries,
               (unsigned long long)(area * cs));
@@ -228,6 +230,8 @@ static int create_block_co(struct qcow2 *s, struct coro *co, uint64_t idx)
     if (r < 0)
         return r;
     be_put64(s->reftable + idx * 8, x0 * cs);
+    if (s->reftable_used < idx + 1)
+        s->reftable_used = idx + 1;
     if (s->free_cluster_index == x0)
         s->free_cluster_index = x0 + 1;
     return 1;
@@ -331,8 +335,9 @@ int qcow2_check_meta_overlap_locked(struct qcow2 *s, uint64_t off,
             return qcow2_corrupt(s, "%s at %#llx overlaps %s", what,
                                  (unsigned long long)off, meta[i].what);
     /* Refcount blocks and active L2 tables: one cluster each, aligned
-     * (entries that are not were refused when read, or never are). */
-    for (uint64_t i = 0; i < s->reftable_entries; i++) {
+     * (entries that are not were refused when read, or never are).  This
+     * runs on every data write: only the refcount table's used part. */
+    for (uint64_t i = 0; i < s->reftable_used; i++) {
         uint64_t b = reftable_get(s, i);
         if (b && off < b + cs && b < end)
             return qcow2_corrupt(s, "%s at %#llx overlaps refcount block "

@@ -1023,6 +1023,12 @@ struct fmt_node *qcow2_open_co(struct loop *loop, struct coro *co,
                    strerror(-r));
         goto fail;
     }
+    for (uint64_t i = s->reftable_entries; i > 0; i--) {
+        if (be_get64(s->reftable + (i - 1) * 8)) {
+            s->reftable_used = i;
+            break;
+        }
+    }
 
     uint64_t l2b = opts->l2_cache_bytes ? opts->l2_cache_bytes
                                         : FMT_DEFAULT_L2_CACHE;

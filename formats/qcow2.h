@@ -191,6 +191,9 @@ struct qcow2 {
     struct co_queue l1_wb_waiters;
     uint8_t *reftable;             /* refcount table, on-disk format */
     uint64_t reftable_entries;
+    uint64_t reftable_used;        /* entries at or past this are 0 (an
+                                      upper bound: the overlap check
+                                      scans only below it) */
 
     struct qcow2_cache l2_cache;
     struct qcow2_cache rb_cache;

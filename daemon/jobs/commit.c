@@ -28,9 +28,9 @@
  * read the old data always leaves its bit set behind that copy.
  *
  * Parallelism: the job coroutine walks the bitmap and hands runs of up to
- * COMMIT_CHUNK bytes to up to COMMIT_WORKERS copy coroutines, each with
- * its own bounce buffer; the speed limit is applied as runs are handed
- * out.  Copies done by guest requests (synchronous mode) are not rate
+ * COMMIT_CHUNK bytes to up to COMMIT_WORKERS copy coroutines, which take
+ * their bounce buffers from the job's pool; the speed limit is applied as
+ * runs are handed out.  Copies done by guest requests (synchronous mode) are not rate
  * limited: they are part of the guest's write.
  */
 #include <assert.h>
@@ -47,6 +47,14 @@
 #define COMMIT_CHUNK   (UINT64_C(1) << 20)   /* largest single copy */
 #define COMMIT_WORKERS 4                     /* copies in flight */
 #define COMMIT_BUF_ALIGN 4096
+
+/* A bounce buffer of COMMIT_CHUNK bytes, kept for reuse: a fresh one is
+ * an mmap whose every page faults in on first use and whose munmap flushes
+ * TLBs, which costs more than the copy itself. */
+struct commit_buf {
+    struct commit_buf *next;
+};
+#define COMMIT_BUFS_KEPT (COMMIT_WORKERS + 4)
 
 /* A copy in progress: its chunks are locked against other copies. */
 struct commit_range {
@@ -74,6 +82,9 @@ struct commit {
     uint64_t *bits;
     uint64_t nbits;
     uint64_t ndirty;
+
+    struct commit_buf *bufs;       /* free bounce buffers */
+    unsigned nbufs;
 
     struct commit_range *ranges;   /* copies in progress */
     struct co_queue range_q;       /* copies waiting for an overlap */
@@ -146,6 +157,32 @@ static uint64_t next_dirty(const struct commit *c, uint64_t from)
 
 /* ---- copying ---- */
 
+static void *buf_get(struct commit *c)
+{
+    struct commit_buf *b = c->bufs;
+    if (b) {
+        c->bufs = b->next;
+        c->nbufs--;
+        return b;
+    }
+    void *p;
+    return posix_memalign(&p, COMMIT_BUF_ALIGN, COMMIT_CHUNK) ? NULL : p;
+}
+
+static void buf_put(struct commit *c, void *p)
+{
+    if (!p)
+        return;
+    if (c->nbufs >= COMMIT_BUFS_KEPT) {
+        free(p);
+        return;
+    }
+    struct commit_buf *b = p;
+    b->next = c->bufs;
+    c->bufs = b;
+    c->nbufs++;
+}
+
 static bool ranges_overlap(const struct commit *c, uint64_t start, uint64_t end)
 {
     for (const struct commit_range *r = c->ranges; r; r = r->next)
@@ -155,11 +192,11 @@ static bool ranges_overlap(const struct commit *c, uint64_t start, uint64_t end)
 }
 
 /* Copies the guest-visible content of [start, end) (chunk-aligned start;
- * end chunk-aligned or the disk's end) from top to base.  buf: a bounce
- * buffer of COMMIT_CHUNK bytes, or NULL to allocate one when needed.  On
- * failure the chunks are dirty again. */
+ * end chunk-aligned or the disk's end) from top to base, with a bounce
+ * buffer from the job's pool when data must move.  On failure the chunks
+ * are dirty again. */
 static int commit_copy_co(struct commit *c, struct coro *co, uint64_t start,
-                          uint64_t end, void *buf, bool *is_read)
+                          uint64_t end, bool *is_read)
 {
     struct commit_range me = {start, end, NULL};
     while (ranges_overlap(c, start, end))
@@ -168,7 +205,7 @@ static int commit_copy_co(struct commit *c, struct coro *co, uint64_t start,
     c->ranges = &me;
     commit_clear(c, start, end);
 
-    void *own = NULL;
+    void *buf = NULL;
     int r = 0;
     uint64_t pos = start;
     *is_read = false;
@@ -185,13 +222,9 @@ static int commit_copy_co(struct commit *c, struct coro *co, uint64_t start,
         } else {
             if (n > COMMIT_CHUNK)
                 n = COMMIT_CHUNK;
-            if (!buf) {
-                if (posix_memalign(&own, COMMIT_BUF_ALIGN, COMMIT_CHUNK) != 0) {
-                    own = NULL;
-                    r = -ENOMEM;
-                    break;
-                }
-                buf = own;
+            if (!buf && !(buf = buf_get(c))) {
+                r = -ENOMEM;
+                break;
             }
             struct iovec v = {buf, (size_t)n};
             r = fmt_preadv_co(c->top, co, &v, 1, pos);
@@ -205,7 +238,7 @@ static int commit_copy_co(struct commit *c, struct coro *co, uint64_t start,
             job_progress_update(c->job, n);
         }
     }
-    free(own);
+    buf_put(c, buf);
     if (r < 0)
         commit_mark(c, start, end - start);
 
@@ -228,14 +261,8 @@ static void commit_worker_co(struct coro *co, void *arg)
 {
     struct commit_worker *w = arg;
     struct commit *c = w->c;
-    void *buf = NULL;
     bool is_read = false;
-    int r = posix_memalign(&buf, COMMIT_BUF_ALIGN, COMMIT_CHUNK) ? -ENOMEM : 0;
-    if (r == 0)
-        r = commit_copy_co(c, co, w->start, w->end, buf, &is_read);
-    else
-        commit_mark(c, w->start, w->end - w->start);
-    free(buf);
+    int r = commit_copy_co(c, co, w->start, w->end, &is_read);
     if (r < 0 && c->err == 0) {
         c->err = r;
         c->err_read = is_read;
@@ -275,7 +302,7 @@ static int commit_after_co(struct export_write_notifier *n, struct coro *co,
     if (end > c->size)
         end = c->size;
     bool is_read;
-    int r = commit_copy_co(c, co, start, end, NULL, &is_read);
+    int r = commit_copy_co(c, co, start, end, &is_read);
     if (r < 0)
         log_debug("job '%s': mirroring %llu+%llu failed: %s (left dirty)",
                   c->job->id, (unsigned long long)start,
@@ -536,7 +563,7 @@ static int commit_pivot_co(struct commit *c, struct coro *co,
     bool is_read = false;
     for (uint64_t i = next_dirty(c, 0); r == 0 && i < c->nbits;
          i = next_dirty(c, i)) {
-        r = commit_copy_co(c, co, i * COMMIT_GRAN, run_end(c, i), NULL, &is_read);
+        r = commit_copy_co(c, co, i * COMMIT_GRAN, run_end(c, i), &is_read);
     }
     if (r < 0)
         error_setf(errp, -r, "final copy: %s", strerror(-r));
@@ -641,6 +668,11 @@ static void commit_free(struct job *job)
     struct commit *c = commit_of(job);
     if (!c)
         return;
+    while (c->bufs) {
+        struct commit_buf *b = c->bufs;
+        c->bufs = b->next;
+        free(b);
+    }
     free(c->bits);
     free(c->backing_name);
     free(c);
