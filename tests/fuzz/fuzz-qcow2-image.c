@@ -179,8 +179,8 @@ FUZZ_NO_COVERAGE static bool all_zero(const uint8_t *p, size_t n)
     return true;
 }
 
-FUZZ_NO_COVERAGE static void fill(uint8_t *buf, uint64_t off, uint64_t len, unsigned op,
-                 uint8_t pattern)
+FUZZ_NO_COVERAGE static void fill(uint8_t *buf, uint64_t off, uint64_t len,
+                                  unsigned op, uint8_t pattern)
 {
     /* Different in every sector and every operation: a write that lands in
      * the wrong place does not match by chance. */
