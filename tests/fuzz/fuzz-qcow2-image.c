@@ -171,7 +171,7 @@ static void model_check(const struct model *m, uint64_t off, uint64_t len,
     }
 }
 
-static bool all_zero(const uint8_t *p, size_t n)
+FUZZ_NO_COVERAGE static bool all_zero(const uint8_t *p, size_t n)
 {
     for (size_t i = 0; i < n; i++)
         if (p[i])
@@ -179,8 +179,8 @@ static bool all_zero(const uint8_t *p, size_t n)
     return true;
 }
 
-static void fill(uint8_t *buf, uint64_t off, uint64_t len, unsigned op,
-                 uint8_t pattern)
+FUZZ_NO_COVERAGE static void fill(uint8_t *buf, uint64_t off, uint64_t len,
+                                  unsigned op, uint8_t pattern)
 {
     /* Different in every sector and every operation: a write that lands in
      * the wrong place does not match by chance. */

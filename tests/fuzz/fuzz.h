@@ -18,6 +18,20 @@
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
+/* For a target's own helpers that loop over every byte of a buffer
+ * (filling a write's pattern, checking bytes are zero): left out of the
+ * coverage instrumentation, which would otherwise call into libFuzzer for
+ * the comparisons of each byte (-fsanitize=fuzzer traces them) and cost
+ * more than the code under test.  Their branches tell libFuzzer nothing
+ * (a loop that runs hundreds of times; a mismatch is a finding anyway).
+ * Not inlined: the instrumentation of the caller would cover them again.
+ * Clang only (gcc builds only the replay, uninstrumented). */
+#if defined(__clang__)
+#define FUZZ_NO_COVERAGE __attribute__((no_sanitize("coverage"), noinline))
+#else
+#define FUZZ_NO_COVERAGE
+#endif
+
 #define FUZZ_CHECK(cond)                                                    \
     do {                                                                    \
         if (!(cond)) {                                                      \

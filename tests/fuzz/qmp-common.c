@@ -213,19 +213,21 @@ static bool has_str(struct json_object *o, const char *key)
 /* Every line the server sent is a QMP message. */
 void fuzz_qmp_check_output(const char *out, size_t len)
 {
+    /* One tokener for the process, reset before each line (a line
+     * starts from a fresh state either way). */
+    static struct json_tokener *tok;
+    if (!tok && !(tok = json_tokener_new()))
+        abort();
     size_t pos = 0, lines = 0;
     while (pos < len) {
         const char *nl = memchr(out + pos, '\n', len - pos);
         FUZZ_CHECK(nl != NULL);                 /* whole lines only */
         size_t end = (size_t)(nl - out);
         FUZZ_CHECK(end > pos && out[end - 1] == '\r');
-        struct json_tokener *tok = json_tokener_new();
-        if (!tok)
-            abort();
+        json_tokener_reset(tok);
         struct json_object *o = json_tokener_parse_ex(tok, out + pos,
                                                       (int)(end - 1 - pos));
         FUZZ_CHECK(json_tokener_get_error(tok) == json_tokener_success);
-        json_tokener_free(tok);
         FUZZ_CHECK(json_object_is_type(o, json_type_object));
         struct json_object *v;
         if (lines == 0) {
