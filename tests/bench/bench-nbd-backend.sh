@@ -168,7 +168,7 @@ if [[ " $servers " == *" stratad-tls "* && " $servers " == *" qemu-nbd-tls "* ]]
 import sys
 res = {}
 for line in open(sys.argv[1]):
-    s, name, iops, bw = line.split()
+    s, name, iops, bw = line.split()[:4]  # then CPU per request, io-wq peak
     res.setdefault((s, name), []).append(None if iops == "FAIL" else float(iops))
 names = []
 for (s, name) in res:

@@ -157,7 +157,7 @@ import sys
 res = {}
 order = []
 for line in open(sys.argv[1]):
-    s, name, iops, bw = line.split()
+    s, name, iops, bw = line.split()[:4]  # then CPU per request, io-wq peak
     res[(s, name)] = None if iops == "FAIL" else (float(iops), float(bw) / (1 << 20))
     if name not in order:
         order.append(name)

@@ -119,12 +119,12 @@ runtime = float(sys.argv[4])
 client_file = sys.argv[5]
 moved = {}                               # server -> bytes over all runs
 for line in open(results):
-    s, name, iops, bw = line.split()
+    s, name, iops, bw = line.split()[:4]  # then CPU per request, io-wq peak
     if bw != "FAIL":
         moved[s] = moved.get(s, 0.0) + float(bw) * runtime
 res, order = {}, []
 for line in open(results):
-    s, name, iops, bw = line.split()
+    s, name, iops, bw = line.split()[:4]  # then CPU per request, io-wq peak
     if name not in order:
         order.append(name)
     res.setdefault((s, name), []).append(
