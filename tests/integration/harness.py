@@ -368,3 +368,17 @@ class QMP:
 
     def close(self):
         self.sock.close()
+
+
+def daemon_uring_disabled(disable, exports, **kw):
+    """A Daemon started with STRATA_URING_DISABLE=disable (io_uring extras
+    the loop must not use; empty or None: all of them on).  The variable
+    is set for the start only, not for later daemons."""
+    if disable:
+        os.environ["STRATA_URING_DISABLE"] = disable
+    else:
+        os.environ.pop("STRATA_URING_DISABLE", None)
+    try:
+        return Daemon(exports, **kw)
+    finally:
+        os.environ.pop("STRATA_URING_DISABLE", None)

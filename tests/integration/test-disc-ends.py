@@ -29,7 +29,6 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
-from harness import Daemon  # noqa: E402
 import nbdwire as w  # noqa: E402
 from nbdwire import Conn  # noqa: E402
 
@@ -127,13 +126,8 @@ def run(mode, disable):
     img = os.path.join(d, "disk.img")
     with open(img, "wb") as f:
         f.truncate(SIZE)
-    if disable:
-        os.environ["STRATA_URING_DISABLE"] = disable
-    else:
-        os.environ.pop("STRATA_URING_DISABLE", None)
-    dm = Daemon([f"name=disk,file={img},format=raw"], tcp=True,
-                extra=["--verbose"])
-    os.environ.pop("STRATA_URING_DISABLE", None)
+    dm = harness.daemon_uring_disabled(disable, [f"name=disk,file={img},format=raw"],
+                                       tcp=True, extra=["--verbose"])
     addrs = (dm.sock, ("127.0.0.1", dm.port))
     total = 0
     for rnd in range(ROUNDS):

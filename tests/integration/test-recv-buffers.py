@@ -26,7 +26,6 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
-from harness import Daemon  # noqa: E402
 import nbdwire as w  # noqa: E402
 from nbdwire import Conn  # noqa: E402
 
@@ -65,13 +64,8 @@ def run(mode, disable):
     model = bytearray(rng.randbytes(SIZE))
     with open(img, "wb") as f:
         f.write(model)
-    if disable:
-        os.environ["STRATA_URING_DISABLE"] = disable
-    else:
-        os.environ.pop("STRATA_URING_DISABLE", None)
-    dm = Daemon([f"name=disk,file={img},format=raw,cache=writeback"],
-                extra=["--verbose"])
-    os.environ.pop("STRATA_URING_DISABLE", None)
+    dm = harness.daemon_uring_disabled(
+        disable, [f"name=disk,file={img},format=raw,cache=writeback"], extra=["--verbose"])
 
     c = Conn(dm.sock, timeout=30)
     c.handshake("disk", structured=True)
