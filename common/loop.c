@@ -3,6 +3,7 @@
 #include <errno.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -44,6 +45,16 @@ struct loop {
     uint16_t *free_bgids;            /* buffer group ids given back */
     size_t n_free_bgids, cap_free_bgids;
     unsigned next_bgid;
+
+    /* Messages from other threads (loop_post).  posted and rung are the
+     * only fields another thread touches. */
+    _Atomic(struct loop_msg *) posted; /* pushed by posters, newest first */
+    atomic_bool rung;                /* the doorbell was written and the
+                                        list not taken since */
+    int post_efd;                    /* the doorbell */
+    struct loop_op post_op;          /* the read armed on it */
+    uint64_t post_val;
+    bool post_armed;
 };
 
 struct loop_bufring {
@@ -74,6 +85,7 @@ static void loop_schedule(void *opaque, struct coro *co)
 }
 
 static void tick_done(struct loop_op *op, int res, uint32_t flags);
+static void post_done(struct loop_op *op, int res, uint32_t flags);
 
 static const char *const feature_names[] = {
     "single_issuer", "defer_taskrun", "coop_taskrun", "ring_fd",
@@ -174,17 +186,29 @@ struct loop *loop_new_without(unsigned entries, size_t coro_stack,
         return NULL;
     }
     unsigned dis = disabled_features() | disable;
+    l->post_efd = eventfd(0, EFD_CLOEXEC);
+    if (l->post_efd < 0) {
+        if (asprintf(errmsg, "eventfd: %s", strerror(errno)) < 0)
+            *errmsg = NULL;
+        free(l);
+        return NULL;
+    }
+    atomic_init(&l->posted, NULL);
+    atomic_init(&l->rung, false);
+    l->post_op.done = post_done;
     struct io_uring_params p;
     int r = ring_setup(l, entries, dis, &p);
     if (r < 0) {
         if (asprintf(errmsg, "io_uring_queue_init: %s", strerror(-r)) < 0)
             *errmsg = NULL;
+        close(l->post_efd);
         free(l);
         return NULL;
     }
     if (!(p.features & IORING_FEAT_NODROP)) {
         *errmsg = strdup("io_uring: kernel lacks IORING_FEAT_NODROP (need Linux >= 5.5)");
         io_uring_queue_exit(&l->ring);
+        close(l->post_efd);
         free(l);
         return NULL;
     }
@@ -209,6 +233,7 @@ struct loop *loop_new_without(unsigned entries, size_t coro_stack,
     if (!l->pool) {
         *errmsg = strdup("out of memory");
         io_uring_queue_exit(&l->ring);
+        close(l->post_efd);
         free(l->free_bgids);
         free(l);
         return NULL;
@@ -336,7 +361,9 @@ void loop_free(struct loop *l)
 {
     if (!l)
         return;
+    /* the ring first: it may hold the doorbell's read */
     io_uring_queue_exit(&l->ring);
+    close(l->post_efd);
     coro_pool_free(l->pool);
     free(l->backlog);
     free(l->free_bgids);
@@ -469,6 +496,79 @@ static void tick_done(struct loop_op *op, int res, uint32_t flags)
     tick_arm(l);
 }
 
+/* ---- messages from other threads ---- */
+
+static void ring_doorbell(struct loop *l)
+{
+    uint64_t one = 1;
+    while (write(l->post_efd, &one, sizeof(one)) < 0 && errno == EINTR)
+        ;
+    /* EAGAIN cannot happen: the counter would have to reach 2^64 - 1 */
+}
+
+void loop_post(struct loop *l, struct loop_msg *m)
+{
+    assert(m->fn);
+    struct loop_msg *head = atomic_load(&l->posted);
+    do {
+        m->next = head;
+    } while (!atomic_compare_exchange_weak(&l->posted, &head, m));
+    /* One write per wake-up: a poster that finds the bell already rung
+     * needs none, because that ring's read has not completed yet (rung is
+     * cleared only when it does), and the loop takes the list in the
+     * iteration after that completion, which is after this push. */
+    if (!atomic_exchange(&l->rung, true))
+        ring_doorbell(l);
+}
+
+/* Runs every message posted so far, oldest first.  Returns whether there
+ * were any. */
+static bool run_posted(struct loop *l)
+{
+    if (atomic_load_explicit(&l->posted, memory_order_relaxed) == NULL)
+        return false;
+    struct loop_msg *list = atomic_exchange(&l->posted, NULL);
+    struct loop_msg *fifo = NULL;
+    while (list) {
+        struct loop_msg *next = list->next;
+        list->next = fifo;
+        fifo = list;
+        list = next;
+    }
+    bool any = fifo != NULL;
+    while (fifo) {
+        struct loop_msg *m = fifo;
+        fifo = m->next;
+        m->next = NULL;
+        m->fn(m); /* m may be gone after this */
+    }
+    return any;
+}
+
+static void post_arm(struct loop *l)
+{
+    if (l->post_armed || l->stopping)
+        return;
+    struct io_uring_sqe *sqe = loop_get_sqe(l, &l->post_op);
+    io_uring_prep_read(sqe, l->post_efd, &l->post_val, sizeof(l->post_val),
+                       0);
+    l->post_armed = true;
+}
+
+/* The doorbell rang (the read resets its counter).  The messages run at
+ * the start of the next iteration, with everything else that is ready:
+ * every message pushed before the write that made this read complete. */
+static void post_done(struct loop_op *op, int res, uint32_t flags)
+{
+    struct loop *l = container_of(op, struct loop, post_op);
+    (void)res;
+    (void)flags;
+    l->post_armed = false;
+    /* From here on a poster rings again: its push may come after the
+     * next take of the list. */
+    atomic_store(&l->rung, false);
+}
+
 static void run_coroutines(struct loop *l)
 {
     while (l->runq_head) {
@@ -504,10 +604,15 @@ static void deliver(struct loop_op *op, int res, uint32_t flags)
  * completions.  Returns 0 or -errno for a fatal ring error. */
 static int loop_iterate(struct loop *l, const bool *until)
 {
-    run_coroutines(l);
-    run_hooks(l);
+    do {
+        run_coroutines(l);
+        run_hooks(l);
+    } while (run_posted(l));
     if (l->stopping || (until && *until))
         return 0;
+    /* Before sleeping: a message posted from now on rings the bell (or
+     * was taken above), and the bell's read wakes the loop. */
+    post_arm(l);
 
     /* One io_uring_enter: submits what the handlers queued and, with
      * DEFER_TASKRUN, runs the completion work the kernel kept for us.

@@ -8,7 +8,8 @@
  * Every SQE carries a pointer to a struct loop_op embedded in its owner
  * (a connection, a request, a listener); the owner guarantees the op stays
  * alive until its completion has been delivered.  Everything the loop needs
- * hangs off struct loop: there is no global mutable state.
+ * hangs off struct loop: there is no global mutable state.  Another thread
+ * reaches a loop only through loop_post() (docs/threads.md).
  */
 #ifndef STRATA_LOOP_H
 #define STRATA_LOOP_H
@@ -99,6 +100,8 @@ int loop_run(struct loop *l);
  * between iterations (a test's client on the same thread).  Returns at
  * once after loop_stop(). */
 int loop_run_once(struct loop *l);
+/* The loop's own thread only; another thread posts a message that calls
+ * it (loop_post). */
 void loop_stop(struct loop *l);
 
 /* Control path outside loop_run() (start-up): runs fn(co, arg) in a
@@ -123,6 +126,30 @@ void loop_timer_del(struct loop *l, struct loop_timer *t);
 uint64_t loop_now_ns(void);
 
 struct coro_pool *loop_coro_pool(struct loop *l);
+
+/* ---- messages from other threads ----
+ *
+ * The one way another thread (another loop, a library's callback thread,
+ * nbdkit's workers) reaches a loop: loop_post() queues m on the loop's
+ * lock-free list and, if the loop may be asleep, rings its doorbell (an
+ * eventfd whose read the loop keeps armed in its ring); the loop runs
+ * m->fn(m) on its own thread, in loop context (no coroutine: fn may
+ * coro_wake() the loop's coroutines, queue SQEs, loop_defer()), within
+ * its next iteration.  Messages from one thread run in the order that
+ * thread posted them.  The hand-over is a release/acquire pair: what the
+ * poster wrote before loop_post() is visible to fn.  m must stay alive
+ * until fn has run and belongs to the loop meanwhile.  A message posted
+ * to a loop that is never run again is never run (loop_free drops it). */
+struct loop_msg {
+    void (*fn)(struct loop_msg *m);
+    struct loop_msg *next;         /* the loop's list; not for the poster */
+};
+
+/* Any thread, the loop's own included; never blocks (one write() to an
+ * eventfd at most).  The loop may run m before loop_post() returns, so
+ * loop_free() must wait until no other thread can still be inside
+ * loop_post() on it (join the posters first). */
+void loop_post(struct loop *l, struct loop_msg *m);
 
 /* ---- coroutine-side helpers ---- */
 

@@ -485,6 +485,8 @@ int server_export_del(struct server *srv, const char *id,
         if (c->exp == e)
             conn_abort(c, "export deleted");
     }
+    if (e->n_conns)
+        server_workers_abort_export(srv, e);
     log_info("export '%s' (id %s) deleted%s", e->cfg.name, id,
              e->n_conns ? ": disconnecting its clients" : "");
     server_changed(srv);

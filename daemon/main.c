@@ -309,6 +309,12 @@ int main(int argc, char **argv)
             rc = 1;
         }
     }
+    /* the connection loops, before anyone can connect */
+    if (rc == 0 && server_workers_start(srv, LOOP_ENTRIES, CORO_STACK,
+                                        &err) < 0) {
+        fprintf(stderr, "stratad: %s\n", err->msg);
+        rc = 1;
+    }
     struct server_shutdown_hook stopping_hook = {.fn = notify_stopping};
     if (rc == 0)
         server_add_shutdown_hook(srv, &stopping_hook);
@@ -341,6 +347,7 @@ int main(int argc, char **argv)
     }
     if (rc != 0) {
         signal_ready(&ready_fd, 1, true);
+        server_workers_stop(srv);
         metrics_free(metrics);
         control_free(control);
         state_free(state);
@@ -374,7 +381,8 @@ int main(int argc, char **argv)
     captive_finish(&cap);
     if (rc == 0 && cap.exited)
         rc = cap.exit_status; /* captive mode: the command's verdict */
-    if (srv->conns || srv->holds) {
+    server_workers_stop(srv); /* no connection is left on them */
+    if (srv->n_conns || srv->holds) {
         /* only after a fatal loop error: sockets close with the process */
         log_warn("exiting with clients or jobs still active");
     } else {

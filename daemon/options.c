@@ -42,6 +42,10 @@ void stratad_usage(FILE *fp)
 "                             512M or 2G (default 256M; at least 64M); past\n"
 "                             it clients wait, in turn, for memory\n"
 "      --shutdown-timeout S   seconds to drain clients on SIGTERM (default 30)\n"
+"      --threads N            event loops (default 1): the main one, which runs\n"
+"                             every chain, and N-1 that serve the sockets of\n"
+"                             clients in transmission (without TLS); each\n"
+"                             loop's clients get 1/N of --max-memory\n"
 "      --control PATH         serve the QMP control socket on unix socket PATH\n"
 "      --control-mode OCTAL   permissions of the control socket (default 0600)\n"
 "      --state-file PATH      record exports and chains in PATH and restore\n"
@@ -118,6 +122,7 @@ enum {
     OPT_MAX_HANDSHAKES_PER_PEER,
     OPT_RUN,
     OPT_PRINT_URI,
+    OPT_THREADS,
     OPT_EXIT_WITH_PARENT,
     OPT_METRICS,
 };
@@ -299,6 +304,7 @@ enum opts_result stratad_options_parse(int argc, char **argv,
          OPT_MAX_HANDSHAKES_PER_PEER},
         {"run", required_argument, NULL, OPT_RUN},
         {"print-uri", no_argument, NULL, OPT_PRINT_URI},
+        {"threads", required_argument, NULL, OPT_THREADS},
         {"exit-with-parent", no_argument, NULL, OPT_EXIT_WITH_PARENT},
         {"metrics", required_argument, NULL, OPT_METRICS},
         {"verbose", no_argument, NULL, 'v'},
@@ -401,6 +407,10 @@ enum opts_result stratad_options_parse(int argc, char **argv,
             break;
         case OPT_PRINT_URI:
             o->print_uri = true;
+            break;
+        case OPT_THREADS:
+            if (parse_uint("--threads", optarg, 1, 256, &o->cfg.threads) < 0)
+                return stratad_options_fail(o);
             break;
         case OPT_EXIT_WITH_PARENT:
             o->exit_with_parent = true;

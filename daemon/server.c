@@ -25,6 +25,7 @@ void server_config_defaults(struct server_config *cfg)
     cfg->max_buffered = 64u << 20;
     cfg->max_memory = 256u << 20;
     cfg->shutdown_timeout_s = 30;
+    cfg->threads = 1;
 }
 
 static void timer_fn(struct loop_timer *t, uint64_t now);
@@ -36,6 +37,11 @@ struct server *server_new(struct loop *loop, const struct server_config *cfg)
         return NULL;
     srv->loop = loop;
     srv->cfg = *cfg;
+    if (srv->cfg.threads == 0)
+        srv->cfg.threads = 1;
+    /* each loop's connections get an equal share (nbd/budget.c) */
+    srv->budget.max = srv->cfg.max_memory / srv->cfg.threads;
+    srv->budget.conns = &srv->conns;
     srv->sig_fd = -1;
     srv->timer.fn = timer_fn;
     loop_timer_add(loop, &srv->timer);
@@ -154,7 +160,7 @@ static void final_flush_co(struct coro *co, void *opaque)
 
 void server_check_idle(struct server *srv)
 {
-    if (!srv->shutting_down || srv->conns || srv->flushing || srv->holds)
+    if (!srv->shutting_down || srv->n_conns || srv->flushing || srv->holds)
         return;
     srv->flushing = true;
     struct coro *co = coro_create(loop_coro_pool(srv->loop), final_flush_co, srv);
@@ -177,6 +183,7 @@ void server_shutdown(struct server *srv)
     server_listeners_stop(srv);
     for (struct conn *c = srv->conns; c; c = c->next)
         conn_drain(c);
+    server_workers_drain(srv);
     for (struct server_shutdown_hook *h = srv->shutdown_hooks; h; h = h->next)
         h->fn(h);
     server_check_idle(srv);
@@ -203,7 +210,7 @@ void server_free(struct server *srv)
 {
     if (!srv)
         return;
-    assert(!srv->conns);
+    assert(!srv->conns && !srv->workers);
     server_listeners_free(srv);
     server_tables_free(srv);
     peers_free(srv);

@@ -2,8 +2,14 @@
  * listeners, the NBD connections and the tables of exports and block nodes
  * (exports.h), and runs the start-up, signals and graceful shutdown.
  *
- * Everything here is owned by exactly one loop thread and touched only from
- * it, so nothing needs a lock.  See conn.h for a connection's internals.
+ * Everything here is owned by exactly one loop thread (the main loop,
+ * srv->loop) and touched only from it, so nothing needs a lock.  With
+ * --threads N > 1 there are N - 1 connection loops besides (struct
+ * worker, workers.c): a connection without TLS moves to one of them when
+ * it enters transmission, and from then on its socket, stream and request
+ * slots belong to that loop; its requests still run on the main loop,
+ * which owns every chain, and the two loops talk only by loop_post()
+ * (docs/threads.md).  See conn.h for a connection's internals.
  *
  * Files: server.c (lifecycle: new, start, signals, timer, holds, shutdown),
  * listen.c (listening sockets, accept), exports.c (node and export tables),
@@ -12,6 +18,7 @@
 #ifndef STRATA_SERVER_H
 #define STRATA_SERVER_H
 
+#include <pthread.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -25,6 +32,40 @@
 struct conn;
 struct tls_server;
 
+/* The payload memory budget of one loop's connections (nbd/budget.c).
+ * Each loop has its own share of --max-memory, touched by its thread
+ * only. */
+struct nbd_budget {
+    uint64_t max;                  /* this loop's share of max_memory */
+    uint64_t payload_mem;          /* payload buffers of its connections */
+    uint64_t payload_mem_peak;
+    struct conn *mem_wait_head, *mem_wait_tail; /* waiting for memory */
+    struct conn **conns;           /* the list of its connections */
+};
+
+/* A connection loop (workers.c): a thread, its loop, the connections
+ * handed to it.  Fields are its thread's unless marked. */
+struct worker {
+    struct server *srv;            /* read-only */
+    unsigned index;                /* 1.. (the main loop is 0) */
+    struct loop *loop;             /* made and run on its thread */
+    pthread_t thread;              /* main loop's */
+    bool started;                  /* main loop's */
+    struct conn *conns;
+    struct nbd_budget budget;
+    unsigned handed;               /* main loop's: connections handed
+                                      here and not yet gone */
+    struct loop_timer timer;       /* its shutdown deadline */
+    bool draining;
+    uint64_t drain_deadline_ns;
+    struct loop_msg drain_msg;     /* posted by server_shutdown */
+    struct loop_msg stop_msg;      /* posted by server_workers_stop */
+    /* start-up: the thread says whether its loop could be made */
+    pthread_mutex_t start_lock;
+    pthread_cond_t start_cond;
+    int start_state;               /* 0 starting, 1 running, -errno */
+};
+
 struct server_config {
     unsigned max_connections;      /* accepted at once */
     unsigned max_per_peer;         /* of one address or uid (peers.c) */
@@ -36,6 +77,8 @@ struct server_config {
     uint64_t max_memory;           /* payload bytes of all connections
                                       (daemon/nbd/budget.c) */
     unsigned shutdown_timeout_s;   /* to drain clients on SIGTERM */
+    unsigned threads;              /* loops: the main one + connection
+                                      loops (--threads) */
 };
 
 struct listener {
@@ -97,10 +140,12 @@ struct server {
     struct peer *peers;            /* who is connected (peers.c) */
     unsigned n_handshaking;        /* connections still in the handshake */
     bool accept_paused;            /* n_handshaking at max_handshakes */
-    uint64_t payload_mem;          /* payload buffers of all connections */
-    uint64_t payload_mem_peak;
-    struct conn *mem_wait_head, *mem_wait_tail; /* waiting for memory */
-    unsigned n_conns;
+    struct nbd_budget budget;      /* the main loop's connections' */
+    unsigned n_conns;              /* every connection, on any loop */
+    struct worker *workers;        /* cfg.threads - 1 connection loops */
+    unsigned n_workers;
+    unsigned local_transmit;       /* connections in transmission on the
+                                      main loop (the hand-over's count) */
     uint64_t next_conn_id;
 
     struct loop_timer timer;       /* handshake deadlines, shutdown */
@@ -194,5 +239,28 @@ void server_shutdown(struct server *srv);
 /* Called by connections. */
 void server_conn_gone(struct server *srv, struct conn *c);
 void server_check_idle(struct server *srv);
+
+/* ---- connection loops (workers.c) ---- */
+/* Starts cfg.threads - 1 connection loops, each on a thread of its own
+ * (entries and coro_stack as the main loop's).  0 or -errno (errp set);
+ * on failure none is left running. */
+int server_workers_start(struct server *srv, unsigned entries,
+                         size_t coro_stack, struct error **errp);
+/* Stops and joins them (after the main loop stopped: no connection is
+ * left on any of them). */
+void server_workers_stop(struct server *srv);
+/* Connection c (main loop, plaintext) just entered transmission: the loop
+ * it should be served on, or NULL for the main loop. */
+struct worker *server_pick_worker(struct server *srv);
+/* Hands c over to w (main loop; c is off srv->conns, nothing of it in
+ * flight on the main loop's ring). */
+void server_hand_over(struct server *srv, struct conn *c, struct worker *w);
+/* c, served on a connection loop, was freed there except for what the
+ * main loop owns: the main loop's side (export, peer, counts; frees c). */
+void server_remote_conn_gone(struct conn *c);
+/* Aborts the connections of export e on every connection loop. */
+void server_workers_abort_export(struct server *srv, struct export *e);
+/* Server shutdown: every connection loop drains its connections. */
+void server_workers_drain(struct server *srv);
 
 #endif

@@ -98,7 +98,7 @@ struct json_object *stats_to_json(const struct export_stats *s, uint64_t now_ns)
         snprintf(key, sizeof(key), "%sfailed_%s_operations", x, q);
         put_u64(o, key, c->failed);
         snprintf(key, sizeof(key), "%sinvalid_%s_operations", x, q);
-        put_u64(o, key, c->invalid);
+        put_u64(o, key, __atomic_load_n(&c->invalid, __ATOMIC_RELAXED));
         if (op != STATS_OP_UNMAP) {
             snprintf(key, sizeof(key), "%s%s_latency_histogram",
                      op <= STATS_OP_FLUSH ? "" : "x_", q);

@@ -86,12 +86,13 @@ void stats_request_done(struct export_stats *s, enum stats_op op,
                         uint64_t start_ns, int ret, uint64_t offset,
                         uint64_t bytes);
 /* A request refused before it ran (validation); op STATS_OP__MAX (an
- * unknown command) is not counted. */
+ * unknown command) is not counted.  The one counter a connection loop
+ * (--threads) changes itself: atomic, read with __atomic_load_n. */
 static inline void stats_request_invalid(struct export_stats *s,
                                          enum stats_op op)
 {
     if (op < STATS_OP__MAX)
-        s->op[op].invalid++;
+        __atomic_fetch_add(&s->op[op].invalid, 1, __ATOMIC_RELAXED);
 }
 
 struct json_object;

@@ -52,6 +52,7 @@ struct conn *conn_new(struct server *srv, int fd, bool is_tcp)
     }
     c->srv = srv;
     c->loop = srv->loop;
+    c->budget = &srv->budget;
     c->id = ++srv->next_conn_id;
     c->fd = fd;
     c->is_tcp = is_tcp;
@@ -147,6 +148,8 @@ static void stream_send_failed(struct stream *s, int res)
 
 static bool wants_input(const struct conn *c)
 {
+    if (c->move_to)
+        return false; /* moving: what arrives is read on the new loop */
     switch (c->state) {
     case CONN_HS_FLAGS:
     case CONN_HS_OPTION:
@@ -236,9 +239,29 @@ static void stream_received(struct stream *s, int res, bool direct)
     }
 }
 
+/* The connection has just entered transmission on the main loop: where it
+ * is served from now on.  Over TLS it stays (the session's record layer
+ * is not moved between rings). */
+static void choose_loop(struct conn *c)
+{
+    struct worker *w = c->st.tls ? NULL : server_pick_worker(c->srv);
+    if (w) {
+        c->move_to = w;
+        return;
+    }
+    c->counted_local = true;
+    c->srv->local_transmit++;
+}
+
 static void process_input(struct conn *c)
 {
     for (;;) {
+        if (c->state == CONN_TRANSMIT && !c->worker && !c->counted_local) {
+            if (!c->move_to)
+                choose_loop(c);
+            if (c->move_to)
+                return; /* its requests are parsed on its new loop */
+        }
         bool progress;
         switch (c->state) {
         case CONN_HS_FLAGS:
@@ -283,9 +306,16 @@ static void conn_free(struct conn *c)
     nbd_budget_forget(c);
     nbd_slots_free(c);
     close(c->fd);
+    loop_undefer(c->loop, &c->kick);
+    if (c->worker) {
+        /* the main loop's side of it (export, peer, counts) goes there */
+        server_remote_conn_gone(c);
+        return;
+    }
+    if (c->counted_local)
+        c->srv->local_transmit--;
     if (c->exp)
         server_export_conn_gone(c->srv, c->exp);
-    loop_undefer(c->loop, &c->kick);
     server_conn_gone(c->srv, c);
     free(c->rbuf);
     free(c);
@@ -399,6 +429,21 @@ static void arm_drain_timer(struct conn *c)
 static void kick_fn(struct loop_hook *h)
 {
     struct conn *c = container_of(h, struct conn, kick);
+    if (c->move_to && c->state != CONN_TRANSMIT) {
+        /* draining or dead before it could move: it ends here */
+        c->move_to = NULL;
+        c->counted_local = true;
+        c->srv->local_transmit++;
+    }
+    if (c->move_to) {
+        /* the reply to its choice of export goes out first; a recv still
+         * in flight (armed during the handshake) completes when the
+         * client sends its first request */
+        stream_start_send(&c->st);
+        if (!stream_busy(&c->st))
+            server_hand_over(c->srv, c, c->move_to);
+        return;
+    }
     if (c->state != CONN_DEAD) {
         process_input(c);
         start_recv(c);

@@ -95,11 +95,26 @@ struct nbd_req {
     const char *errmsg;        /* static text for error chunks */
     void *extra;               /* block status payload (malloc) */
     struct nbd_req *next_free;
+    /* A connection on a connection loop: the request runs on the main
+     * loop (remote), which builds its reply (reply_ready) and posts it
+     * back (msg) for the connection's loop to send. */
+    struct loop_msg msg;
+    bool remote;
+    bool reply_ready;
 };
 
 struct conn {
     struct server *srv;
-    struct loop *loop;
+    struct loop *loop;         /* the main loop's, or its worker's */
+    struct worker *worker;     /* the connection loop serving it; NULL:
+                                  the main loop */
+    struct nbd_budget *budget; /* its loop's payload budget */
+    /* The hand-over (main loop): entering transmission without TLS it may
+     * move to a connection loop; it waits, reading nothing, until nothing
+     * of its stream is in flight on the main loop's ring. */
+    struct worker *move_to;
+    bool counted_local;        /* in srv->local_transmit */
+    struct loop_msg move_msg;  /* the hand-over; later its end, back */
     struct conn *next, *prev;  /* srv->conns */
     uint64_t id;
     int fd;
@@ -182,8 +197,8 @@ int conn_send_copy(struct conn *c, const void *buf, size_t len);
 /* May c's next request (in the slot c->free_slots) get need payload bytes?
  * false: c is queued and kicked when memory is given back. */
 bool nbd_budget_admit(struct conn *c, uint64_t need);
-void nbd_budget_add(struct server *srv, uint64_t bytes);
-void nbd_budget_sub(struct server *srv, uint64_t bytes);
+void nbd_budget_add(struct conn *c, uint64_t bytes);
+void nbd_budget_sub(struct conn *c, uint64_t bytes);
 /* c goes away: leave the queue. */
 void nbd_budget_forget(struct conn *c);
 

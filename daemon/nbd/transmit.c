@@ -3,6 +3,12 @@
  * Each request is validated by nbd_validate_request() (the one validator),
  * runs in its own coroutine against the export's format node, and ends by
  * queueing its reply; replies go out in completion order.
+ *
+ * The coroutine always runs on the main loop, which owns every chain.  A
+ * connection served on a connection loop (--threads) parses, validates and
+ * receives on its own loop, posts the request slot to the main loop
+ * (dispatch), and gets it back with the reply built (request_back); the
+ * slot is touched by one thread at a time, the posts ordering the two.
  */
 #include <assert.h>
 #include <errno.h>
@@ -37,7 +43,7 @@ void nbd_slots_free(struct conn *c)
         return;
     for (unsigned i = 0; i < c->srv->cfg.max_inflight; i++) {
         free(c->slots[i].buf);
-        nbd_budget_sub(c->srv, c->slots[i].buf ? c->slots[i].buf_cap : 0);
+        nbd_budget_sub(c, c->slots[i].buf ? c->slots[i].buf_cap : 0);
     }
     free(c->slots);
     c->slots = NULL;
@@ -55,6 +61,8 @@ static struct nbd_req *req_alloc(struct conn *c, const struct nbd_request *hdr)
     r->errmsg = NULL;
     r->extra = NULL;
     r->accounted = 0;
+    r->remote = false;
+    r->reply_ready = false;
     return r;
 }
 
@@ -69,7 +77,7 @@ static int req_buffer(struct nbd_req *r, uint64_t len)
         if (r->buf_kept)
             c->kept -= r->buf_cap;
         free(r->buf);
-        nbd_budget_sub(c->srv, r->buf_cap);
+        nbd_budget_sub(c, r->buf_cap);
         r->buf = NULL;
         r->buf_cap = 0;
     }
@@ -78,7 +86,7 @@ static int req_buffer(struct nbd_req *r, uint64_t len)
         return -ENOMEM;
     r->buf = p;
     r->buf_cap = (size_t)len;
-    nbd_budget_add(c->srv, r->buf_cap);
+    nbd_budget_add(c, r->buf_cap);
     r->buf_kept = len <= REQ_KEEP_MAX && c->kept + len <= CONN_KEEP_BUDGET;
     if (r->buf_kept)
         c->kept += len;
@@ -92,7 +100,7 @@ void nbd_req_release(struct nbd_req *r)
     r->extra = NULL;
     if (r->buf && !r->buf_kept) {
         free(r->buf);
-        nbd_budget_sub(c->srv, r->buf_cap);
+        nbd_budget_sub(c, r->buf_cap);
         r->buf = NULL;
         r->buf_cap = 0;
     }
@@ -117,7 +125,10 @@ static void queue_reply(struct nbd_req *r, int niov)
     r->si.iov = r->iov;
     r->si.niov = niov;
     r->si.done = req_sent;
-    conn_send(r->c, &r->si);
+    if (r->remote)
+        r->reply_ready = true; /* sent by the connection's loop */
+    else
+        conn_send(r->c, &r->si);
 }
 
 /* An error: simple reply, or an ERROR chunk with a message. */
@@ -421,7 +432,8 @@ static void request_co(struct coro *co, void *opaque)
     stats_request_done(st, sop, t0, ret, r->hdr.offset,
                        sop == STATS_OP_FLUSH || sop == STATS_OP_BLOCK_STATUS
                            ? 0 : r->hdr.length);
-    c->running--;
+    if (!r->remote)
+        c->running--;
     if (ret < 0) {
         r->error = nbd_errno_to_nbd(-ret);
         r->errmsg = strerror(-ret);
@@ -434,12 +446,57 @@ static void request_co(struct coro *co, void *opaque)
     } else if (ret == 0) {
         reply_ok(r);
     }
+    if (r->remote) {
+        /* back to the connection's loop, which sends the reply; nothing
+         * of c or r is touched here from now on */
+        loop_post(c->loop, &r->msg);
+        return;
+    }
     /* the reply owns the slot now; conn_send drops it if the conn is dead */
     conn_kick(c);
 }
 
+/* Connection loop: a request came back from the main loop, its reply
+ * built. */
+static void request_back(struct loop_msg *m)
+{
+    struct nbd_req *r = container_of(m, struct nbd_req, msg);
+    struct conn *c = r->c;
+    assert(r->reply_ready);
+    r->remote = false;
+    c->running--;
+    /* the reply owns the slot now; conn_send drops it if the conn is dead */
+    conn_send(c, &r->si);
+    conn_kick(c);
+}
+
+/* Main loop: a request of a connection on a connection loop. */
+static void request_home(struct loop_msg *m)
+{
+    struct nbd_req *r = container_of(m, struct nbd_req, msg);
+    struct coro *co = coro_create(loop_coro_pool(r->c->srv->loop), request_co,
+                                  r);
+    if (!co) {
+        r->error = NBD_ENOMEM;
+        r->errmsg = "out of memory";
+        reply_error(r); /* built here, sent there */
+        r->msg.fn = request_back;
+        loop_post(r->c->loop, &r->msg);
+        return;
+    }
+    r->msg.fn = request_back;
+    coro_enter(co);
+}
+
 static void dispatch(struct conn *c, struct nbd_req *r)
 {
+    if (c->worker) {
+        c->running++;
+        r->remote = true;
+        r->msg.fn = request_home;
+        loop_post(c->srv->loop, &r->msg);
+        return;
+    }
     struct coro *co = coro_create(loop_coro_pool(c->loop), request_co, r);
     if (!co) {
         r->error = NBD_ENOMEM;

@@ -16,7 +16,11 @@
 # Prints IOPS, MiB/s, stratad's ratio to each other server, peak RSS.
 #
 # Environment: STRATAD, BENCH_DIR, BENCH_RUNTIME, BENCH_RAMP, BENCH_QUICK,
-# BENCH_SERVERS, BENCH_ROUNDS (default 3) as for bench-raw.sh.
+# BENCH_SERVERS, BENCH_ROUNDS (default 3) as for bench-raw.sh;
+# STRATAD_ARGS and STRATAD_REF_ARGS: extra arguments of stratad and of
+# stratad-ref (e.g. STRATAD_REF=$STRATAD STRATAD_REF_ARGS="--threads 2"
+# measures two loops against one in the same run); BENCH_ONLY: a regular
+# expression, only the workloads whose names match it run.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -73,8 +77,12 @@ start_server() {                # server sock -> sets server_pid, uri
     stratad|stratad-ref)
         bin=$(stratad_bin "$s")
         [ -x "$bin" ] || { echo "bench: $bin not found (build first)" >&2; return 1; }
+        local extra=${STRATAD_ARGS:-}
+        [ "$s" = stratad-ref ] && extra=${STRATAD_REF_ARGS:-}
+        read -r -a extra <<<"$extra"
         cmd=("$bin" --listen "unix:$sock" --pid-file "$work/$s.pid"
-             --export "name=bench,file=$t,format=qcow2,cache=writeback,backing-root=$BENCH_DIR")
+             --export "name=bench,file=$t,format=qcow2,cache=writeback,backing-root=$BENCH_DIR"
+             "${extra[@]}")
         uri="nbd+unix:///bench?socket=$sock" ;;
     qsd)
         local f='"driver":"file","aio":"io_uring","filename"'
@@ -120,6 +128,7 @@ for ((round = 0; round < rounds; round++)); do
     fi
     for w in "${workloads[@]}"; do
         read -r name rw bs depth jobs <<<"$w"
+        [[ $name =~ ${BENCH_ONLY:-.} ]] || continue
         # A fresh empty top per job: reads fall through the chain, writes
         # allocate.  One server process per job.
         new_top

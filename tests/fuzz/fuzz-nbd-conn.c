@@ -217,8 +217,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     FUZZ_CHECK(fx.srv->n_conns == 0);
     FUZZ_CHECK(fx.srv->n_handshaking == 0);
     FUZZ_CHECK(fx.srv->peers == NULL);
-    FUZZ_CHECK(fx.srv->payload_mem == 0);
-    FUZZ_CHECK(fx.srv->mem_wait_head == NULL);
+    FUZZ_CHECK(fx.srv->budget.payload_mem == 0);
+    FUZZ_CHECK(fx.srv->budget.mem_wait_head == NULL);
     for (size_t i = 0; i < fx.srv->n_exports; i++)
         FUZZ_CHECK(fx.srv->exports[i]->n_conns == 0 &&
                    fx.srv->exports[i]->inflight == 0);

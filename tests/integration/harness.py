@@ -177,6 +177,11 @@ class Daemon:
         for e in exports:
             args += ["--export", e]
         args += list(extra)
+        # STRATAD_THREADS=N: every daemon of the test runs with --threads N
+        # (the suite's "-threads2" variants), unless the test chose itself
+        threads = os.environ.get("STRATAD_THREADS")
+        if threads and "--threads" not in args:
+            args += ["--threads", threads]
         self.log = open(os.path.join(self.dir, "stratad.log"), "w+")
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT,
                                      preexec_fn=_die_with_parent)
