@@ -22,8 +22,10 @@
  *
  * A planned allocation registers its guest clusters in s->allocs before
  * the lock is dropped; a step whose first cluster is in there waits for it
- * and plans again, because the mapping it looked up is stale.  That wait
- * is the only reason a step starts over.  The copy-on-write runs while the
+ * and plans again, because the mapping it looked up is stale.  So does a
+ * step whose allocation dropped the lock (a new refcount block, or the
+ * growth of the refcount table, are written without it): it gives its
+ * clusters back and plans again.  The copy-on-write runs while the
  * clusters are registered, so a concurrent guest write to them cannot be
  * overwritten by stale old content.
  */
@@ -316,8 +318,8 @@ static void plan_release_locked_co(struct qcow2 *s, struct coro *co,
 
 /* Plans the allocation for guest bytes [off, off + len), whose first
  * cluster is not writable in place.  Sets *waited instead when that
- * cluster is being allocated by another request: it was waited for, the
- * caller looks again. */
+ * cluster is being allocated by another request (it was waited for) or
+ * the allocator dropped the lock: the caller looks again. */
 static int plan_alloc_locked_co(struct qcow2 *s, struct coro *co, uint64_t off,
                                 uint64_t len, struct alloc_plan *p,
                                 bool *waited)
@@ -367,9 +369,19 @@ static int plan_alloc_locked_co(struct qcow2 *s, struct coro *co, uint64_t off,
         p->host = p->first.e.host_offset;
     } else {
         uint64_t got;
+        uint64_t gen = s->alloc_unlocked;
         r = qcow2_alloc_clusters_co(s, co, p->nclusters, &p->host, &got);
         if (r < 0)
             return r;
+        if (gen != s->alloc_unlocked) {
+            /* The allocator dropped the lock (it created a refcount block
+             * or grew the refcount table): the mapping looked up above
+             * may be stale, another request may be allocating the same
+             * clusters.  Give these back and plan again. */
+            qcow2_refcount_update_co(s, co, p->host, got * cs, -1);
+            *waited = true;
+            return 0;
+        }
         if (got < p->nclusters) {
             p->nclusters = got;
             /* The last cluster's old entry is needed for the tail COW. */

@@ -364,6 +364,8 @@ static int write_header_co(struct qcow2 *s, struct coro *co, uint32_t nb,
 {
     const uint64_t cs = qcow2_cs(s);
     char err[256];
+    /* A refcount table growth writes the header without the lock. */
+    qcow2_header_wait_locked_co(s, co);
     struct qcow2_extensions *ext = calloc(1, sizeof(*ext));
     uint8_t *nh = qcow2_buf_alloc(s, cs);
     int r = ext && nh ? 0 : -ENOMEM;

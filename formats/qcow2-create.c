@@ -277,8 +277,10 @@ int qcow2_set_backing_co(struct fmt_node *n, struct coro *co,
     /* The header is built from s->hdr / s->h under s->lock: a write
      * that grows the refcount table rewrites them (under the lock) while
      * guest I/O goes on, and a copy taken before waiting for the lock
-     * would put the old refcount table offset back on disk. */
+     * would put the old refcount table offset back on disk.  A growth
+     * writes the header without the lock: wait for it to end. */
     qcow2_lock_co(s, co);
+    qcow2_header_wait_locked_co(s, co);
     char err[256];
     r = qcow2_header_parse_extensions(s->hdr, cs, &s->h, ext, err,
                                           sizeof(err));

@@ -179,18 +179,35 @@ int qcow2_l2_for_write_co(struct qcow2 *s, struct coro *co, uint64_t off,
     const uint64_t cs = qcow2_cs(s);
     uint64_t l1i;
     struct qcow2_l1_entry l1e;
-    int r = l1_lookup(s, off, &l1i, &l1e);
-    if (r < 0)
-        return r;
-    *idx = (unsigned)qcow2_l2_index(&s->h, off);
-    if (l1e.l2_offset && l1e.copied)
-        return qcow2_cache_get_co(&s->l2_cache, co, l1e.l2_offset, false, l2);
-
-    /* A new table, or a private copy of one shared with a snapshot. */
     uint64_t new_off;
-    r = qcow2_alloc_exact_co(s, co, 1, &new_off);
-    if (r < 0)
-        return r;
+    int r;
+    for (;;) {
+        r = l1_lookup(s, off, &l1i, &l1e);
+        if (r < 0)
+            return r;
+        *idx = (unsigned)qcow2_l2_index(&s->h, off);
+        if (l1e.l2_offset && l1e.copied)
+            return qcow2_cache_get_co(&s->l2_cache, co, l1e.l2_offset, false,
+                                      l2);
+
+        /* A new table, or a private copy of one shared with a snapshot. */
+        uint64_t gen = s->alloc_unlocked;
+        r = qcow2_alloc_exact_co(s, co, 1, &new_off);
+        if (r < 0)
+            return r;
+        if (gen == s->alloc_unlocked)
+            break;
+        /* The allocator dropped the lock: another request may have
+         * given this range a table meanwhile.  Look again. */
+        uint64_t raw = be_get64(s->l1 + l1i * 8);
+        struct qcow2_l1_entry now;
+        if (qcow2_l1_entry_decode(&s->h, raw, &now) == 0 &&
+            now.l2_offset == l1e.l2_offset && now.copied == l1e.copied)
+            break;
+        r = qcow2_refcount_update_co(s, co, new_off, cs, -1);
+        if (r < 0)
+            return r;
+    }
     struct qcow2_cache_entry *ne;
     r = qcow2_cache_get_co(&s->l2_cache, co, new_off, true, &ne);
     if (r < 0)

@@ -1,20 +1,22 @@
 /* strata — qcow2 refcounts: lookups and updates through the refcount block
  * cache, cluster allocation, and growth of the refcount structures.
  *
- * Everything here runs with the image lock held.  Refcount blocks are
- * written through (FUA), and so are the refcount table and the header
- * when they change: durable when the write completes, without a sync of
- * the whole file.
+ * Everything here runs with the image lock held (and may drop it where
+ * it says so).  Refcount blocks are written through (FUA), and so are the
+ * refcount table and the header when they change: durable when the write
+ * completes, without a sync of the whole file.
  *
  * A missing refcount block for a range of clusters means they are all
  * free.  When one of them is needed, a new block is placed at the first
  * cluster of its own range, so that it describes itself.  When the
  * refcount table is full it is replaced by a larger one, placed together
  * with the blocks that describe it right after the area the old table
- * covers (all free by definition); the new structures are written and
- * synced before the header points at them, and only then is the old table
+ * covers (all free by definition); the new structures are written with
+ * FUA before the header points at them, and only then is the old table
  * freed.  A crash at any point leaves the old or the new table in force,
- * at worst with leaked clusters.
+ * at worst with leaked clusters.  Creating a block and growing the table
+ * write without the lock (see create_block_co and grow_reftable_co):
+ * the allocator then returns having dropped it (s->alloc_unlocked).
  */
 #include <assert.h>
 #include <errno.h>
@@ -77,11 +79,40 @@ int qcow2_refcount_get_co(struct qcow2 *s, struct coro *co, uint64_t cluster,
     return 0;
 }
 
+/* Drops the lock, waits for the next wake of rb_create_waiters, takes
+ * the lock again. */
+static void wait_rb_co(struct qcow2 *s, struct coro *co)
+{
+    co_mutex_unlock(&s->lock, co);
+    co_queue_wait_co(&s->rb_create_waiters, co);
+    qcow2_lock_co(s, co);
+}
+
 /* Replaces the refcount table by one with at least min_entries entries
- * that also covers the clusters it and its new blocks occupy. */
+ * that also covers the clusters it and its new blocks occupy.  They are
+ * placed right after the area the old table covers (free by definition:
+ * nothing can count those clusters), planned and built under the lock,
+ * and written without it, so that requests that need no new refcount
+ * block go on meanwhile (s->rt_growing):
+ *
+ *   1. under the lock: the layout, the new blocks (counting themselves
+ *      and the table) and a copy of the old table's entries plus the new
+ *      blocks' entries;
+ *   2. without it: the blocks, then the table, each with FUA;
+ *   3. without it: the header, naming the new table (FUA), with every
+ *      other header writer held off (hdr_writing);
+ *   4. under it: the new table in force in memory; the old one freed.
+ *
+ * No refcount block is created meanwhile (ensure_block_co waits), so the
+ * old table's entries stay what the copy holds.  A crash before the
+ * header write completes leaves the old table in force (the new
+ * structures lie in clusters nothing counts, which qemu-img check does
+ * not report); after it, the new table, which holds every entry of the
+ * old one: at worst the old table's clusters leak. */
 static int grow_reftable_co(struct qcow2 *s, struct coro *co,
                             uint64_t min_entries)
 {
+    assert(!s->rt_growing && !s->rb_creating);
     const uint64_t cs = qcow2_cs(s);
     const uint64_t per = per_block(s);
     const uint64_t epc = cs / 8;
@@ -121,11 +152,14 @@ static int grow_reftable_co(struct qcow2 *s, struct coro *co,
     if ((area + tclusters + blocks) * cs >> 56) /* L2 offsets end at bit 55 */
         return -EFBIG;
 
+    const uint64_t toff = area * cs;
     uint8_t *table = qcow2_buf_alloc(s, tclusters * cs);
     uint8_t *bl = qcow2_buf_alloc(s, blocks * cs);
-    if (!table || !bl) {
+    uint8_t *nh = qcow2_buf_alloc(s, cs);
+    if (!table || !bl || !nh) {
         free(table);
         free(bl);
+        free(nh);
         return -ENOMEM;
     }
     memset(table, 0, tclusters * cs);
@@ -138,36 +172,61 @@ static int grow_reftable_co(struct qcow2 *s, struct coro *co,
         qcow2_refcount_set(bl + j * cs, s->h.refcount_order, x % per, 1);
     }
 
-    /* Durable (FUA) before the header points at them: no sync of the
-     * whole file under the lock. */
+    /* 1-2: the new blocks and table, durable before the header names
+     * them, written without the lock. */
+    s->rt_growing = true;
+    co_mutex_unlock(&s->lock, co);
     int r = backend_pwrite_co(s->node.file, co, bl, blocks * cs,
                               (area + tclusters) * cs, BACKEND_FUA);
     if (r == 0)
-        r = backend_pwrite_co(s->node.file, co, table, tclusters * cs,
-                              area * cs, BACKEND_FUA);
+        r = backend_pwrite_co(s->node.file, co, table, tclusters * cs, toff,
+                              BACKEND_FUA);
     free(bl);
-    if (r < 0) {
-        free(table);
-        return r;
-    }
+    qcow2_lock_co(s, co);
 
-    /* Switch the header over (one aligned write), make it durable. */
+    /* 3: the header, built from what is in memory now (the old table's
+     * entries cannot have changed: no block was created meanwhile);
+     * every other header writer waits (they write it under the lock). */
     uint64_t old_off = s->h.refcount_table_offset;
     uint64_t old_clusters = s->h.refcount_table_clusters;
-    s->h.refcount_table_offset = area * cs;
-    s->h.refcount_table_clusters = (uint32_t)tclusters;
-    qcow2_header_serialize(&s->h, s->hdr, cs);
-    r = qcow2_write_meta_co(s, co, s->hdr, 0, cs, 0,
-                            qcow2_header_serialized_size(&s->h), BACKEND_FUA);
+    struct qcow2_header h = s->h;
+    bool header_tried = false;
+    if (r == 0) {
+        assert(memcmp(table, s->reftable, old * 8) == 0);
+        h.refcount_table_offset = toff;
+        h.refcount_table_clusters = (uint32_t)tclusters;
+        memcpy(nh, s->hdr, cs);
+        qcow2_header_serialize(&h, nh, cs);
+        s->hdr_writing = true;
+        co_mutex_unlock(&s->lock, co);
+        header_tried = true;
+        r = qcow2_write_meta_co(s, co, nh, 0, cs, 0,
+                                qcow2_header_serialized_size(&h),
+                                BACKEND_FUA);
+        qcow2_lock_co(s, co);
+        s->hdr_writing = false;
+        co_queue_wake_all(&s->hdr_waiters);
+    }
+
+    /* 4 */
+    s->rt_growing = false;
+    co_queue_wake_all(&s->rb_create_waiters);
     if (r < 0) {
-        /* Unknown whether the header reached the disk: keep using the new
-         * table in memory (it is valid either way) but stop writing. */
-        s->broken = true;
-        s->h.refcount_table_offset = old_off;
-        s->h.refcount_table_clusters = (uint32_t)old_clusters;
+        log_error("%s: growing the refcount table: %s", s->node.filename,
+                  strerror(-r));
+        /* Unknown whether the header reached the disk: the old and the
+         * new table are both valid there, but which one is in force is
+         * not known; stop writing. */
+        if (header_tried)
+            s->broken = true;
         free(table);
+        free(nh);
         return r;
     }
+    memcpy(s->hdr, nh, cs);
+    free(nh);
+    s->h.refcount_table_offset = toff;
+    s->h.refcount_table_clusters = (uint32_t)tclusters;
     free(s->reftable);
     s->reftable = table;
     s->reftable_entries = entries;
@@ -175,7 +234,7 @@ static int grow_reftable_co(struct qcow2 *s, struct coro *co,
         s->reftable_used = old + blocks;
     log_debug("%s: refcount table grown to %llu entries at %#llx",
               s->node.filename, (unsigned long long)entries,
-              (unsigned long long)(area * cs));
+              (unsigned long long)toff);
     return qcow2_refcount_update_co(s, co, old_off, old_clusters * cs, -1);
 }
 
@@ -237,6 +296,14 @@ static int create_block_co(struct qcow2 *s, struct coro *co, uint64_t idx)
     return 1;
 }
 
+/* Whether block idx may not be created now: another creation is in
+ * flight, or a growth of the table (which copied the old table's entries
+ * and must not miss one). */
+static bool must_wait_for_block(const struct qcow2 *s)
+{
+    return s->rb_creating || s->rt_growing;
+}
+
 /* Makes sure refcount block idx exists.  Returns 1 if it had to be created
  * (clusters were used for it) or the lock was dropped (anything may have
  * changed: search again), 0 if it was there, or -errno. */
@@ -244,10 +311,12 @@ static int ensure_block_co(struct qcow2 *s, struct coro *co, uint64_t idx)
 {
     if (idx < s->reftable_entries && reftable_get(s, idx) != 0)
         return 0;
-    if (s->rb_creating) {
-        co_mutex_unlock(&s->lock, co);
-        co_queue_wait_co(&s->rb_create_waiters, co);
-        qcow2_lock_co(s, co);
+    s->alloc_unlocked++; /* whatever follows drops the lock */
+    if (must_wait_for_block(s)) {
+        /* Until what kept it out is over, not at every wake. */
+        do
+            wait_rb_co(s, co);
+        while (must_wait_for_block(s));
         return 1;
     }
     if (idx >= s->reftable_entries) {

@@ -45,6 +45,19 @@ void qcow2_lock_co(struct qcow2 *s, struct coro *co)
                   waited / 1e6);
 }
 
+int qcow2_header_wait_locked_co(struct qcow2 *s, struct coro *co)
+{
+    assert(co_mutex_held(&s->lock, co));
+    int waited = 0;
+    while (s->hdr_writing) {
+        co_mutex_unlock(&s->lock, co);
+        co_queue_wait_co(&s->hdr_waiters, co);
+        qcow2_lock_co(s, co);
+        waited = 1;
+    }
+    return waited;
+}
+
 int qcow2_make_room_locked_co(struct qcow2 *s, struct coro *co, uint64_t off,
                               bool write)
 {
@@ -789,6 +802,21 @@ static int grow_tail_clean_locked_co(struct qcow2 *s, struct coro *co,
     return r;
 }
 
+/* Waits (dropping the lock) until no flush is writing l1_disk and no
+ * header write is in flight: what growing the image replaces. */
+static void grow_wait_locked_co(struct qcow2 *s, struct coro *co)
+{
+    for (;;) {
+        if (qcow2_header_wait_locked_co(s, co))
+            continue;
+        if (!s->l1_wb)
+            return;
+        co_mutex_unlock(&s->lock, co);
+        co_queue_wait_co(&s->l1_wb_waiters, co);
+        qcow2_lock_co(s, co);
+    }
+}
+
 static int qcow2_grow_co(struct fmt_node *n, struct coro *co, uint64_t size,
                          struct error **errp)
 {
@@ -805,16 +833,11 @@ static int qcow2_grow_co(struct fmt_node *n, struct coro *co, uint64_t size,
         return error_setf(errp, EFBIG, "%s: the L1 table would be too large",
                           n->filename);
     qcow2_lock_co(s, co);
-    /* l1_disk is what goes to disk; a flush may be writing it. */
-    while (s->l1_wb) {
-        co_mutex_unlock(&s->lock, co);
-        co_queue_wait_co(&s->l1_wb_waiters, co);
-        qcow2_lock_co(s, co);
-    }
+    grow_wait_locked_co(s, co);
     int r = s->broken ? error_setf(errp, EIO, "%s: the image is corrupt: "
                                    "no more writes to it", n->filename)
                       : grow_tail_clean_locked_co(s, co, n->size, size, errp);
-    struct qcow2_header h = s->h;
+    uint64_t l1_off = s->h.l1_table_offset;
     uint64_t old_off = 0, old_bytes = 0;
     uint8_t *nl1 = NULL, *nl1_disk = NULL;
     if (r == 0 && new_l1 > s->h.l1_size) {
@@ -833,6 +856,10 @@ static int qcow2_grow_co(struct fmt_node *n, struct coro *co, uint64_t size,
             r = nl1 && nl1_disk ? qcow2_alloc_exact_co(s, co, need / cs, &host)
                                 : -ENOMEM;
             if (r == 0) {
+                /* The allocator may have dropped the lock (a refcount
+                 * table growth): a flush may be writing l1_disk, the
+                 * growth the header. */
+                grow_wait_locked_co(s, co);
                 memset(nl1, 0, need);
                 memcpy(nl1, s->l1, (uint64_t)s->h.l1_size * 8);
                 memset(nl1_disk, 0, need);
@@ -843,11 +870,17 @@ static int qcow2_grow_co(struct fmt_node *n, struct coro *co, uint64_t size,
                     qcow2_refcount_update_co(s, co, host, need, -1);
                 old_off = s->h.l1_table_offset;
                 old_bytes = s->h.l1_size ? s->l1_bytes : 0;
-                h.l1_table_offset = host;
+                l1_off = host;
             }
         }
         if (r == 0) /* new refcounts durable before the header */
             r = qcow2_cache_flush_co(&s->rb_cache, co);
+    }
+    /* From s->h as it is now: the refcount table may have moved since
+     * the lock was taken. */
+    struct qcow2_header h = s->h;
+    if (new_l1 > s->h.l1_size) {
+        h.l1_table_offset = l1_off;
         h.l1_size = (uint32_t)new_l1;
     }
     if (r == 0) {

@@ -41,12 +41,17 @@
  * The lock is never held across a backend flush; see qcow2_flush_co for
  * how a flush keeps the order without it.  Nor across the durable writes
  * of a new refcount block and its refcount table entry (the block's
- * clusters are handed out only once both are done), nor across the
- * write-back of dirty cache entries that a request needs room for
- * (qcow2_make_room_locked_co).  Still under it: the growth of the
- * refcount table (its new table, blocks and header, with FUA) and a
- * write-back the room could not prevent (a cache whose every entry is
- * pinned or dirty again).
+ * clusters are handed out only once both are done), nor across those of
+ * a refcount table growth (its new blocks and table, then the header
+ * switch: grow_reftable_co; only requests that need a new refcount block
+ * wait for it), nor across the write-back of
+ * dirty cache entries that a request needs room for
+ * (qcow2_make_room_locked_co).  An allocation that dropped the lock says
+ * so (s->alloc_unlocked): its caller looks up again what it had looked
+ * up before.  Header writes never overlap (s->hdr_writing).  Still
+ * under the lock: a write-back the room could not prevent (a cache whose
+ * every entry is pinned or dirty again), and the control path's own
+ * header and table writes (resize, backing link, bitmap directory).
  */
 #ifndef STRATA_QCOW2_H
 #define STRATA_QCOW2_H
@@ -221,6 +226,24 @@ struct qcow2 {
      * refcount table meanwhile; they wait here and search again. */
     bool rb_creating;
     struct co_queue rb_create_waiters;
+    /* The refcount table is being replaced (grow_reftable_co), its new
+     * blocks, table and header in flight without the lock: nobody creates
+     * a refcount block or grows the table meanwhile; they wait on
+     * rb_create_waiters and search again.  Allocations that need no new
+     * block go on. */
+    bool rt_growing;
+    /* Times the allocator dropped the lock (a refcount block created, the
+     * refcount table grown, or a wait for either): a caller compares it
+     * around an allocation to know whether what it looked up before may
+     * have changed. */
+    uint64_t alloc_unlocked;
+    /* The header is being written without the lock (the switch of a
+     * refcount table growth).  Every other header write is built from
+     * s->h / s->hdr under the lock and waits here first
+     * (qcow2_header_wait_locked_co), so that header writes never
+     * overlap and none puts back what another changed. */
+    bool hdr_writing;
+    struct co_queue hdr_waiters;
 
     uint64_t free_cluster_index;   /* no free cluster below this one */
     uint32_t io_align;             /* backend alignment for metadata I/O */
@@ -269,6 +292,12 @@ void qcow2_lock_co(struct qcow2 *s, struct coro *co);
  * anything is looked up: it may drop it.  Returns 0 or -errno. */
 int qcow2_make_room_locked_co(struct qcow2 *s, struct coro *co, uint64_t off,
                               bool write);
+
+/* Called with the lock held by a header writer before it builds the
+ * header from s->h / s->hdr: waits (dropping the lock) while another
+ * header write is in flight.  Returns 1 if it waited (what the caller
+ * looked up before may have changed), 0 if not. */
+int qcow2_header_wait_locked_co(struct qcow2 *s, struct coro *co);
 
 /* Reports metadata corruption: logs it, marks the image broken (no more
  * writes) and returns -EIO. */

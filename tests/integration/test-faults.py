@@ -14,7 +14,9 @@ time on fresh images.  After every run:
     a crash-safe allocator leaks rather than corrupts);
   - a job ends with its error event, and the chain it leaves is valid.
 Scenarios: qcow2 allocating writes over a raw backing file (COW, overwrite,
-write-zeroes, flushes); refcount table growth (512-byte clusters);
+write-zeroes, flushes); refcount table growth (512-byte clusters), alone
+and with an overwrite in flight beside it (the growth writes without the
+image lock);
 external snapshot; intermediate commit; active commit with its pivot.
 Short transfers: the same allocating writes with every read and write cut
 short once must give the same bytes as without.
@@ -324,6 +326,28 @@ def act_growth(r, m):
     r.req("flush", w.CMD_FLUSH)
 
 
+def act_growth_concurrent(r, m):
+    """The growing write with an overwrite of allocated clusters in flight
+    beside it: the growth writes its blocks, table and header without the
+    image lock, and the overwrite goes on meanwhile; a fault at any of
+    those operations fails the growing write alone."""
+    sent = []
+    for what, off, data in (("growing write", GROWTH_AT, pattern(64 * KiB, 22)),
+                            ("overwrite", 1 * MiB + 4 * KiB,
+                             pattern(4 * KiB, 23))):
+        r.cookie += 1
+        r.c.write(r.cookie, off, data)
+        sent.append((r.cookie, what, off, data))
+    for cookie, what, off, data in sent:
+        e = r.c.reply_for(cookie)[-1].error
+        if e:
+            r.errors.append((what, e))
+            m.failed(off, len(data))
+        else:
+            m.write(off, data)
+    r.req("flush", w.CMD_FLUSH)
+
+
 
 # ---- C, D, E: snapshot and commits on a 3-layer chain ----
 
@@ -437,6 +461,8 @@ scenarios = [
     Scenario("alloc", "top.qcow2", make_alloc, act_alloc,
              errors=("EIO", "ENOSPC")),
     Scenario("growth", "top.qcow2", make_growth, act_growth),
+    Scenario("growth-concurrent", "top.qcow2", make_growth,
+             act_growth_concurrent),
     Scenario("snapshot", "top.qcow2", make_chain, act_snapshot),
     Scenario("commit-intermediate", "top.qcow2", make_chain, act_commit_mid),
     Scenario("commit-active", "top.qcow2", make_chain, act_commit_active),
