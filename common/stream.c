@@ -476,13 +476,11 @@ void stream_fini(struct stream *s)
 #include <linux/tls.h>
 
 #include "log.h"
+#include "tls-record.h"
 
 #ifndef SOL_TLS
 #define SOL_TLS 282
 #endif
-#define TLS_CT_ALERT 21
-#define TLS_CT_HANDSHAKE 22
-#define TLS_CT_APPLICATION_DATA 23
 #define TLS_HS_KEY_UPDATE 24
 
 #define TLS_IN_SIZE (256u << 10)
@@ -519,7 +517,54 @@ struct stream_tls {
     bool ktls_tx_wanted, ktls_rx_wanted; /* stream_tls_offload asked */
     bool ktls_tx, ktls_rx;         /* the kernel carries the direction */
     char errbuf[128];              /* err, when it is ours */
+
+    /* Records of our own (tls-record.h): application data sealed and
+     * opened here, everything else by GnuTLS. */
+    bool rec_ok;                   /* TLS 1.3 with an AEAD we take */
+    struct tls_rec_dir wr, rd;     /* active: the direction is ours now */
+    size_t plain_max;              /* content bytes per record we seal */
+    bool ku_wanted;                /* the peer asked for our KeyUpdate */
+    uint8_t *scratch;              /* a record opened, not all delivered: */
+    size_t sc_off, sc_len;         /* its content [sc_off, sc_off + sc_len) */
+    bool pull_limited;             /* GnuTLS may pull only pull_left more */
+    size_t pull_left;
+    /* Where GnuTLS is in the record it pulls (GnuTLS 3.7 has no call to
+     * ask): header bytes pulled (0: at a record boundary), the header,
+     * and body bytes still to pull. */
+    unsigned g_hdr_have;
+    uint8_t g_hdr[TLS_REC_HDR];
+    size_t g_body_left;
 };
+
+/* Follows the record framing of the bytes GnuTLS pulls. */
+static void pull_track(struct stream_tls *t, const uint8_t *p, size_t n)
+{
+    while (n > 0) {
+        if (t->g_hdr_have < TLS_REC_HDR) {
+            size_t k = MIN(n, TLS_REC_HDR - t->g_hdr_have);
+            memcpy(t->g_hdr + t->g_hdr_have, p, k);
+            t->g_hdr_have += (unsigned)k;
+            p += k;
+            n -= k;
+            if (t->g_hdr_have == TLS_REC_HDR) {
+                t->g_body_left = (size_t)t->g_hdr[3] << 8 | t->g_hdr[4];
+                if (t->g_body_left == 0)
+                    t->g_hdr_have = 0;
+            }
+            continue;
+        }
+        size_t k = MIN(n, t->g_body_left);
+        t->g_body_left -= k;
+        p += k;
+        n -= k;
+        if (t->g_body_left == 0)
+            t->g_hdr_have = 0;
+    }
+}
+
+static int own_hook(gnutls_session_t sess, unsigned htype, unsigned when,
+                    unsigned incoming, const gnutls_datum_t *msg);
+static void tls_fail(struct stream *s, int gerr);
 
 static ssize_t tls_push(gnutls_transport_ptr_t p, const void *data, size_t len)
 {
@@ -562,6 +607,13 @@ static ssize_t tls_pull(gnutls_transport_ptr_t p, void *data, size_t len)
     struct stream *s = p;
     struct stream_tls *t = s->tls;
     size_t avail = t->in_end - t->in_start;
+    if (t->pull_limited) {
+        avail = MIN(avail, t->pull_left);
+        if (avail == 0) {
+            gnutls_transport_set_errno(t->sess, EAGAIN); /* one record */
+            return -1;
+        }
+    }
     if (avail == 0) {
         if (t->in_eof)
             return 0;
@@ -570,7 +622,10 @@ static ssize_t tls_pull(gnutls_transport_ptr_t p, void *data, size_t len)
     }
     size_t n = MIN(avail, len);
     memcpy(data, t->in + t->in_start, n);
+    pull_track(t, t->in + t->in_start, n);
     t->in_start += n;
+    if (t->pull_limited)
+        t->pull_left -= n;
     if (t->in_start == t->in_end)
         t->in_start = t->in_end = 0;
     return (ssize_t)n;
@@ -579,9 +634,12 @@ static ssize_t tls_pull(gnutls_transport_ptr_t p, void *data, size_t len)
 static int tls_pull_timeout(gnutls_transport_ptr_t p, unsigned ms)
 {
     struct stream *s = p;
+    const struct stream_tls *t = s->tls;
     (void)ms;
     /* never waits: the loop brings more */
-    return s->tls->in_end > s->tls->in_start || s->tls->in_eof ? 1 : 0;
+    if (t->pull_limited)
+        return t->pull_left > 0 && t->in_end > t->in_start ? 1 : 0;
+    return t->in_end > t->in_start || t->in_eof ? 1 : 0;
 }
 
 long stream_tls_start(struct stream *s, void *session)
@@ -596,11 +654,13 @@ long stream_tls_start(struct stream *s, void *session)
         t->in = malloc(TLS_IN_SIZE);
         t->out_cap = 64u << 10;
         t->out = malloc(t->out_cap);
+        t->scratch = malloc(TLS_REC_CIPHER_MAX);
     }
-    if (!t || !t->in || !t->out) {
+    if (!t || !t->in || !t->out || !t->scratch) {
         if (t) {
             free(t->in);
             free(t->out);
+            free(t->scratch);
         }
         free(t);
         gnutls_deinit(sess);
@@ -613,6 +673,14 @@ long stream_tls_start(struct stream *s, void *session)
     gnutls_transport_set_pull_function(sess, tls_pull);
     gnutls_transport_set_pull_timeout_function(sess, tls_pull_timeout);
     gnutls_handshake_set_timeout(sess, 0); /* the owner's deadline rules */
+    /* Records of our own after the handshake, unless the environment
+     * asks for GnuTLS's record layer (STRATA_TLS_RECORDS=gnutls: tests
+     * and benchmarks compare the two). */
+    const char *rec = getenv("STRATA_TLS_RECORDS");
+    t->rec_ok = !rec || strcmp(rec, "gnutls") != 0;
+    t->plain_max = TLS_REC_PLAIN_MAX;
+    gnutls_handshake_set_hook_function(sess, GNUTLS_HANDSHAKE_ANY,
+                                       GNUTLS_HOOK_PRE, own_hook);
 
     /* Discard what the peer sent before it could have read the reply
      * accepting the upgrade: unparsed input, and what the socket holds now
@@ -767,6 +835,283 @@ static int ktls_control_record(struct stream *s)
     return -EPROTO;
 }
 
+/* ---- records of our own (tls-record.h) ----
+ *
+ * After the handshake of a TLS 1.3 session with an AEAD cipher, sealing
+ * and opening application data is done here, with GnuTLS's traffic keys:
+ * a record is sealed straight from the queued iovecs into tls->out (up to
+ * 16 KiB of replies, headers and payloads together, per record, with no
+ * copy through GnuTLS's buffers), and opened straight from tls->in into
+ * the owner's target.  GnuTLS keeps everything else.  Whenever GnuTLS is
+ * to work on a direction (a record that is not application data, a
+ * KeyUpdate or close_notify of ours, kernel TLS taking over), that
+ * direction's sequence number is handed back first (tls_rec_release) and
+ * taken again afterwards with whatever keys GnuTLS then holds
+ * (tls_rec_take), so the two never disagree on the wire.
+ *
+ * KeyUpdate: a peer's is opened by GnuTLS (it is not application data),
+ * which installs the peer's new key; when it asks for ours too (the
+ * session's handshake hook sees request_update = 1), ours is sent by
+ * gnutls_session_key_update before the next record we seal, as RFC 8446
+ * 4.6.3 asks; ours is also updated every TLS_REC_KEY_LIMIT records.
+ */
+
+/* The handshake hook: the peer's record size limits (ClientHello) and
+ * KeyUpdates that ask for ours. */
+static int own_ext_cb(void *ctx, unsigned tls_id, const unsigned char *data,
+                      unsigned size)
+{
+    struct stream_tls *t = ctx;
+    if (tls_id == 28 && size == 2) {       /* record_size_limit, RFC 8449 */
+        size_t lim = (size_t)data[0] << 8 | data[1];
+        /* TLS 1.3: the limit counts the content type byte */
+        t->plain_max = lim >= 2 ? MIN(t->plain_max, lim - 1) : 0;
+    } else if (tls_id == 1 && size == 1) { /* max_fragment_length */
+        t->plain_max = data[0] >= 1 && data[0] <= 4
+                           ? MIN(t->plain_max, (size_t)1 << (8 + data[0]))
+                           : 0;
+    }
+    return 0;
+}
+
+static int own_hook(gnutls_session_t sess, unsigned htype, unsigned when,
+                    unsigned incoming, const gnutls_datum_t *msg)
+{
+    struct stream *s = gnutls_transport_get_ptr(sess);
+    struct stream_tls *t = s->tls;
+    (void)when;
+    if (!incoming || !msg)
+        return 0;
+    if (htype == GNUTLS_HANDSHAKE_CLIENT_HELLO)
+        (void)gnutls_ext_raw_parse(t, own_ext_cb, msg,
+                                   GNUTLS_EXT_RAW_FLAG_TLS_CLIENT_HELLO);
+    else if (htype == GNUTLS_HANDSHAKE_KEY_UPDATE && msg->size >= 1 &&
+             msg->data[msg->size - 1] == 1)
+        t->ku_wanted = true;               /* update_requested */
+    return 0;
+}
+
+/* Sending: ours unless the kernel has it (or is about to) or the session
+ * is ending. */
+static bool own_tx_usable(const struct stream_tls *t)
+{
+    return t->rec_ok && t->phase == TLS_ON && !t->ktls_tx &&
+           !t->ktls_tx_wanted && !t->bye_done;
+}
+
+/* Receiving: ours unless the kernel has it (or is about to); taken (again)
+ * only where GnuTLS holds nothing received. */
+static bool own_rx_usable(struct stream *s)
+{
+    struct stream_tls *t = s->tls;
+    if (!t->rec_ok || t->phase != TLS_ON || t->ktls_rx || t->ktls_rx_wanted)
+        return false;
+    if (t->rd.active)
+        return true;
+    if (gnutls_record_check_pending(t->sess) > 0 || t->g_hdr_have > 0)
+        return false;           /* GnuTLS first reads what it began */
+    int r = tls_rec_take(&t->rd, t->sess, true);
+    if (r < 0) {
+        log_debug("TLS: receiving stays with GnuTLS's record layer: %s",
+                  gnutls_strerror(r));
+        t->rec_ok = false;
+        return false;
+    }
+    return true;
+}
+
+enum room { ROOM_OK, ROOM_BUSY, ROOM_NOMEM };
+
+/* Makes room for need more bytes at the end of out.  ROOM_BUSY: not now,
+ * a send in flight keeps the buffer from moving. */
+static enum room out_room(struct stream_tls *t, size_t need)
+{
+    if (t->out_cap - t->out_end >= need)
+        return ROOM_OK;
+    if (t->out_sending)
+        return ROOM_BUSY;
+    if (t->out_start > 0) {
+        memmove(t->out, t->out + t->out_start, t->out_end - t->out_start);
+        t->out_end -= t->out_start;
+        t->out_start = 0;
+        if (t->out_cap - t->out_end >= need)
+            return ROOM_OK;
+    }
+    size_t cap = MAX(t->out_cap * 2, t->out_end + need);
+    uint8_t *n = realloc(t->out, cap);
+    if (!n)
+        return ROOM_NOMEM;
+    t->out = n;
+    t->out_cap = cap;
+    return ROOM_OK;
+}
+
+enum ku { KU_DONE, KU_LATER, KU_FAILED };
+
+/* Our KeyUpdate, when the peer asked for it or our key sealed enough:
+ * GnuTLS sends it (at our sequence number) and moves to the new key,
+ * which we take.  KU_DONE also when none is due; KU_LATER: no room in
+ * out now; KU_FAILED: tls_fail done. */
+static enum ku own_key_update(struct stream *s)
+{
+    struct stream_tls *t = s->tls;
+    if (!t->ku_wanted && t->wr.seq < TLS_REC_KEY_LIMIT)
+        return KU_DONE;
+    enum room room = out_room(t, 256); /* the KeyUpdate record: 27 bytes */
+    if (room == ROOM_BUSY)
+        return KU_LATER;
+    if (room == ROOM_NOMEM) {
+        tls_fail(s, GNUTLS_E_MEMORY_ERROR);
+        return KU_FAILED;
+    }
+    int r = tls_rec_release(&t->wr, t->sess);
+    if (r >= 0) {
+        do
+            r = gnutls_session_key_update(t->sess, 0);
+        while (r == GNUTLS_E_INTERRUPTED);
+    }
+    if (r >= 0)
+        r = tls_rec_take(&t->wr, t->sess, false);
+    if (r < 0) {
+        tls_fail(s, r);
+        return KU_FAILED;
+    }
+    t->ku_wanted = false;
+    log_debug("TLS: KeyUpdate sent, sending under a new key");
+    return KU_DONE;
+}
+
+/* Seals queued items into records of our own until the queue is empty or
+ * enough ciphertext waits: each record takes up to plain_max bytes of
+ * whatever is queued (many small replies share one, a large payload
+ * fills records from its buffer), sealed straight into out.  false:
+ * failed (tls_fail done). */
+static bool tls_seal_own(struct stream *s)
+{
+    struct stream_tls *t = s->tls;
+    if (!t->wr.active) {
+        int r = tls_rec_take(&t->wr, t->sess, false);
+        if (r < 0) {
+            tls_fail(s, r);
+            return false;
+        }
+    }
+    size_t sealed = 0;
+    while (s->sq_head && sealed < TLS_OUT_HIGH &&
+           t->out_end - t->out_start < TLS_OUT_HIGH) {
+        enum ku k = own_key_update(s);
+        if (k != KU_DONE)
+            return k == KU_LATER;  /* later: once the send in flight is done */
+        enum room room = out_room(t, TLS_REC_WIRE_MAX);
+        if (room == ROOM_NOMEM) {
+            tls_fail(s, GNUTLS_E_MEMORY_ERROR);
+            return false;
+        }
+        if (room == ROOM_BUSY)
+            break;                 /* once the send in flight is done */
+        struct iovec iov[TLS_REC_IOV - 1];
+        int n = 0;
+        size_t len = 0, skip = s->sq_off;
+        for (struct stream_item *si = s->sq_head;
+             si && n < TLS_REC_IOV - 1 && len < t->plain_max; si = si->next) {
+            for (int i = 0; i < si->niov && n < TLS_REC_IOV - 1 &&
+                            len < t->plain_max; i++) {
+                size_t l = si->iov[i].iov_len;
+                if (skip >= l) {
+                    skip -= l;
+                    continue;
+                }
+                iov[n].iov_base = (uint8_t *)si->iov[i].iov_base + skip;
+                iov[n].iov_len = MIN(l - skip, t->plain_max - len);
+                len += iov[n].iov_len;
+                skip = 0;
+                n++;
+            }
+        }
+        if (len == 0) {            /* items of zero bytes */
+            struct stream_item *si = s->sq_head;
+            s->sq_head = si->next;
+            if (!s->sq_head)
+                s->sq_tail = NULL;
+            s->sq_off = 0;
+            si->done(si);
+            continue;
+        }
+        long w = tls_rec_seal(&t->wr, iov, n, len, t->out + t->out_end);
+        if (w < 0) {
+            tls_fail(s, (int)w);
+            return false;
+        }
+        t->out_end += (size_t)w;
+        sealed += len;
+        sq_advance(s, len);
+    }
+    return true;
+}
+
+/* Opens the next records at in_start into dst (room bytes).  OWN_DATA:
+ * *n > 0 bytes delivered; OWN_MORE: no whole record buffered; OWN_GNUTLS:
+ * the next record is for GnuTLS (pull_left set to it, the direction
+ * handed back); OWN_ERR: *err. */
+enum own_res { OWN_DATA, OWN_MORE, OWN_GNUTLS, OWN_ERR };
+
+static enum own_res own_open(struct stream *s, uint8_t *dst, size_t room,
+                             size_t *n, int *err)
+{
+    struct stream_tls *t = s->tls;
+    for (;;) {
+        size_t avail = t->in_end - t->in_start;
+        const uint8_t *p = t->in + t->in_start;
+        size_t wire = tls_rec_wire_len(p, avail);
+        if (wire == 0)
+            return OWN_MORE;
+        bool openable = tls_rec_openable(p, wire);
+        if (openable && avail < wire)
+            return OWN_MORE;
+        uint8_t type = 0;
+        size_t plen = 0;
+        bool direct = false;
+        if (openable) {
+            /* straight into dst when the whole inner plaintext fits */
+            direct = room >= wire - TLS_REC_HDR - TLS_REC_TAG;
+            int r = tls_rec_open(&t->rd, p, wire, direct ? dst : t->scratch,
+                                 &plen, &type);
+            if (r < 0) {
+                *err = r;
+                return OWN_ERR;
+            }
+        }
+        if (!openable || type != TLS_CT_APPLICATION_DATA) {
+            /* an alert, a KeyUpdate, or something GnuTLS must judge: it
+             * reads this record (at its sequence number) and no further */
+            int r = tls_rec_release(&t->rd, t->sess);
+            if (r >= 0)
+                r = tls_rec_release(&t->wr, t->sess);
+            if (r < 0) {
+                *err = r;
+                return OWN_ERR;
+            }
+            t->pull_limited = true;
+            t->pull_left = MIN(wire, avail);
+            return OWN_GNUTLS;
+        }
+        t->in_start += wire;
+        if (t->in_start == t->in_end)
+            t->in_start = t->in_end = 0;
+        if (plen == 0)
+            continue;              /* an empty record */
+        if (direct) {
+            *n = plen;
+            return OWN_DATA;
+        }
+        *n = MIN(room, plen);
+        memcpy(dst, t->scratch, *n);
+        t->sc_off = *n;
+        t->sc_len = plen - *n;
+        return OWN_DATA;
+    }
+}
+
 static size_t tls_plain_limit(const struct stream *s)
 {
     return s->tls->ktls_tx ? SIZE_MAX : s->tls->plain_left;
@@ -803,6 +1148,21 @@ static bool tls_seal(struct stream *s)
     struct stream_tls *t = s->tls;
     bool corked = false;
     size_t sealed = 0;
+    if (t->ku_wanted && s->sq_head) {
+        /* The peer asked for our KeyUpdate.  GnuTLS would send it before
+         * its next record, but gnutls_record_cork forgets that it owes
+         * one (GnuTLS 3.7): send it here, before the next record. */
+        int r;
+        do
+            r = gnutls_session_key_update(t->sess, 0);
+        while (r == GNUTLS_E_INTERRUPTED);
+        if (r < 0) {
+            tls_fail(s, r);
+            return false;
+        }
+        t->ku_wanted = false;
+        log_debug("TLS: KeyUpdate sent, sending under a new key");
+    }
     while (s->sq_head && sealed < TLS_OUT_HIGH &&
            t->out_end - t->out_start < TLS_OUT_HIGH) {
         struct stream_item *si = s->sq_head;
@@ -850,6 +1210,7 @@ static void tls_start_send(struct stream *s)
         /* every record GnuTLS sealed went out: the kernel goes on from
          * the next sequence number */
         t->ktls_tx_wanted = false;
+        (void)tls_rec_release(&t->wr, t->sess); /* GnuTLS's seq is right */
         if (s->ops->tls_offload(s, false) == 0) {
             t->ktls_tx = true;
             stream_start_send(s); /* the queue, in plaintext */
@@ -858,12 +1219,13 @@ static void tls_start_send(struct stream *s)
         t->ktls_rx_wanted = false;
     }
     if (t->phase == TLS_ON) {
-        if (!tls_seal(s)) {
+        if (!(own_tx_usable(t) ? tls_seal_own(s) : tls_seal(s))) {
             s->ops->send_failed(s, -EPROTO);
             return;
         }
         if (!s->sq_head && t->bye_wanted && !t->bye_done) {
             t->bye_done = true;
+            (void)tls_rec_release(&t->wr, t->sess);
             (void)gnutls_bye(t->sess, GNUTLS_SHUT_WR); /* pushes the alert */
         }
     }
@@ -942,7 +1304,29 @@ static void tls_decrypt(struct stream *s)
     int err = 0;
     size_t want = MIN(t->dst_len, (size_t)INT32_MAX);
     while (got < want) {
+        if (t->sc_len > 0) {
+            /* the rest of a record opened into scratch */
+            size_t n = MIN(t->sc_len, want - got);
+            memcpy(t->dst + got, t->scratch + t->sc_off, n);
+            t->sc_off += n;
+            t->sc_len -= n;
+            got += n;
+            continue;
+        }
+        if (own_rx_usable(s)) {
+            size_t n = 0;
+            enum own_res o = own_open(s, t->dst + got, want - got, &n, &err);
+            if (o == OWN_DATA) {
+                got += n;
+                continue;
+            }
+            if (o == OWN_MORE || o == OWN_ERR)
+                break;
+            /* OWN_GNUTLS: GnuTLS reads the next record */
+        }
         ssize_t r = gnutls_record_recv(t->sess, t->dst + got, want - got);
+        bool limited = t->pull_limited;
+        t->pull_limited = false;
         if (r > 0) {
             got += (size_t)r;
             continue;
@@ -951,6 +1335,8 @@ static void tls_decrypt(struct stream *s)
             t->eof_seen = true;
             break;
         }
+        if (r == GNUTLS_E_AGAIN && limited && t->pull_left == 0)
+            continue; /* that record (a KeyUpdate) is done: on to the next */
         if (r == GNUTLS_E_AGAIN)
             break;
         if (r == GNUTLS_E_INTERRUPTED || !gnutls_error_is_fatal((int)r))
@@ -1000,8 +1386,9 @@ static bool tls_start_recv(struct stream *s, uint8_t *dst, size_t len,
         return false;
     if (t->ktls_rx_wanted && t->ktls_tx && t->phase == TLS_ON &&
         t->in_end == t->in_start && !t->in_eof && !t->eof_seen &&
-        gnutls_record_check_pending(t->sess) == 0) {
+        t->sc_len == 0 && gnutls_record_check_pending(t->sess) == 0) {
         t->ktls_rx_wanted = false;
+        (void)tls_rec_release(&t->rd, t->sess); /* GnuTLS's seq is right */
         if (s->ops->tls_offload(s, true) == 0) {
             t->ktls_rx = true;
             return false;
@@ -1011,7 +1398,7 @@ static bool tls_start_recv(struct stream *s, uint8_t *dst, size_t len,
     t->dst_len = len;
     s->recv_direct = direct;
     s->recv_pending = true;
-    if (t->in_end > t->in_start || t->in_eof || t->eof_seen ||
+    if (t->in_end > t->in_start || t->in_eof || t->eof_seen || t->sc_len > 0 ||
         gnutls_record_check_pending(t->sess) > 0) {
         s->tls_hook.fn = tls_hook_fn;
         loop_defer(s->loop, &s->tls_hook);
@@ -1030,6 +1417,8 @@ static void tls_handshake_step(struct stream *s)
         int r = gnutls_handshake(t->sess);
         if (r == 0) {
             t->phase = TLS_ON;
+            t->rec_ok = t->rec_ok && t->plain_max > 0 &&
+                        tls_rec_possible(t->sess);
             s->ops->tls_done(s, 0);
             return;
         }
@@ -1093,9 +1482,12 @@ static void tls_fini(struct stream *s)
     if (!t)
         return;
     loop_undefer(s->loop, &s->tls_hook);
+    tls_rec_fini(&t->wr);
+    tls_rec_fini(&t->rd);
     gnutls_deinit(t->sess);
     free(t->in);
     free(t->out);
+    free(t->scratch);
     free(t);
     s->tls = NULL;
 }

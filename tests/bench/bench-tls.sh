@@ -11,7 +11,13 @@
 # BENCH_RAMP, BENCH_QUICK=1 smoke mode, BENCH_ROUNDS), and
 #   BENCH_SERVERS  default "stratad-tls qemu-nbd-tls nbdkit-tls stratad
 #                  qemu-nbd nbdkit" (the names without -tls are plaintext
-#                  TCP)
+#                  TCP), with STRATAD_REF also stratad-ref-tls
+#                  stratad-gnutls-tls: $STRATAD with STRATA_TLS_RECORDS=gnutls
+#                  (GnuTLS's record layer instead of stratad's own records)
+#   STRATAD_REF    a second stratad build (say, main's), run over TLS as
+#                  server "stratad-ref-tls" (and, if BENCH_SERVERS names
+#                  it, "stratad-ref" in plaintext) with the same arguments,
+#                  to judge a change against what it replaces in one run
 # Exit status: 0 if every fio run succeeded, 1 otherwise.
 set -euo pipefail
 
@@ -19,7 +25,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 default_rounds=3
 # shellcheck source=tests/bench/lib.sh
 . "$here/lib.sh"
-servers=${BENCH_SERVERS:-stratad-tls qemu-nbd-tls nbdkit-tls stratad qemu-nbd nbdkit}
+servers=${BENCH_SERVERS:-stratad-tls${STRATAD_REF:+ stratad-ref-tls} qemu-nbd-tls nbdkit-tls stratad qemu-nbd nbdkit}
 
 for tool in fio timeout dd certtool; do
     command -v "$tool" >/dev/null || { echo "bench: $tool is not installed" >&2; exit 1; }
@@ -67,8 +73,10 @@ start_server() {                # server sock(unused) -> sets server_pid, uri
     case $s in *-tls) scheme=nbds; tls=1 ;; esac
     case $s in
     stratad*)
-        [ -x "$STRATAD" ] || { echo "bench: $STRATAD not found (build first)" >&2; return 1; }
-        cmd=("$STRATAD" --listen "127.0.0.1:$port" --pid-file "$work/$s.pid"
+        local bin
+        bin=$(stratad_bin "${s%-tls}")
+        [ -x "$bin" ] || { echo "bench: $bin not found (build first)" >&2; return 1; }
+        cmd=("$bin" --listen "127.0.0.1:$port" --pid-file "$work/$s.pid"
              --export "name=bench,file=$img,format=raw,cache=writeback")
         [ $tls = 1 ] && cmd+=(--tls=require --tls-certificates "$work/server")
         uri="$scheme://127.0.0.1:$port/bench" ;;
@@ -88,7 +96,10 @@ start_server() {                # server sock(unused) -> sets server_pid, uri
     esac
     command -v "${cmd[0]}" >/dev/null || { echo "note: ${cmd[0]} is not installed"; return 1; }
     echo "server: ${cmd[*]}"
-    "${cmd[@]}" >"$log" 2>&1 &
+    case $s in
+    stratad-gnutls*) STRATA_TLS_RECORDS=gnutls "${cmd[@]}" >"$log" 2>&1 & ;;
+    *) "${cmd[@]}" >"$log" 2>&1 & ;;
+    esac
     server_pid=$!
     if ! wait_port "$port" "$server_pid"; then
         echo "bench: $s did not start:" >&2
@@ -138,11 +149,21 @@ def median(v):
     return v[len(v) // 2]
 
 
+# the server's CPU time (all threads) per request over the measured part
+# of each job, in microseconds: what a loaded machine disturbs least
+cpureq = {}
+for line in open(results):
+    f = line.split()
+    if len(f) >= 5 and f[4] not in ("-", "FAIL"):
+        cpureq.setdefault((f[0], f[1]), []).append(float(f[4]))
 res = {k: median(v) for k, v in res.items()}
+cpureq = {k: median(v) for k, v in cpureq.items()}
 servers = [s for s in servers if any(k[0] == s for k in res)]
 hdr = f"{'workload':<14}" + "".join(f" | {s + ' IOPS':>17} {'MiB/s':>8}" for s in servers)
-ratios = [("stratad-tls", "qemu-nbd-tls"), ("stratad-tls", "nbdkit-tls")]
-ratios += [(s + "-tls", s) for s in ("stratad", "qemu-nbd", "nbdkit")]
+ratios = [("stratad-tls", "qemu-nbd-tls"), ("stratad-tls", "nbdkit-tls"),
+          ("stratad-ref-tls", "qemu-nbd-tls"), ("stratad-tls", "stratad-ref-tls"),
+          ("stratad-gnutls-tls", "qemu-nbd-tls"), ("stratad-tls", "stratad-gnutls-tls")]
+ratios += [(s + "-tls", s) for s in ("stratad", "stratad-ref", "qemu-nbd", "nbdkit")]
 ratios = [r for r in ratios if r[0] in servers and r[1] in servers]
 hdr += "".join(f" | {a.replace('-tls', '+tls') + '/' + b:>24}" for a, b in ratios)
 print(hdr)
@@ -155,6 +176,15 @@ for name in order:
     for a, b in ratios:
         x, y = res.get((a, name)), res.get((b, name))
         row += f" | {'-':>24}" if not x or not y or y[0] == 0 else f" | {x[0] / y[0]:>24.2f}"
+    print(row)
+print()
+print("server CPU per request, microseconds (median; user+system, all threads):")
+print(f"{'workload':<14}" + "".join(f" | {s:>15}" for s in servers))
+for name in order:
+    row = f"{name:<14}"
+    for s in servers:
+        c = cpureq.get((s, name))
+        row += f" | {c:>15.2f}" if c is not None else f" | {'-':>15}"
     print(row)
 # CPU time is steadier than rates on a loaded machine: what each server
 # burnt over its four jobs
