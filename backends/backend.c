@@ -245,6 +245,8 @@ int backend_pwritev_co(struct backend *b, struct coro *co,
     int r = backend_fault_hit(BACKEND_FAULT_WRITE, &short_io);
     if (r < 0)
         return r;
+    if (r == BACKEND_FAULT_HOLD)
+        backend_fault_hold_co(b->loop, co);
     r = b->ops->pwritev_co(b, co, iov, iovcnt, off, flags);
     assert(r <= 0);
     b->writes_done++; /* even failed: part of it may have changed */
@@ -280,6 +282,8 @@ int backend_flush_co(struct backend *b, struct coro *co)
     int r = backend_fault_hit(BACKEND_FAULT_FLUSH, &short_io);
     if (r < 0)
         return r;
+    if (r == BACKEND_FAULT_HOLD)
+        backend_fault_hold_co(b->loop, co);
     r = b->ops->flush_co(b, co);
     if (r == 0 && covers > b->writes_flushed)
         b->writes_flushed = covers;

@@ -4,6 +4,7 @@
 
 #include "fault.h"
 #include "log.h"
+#include "loop.h"
 
 #if STRATA_FAULT_INJECTION
 
@@ -13,12 +14,17 @@ static struct {
     bool armed;
     bool fired;
     bool short_pending;        /* the next rw completion is cut short */
+    uint64_t generation;       /* plans armed so far: a held operation
+                                  waits for the next */
 } fault;
 
 int backend_fault_arm(const struct backend_fault_plan *p)
 {
     if (p->nth > 0 && (!(p->ops & BACKEND_FAULT_ALL) ||
-                       (p->error > 0 && p->error != BACKEND_FAULT_KILL) ||
+                       (p->error > 0 && p->error != BACKEND_FAULT_KILL &&
+                        p->error != BACKEND_FAULT_HOLD) ||
+                       (p->error == BACKEND_FAULT_HOLD &&
+                        (p->ops & ~(BACKEND_FAULT_WRITE | BACKEND_FAULT_FLUSH))) ||
                        (p->error == 0 &&
                         (p->ops & ~(BACKEND_FAULT_READ | BACKEND_FAULT_WRITE)))))
         return -EINVAL;
@@ -27,6 +33,7 @@ int backend_fault_arm(const struct backend_fault_plan *p)
     fault.armed = p->nth > 0;
     fault.fired = false;
     fault.short_pending = false;
+    fault.generation++; /* releases a held operation */
     return 0;
 }
 
@@ -52,6 +59,11 @@ int backend_fault_hit(unsigned op, bool *short_io)
                  (unsigned long long)fault.seen);
         raise(SIGKILL);
     }
+    if (fault.plan.error == BACKEND_FAULT_HOLD) {
+        log_info("fault injection: backend operation %llu held",
+                 (unsigned long long)fault.seen);
+        return BACKEND_FAULT_HOLD;
+    }
     if (fault.plan.error == 0) {
         log_info("fault injection: backend operation %llu: short transfer",
                  (unsigned long long)fault.seen);
@@ -62,6 +74,16 @@ int backend_fault_hit(unsigned op, bool *short_io)
     log_info("fault injection: backend operation %llu fails with errno %d",
              (unsigned long long)fault.seen, -fault.plan.error);
     return fault.plan.error;
+}
+
+void backend_fault_hold_co(struct loop *l, struct coro *co)
+{
+    uint64_t gen = fault.generation;
+    struct loop_sleep s;
+    loop_sleep_init(&s);
+    while (fault.generation == gen)
+        loop_sleep_co(l, &s, co, 1000000);
+    log_info("fault injection: held operation released");
 }
 
 int backend_fault_shorten(int res)

@@ -9,8 +9,11 @@
  * after arming, across every backend of the process) and how: with an
  * error (-EIO, -ENOSPC, ...), as a short transfer (the backend sees
  * only part of the bytes moved and must resubmit the rest; the operation
- * then succeeds), or as a crash (SIGKILL to the process, before the
- * operation).  A plan fires once.  The contract wrappers of backend.c
+ * then succeeds), as a crash (SIGKILL to the process, before the
+ * operation), or as a hold (writes and flushes only: the operation waits,
+ * its coroutine polling every millisecond, until the plan is replaced by
+ * the next backend_fault_arm(), then runs: a slow sync at an exact step,
+ * as long as a test needs).  A plan fires once.  The contract wrappers of backend.c
  * (the only way into a backend) run the hook; a short transfer is
  * simulated inside the backend (file.c).
  *
@@ -36,13 +39,18 @@
 /* plan.error: instead of failing, the process kills itself (SIGKILL)
  * before the operation runs: a crash at an exact step. */
 #define BACKEND_FAULT_KILL 1
+/* plan.error: the operation waits until the plan is replaced (the hook
+ * returns BACKEND_FAULT_HOLD; the wrapper calls backend_fault_hold_co). */
+#define BACKEND_FAULT_HOLD 2
 
 struct backend_fault_plan {
     unsigned ops;              /* BACKEND_FAULT_* counted */
     uint64_t nth;              /* >= 1; 0 disarms */
     int error;                 /* -errno to fail with; 0: short transfer
                                   (reads and writes only);
-                                  BACKEND_FAULT_KILL: crash */
+                                  BACKEND_FAULT_KILL: crash;
+                                  BACKEND_FAULT_HOLD: wait (writes and
+                                  flushes only) */
 };
 
 struct backend_fault_stats {
@@ -56,10 +64,16 @@ struct backend_fault_stats {
 int backend_fault_arm(const struct backend_fault_plan *p);
 void backend_fault_get_stats(struct backend_fault_stats *st);
 
+struct coro;
+struct loop;
+
 #if STRATA_FAULT_INJECTION
-/* The wrappers' hook: 0, or the -errno this operation fails with.  Sets
- * *short_io when it is to be a short transfer instead. */
+/* The wrappers' hook: 0, or the -errno this operation fails with, or
+ * BACKEND_FAULT_HOLD when it is to wait (backend_fault_hold_co) first.
+ * Sets *short_io when it is to be a short transfer instead. */
 int backend_fault_hit(unsigned op, bool *short_io);
+/* A held operation's wait: returns once the plan was replaced. */
+void backend_fault_hold_co(struct loop *l, struct coro *co);
 /* The backend's side of a short transfer: how many of res bytes (> 0) to
  * report, once per armed short fault. */
 int backend_fault_shorten(int res);
@@ -73,6 +87,11 @@ static inline int backend_fault_hit(unsigned op, bool *short_io)
 static inline int backend_fault_shorten(int res)
 {
     return res;
+}
+static inline void backend_fault_hold_co(struct loop *l, struct coro *co)
+{
+    (void)l;
+    (void)co;
 }
 #endif
 

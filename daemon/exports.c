@@ -452,6 +452,7 @@ static void export_free(struct server *srv, struct export *e)
     }
     if (e->bdev && e->bdev->export == e)
         e->bdev->export = NULL;
+    export_gate_clear(e);
     char *id = e->cfg.id;
     e->cfg.id = NULL;
     export_config_clear(&e->cfg);
@@ -554,6 +555,7 @@ int server_add_export(struct server *srv, struct export_config *cfg,
 void server_tables_free(struct server *srv)
 {
     for (size_t i = 0; i < srv->n_exports; i++) {
+        export_gate_clear(srv->exports[i]);
         export_config_clear(&srv->exports[i]->cfg);
         free(srv->exports[i]);
     }

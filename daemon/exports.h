@@ -146,6 +146,21 @@ struct export {
 
     struct export_write_notifier *write_notifiers;
 
+    /* The sync gate (export_gate_*): after a switch to a top that the
+     * state file does not name yet, the replies to FLUSH and FUA
+     * requests wait until it does. */
+    bool gate_closed;
+    bool gate_failed;          /* the last attempt to make the new top
+                                  durable and named failed: each waiting
+                                  FLUSH or FUA request tries again */
+    bool gate_settling;        /* an attempt is running */
+    bool gate_busy;            /* the chain's chain_busy is the gate's to
+                                  clear when it opens */
+    char *gate_filename;       /* the new top's file and driver, for
+                                  bdev's filename and driver once the top */
+    char *gate_driver;         /* is durable (NULL once they are) */
+    struct co_queue gate_q;    /* requests waiting for the gate */
+
     /* The bitmaps it offers, cfg.n_bitmaps of them, in cfg.bitmaps'
      * order (context ids META_DIRTY_BITMAP + i): each held busy (it
      * cannot change or go) until the export is freed. */
@@ -286,6 +301,33 @@ void export_leave(struct export *e, uint64_t start_ns, bool synced);
  * when they leave. */
 void export_watch_begin(struct export *e);
 uint64_t export_watch_end(struct export *e);
+
+/* ---- the sync gate: a switch that the state file follows later ----
+ *
+ * The active commit's pivot switches the export to base inside a short
+ * quiesce and makes base durable afterwards, while the guest writes into
+ * it.  Until base is durable and the state file names it, a restart
+ * would open the old top, which lacks every write made since the switch:
+ * no FLUSH or FUA reply may say they are durable.  So:
+ *
+ * export_gate_close(): at the switch (quiesced: asserted).  filename and
+ * driver (taken over) are what bdev's filename and driver become once
+ * the new top is durable: until then the state file, whoever saves it,
+ * still names the old top.
+ * export_gate_settle_co(): flushes the chain top, then renames bdev,
+ * then saves the state file (server_sync_co); on success the gate opens
+ * and every waiting reply goes; on failure it stays closed, failed.
+ * export_gate_wait_co(): what a FLUSH or FUA request calls after it ran,
+ * before its reply (nbd-transmit.c): 0 at once while the gate is open;
+ * else waits until it opens; finding it failed, it tries once itself
+ * (export_gate_settle_co) and returns that result.  Ordinary reads and
+ * writes never wait for the gate.
+ * export_gate_clear(): frees what a gate that never opened holds (the
+ * export goes away). */
+void export_gate_close(struct export *e, char *filename, char *driver);
+int export_gate_settle_co(struct export *e, struct coro *co);
+int export_gate_wait_co(struct export *e, struct coro *co);
+void export_gate_clear(struct export *e);
 
 void export_add_write_notifier(struct export *e,
                                struct export_write_notifier *n);

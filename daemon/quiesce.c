@@ -1,6 +1,8 @@
 /* strata — quiescing an export and the write notifiers jobs hook into
  * its requests (see exports.h). */
 #include <assert.h>
+#include <stdlib.h>
+#include <string.h>
 
 #include "exports.h"
 #include "log.h"
@@ -86,6 +88,76 @@ void export_set_root(struct export *e, struct fmt_node *root)
 {
     assert(e->quiesce_count > 0 && e->inflight == 0);
     e->bdev->root = root;
+}
+
+/* ---- the sync gate ---- */
+
+void export_gate_close(struct export *e, char *filename, char *driver)
+{
+    assert(e->quiesce_count > 0 && !e->gate_closed);
+    e->gate_closed = true;
+    e->gate_failed = false;
+    e->gate_filename = filename;
+    e->gate_driver = driver;
+}
+
+int export_gate_settle_co(struct export *e, struct coro *co)
+{
+    while (e->gate_settling)
+        co_queue_wait_co(&e->gate_q, co);
+    if (!e->gate_closed)
+        return 0;
+    e->gate_settling = true;
+    struct blockdev *b = e->bdev;
+    /* The top holds the copies of every write acknowledged before the
+     * switch and whatever was written since: durable first ... */
+    int r = fmt_flush_co(export_root(e), co);
+    if (r == 0 && e->gate_filename) {
+        /* ... then named: a state file saved from now on, by anyone,
+         * names the new top, which lacks no acknowledged FLUSH or FUA */
+        free(b->filename);
+        free(b->driver);
+        b->filename = e->gate_filename;
+        b->driver = e->gate_driver;
+        e->gate_filename = e->gate_driver = NULL;
+    }
+    if (r == 0)
+        r = server_sync_co(e->srv, co);
+    e->gate_settling = false;
+    if (r == 0) {
+        e->gate_closed = false;
+        e->gate_failed = false;
+        if (e->gate_busy) {
+            e->gate_busy = false;
+            b->chain_busy = false;
+        }
+    } else {
+        e->gate_failed = true;
+        log_error("export '%s': the new top of node '%s' is not durable yet "
+                  "(%s): FLUSH and FUA requests try again and fail until it "
+                  "is", e->cfg.name, b->node_name, strerror(-r));
+    }
+    co_queue_wake_all(&e->gate_q);
+    return r;
+}
+
+int export_gate_wait_co(struct export *e, struct coro *co)
+{
+    while (e->gate_closed) {
+        if (e->gate_settling || !e->gate_failed) {
+            co_queue_wait_co(&e->gate_q, co);
+            continue;
+        }
+        return export_gate_settle_co(e, co);
+    }
+    return 0;
+}
+
+void export_gate_clear(struct export *e)
+{
+    free(e->gate_filename);
+    free(e->gate_driver);
+    e->gate_filename = e->gate_driver = NULL;
 }
 
 void export_add_write_notifier(struct export *e, struct export_write_notifier *n)

@@ -25,6 +25,7 @@ static const struct {
 } fault_errors[] = {
     {"EIO", -EIO}, {"ENOSPC", -ENOSPC}, {"EDQUOT", -EDQUOT},
     {"EROFS", -EROFS}, {"short", 0}, {"kill", BACKEND_FAULT_KILL},
+    {"hold", BACKEND_FAULT_HOLD},
 };
 
 struct json_object *cmd_x_debug_fault_inject(struct ctl_cmd_ctx *cx,
@@ -69,7 +70,7 @@ struct json_object *cmd_x_debug_fault_inject(struct ctl_cmd_ctx *cx,
             k++;
         if (k == sizeof(fault_errors) / sizeof(fault_errors[0])) {
             error_setf(errp, EINVAL, "Parameter 'error' expects EIO, ENOSPC, "
-                       "EDQUOT, EROFS, short or kill, not '%s'", s);
+                       "EDQUOT, EROFS, short, kill or hold, not '%s'", s);
             return NULL;
         }
         p.error = fault_errors[k].error;
@@ -81,8 +82,10 @@ struct json_object *cmd_x_debug_fault_inject(struct ctl_cmd_ctx *cx,
         return NULL;
     }
     if (r < 0) {
-        error_setf(errp, EINVAL, "a short transfer only applies to read and "
-                   "write operations");
+        error_setf(errp, EINVAL, p.error == BACKEND_FAULT_HOLD
+                   ? "a hold only applies to write and flush operations"
+                   : "a short transfer only applies to read and write "
+                   "operations");
         return NULL;
     }
     return json_object_new_object();

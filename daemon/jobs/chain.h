@@ -7,9 +7,12 @@
  *      data copied into a base is flushed),
  *   2. backing links durable (qcow2_set_backing_co syncs before and after),
  *   3. the state file names the new top (server_sync_co) — and, when guest
- *      writes go to a different file from now on, this happens before the
- *      export resumes, so no write is acknowledged on a file the state file
- *      does not reach,
+ *      writes go to a different file from now on, no write on it is
+ *      acknowledged as durable (FLUSH, FUA) before the state file reaches
+ *      it: a snapshot names its overlay before the switch; the active
+ *      commit's pivot switches first and holds FLUSH and FUA replies at
+ *      the export's sync gate until base is flushed and named (see
+ *      commit_pivot_co),
  *   4. only then are old layers closed (never deleted: the user owns them).
  * A kill -9 at any instant leaves a state file naming a valid chain whose
  * content is what was acknowledged.

@@ -11,8 +11,10 @@
  * dirtied before that request completes ("synchronous" mode), so the
  * number of dirty chunks can only shrink, whatever the guest does: the job
  * converges, reports READY and stays there until block-job-complete; then,
- * with the export quiesced, the last dirty chunks are copied, base is
- * flushed and becomes the export's top.
+ * with the export quiesced, the last dirty chunks are copied and base
+ * becomes the export's top; base is flushed and named in the state file
+ * after the quiesce, while FLUSH and FUA replies wait for that (see
+ * commit_pivot_co).
  *
  * What is copied: the bitmap has one bit per COMMIT_GRAN bytes of the
  * disk; a set bit means "base may differ from the guest-visible content
@@ -536,8 +538,43 @@ static int commit_relink_co(struct commit *c, struct coro *co,
     return r;
 }
 
-/* Active: with the export quiesced, the last dirty chunks, base durable,
- * base the top, the state file naming it; then the guest goes on. */
+/* Active: the pivot.  The guest must not notice it: no request waits for
+ * a sync of base.  The order:
+ *
+ *   1. base flushed while the guest goes on (the bulk of the copies; the
+ *      flush holds no lock across its sync, and the guest writes into
+ *      top, another file);
+ *   2. quiesce: the last dirty chunks copied (write-blocking mirroring
+ *      leaves next to none), the notifier removed, base the export's top,
+ *      and the export's sync gate closed (export_gate_close); resume.
+ *      Nothing here syncs a file: the quiesce is as long as the final
+ *      copy;
+ *   3. while the guest writes into base: base flushed (all it got since
+ *      step 1: the mirroring's copies and the guest's new writes), then
+ *      the node's file becomes base's, then the state file is saved
+ *      naming it (export_gate_settle_co), then the gate opens.
+ *
+ * The crash rule: a write acknowledged with FUA or before a completed
+ * FLUSH survives a kill -9 at any point, and the state file never names
+ * a top that lacks such a write.  Until step 3 saved it, the state file
+ * names top, which holds every write acknowledged before the switch (in
+ * a flushed state where a FLUSH or FUA covered it); writes since the
+ * switch went to base only, and none of them was acknowledged as
+ * durable: the replies to FLUSH and FUA requests that ran on base wait
+ * at the gate (export_gate_wait_co, after the request ran) until the
+ * state file names base.  A kill before that restarts on top, with
+ * every durable write; after it, on base, which was flushed before it
+ * was named and so holds every write acknowledged before the switch
+ * (copied into it before the switch) and every flushed one since.  Plain
+ * writes and reads never wait for the gate.  The node's filename stays
+ * top's until base is durable, so a state file saved meanwhile for
+ * another reason (another export's change) still names top.
+ *
+ * A failure after the switch cannot be undone (the guest's new writes
+ * are in base only): base stays the top, the job fails, and the gate
+ * stays closed and failed: each FLUSH or FUA request tries step 3 again
+ * and fails while it fails; the node stays busy (no other chain change)
+ * until a try succeeds. */
 static int commit_pivot_co(struct commit *c, struct coro *co,
                            struct error **errp)
 {
@@ -549,8 +586,7 @@ static int commit_pivot_co(struct commit *c, struct coro *co,
         return error_setf(errp, ENOMEM, "out of memory");
     }
     export_watch_begin(c->e);
-    /* Base's bulk goes to disk while the guest goes on (the flush holds
-     * no lock across its sync); the quiesce then syncs only the rest. */
+    uint64_t t0 = loop_now_ns();
     int r = fmt_flush_co(c->base, co);
     if (r < 0) {
         export_watch_end(c->e);
@@ -559,53 +595,51 @@ static int commit_pivot_co(struct commit *c, struct coro *co,
         return error_setf(errp, -r, "%s: flush: %s", c->base->filename,
                           strerror(-r));
     }
+    uint64_t t1 = loop_now_ns();
     export_quiesce_co(c->e, co);
+    uint64_t tq = loop_now_ns();
     bool is_read = false;
     for (uint64_t i = next_dirty(c, 0); r == 0 && i < c->nbits;
          i = next_dirty(c, i)) {
         r = commit_copy_co(c, co, i * COMMIT_GRAN, run_end(c, i), &is_read);
     }
-    if (r < 0)
+    uint64_t tc = loop_now_ns();
+    if (r < 0) {
         error_setf(errp, -r, "final copy: %s", strerror(-r));
-    if (r == 0) {
-        r = fmt_flush_co(c->base, co);
-        if (r < 0)
-            error_setf(errp, -r, "%s: flush: %s", c->base->filename, strerror(-r));
+        export_resume(c->e);
+        export_watch_end(c->e);
+        free(path);
+        free(driver);
+        return r;
     }
-    char *old_path = c->b->filename, *old_driver = c->b->driver;
-    if (r == 0) {
-        export_remove_write_notifier(c->e, &c->wn);
-        c->notifier_added = false;
-        export_set_root(c->e, c->base);
-        c->b->filename = path;
-        c->b->driver = driver;
-        r = server_sync_co(c->srv, co);
-        if (r < 0) {
-            error_setf(errp, -r, "the state file could not be saved: %s",
-                       strerror(-r));
-            export_set_root(c->e, c->top);
-            export_add_write_notifier(c->e, &c->wn);
-            c->notifier_added = true;
-            c->b->filename = old_path;
-            c->b->driver = old_driver;
-            server_changed(c->srv);
-        } else {
-            c->pivoted = true;
-            c->base_reopened = false; /* base stays writable: the top now */
-            path = old_path;
-            driver = old_driver;
-        }
-    }
+    export_remove_write_notifier(c->e, &c->wn);
+    c->notifier_added = false;
+    export_set_root(c->e, c->base);
+    export_gate_close(c->e, path, driver);
+    c->pivoted = true;
+    c->base_reopened = false; /* base stays writable: the top now */
     uint64_t stall = export_resume(c->e);
+
+    uint64_t ts = loop_now_ns();
+    r = export_gate_settle_co(c->e, co);
+    uint64_t te = loop_now_ns();
     uint64_t request_stall = export_watch_end(c->e);
-    free(path);
-    free(driver);
-    if (r == 0)
-        log_info("job '%s': %s is the top of '%s' now (export '%s' stalled "
-                 "%.3f ms, longest request %.3f ms)", c->job->id,
-                 c->b->filename, c->b->node_name, c->e->cfg.id, stall / 1e6,
-                 request_stall / 1e6);
-    return r;
+    log_debug("job '%s': pivot: base flushed in %.3f ms before the quiesce; "
+              "quiesce %.3f ms (drain %.3f ms, final copy %.3f ms); base "
+              "flushed and named in the state file in %.3f ms after it",
+              c->job->id, (t1 - t0) / 1e6, stall / 1e6, (tq - t1) / 1e6,
+              (tc - tq) / 1e6, (te - ts) / 1e6);
+    if (r < 0)
+        return error_setf(errp, -r, "%s is the top of '%s' now, but it could "
+                          "not be made durable and named in the state file: "
+                          "%s (FLUSH requests try again)", c->base->filename,
+                          c->b->node_name, strerror(-r));
+    log_info("job '%s': %s is the top of '%s' now (export '%s' stalled "
+             "%.3f ms, longest request %.3f ms; base flushed and named in "
+             "%.3f ms meanwhile)", c->job->id, c->b->filename,
+             c->b->node_name, c->e->cfg.id, stall / 1e6,
+             request_stall / 1e6, (te - ts) / 1e6);
+    return 0;
 }
 
 static int commit_prepare_co(struct job *job, struct coro *co,
@@ -650,7 +684,10 @@ static void commit_clean_co(struct job *job, struct coro *co)
         }
         fmt_close_co(c->top, c->srv->loop, co);
     }
-    c->b->chain_busy = false;
+    if (c->e->gate_closed)
+        c->e->gate_busy = true; /* cleared when the gate opens */
+    else
+        c->b->chain_busy = false;
     log_info("job '%s': %s after %.3f s", job->id,
              c->relinked || c->pivoted ? "chain changed" : "chain unchanged",
              (loop_now_ns() - c->t_start) / 1e9);

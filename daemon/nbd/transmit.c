@@ -426,8 +426,13 @@ static void request_co(struct coro *co, void *opaque)
      * request then runs on the chain top of that moment. */
     uint64_t entered = export_enter_co(c->exp, co);
     int ret = run_request_co(r, co);
-    export_leave(c->exp, entered, r->hdr.type == NBD_CMD_FLUSH ||
-                                      (r->hdr.flags & NBD_CMD_FLAG_FUA));
+    bool synced = r->hdr.type == NBD_CMD_FLUSH ||
+                  (r->hdr.flags & NBD_CMD_FLAG_FUA);
+    /* A reply that says "durable" waits while the state file does not
+     * name the chain it made durable yet (a pivot in progress). */
+    if (synced && ret == 0)
+        ret = export_gate_wait_co(c->exp, co);
+    export_leave(c->exp, entered, synced);
     enum stats_op sop = request_stats_op(&r->hdr);
     stats_request_done(st, sop, t0, ret, r->hdr.offset,
                        sop == STATS_OP_FLUSH || sop == STATS_OP_BLOCK_STATUS
