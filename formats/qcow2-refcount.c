@@ -8,7 +8,10 @@
  *
  * A missing refcount block for a range of clusters means they are all
  * free.  When one of them is needed, a new block is placed at the first
- * cluster of its own range, so that it describes itself.  When the
+ * cluster of its own range, so that it describes itself; when that
+ * cluster would lie inside a contiguous run being allocated, the run's
+ * missing blocks are placed right after it instead
+ * (create_blocks_after_run_co).  When the
  * refcount table is full it is replaced by a larger one, placed together
  * with the blocks that describe it right after the area the old table
  * covers (all free by definition); the new structures are written with
