@@ -8,7 +8,8 @@
  * allocation must place the blocks outside the run instead, not give up
  * (nor call the image corrupt).
  *
- * Each case: qemu-img create, writes, a grow to 2 GiB, writes at the end
+ * Each case: qemu-img create, writes, a grow to 2 GiB (with allocating
+ * writes in flight beside it), writes at the end
  * and at the start, a grow to 4 GiB, the same again; then qemu-img check
  * finds the image clean (no leak either) and qemu-img compare finds the
  * bytes a raw model holds.
@@ -16,6 +17,7 @@
 #include <fcntl.h>
 #include <setjmp.h>
 #include <stdarg.h>
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -26,6 +28,7 @@
 
 #include <cmocka.h>
 
+#include "coro.h"
 #include "format.h"
 #include "loop.h"
 #include "qcow2.h"
@@ -91,6 +94,41 @@ static int write_both(struct ctx *c, struct coro *co, struct fmt_node *n,
     return r;
 }
 
+/* A write in a coroutine of its own, alongside a growth. */
+struct req {
+    struct ctx *c;
+    struct fmt_node *n;
+    uint64_t off, len;
+    unsigned seed;
+    int ret;
+    bool done;
+};
+
+static void req_co(struct coro *co, void *arg)
+{
+    struct req *q = arg;
+    q->ret = write_both(q->c, co, q->n, q->off, q->len, q->seed);
+    q->done = true;
+}
+
+/* Lets the loop run until every request is done; false if one never is
+ * (the bound only keeps a failing test from hanging). */
+static bool wait_all(struct loop *l, struct coro *co, const struct req *q,
+                     unsigned nq)
+{
+    for (int i = 0; i < 4000; i++) {
+        unsigned done = 0;
+        for (unsigned j = 0; j < nq; j++)
+            done += q[j].done;
+        if (done == nq)
+            return true;
+        struct loop_sleep sl;
+        loop_sleep_init(&sl);
+        loop_sleep_co(l, &sl, co, 2000000);
+    }
+    return false;
+}
+
 static void grow_co(struct coro *co, void *arg)
 {
     struct ctx *c = arg;
@@ -115,7 +153,25 @@ static void grow_co(struct coro *co, void *arg)
     static const uint64_t sizes[] = {2 * GiB, 4 * GiB};
     for (unsigned k = 0; k < 2; k++) {
         uint64_t sz = sizes[k];
+        /* Allocating writes (new L2 tables and data clusters, some in
+         * new refcount ranges) in flight while the growth allocates. */
+        struct req q[8];
+        for (unsigned j = 0; j < 8; j++) {
+            q[j] = (struct req){.c = c, .n = n,
+                                .off = 32 * MiB + (uint64_t)j * 2 * MiB +
+                                       k * MiB,
+                                .len = 16 * KiB, .seed = 50 + j + 8 * k};
+            struct coro *w = coro_create(loop_coro_pool(c->loop), req_co,
+                                         &q[j]);
+            assert_non_null(w);
+            coro_wake(w);
+        }
         r = fmt_grow_co(n, co, sz, &e);
+        bool all = wait_all(c->loop, co, q, 8);
+        CHECK(c, all, "a write beside the growth did not complete");
+        for (unsigned j = 0; j < 8; j++)
+            CHECK(c, q[j].ret == 0, "a write beside the growth failed (%d)",
+                  q[j].ret);
         CHECK(c, r == 0, "growing to %llu failed (%d: %s)",
               (unsigned long long)sz, r, e ? e->msg : "?");
         CHECK(c, !s->broken && n->size == sz, "after the growth to %llu: "
