@@ -9,10 +9,10 @@
  * (nor call the image corrupt).
  *
  * Each case: qemu-img create, writes, a grow to 2 GiB (with allocating
- * writes in flight beside it), writes at the end
- * and at the start, a grow to 4 GiB, the same again; then qemu-img check
- * finds the image clean (no leak either) and qemu-img compare finds the
- * bytes a raw model holds.
+ * writes in flight beside it), writes at the end, the start and the
+ * middle, a grow to 4 GiB, the same again; then qemu-img check finds the
+ * image clean (no leak either) and qemu-img compare finds the bytes a raw
+ * model holds.
  */
 #include <fcntl.h>
 #include <setjmp.h>
