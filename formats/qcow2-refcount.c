@@ -8,7 +8,10 @@
  *
  * A missing refcount block for a range of clusters means they are all
  * free.  When one of them is needed, a new block is placed at the first
- * cluster of its own range, so that it describes itself.  When the
+ * cluster of its own range, so that it describes itself; when that
+ * cluster would lie inside a contiguous run being allocated, the run's
+ * missing blocks are placed right after it instead
+ * (create_blocks_after_run_co).  When the
  * refcount table is full it is replaced by a larger one, placed together
  * with the blocks that describe it right after the area the old table
  * covers (all free by definition); the new structures are written with
@@ -139,9 +142,13 @@ static int grow_reftable_co(struct qcow2 *s, struct coro *co,
         tclusters = want / epc;
         if (nb > blocks)
             blocks = nb;
-        if (round > 64)
-            return qcow2_corrupt(s, "refcount table growth does not "
-                                 "converge");
+        if (round > 64) {
+            /* Not corruption: a layout this code cannot plan. */
+            log_error("%s: the refcount table growth to %llu entries "
+                      "does not converge", s->node.filename,
+                      (unsigned long long)min_entries);
+            return -EFBIG;
+        }
     }
     if (entries * 8 > QCOW2_MAX_REFTABLE_BYTES) {
         log_error("%s: the refcount table would exceed %llu bytes",
@@ -467,6 +474,172 @@ static int find_free_co(struct qcow2 *s, struct coro *co, uint64_t want,
     }
 }
 
+/* Whether the run [start, start + n) holds the first cluster of a range
+ * whose refcount block does not exist: create_block_co would place the
+ * block there, inside the run, and the run would never be found whole
+ * (a run of a whole range or more always holds one). */
+static bool run_holds_block_home(const struct qcow2 *s, uint64_t start,
+                                 uint64_t n)
+{
+    const unsigned rbb = s->h.refcount_block_bits;
+    for (uint64_t b = (start + per_block(s) - 1) >> rbb;
+         b <= (start + n - 1) >> rbb; b++)
+        if (b >= s->reftable_entries || reftable_get(s, b) == 0)
+            return true;
+    return false;
+}
+
+/* The number of missing refcount blocks for clusters [start, end), where
+ * every index is below reftable_entries. */
+static uint64_t missing_blocks(const struct qcow2 *s, uint64_t start,
+                               uint64_t end)
+{
+    uint64_t m = 0;
+    for (uint64_t b = start >> s->h.refcount_block_bits;
+         b <= (end - 1) >> s->h.refcount_block_bits; b++)
+        m += reftable_get(s, b) == 0;
+    return m;
+}
+
+/* For an exact run of n clusters that a self-describing block would
+ * split: finds a free area of n + m clusters, m the number of refcount
+ * blocks missing for it, and creates those blocks in its last m clusters,
+ * after the run, each counting the new blocks in its own range (growing
+ * the refcount table first if the area lies past it).  As create_block_co:
+ * the blocks, then their table entries, written with FUA without the lock,
+ * the area marked busy meanwhile and rb_creating set.  Returns 1 (the lock
+ * was dropped: search again) or -errno. */
+static int create_blocks_after_run_co(struct qcow2 *s, struct coro *co,
+                                      uint64_t n)
+{
+    const uint64_t cs = qcow2_cs(s);
+    const unsigned rbb = s->h.refcount_block_bits;
+    s->alloc_unlocked++; /* whatever follows drops the lock */
+    if (must_wait_for_block(s)) {
+        do
+            wait_rb_co(s, co);
+        while (must_wait_for_block(s));
+        return 1;
+    }
+    uint64_t m = 0, start = 0, got, mm = 0;
+    for (int round = 0;; round++) {
+        int r = find_free_co(s, co, n + m, true, &start, &got);
+        if (r < 0)
+            return r;
+        uint64_t last = (start + n + m - 1) >> rbb;
+        if (last >= s->reftable_entries) {
+            r = grow_reftable_co(s, co, last + 1);
+            return r < 0 ? r : 1;
+        }
+        mm = missing_blocks(s, start, start + n + m);
+        if (mm <= m)
+            break;
+        m = mm;
+        if (round > 64) {
+            log_error("%s: no layout found for %llu contiguous clusters "
+                      "and their refcount blocks", s->node.filename,
+                      (unsigned long long)n);
+            return -ENOSPC;
+        }
+    }
+    /* Blocks for every range [start, start + n + m) touches that has none
+     * (mm of them), at [start + n, start + n + mm): each in a range that
+     * has a block or gets one. */
+    const uint64_t i0 = start >> rbb, i1 = (start + n + m - 1) >> rbb;
+    const uint64_t p0 = start + n;
+    uint64_t a = s->io_align;
+    uint64_t tbytes = (uint64_t)s->h.refcount_table_clusters * cs;
+    uint64_t tstart = (i0 * 8) & ~(a - 1);
+    uint64_t tend = (i1 * 8 + 8 + a - 1) & ~(a - 1);
+    if (tend > tbytes)
+        tend = tbytes;
+    uint8_t *bl = qcow2_buf_alloc(s, mm * cs);
+    uint8_t *tcopy = qcow2_buf_alloc(s, tend - tstart);
+    uint64_t *idx = calloc(mm, sizeof(*idx));
+    if (!bl || !tcopy || !idx) {
+        free(bl);
+        free(tcopy);
+        free(idx);
+        return -ENOMEM;
+    }
+    memset(bl, 0, mm * cs);
+    memcpy(tcopy, s->reftable + tstart, tend - tstart);
+    uint64_t j = 0;
+    for (uint64_t b = i0; b <= i1; b++) {
+        if (reftable_get(s, b) != 0)
+            continue;
+        idx[j] = b;
+        be_put64(tcopy + b * 8 - tstart, (p0 + j) * cs);
+        j++;
+    }
+    assert(j == mm);
+    /* A new block in a range that already has a block: that block must
+     * count it durably before the table names it. */
+    bool old_counts = false;
+    for (uint64_t x = p0; x < p0 + mm; x++) {
+        uint64_t b = x >> rbb;
+        uint64_t k = 0;
+        while (k < mm && idx[k] != b)
+            k++;
+        if (k < mm)
+            qcow2_refcount_set(bl + k * cs, s->h.refcount_order,
+                               x & (per_block(s) - 1), 1);
+        else
+            old_counts = true;
+    }
+    int r = 0;
+    if (old_counts) {
+        /* Only ranges whose block exists: nothing is created here. */
+        for (uint64_t x = p0; x < p0 + mm && r == 0; x++)
+            if (reftable_get(s, x >> rbb) != 0)
+                r = qcow2_refcount_update_co(s, co, x * cs, cs, +1);
+        if (r == 0)
+            r = qcow2_cache_flush_co(&s->rb_cache, co);
+        if (r < 0) {
+            free(bl);
+            free(tcopy);
+            free(idx);
+            return r;
+        }
+    }
+
+    struct qcow2_busy busy;
+    qcow2_busy_add(s, &busy, start * cs, (n + mm) * cs);
+    s->rb_creating = true;
+    co_mutex_unlock(&s->lock, co);
+    r = backend_pwrite_co(s->node.file, co, bl, mm * cs, p0 * cs,
+                          BACKEND_FUA);
+    if (r == 0)
+        r = backend_pwrite_co(s->node.file, co, tcopy, tend - tstart,
+                              s->h.refcount_table_offset + tstart,
+                              BACKEND_FUA);
+    if (r < 0)
+        log_error("%s: creating %llu refcount blocks from %llu: %s",
+                  s->node.filename, (unsigned long long)mm,
+                  (unsigned long long)i0, strerror(-r));
+    free(bl);
+    free(tcopy);
+    qcow2_lock_co(s, co);
+    qcow2_busy_del(s, &busy);
+    s->rb_creating = false;
+    co_queue_wake_all(&s->rb_create_waiters);
+    if (r == 0) {
+        for (j = 0; j < mm; j++) {
+            be_put64(s->reftable + idx[j] * 8, (p0 + j) * cs);
+            if (s->reftable_used < idx[j] + 1)
+                s->reftable_used = idx[j] + 1;
+        }
+        log_debug("%s: %llu refcount blocks at %#llx for a run of %llu "
+                  "clusters at %#llx", s->node.filename,
+                  (unsigned long long)mm, (unsigned long long)(p0 * cs),
+                  (unsigned long long)n, (unsigned long long)(start * cs));
+    }
+    /* On failure, existing blocks may count new-block clusters nothing
+     * uses: a leak, not corruption. */
+    free(idx);
+    return r < 0 ? r : 1;
+}
+
 static int alloc_co(struct qcow2 *s, struct coro *co, uint64_t want,
                     bool exact, uint64_t *host, uint64_t *got)
 {
@@ -485,6 +658,14 @@ static int alloc_co(struct qcow2 *s, struct coro *co, uint64_t want,
         int r = find_free_co(s, co, want, exact, &start, &n);
         if (r < 0)
             return r;
+        /* An exact run a self-describing block would split: its blocks
+         * go after it instead. */
+        if (exact && n > 1 && run_holds_block_home(s, start, n)) {
+            r = create_blocks_after_run_co(s, co, n);
+            if (r < 0)
+                return r;
+            continue;
+        }
         /* The blocks that will count the run must exist; creating one
          * takes a cluster, so search again if anything changed. */
         bool changed = false;
@@ -513,7 +694,11 @@ static int alloc_co(struct qcow2 *s, struct coro *co, uint64_t want,
         *got = n;
         return 0;
     }
-    return qcow2_corrupt(s, "cluster allocation does not converge");
+    /* Not corruption: concurrent allocations kept taking the clusters
+     * found (or a layout this code cannot plan). */
+    log_error("%s: no run of %llu free clusters could be allocated",
+              s->node.filename, (unsigned long long)want);
+    return -ENOSPC;
 }
 
 int qcow2_alloc_clusters_co(struct qcow2 *s, struct coro *co, uint64_t want,
