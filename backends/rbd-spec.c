@@ -270,26 +270,28 @@ int rbd_spec_parse_settings(const char *settings, struct rbd_spec *s,
 struct sbuf {
     char *p;
     size_t len, cap;
+    bool failed;                   /* out of memory: p is NULL from now on */
 };
 
 static void sb_putc(struct sbuf *b, char c)
 {
-    if (!b->p && b->cap)
-        return; /* failed earlier */
+    if (b->failed)
+        return;
     if (b->len + 2 > b->cap) {
         size_t cap = b->cap ? b->cap * 2 : 64;
         char *p = realloc(b->p, cap);
         if (!p) {
             free(b->p);
             b->p = NULL;
-            b->cap = 1;
+            b->failed = true;
             return;
         }
         b->p = p;
         b->cap = cap;
     }
-    b->p[b->len++] = c;
-    b->p[b->len] = '\0';
+    b->p[b->len] = c;
+    b->p[b->len + 1] = '\0';
+    b->len++;
 }
 
 static void sb_puts(struct sbuf *b, const char *s)

@@ -20,7 +20,9 @@
 # For each run: p99 latency of the writes completed before the event
 # (after the first 0.5 s), the worst latency of those completed after it
 # (to the end of the run), and the worst of those completed within 1 s
-# of it (the event itself: a snapshot takes up to about 1 s here); the
+# of it (the event itself: a snapshot takes up to about 1 s here; for a
+# pivot, within 1 s of its block-job-complete, the copy before it being
+# the commit's cost, not the pivot's); the
 # table shows the median over the rounds.  The target for stratad:
 # worst-after within 10 ms of p99-before.
 #
@@ -105,9 +107,10 @@ start_server() {                # server sock ctl ev -> sets server_pid, uri
 # QEMU the node), an NBD FLUSH, or an active commit and its completion.
 # Prints how long it took.
 fire_event() {                  # server event ctl
-    "$PY" - "$1" "$2" "$3" "$uri" "$work/snap.qcow2" "$event_at" "$work/mid.qcow2" <<'PYEOF'
+    "$PY" - "$1" "$2" "$3" "$uri" "$work/snap.qcow2" "$event_at" "$work/mid.qcow2" \
+        "$work/pivot-at.txt" <<'PYEOF'
 import json, socket, sys, time
-server, event, ctl, uri, snap, at, mid = sys.argv[1:8]
+server, event, ctl, uri, snap, at, mid, pivot_at = sys.argv[1:9]
 time.sleep(float(at))
 t0 = time.monotonic()
 if event == "flush":
@@ -168,6 +171,8 @@ else:
         if "error" in e.get("data", {}):
             sys.exit(f"the commit failed: {e['data']['error']}")
         print(f"commit ready after {(tr - t0) * 1e3:.1f} ms")
+        with open(pivot_at, "w") as out:   # block-job-complete, in fio's time
+            out.write(f"{float(at) * 1e3 + (tr - t0) * 1e3:.0f}\n")
     t1 = time.monotonic()
 print(f"event {event} took {(t1 - t0) * 1e3:.1f} ms (monotonic {t0 * 1e3:.1f} ms)")
 PYEOF
@@ -184,7 +189,8 @@ for ((round = 0; round < rounds; round++)); do
             echo "note: qemu-storage-daemon is not installed; skipping qsd"
             continue
         fi
-        rm -f "$work/top.qcow2" "$work/snap.qcow2" "$work/mid.qcow2" "$work"/lat_*.log
+        rm -f "$work/top.qcow2" "$work/snap.qcow2" "$work/mid.qcow2" "$work"/lat_*.log \
+              "$work/pivot-at.txt"
         if [ "$ev" = pivot ]; then
             qemu-img create -q -f qcow2 -b "$base" -F raw "$work/mid.qcow2"
             qemu-img create -q -f qcow2 -b "$work/mid.qcow2" -F qcow2 "$work/top.qcow2"
@@ -230,11 +236,15 @@ for ((round = 0; round < rounds; round++)); do
         fi
         # fio's lat log: "time_ms, latency_ns, ddir, bs, offset[, prio]",
         # time = completion since the job started.
-        if ! "$PY" - "$s" "$ev" "$event_at" "$work"/lat_lat.*.log >> "$work/stall.txt" <<'PYEOF'
+        # the 1 s window starts at the event; for a pivot, at its
+        # block-job-complete (the commit's copy before it is not the pivot)
+        win_at=$(cat "$work/pivot-at.txt" 2>/dev/null || echo $((${event_at%.*} * 1000 + 500)))
+        if ! "$PY" - "$s" "$ev" "$event_at" "$win_at" "$work"/lat_lat.*.log >> "$work/stall.txt" <<'PYEOF'
 import sys
 server, ev, at = sys.argv[1], sys.argv[2], float(sys.argv[3]) * 1000
+win_at = float(sys.argv[4]) if ev == "pivot" else at
 before, after, window = [], [], [0.0]
-for path in sys.argv[4:]:
+for path in sys.argv[5:]:
     for line in open(path):
         f = line.split(",")
         t, lat = int(f[0]), int(f[1]) / 1e6
@@ -242,8 +252,8 @@ for path in sys.argv[4:]:
             before.append(lat)
         elif t >= at:
             after.append(lat)
-            if t < at + 1000:
-                window.append(lat)
+        if win_at <= t < win_at + 1000:
+            window.append(lat)
 if len(before) < 100 or not after:
     sys.exit(f"too few samples: {len(before)} before, {len(after)} after")
 before.sort()
