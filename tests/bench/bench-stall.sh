@@ -22,9 +22,11 @@
 # (to the end of the run), and the worst of those completed within 1 s
 # of it (the event itself: a snapshot takes up to about 1 s here; for a
 # pivot, within 1 s of its block-job-complete, the copy before it being
-# the commit's cost, not the pivot's); the
-# table shows the median over the rounds.  The target for stratad:
-# worst-after within 10 ms of p99-before.
+# the commit's cost, not the pivot's); and, as the run's own baseline,
+# the worst latency completed before the event (after the first 0.5 s):
+# the stalls the write load has with no event at all.  The table shows
+# the median over the rounds.  The target for stratad: worst-after
+# within 10 ms of p99-before.
 #
 # Environment: STRATAD, BENCH_DIR, BENCH_RUNTIME (default 6 s; 4 with
 # BENCH_QUICK), BENCH_ROUNDS (default 3; 1 with BENCH_QUICK),
@@ -64,7 +66,7 @@ if [ ! -f "$base" ] || [ "$(stat -c %s "$base")" != $((size_mib << 20)) ]; then
 fi
 
 bench_workdir
-: > "$work/stall.txt"               # server event p99_before worst_after samples worst_1s (ms)
+: > "$work/stall.txt"               # server event p99_before worst_after samples worst_1s worst_before (ms)
 
 start_server() {                # server sock ctl ev -> sets server_pid, uri
     local s=$1 sock=$2 ctl=$3 ev=$4 log=$work/$1.log t=$work/top.qcow2
@@ -108,16 +110,21 @@ start_server() {                # server sock ctl ev -> sets server_pid, uri
 # Prints how long it took.
 fire_event() {                  # server event ctl
     "$PY" - "$1" "$2" "$3" "$uri" "$work/snap.qcow2" "$event_at" "$work/mid.qcow2" \
-        "$work/pivot-at.txt" <<'PYEOF'
+        "$work/pivot-at.txt" "$work/event-at.txt" <<'PYEOF'
 import json, socket, sys, time
-server, event, ctl, uri, snap, at, mid, pivot_at = sys.argv[1:9]
-time.sleep(float(at))
-t0 = time.monotonic()
+server, event, ctl, uri, snap, at, mid, pivot_at, event_at = sys.argv[1:10]
+def mark(path):                    # wall clock in ms: fio's log_unix_epoch
+    with open(path, "w") as out:
+        out.write(f"{time.time() * 1e3:.0f}\n")
+# Everything but the event itself (imports, connections, negotiation) is
+# done before the wait, so that it does not land near the event.
 if event == "flush":
     import nbd
     h = nbd.NBD()
     h.connect_uri(uri)
+    time.sleep(float(at))
     t0 = time.monotonic()
+    mark(event_at)
     h.flush()
     t1 = time.monotonic()
     h.shutdown()
@@ -149,7 +156,9 @@ else:
     json.loads(f.readline())                     # greeting
     call("qmp_capabilities")
     stratad = server.startswith("stratad")
+    time.sleep(float(at))
     t0 = time.monotonic()
+    mark(event_at)
     if event == "snapshot":
         who = ({"device": "bench"} if stratad
                else {"node-name": "top", "snapshot-node-name": "snap"})
@@ -164,6 +173,7 @@ else:
             sys.exit(f"block-commit failed: {r['error']}")
         wait_event("BLOCK_JOB_READY")
         tr = time.monotonic()
+        mark(pivot_at)
         r = call("block-job-complete", {"device": "c"})
         if "error" in r:
             sys.exit(f"block-job-complete failed: {r['error']}")
@@ -171,8 +181,6 @@ else:
         if "error" in e.get("data", {}):
             sys.exit(f"the commit failed: {e['data']['error']}")
         print(f"commit ready after {(tr - t0) * 1e3:.1f} ms")
-        with open(pivot_at, "w") as out:   # block-job-complete, in fio's time
-            out.write(f"{float(at) * 1e3 + (tr - t0) * 1e3:.0f}\n")
     t1 = time.monotonic()
 print(f"event {event} took {(t1 - t0) * 1e3:.1f} ms (monotonic {t0 * 1e3:.1f} ms)")
 PYEOF
@@ -190,7 +198,7 @@ for ((round = 0; round < rounds; round++)); do
             continue
         fi
         rm -f "$work/top.qcow2" "$work/snap.qcow2" "$work/mid.qcow2" "$work"/lat_*.log \
-              "$work/pivot-at.txt"
+              "$work/pivot-at.txt" "$work/event-at.txt"
         if [ "$ev" = pivot ]; then
             qemu-img create -q -f qcow2 -b "$base" -F raw "$work/mid.qcow2"
             qemu-img create -q -f qcow2 -b "$work/mid.qcow2" -F qcow2 "$work/top.qcow2"
@@ -208,7 +216,7 @@ for ((round = 0; round < rounds; round++)); do
         [ "$ev" = pivot ] && rt=$((runtime + ${BENCH_PIVOT_EXTRA:-6}))
         fcmd=(fio --name=stall --ioengine=nbd --uri="$uri" --rw=randwrite --bs=4k
               --iodepth=32 --numjobs=1 --runtime="$rt" --time_based
-              --write_lat_log="$work/lat" --log_avg_msec=0
+              --write_lat_log="$work/lat" --log_avg_msec=0 --log_unix_epoch=1
               --output-format=json --output="$work/fio.json")
         echo "fio: ${fcmd[*]}  (event: $ev at ${event_at}s)"
         sync
@@ -235,30 +243,42 @@ for ((round = 0; round < rounds; round++)); do
             done
         fi
         # fio's lat log: "time_ms, latency_ns, ddir, bs, offset[, prio]",
-        # time = completion since the job started.
-        # the 1 s window starts at the event; for a pivot, at its
+        # time = the completion's wall clock in ms (log_unix_epoch), the
+        # clock fire_event marks the event with (event-at.txt: the
+        # command sent; pivot-at.txt: block-job-complete sent).  The
+        # event's time is measured, not assumed to be 2.5 s after fio's
+        # start: fio connects first, and the event fired some 100-200 ms
+        # before 2.5 s of fio's time, inside the "before" window.
+        # The 1 s window starts at the event; for a pivot, at its
         # block-job-complete (the commit's copy before it is not the pivot)
-        win_at=$(cat "$work/pivot-at.txt" 2>/dev/null || echo $((${event_at%.*} * 1000 + 500)))
-        if ! "$PY" - "$s" "$ev" "$event_at" "$win_at" "$work"/lat_lat.*.log >> "$work/stall.txt" <<'PYEOF'
+        if ! "$PY" - "$s" "$ev" "$(cat "$work/event-at.txt" 2>/dev/null)" \
+                "$(cat "$work/pivot-at.txt" 2>/dev/null)" "$work"/lat_lat.*.log >> "$work/stall.txt" <<'PYEOF'
 import sys
-server, ev, at = sys.argv[1], sys.argv[2], float(sys.argv[3]) * 1000
-win_at = float(sys.argv[4]) if ev == "pivot" else at
-before, after, window = [], [], [0.0]
+server, ev = sys.argv[1], sys.argv[2]
+if not sys.argv[3]:
+    sys.exit("the event's time was not recorded")
+at = float(sys.argv[3])
+win_at = float(sys.argv[4]) if ev == "pivot" and sys.argv[4] else at
+samples = []
 for path in sys.argv[5:]:
     for line in open(path):
         f = line.split(",")
-        t, lat = int(f[0]), int(f[1]) / 1e6
-        if 500 <= t < at:
-            before.append(lat)
-        elif t >= at:
-            after.append(lat)
-        if win_at <= t < win_at + 1000:
-            window.append(lat)
+        samples.append((int(f[0]), int(f[1]) / 1e6))
+# the job's start: the first completion less its latency
+start = min(t - lat for t, lat in samples)
+before, after, window = [], [], [0.0]
+for t, lat in samples:
+    if start + 500 <= t < at:
+        before.append(lat)
+    elif t >= at:
+        after.append(lat)
+    if win_at <= t < win_at + 1000:
+        window.append(lat)
 if len(before) < 100 or not after:
     sys.exit(f"too few samples: {len(before)} before, {len(after)} after")
 before.sort()
 print(server, ev, f"{before[int(len(before) * 0.99)]:.3f}", f"{max(after):.3f}",
-      len(before) + len(after), f"{max(window):.3f}")
+      len(before) + len(after), f"{max(window):.3f}", f"{before[-1]:.3f}")
 PYEOF
         then
             echo "bench: cannot use fio's latency log for $s $ev" >&2
@@ -282,15 +302,16 @@ echo "median of $rounds round(s); latencies in ms"
 import sys
 rows = {}
 for line in open(sys.argv[1]):
-    s, ev, p99, worst, n, win = line.split()
-    rows.setdefault((s, ev), []).append((float(p99), float(worst), float(win)))
-print(f"{'server':<11} {'event':<9} {'p99 before':>10} {'worst after':>11} {'worst - p99':>11}"
-      f" {'worst 1 s':>9} {'1 s - p99':>9}  rounds (p99/worst/worst 1 s)")
+    s, ev, p99, worst, n, win, wb = line.split()
+    rows.setdefault((s, ev), []).append((float(p99), float(worst), float(win), float(wb)))
+print(f"{'server':<11} {'event':<9} {'p99 before':>10} {'worst before':>12} {'worst after':>11} {'worst - p99':>11}"
+      f" {'worst 1 s':>9} {'1 s - p99':>9}  rounds (p99/worst before/worst/worst 1 s)")
 for (s, ev), v in rows.items():
     p = sorted(x[0] for x in v)[len(v) // 2]
     w = sorted(x[1] for x in v)[len(v) // 2]
     w1 = sorted(x[2] for x in v)[len(v) // 2]
-    each = " ".join(f"{a:.1f}/{b:.1f}/{c:.1f}" for a, b, c in v)
-    print(f"{s:<11} {ev:<9} {p:>10.1f} {w:>11.1f} {w - p:>11.1f} {w1:>9.1f} {w1 - p:>9.1f}  {each}")
+    wb = sorted(x[3] for x in v)[len(v) // 2]
+    each = " ".join(f"{a:.1f}/{d:.1f}/{b:.1f}/{c:.1f}" for a, b, c, d in v)
+    print(f"{s:<11} {ev:<9} {p:>10.1f} {wb:>12.1f} {w:>11.1f} {w - p:>11.1f} {w1:>9.1f} {w1 - p:>9.1f}  {each}")
 PYEOF
 exit "$failed"
