@@ -20,29 +20,8 @@
 
 #include "format.h"
 #include "loop.h"
+#include "scratch.h"
 
-static char dir[256];
-
-__attribute__((format(printf, 1, 2)))
-static int sh(const char *fmt, ...)
-{
-    char cmd[2048];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(cmd, sizeof(cmd), fmt, ap);
-    va_end(ap);
-    int r = system(cmd);
-    return WIFEXITED(r) ? WEXITSTATUS(r) : -1;
-}
-
-static char *path(const char *name)
-{
-    static char buf[4][512];
-    static int i;
-    i = (i + 1) % 4;
-    snprintf(buf[i], sizeof(buf[i]), "%s/%s", dir, name);
-    return buf[i];
-}
 
 struct ctx {
     struct loop *loop;
@@ -65,19 +44,19 @@ static void create_and_write_co(struct coro *co, void *arg)
     struct ctx *c = arg;
     struct error *e = NULL;
     struct fmt_open_opts ro = {.format = "raw", .read_only = true};
-    struct fmt_node *base = fmt_open_co(c->loop, co, path("base.raw"), &ro, &e);
+    struct fmt_node *base = fmt_open_co(c->loop, co, scratch_path("base.raw"), &ro, &e);
     if (!base) {
         set_fail(c, e, "open base");
         return;
     }
-    if (qcow2_create_co(c->loop, co, path("top.qcow2"), base->size, "base.raw",
+    if (qcow2_create_co(c->loop, co, scratch_path("top.qcow2"), base->size, "base.raw",
                         "raw", &e) < 0) {
         set_fail(c, e, "create");
         fmt_close(base);
         return;
     }
     /* Creating over an existing file must fail and leave it alone. */
-    if (qcow2_create_co(c->loop, co, path("top.qcow2"), base->size, "x", "raw",
+    if (qcow2_create_co(c->loop, co, scratch_path("top.qcow2"), base->size, "x", "raw",
                         &e) == 0) {
         snprintf(c->msg, sizeof(c->msg), "create over an existing file worked");
         c->ret = -1;
@@ -87,7 +66,7 @@ static void create_and_write_co(struct coro *co, void *arg)
     error_free(e);
     e = NULL;
     struct fmt_open_opts rw = {.format = "qcow2"};
-    struct fmt_node *top = fmt_open_overlay_co(c->loop, co, path("top.qcow2"),
+    struct fmt_node *top = fmt_open_overlay_co(c->loop, co, scratch_path("top.qcow2"),
                                                base, &rw, &e);
     if (!top) {
         set_fail(c, e, "open overlay");
@@ -114,7 +93,7 @@ static void rebase_co(struct coro *co, void *arg)
     struct ctx *c = arg;
     struct error *e = NULL;
     struct fmt_open_opts rw = {.format = "qcow2"};
-    struct fmt_node *top = fmt_open_co(c->loop, co, path("top.qcow2"), &rw, &e);
+    struct fmt_node *top = fmt_open_co(c->loop, co, scratch_path("top.qcow2"), &rw, &e);
     if (!top) {
         set_fail(c, e, "open chain");
         return;
@@ -132,7 +111,7 @@ static void reopen_grow_co(struct coro *co, void *arg)
     struct ctx *c = arg;
     struct error *e = NULL;
     struct fmt_open_opts rw = {.format = "qcow2"};
-    struct fmt_node *top = fmt_open_co(c->loop, co, path("top.qcow2"), &rw, &e);
+    struct fmt_node *top = fmt_open_co(c->loop, co, scratch_path("top.qcow2"), &rw, &e);
     if (!top) {
         set_fail(c, e, "open chain");
         return;
@@ -178,59 +157,49 @@ static void test_snapshot_steps(void **state)
     c.loop = loop_new(64, 128 << 10, &err);
     assert_non_null(c.loop);
 
-    assert_int_equal(sh("head -c 4M /dev/urandom > %s", path("base.raw")), 0);
+    assert_int_equal(scratch_sh("head -c 4M /dev/urandom > %s", scratch_path("base.raw")), 0);
     run(&c, create_and_write_co);
-    assert_int_equal(sh("qemu-img check -q %s", path("top.qcow2")), 0);
-    assert_int_equal(sh("qemu-img info %s | grep -q 'backing file: base.raw ('",
-                        path("top.qcow2")), 0);
-    assert_int_equal(sh("qemu-img info %s | grep -q 'backing file format: raw'",
-                        path("top.qcow2")), 0);
+    assert_int_equal(scratch_sh("qemu-img check -q %s", scratch_path("top.qcow2")), 0);
+    assert_int_equal(scratch_sh("qemu-img info %s | grep -q 'backing file: base.raw ('",
+                        scratch_path("top.qcow2")), 0);
+    assert_int_equal(scratch_sh("qemu-img info %s | grep -q 'backing file format: raw'",
+                        scratch_path("top.qcow2")), 0);
     /* expected content: base with the written range */
-    assert_int_equal(sh("cp %s %s && qemu-io -f raw -c 'write -P 0xab 100000 66536' "
-                        "%s >/dev/null", path("base.raw"), path("want.raw"),
-                        path("want.raw")), 0);
-    assert_int_equal(sh("qemu-img compare -q %s %s", path("top.qcow2"),
-                        path("want.raw")), 0);
+    assert_int_equal(scratch_sh("cp %s %s && qemu-io -f raw -c 'write -P 0xab 100000 66536' "
+                        "%s >/dev/null", scratch_path("base.raw"), scratch_path("want.raw"),
+                        scratch_path("want.raw")), 0);
+    assert_int_equal(scratch_sh("qemu-img compare -q %s %s", scratch_path("top.qcow2"),
+                        scratch_path("want.raw")), 0);
 
     /* a different backing file, same guest content */
-    assert_int_equal(sh("cp %s %s", path("base.raw"), path("base2.raw")), 0);
+    assert_int_equal(scratch_sh("cp %s %s", scratch_path("base.raw"), scratch_path("base2.raw")), 0);
     run(&c, rebase_co);
-    assert_int_equal(sh("qemu-img check -q %s", path("top.qcow2")), 0);
-    assert_int_equal(sh("qemu-img info %s | grep -q 'backing file: base2.raw ('",
-                        path("top.qcow2")), 0);
-    assert_int_equal(sh("qemu-img compare -q %s %s", path("top.qcow2"),
-                        path("want.raw")), 0);
+    assert_int_equal(scratch_sh("qemu-img check -q %s", scratch_path("top.qcow2")), 0);
+    assert_int_equal(scratch_sh("qemu-img info %s | grep -q 'backing file: base2.raw ('",
+                        scratch_path("top.qcow2")), 0);
+    assert_int_equal(scratch_sh("qemu-img compare -q %s %s", scratch_path("top.qcow2"),
+                        scratch_path("want.raw")), 0);
     /* the link really moved: changing base.raw changes nothing */
-    assert_int_equal(sh("dd if=/dev/zero of=%s bs=64k count=1 conv=notrunc "
-                        "status=none", path("base.raw")), 0);
-    assert_int_equal(sh("qemu-img compare -q %s %s", path("top.qcow2"),
-                        path("want.raw")), 0);
+    assert_int_equal(scratch_sh("dd if=/dev/zero of=%s bs=64k count=1 conv=notrunc "
+                        "status=none", scratch_path("base.raw")), 0);
+    assert_int_equal(scratch_sh("qemu-img compare -q %s %s", scratch_path("top.qcow2"),
+                        scratch_path("want.raw")), 0);
 
     run(&c, reopen_grow_co);
-    assert_int_equal(sh("qemu-img check -q %s", path("top.qcow2")), 0);
-    assert_int_equal(sh("qemu-img info %s | grep -q 'virtual size: 5 TiB'",
-                        path("top.qcow2")), 0);
+    assert_int_equal(scratch_sh("qemu-img check -q %s", scratch_path("top.qcow2")), 0);
+    assert_int_equal(scratch_sh("qemu-img info %s | grep -q 'virtual size: 5 TiB'",
+                        scratch_path("top.qcow2")), 0);
     /* qemu-io says "Pattern verification failed" on a mismatch */
-    assert_int_equal(sh("qemu-io -f qcow2 -c 'read -P 0xcd 4T 4k' -c "
+    assert_int_equal(scratch_sh("qemu-io -f qcow2 -c 'read -P 0xcd 4T 4k' -c "
                         "'read -P 0xcd 2M 4k' -c 'read -P 0 5M 64k' %s | "
-                        "grep -q -e Pattern -e error", path("top.qcow2")), 1);
+                        "grep -q -e Pattern -e error", scratch_path("top.qcow2")), 1);
     loop_free(c.loop);
 }
 
 int main(void)
 {
-    if (sh("command -v qemu-img >/dev/null && command -v qemu-io >/dev/null") != 0) {
-        printf("1..0 # SKIP qemu-img/qemu-io not installed\n");
-        return 77;
-    }
-    snprintf(dir, sizeof(dir), "/tmp/strata-unit-create-XXXXXX");
-    if (!mkdtemp(dir))
-        return 1;
-    const struct CMUnitTest tests[] = {
+    static const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_snapshot_steps),
     };
-    int r = cmocka_run_group_tests(tests, NULL, NULL);
-    if (!getenv("KEEP"))
-        sh("rm -rf %s", dir);
-    return r;
+    return SCRATCH_RUN("create", "command -v qemu-img >/dev/null && command -v qemu-io >/dev/null", "qemu-img/qemu-io", tests);
 }

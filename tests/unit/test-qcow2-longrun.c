@@ -32,33 +32,12 @@
 #include "format.h"
 #include "loop.h"
 #include "qcow2.h"
+#include "scratch.h"
 
 #define KiB 1024u
 #define MiB (1024u * 1024u)
 #define GiB (UINT64_C(1024) * MiB)
 
-static char dir[256];
-
-__attribute__((format(printf, 1, 2)))
-static int sh(const char *fmt, ...)
-{
-    char cmd[2048];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(cmd, sizeof(cmd), fmt, ap);
-    va_end(ap);
-    int r = system(cmd);
-    return WIFEXITED(r) ? WEXITSTATUS(r) : -1;
-}
-
-static char *path(const char *name)
-{
-    static char buf[4][512];
-    static int i;
-    i = (i + 1) % 4;
-    snprintf(buf[i], sizeof(buf[i]), "%s/%s", dir, name);
-    return buf[i];
-}
 
 struct ctx {
     struct loop *loop;
@@ -200,10 +179,10 @@ static void one_case(unsigned refcount_bits)
     c.loop = loop_new(64, 128 << 10, &err);
     assert_non_null(c.loop);
     char img[512], model[512];
-    snprintf(img, sizeof(img), "%s", path("img.qcow2"));
-    snprintf(model, sizeof(model), "%s", path("model.raw"));
+    snprintf(img, sizeof(img), "%s", scratch_path("img.qcow2"));
+    snprintf(model, sizeof(model), "%s", scratch_path("model.raw"));
     c.img = img;
-    assert_int_equal(sh("rm -f %s %s && qemu-img create -q -f qcow2 -o "
+    assert_int_equal(scratch_sh("rm -f %s %s && qemu-img create -q -f qcow2 -o "
                         "cluster_size=512,refcount_bits=%u %s 64M", img,
                         model, refcount_bits, img), 0);
     c.model = open(model, O_RDWR | O_CREAT | O_TRUNC, 0644);
@@ -215,8 +194,8 @@ static void one_case(unsigned refcount_bits)
         fprintf(stderr, "refcount_bits=%u: %s\n", refcount_bits, c.msg);
     assert_int_equal(c.ret, 0);
     assert_int_equal(close(c.model), 0);
-    assert_int_equal(sh("qemu-img check -q %s", img), 0);
-    assert_int_equal(sh("qemu-img compare -q -f raw -F qcow2 %s %s", model,
+    assert_int_equal(scratch_sh("qemu-img check -q %s", img), 0);
+    assert_int_equal(scratch_sh("qemu-img compare -q -f raw -F qcow2 %s %s", model,
                         img), 0);
 }
 
@@ -234,19 +213,9 @@ static void test_refcount_bits_16(void **state)
 
 int main(void)
 {
-    if (sh("command -v qemu-img >/dev/null") != 0) {
-        printf("1..0 # SKIP qemu-img not installed\n");
-        return 77;
-    }
-    snprintf(dir, sizeof(dir), "/tmp/strata-unit-longrun-XXXXXX");
-    if (!mkdtemp(dir))
-        return 1;
-    const struct CMUnitTest tests[] = {
+    static const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_refcount_bits_64),
         cmocka_unit_test(test_refcount_bits_16),
     };
-    int r = cmocka_run_group_tests(tests, NULL, NULL);
-    if (!getenv("KEEP"))
-        sh("rm -rf %s", dir);
-    return r;
+    return SCRATCH_RUN("longrun", "command -v qemu-img >/dev/null", "qemu-img", tests);
 }

@@ -29,6 +29,7 @@
 #include "format.h"
 #include "loop.h"
 #include "qcow2.h"
+#include "scratch.h"
 
 #define KiB 1024u
 #define MiB (1024u * 1024u)
@@ -38,28 +39,6 @@
 #define GUEST (64 * MiB)
 #define L2_SPAN (32 * KiB)              /* guest bytes one L2 table maps */
 
-static char dir[256];
-
-__attribute__((format(printf, 1, 2)))
-static int sh(const char *fmt, ...)
-{
-    char cmd[2048];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(cmd, sizeof(cmd), fmt, ap);
-    va_end(ap);
-    int r = system(cmd);
-    return WIFEXITED(r) ? WEXITSTATUS(r) : -1;
-}
-
-static char *path(const char *name)
-{
-    static char buf[4][512];
-    static int i;
-    i = (i + 1) % 4;
-    snprintf(buf[i], sizeof(buf[i]), "%s/%s", dir, name);
-    return buf[i];
-}
 
 /* ---- the hold: a wrapper around the image's backend ---- */
 
@@ -239,7 +218,7 @@ static void growth_by_write_co(struct coro *co, void *arg)
     struct ctx *c = arg;
     struct error *e = NULL;
     struct fmt_open_opts rw = {.format = "qcow2"};
-    const char *file = path("w.qcow2");
+    const char *file = scratch_path("w.qcow2");
     struct fmt_node *n = fmt_open_co(c->loop, co, file, &rw, &e);
     if (!n) {
         snprintf(c->msg, sizeof(c->msg), "open: %s", e ? e->msg : "?");
@@ -373,13 +352,13 @@ static void run(struct ctx *c, coro_fn *fn)
  * either) and qemu-img compare finds the model's bytes. */
 static void judge(struct ctx *c, const char *img)
 {
-    assert_int_equal(sh("qemu-img check -q %s", img), 0);
-    FILE *f = fopen(path("model.raw"), "wb");
+    assert_int_equal(scratch_sh("qemu-img check -q %s", img), 0);
+    FILE *f = fopen(scratch_path("model.raw"), "wb");
     assert_non_null(f);
     assert_int_equal(fwrite(c->model, 1, GUEST, f), GUEST);
     assert_int_equal(fclose(f), 0);
-    assert_int_equal(sh("qemu-img compare -q -f raw -F qcow2 %s %s",
-                        path("model.raw"), img), 0);
+    assert_int_equal(scratch_sh("qemu-img compare -q -f raw -F qcow2 %s %s",
+                        scratch_path("model.raw"), img), 0);
 }
 
 static struct ctx *ctx_new(void)
@@ -405,27 +384,17 @@ static void test_growth_by_write(void **state)
 {
     (void)state;
     struct ctx *c = ctx_new();
-    assert_int_equal(sh("qemu-img create -q -f qcow2 -o cluster_size=512,"
-                        "refcount_bits=64 %s 64M", path("w.qcow2")), 0);
+    assert_int_equal(scratch_sh("qemu-img create -q -f qcow2 -o cluster_size=512,"
+                        "refcount_bits=64 %s 64M", scratch_path("w.qcow2")), 0);
     run(c, growth_by_write_co);
-    judge(c, path("w.qcow2"));
+    judge(c, scratch_path("w.qcow2"));
     ctx_free(c);
 }
 
 int main(void)
 {
-    if (sh("command -v qemu-img >/dev/null") != 0) {
-        printf("1..0 # SKIP qemu-img not installed\n");
-        return 77;
-    }
-    snprintf(dir, sizeof(dir), "/tmp/strata-unit-reftable-XXXXXX");
-    if (!mkdtemp(dir))
-        return 1;
-    const struct CMUnitTest tests[] = {
+    static const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_growth_by_write),
     };
-    int r = cmocka_run_group_tests(tests, NULL, NULL);
-    if (!getenv("KEEP"))
-        sh("rm -rf %s", dir);
-    return r;
+    return SCRATCH_RUN("reftable", "command -v qemu-img >/dev/null", "qemu-img", tests);
 }
