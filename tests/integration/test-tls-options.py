@@ -2,7 +2,9 @@
 """TLS and access-control options: what the command line refuses; --tls=on
 (TLS offered, plaintext still served, allow-listed exports invisible
 without an identity); block-export-add's "allow" (a strata extension) and
-its survival in the state file across a restart; --control-group.
+its survival in the state file across a restart; --control-group; the
+kTLS path each connection logs; the cipher a client gets (its own first
+choice by default; the one --tls-priority allows).
 
 Run:  STRATAD=build/daemon/stratad /usr/bin/python3 tests/integration/test-tls-options.py
 """
@@ -143,4 +145,35 @@ for mode in ("auto", "off"):
                   for m in paths), f"--tls-ktls=off: {paths}")
     print(f"  --tls-ktls={mode}: {final[0].split('TLS path ')[1]}")
 ok("--tls-ktls=auto and off: each TLS connection's path is logged with -v")
+
+# ---- the cipher: the client's first by default, --tls-priority decides -----
+# libnbd (GnuTLS's NORMAL) asks for AES-256-GCM first, and stratad's default
+# (NORMAL) lets the client's order decide; a --tls-priority that allows one
+# cipher gets that one.  libnbd's debug output names the cipher in use.
+def cipher_of(extra):
+    srv = harness.Daemon([f"name=open,file={disk}"],
+                         extra=["--tls=require", "--tls-certificates",
+                                certs.server, *extra])
+    try:
+        uri = (f"nbds+unix:///open?socket={srv.sock}"
+               f"&tls-certificates={certs.path('alice')}")
+        r = subprocess.run(["nbdinfo", "--size", uri],
+                           capture_output=True, text=True, timeout=30,
+                           env=dict(os.environ, LIBNBD_DEBUG="1"))
+        check(r.returncode == 0 and r.stdout.strip() == str(MiB),
+              f"nbdinfo over TLS ({extra}): {r.stdout}{r.stderr[-2000:]}")
+        got = [m.split("cipher ")[1].split()[0] for m in r.stderr.splitlines()
+               if "connection is using TLS: cipher " in m]
+        check(len(got) == 1, f"libnbd did not name the cipher: {r.stderr[-2000:]}")
+        return got[0]
+    finally:
+        check(srv.stop() == 0, "stratad exit status")
+
+
+c = cipher_of([])
+check(c == "AES-256-GCM", f"default priority: cipher {c} (libnbd's first)")
+for cipher in ("CHACHA20-POLY1305", "AES-128-GCM"):
+    c = cipher_of(["--tls-priority", f"NORMAL:-CIPHER-ALL:+{cipher}"])
+    check(c == cipher, f"--tls-priority NORMAL:-CIPHER-ALL:+{cipher}: cipher {c}")
+ok("the client's cipher by default (AES-256-GCM); --tls-priority decides")
 print("PASS")
