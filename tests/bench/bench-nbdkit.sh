@@ -6,22 +6,29 @@
 #   nbdkit-strata   nbdkit -U SOCK -f PLUGIN file=TOP format=qcow2
 #   qemu-nbd        qemu-nbd -f qcow2 --aio=io_uring --cache=writeback -t -e 4
 #   stratad         stratad --export ...,format=qcow2,cache=writeback
+#   nbdkit-memory   nbdkit -U SOCK -f memory SIZE: nbdkit's own request
+#                   path with no storage behind it, i.e. the most any nbdkit
+#                   plugin can do on this machine (the ceiling row)
 # Read-only rows on one flat qcow2 image (the chain converted, no backing
 # file: nbdkit's qcow2dec filter reads no backing files):
 #   nbdkit-strata-flat  the plugin, readonly=true
 #   qcow2dec-flat       nbdkit --filter=qcow2dec file FLAT (nbdkit >= 1.36;
 #                       skipped with a note when the filter is missing)
 #   qemu-nbd-flat       qemu-nbd -r -f qcow2 --aio=io_uring
-# driven by fio's nbd engine (one connection).  Prints IOPS, MiB/s and the
-# ratios of the plugin to each other server, and the load average.
+# driven by fio's nbd engine: one connection, and 4 connections (fio
+# numjobs=4, a connection each) for 4k random reads.  BENCH_ROUNDS rounds
+# (default 3), the servers' order rotated each round; prints the medians
+# (IOPS, MiB/s, server CPU per request), the ratios of the plugin to each
+# other server and of the ceiling to qemu-nbd, and the load average.
 #
 # Environment: as bench-chain.sh (STRATAD, BENCH_DIR, BENCH_RUNTIME,
-# BENCH_RAMP, BENCH_QUICK, BENCH_SIZE_MIB), and STRATA_NBDKIT_PLUGIN (the
-# plugin; default build/nbdkit/nbdkit-strata-plugin.so).
+# BENCH_RAMP, BENCH_QUICK, BENCH_SIZE_MIB, BENCH_ROUNDS), and
+# STRATA_NBDKIT_PLUGIN (the plugin; default
+# build/nbdkit/nbdkit-strata-plugin.so).
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
-default_rounds=1
+default_rounds=3
 # shellcheck source=tests/bench/lib.sh
 . "$here/lib.sh"
 PLUGIN=${STRATA_NBDKIT_PLUGIN:-$top/build/nbdkit/nbdkit-strata-plugin.so}
@@ -66,6 +73,7 @@ bench_workdir
 
 chain_workloads=(
     "4k-randread   randread  4k 32"
+    "4k-randread-4conn randread 4k 32 4"
     "4k-randwrite  randwrite 4k 32"
     "1M-seqread    read      1M 8"
     "1M-seqwrite   write     1M 8"
@@ -88,6 +96,9 @@ start_server() {                # server sock -> sets server_pid, uri
         cmd=("$STRATAD" --listen "unix:$sock" --pid-file "$work/$s.pid"
              --export "name=bench,file=$t,format=qcow2,cache=writeback,backing-root=$BENCH_DIR")
         uri="nbd+unix:///bench?socket=$sock" ;;
+    nbdkit-memory)
+        cmd=(nbdkit -U "$sock" -f memory "${size_mib}M")
+        uri="nbd+unix:///?socket=$sock" ;;
     nbdkit-strata-flat)
         cmd=(nbdkit -U "$sock" -f -r "$PLUGIN" "file=$flat" format=qcow2 readonly=true)
         uri="nbd+unix:///?socket=$sock" ;;
@@ -110,8 +121,8 @@ start_server() {                # server sock -> sets server_pid, uri
 }
 
 one_job() {                     # server workload-line
-    local s=$1 name rw bs depth
-    read -r name rw bs depth <<<"$2"
+    local s=$1 name rw bs depth jobs
+    read -r name rw bs depth jobs <<<"$2"
     rm -f "$work/top.qcow2"
     qemu-img create -q -f qcow2 -b "$mid" -F qcow2 "$work/top.qcow2"
     local sock=$work/$s.sock
@@ -121,7 +132,7 @@ one_job() {                     # server workload-line
         echo "$s $name FAIL FAIL" >> "$results"
         return 0
     fi
-    run_fio "$s" "$name" "$rw" "$bs" "$depth"
+    run_fio "$s" "$name" "$rw" "$bs" "$depth" "${jobs:-1}"
     stop_server "$s"
     if [ "$s" = nbdkit-strata ] && ! qemu-img check -q "$work/top.qcow2"; then
         echo "bench: qemu-img check found errors in the top the plugin wrote" >&2
@@ -129,64 +140,97 @@ one_job() {                     # server workload-line
     fi
 }
 
-echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
-for w in "${chain_workloads[@]}"; do
-    for s in nbdkit-strata qemu-nbd stratad; do
-        one_job "$s" "$w"
+# Every job of every server, $rounds times; within a round each workload
+# starts with a different server (whichever runs right after another's
+# write job meets its writeback).
+run_set() {                     # "servers" workload-lines...
+    local list=($1) w k round
+    shift
+    for ((round = 0; round < rounds; round++)); do
+        for w in "$@"; do
+            for ((k = 0; k < ${#list[@]}; k++)); do
+                one_job "${list[$(((k + round) % ${#list[@]}))]}" "$w"
+            done
+        done
     done
-done
+}
+
+echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
+run_set "nbdkit-strata qemu-nbd stratad nbdkit-memory" "${chain_workloads[@]}"
 flat_servers="nbdkit-strata-flat qemu-nbd-flat"
 if [ "$have_qcow2dec" = 1 ]; then
     flat_servers="nbdkit-strata-flat qcow2dec-flat qemu-nbd-flat"
 else
     echo "note: nbdkit's qcow2dec filter is not installed (nbdkit >= 1.36); its rows are skipped"
 fi
-for w in "${flat_workloads[@]}"; do
-    for s in $flat_servers; do
-        one_job "$s" "$w"
-    done
-done
+run_set "$flat_servers" "${flat_workloads[@]}"
 echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
 
 echo
 echo "chain: $base <- $mid <- top.qcow2; flat: $flat (${size_mib} MiB)," \
-     "runtime ${runtime}s per job (+${ramp}s ramp), $(nproc) CPUs, $(uname -r)," \
-     "$(nbdkit --version), $(qemu-nbd --version | head -1)"
+     "runtime ${runtime}s per job (+${ramp}s ramp), median of $rounds round(s)," \
+     "$(nproc) CPUs, $(uname -r), $(nbdkit --version), $(qemu-nbd --version | head -1)"
 "$PY" - "$results" <<'PYEOF'
 import sys
 res = {}
+cpus = {}
 order = []
 for line in open(sys.argv[1]):
-    s, name, iops, bw = line.split()[:4]  # then CPU per request, io-wq peak
-    res[(s, name)] = None if iops == "FAIL" else (float(iops), float(bw) / (1 << 20))
+    f = line.split()  # server workload iops bw cpu_us_per_request io-wq_peak
+    s, name, iops, bw = f[:4]
+    res.setdefault((s, name), []).append(
+        None if iops == "FAIL" else (float(iops), float(bw) / (1 << 20)))
+    if len(f) >= 5 and f[4] not in ("-", "FAIL"):
+        cpus.setdefault((s, name), []).append(float(f[4]))
     if name not in order:
         order.append(name)
 
 
-def table(title, servers, subject, others):
+def median(vals):
+    if not vals or any(v is None for v in vals):
+        return None                    # a failed run fails the cell
+    return sorted(vals)[len(vals) // 2]
+
+
+res = {k: median(v) for k, v in res.items()}
+cpus = {k: median(v) for k, v in cpus.items()}
+
+
+def ratio(a, b):
+    a, b = res.get(a), res.get(b)
+    return "-" if not a or not b or not b[0] else f"{a[0] / b[0]:.2f}"
+
+
+def table(title, servers, pairs):
     servers = [s for s in servers if any(k[0] == s for k in res)]
-    others = [o for o in others if o in servers]
+    pairs = [(a, b) for a, b in pairs if a in servers and b in servers]
     rows = [n for n in order if any((s, n) in res for s in servers)]
-    hdr = f"{title:<14}" + "".join(f" | {s + ' IOPS':>22}" for s in servers) + \
-          "".join(f" | {subject.split('-flat')[0] + '/' + o:>28}" for o in others)
+    hdr = f"{title:<18}" + "".join(f" | {s + ' IOPS (MiB/s) CPU us':>36}" for s in servers) + \
+          "".join(f" | {a.replace('-flat', '') + '/' + b.replace('-flat', ''):>27}" for a, b in pairs)
     print(hdr)
     print("-" * len(hdr))
     for n in rows:
-        row = f"{n:<14}"
+        row = f"{n:<18}"
         for s in servers:
-            v = res.get((s, n))
-            row += f" | {'-' if (s, n) not in res else 'FAIL' if v is None else f'{v[0]:.0f} ({v[1]:.0f} MiB/s)':>22}"
-        for o in others:
-            a, b = res.get((subject, n)), res.get((o, n))
-            row += f" | {'-' if not a or not b or not b[0] else f'{a[0] / b[0]:.2f}':>28}"
+            v, c = res.get((s, n)), cpus.get((s, n))
+            cell = ("-" if (s, n) not in res else "FAIL" if v is None else
+                    f"{v[0]:.0f} ({v[1]:.0f}) {'-' if c is None else f'{c:.2f}'}")
+            row += f" | {cell:>36}"
+        for a, b in pairs:
+            row += f" | {ratio((a, n), (b, n)):>27}"
         print(row)
     print()
 
 
-table("3-layer chain", ["nbdkit-strata", "qemu-nbd", "stratad"], "nbdkit-strata",
-      ["qemu-nbd", "stratad"])
+print("IOPS, MiB/s and server CPU per request in microseconds (user+system, "
+      "all threads), medians")
+table("3-layer chain", ["nbdkit-strata", "qemu-nbd", "stratad", "nbdkit-memory"],
+      [("nbdkit-strata", "qemu-nbd"), ("nbdkit-strata", "stratad"),
+       ("nbdkit-strata", "nbdkit-memory"), ("nbdkit-memory", "qemu-nbd")])
 table("flat, read", ["nbdkit-strata-flat", "qcow2dec-flat", "qemu-nbd-flat"],
-      "nbdkit-strata-flat", ["qcow2dec-flat", "qemu-nbd-flat"])
+      [("nbdkit-strata-flat", "qcow2dec-flat"), ("nbdkit-strata-flat", "qemu-nbd-flat")])
+print("nbdkit-memory/qemu-nbd is the most any nbdkit plugin can reach against "
+      "qemu-nbd here: nbdkit's request path with no storage at all")
 PYEOF
 if [ "$failed" != 0 ]; then
     echo "bench: FAILED (see messages above)" >&2
