@@ -35,7 +35,8 @@
 # second build to compare with), BENCH_EVENTS (default "snapshot flush
 # pivot"),
 # BENCH_KEEP=DIR (keep each run's fio latency log and server log there,
-# named ROUND-SERVER-EVENT.*, for a closer look).
+# named ROUND-SERVER-EVENT.*, for a closer look), BENCH_COLD_BASE=1 (do
+# not read the base into the page cache before each run).
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -220,6 +221,12 @@ for ((round = 0; round < rounds; round++)); do
               --output-format=json --output="$work/fio.json")
         echo "fio: ${fcmd[*]}  (event: $ev at ${event_at}s)"
         sync
+        # The base back in the page cache: a host that reclaims cold pages
+        # (this VM runs DAMON's pageout of pages idle for a minute) leaves
+        # parts of it on disk, and the overlay's copy-on-write reads of
+        # them then queue behind the event's write-back and cache flush on
+        # the device: a stall of the VM's disk, not of the server.
+        [ "${BENCH_COLD_BASE:-0}" = 1 ] || cat "$base" > /dev/null
         timeout $((rt + 60)) "${fcmd[@]}" >"$work/fio.out" 2>&1 &
         fio_pid=$!
         if ! fire_event "$s" "$ev" "$ctl"; then
