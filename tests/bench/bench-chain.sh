@@ -53,6 +53,7 @@ if [ ! -f "$mid" ]; then
     mv "$mid.tmp" "$mid"
 fi
 
+bench_warm=("$base" "$mid")
 bench_workdir
 
 # name rw bs iodepth [fio jobs, each its own connection; default 1]

@@ -43,6 +43,7 @@ if [ ! -f "$base" ] || [ "$(stat -c %s "$base")" != $((size_mib << 20)) ]; then
     mv "$base.tmp" "$base"
 fi
 
+bench_warm=("$base")
 bench_workdir
 base_sock=$work/base.sock
 base_pid=

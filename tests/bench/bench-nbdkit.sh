@@ -69,6 +69,7 @@ if [ -e "$(nbdkit --dump-config | sed -n 's/^filterdir=//p')/nbdkit-qcow2dec-fil
     have_qcow2dec=1
 fi
 
+bench_warm=("$base" "$mid" "$flat")
 bench_workdir
 
 chain_workloads=(

@@ -40,6 +40,7 @@ if [ ! -f "$img" ] || [ "$(stat -c %s "$img")" != $((size_mib << 20)) ]; then
     mv "$img.tmp" "$img"
 fi
 
+bench_warm=("$img")
 bench_workdir
 
 # name rw bs iodepth [fio jobs, each its own connection; default 1]

@@ -22,6 +22,9 @@ stratad_bin() {
     if [ "$1" = stratad-ref ]; then echo "$STRATAD_REF"; else echo "$STRATAD"; fi
 }
 BENCH_DIR=${BENCH_DIR:-/var/tmp/strata-bench}
+# Files run_fio reads into the page cache before each job (the caller's
+# base images; see run_fio).
+bench_warm=()
 PY=/usr/bin/python3
 [ -x "$PY" ] || PY=python3
 if [ "${BENCH_QUICK:-0}" = 1 ]; then
@@ -206,6 +209,14 @@ run_fio() {                     # server name rw bs depth [jobs]
     # Earlier write jobs leave GiBs of dirty page cache; without this
     # their writeback lands on whichever job runs next.
     sync
+    # The caller's read-only images back in the page cache: a host that
+    # reclaims idle pages (this project's VM pages out what nobody read
+    # for a minute) would otherwise make whichever server runs first
+    # after a pause read from the disk.
+    local f
+    for f in "${bench_warm[@]}"; do
+        [ -f "$f" ] && cat "$f" > /dev/null
+    done
     timeout $((runtime + ramp + 60)) "${fcmd[@]}" >"$work/$s-$name.out" 2>&1 &
     local fio_pid=$! t0 t1 iowq=0 n fio_status=0
     # the ramp (whole half seconds), then the measured part
