@@ -66,6 +66,7 @@ if [ ! -f "$base" ] || [ "$(stat -c %s "$base")" != $((size_mib << 20)) ]; then
     mv "$base.tmp" "$base"
 fi
 
+bench_warm=("$base")
 bench_workdir
 : > "$work/stall.txt"               # server event p99_before worst_after samples worst_1s worst_before (ms)
 
@@ -221,12 +222,11 @@ for ((round = 0; round < rounds; round++)); do
               --output-format=json --output="$work/fio.json")
         echo "fio: ${fcmd[*]}  (event: $ev at ${event_at}s)"
         sync
-        # The base back in the page cache: a host that reclaims cold pages
-        # (this VM runs DAMON's pageout of pages idle for a minute) leaves
-        # parts of it on disk, and the overlay's copy-on-write reads of
-        # them then queue behind the event's write-back and cache flush on
-        # the device: a stall of the VM's disk, not of the server.
-        [ "${BENCH_COLD_BASE:-0}" = 1 ] || cat "$base" > /dev/null
+        # The base back in the page cache (lib.sh): cold pages of it would
+        # make the overlay's copy-on-write reads queue behind the event's
+        # write-back and cache flush on the device, a stall of the VM's
+        # disk, not of the server.
+        bench_warm_cache
         timeout $((rt + 60)) "${fcmd[@]}" >"$work/fio.out" 2>&1 &
         fio_pid=$!
         if ! fire_event "$s" "$ev" "$ctl"; then

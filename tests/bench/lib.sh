@@ -22,9 +22,20 @@ stratad_bin() {
     if [ "$1" = stratad-ref ]; then echo "$STRATAD_REF"; else echo "$STRATAD"; fi
 }
 BENCH_DIR=${BENCH_DIR:-/var/tmp/strata-bench}
-# Files run_fio reads into the page cache before each job (the caller's
-# base images; see run_fio).
+# Files read into the page cache before each job (the caller's images):
+# a host that reclaims idle pages (this project's VM pages out what nobody
+# read for a minute) would otherwise make whichever server runs first
+# after a pause read from the disk.  BENCH_COLD_BASE=1 leaves them as
+# they are.
 bench_warm=()
+bench_warm_cache() {
+    [ "${BENCH_COLD_BASE:-0}" = 1 ] && return 0
+    local f
+    for f in "${bench_warm[@]}"; do
+        [ -f "$f" ] && cat "$f" > /dev/null
+    done
+    return 0
+}
 PY=/usr/bin/python3
 [ -x "$PY" ] || PY=python3
 if [ "${BENCH_QUICK:-0}" = 1 ]; then
@@ -209,14 +220,7 @@ run_fio() {                     # server name rw bs depth [jobs]
     # Earlier write jobs leave GiBs of dirty page cache; without this
     # their writeback lands on whichever job runs next.
     sync
-    # The caller's read-only images back in the page cache: a host that
-    # reclaims idle pages (this project's VM pages out what nobody read
-    # for a minute) would otherwise make whichever server runs first
-    # after a pause read from the disk.
-    local f
-    for f in "${bench_warm[@]}"; do
-        [ -f "$f" ] && cat "$f" > /dev/null
-    done
+    bench_warm_cache
     timeout $((runtime + ramp + 60)) "${fcmd[@]}" >"$work/$s-$name.out" 2>&1 &
     local fio_pid=$! t0 t1 iowq=0 n fio_status=0
     # the ramp (whole half seconds), then the measured part
